@@ -1,0 +1,1 @@
+"""Sub-commands of the ``megallama`` CLI, one module each (see ``megallama.cli``)."""

@@ -1,0 +1,371 @@
+"""Typed run configuration: one YAML per run, dotted overrides, presets, layout checks.
+
+Every failure raises :class:`ConfigError` whose message is one line naming the field and what
+was expected, so the CLI can print it without a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from megallama.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "configs" / "models"
+
+
+class ConfigError(UserError):
+    """A bad configuration; the message is a single line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------- model
+class ModelConfig(_Strict):
+    """Architecture, named after Meta's ``ModelArgs`` plus ``arch``."""
+
+    arch: Literal["decoder", "encoder_decoder"] = "decoder"
+    dim: int = 4096
+    n_layers: int = 32
+    n_encoder_layers: Optional[int] = None  # encoder_decoder only; defaults to n_layers
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    dropout: float = 0.0
+    init_std: float = 0.02
+    num_labels: int = 2  # classification head (fine-tuning) only
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """SwiGLU width: 2/3 of 4d, scaled, rounded up to ``multiple_of`` (Meta's rule)."""
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_encoder_layers if self.n_encoder_layers is not None else self.n_layers
+
+    def check(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim: {self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads: {self.kv_heads} must be positive and divide model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.dim: head size {self.head_dim} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A shipped preset (``tiny``, ``llama-7b``, ...) with optional field overrides."""
+        return _build(cls, {**load_preset(name), **overrides}, "model")
+
+
+def preset_names() -> List[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> Dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model.preset: unknown preset '{name}'{_did_you_mean(name, preset_names())}"
+                          f" (available: {', '.join(preset_names())})")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+# ------------------------------------------------------------------------------------ parallel
+class ParallelConfig(_Strict):
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+
+
+class ActivationCheckpointing(_Strict):
+    mode: Literal["none", "full", "selective"] = "none"
+    every: int = 1  # checkpoint every N blocks (full mode)
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+
+
+class TrainConfig(_Strict):
+    steps: int = 300
+    seed: int = 1234
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None
+    grad_accum_steps: Optional[int] = None
+    lr: float = 3.0e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_iters: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
+    compile: bool = False
+    dist_timeout_s: int = 300
+
+    def batch_layout(self, dp: int) -> "BatchLayout":
+        """Resolve global = micro x accumulation x dp from whichever two are given."""
+        mbs, gbs, acc = self.micro_batch_size, self.global_batch_size, self.grad_accum_steps
+        if mbs <= 0:
+            raise ConfigError(f"train.micro_batch_size: expected a positive integer, got {mbs}")
+        if gbs is None:
+            acc = acc or 1
+            gbs = mbs * acc * dp
+        elif acc is None:
+            if gbs % (mbs * dp):
+                raise ConfigError(
+                    f"train.global_batch_size: {gbs} is not divisible by micro_batch_size x data-parallel size"
+                    f" = {mbs} x {dp}")
+            acc = gbs // (mbs * dp)
+        elif gbs != mbs * acc * dp:
+            raise ConfigError(
+                f"train.global_batch_size: {gbs} contradicts micro_batch_size x grad_accum_steps x data-parallel"
+                f" size = {mbs} x {acc} x {dp} = {mbs * acc * dp}")
+        if acc <= 0:
+            raise ConfigError(f"train.grad_accum_steps: expected a positive integer, got {acc}")
+        return BatchLayout(micro=mbs, accum=acc, dp=dp, global_=gbs)
+
+
+class BatchLayout(BaseModel):
+    micro: int
+    accum: int
+    dp: int
+    global_: int
+
+
+class DataConfig(_Strict):
+    prefixes: List[str] = []  # Megatron .bin/.idx prefixes; empty: the embedded corpus
+    weights: Optional[List[float]] = None
+    tokenizer: Optional[str] = None  # sentencepiece model; required with prefixes
+    split: str = "98,1,1"
+    embedded_max_files: int = 400  # stdlib files taken for the embedded corpus
+
+
+class CheckpointConfig(_Strict):
+    every: int = 100
+    keep: int = 3
+    dir: Optional[str] = None  # default: RUN_DIR/checkpoints
+    resume: bool = True
+
+
+class RunConfig(_Strict):
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    deepspeed: Dict[str, Any] = {}
+
+    def check_layout(self, world_size: Optional[int] = None) -> None:
+        """Reject layouts that cannot work, before any process group exists."""
+        m, p, t = self.model, self.parallel, self.train
+        m.check()
+        for name in ("tp", "pp"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name}: expected a positive integer, got {getattr(p, name)}")
+        tp = p.tp
+        for field, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("vocab_size", m.vocab_size),
+                             ("ffn_hidden_size", m.ffn_hidden_size)):
+            if value % tp:
+                raise ConfigError(f"model.{field}: {value} is not divisible by parallel.tp={tp}")
+        if m.n_layers % p.pp:
+            raise ConfigError(f"model.n_layers: {m.n_layers} is not divisible by parallel.pp={p.pp}")
+        if p.pp > 1 and m.arch != "decoder":
+            raise ConfigError("parallel.pp: pipeline parallelism supports arch 'decoder' only, got "
+                              f"'{m.arch}' (use pp: 1)")
+        if p.sequence_parallel and t.seq_len % tp:
+            raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={tp} "
+                              "(required with sequence_parallel)")
+        if t.seq_len > m.max_seq_len:
+            raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if world_size is not None:
+            if world_size % (tp * p.pp):
+                raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = "
+                                  f"{tp} x {p.pp}")
+            t.batch_layout(world_size // (tp * p.pp))
+
+
+# ------------------------------------------------------------------------------------- loading
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_keys(data: Any, cls: type, prefix: str) -> None:
+    """Unknown keys anywhere below ``cls``, reported with a did-you-mean."""
+    if not isinstance(data, dict):
+        return
+    fields = cls.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key{_did_you_mean(str(key), fields)} "
+                              f"(expected one of: {', '.join(fields)})")
+        ann = fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, f"{prefix}{key}.")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    _check_keys(data, cls, f"{prefix}." if prefix else "")
+    try:
+        obj = cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in (prefix,) + tuple(err["loc"]) if x != "")
+        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {err.get('input')!r})") from None
+    if isinstance(obj, ModelConfig):
+        obj.check()
+    return obj
+
+
+def parse_override(item: str):
+    """``a.b.c=value`` -> (['a','b','c'], value), value parsed as YAML (ints, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. model.n_layers=4")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path)]
+            continue
+        if part == "model" and isinstance(node.get("model"), str):
+            node["model"] = {"preset": node["model"]}
+        if node.get(part) is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, path: List[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _resolve_deepspeed(value: Any, base: Optional[Path]) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"deepspeed: expected a JSON file path or a mapping, got {type(value).__name__}")
+    candidates = [Path(value)]
+    if base is not None and not Path(value).is_absolute():
+        candidates.append(base / value)
+        candidates.append(Path(__file__).resolve().parent.parent / value)
+    for path in candidates:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"deepspeed: {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"deepspeed: {path}: expected a JSON object")
+            return data
+    raise ConfigError(f"deepspeed: file '{value}' not found")
+
+
+def _resolve_model(value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = {"preset": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"model: expected a preset name or a mapping, got {type(value).__name__}")
+    value = dict(value)
+    name = value.pop("preset", None)
+    if name is None:
+        return value
+    if not isinstance(name, str):
+        raise ConfigError(f"model.preset: expected a preset name, got {name!r}")
+    return {**load_preset(name), **value}
+
+
+def load_run_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[List[str]] = None,
+                    data: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Read ``path`` (or ``data``), apply ``--set`` overrides, validate every section."""
+    base = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file '{path}' not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config: {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {path}: not UTF-8 text") from None
+        base = p.resolve().parent
+    tree = dict(data or {})
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config: {path}: expected a mapping at the top level")
+    if isinstance(tree.get("deepspeed"), str) or "deepspeed" not in tree:
+        tree["deepspeed"] = _resolve_deepspeed(tree.get("deepspeed"), base)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        if keys[0] == "deepspeed" and len(keys) == 1:
+            value = _resolve_deepspeed(value, base)
+        apply_override(tree, keys, value)
+    tree["model"] = _resolve_model(tree.get("model"))
+    if not isinstance(tree["deepspeed"], dict):
+        tree["deepspeed"] = _resolve_deepspeed(tree["deepspeed"], base)
+    cfg = _build(RunConfig, tree, "")
+    cfg.check_layout()
+    return cfg
