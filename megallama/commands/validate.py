@@ -1,0 +1,32 @@
+"""``megallama validate``: load a run config exactly as ``train`` would and check the layout."""
+from __future__ import annotations
+
+import json
+
+NAME = "validate"
+HELP = "check a run config (and its layout at a world size) without starting anything"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="run-config YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. model.n_layers=4 (repeatable)")
+    p.add_argument("--world-size", type=int, default=None, help="check the layout at this many ranks")
+    p.add_argument("--json", action="store_true", help="print the resolved config as JSON")
+
+
+def run(args) -> int:
+    from megallama.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    cfg.check_layout(args.world_size)
+    if args.json:
+        print(json.dumps(cfg.model_dump(), indent=2))
+    else:
+        world = args.world_size or cfg.parallel.tp * cfg.parallel.pp
+        dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+        b = cfg.train.batch_layout(dp)
+        print(f"ok: {cfg.model.arch} dim={cfg.model.dim} layers={cfg.model.n_layers} at world={world} "
+              f"(tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp}); global batch {b.global_} = "
+              f"{b.micro} x {b.accum} x {dp}")
+    return 0

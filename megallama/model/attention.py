@@ -1,0 +1,86 @@
+"""Multi-head / grouped-query attention on column-parallel Q/K/V and a row-parallel output.
+
+Each TP rank owns ``n_heads/tp`` query heads and ``n_kv_heads/tp`` kv heads, so the attention
+core runs locally with no communication; only Wo's partial sums are reduced.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megallama.config import ModelConfig
+from megallama.parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker, get_state
+from megallama.parallel.random import checkpoint
+
+
+def build_mask(q_len: int, k_len: int, causal: bool, key_padding: Optional[torch.Tensor],
+               device, self_attention: bool = True) -> Optional[torch.Tensor]:
+    """Boolean ``[b|1, 1, q, k]`` mask (True = attend), or None when plain causal suffices."""
+    if key_padding is None:
+        if not causal or q_len == k_len:
+            return None
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep.tril(k_len - q_len)
+    keep = keep[None, None]
+    if key_padding is not None:
+        keep = keep & key_padding.bool()[:, None, None, :]
+    if key_padding is not None and self_attention:
+        # a fully masked row (padding query) would softmax to NaN; let it see itself
+        keep = keep | torch.eye(q_len, k_len, dtype=torch.bool, device=device).roll(k_len - q_len, 1)[None, None]
+    return keep
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, device=None, dtype=None):
+        super().__init__()
+        tp = get_state().tp
+        self.causal, self.cross = causal, cross
+        self.head_dim = cfg.head_dim
+        self.n_local_heads = cfg.n_heads // tp
+        self.n_local_kv_heads = cfg.kv_heads // tp
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        kw = dict(init_std=cfg.init_std, device=device, dtype=dtype)
+        if cross:
+            self.wq = ColumnParallelLinear(cfg.dim, [q_out], part_names=["wq"], **kw)
+            self.wkv = ColumnParallelLinear(cfg.dim, [kv_out, kv_out], part_names=["wk", "wv"], **kw)
+        else:
+            self.wqkv = ColumnParallelLinear(cfg.dim, [q_out, kv_out, kv_out], part_names=["wq", "wk", "wv"], **kw)
+        n_layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
+        self.wo = RowParallelLinear(q_out, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
+                                    device=device, dtype=dtype)
+        self.dropout = cfg.dropout
+        self.recompute_core = False  # selective recomputation: rerun softmax(QK^T)V in backward
+
+    def _core(self, q, k, v, mask):
+        drop = self.dropout if self.training else 0.0
+        # attention heads are TP-sharded, so their dropout draws from the per-rank stream
+        ctx = get_rng_tracker().fork() if drop > 0 else contextlib.nullcontext()
+        with ctx:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=drop, is_causal=self.causal and mask is None and not self.cross,
+                enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+
+    def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
+                memory: Optional[torch.Tensor] = None, start_pos: int = 0, kv_cache=None) -> torch.Tensor:
+        b = x.size(0)
+        hq, hkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if self.cross:
+            q = self.wq(x).view(b, -1, hq, hd)
+            k, v = self.wkv(memory).view(b, -1, 2 * hkv, hd).split(hkv, dim=2)
+        else:
+            q, k, v = self.wqkv(x).view(b, -1, hq + 2 * hkv, hd).split([hq, hkv, hkv], dim=2)
+            q, k = rope(q, start_pos), rope(k, start_pos)
+            if kv_cache is not None:
+                k, v = kv_cache.update(k, v, start_pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, mask)
+        else:
+            out = self._core(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(b, -1, hq * hd))

@@ -1,0 +1,78 @@
+"""Pre-norm transformer blocks: encoder (bidirectional), decoder (causal), and decoder with
+cross-attention, all ``x + f(norm(x))`` over the same parallel attention and SwiGLU."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megallama.config import ModelConfig
+from megallama.model.attention import Attention
+from megallama.model.mlp import SwiGLU
+from megallama.model.norm import RMSNorm
+from megallama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megallama.parallel import get_rng_tracker, get_state
+
+
+def derive_seed(seed: int, key: str) -> int:
+    """A stable per-module seed, so initialisation does not depend on construction order
+    (pipeline stages build different subsets of the model)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def init_module(module: nn.Module, seed: int, key: str) -> None:
+    """Initialise every parallel layer and norm under ``module`` from one keyed generator."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, key))
+    for m in module.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            m.reset_parameters(gen)
+        elif isinstance(m, RMSNorm):
+            m.reset_parameters()
+        elif isinstance(m, nn.Linear) and not m.weight.is_meta:
+            with torch.no_grad():
+                full = torch.empty(m.weight.shape).normal_(0.0, 0.02, generator=gen)
+                m.weight.copy_(full)
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout on the residual stream; shards of a sequence-parallel stream draw per rank."""
+    if p == 0.0 or not training:
+        return x
+    ctx = get_rng_tracker().fork() if get_state().sequence_parallel else contextlib.nullcontext()
+    with ctx:
+        return F.dropout(x, p, training=True)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, causal: bool = True, cross_attention: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        sp = get_state().sequence_parallel
+        kw = dict(device=device, dtype=dtype)
+        self.layer_id = layer_id
+        self.dropout = cfg.dropout
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+        self.attention = Attention(cfg, causal=causal, **kw)
+        self.cross_attention_norm = self.cross_attention = None
+        if cross_attention:
+            self.cross_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+            self.cross_attention = Attention(cfg, causal=False, cross=True, **kw)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+        self.feed_forward = SwiGLU(cfg, **kw)
+
+    def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
+                memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
+                start_pos: int = 0, kv_cache=None) -> torch.Tensor:
+        h = self.attention(self.attention_norm(x), rope, mask, start_pos=start_pos, kv_cache=kv_cache)
+        x = x + residual_dropout(h, self.dropout, self.training)
+        if self.cross_attention is not None:
+            h = self.cross_attention(self.cross_attention_norm(x), rope, memory_mask, memory=memory)
+            x = x + residual_dropout(h, self.dropout, self.training)
+        h = self.feed_forward(self.ffn_norm(x))
+        return x + residual_dropout(h, self.dropout, self.training)

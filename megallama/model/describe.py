@@ -1,0 +1,49 @@
+"""Shapes and counts of a model at a TP degree, read off a meta-device build (nothing allocated)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from megallama.config import ModelConfig
+from megallama.model.llama import build_model
+from megallama.model.norm import RMSNorm
+from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, layout
+
+
+def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]:
+    rows = []
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, ColumnParallelLinear):
+            parent = name.rsplit(".", 1)[0]
+            names = [f"{parent}.{part}" for part in m.part_names] if m.part_names else [name]
+            for part, size in zip(names, m.fused_sizes):
+                rows.append(dict(name=part, parallel="column",
+                                 full_shape=[m.in_features, size], rank_shape=[m.in_features, size // tp],
+                                 fused_into=name if len(m.fused_sizes) > 1 else None))
+        elif isinstance(m, RowParallelLinear):
+            rows.append(dict(name=name, parallel="row", full_shape=[m.in_features, m.out_features],
+                             rank_shape=[m.in_features // tp, m.out_features], fused_into=None))
+        elif isinstance(m, VocabParallelEmbedding):
+            rows.append(dict(name=name, parallel="vocab", full_shape=[m.num_embeddings, m.embedding_dim],
+                             rank_shape=[m.num_embeddings // tp, m.embedding_dim], fused_into=None))
+        elif isinstance(m, RMSNorm):
+            rows.append(dict(name=name, parallel="replicated", full_shape=[m.weight.numel()],
+                             rank_shape=[m.weight.numel()], fused_into=None))
+    return rows
+
+
+def describe(cfg: ModelConfig, tp: int = 1) -> Dict[str, Any]:
+    """Per-layer weight table (math convention: ``x @ W`` with W as in x out) and totals."""
+    with layout(ParallelState(tp=tp)), torch.device("meta"):
+        model = build_model(cfg)
+    per_rank = sum(p.numel() for p in model.parameters())  # built at tp: local shapes already
+    with layout(ParallelState()), torch.device("meta"):
+        total = sum(p.numel() for p in build_model(cfg).parameters())
+    return dict(
+        arch=cfg.arch, tp=tp, parameters=total, parameters_per_rank=per_rank,
+        ffn_hidden_size=cfg.ffn_hidden_size, head_dim=cfg.head_dim, n_layers=cfg.n_layers,
+        layer=_rows(model.layers[0], "layers.0", tp),
+        other=_rows(model.tok_embeddings, "tok_embeddings", tp) + _rows(model.norm, "norm", tp)
+        + (_rows(model.output, "output", tp) if hasattr(model, "output") else []),
+    )

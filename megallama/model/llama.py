@@ -1,0 +1,148 @@
+"""LLaMA models on parallel layers: causal LM, encoder-decoder, and sequence classification.
+
+Parameter names follow Meta's release (``tok_embeddings``, ``layers.N.attention.*``, ``norm``,
+``output``) with Q/K/V fused as ``wqkv`` and W1/W3 as ``w13``. The model holds no parallelism
+plan: layouts come from ``megallama.parallel``'s state at construction time.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from megallama.config import ModelConfig
+from megallama.model.attention import build_mask
+from megallama.model.blocks import TransformerBlock, init_module, residual_dropout
+from megallama.model.norm import RMSNorm
+from megallama.model.rope import RotaryEmbedding
+from megallama.parallel import (ColumnParallelLinear, VocabParallelEmbedding, gather_from_sequence_parallel_region,
+                                gather_from_tp_region, get_state, vocab_parallel_cross_entropy)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice."""
+    per_token = vocab_parallel_cross_entropy(logits, labels, ignore_index)
+    return per_token.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
+class LlamaDecoder(nn.Module):
+    """Embedding, causal blocks and the final norm: the trunk every decoder head sits on."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device=None, dtype=None):
+        super().__init__()
+        cfg.check()
+        self.config = cfg
+        kw = dict(device=device, dtype=dtype)
+        sp = get_state().sequence_parallel
+        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, init_std=cfg.init_std, **kw)
+        self.layers = nn.ModuleList(self._make_layers(cfg, kw))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self._build_head(cfg, kw)
+        self.init_weights(seed)
+
+    def _make_layers(self, cfg: ModelConfig, kw) -> List[nn.Module]:
+        return [TransformerBlock(cfg, i, causal=True, **kw) for i in range(cfg.n_layers)]
+
+    def _build_head(self, cfg: ModelConfig, kw) -> None:
+        pass
+
+    def init_weights(self, seed: int) -> None:
+        """Each named part draws from its own keyed generator: layout-independent weights."""
+        for name, child in self.named_children():
+            if name == "layers" or name == "encoder_layers":
+                for layer in child:
+                    init_module(layer, seed, f"{name}.{layer.layer_id}")
+            else:
+                init_module(child, seed, name)
+
+    def hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      start_pos: int = 0, kv_caches=None) -> torch.Tensor:
+        h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training)
+        seq = tokens.size(1)
+        mask = build_mask(seq, start_pos + seq, True, attention_mask, tokens.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope, mask, start_pos=start_pos, kv_cache=kv_caches[i] if kv_caches else None)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(LlamaDecoder):
+    """``model(tokens)`` -> full logits ``[b, s, vocab]``; ``model(tokens, labels)`` -> mean loss
+    computed on vocab-parallel logits without gathering them."""
+
+    def _build_head(self, cfg: ModelConfig, kw) -> None:
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, start_pos: int = 0, kv_caches=None):
+        logits = self.output(self.hidden_states(tokens, attention_mask, start_pos, kv_caches))
+        if labels is not None:
+            return causal_lm_loss(logits, labels)
+        return gather_from_tp_region(logits)
+
+
+class LlamaForSequenceClassification(LlamaDecoder):
+    """A task head (``score``) on the last non-padding position of a pre-trained trunk."""
+
+    def _build_head(self, cfg: ModelConfig, kw) -> None:
+        self.score = nn.Linear(cfg.dim, cfg.num_labels, bias=False, **kw)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None):
+        h = self.hidden_states(tokens, attention_mask)
+        if get_state().sequence_parallel:
+            h = gather_from_sequence_parallel_region(h, reduce_grads=False)
+        if attention_mask is None:
+            last = torch.full((tokens.size(0),), tokens.size(1) - 1, device=tokens.device)
+        else:
+            last = attention_mask.long().sum(dim=1).clamp(min=1) - 1
+        logits = self.score(h[torch.arange(tokens.size(0), device=tokens.device), last])
+        if labels is not None:
+            return nn.functional.cross_entropy(logits.float(), labels)
+        return logits
+
+
+class LlamaEncoderDecoder(LlamaDecoder):
+    """The seed's encoder-decoder: bidirectional encoder, decoder with cross-attention to it,
+    one shared token embedding, untied LM head."""
+
+    def _make_layers(self, cfg: ModelConfig, kw) -> List[nn.Module]:
+        if cfg.arch != "encoder_decoder":
+            raise ValueError("LlamaEncoderDecoder needs model.arch = 'encoder_decoder'")
+        sp = get_state().sequence_parallel
+        self.encoder_layers = nn.ModuleList(
+            TransformerBlock(cfg, i, causal=False, **kw) for i in range(cfg.encoder_layers))
+        self.encoder_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+        return [TransformerBlock(cfg, i, causal=True, cross_attention=True, **kw) for i in range(cfg.n_layers)]
+
+    def _build_head(self, cfg: ModelConfig, kw) -> None:
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+
+    def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = residual_dropout(self.tok_embeddings(src), self.config.dropout, self.training)
+        mask = build_mask(src.size(1), src.size(1), False, src_mask, src.device)
+        for layer in self.encoder_layers:
+            h = layer(h, self.rope, mask)
+        return self.encoder_norm(h)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                src_mask: Optional[torch.Tensor] = None, tgt_mask: Optional[torch.Tensor] = None):
+        memory = self.encode(src, src_mask)
+        h = residual_dropout(self.tok_embeddings(tgt), self.config.dropout, self.training)
+        self_mask = build_mask(tgt.size(1), tgt.size(1), True, tgt_mask, tgt.device)
+        cross_mask = None
+        if src_mask is not None:
+            cross_mask = build_mask(tgt.size(1), src.size(1), False, src_mask, tgt.device, self_attention=False)
+        for layer in self.layers:
+            h = layer(h, self.rope, self_mask, memory=memory, memory_mask=cross_mask)
+        logits = self.output(self.norm(h))
+        if labels is not None:
+            return causal_lm_loss(logits, labels)
+        return gather_from_tp_region(logits)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, device=None, dtype=None) -> nn.Module:
+    """The language model ``cfg.arch`` names."""
+    cls = LlamaEncoderDecoder if cfg.arch == "encoder_decoder" else LlamaForCausalLM
+    return cls(cfg, seed=seed, device=device, dtype=dtype)

@@ -1,0 +1,193 @@
+"""Column-, row- and vocab-parallel layers.
+
+Each rank holds a slice of one logical weight. Initialisation draws the *full* master weight
+from a generator and keeps this rank's slice, so a seed gives the same model at any TP degree.
+Split parameters carry ``tensor_model_parallel``, ``tp_split_dim`` and ``tp_fused_sizes`` so
+DeepSpeed counts them once per TP group and checkpoint tools can reassemble them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megallama.parallel import mappings
+from megallama.parallel.state import get_state
+
+
+def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int]) -> None:
+    param.tensor_model_parallel = True
+    param.tp_split_dim = split_dim
+    param.tp_fused_sizes = tuple(fused_sizes)
+
+
+def _rank_slice(full: torch.Tensor, dim: int, fused_sizes: Sequence[int], tp: int, rank: int) -> torch.Tensor:
+    """This rank's part of each fused logical block along ``dim``, concatenated."""
+    parts = torch.split(full, list(fused_sizes), dim=dim)
+    return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim)
+
+
+def split_for_rank(full: torch.Tensor, split_dim: int, fused_sizes: Sequence[int], tp: int,
+                   rank: int) -> torch.Tensor:
+    """The shard ``rank`` of ``tp`` holds of a full (logical) weight."""
+    return _rank_slice(full, split_dim, fused_sizes, tp, rank)
+
+
+def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`split_for_rank`: rebuild the full weight from every rank's shard."""
+    tp = len(shards)
+    local = [n // tp for n in fused_sizes]
+    per_rank = [torch.split(s, local, dim=split_dim) for s in shards]
+    blocks = [torch.cat([per_rank[r][i] for r in range(tp)], dim=split_dim) for i in range(len(local))]
+    return torch.cat(blocks, dim=split_dim)
+
+
+def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """All-gather a TP-split tensor (a weight or its gradient) back to its full shape."""
+    state = get_state()
+    if state.tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return local
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(local) for _ in range(state.tp)]
+    dist.all_gather(parts, local.contiguous(), group=state.tp_group)
+    return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes)
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what}={n} is not divisible by tensor-parallel size {tp}")
+    return n // tp
+
+
+class _ParallelLinearBase(nn.Module):
+    split_dim = 0
+
+    def _init_weight(self, generator: Optional[torch.Generator], full_shape, fused_sizes) -> None:
+        if self.weight.is_meta:
+            return
+        state = get_state()
+        with torch.no_grad():
+            full = torch.empty(full_shape, dtype=torch.float32)
+            full.normal_(0.0, self.init_std, generator=generator)
+            local = _rank_slice(full, self.split_dim, fused_sizes, state.tp, state.tp_rank)
+            self.weight.copy_(local.to(self.weight.dtype))
+            if getattr(self, "bias", None) is not None:
+                self.bias.zero_()
+
+
+class ColumnParallelLinear(_ParallelLinearBase):
+    """``y = x W^T`` with W's output rows split across TP ranks.
+
+    ``out_features`` may be a list: several logical matrices fused into one GEMM (Q/K/V, W1/W3),
+    each split across ranks so every rank holds its own slice of each.
+    """
+
+    split_dim = 0
+
+    def __init__(self, in_features: int, out_features, bias: bool = False, gather_output: bool = False,
+                 init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
+                 part_names: Optional[Sequence[str]] = None, device=None, dtype=None):
+        super().__init__()
+        state = get_state()
+        self.part_names = list(part_names) if part_names else None
+        self.fused_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self.in_features = in_features
+        self.out_features = sum(self.fused_sizes)
+        self.local_sizes = [_divide(n, state.tp, "out_features") for n in self.fused_sizes]
+        if gather_output and len(self.fused_sizes) > 1:
+            raise ValueError("gather_output is not supported for fused outputs")
+        self.gather_output = gather_output
+        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, device=device, dtype=dtype))
+        _mark(self.weight, 0, self.fused_sizes)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), device=device, dtype=dtype))
+            _mark(self.bias, 0, self.fused_sizes)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x)
+        else:
+            x = mappings.copy_to_tp_region(x)
+        y = F.linear(x, self.weight, self.bias)
+        return mappings.gather_from_tp_region(y) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.fused_sizes}, local_out={self.local_sizes}"
+
+
+class RowParallelLinear(_ParallelLinearBase):
+    """``y = x W^T`` with W's input columns split across ranks; partial sums are reduced."""
+
+    split_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, input_is_parallel: bool = True,
+                 init_std: float = 0.02, sequence_parallel: Optional[bool] = None, device=None, dtype=None):
+        super().__init__()
+        state = get_state()
+        self.in_features, self.out_features = in_features, out_features
+        self.local_in = _divide(in_features, state.tp, "in_features")
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in, device=device, dtype=dtype))
+        _mark(self.weight, 1, [in_features])
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        self._init_weight(generator, (self.out_features, self.in_features), [self.in_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = mappings.scatter_to_tp_region(x)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            y = mappings.reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = mappings.reduce_from_tp_region(y)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, local_in={self.local_in}, out={self.out_features}"
+
+
+class VocabParallelEmbedding(_ParallelLinearBase):
+    """Embedding table split along the vocabulary; each rank embeds the ids it owns."""
+
+    split_dim = 0
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02,
+                 sequence_parallel: Optional[bool] = None, device=None, dtype=None):
+        super().__init__()
+        state = get_state()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.local_vocab = _divide(num_embeddings, state.tp, "num_embeddings")
+        self.vocab_start = state.tp_rank * self.local_vocab
+        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(self.local_vocab, embedding_dim, device=device, dtype=dtype))
+        _mark(self.weight, 0, [num_embeddings])
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        self._init_weight(generator, (self.num_embeddings, self.embedding_dim), [self.num_embeddings])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if get_state().tp == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.local_vocab)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out)
+        return mappings.reduce_from_tp_region(out)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.num_embeddings}, local_vocab={self.local_vocab}, dim={self.embedding_dim}"

@@ -1,0 +1,149 @@
+"""The one source of truth for parallel layout: TP, PP and DP groups carved from the world.
+
+Rank order is TP innermost, then DP, then PP (rank = pp*dp*tp + dp*tp + tp), the order of
+DeepSpeed's ``PipeModelDataParallelTopology`` so its pipeline grid and our groups agree.
+The :class:`ParallelState` object doubles as the ``mpu`` DeepSpeed asks for.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional
+
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    rank: int = 0
+    tp_group: Optional[object] = field(default=None, repr=False)
+    pp_group: Optional[object] = field(default=None, repr=False)
+    dp_group: Optional[object] = field(default=None, repr=False)
+    mp_group: Optional[object] = field(default=None, repr=False)  # TP x PP: one model replica
+    tp_ranks: List[int] = field(default_factory=lambda: [0])
+    pp_ranks: List[int] = field(default_factory=lambda: [0])
+    dp_ranks: List[int] = field(default_factory=lambda: [0])
+    sequence_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    # ---- the mpu interface DeepSpeed (ZeRO, checkpointing, pipeline) calls -------------------
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.pp
+
+    def get_pipeline_model_parallel_group(self):
+        return self.pp_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.rank - self.tp_rank
+
+
+_STATE: Optional[ParallelState] = None
+
+
+def get_state() -> ParallelState:
+    """The current layout; a single-process one when nothing was initialised."""
+    global _STATE
+    if _STATE is None:
+        _STATE = ParallelState()
+    return _STATE
+
+
+def set_state(state: Optional[ParallelState]) -> None:
+    global _STATE
+    _STATE = state
+
+
+def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
+    """Build every group from the initialised default process group (all ranks must call)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}")
+    dp = world // (tp * pp)
+    state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=sequence_parallel and tp > 1)
+    if not dist.is_initialized():
+        set_state(state)
+        return state
+
+    def make(ranks_list: List[List[int]]):
+        # every rank must create every group, in the same order
+        mine_group, mine_ranks = None, None
+        for ranks in ranks_list:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                mine_group, mine_ranks = g, ranks
+        return mine_group, mine_ranks
+
+    tp_lists = [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)]
+    dp_lists = [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_lists = [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
+    mp_lists = [[p * dp * tp + d * tp + t for p in range(pp) for t in range(tp)] for d in range(dp)]
+    state.tp_group, state.tp_ranks = make(tp_lists)
+    state.dp_group, state.dp_ranks = make(dp_lists)
+    state.pp_group, state.pp_ranks = make(pp_lists)
+    state.mp_group, _ = make(mp_lists)
+    set_state(state)
+    return state
+
+
+@contextmanager
+def layout(state: ParallelState) -> Iterator[ParallelState]:
+    """Temporarily install a layout, e.g. a group-less one to build shapes on the meta device."""
+    global _STATE
+    old = _STATE
+    _STATE = state
+    try:
+        yield state
+    finally:
+        _STATE = old

@@ -1,0 +1,102 @@
+"""Config loading, overrides, presets, and one-line errors for bad configs."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megallama.config import ConfigError, ModelConfig, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name,params_b,ffn", [("llama-7b", 6.7, 11008), ("llama-13b", 13.0, 13824),
+                                               ("llama-33b", 32.5, 17920), ("llama-65b", 65.2, 22016)])
+def test_llama_presets_match_the_paper(name, params_b, ffn):
+    from megallama.model.describe import describe
+
+    info = describe(ModelConfig.preset(name))
+    # the paper truncates: 65,285,660,672 parameters are reported as 65.2B
+    assert math.floor(info["parameters"] / 1e8) / 10 == params_b
+    assert info["ffn_hidden_size"] == ffn
+
+
+def test_gqa_presets():
+    cfg = ModelConfig.preset("llama2-70b")
+    assert cfg.kv_heads == 8 and cfg.ffn_hidden_size == 28672
+    assert ModelConfig.preset("llama2-7b").kv_heads == 8
+
+
+def test_overrides_reach_presets_lists_and_deepspeed(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"model: tiny\ndeepspeed: {ds}\ndata: {{prefixes: [a, b]}}\n")
+    cfg = load_run_config(cfg_file, ["model.n_heads=8", "deepspeed.zero_optimization.stage=3",
+                                     "data.prefixes.1=c", "train.activation_checkpointing.mode=full"])
+    assert cfg.model.n_heads == 8 and cfg.model.dim == 128
+    assert cfg.deepspeed["zero_optimization"]["stage"] == 3
+    assert cfg.data.prefixes == ["a", "c"]
+    assert cfg.train.activation_checkpointing.mode == "full"
+
+
+@pytest.mark.parametrize("data,world,needle", [
+    ({"modle": "tiny"}, None, "modle: unknown key; did you mean 'model'"),
+    ({"model": {"preset": "tiny", "n_layer": 2}}, None, "did you mean 'n_layers'"),
+    ({"model": "tiny", "train": {"seq_len": "long"}}, None, "train.seq_len"),
+    ({"model": "tiny", "parallel": {"tp": 3}}, None, "model.n_heads: 4 is not divisible by parallel.tp=3"),
+    ({"model": {"preset": "tiny-gqa", "n_kv_heads": 2}, "parallel": {"tp": 4}}, None, "model.n_kv_heads"),
+    ({"model": {"preset": "tiny", "vocab_size": 2050}, "parallel": {"tp": 4}}, None, "model.vocab_size"),
+    ({"model": {"preset": "tiny", "multiple_of": 1, "dim": 128}, "parallel": {"tp": 2}}, None, "ffn_hidden_size"),
+    ({"model": "tiny", "parallel": {"pp": 3}}, None, "model.n_layers: 4 is not divisible by parallel.pp=3"),
+    ({"model": "tiny", "parallel": {"tp": 2, "pp": 2}}, 6, "world size 6 is not a multiple of tp x pp"),
+    ({"model": "tiny", "train": {"micro_batch_size": 4, "global_batch_size": 10}}, 2, "train.global_batch_size"),
+    ({"model": "nope"}, None, "model.preset: unknown preset 'nope'"),
+    ({"model": "tiny", "train": {"seq_len": 4096}}, None, "exceeds model.max_seq_len"),
+])
+def test_bad_configs_are_one_line_errors(data, world, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(data=data).check_layout(world)
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "megallama", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("yaml_text,extra,needle", [
+    ("model: tiny\nparallel: {tp: 3}\n", [], "parallel.tp=3"),
+    ("model: tiny\ntrian: {steps: 3}\n", [], "did you mean 'train'"),
+    ("model: tiny\n", ["--set", "train.steps=abc"], "train.steps"),
+    ("model: tiny\ndeepspeed: missing.json\n", [], "deepspeed: file 'missing.json' not found"),
+    ("model: tiny\n", ["--world-size", "3", "--set", "parallel.tp=2"], "world size 3"),
+    ("model: [tiny\n", [], "not valid YAML"),
+    ("!!python/object/apply:os.system ['echo hi']\n", [], "not valid YAML"),
+])
+def test_cli_reports_bad_config_in_one_line(tmp_path, yaml_text, extra, needle):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    r = _cli("validate", str(path), *extra)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_validate_and_describe_ok(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\ntrain: {micro_batch_size: 2, global_batch_size: 8}\n")
+    r = _cli("validate", str(path), "--world-size", "2")
+    assert r.returncode == 0 and "global batch 8 = 2 x 2 x 2" in r.stdout, r
+    r = _cli("describe", "--model", "llama-7b", "--tp", "2", "--json")
+    info = json.loads(r.stdout)
+    assert info["parameters"] == 6738415616 and info["ffn_hidden_size"] == 11008
+    rows = {row["name"]: row for row in info["layer"]}
+    assert rows["layers.0.attention.wq"]["full_shape"] == [4096, 4096]
+    assert rows["layers.0.feed_forward.w1"]["parallel"] == "column"
+    assert rows["layers.0.feed_forward.w2"]["full_shape"] == [11008, 4096]
+    assert rows["layers.0.feed_forward.w2"]["rank_shape"] == [5504, 4096]
+    assert rows["layers.0.feed_forward.w2"]["parallel"] == "row"
