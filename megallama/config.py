@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from megallama.errors import UserError
 
@@ -170,10 +170,38 @@ class BatchLayout(BaseModel):
 
 class DataConfig(_Strict):
     prefixes: List[str] = []  # Megatron .bin/.idx prefixes; empty: the embedded corpus
-    weights: Optional[List[float]] = None
+    weights: Optional[List[float]] = None  # blend weights; None: proportional to each prefix's tokens
     tokenizer: Optional[str] = None  # sentencepiece model; required with prefixes
-    split: str = "98,1,1"
+    split: str = "98,1,1"  # train,valid,test shares of the documents of every prefix
     embedded_max_files: int = 400  # stdlib files taken for the embedded corpus
+    cache_dir: Optional[str] = None  # tokenizer/corpus/validation caches; None: RUN_DIR/data
+    shuffle: bool = True  # seeded per-epoch document order before packing (samples: the iterator seed)
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, value: str) -> str:
+        parts = [p.strip() for p in value.replace("/", ",").split(",")]
+        try:
+            shares = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError("expected up to three comma-separated numbers like '98,1,1'") from None
+        if not 1 <= len(shares) <= 3 or any(x < 0 or not math.isfinite(x) for x in shares) or shares[0] <= 0:
+            raise ValueError("expected 1-3 non-negative shares with a positive train share")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: Optional[List[float]]) -> Optional[List[float]]:
+        if value is not None and (not value or any(not (w > 0 and math.isfinite(w)) for w in value)):
+            raise ValueError("expected a non-empty list of positive blend weights")
+        return value
+
+    @field_validator("embedded_max_files")
+    @classmethod
+    def _max_files(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("expected a positive number of files")
+        return value
 
 
 class CheckpointConfig(_Strict):

@@ -1,0 +1,77 @@
+"""``megallama preprocess``: text or JSONL in, Megatron ``.bin``/``.idx`` token files out.
+
+With ``--train-tokenizer`` it first trains a LLaMA-style SentencePiece model on the same inputs
+and writes it to ``--tokenizer``; ``--output-prefix`` is then optional. Megatron's own flag
+spellings (``--json-keys``, ``--tokenizer-model``, ``--append-eod``) are accepted too.
+"""
+from __future__ import annotations
+
+import os
+
+NAME = "preprocess"
+HELP = "tokenize text/JSONL into Megatron .bin/.idx files (optionally train the tokenizer first)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or text files")
+    parser.add_argument("--output-prefix", metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer", "--tokenizer-model", metavar="MODEL", required=True,
+                        help="SentencePiece model to use (or to write, with --train-tokenizer)")
+    parser.add_argument("--json-key", "--json-keys", default="text", metavar="KEY",
+                        help="JSONL field holding the document text (default: text)")
+    parser.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
+                        help="auto: .jsonl/.json/.ndjson are JSONL, other files plain text")
+    parser.add_argument("--text-doc", choices=("line", "paragraph", "file"), default="line",
+                        help="plain text: one document per non-blank line, blank-line paragraph, or file")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="encoding processes")
+    parser.add_argument("--prepend-bos", action="store_true", help="start every document with <s>")
+    parser.add_argument("--append-eod", action="store_true", help="accepted for Megatron compatibility; "
+                        "</s> is always appended")
+    parser.add_argument("--skip-empty", action="store_true", help="drop empty documents instead of failing")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train = parser.add_argument_group("tokenizer training")
+    train.add_argument("--train-tokenizer", action="store_true", help="train --tokenizer on the inputs first")
+    train.add_argument("--vocab-size", type=int, help="vocabulary size of the trained tokenizer")
+    train.add_argument("--max-sentences", type=int, default=2_000_000, help="lines sampled for training")
+    train.add_argument("--character-coverage", type=float, default=None,
+                       help="SentencePiece character coverage (default 0.99995, LLaMA's)")
+    train.add_argument("--seed", type=int, default=0, help="sampling seed for tokenizer training")
+
+
+def run(args) -> int:
+    from megallama.data.indexed import normalize_prefix
+    from megallama.data.records import InputSpec, iter_texts
+    from megallama.data.tokenizer import Tokenizer, train_tokenizer
+    from megallama.errors import UserError
+
+    if args.workers < 1:
+        raise UserError(f"--workers: expected a positive integer, got {args.workers}")
+    spec = InputSpec(tuple(args.input), args.input_format, args.json_key, args.text_doc, args.skip_empty)
+    spec.check()
+    if args.output_prefix:
+        from megallama.data.files import refuse_existing
+
+        prefix = normalize_prefix(args.output_prefix)
+        refuse_existing([prefix + ".bin", prefix + ".idx"], args.overwrite)  # before any slow work
+    if args.train_tokenizer:
+        if not args.vocab_size or args.vocab_size < 1:
+            raise UserError("--vocab-size: required with --train-tokenizer (e.g. 32000, LLaMA's)")
+        tok = train_tokenizer(iter_texts(spec), args.tokenizer, args.vocab_size, overwrite=args.overwrite,
+                              max_sentences=args.max_sentences, seed=args.seed,
+                              character_coverage=args.character_coverage)
+        print(f"wrote {tok.path}: {tok.vocab_size} tokens (BPE, byte fallback, digits split)")
+        if not args.output_prefix:
+            return 0
+    elif not args.output_prefix:
+        raise UserError("--output-prefix: required (or pass --train-tokenizer to only train a tokenizer)")
+    else:
+        tok = Tokenizer(args.tokenizer)
+    from megallama.data.preprocess import preprocess
+
+    stats = preprocess(spec, tok, args.output_prefix, workers=args.workers, bos=args.prepend_bos,
+                       overwrite=args.overwrite, progress=False if args.no_progress else None)
+    skipped = f", {stats.skipped} empty skipped" if stats.skipped else ""
+    print(f"wrote {prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens ({stats.dtype}){skipped}"
+          f" in {stats.seconds:.1f}s: {stats.docs_per_s:,.0f} docs/s, {stats.tokens_per_s:,.0f} tokens/s")
+    return 0

@@ -1,0 +1,98 @@
+"""GPT-style packing: documents laid end to end, cut into ``seq_len + 1``-token samples.
+
+Sample ``i`` of an epoch is stream tokens ``[i*L, i*L + L + 1)`` (L = seq_len), so consecutive
+samples share one token, as in Megatron's GPTDataset: inputs ``s[:-1]`` and labels ``s[1:]``
+each cover every token of the epoch's stream exactly once (bar a tail shorter than a sample).
+Each epoch lays the documents out in its own seeded order, so samples differ between epochs.
+Indices past ``len()`` continue into later epochs: ``ds[e * len(ds) + i]`` is sample i of epoch e.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megallama.data.indexed import IndexedTokens
+from megallama.errors import UserError
+
+
+def parse_split(split: str) -> List[float]:
+    """'98,1,1' -> three normalized shares (missing ones are 0)."""
+    shares = [float(x) for x in split.replace("/", ",").split(",")]
+    shares += [0.0] * (3 - len(shares))
+    total = sum(shares)
+    if len(shares) != 3 or total <= 0 or min(shares) < 0:
+        raise UserError(f"data.split: expected up to three non-negative shares like '98,1,1', got '{split}'")
+    return [x / total for x in shares]
+
+
+def split_ranges(n_docs: int, split: str) -> List[Tuple[int, int]]:
+    """Contiguous document ranges for train/valid/test, rounded the way Megatron rounds."""
+    bounds = [0]
+    for share in parse_split(split):
+        bounds.append(bounds[-1] + int(round(share * n_docs)))
+    diff = bounds[-1] - n_docs
+    bounds = [0] + [b - diff for b in bounds[1:]]
+    return [(max(0, bounds[k]), max(0, bounds[k + 1])) for k in range(3)]
+
+
+def seed_rng(*keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) for k in keys])))
+
+
+class PackedDataset:
+    """Packed samples over documents ``[first, last)`` of an indexed file."""
+
+    def __init__(self, tokens: IndexedTokens, docs: Tuple[int, int], seq_len: int,
+                 seed: Optional[Sequence[int]] = None, name: str = ""):
+        self.tokens, self.seq_len, self.seed = tokens, int(seq_len), seed
+        self.first, self.last = docs
+        self.name = name or f"{tokens.prefix}[{self.first}:{self.last}]"
+        starts = tokens.doc_offsets[self.first:self.last]
+        self._doc_start = np.asarray(starts, np.int64)
+        self._doc_len = np.asarray(tokens.doc_offsets[self.first + 1:self.last + 1] - starts, np.int64)
+        self.num_tokens = int(self._doc_len.sum())
+        self._samples = max(0, (self.num_tokens - 1) // self.seq_len)
+        self._epochs: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+
+    def __len__(self) -> int:
+        """Samples per epoch."""
+        return self._samples
+
+    def _layout(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(document order, cumulative token count) of one epoch; two epochs kept."""
+        hit = self._epochs.get(epoch)
+        if hit is None:
+            n = len(self._doc_len)
+            order = np.arange(n) if self.seed is None else seed_rng(*self.seed, epoch).permutation(n)
+            cum = np.zeros(n + 1, np.int64)
+            np.cumsum(self._doc_len[order], out=cum[1:])
+            hit = self._epochs[epoch] = (order, cum)
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return hit
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._samples == 0:
+            raise IndexError(f"{self.name}: no samples ({self.num_tokens} tokens < seq_len + 1)")
+        if index < 0:
+            raise IndexError(f"negative sample index {index}")
+        epoch, i = divmod(int(index), self._samples)
+        order, cum = self._layout(epoch)
+        out = np.empty(self.seq_len + 1, np.int64)
+        pos, end = i * self.seq_len, i * self.seq_len + self.seq_len + 1
+        k = int(np.searchsorted(cum, pos, side="right")) - 1
+        filled = 0
+        while filled < len(out):
+            doc = order[k]
+            lo = pos - cum[k]
+            take = min(int(self._doc_len[doc] - lo), end - pos)
+            start = self._doc_start[doc] + lo
+            out[filled:filled + take] = self.tokens.tokens[start:start + take]
+            filled, pos, k = filled + take, pos + take, k + 1
+        return out
+
+    def __iter__(self):
+        """One epoch (indexing alone never ends)."""
+        return (self[i] for i in range(len(self)))

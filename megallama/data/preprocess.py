@@ -1,0 +1,145 @@
+"""Tokenize records into a ``.bin``/``.idx`` pair: one document per record, ``</s>`` appended.
+
+Worker processes parse and encode batches of raw records; the parent reads the inputs, keeps a
+bounded number of batches in flight (so memory stays flat on any input size) and writes results
+in input order, so the output is identical for any number of workers. Workers are spawned, not
+forked: this may run inside a trainer that already holds threads and process groups.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+from megallama.data.indexed import IndexedWriter, dtype_for_vocab
+from megallama.data.records import InputSpec, RawRecord, batches, parse, total_bytes
+from megallama.errors import UserError
+
+
+@dataclass
+class PreprocessStats:
+    documents: int
+    tokens: int
+    skipped: int
+    seconds: float
+    dtype: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.documents / max(self.seconds, 1e-9)
+
+
+class _Encoder:
+    """Per-process state: the tokenizer (from its serialized bytes) and the input spec."""
+
+    def __init__(self, proto: bytes, spec: InputSpec, dtype: str, bos: bool):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(proto)
+        self.spec, self.dtype, self.bos = spec, np.dtype(dtype), bos
+        self.eod = self.sp.eos_id()
+
+    def __call__(self, batch: List[RawRecord]):
+        """(flat tokens, lengths, skipped) or, for a bad record, ``("error", message)``."""
+        try:
+            texts = [parse(self.spec, i, line, raw) for i, line, raw in batch]
+        except UserError as exc:
+            return "error", str(exc)
+        kept = [t for t in texts if t is not None]
+        ids = self.sp.encode(kept) if kept else []
+        head = [self.sp.bos_id()] if self.bos else []
+        docs = [head + d + [self.eod] for d in ids]
+        lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+        flat = np.fromiter(itertools.chain.from_iterable(docs), self.dtype, int(lengths.sum()))
+        return flat, lengths, len(texts) - len(kept)
+
+
+_WORKER: Optional[_Encoder] = None
+
+
+def _init_worker(proto: bytes, spec: InputSpec, dtype: str, bos: bool) -> None:
+    global _WORKER
+    _WORKER = _Encoder(proto, spec, dtype, bos)
+
+
+def _work(batch: List[RawRecord]):
+    return _WORKER(batch)
+
+
+def _progress(total: int, enabled: Optional[bool]):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
+                disable=(None if enabled is None else not enabled), file=sys.stderr, dynamic_ncols=True)
+
+
+def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int = 1, bos: bool = False,
+               overwrite: bool = False, progress: Optional[bool] = None) -> PreprocessStats:
+    """Tokenize ``spec``'s inputs with ``tokenizer`` (a :class:`Tokenizer`) into ``output_prefix``.
+
+    ``progress``: True/False forces the bar on/off; None shows it when stderr is a terminal.
+    """
+    spec.check()
+    tokenizer.eod_id  # fails early, naming the model, when it has no </s>
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    start = time.perf_counter()
+    docs = tokens = skipped = 0
+    pool = None
+    bar = _progress(total_bytes(spec.paths), progress)
+    writer = IndexedWriter(output_prefix, dtype, overwrite=overwrite)
+    try:
+        if workers > 1:
+            ctx = mp.get_context("spawn")
+            pool = ctx.Pool(workers, _init_worker, (tokenizer.proto, spec, dtype.name, bos))
+            results = _ordered(pool, batches(spec), 2 * workers)
+        else:
+            encoder = _Encoder(tokenizer.proto, spec, dtype.name, bos)
+            results = ((encoder(b), used) for b, used in batches(spec))
+        for result, used in results:
+            if isinstance(result[0], str):  # ("error", message) from a worker
+                raise UserError(result[1])
+            flat, lengths, n_skipped = result
+            writer.add_documents(flat, lengths)
+            docs += len(lengths)
+            tokens += int(lengths.sum())
+            skipped += n_skipped
+            bar.update(used)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s {tokens / elapsed:,.0f} tok/s", refresh=False)
+        if docs == 0:
+            raise UserError(f"{spec.paths[0]}: no documents found in the input"
+                            + (f" ({skipped} empty ones skipped)" if skipped else ""))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    writer.finalize()
+    return PreprocessStats(docs, tokens, skipped, time.perf_counter() - start, dtype.name)
+
+
+def _ordered(pool, source, depth: int):
+    """Results of ``_work`` over ``source`` in order, at most ``depth`` batches in flight."""
+    pending: deque = deque()
+    for batch, used in source:
+        pending.append((pool.apply_async(_work, (batch,)), used))
+        if len(pending) >= depth:
+            res, n = pending.popleft()
+            yield res.get(), n
+    while pending:
+        res, n = pending.popleft()
+        yield res.get(), n
