@@ -65,10 +65,16 @@ class TransformerBlock(nn.Module):
             self.cross_attention = Attention(cfg, causal=False, cross=True, **kw)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
         self.feed_forward = SwiGLU(cfg, **kw)
+        self.checkpoint_fn = None  # set by a training engine to recompute this block in backward
 
     def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
                 memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
                 start_pos: int = 0, kv_cache=None) -> torch.Tensor:
+        if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
+            return self.checkpoint_fn(self._forward, x, rope, mask, memory, memory_mask, start_pos, kv_cache)
+        return self._forward(x, rope, mask, memory, memory_mask, start_pos, kv_cache)
+
+    def _forward(self, x, rope, mask, memory, memory_mask, start_pos, kv_cache) -> torch.Tensor:
         h = self.attention(self.attention_norm(x), rope, mask, start_pos=start_pos, kv_cache=kv_cache)
         x = x + residual_dropout(h, self.dropout, self.training)
         if self.cross_attention is not None:

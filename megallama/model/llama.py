@@ -29,7 +29,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 class LlamaDecoder(nn.Module):
     """Embedding, causal blocks and the final norm: the trunk every decoder head sits on."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, seed: Optional[int] = 0, device=None, dtype=None):
         super().__init__()
         cfg.check()
         self.config = cfg
@@ -48,14 +48,21 @@ class LlamaDecoder(nn.Module):
     def _build_head(self, cfg: ModelConfig, kw) -> None:
         pass
 
-    def init_weights(self, seed: int) -> None:
-        """Each named part draws from its own keyed generator: layout-independent weights."""
+    def init_parts(self):
+        """``(module, key)`` pairs, each initialised from its own keyed generator, so weights do
+        not depend on the layout (and ZeRO-3 can gather one part at a time to initialise it)."""
         for name, child in self.named_children():
-            if name == "layers" or name == "encoder_layers":
+            if name in ("layers", "encoder_layers"):
                 for layer in child:
-                    init_module(layer, seed, f"{name}.{layer.layer_id}")
-            else:
-                init_module(child, seed, name)
+                    yield layer, f"{name}.{layer.layer_id}"
+            elif any(True for _ in child.parameters()):
+                yield child, name
+
+    def init_weights(self, seed: Optional[int]) -> None:
+        if seed is None:  # the caller initialises (e.g. under ZeRO-3, gathering each part)
+            return
+        for part, key in self.init_parts():
+            init_module(part, seed, key)
 
     def hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                       start_pos: int = 0, kv_caches=None) -> torch.Tensor:
@@ -142,7 +149,7 @@ class LlamaEncoderDecoder(LlamaDecoder):
         return gather_from_tp_region(logits)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, device=None, dtype=None) -> nn.Module:
+def build_model(cfg: ModelConfig, seed: Optional[int] = 0, device=None, dtype=None) -> nn.Module:
     """The language model ``cfg.arch`` names."""
     cls = LlamaEncoderDecoder if cfg.arch == "encoder_decoder" else LlamaForCausalLM
     return cls(cfg, seed=seed, device=device, dtype=dtype)

@@ -1,0 +1,42 @@
+"""``megallama train CONFIG.yaml [--set key=value ...]``: the main job, under any launcher."""
+from __future__ import annotations
+
+import sys
+
+NAME = "train"
+HELP = "train a model from a run config (single process, deepspeed, torchrun, mpiexec or srun)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="run-config YAML (see examples/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. parallel.tp=2 or deepspeed.zero_optimization.stage=3")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def run(args) -> int:
+    from megallama.config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    cfg.check_layout()
+    from megallama.train.loop import train
+
+    report = train(cfg)
+    import torch.distributed as dist
+
+    if report and (not dist.is_initialized() or dist.get_rank() == 0):
+        mem = (report["mem_bytes"] or 0) / 2**30
+        sys.stdout.write(
+            f"done: {report['steps']} steps, loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}; "
+            f"{report['tokens_per_s'] or 0:,.0f} tok/s, {report['tflops_per_rank'] or 0:.3f} TFLOP/s per rank, "
+            f"MFU {100 * (report['mfu'] or 0):.1f}%, peak mem {mem:.2f} GiB per rank; metrics in {report['metrics']}\n")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,1 @@
+"""Training on DeepSpeed. ``megallama.train.engine`` is the only caller of ``deepspeed.initialize``."""

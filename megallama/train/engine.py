@@ -1,0 +1,106 @@
+"""The only place that calls ``deepspeed.initialize``: model, optimizer, schedule, engine.
+
+ZeRO-3 builds the model inside ``deepspeed.zero.Init`` (each parameter partitioned as soon as
+its module exists) and initialises one part at a time under ``GatheredParameters``; other
+stages build layer by layer, each rank keeping only its TP slice, so no rank ever holds the
+whole model. Pipeline runs build only this stage's layers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+
+from megallama.config import RunConfig
+from megallama.model import build_model
+from megallama.model.blocks import init_module
+from megallama.parallel import ParallelState, model_parallel_seed
+from megallama.parallel import random as tp_random
+from megallama.train.ds_config import zero_stage
+from megallama.train.optim import build_optimizer, build_scheduler
+from megallama.train.pipeline import build_pipeline_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    engine: Any
+    module: torch.nn.Module
+    pipeline: bool
+
+
+def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any]):
+    """Configure DeepSpeed's checkpointing with our mpu and share its RNG tracker with ours."""
+    import deepspeed
+
+    ac = cfg.train.activation_checkpointing
+    if ac.mode != "full":
+        return None
+    deepspeed.checkpointing.configure(state, partition_activations=ac.partition_activations,
+                                      checkpoint_in_cpu=ac.cpu_checkpointing, num_checkpoints=cfg.model.n_layers,
+                                      contiguous_checkpointing=False, synchronize=False, profile=False)
+    tp_random.set_rng_tracker(deepspeed.checkpointing.get_cuda_rng_tracker())
+    return deepspeed.checkpointing.checkpoint
+
+
+def _apply_checkpointing(model: torch.nn.Module, cfg: RunConfig, fn) -> None:
+    """Full recomputation of every N-th block, or selective (attention core only)."""
+    ac = cfg.train.activation_checkpointing
+    for i, layer in enumerate(model.layers):
+        if ac.mode == "full" and i % ac.every == 0:
+            layer.checkpoint_fn = fn
+        if ac.mode == "selective":
+            layer.attention.recompute_core = True
+
+
+def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device, ckpt_fn):
+    import deepspeed
+
+    seed = cfg.train.seed
+    if state.pp > 1:
+        every = cfg.train.activation_checkpointing.every if ckpt_fn is not None else 0
+        module = build_pipeline_module(cfg.model, state, seed, cfg.parallel.pipeline_partition, every, ckpt_fn)
+        if cfg.train.activation_checkpointing.mode == "selective":
+            for layer in module.modules():
+                if hasattr(layer, "recompute_core"):
+                    layer.recompute_core = True
+        return module.to(device)
+    if zero_stage(ds) == 3:
+        with deepspeed.zero.Init(mpu=state, config_dict_or_path=ds):
+            module = build_model(cfg.model, seed=None)
+        for part, key in module.init_parts():
+            params = list(part.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                init_module(part, seed, key)  # identical on every rank; rank 0's copy is kept
+    else:
+        module = build_model(cfg.model, seed=seed).to(device)
+    _apply_checkpointing(module, cfg, ckpt_fn)
+    return module
+
+
+def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device) -> Built:
+    import deepspeed
+
+    ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
+    model_parallel_seed(cfg.train.seed)
+    module = _build_module(cfg, state, ds, device, ckpt_fn)
+    optimizer = build_optimizer(module, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                           mpu=None if state.pp > 1 else state, dist_init_required=False)
+    _record_fp32_grad_norm(engine)
+    return Built(engine=engine, module=module, pipeline=state.pp > 1)
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's ZeRO-0 fp32 path clips but drops the norm it computed; keep it for the logs."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

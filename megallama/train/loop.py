@@ -1,0 +1,142 @@
+"""The training loop: launch, data, engine, steps, metrics, report."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megallama.config import RunConfig
+from megallama.errors import UserError
+from megallama.parallel import initialize
+from megallama.train.distributed import device_for, init_distributed
+from megallama.train.ds_config import build_ds_config, precision, zero_stage
+from megallama.train.engine import build_engine
+from megallama.train.metrics import MetricsLogger, device_peak_flops
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_data(cfg: RunConfig, rank: int):
+    """Rank 0 builds (or finds) the token files; everyone else waits and reuses them."""
+    from megallama.data import prepare_data
+
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = prepare_data(cfg)
+        except UserError as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
+
+
+def _pipe_batches(it, device) -> Iterator:
+    for tokens in it:
+        tokens = tokens.to(device, non_blocking=True)
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _dp_mean(value: torch.Tensor, state) -> float:
+    value = value.detach().float().clone()
+    if state.dp > 1:
+        dist.all_reduce(value, group=state.dp_group)
+        value /= state.dp
+    return value.item()
+
+
+def train(cfg: RunConfig) -> Dict[str, Any]:
+    """Run ``cfg.train.steps`` optimizer steps; returns the final report (on every rank)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    info = init_distributed(cfg.train.dist_timeout_s)
+    cfg.check_layout(info.world_size)
+    ds = build_ds_config(cfg, info.world_size)
+    state = initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel)
+    device = device_for(info.local_rank)
+    t = cfg.train
+    batch = t.batch_layout(state.dp)
+    rank0 = info.rank == 0
+    if rank0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        log.info("launcher=%s world=%d tp=%d pp=%d dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
+                 info.launcher, info.world_size, state.tp, state.pp, state.dp, zero_stage(ds), precision(ds),
+                 batch.global_, batch.micro, batch.accum, state.dp)
+
+    from megallama.data import MicroBatchIterator, build_datasets
+
+    art = _prepare_data(cfg, info.rank)
+    train_ds, _, _ = build_datasets(cfg, art)
+    it = MicroBatchIterator(train_ds, batch.micro, batch.accum, state.dp_rank, state.dp, consumed_samples=0,
+                            seed=t.seed)
+    built = build_engine(cfg, state, ds, device)
+    engine = built.engine
+
+    from megallama.profiling.flops import flops_per_token
+
+    flops = flops_per_token(cfg.model, t.seq_len, t.activation_checkpointing.mode)
+    peak, peak_source = device_peak_flops(precision(ds))
+    tokens_per_step = batch.global_ * t.seq_len
+    metrics = MetricsLogger(cfg.run_dir, rank0, t.steps, tokens_per_step, info.world_size,
+                            flops.model, flops.hardware, peak)
+    if rank0:
+        log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
+
+    pipe_iter = _pipe_batches(it, device) if built.pipeline else None
+    losses, bad_in_a_row, skipped = [], 0, 0
+    run_start = time.perf_counter()
+    last_log = run_start
+    for step in range(1, t.steps + 1):
+        step_start = time.perf_counter()
+        if built.pipeline:
+            loss = engine.train_batch(data_iter=pipe_iter)
+            loss_value = loss.item()
+        else:
+            micro_losses = []
+            for _ in range(batch.accum):
+                tokens = next(it).to(device, non_blocking=True)
+                loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                micro_losses.append(loss.detach().float())
+            loss_value = _dp_mean(torch.stack(micro_losses).mean(), state)
+        step_time = time.perf_counter() - step_start
+        losses.append(loss_value)
+        if not math.isfinite(loss_value):
+            bad_in_a_row += 1
+            skipped += 1
+            if bad_in_a_row >= t.max_bad_steps:
+                raise UserError(f"train: loss was non-finite for {bad_in_a_row} steps in a row (train.max_bad_steps="
+                                f"{t.max_bad_steps}); stopping at step {step}")
+        else:
+            bad_in_a_row = 0
+        if step % t.log_every == 0 or step == t.steps or step == 1:
+            gn = engine.get_global_grad_norm()
+            gn = float(gn) if gn is not None else None
+            window = (time.perf_counter() - last_log) / (t.log_every if step > 1 else 1)
+            last_log = time.perf_counter()
+            metrics.log(step, loss_value, engine.get_lr()[0], gn, step_time if step == 1 else window, step,
+                        extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)) + skipped})
+    elapsed = time.perf_counter() - run_start
+    report = {
+        "steps": t.steps, "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
+        "elapsed_s": elapsed, "world_size": info.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
+        "zero_stage": zero_stage(ds), "precision": precision(ds), "launcher": info.launcher,
+        "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
+        "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)) + skipped,
+        "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"),
+    }
+    metrics.close()
+    if rank0:
+        (Path(cfg.run_dir) / "report.json").write_text(json.dumps(report, indent=2))
+    return report

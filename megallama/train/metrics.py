@@ -1,0 +1,107 @@
+"""What a user watches: a progress line on rank 0, ``RUN_DIR/metrics.jsonl``, TensorBoard.
+
+FLOPs are counted as Megatron counts them (matmuls of forward and backward, attention
+included): ``tflops_per_rank`` and ``mfu`` use model FLOPs, ``hfu`` adds recomputation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def device_peak_flops(precision: str) -> tuple:
+    """Dense peak FLOP/s of one rank's device and where the figure came from."""
+    try:
+        from megallama.profiling import hardware
+    except ImportError:  # TEMP until profiling.hardware lands
+        return float("nan"), "unknown"
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        for key in ("h200", "h100", "a100-80gb", "a100-40gb"):
+            if key.split("-")[0] in name:
+                prof = hardware.load_hardware(key)
+                return prof.peak_flops(precision), key
+        return float("nan"), name
+    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
+    return hardware.measure_cpu_gemm_peak(dtype), f"cpu measured {str(dtype).split('.')[-1]} GEMM"
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, total_steps: int, tokens_per_step: int, world_size: int,
+                 flops_model_per_token: float, flops_hw_per_token: float, peak_flops: float):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.world = world_size
+        self.fm, self.fh, self.peak = flops_model_per_token, flops_hw_per_token, peak_flops
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        self.last: Dict[str, Any] = {}
+        self._start = time.perf_counter()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self._tb = None
+
+    def log(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time: float,
+            steps_done_this_run: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        tps = self.tokens_per_step / step_time if step_time > 0 else 0.0
+        tflops = tps * self.fm / self.world / 1e12
+        record = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
+            "tokens_per_s": tps, "tflops_per_rank": tflops, "mfu": tps * self.fm / self.world / self.peak,
+            "hfu": tps * self.fh / self.world / self.peak, "mem_bytes": peak_memory_bytes(),
+            "time": time.time(), **(extra or {}),
+        }
+        self.last = record
+        if not self.enabled:
+            return record
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_rank", "mfu", "mem_bytes"):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        elapsed = time.perf_counter() - self._start
+        eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        sys.stdout.write(
+            f"step {step:>6}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gn} | "
+            f"{tps:,.0f} tok/s | {tflops:.3f} TFLOP/s/rank | MFU {100 * record['mfu']:.1f}% | "
+            f"mem {record['mem_bytes'] / 2**30:.2f} GiB | ETA {_fmt_eta(eta)}\n")
+        sys.stdout.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,45 @@
+"""The LLaMA recipe: AdamW (0.9, 0.95, wd 0.1, none on norms and biases), linear warm-up, cosine
+decay to ``min_lr_ratio`` of the peak."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from megallama.config import TrainConfig
+
+
+def param_groups(named_params: Iterable, weight_decay: float) -> List[dict]:
+    """Decay matrices only: 1-D tensors (norm gains, biases) are left undecayed."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model.named_parameters(), t.weight_decay)
+    fused = {"foreach": True}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fused)
+
+
+def lr_lambda(t: TrainConfig):
+    warmup, total, floor = t.warmup_steps, max(t.steps, 1), t.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> LambdaLR:
+    return LambdaLR(optimizer, lr_lambda(t))

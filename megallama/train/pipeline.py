@@ -1,0 +1,67 @@
+"""The decoder as a DeepSpeed ``PipelineModule``: embedding, blocks and norm+head as layer specs.
+
+Specs are built lazily, so each stage constructs only its own layers (with TP inside them), and
+each part is initialised from the same keyed seeds as the unpipelined model: a PP=2 run starts
+from exactly the weights of the PP=1 run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megallama.config import ModelConfig
+from megallama.model.blocks import TransformerBlock, init_module, residual_dropout
+from megallama.model.llama import causal_lm_loss
+from megallama.model.norm import RMSNorm
+from megallama.model.rope import RotaryEmbedding
+from megallama.parallel import ColumnParallelLinear, ParallelState, VocabParallelEmbedding
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int):
+        super().__init__()
+        self.dropout = cfg.dropout
+        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, init_std=cfg.init_std)
+        init_module(self.tok_embeddings, seed, "tok_embeddings")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training)
+
+
+class BlockPipe(TransformerBlock):
+    def __init__(self, cfg: ModelConfig, layer_id: int, seed: int):
+        super().__init__(cfg, layer_id, causal=True)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        init_module(self, seed, f"layers.{layer_id}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h, self.rope)
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int, sequence_parallel: bool):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sequence_parallel)
+        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std)
+        init_module(self.output, seed, "output")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))  # this rank's vocab slice; the loss never gathers it
+
+
+def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, partition: str,
+                          checkpoint_every: int = 0, checkpoint_fn=None):
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    specs = [LayerSpec(EmbeddingPipe, cfg, seed)]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.n_layers)]
+    specs += [LayerSpec(HeadPipe, cfg, seed, state.sequence_parallel)]
+    topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
+    kwargs = {}
+    if checkpoint_every > 0:
+        kwargs = dict(activation_checkpoint_interval=checkpoint_every, activation_checkpoint_func=checkpoint_fn)
+    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels),
+                          topology=topology,
+                          partition_method="parameters" if partition == "parameters" else "type:BlockPipe",
+                          **kwargs)

@@ -1,0 +1,68 @@
+"""Run ``megallama train`` as users do (plain, torchrun, deepspeed, mpiexec) and read its report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from tests.dist_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_run_config(tmp: Path, data_cache: Path, **train) -> Path:
+    """A 5-step fp32 run on the embedded corpus (cache shared between runs)."""
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "model": {"preset": "tiny", "max_seq_len": 128},
+        "parallel": {"tp": 1, "pp": 1},
+        "train": {"steps": 5, "seed": 7, "seq_len": 64, "micro_batch_size": 4, "global_batch_size": 8,
+                  "lr": 2e-3, "warmup_steps": 1, "log_every": 1, **train},
+        "data": {"cache_dir": str(data_cache), "embedded_max_files": 40},
+        "deepspeed": str(ROOT / "ds_configs" / "zero0.json"),
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def launch_cmd(launcher: str, world: int) -> List[str]:
+    if launcher == "none":
+        return [sys.executable, "-m", "megallama"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                "--master_port", str(free_port()), "-m", "megallama"]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
+                "--module", "megallama"]
+    if launcher == "mpiexec":
+        return [str(BIN / "mpiexec"), "-n", str(world), "-env", "MASTER_PORT", str(free_port()),
+                sys.executable, "-m", "megallama"]
+    raise ValueError(launcher)
+
+
+def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Optional[str] = None,
+              timeout: int = 300) -> dict:
+    launcher = launcher or ("none" if world == 1 else "torchrun")
+    args = ["train", str(config)] + [x for o in overrides for x in ("--set", o)]
+    proc = subprocess.run(launch_cmd(launcher, world) + args, capture_output=True, text=True, env=env(),
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{launcher} x{world} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
+    report = json.loads((Path(run_dir) / "report.json").read_text())
+    report["stdout"] = proc.stdout
+    return report
