@@ -1,0 +1,226 @@
+"""Activation memory: exactly the tensors autograd saves for backward, per block and per stage.
+
+Derivation, following Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", sec. 4.1), then adapted. Units: elements per micro-batch of ``N = s*b``
+tokens, one TP rank (``t``), ``h`` hidden, ``a`` heads, ``k*hd`` the K/V width (GQA), ``f`` the FFN
+width, ``p`` bytes per element of the compute dtype (2 in the paper). ``r = t`` with sequence
+parallelism (SP) and ``1`` without: the residual stream and the norms are sharded along the
+sequence only with SP.
+
+| saved tensor (who saves it)              | GPT, Korthikanti (bytes, p=2, t=1) | LLaMA block here (elements)    |
+|------------------------------------------|------------------------------------|--------------------------------|
+| attn norm input (norm)                   | LayerNorm input 2sbh               | N h / r                        |
+| norm statistics, fp32 (norm)             | (ignored)                          | N / r  (x4 bytes; LN: 2N/r)    |
+| QKV input = norm output (QKV linear)     | 2sbh                               | N h (*)                        |
+| Q, K, V (score and PV matmuls)           | Q,K 4sbh + V 2sbh                  | fused QKV output N(h+2kd)/t,   |
+|                                          |                                    | kept whole by the V view, plus |
+|                                          |                                    | q, k after RoPE N(h+kd)/t      |
+| softmax output                           | 2as^2b                             | flash: none; eager: N s a/t    |
+| attention-probability dropout mask, out  | as^2b + 2as^2b                     | only if dropout > 0 (eager)    |
+| SDPA output + logsumexp (flash kernel)   | -                                  | N h/t + N a/t (x4 bytes)       |
+| output-projection input (Wo)             | 2sbh                               | N h/t                          |
+| residual dropout mask                    | sbh                                | only if dropout > 0: N h / r   |
+| MLP norm input + statistics              | 2sbh                               | N h / r + N / r (x4)           |
+| MLP input (W1/W3, or fc1)                | 2sbh                               | N h (*)                        |
+| GeLU input / SwiGLU gate and up (fused)  | 8sbh                               | 2 N f/t                        |
+| SiLU output (the gated product's operand)| -                                  | N f/t                          |
+| W2 input                                 | 8sbh                               | N f/t                          |
+| MLP residual dropout mask                | sbh                                | only if dropout > 0: N h / r   |
+| total                                    | sbh (34 + 5as/h)                   | see :func:`layer_saved_tensors`|
+
+(*) ``megallama.parallel.ColumnParallelLinear`` all-gathers its SP input and ``F.linear`` saves the
+gathered tensor, so with SP these stay ``N h``; Megatron saves the shard and re-gathers in
+backward (``ActivationImpl(sp_saves_gathered_input=False)`` -> ``N h / t``, the paper's 34/t).
+
+With ``f = 8h/3`` (SwiGLU), MHA, flash attention, no dropout, p=2, t=1 this gives
+``sbh (2*4 + 2*3 + 2*2 + 2*2 + 4*2f/h) = sbh (22 + 64/3) ~ 43.3 sbh`` plus 16 sb bytes of fp32
+statistics and logsumexp, and no ``s^2`` term. Selective recomputation drops what the attention
+core creates (softmax/dropout tensors, or SDPA's output and logsumexp) and keeps its inputs;
+full recomputation keeps only each block's input (``N h / r``) and re-creates one block's
+tensors during its backward (:func:`recompute_working_bytes`). Bytes are per distinct storage:
+a view saved for backward keeps its whole base tensor alive, so it is counted at the base size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal
+
+from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
+
+STAT_BYTES = 4    # norm statistics and logsumexp are fp32
+MASK_BYTES = 1    # bool dropout masks
+INDEX_BYTES = 8   # int64 token ids / targets
+
+
+@dataclass(frozen=True)
+class ActivationImpl:
+    """Which PyTorch implementation of the block the saved-tensor list describes."""
+
+    attention: Literal["flash", "eager"] = "flash"   # SDPA flash kernel vs softmax(QK^T)V
+    sp_saves_gathered_input: bool = True             # ours; Megatron re-gathers in backward
+    softmax_fp32: bool = False                       # eager: Meta upcasts scores before softmax
+    fused_qkv_views: bool = True                     # V is a view of the fused QKV output
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    name: str
+    numel: float
+    bytes_per_element: int
+
+    @property
+    def bytes(self) -> float:
+        return self.numel * self.bytes_per_element
+
+
+def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl,
+               recompute: str, prefix: str, cross: bool) -> List[SavedTensor]:
+    h, kd, a = spec.dim, spec.kv_dim, spec.n_heads
+    stats = 1 if spec.family == "llama" else 2
+    out = [SavedTensor(f"{prefix}_norm.input", n * h / r, p),
+           SavedTensor(f"{prefix}_norm.stats", stats * n / r, STAT_BYTES),
+           SavedTensor(f"{prefix}.{'q' if cross else 'qkv'}.input", lin_in, p)]
+    rope = spec.family == "llama" and not cross
+    gqa = spec.kv_heads != spec.n_heads
+    eager_core = impl.attention == "eager" and recompute != "selective"
+    repeat_kv = eager_core and gqa                                # repeated K/V copies replace views
+    if cross:  # q from the decoder; fused K|V from the encoder output (no RoPE in cross-attention)
+        out += [SavedTensor(f"{prefix}.q", n * h / t, p), SavedTensor(f"{prefix}.kv (fused)", n * 2 * kd / t, p)]  # source len = seq
+    else:
+        if repeat_kv or not impl.fused_qkv_views:
+            fused = 0.0 if repeat_kv else n * kd / t                # only V if unfused; none if repeated
+        else:
+            fused = n * (h + 2 * kd) / t                            # V view keeps the whole buffer
+        if fused:
+            out.append(SavedTensor(f"{prefix}.qkv.output{' (kept by V view)' if impl.fused_qkv_views else ' V'}",
+                                   fused, p))
+        if rope:
+            out.append(SavedTensor(f"{prefix}.q_rope", n * h / t, p))
+            if not repeat_kv:
+                out.append(SavedTensor(f"{prefix}.k_rope", n * kd / t, p))
+        elif not impl.fused_qkv_views:
+            out.append(SavedTensor(f"{prefix}.q,k", n * (h + kd) / t, p))
+        if repeat_kv:
+            out.append(SavedTensor(f"{prefix}.k,v repeated to all heads", 2 * n * h / t, p))
+    if recompute != "selective":
+        if impl.attention == "flash":
+            out += [SavedTensor(f"{prefix}.sdpa.output", n * h / t, p),
+                    SavedTensor(f"{prefix}.sdpa.logsumexp", n * a / t, STAT_BYTES)]
+        else:
+            probs = n * s_kv * a / t
+            out.append(SavedTensor(f"{prefix}.softmax.output", probs, STAT_BYTES if impl.softmax_fp32 else p))
+            if impl.softmax_fp32 and p != STAT_BYTES:
+                out.append(SavedTensor(f"{prefix}.probs (cast copy)", probs, p))
+            if spec.dropout > 0:
+                out += [SavedTensor(f"{prefix}.attn_dropout.mask", probs, MASK_BYTES),
+                        SavedTensor(f"{prefix}.attn_dropout.output", probs, p)]
+    out.append(SavedTensor(f"{prefix}.o.input", n * h / t, p))
+    if spec.dropout > 0:
+        out.append(SavedTensor(f"{prefix}.residual_dropout.mask", n * h / r, MASK_BYTES))
+    return out
+
+
+def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int) -> List[SavedTensor]:
+    h, f = spec.dim, spec.ffn_hidden
+    stats = 1 if spec.family == "llama" else 2
+    out = [SavedTensor("mlp_norm.input", n * h / r, p), SavedTensor("mlp_norm.stats", stats * n / r, STAT_BYTES),
+           SavedTensor("mlp.input", lin_in, p)]
+    if spec.glu:
+        out += [SavedTensor("mlp.w1|w3.output (gate, up)", 2 * n * f / t, p),
+                SavedTensor("mlp.silu.output", n * f / t, p), SavedTensor("mlp.w2.input", n * f / t, p)]
+    else:
+        out += [SavedTensor("mlp.gelu.input", n * f / t, p), SavedTensor("mlp.w2.input", n * f / t, p)]
+    if spec.dropout > 0:
+        out.append(SavedTensor("mlp.residual_dropout.mask", n * h / r, MASK_BYTES))
+    return out
+
+
+def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                        recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
+                        kind: str = "decoder") -> List[SavedTensor]:
+    """The tensors one block keeps for backward, per TP rank and micro-batch.
+
+    ``kind``: ``decoder``/``encoder`` (self-attention + MLP) or ``cross`` (decoder block of an
+    encoder-decoder model, with a cross-attention sub-layer over a source of length ``seq``).
+    """
+    spec = as_spec(model)
+    n, t, p = seq * mbs, tp, dtype_bytes
+    r = tp if sp else 1
+    if recompute == "full":
+        return [SavedTensor("block.input (checkpoint)", n * spec.dim / r, p)]
+    lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
+    out = _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "attn", cross=False)
+    if kind == "cross":
+        out += _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "cross", cross=True)
+        if sp and impl.sp_saves_gathered_input:   # each cross K|V linear saves its own gathered copy
+            out.append(SavedTensor("cross.kv.input (gathered encoder output)", n * spec.dim, p))
+    return out + _mlp(spec, n, t, r, lin_in, p)
+
+
+def activation_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                               recompute: str = "none", dtype_bytes: int = 2,
+                               impl: ActivationImpl = ActivationImpl(), kind: str = "decoder") -> float:
+    """Bytes one block saves for backward (sum of :func:`layer_saved_tensors`)."""
+    return sum(x.bytes for x in layer_saved_tensors(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind))
+
+
+def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                            recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
+                            kind: str = "decoder") -> float:
+    """Extra bytes alive while one recomputed block runs its backward (one block at a time)."""
+    if recompute == "none":
+        return 0.0
+    full = activation_bytes_per_layer(model, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind)
+    kept = activation_bytes_per_layer(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind)
+    return full - kept if recompute == "selective" else full
+
+
+def first_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                              dtype_bytes: int = 2) -> List[SavedTensor]:
+    """Embedding lookup: token ids (and the out-of-shard mask under TP); GPT adds positions."""
+    spec, n = as_spec(model), seq * mbs
+    r = tp if sp else 1
+    out = [SavedTensor("embedding.ids", n, INDEX_BYTES)]
+    if tp > 1:
+        out.append(SavedTensor("embedding.out_of_shard_mask", n, MASK_BYTES))
+    if spec.learned_positions:
+        out.append(SavedTensor("position_embedding.ids", seq, INDEX_BYTES))
+    if spec.dropout > 0:
+        out.append(SavedTensor("embedding_dropout.mask", n * spec.dim / r, MASK_BYTES))
+    if spec.arch == "encoder_decoder":  # the encoder output, read by every cross-attention K|V linear
+        out += [SavedTensor("encoder_final_norm.input", n * spec.dim / r, dtype_bytes),
+                SavedTensor("encoder.output", n * spec.dim / r, dtype_bytes)]
+    return out
+
+
+def last_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                             dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl()) -> List[SavedTensor]:
+    """Final norm, LM head input and the vocab-parallel loss.
+
+    ``megallama.parallel.vocab_parallel_cross_entropy`` keeps the fp32 softmax of this rank's
+    logit slice plus int64 targets and two bool masks. The ``dtype`` logits themselves are freed
+    after the loss forward, and a same-size gradient exists during the head's backward: counted
+    once as ``loss.logits (transient)``.
+    """
+    spec, n, t = as_spec(model), seq * mbs, tp
+    r = tp if sp else 1
+    lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
+    stats = 1 if spec.family == "llama" else 2
+    local_v = spec.vocab_size / t
+    return [SavedTensor("final_norm.input", n * spec.dim / r, dtype_bytes),
+            SavedTensor("final_norm.stats", stats * n / r, STAT_BYTES),
+            SavedTensor("lm_head.input", lin_in, dtype_bytes),
+            SavedTensor("loss.softmax (fp32)", n * local_v, STAT_BYTES),
+            SavedTensor("loss.targets + masks", n, INDEX_BYTES + 2 * MASK_BYTES),
+            SavedTensor("loss.logits (transient)", n * local_v, dtype_bytes)]
+
+
+def korthikanti_bytes_per_layer(seq: int, mbs: int, hidden: int, heads: int, tp: int = 1, sp: bool = False,
+                                recompute: str = "none") -> float:
+    """The paper's closed forms (GPT, fp16, dropout on), for comparison: sbh(10 + 24/t + 5as/ht),
+    sbh(34/t + 5as/ht) with SP, 34sbh/t selective+SP, 2sbh full."""
+    s, b, h, a, t = seq, mbs, hidden, heads, tp
+    if recompute == "full":
+        return 2.0 * s * b * h / (t if sp else 1)
+    core = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
+    return s * b * h * ((34.0 / t if sp else 10 + 24.0 / t) + core)

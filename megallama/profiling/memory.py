@@ -1,0 +1,160 @@
+"""Bytes per rank: model states under ZeRO 0-3 and offload, activations, the worst pipeline stage.
+
+Model states follow what DeepSpeed (0.19) allocates. With ``P`` the parameters this rank holds
+after TP/PP splitting, ``N`` the data-parallel size, ``w`` the model dtype's bytes (2 for
+bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
+
+| ZeRO | params  | grads   | optimizer (fp32 master if mixed or ZeRO 1/2 + Adam m, v) |
+|------|---------|---------|-----------------------------------------------------------|
+| 0    | w P     | w P     | (4 [mixed] + 8) P      (FP16_Optimizer keeps a full master)|
+| 1    | w P     | w P     | (4 + 8) P / N          (stage 1/2 always clone a master)  |
+| 2    | w P     | w P / N | (4 + 8) P / N                                             |
+| 3    | w P / N | w P / N | (4 [mixed] + 8) P / N  (fp32 ZeRO-3 updates the params)   |
+
+bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards like stage 1
+(``Layout.effective_zero``). ``step_buffers``: the fp32 gradient copy the optimizer step
+materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1/2 mixed), freed after the step.
+``buffers``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, default
+5e8, twice with ``overlap_comm``) at stages 1/2; at stage 0 the flattened all-reduce bucket;
+at stage 3 the gathered parameters of the two blocks in flight (current + prefetch).
+``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
+memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from megallama.profiling import activations as act
+from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
+from megallama.profiling.flops import layer_params
+from megallama.profiling.layout import DTYPE_BYTES, Layout
+
+DEFAULT_REDUCE_BUCKET = int(5e8)
+
+
+# ------------------------------------------------------------------------------ parameters
+def _layer_params_per_rank(spec: ArchSpec, tp: int, kind: str) -> float:
+    """One block on one TP rank: split matrices and column biases / tp; norms, row biases whole."""
+    n_attn = 2 if kind == "cross" else 1
+    replicated = (3 if kind == "cross" else 2) * spec.norm_params
+    if spec.bias:
+        replicated += (n_attn + 1) * spec.dim        # output-projection and W2 biases
+    return (layer_params(spec, kind) - replicated) / tp + replicated
+
+
+def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0) -> float:
+    """Parameters held by one rank of pipeline stage ``stage``."""
+    spec = as_spec(model)
+    encdec = spec.arch == "encoder_decoder"
+    d, v = spec.dim, spec.vocab_size
+    n = spec.n_layers // pp * _layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
+    if stage == 0:
+        n += v * d / tp * (2 if encdec and not spec.shared_enc_dec_embedding else 1)
+        n += spec.max_seq_len * d if spec.learned_positions else 0
+        if encdec:
+            n += spec.n_encoder_layers * _layer_params_per_rank(spec, tp, "encoder") + spec.norm_params
+    if stage == pp - 1:
+        n += spec.norm_params
+        if not spec.tied_embeddings or pp > 1:   # tied + pipeline: the last stage keeps a copy
+            n += v * d / tp
+    return n
+
+
+def params_per_rank(model: SpecLike, tp: int = 1, pp: int = 1, stage: Optional[int] = None) -> float:
+    """Parameters on one rank of ``stage``, or of the largest stage when ``stage`` is None."""
+    stages = range(pp) if stage is None else [stage]
+    return max(stage_params(model, tp, pp, s) for s in stages)
+
+
+# ---------------------------------------------------------------------------- model states
+def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
+                      offload: bool = False, stage: Optional[int] = None, overlap_comm: Optional[bool] = None,
+                      reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET) -> Dict[str, float]:
+    """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
+    module docstring for the table. ``stage`` None: the stage holding the most parameters."""
+    spec = as_spec(model)
+    layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, dtype=dtype, offload=offload)
+    z, w, mixed = layout.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
+    p = params_per_rank(spec, tp, pp, stage)
+    n = float(dp)
+    master = 4 if (mixed or z in (1, 2)) else 0
+    params = w * p / (n if z == 3 else 1)
+    grads = w * p / (n if z >= 2 else 1)
+    optimizer = (master + 8) * p / (n if z >= 1 else 1)
+    step = 4 * p / (n if z >= 1 else 1) if mixed and z < 3 else 0.0
+    host = 0.0
+    if offload:
+        host = optimizer + 4 * p / n               # states + the fp32 gradient partition
+        optimizer, step = 0.0, 0.0
+        if z >= 2:
+            grads = 0.0                             # reduced partitions are copied straight to host
+    overlap = (z == 3) if overlap_comm is None else overlap_comm
+    if z in (1, 2):
+        buffers = reduce_bucket_elements * w * (2 if overlap else 1)
+    elif z == 0:
+        buffers = min(p, reduce_bucket_elements) * w
+    else:
+        layers = spec.n_layers // pp
+        buffers = min(2, layers) * _layer_params_per_rank(spec, tp, "decoder") * w
+    return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": float(buffers),
+            "step_buffers": step, "host": host}
+
+
+# ------------------------------------------------------------------------------ activations
+def stage_activation_bytes(model: SpecLike, layout: Layout, seq: int, stage: int = 0,
+                           impl: act.ActivationImpl = act.ActivationImpl()) -> Dict[str, float]:
+    """Activation bytes on one rank of ``stage`` at its 1F1B peak: ``in_flight`` micro-batches of
+    saved tensors, plus one block's recompute working set."""
+    spec = as_spec(model)
+    t, sp, rc, w, mbs = layout.tp, layout.sp, layout.recompute, layout.dtype_bytes, layout.mbs
+    kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
+    per_layer = act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, kind)
+    layers = spec.n_layers // layout.pp * per_layer
+    if spec.arch == "encoder_decoder":
+        layers += spec.n_encoder_layers * act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, "encoder")
+    first = sum(x.bytes for x in act.first_stage_saved_tensors(spec, seq, mbs, t, sp, w)) if stage == 0 else 0.0
+    last = (sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, mbs, t, sp, w, impl))
+            if stage == layout.pp - 1 else 0.0)
+    k = layout.in_flight(stage)
+    return {"blocks": k * layers, "embedding": k * first, "head_and_loss": last,
+            "recompute_working": act.recompute_working_bytes(spec, seq, mbs, t, sp, rc, w, impl, kind)}
+
+
+@dataclass
+class MemoryBreakdown:
+    """Per-rank device bytes of one pipeline stage, by component."""
+
+    stage: int
+    components: Dict[str, float] = field(default_factory=dict)
+    host_bytes: float = 0.0
+
+    @property
+    def activations(self) -> float:
+        return sum(v for k, v in self.components.items() if k.startswith("activations."))
+
+    @property
+    def total(self) -> float:
+        """Peak: the optimizer step's fp32 gradient copy exists only once activations are freed."""
+        rest = sum(v for k, v in self.components.items() if not k.startswith("activations.") and k != "step_buffers")
+        return rest + max(self.activations, self.components.get("step_buffers", 0.0))
+
+
+def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[int] = None,
+                     impl: act.ActivationImpl = act.ActivationImpl(),
+                     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET) -> MemoryBreakdown:
+    """Everything on one rank at its peak; ``stage`` None: the stage with the largest total."""
+    if stage is None:
+        per_stage = [memory_breakdown(model, layout, seq, s, impl, reduce_bucket_elements) for s in _stages(layout)]
+        return max(per_stage, key=lambda m: m.total)
+    states = model_state_bytes(model, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
+                               stage, reduce_bucket_elements=reduce_bucket_elements)
+    acts = stage_activation_bytes(model, layout, seq, stage, impl)
+    host = states.pop("host")
+    comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}
+    return MemoryBreakdown(stage=stage, components=comps, host_bytes=host)
+
+
+def _stages(layout: Layout) -> List[int]:
+    """First and last stages differ; a middle stage stands for the rest."""
+    return sorted({0, min(1, layout.pp - 1), layout.pp - 1})
