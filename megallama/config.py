@@ -175,7 +175,7 @@ class DataConfig(_Strict):
     split: str = "98,1,1"  # train,valid,test shares of the documents of every prefix
     embedded_max_files: int = 400  # stdlib files taken for the embedded corpus
     cache_dir: Optional[str] = None  # tokenizer/corpus/validation caches; None: RUN_DIR/data
-    shuffle: bool = True  # seeded per-epoch document order before packing (samples: the iterator seed)
+    shuffle: bool = True  # seeded per-epoch document order and sample order (Megatron's), from train.seed
 
     @field_validator("split")
     @classmethod

@@ -22,6 +22,19 @@ def unique_docs(tmp_path, name="u", n_docs=57, seed=0, base=0):
     return IndexedTokens(write_docs(str(tmp_path / name), docs, np.int32)), docs
 
 
+def chain(samples):
+    """Put packed samples back in stream order: each one starts with the token the previous ends on."""
+    by_first = {int(s[0]): s for s in samples}
+    lasts = {int(s[-1]) for s in samples}
+    head = [s for s in samples if int(s[0]) not in lasts]
+    assert len(head) == 1
+    out = [head[0]]
+    while int(out[-1][-1]) in by_first:
+        out.append(by_first[int(out[-1][-1])])
+    assert len(out) == len(samples)
+    return np.concatenate([out[0]] + [s[1:] for s in out[1:]])
+
+
 @pytest.mark.parametrize("seed", [None, (7, 0, 0)])
 def test_packing_covers_every_token_once_per_epoch(tmp_path, seed):
     ids, docs = unique_docs(tmp_path)
@@ -38,22 +51,20 @@ def test_packing_covers_every_token_once_per_epoch(tmp_path, seed):
         for part in (inputs, labels):  # each token at most once; only a tail shorter than a sample is missing
             assert len(np.unique(part)) == len(part) == len(ds) * L
             assert total - len(part) <= L
-        for a, b in zip(samples, samples[1:]):
-            assert a[-1] == b[0]  # consecutive samples overlap by one token (labels continue inputs)
-        # the stream is whole documents laid end to end, in some order
-        stream = np.concatenate([samples[0]] + [s[1:] for s in samples[1:]])
+        # samples are consecutive pieces of one stream of whole documents laid end to end
+        stream = chain(samples)
         starts = {int(d[0]): d for d in docs}
         pos = 0
-        while pos < len(stream) and int(stream[pos]) in starts:
+        while pos < len(stream):
             doc = starts[int(stream[pos])]
             assert np.array_equal(stream[pos:pos + len(doc)], doc[:len(stream) - pos])
             pos += len(doc)
-        assert pos >= len(stream)
-        epochs.append(inputs)
+        epochs.append((inputs, stream))
     if seed is None:
-        assert np.array_equal(epochs[0], np.arange(len(epochs[0])))
+        assert np.array_equal(epochs[0][0], np.arange(len(epochs[0][0])))
     else:
-        assert not np.array_equal(epochs[0], epochs[1])  # each epoch has its own document order
+        assert not np.array_equal(epochs[0][1], epochs[1][1])  # each epoch has its own document order
+        assert not np.array_equal(np.sort(epochs[0][0]), epochs[0][0])  # and serves samples shuffled
 
 
 def test_split_ranges_megatron_rounding():
@@ -138,10 +149,21 @@ def test_restart_at_any_dp_sees_the_same_batches(blended):
             assert all(torch.equal(x, y) for x, y in zip(ref[k:], resumed)), (k, dp, micro)
 
 
-def test_seed_changes_order(blended):
-    a, _ = run_batches(blended, 8, 2, 1, 3, seed=1)
-    b, _ = run_batches(blended, 8, 2, 1, 3, seed=2)
-    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+def test_seed_changes_order(tmp_path):
+    ids, _ = unique_docs(tmp_path, "s", 30)
+    a, b, a2 = (PackedDataset(ids, (0, len(ids)), 8, seed=(s, 0, 0)) for s in (1, 2, 1))
+    assert not np.array_equal(np.stack([a[i] for i in range(20)]), np.stack([b[i] for i in range(20)]))
+    assert np.array_equal(np.stack([a[i] for i in range(20)]), np.stack([a2[i] for i in range(20)]))
+
+
+def test_iterator_shuffles_plain_datasets_per_epoch():
+    data = [np.array([i, i]) for i in range(10)]
+    it = MicroBatchIterator(data, 5, 1, 0, 1, seed=4)
+    epochs = [torch.cat([next(it), next(it)])[:, 0].tolist() for _ in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(10))
+    it = MicroBatchIterator(data, 4, 1, 0, 1, seed=None)
+    assert [next(it)[:, 0].tolist() for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
 
 
 def test_iterator_rejects_bad_layouts(blended, tmp_path):
@@ -183,8 +205,8 @@ def test_embedded_corpus(embedded):
     assert batch.shape == (4, 33)
     from megallama.data.tokenizer import Tokenizer
 
-    text = Tokenizer(art.tokenizer).decode(np.concatenate([train[i] for i in range(20)]).tolist())
-    assert all(word in text for word in ("def ", "import ", "return"))  # real Python source
+    text = Tokenizer(art.tokenizer).decode(np.concatenate([train[i] for i in range(200)]).tolist())
+    assert all(word in text for word in ("def ", "return", "self"))  # real Python source
 
 
 def test_embedded_files_are_deterministic_and_exclude_tests():

@@ -22,6 +22,8 @@ from megallama.data.packing import seed_rng
 class BlendedDataset:
     """``ds[i]`` is sample ``i`` of the blend; ``len()`` is the components' total per epoch."""
 
+    final_order = True  # components are read front to back; samplers must not shuffle the blend
+
     def __init__(self, datasets: Sequence, weights: Sequence[float], seed: Sequence[int] = (0,),
                  block: int = 1024):
         if len(datasets) != len(weights) or not datasets:

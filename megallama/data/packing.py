@@ -3,8 +3,10 @@
 Sample ``i`` of an epoch is stream tokens ``[i*L, i*L + L + 1)`` (L = seq_len), so consecutive
 samples share one token, as in Megatron's GPTDataset: inputs ``s[:-1]`` and labels ``s[1:]``
 each cover every token of the epoch's stream exactly once (bar a tail shorter than a sample).
-Each epoch lays the documents out in its own seeded order, so samples differ between epochs.
-Indices past ``len()`` continue into later epochs: ``ds[e * len(ds) + i]`` is sample i of epoch e.
+With a seed, each epoch lays the documents out in its own order and then serves the packed
+samples in a shuffled order (Megatron's document and shuffle indices), so the dataset's order is
+final: samplers read it front to back, which keeps every cache here sequential. Indices past
+``len()`` continue into later epochs: ``ds[e * len(ds) + i]`` is sample i of epoch e.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def seed_rng(*keys: int) -> np.random.Generator:
 class PackedDataset:
     """Packed samples over documents ``[first, last)`` of an indexed file."""
 
+    final_order = True  # already in training order: samplers must not shuffle it again
+
     def __init__(self, tokens: IndexedTokens, docs: Tuple[int, int], seq_len: int,
                  seed: Optional[Sequence[int]] = None, name: str = ""):
         self.tokens, self.seq_len, self.seed = tokens, int(seq_len), seed
@@ -54,22 +58,26 @@ class PackedDataset:
         self._doc_len = np.asarray(tokens.doc_offsets[self.first + 1:self.last + 1] - starts, np.int64)
         self.num_tokens = int(self._doc_len.sum())
         self._samples = max(0, (self.num_tokens - 1) // self.seq_len)
-        self._epochs: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._epochs: "OrderedDict[int, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]" = OrderedDict()
 
     def __len__(self) -> int:
         """Samples per epoch."""
         return self._samples
 
-    def _layout(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(document order, cumulative token count) of one epoch; two epochs kept."""
+    def _layout(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """(document order, cumulative token count, sample order) of one epoch; three kept."""
         hit = self._epochs.get(epoch)
         if hit is None:
             n = len(self._doc_len)
-            order = np.arange(n) if self.seed is None else seed_rng(*self.seed, epoch).permutation(n)
+            if self.seed is None:
+                order, samples = np.arange(n), None
+            else:
+                rng = seed_rng(*self.seed, epoch)
+                order, samples = rng.permutation(n), rng.permutation(self._samples)
             cum = np.zeros(n + 1, np.int64)
             np.cumsum(self._doc_len[order], out=cum[1:])
-            hit = self._epochs[epoch] = (order, cum)
-            while len(self._epochs) > 2:
+            hit = self._epochs[epoch] = (order, cum, samples)
+            while len(self._epochs) > 3:
                 self._epochs.popitem(last=False)
         return hit
 
@@ -79,7 +87,9 @@ class PackedDataset:
         if index < 0:
             raise IndexError(f"negative sample index {index}")
         epoch, i = divmod(int(index), self._samples)
-        order, cum = self._layout(epoch)
+        order, cum, samples = self._layout(epoch)
+        if samples is not None:
+            i = int(samples[i])
         out = np.empty(self.seq_len + 1, np.int64)
         pos, end = i * self.seq_len, i * self.seq_len + self.seq_len + 1
         k = int(np.searchsorted(cum, pos, side="right")) - 1

@@ -1,11 +1,14 @@
 """Micro-batches for one data-parallel rank, positioned by one number: consumed samples.
 
-The global sample stream is fixed by the dataset and the seed alone: position ``p`` is sample
-``perm_e[p mod N]`` of epoch ``e = p // N`` (a seeded permutation per epoch). Global batch ``k``
-of size G = micro x accum x dp is positions ``[kG, (k+1)G)``; micro-step ``m`` of that batch is
-the slice ``[kG + m*micro*dp, kG + (m+1)*micro*dp)`` and rank ``r`` takes its ``r``-th ``micro``
-samples (Megatron's order). Nothing depends on dp beyond that slicing, so a run resumed from
-``consumed_samples`` at any dp sees the same global batches as one that never stopped.
+The global sample stream is fixed by the dataset alone: our packed and blended datasets are
+already in their seeded training order (``final_order``), so position ``p`` is ``dataset[p]``
+and reading goes front to back. Any other dataset (a list, a torch Dataset) is shuffled here:
+position ``p`` is sample ``perm_e[p mod N]`` of epoch ``e = p // N``, a permutation seeded by
+``seed`` (None: in order). Global batch ``k`` of size G = micro x accum x dp is positions
+``[kG, (k+1)G)``; micro-step ``m`` of it is ``[kG + m*micro*dp, kG + (m+1)*micro*dp)`` and rank
+``r`` takes its ``r``-th ``micro`` samples (Megatron's order). Nothing depends on dp beyond that
+slicing, so a run resumed from ``consumed_samples`` at any dp sees the same global batches as
+one that never stopped.
 """
 from __future__ import annotations
 
@@ -45,13 +48,15 @@ class MicroBatchIterator:
 
     def dataset_index(self, position: int) -> int:
         """Dataset index of global stream position ``position``."""
+        if getattr(self.dataset, "final_order", False):
+            return int(position)  # ours: indices past len() are later epochs, in their own order
         n = len(self.dataset)
         epoch, i = divmod(int(position), n)
         if self.seed is None:
-            return position
+            return i
         if self._perm[0] != epoch:
             self._perm = (epoch, seed_rng(self.seed, 0x5A3E, epoch).permutation(n))
-        return epoch * n + int(self._perm[1][i])
+        return int(self._perm[1][i])
 
     def positions(self) -> range:
         """Stream positions of this rank's next micro-batch."""
