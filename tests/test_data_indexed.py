@@ -144,3 +144,12 @@ def test_data_stats_json(tmp_path, capsys):
     assert (info["documents"], info["tokens"], info["dtype"], info["max_token_id"]) == (3, 6, "uint16", 7)
     rc, out, _ = cli(capsys, "data-stats", tmp_path / "s.idx")
     assert rc == 0 and "documents" in out
+
+
+def test_data_stats_checks_ids_against_a_tokenizer(tmp_path, capsys):
+    write_docs(str(tmp_path / "s"), [[5, 6, 2], [500, 2]])
+    rc, _, err = cli(capsys, "data-stats", tmp_path / "s", "--tokenizer", tokenizer_path())
+    assert_one_line_error(rc, err, "s.bin: token id 500 is outside the vocabulary", "tok320.model")
+    write_docs(str(tmp_path / "ok"), [[5, 6, 2]])
+    rc, out, err = cli(capsys, "data-stats", tmp_path / "ok", "--tokenizer", tokenizer_path(), "--json")
+    assert rc == 0 and '"vocab_size": 320' in out

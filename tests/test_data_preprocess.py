@@ -38,6 +38,16 @@ def test_round_trip_jsonl(tmp_path, capsys, tok):
     assert decoded_docs(tmp_path / "c", tok) == texts
 
 
+def test_progress_bar_reports_rates(tmp_path, capsys, tok):
+    from megallama.data.preprocess import preprocess
+    from megallama.data.records import InputSpec
+
+    src = write_jsonl(tmp_path / "c.jsonl", sample_texts(100))
+    stats = preprocess(InputSpec((str(src),)), tok, str(tmp_path / "c"), progress=True)
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "tok/s" in err and stats.documents == 100 and stats.tokens_per_s > 0
+
+
 def test_workers_give_identical_files(tmp_path, capsys, tok):
     src = write_jsonl(tmp_path / "c.jsonl", sample_texts(3000))
     for w in (1, 2):
@@ -168,3 +178,12 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path, tok):
     assert proc.returncode == 2
     assert_one_line_error(proc.returncode, proc.stderr, needle)
     assert not (tmp_path / "c.bin").exists() and not (tmp_path / "c.idx").exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path, capsys, tok):
+    src = write_jsonl(tmp_path / "c.jsonl", ["x y z"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc, _, err = cli(capsys, "preprocess", "--input", src, "--tokenizer", tok.path,
+                     "--output-prefix", blocker / "out", "--workers", 1)
+    assert_one_line_error(rc, err, str(blocker))

@@ -87,7 +87,10 @@ def test_vocab_too_large_for_text_is_one_line(tmp_path, capsys):
     assert not list(tmp_path.glob("*.model")) and not list(tmp_path.glob(".*"))
 
 
-def test_tokenizer_from_training_is_atomic(tmp_path):
+def test_tokenizer_training_is_atomic_and_deterministic(tmp_path):
     # a model only appears under its name when complete; helper files are gone
-    train_tokenizer(sample_texts(100), str(tmp_path / "x.model"), 330, num_threads=1)
+    a = train_tokenizer(sample_texts(100), str(tmp_path / "x.model"), 330)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.model"]
+    b = train_tokenizer(sample_texts(100), str(tmp_path / "sub" / "y.model"), 330, max_sentences=200)
+    c = train_tokenizer(sample_texts(100), str(tmp_path / "z.model"), 330, max_sentences=200)
+    assert b.proto == c.proto != a.proto  # same inputs and seed: byte-identical files

@@ -40,6 +40,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from megallama.errors import UserError
+
+    try:
+        return _run(args)
+    except OSError as exc:  # unreadable input, unwritable output, disk full: one line, not a traceback
+        if exc.filename is None:
+            raise
+        raise UserError(f"{exc.filename}: {exc.strerror or exc}") from None
+
+
+def _run(args) -> int:
     from megallama.data.indexed import normalize_prefix
     from megallama.data.records import InputSpec, iter_texts
     from megallama.data.tokenizer import Tokenizer, train_tokenizer

@@ -83,7 +83,12 @@ def build_embedded(cache_root: Path, vocab_size: int, max_files: int) -> Dict:
             and os.path.isfile(prefix + ".idx")):
         out.mkdir(parents=True, exist_ok=True)
         spec = InputSpec(tuple(str(p) for p in files), fmt="text", text_doc="file")
-        tok = train_tokenizer(iter_texts(spec), str(tok_path), vocab_size, overwrite=True, max_sentences=400_000)
+        try:
+            tok = train_tokenizer(iter_texts(spec), str(tok_path), vocab_size, overwrite=True,
+                                  max_sentences=400_000)
+        except UserError as exc:
+            raise UserError(f"model.vocab_size: {vocab_size} does not fit the embedded corpus "
+                            f"(data.embedded_max_files={max_files}): {exc}") from None
         stats = preprocess(spec, tok, prefix, workers=1, overwrite=True, progress=False)
         manifest = {"key": key, "vocab_size": vocab_size, "documents": stats.documents, "tokens": stats.tokens,
                     "python": sys.version.split()[0], "stdlib": str(stdlib_dir()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import signal
 import sys
 import time
 from collections import deque
@@ -57,7 +58,7 @@ class _Encoder:
         except UserError as exc:
             return "error", str(exc)
         kept = [t for t in texts if t is not None]
-        ids = self.sp.encode(kept) if kept else []
+        ids = self.sp.encode(kept, num_threads=1) if kept else []  # one core per worker, as asked
         head = [self.sp.bos_id()] if self.bos else []
         docs = [head + d + [self.eod] for d in ids]
         lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
@@ -70,6 +71,7 @@ _WORKER: Optional[_Encoder] = None
 
 def _init_worker(proto: bytes, spec: InputSpec, dtype: str, bos: bool) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, cleanup
     _WORKER = _Encoder(proto, spec, dtype, bos)
 
 
@@ -96,8 +98,8 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     start = time.perf_counter()
     docs = tokens = skipped = 0
     pool = None
-    bar = _progress(total_bytes(spec.paths), progress)
     writer = IndexedWriter(output_prefix, dtype, overwrite=overwrite)
+    bar = _progress(total_bytes(spec.paths), progress)
     try:
         if workers > 1:
             ctx = mp.get_context("spawn")

@@ -119,7 +119,7 @@ def iter_texts(spec: InputSpec) -> Iterator[str]:
                 yield text
 
 
-def batches(spec: InputSpec, max_bytes: int = 1 << 20, max_records: int = 1024
+def batches(spec: InputSpec, max_bytes: int = 1 << 18, max_records: int = 512
             ) -> Iterator[Tuple[List[RawRecord], int]]:
     """Raw records grouped for workers, with the input bytes each group consumed."""
     batch: List[RawRecord] = []

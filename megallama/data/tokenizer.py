@@ -128,11 +128,12 @@ def train_tokenizer(texts: Iterable[str], output: str, vocab_size: int, *, overw
         spm.set_random_generator_seed(seed)
         model = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(
-                input=str(lines_path), model_writer=model, vocab_size=vocab_size,
-                input_sentence_size=max_sentences, shuffle_input_sentence=True,
-                max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=num_threads or os.cpu_count() or 1,
-                minloglevel=2, **spec)
+            with open(lines_path, encoding="utf-8") as lines:  # an iterator keeps our temp path out of the model
+                spm.SentencePieceTrainer.train(
+                    sentence_iterator=(line.rstrip("\n") for line in lines), model_writer=model, vocab_size=vocab_size,
+                    input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                    max_sentence_length=4 * MAX_LINE_CHARS + 16, num_threads=num_threads or os.cpu_count() or 1,
+                    minloglevel=2, **spec)
         except RuntimeError as exc:
             msg = _first_line(exc)
             if "Vocabulary size" in msg or "vocab_size" in msg:
