@@ -2,43 +2,49 @@
 
 Derivation, following Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", sec. 4.1), then adapted. Units: elements per micro-batch of ``N = s*b``
-tokens, one TP rank (``t``), ``h`` hidden, ``a`` heads, ``k*hd`` the K/V width (GQA), ``f`` the FFN
-width, ``p`` bytes per element of the compute dtype (2 in the paper). ``r = t`` with sequence
-parallelism (SP) and ``1`` without: the residual stream and the norms are sharded along the
-sequence only with SP.
+tokens on one TP rank (``t``); ``h`` hidden, ``a`` heads, ``kd`` the K/V width (GQA), ``f`` the FFN
+width, ``p`` bytes of the compute dtype (2 in the paper). ``r = t`` with sequence parallelism
+(SP), else 1: only with SP are the residual stream and the norms sharded along the sequence.
 
-| saved tensor (who saves it)              | GPT, Korthikanti (bytes, p=2, t=1) | LLaMA block here (elements)    |
-|------------------------------------------|------------------------------------|--------------------------------|
-| attn norm input (norm)                   | LayerNorm input 2sbh               | N h / r                        |
-| norm statistics, fp32 (norm)             | (ignored)                          | N / r  (x4 bytes; LN: 2N/r)    |
-| QKV input = norm output (QKV linear)     | 2sbh                               | N h (*)                        |
-| Q, K, V (score and PV matmuls)           | Q,K 4sbh + V 2sbh                  | fused QKV output N(h+2kd)/t,   |
-|                                          |                                    | kept whole by the V view, plus |
-|                                          |                                    | q, k after RoPE N(h+kd)/t      |
-| softmax output                           | 2as^2b                             | flash: none; eager: N s a/t    |
-| attention-probability dropout mask, out  | as^2b + 2as^2b                     | only if dropout > 0 (eager)    |
-| SDPA output + logsumexp (flash kernel)   | -                                  | N h/t + N a/t (x4 bytes)       |
-| output-projection input (Wo)             | 2sbh                               | N h/t                          |
-| residual dropout mask                    | sbh                                | only if dropout > 0: N h / r   |
-| MLP norm input + statistics              | 2sbh                               | N h / r + N / r (x4)           |
-| MLP input (W1/W3, or fc1)                | 2sbh                               | N h (*)                        |
-| GeLU input / SwiGLU gate and up (fused)  | 8sbh                               | 2 N f/t                        |
-| SiLU output (the gated product's operand)| -                                  | N f/t                          |
-| W2 input                                 | 8sbh                               | N f/t                          |
-| MLP residual dropout mask                | sbh                                | only if dropout > 0: N h / r   |
-| total                                    | sbh (34 + 5as/h)                   | see :func:`layer_saved_tensors`|
+| saved tensor (who saves it)           | GPT, Korthikanti (bytes, p=2, t=1) | LLaMA block here (elements)        |
+|---------------------------------------|------------------------------------|------------------------------------|
+| attn norm input (norm)                | LayerNorm input 2sbh               | N h / r                            |
+| norm statistics, fp32 (norm)          | (ignored)                          | N / r (x4 bytes; LayerNorm 2N/r)   |
+| QKV input = norm output (QKV linear)  | 2sbh                               | N h (*)                            |
+| Q, K, V (score and PV matmuls)        | Q,K 4sbh + V 2sbh                  | fused QKV output N(h+2kd)/t, kept  |
+|                                       |                                    | whole by the V view; q and k after |
+|                                       |                                    | RoPE N(h+kd)/t                     |
+| softmax output                        | 2as^2b                             | flash: none; eager: N s a / t      |
+| attention dropout mask and output     | as^2b + 2as^2b                     | eager with dropout > 0 only        |
+| SDPA logsumexp, fp32 (flash kernel)   | -                                  | N a / t (x4 bytes)                 |
+| output-projection input (Wo)          | 2sbh                               | N h / t (flash: a view of SDPA's   |
+|                                       |                                    | saved output, counted once)        |
+| residual dropout mask                 | sbh                                | dropout > 0 only: N h / r (bool)   |
+| MLP norm input + statistics           | 2sbh                               | N h / r + N / r (x4)               |
+| MLP input (W1/W3, or fc1)             | 2sbh                               | N h (*)                            |
+| GeLU input / fused W1|W3 output       | 8sbh                               | 2 N f / t (gate and up are views)  |
+| SiLU output (operand of the product)  | -                                  | N f / t                            |
+| W2 input                              | 8sbh                               | N f / t                            |
+| MLP residual dropout mask             | sbh                                | dropout > 0 only: N h / r (bool)   |
+| total                                 | sbh (34 + 5as/h)                   | see :func:`layer_saved_tensors`    |
 
 (*) ``megallama.parallel.ColumnParallelLinear`` all-gathers its SP input and ``F.linear`` saves the
 gathered tensor, so with SP these stay ``N h``; Megatron saves the shard and re-gathers in
-backward (``ActivationImpl(sp_saves_gathered_input=False)`` -> ``N h / t``, the paper's 34/t).
+backward (``ActivationImpl(sp_saves_gathered_input=False)`` gives ``N h / t``, the paper's 34/t).
 
-With ``f = 8h/3`` (SwiGLU), MHA, flash attention, no dropout, p=2, t=1 this gives
-``sbh (2*4 + 2*3 + 2*2 + 2*2 + 4*2f/h) = sbh (22 + 64/3) ~ 43.3 sbh`` plus 16 sb bytes of fp32
-statistics and logsumexp, and no ``s^2`` term. Selective recomputation drops what the attention
-core creates (softmax/dropout tensors, or SDPA's output and logsumexp) and keeps its inputs;
-full recomputation keeps only each block's input (``N h / r``) and re-creates one block's
-tensors during its backward (:func:`recompute_working_bytes`). Bytes are per distinct storage:
-a view saved for backward keeps its whole base tensor alive, so it is counted at the base size.
+With MHA, flash attention, fused norms, no dropout, p=2, t=1 this is ``sbh (2*7 + 2*3 + 2*4f/h)``
+(seven h-wide tensors, the 3h-wide QKV output, four f-wide ones) = ``sbh (20 + 8f/h)``, about
+``41.3 sbh`` for ``f = 8h/3`` (41.5 for LLaMA-7B's 11008), plus ``(8 + 4a/h) sb`` bytes of fp32
+statistics, and no ``s^2`` term. On CPU, torch's composite ``F.rms_norm`` saves the input upcast to fp32 and the
+fp32 normalised input instead of the input (``ActivationImpl.for_device("cpu")``). Selective
+recomputation keeps the attention core's inputs and drops what it creates (softmax/dropout
+tensors, or SDPA's logsumexp; its output is Wo's input and stays). Full recomputation keeps
+each block's input (``N h / r``, ``/t`` with DeepSpeed's ``partition_activations``) and
+re-creates one block's tensors during its backward (:func:`recompute_working_bytes`). Bytes
+are per distinct storage: a saved view keeps its whole base tensor alive and is counted at the
+base's size. This list matches, byte for byte, the storages ``saved_tensors_hooks`` sees in
+``megallama.model`` on CPU (fp32/bf16, TP 1-2, SP, selective and full recompute; see
+tests/test_profiling_activations.py).
 """
 from __future__ import annotations
 
@@ -57,9 +63,18 @@ class ActivationImpl:
     """Which PyTorch implementation of the block the saved-tensor list describes."""
 
     attention: Literal["flash", "eager"] = "flash"   # SDPA flash kernel vs softmax(QK^T)V
+    norm: Literal["fused", "composite"] = "fused"    # fused kernel vs torch's composite rms_norm
     sp_saves_gathered_input: bool = True             # ours; Megatron re-gathers in backward
     softmax_fp32: bool = False                       # eager: Meta upcasts scores before softmax
     fused_qkv_views: bool = True                     # V is a view of the fused QKV output
+    partition_activations: bool = False              # DeepSpeed splits checkpointed inputs over TP
+
+    @classmethod
+    def for_device(cls, device: str) -> "ActivationImpl":
+        """``megallama.model`` as it runs: on CUDA a fused RMSNorm (apex, or torch's fused
+        kernel) saves its input and fp32 rstd; on CPU ``F.rms_norm`` runs composite ops that
+        save the input upcast to fp32, the fp32 normalised input and rstd."""
+        return cls(norm="composite" if device == "cpu" else "fused")
 
 
 @dataclass(frozen=True)
@@ -67,19 +82,28 @@ class SavedTensor:
     name: str
     numel: float
     bytes_per_element: int
+    saved: bool = True      # False: alive at the peak but not held by autograd (transient)
 
     @property
     def bytes(self) -> float:
         return self.numel * self.bytes_per_element
 
 
+def _norm(spec: ArchSpec, prefix: str, n: int, r: int, p: int, impl: ActivationImpl) -> List[SavedTensor]:
+    h = spec.dim
+    if impl.norm == "composite" and spec.family == "llama":
+        return [SavedTensor(f"{prefix}.input (fp32)", n * h / r, STAT_BYTES),
+                SavedTensor(f"{prefix}.normalized (fp32)", n * h / r, STAT_BYTES),
+                SavedTensor(f"{prefix}.rstd", n / r, STAT_BYTES)]
+    stats = 1 if spec.family == "llama" else 2     # rstd; LayerNorm also keeps the mean
+    return [SavedTensor(f"{prefix}.input", n * h / r, p), SavedTensor(f"{prefix}.stats", stats * n / r, STAT_BYTES)]
+
+
 def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl,
                recompute: str, prefix: str, cross: bool) -> List[SavedTensor]:
     h, kd, a = spec.dim, spec.kv_dim, spec.n_heads
-    stats = 1 if spec.family == "llama" else 2
-    out = [SavedTensor(f"{prefix}_norm.input", n * h / r, p),
-           SavedTensor(f"{prefix}_norm.stats", stats * n / r, STAT_BYTES),
-           SavedTensor(f"{prefix}.{'q' if cross else 'qkv'}.input", lin_in, p)]
+    out = _norm(spec, f"{prefix}_norm", n, r, p, impl)
+    out.append(SavedTensor(f"{prefix}.{'q' if cross else 'qkv'}.input", lin_in, p))
     rope = spec.family == "llama" and not cross
     gqa = spec.kv_heads != spec.n_heads
     eager_core = impl.attention == "eager" and recompute != "selective"
@@ -102,11 +126,13 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
             out.append(SavedTensor(f"{prefix}.q,k", n * (h + kd) / t, p))
         if repeat_kv:
             out.append(SavedTensor(f"{prefix}.k,v repeated to all heads", 2 * n * h / t, p))
-    if recompute != "selective":
-        if impl.attention == "flash":
-            out += [SavedTensor(f"{prefix}.sdpa.output", n * h / t, p),
-                    SavedTensor(f"{prefix}.sdpa.logsumexp", n * a / t, STAT_BYTES)]
-        else:
+    if impl.attention == "flash":
+        # SDPA returns [b, heads, s, d] strided as [b, s, heads, d]: Wo's input is a view of it
+        out.append(SavedTensor(f"{prefix}.sdpa.output = o.input", n * h / t, p))
+        if recompute != "selective":
+            out.append(SavedTensor(f"{prefix}.sdpa.logsumexp", n * a / t, STAT_BYTES))
+    else:
+        if recompute != "selective":
             probs = n * s_kv * a / t
             out.append(SavedTensor(f"{prefix}.softmax.output", probs, STAT_BYTES if impl.softmax_fp32 else p))
             if impl.softmax_fp32 and p != STAT_BYTES:
@@ -114,17 +140,15 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
             if spec.dropout > 0:
                 out += [SavedTensor(f"{prefix}.attn_dropout.mask", probs, MASK_BYTES),
                         SavedTensor(f"{prefix}.attn_dropout.output", probs, p)]
-    out.append(SavedTensor(f"{prefix}.o.input", n * h / t, p))
+        out.append(SavedTensor(f"{prefix}.o.input", n * h / t, p))   # PV output made contiguous
     if spec.dropout > 0:
         out.append(SavedTensor(f"{prefix}.residual_dropout.mask", n * h / r, MASK_BYTES))
     return out
 
 
-def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int) -> List[SavedTensor]:
+def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl) -> List[SavedTensor]:
     h, f = spec.dim, spec.ffn_hidden
-    stats = 1 if spec.family == "llama" else 2
-    out = [SavedTensor("mlp_norm.input", n * h / r, p), SavedTensor("mlp_norm.stats", stats * n / r, STAT_BYTES),
-           SavedTensor("mlp.input", lin_in, p)]
+    out = _norm(spec, "mlp_norm", n, r, p, impl) + [SavedTensor("mlp.input", lin_in, p)]
     if spec.glu:
         out += [SavedTensor("mlp.w1|w3.output (gate, up)", 2 * n * f / t, p),
                 SavedTensor("mlp.silu.output", n * f / t, p), SavedTensor("mlp.w2.input", n * f / t, p)]
@@ -147,14 +171,15 @@ def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bo
     n, t, p = seq * mbs, tp, dtype_bytes
     r = tp if sp else 1
     if recompute == "full":
-        return [SavedTensor("block.input (checkpoint)", n * spec.dim / r, p)]
+        split = tp if (sp or impl.partition_activations) else 1
+        return [SavedTensor("block.input (checkpoint)", n * spec.dim / split, p)]
     lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
     out = _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "attn", cross=False)
     if kind == "cross":
         out += _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "cross", cross=True)
         if sp and impl.sp_saves_gathered_input:   # each cross K|V linear saves its own gathered copy
             out.append(SavedTensor("cross.kv.input (gathered encoder output)", n * spec.dim, p))
-    return out + _mlp(spec, n, t, r, lin_in, p)
+    return out + _mlp(spec, n, t, r, lin_in, p, impl)
 
 
 def activation_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
@@ -176,11 +201,12 @@ def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp
 
 
 def first_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
-                              dtype_bytes: int = 2) -> List[SavedTensor]:
+                              dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl()) -> List[SavedTensor]:
     """Embedding lookup: token ids (and the out-of-shard mask under TP); GPT adds positions."""
     spec, n = as_spec(model), seq * mbs
     r = tp if sp else 1
-    out = [SavedTensor("embedding.ids", n, INDEX_BYTES)]
+    out = [SavedTensor("embedding.ids" + (" (source, target)" if spec.arch == "encoder_decoder" else ""),
+                       n * (2 if spec.arch == "encoder_decoder" else 1), INDEX_BYTES)]
     if tp > 1:
         out.append(SavedTensor("embedding.out_of_shard_mask", n, MASK_BYTES))
     if spec.learned_positions:
@@ -188,8 +214,9 @@ def first_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, 
     if spec.dropout > 0:
         out.append(SavedTensor("embedding_dropout.mask", n * spec.dim / r, MASK_BYTES))
     if spec.arch == "encoder_decoder":  # the encoder output, read by every cross-attention K|V linear
-        out += [SavedTensor("encoder_final_norm.input", n * spec.dim / r, dtype_bytes),
-                SavedTensor("encoder.output", n * spec.dim / r, dtype_bytes)]
+        out += _norm(spec, "encoder_final_norm", n, r, dtype_bytes, impl)
+        if not (sp and impl.sp_saves_gathered_input):
+            out.append(SavedTensor("encoder.output", n * spec.dim / r, dtype_bytes))
     return out
 
 
@@ -205,14 +232,12 @@ def last_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, s
     spec, n, t = as_spec(model), seq * mbs, tp
     r = tp if sp else 1
     lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
-    stats = 1 if spec.family == "llama" else 2
     local_v = spec.vocab_size / t
-    return [SavedTensor("final_norm.input", n * spec.dim / r, dtype_bytes),
-            SavedTensor("final_norm.stats", stats * n / r, STAT_BYTES),
-            SavedTensor("lm_head.input", lin_in, dtype_bytes),
-            SavedTensor("loss.softmax (fp32)", n * local_v, STAT_BYTES),
-            SavedTensor("loss.targets + masks", n, INDEX_BYTES + 2 * MASK_BYTES),
-            SavedTensor("loss.logits (transient)", n * local_v, dtype_bytes)]
+    return _norm(spec, "final_norm", n, r, dtype_bytes, impl) + [
+        SavedTensor("lm_head.input", lin_in, dtype_bytes),
+        SavedTensor("loss.softmax (fp32)", n * local_v, STAT_BYTES),
+        SavedTensor("loss.targets + masks", n, INDEX_BYTES + 2 * MASK_BYTES),
+        SavedTensor("loss.logits (transient)", n * local_v, dtype_bytes, saved=False)]
 
 
 def korthikanti_bytes_per_layer(seq: int, mbs: int, hidden: int, heads: int, tp: int = 1, sp: bool = False,

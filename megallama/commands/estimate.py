@@ -1,0 +1,110 @@
+"""``megallama estimate``: the analytic memory/FLOP/communication breakdown of one layout."""
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "estimate"
+HELP = "Print parameters, FLOPs, per-GPU memory and communication of one layout (analytic)."
+
+GiB = 2 ** 30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model preset (llama-7b, ...)")
+    src.add_argument("--config", help="run config YAML, or an architecture YAML with 'arch_family:'")
+    p.add_argument("--tp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
+    p.add_argument("--mbs", type=int, default=None, help="micro-batch size (sequences)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per step (default: pp, which fills the pipeline)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
+    p.add_argument("--sp", action="store_true", default=None, help="sequence parallelism")
+    p.add_argument("--offload", action="store_true", default=None, help="ZeRO optimizer offload to CPU")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--attention", choices=["flash", "eager"], default="flash",
+                   help="attention implementation whose saved tensors are counted")
+    p.add_argument("--gpu", default=None, help="hardware profile: also predict step time and check the fit")
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _pick(args, defaults, name, fallback):
+    value = getattr(args, name)
+    return value if value is not None else defaults.get(name, fallback)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megallama.profiling import activations as act
+    from megallama.profiling.arch import resolve_model
+    from megallama.profiling.comm import collective_bytes_per_step
+    from megallama.profiling.flops import flops_per_token, parameter_breakdown, parameter_count
+    from megallama.profiling.hardware import load_hardware
+    from megallama.profiling.layout import Layout
+    from megallama.profiling.memory import memory_breakdown, params_per_rank
+    from megallama.profiling.steptime import predict
+
+    spec, d = resolve_model(args.model, args.config)
+    hw = load_hardware(args.gpu) if args.gpu else None
+    pp = _pick(args, d, "pp", 1)
+    layout = Layout(tp=_pick(args, d, "tp", 1), pp=pp, dp=_pick(args, d, "dp", 1), zero=_pick(args, d, "zero", 0),
+                    mbs=_pick(args, d, "mbs", 1), grad_accum=args.grad_accum or pp,
+                    recompute=_pick(args, d, "recompute", "none"), sp=bool(_pick(args, d, "sp", False)),
+                    offload=bool(_pick(args, d, "offload", False)), dtype=_pick(args, d, "dtype", "bf16"),
+                    gpus_per_node=args.gpus_per_node or (hw.gpus_per_node if hw else 8))
+    seq = _pick(args, d, "seq", spec.max_seq_len)
+    layout.check(spec, seq)
+    impl = act.ActivationImpl(attention=args.attention)
+    flops = flops_per_token(spec, seq, layout.recompute)
+    kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
+    saved = act.layer_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp, layout.recompute,
+                                    layout.dtype_bytes, impl, kind)
+    per_stage = {s: memory_breakdown(spec, layout, seq, s, impl) for s in sorted({0, layout.pp - 1})}
+    out = {
+        "model": spec.name, "layout": layout.as_dict(), "seq": seq,
+        "parameters": parameter_count(spec), "parameter_breakdown": parameter_breakdown(spec),
+        "parameters_per_gpu": params_per_rank(spec, layout.tp, layout.pp),
+        "flops_per_token": {"model": flops.model, "hardware": flops.hardware, "forward": flops.forward},
+        "activation_bytes_per_layer": sum(x.bytes for x in saved),
+        "saved_tensors_per_layer": [{"name": x.name, "bytes": x.bytes} for x in saved],
+        "memory_per_gpu_bytes": max(m.total for m in per_stage.values()),
+        "stages": {str(s): {"total_bytes": m.total, "host_bytes": m.host_bytes, **m.components}
+                   for s, m in per_stage.items()},
+        "communication_per_step": collective_bytes_per_step(spec, layout, seq, 0, impl),
+    }
+    if hw is not None:
+        pred = predict(spec, layout, seq, hw, impl=impl)
+        out["prediction"] = {k: v for k, v in pred.as_dict().items() if k != "memory_breakdown_bytes"}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    _print_text(out, layout)
+    return 0
+
+
+def _print_text(out, layout) -> None:
+    print(f"{out['model']}: {out['parameters'] / 1e9:.3f}B parameters, seq {out['seq']}, {layout.describe()}")
+    print(f"  parameters per GPU      {out['parameters_per_gpu'] / 1e9:10.3f} B")
+    f = out["flops_per_token"]
+    print(f"  FLOPs per token         model {f['model'] / 1e9:.2f} G (MFU), hardware {f['hardware'] / 1e9:.2f} G (HFU)")
+    print(f"  activations per layer   {out['activation_bytes_per_layer'] / GiB:10.3f} GiB per micro-batch")
+    for s, st in out["stages"].items():
+        print(f"  stage {s}: total {st['total_bytes'] / GiB:.2f} GiB per GPU"
+              + (f" (+{st['host_bytes'] / GiB:.2f} GiB on host)" if st["host_bytes"] else ""))
+        for k, v in st.items():
+            if k not in ("total_bytes", "host_bytes") and v:
+                print(f"      {k:32s} {v / GiB:9.3f} GiB")
+    print("  communication per step (payload per GPU):")
+    for g, row in out["communication_per_step"].items():
+        if row["calls"]:
+            print(f"      {g:10s} {row['calls']:8.0f} calls  {row['payload_bytes'] / GiB:10.3f} GiB")
+    if "prediction" in out:
+        p = out["prediction"]
+        fit = "fits" if p["fits"] else "DOES NOT FIT"
+        print(f"  on {layout.world} GPUs: step {p['step_time_s']:.3f} s, {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
+              f"{p['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {p['mfu']:.1%}, {fit} "
+              f"({p['memory_per_gpu_bytes'] / GiB:.1f} of {p['memory_capacity_bytes'] / GiB:.1f} GiB)")

@@ -1,0 +1,62 @@
+"""``megallama plan``: rank layouts of a GPU cluster by predicted tokens/s, or evaluate one."""
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "plan"
+HELP = "Choose TP/PP/DP/ZeRO/micro-batch/recompute for N GPUs: predicted tokens/s, MFU, memory."
+
+GiB = 2 ** 30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model preset (llama-7b, ..., llama-65b)")
+    src.add_argument("--config", help="run config YAML, or an architecture YAML with 'arch_family:'")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", required=True, help="hardware profile: a100-40gb, a100-80gb, h100-sxm, h200, cpu")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max)")
+    p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per step (default 4M)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's (8)")
+    p.add_argument("--tp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--zero", type=int, default=None)
+    p.add_argument("--mbs", type=int, default=None)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
+    p.add_argument("--sp", choices=["on", "off"], default=None, help="pin sequence parallelism")
+    p.add_argument("--offload", action="store_true", default=None, help="offload the optimizer (ZeRO >= 1)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--top", type=int, default=10, help="candidates to list")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megallama.profiling.arch import resolve_model
+    from megallama.profiling.hardware import load_hardware
+    from megallama.profiling.planner import plan
+
+    spec, _ = resolve_model(args.model, args.config)
+    hw = load_hardware(args.gpu)
+    fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "mbs": args.mbs,
+             "recompute": args.recompute, "sp": None if args.sp is None else args.sp == "on",
+             "offload": args.offload}
+    result = plan(spec, args.gpus, hw, seq=args.seq, batch_tokens=args.global_batch_tokens,
+                  gpus_per_node=args.gpus_per_node, dtype=args.dtype, **fixed)
+    if args.json:
+        print(json.dumps(result.as_dict(top=args.top), indent=2))
+        return 0
+    best = result.best
+    print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, ~{result.batch_tokens / 2 ** 20:.1f}M tokens "
+          f"per step: {len(result.candidates)} of {result.evaluated} layouts fit")
+    print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'step s':>7}")
+    for i, c in enumerate(result.candidates[:args.top], 1):
+        flag = "" if c.fits else "  (does not fit)"
+        print(f"{i:>3} {c.layout.describe():58s} {c.tokens_per_s_per_gpu:9.0f} {c.tflops_per_gpu:7.1f} "
+              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}{flag}")
+    t = best.time
+    print(f"best: compute {t['compute']:.2f} s, TP/PP comm {t['tp_and_pp_comm']:.2f} s, bubble "
+          f"{t['pipeline_bubble']:.2f} s, DP comm {t['dp_comm_exposed']:.2f} s, optimizer {t['optimizer']:.3f} s; "
+          f"HFU {best.hfu:.1%}")
+    return 0

@@ -1,0 +1,220 @@
+"""Communication per step: which collectives a layout issues, their bytes, and their time.
+
+``payload_bytes`` of one call is the *unsharded* tensor: the all-reduced tensor, the gathered
+output of an all-gather, the input of a reduce-scatter, the tensor sent by a send. That is what
+a wrapper around ``torch.distributed`` sees (``all_gather(parts, x)``: ``x.nbytes * world``), so
+a measured step can be compared group by group with :func:`collective_bytes_per_step`.
+``wire_bytes`` is what one rank sends under a ring: ``2(n-1)/n`` of the payload for all-reduce,
+``(n-1)/n`` for all-gather and reduce-scatter, all of it for a send.
+
+Counted per step, on one rank of pipeline stage ``stage`` (``m`` micro-batches, ``N = s*b``
+tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on the rank):
+
+* tp, per block and micro-batch: without SP 2 all-reduces forward (after Wo, W2) and 2 backward
+  (the inputs of QKV and W1|W3), +2 forward with full recomputation; with SP the same points
+  all-gather/reduce-scatter instead (forward AG, RS; backward RS, AG). Plus the embedding's
+  reduction, the LM head input's backward reduction, the loss's three fp32 all-reduces of ``N``
+  values, and with SP one all-reduce of the replicated norm gains' gradients per step.
+* pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
+  Megatron's scatter/gather), per micro-batch per neighbour. GPT's tied embedding adds one
+  all-reduce of its gradient between the first and last stage per step.
+* dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduce-scatter + all-gather of updated
+  params once per step; ZeRO-2 reduce-scatters every micro-batch; ZeRO-3 all-gathers the
+  params in forward and again in backward every micro-batch and reduce-scatters every one.
+  DeepSpeed's bf16 pipeline optimizer (ZeRO "0") all-reduces, then all-gathers the params.
+
+DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
+gathers ``stage3_prefetch_bucket_size`` 5e7 at a time, at least one call per block), which sets
+how many latency terms a step pays. Times: ring ``alpha * steps + wire / (bandwidth *
+bus_efficiency)``; all-reduce may take a tree's ``2 log2 n`` latency steps when fewer (NCCL
+all-gather and reduce-scatter are ring-only). A group inside one node runs at NVLink speed; one that spans nodes at
+``min(NVLink, members_per_node * NIC)`` (each GPU has its own NIC; a ring's traffic out of a
+node spreads over the NICs of its members there).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List
+
+from megallama.profiling.activations import ActivationImpl
+from megallama.profiling.arch import SpecLike, as_spec
+from megallama.profiling.hardware import HardwareProfile
+from megallama.profiling.layout import Layout, members_per_node, spans_nodes
+from megallama.profiling.memory import params_per_rank
+
+GROUPS = ("tp", "pp", "dp", "embedding")
+REDUCE_BUCKET = 5e8      # DeepSpeed reduce_bucket_size / allgather_bucket_size (elements)
+PREFETCH_BUCKET = 5e7    # DeepSpeed stage3_prefetch_bucket_size (elements)
+
+
+@dataclass(frozen=True)
+class Collective:
+    group: str            # tp | pp | dp | embedding
+    op: str               # all_reduce | all_gather | reduce_scatter | send | recv
+    payload_bytes: float  # per call (see module docstring)
+    calls: float          # per step
+    phase: str            # "microbatch": on each micro-batch's critical path; "step": after the
+    #                       last backward; "overlap": may hide behind compute (ZeRO-3 prefetch)
+    what: str = ""
+
+
+def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: ActivationImpl) -> List[Collective]:
+    if layout.tp == 1:
+        return []
+    m, w, sp = layout.grad_accum, layout.dtype_bytes, layout.sp
+    act = seq * layout.mbs * spec.dim * w
+    out: List[Collective] = []
+    encdec = spec.arch == "encoder_decoder"
+    blocks = spec.n_layers // layout.pp + (spec.n_encoder_layers if encdec and stage == 0 else 0)
+    fwd = 2 * blocks * (2 if layout.recompute == "full" else 1)
+    bwd = 2 * blocks
+    cross_f = spec.n_layers * (2 if layout.recompute == "full" else 1) if encdec else 0
+    cross_b = 2 * spec.n_layers if encdec else 0
+    if not sp:
+        out.append(Collective("tp", "all_reduce", act, m * (fwd + cross_f + bwd + cross_b), "microbatch", "blocks"))
+    else:
+        regather = 0 if impl.sp_saves_gathered_input else 2 * blocks
+        ag = fwd + bwd + regather + (2 * cross_f + cross_b // 2 if encdec else 0)
+        rs = fwd + bwd + (cross_f + cross_b if encdec else 0)
+        out += [Collective("tp", "all_gather", act, m * ag, "microbatch", "blocks"),
+                Collective("tp", "reduce_scatter", act, m * rs, "microbatch", "blocks")]
+    if stage == 0:
+        n_emb = 2 if encdec else 1
+        op = "reduce_scatter" if sp else "all_reduce"
+        out.append(Collective("tp", op, act, m * n_emb, "microbatch", "embedding output"))
+        if sp:
+            out.append(Collective("tp", "all_gather", act, m * n_emb, "microbatch", "embedding grad"))
+    if stage == layout.pp - 1:
+        out.append(Collective("tp", "all_reduce" if not sp else "reduce_scatter", act, m, "microbatch",
+                              "lm head input grad"))
+        if sp:
+            out.append(Collective("tp", "all_gather", act, m, "microbatch", "lm head input"))
+        out.append(Collective("tp", "all_reduce", seq * layout.mbs * 4, 3 * m, "microbatch", "loss max/target/sum"))
+    if sp:
+        norms = (2 * spec.n_layers // layout.pp + (1 if stage == layout.pp - 1 else 0)) * spec.norm_params
+        out.append(Collective("tp", "all_reduce", norms * w, 1, "step", "sequence-parallel norm grads"))
+    return out
+
+
+def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather: bool) -> List[Collective]:
+    if layout.pp == 1:
+        return []
+    m = layout.grad_accum
+    act = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp or scatter_gather else 1)
+    out: List[Collective] = []
+    if stage < layout.pp - 1:
+        out += [Collective("pp", "send", act, m, "microbatch", "activation to next stage"),
+                Collective("pp", "recv", act, m, "microbatch", "gradient from next stage")]
+    if stage > 0:
+        out += [Collective("pp", "recv", act, m, "microbatch", "activation from previous stage"),
+                Collective("pp", "send", act, m, "microbatch", "gradient to previous stage")]
+    if spec.tied_embeddings and stage in (0, layout.pp - 1):
+        emb = spec.vocab_size * spec.dim / layout.tp * layout.dtype_bytes
+        out.append(Collective("embedding", "all_reduce", emb, 1, "step", "tied embedding grad"))
+    return out
+
+
+def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: float, times: float,
+              phase: str, what: str, min_calls: int = 1) -> Collective:
+    """DeepSpeed issues one call per bucket of ``bucket`` elements (ZeRO-3: at least one per block)."""
+    calls = max(min_calls, math.ceil(elements / bucket))
+    return Collective(group, op, total_bytes / calls, times * calls, phase, what)
+
+
+def _dp_collectives(spec, layout: Layout, stage: int) -> List[Collective]:
+    if layout.dp == 1:
+        return []
+    m, w = layout.grad_accum, layout.dtype_bytes
+    n_params = params_per_rank(spec, layout.tp, layout.pp, stage)
+    size = n_params * w
+    z = layout.effective_zero
+
+    def reduce(op: str, times: float, what: str) -> Collective:
+        return _bucketed("dp", op, size, n_params, REDUCE_BUCKET, times, "step", what)
+
+    gather_params = Collective("dp", "all_gather", size, 1, "step", "updated params")
+    if layout.zero == 0 and z == 1:   # DeepSpeed BF16_Optimizer (bf16 + pipeline)
+        return [reduce("all_reduce", 1, "grads"), gather_params]
+    if z == 0:
+        return [reduce("all_reduce", 1, "grads")]
+    if z == 1:
+        return [reduce("reduce_scatter", 1, "grads"), gather_params]
+    if z == 2:
+        return [reduce("reduce_scatter", m, "grads, every micro-batch"), gather_params]
+    blocks = spec.n_layers // layout.pp
+    return [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, 2 * m, "overlap",
+                      "params, forward and backward", min_calls=blocks),
+            _bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap", "grads, every micro-batch")]
+
+
+def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
+                scatter_gather: bool = False) -> List[Collective]:
+    """Every collective one rank of ``stage`` issues in a step (``scatter_gather``: Megatron's
+    pipeline send of ``1/t`` of the activation per TP rank; DeepSpeed sends it whole)."""
+    spec = as_spec(model)
+    return (_tp_collectives(spec, layout, seq, stage, impl) + _pp_collectives(spec, layout, seq, stage, scatter_gather)
+            + _dp_collectives(spec, layout, stage))
+
+
+def group_size(layout: Layout, group: str) -> int:
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "embedding": 2}[group]
+
+
+def wire_bytes(c: Collective, n: int) -> float:
+    if c.op in ("send", "recv"):
+        return c.payload_bytes
+    frac = (n - 1) / n
+    return c.payload_bytes * (2 * frac if c.op == "all_reduce" else frac)
+
+
+def collective_bytes_per_step(model: SpecLike, layout: Layout, seq: int, stage: int = 0,
+                              impl: ActivationImpl = ActivationImpl(),
+                              scatter_gather: bool = False) -> Dict[str, Dict[str, float]]:
+    """Per group: ``calls``, ``payload_bytes`` and ring ``wire_bytes`` per step on one rank."""
+    out = {g: {"calls": 0.0, "payload_bytes": 0.0, "wire_bytes": 0.0} for g in GROUPS}
+    for c in collectives(model, layout, seq, stage, impl, scatter_gather):
+        row = out[c.group]
+        row["calls"] += c.calls
+        row["payload_bytes"] += c.calls * c.payload_bytes
+        row["wire_bytes"] += c.calls * wire_bytes(c, group_size(layout, c.group))
+    return out
+
+
+def link(layout: Layout, hw: HardwareProfile, group: str):
+    """(bandwidth bytes/s, latency s) of a group's ring, from where its members sit."""
+    kind = "pp" if group == "embedding" else group
+    if not spans_nodes(layout, kind):
+        return hw.intra_node_bandwidth, hw.intra_node_latency_s
+    if kind == "pp":   # neighbours on different nodes: one GPU's NIC
+        return hw.inter_node_bandwidth, hw.inter_node_latency_s
+    per_node = members_per_node(layout, kind)
+    return min(hw.intra_node_bandwidth, per_node * hw.inter_node_bandwidth), hw.inter_node_latency_s
+
+
+def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_efficiency: float = 0.8) -> float:
+    """Seconds for all ``c.calls`` calls of one collective."""
+    n = group_size(layout, c.group)
+    if n == 1:
+        return 0.0
+    bw, alpha = link(layout, hw, c.group)
+    if c.op in ("send", "recv"):
+        steps = 1.0
+    else:
+        ring = (n - 1) * (2 if c.op == "all_reduce" else 1)
+        steps = min(ring, 2 * math.ceil(math.log2(n))) if c.op == "all_reduce" else ring  # NCCL: tree AR only
+    return c.calls * (alpha * steps + wire_bytes(c, n) / (bw * bus_efficiency))
+
+
+def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,
+                       bus_efficiency: float = 0.8, impl: ActivationImpl = ActivationImpl(),
+                       scatter_gather: bool = False) -> Dict[str, float]:
+    """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``.
+    A send and the matching receive overlap on a full-duplex link, so only sends count."""
+    out: Dict[str, float] = {}
+    for c in collectives(model, layout, seq, stage, impl, scatter_gather):
+        if c.op == "recv":
+            continue
+        key = f"{c.group}.{c.phase}"
+        out[key] = out.get(key, 0.0) + collective_time(c, layout, hw, bus_efficiency)
+    return out

@@ -1,0 +1,131 @@
+"""Choose a layout: enumerate TP/PP/DP/ZeRO/micro-batch/recompute/SP for a GPU count, keep those
+the memory model says fit, predict each one's step time, rank by tokens/s.
+
+Any layout field can be pinned (``fixed``); pinning all of them evaluates that one layout,
+fitting or not. The global batch is given in tokens (LLaMA: 4M); a layout runs
+``m = round(batch / (dp * mbs))`` micro-batches and is kept only if that lands within 10% of it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Any, Dict, Iterator, List, Optional
+
+from megallama.errors import UserError
+from megallama.profiling.arch import ArchSpec
+from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
+from megallama.profiling.hardware import HardwareProfile
+from megallama.profiling.layout import Layout, divisors
+from megallama.profiling.memory import memory_breakdown
+from megallama.profiling.steptime import Efficiency, StepPrediction, predict
+
+DEFAULT_BATCH_TOKENS = 4 * 2 ** 20      # LLaMA's 4M-token batches
+MBS_CHOICES = (1, 2, 4, 8, 16)
+BATCH_TOLERANCE = 0.10
+LAYOUT_FIELDS = ("tp", "pp", "dp", "zero", "mbs", "recompute", "sp", "offload")
+
+
+@dataclass
+class Plan:
+    """Ranked fitting candidates (best first) and what was searched."""
+
+    spec: ArchSpec
+    gpus: int
+    hardware: HardwareProfile
+    seq: int
+    batch_tokens: int
+    candidates: List[StepPrediction] = field(default_factory=list)
+    evaluated: int = 0
+    smallest: Optional[StepPrediction] = None   # least memory among all evaluated (fit or not)
+
+    @property
+    def best(self) -> StepPrediction:
+        return self.candidates[0]
+
+    def as_dict(self, top: int = 20) -> Dict[str, Any]:
+        best = self.best.as_dict()
+        return {"model": self.spec.name, "parameters": parameter_count(self.spec), "gpus": self.gpus,
+                "gpu": self.hardware.name, "seq": self.seq, "global_batch_tokens": self.batch_tokens,
+                "evaluated": self.evaluated, "fitting": len(self.candidates), **best, "best": best,
+                "candidates": [c.as_dict() for c in self.candidates[:top]]}
+
+
+def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    tps = [t for t in divisors(gpn) if gpus % t == 0 and all(
+        v % t == 0 for v in (spec.n_heads, spec.kv_heads, spec.ffn_hidden, spec.vocab_size))]
+    pps = [1] if spec.arch != "decoder" else divisors(spec.n_layers)
+    space = {"tp": tps, "pp": pps, "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES),
+             "recompute": list(RECOMPUTE_MODES), "sp": [False, True], "offload": [False]}
+    for key, value in fixed.items():
+        if key in space and value is not None:
+            space[key] = [value]
+    for tp, pp, zero, mbs, rc, sp, off in product(*(space[k] for k in
+                                                    ("tp", "pp", "zero", "mbs", "recompute", "sp", "offload"))):
+        if gpus % (tp * pp):
+            continue
+        dp = gpus // (tp * pp)
+        if fixed.get("dp") is not None and dp != fixed["dp"]:
+            continue
+        if (sp and (tp == 1 or seq % tp)) or (off and zero == 0):
+            continue
+        if dp == 1 and zero > 0 and fixed.get("zero") is None:
+            continue                       # nothing to shard over
+        yield dict(tp=tp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
+
+
+def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) -> None:
+    """One-line errors for arguments no layout can satisfy."""
+    if gpus < 1:
+        raise UserError(f"--gpus: expected a positive integer, got {gpus}")
+    tp, pp, dp = (fixed.get(k) for k in ("tp", "pp", "dp"))
+    product_ = (tp or 1) * (pp or 1) * (dp or 1)
+    if gpus % product_:
+        given = " x ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("dp", dp)) if v is not None)
+        raise UserError(f"{given} = {product_} does not divide --gpus {gpus}")
+    if None not in (tp, pp, dp) and product_ != gpus:
+        raise UserError(f"--tp {tp} x --pp {pp} x --dp {dp} = {product_}, not --gpus {gpus}")
+    probe = {k: fixed.get(k) for k in LAYOUT_FIELDS}
+    Layout(tp=tp or 1, pp=pp or 1, dp=1, zero=probe["zero"] if probe["zero"] is not None else 1,
+           mbs=probe["mbs"] or 1, recompute=probe["recompute"] or "none", sp=bool(probe["sp"]),
+           offload=False, dtype=fixed.get("dtype") or "bf16").check(spec, seq)
+    if fixed.get("offload") and fixed.get("zero") == 0:
+        raise UserError("--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3")
+
+
+def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,
+         batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
+         eff: Efficiency = Efficiency(), **fixed: Any) -> Plan:
+    """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, pp, dp, zero, mbs,
+    recompute, sp, offload. Raises ``UserError`` when nothing fits."""
+    seq = seq or spec.max_seq_len
+    gpn = gpus_per_node or hw.gpus_per_node
+    batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
+    check_request(spec, gpus, seq, {**fixed, "dtype": dtype})
+    batch = max(1, round(batch_tokens / seq))
+    result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
+    single = all(fixed.get(k) is not None for k in ("tp", "pp", "zero", "mbs", "recompute"))
+    cap = hw.memory_bytes * eff.usable_memory
+    for opt in _options(spec, gpus, seq, gpn, fixed):
+        m = round(batch / (opt["dp"] * opt["mbs"]))
+        if m < 1 or abs(m * opt["dp"] * opt["mbs"] - batch) > BATCH_TOLERANCE * batch:
+            if not single:
+                continue
+            m = max(1, m)
+        layout = Layout(**opt, grad_accum=m, dtype=dtype, gpus_per_node=gpn)
+        mem = memory_breakdown(spec, layout, seq)
+        result.evaluated += 1
+        if mem.total > cap and not single:
+            if result.smallest is None or mem.total < result.smallest.memory.total:
+                result.smallest = predict(spec, layout, seq, hw, eff, memory=mem)
+            continue
+        result.candidates.append(predict(spec, layout, seq, hw, eff, memory=mem))
+    result.candidates.sort(key=lambda p: (not p.fits, -p.tokens_per_s_per_gpu))
+    if not result.candidates:
+        if result.smallest is None:
+            raise UserError(f"no layout of {gpus} GPUs matches the given options and a global batch of "
+                            f"{batch} sequences of {seq} tokens (try --global-batch-tokens)")
+        s = result.smallest
+        raise UserError(f"no layout of {gpus} x {hw.name} fits {spec.name}: the smallest needs "
+                        f"{s.memory.total / 2 ** 30:.1f} GiB per GPU ({s.layout.describe()}) of "
+                        f"{cap / 2 ** 30:.1f} GiB usable")
+    return result

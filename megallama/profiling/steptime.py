@@ -1,0 +1,144 @@
+"""Predicted time of one training step for one layout: compute, exposed communication, bubble.
+
+Per micro-batch, a pipeline stage takes
+
+    matmul FLOPs (incl. recompute) / (peak * gemm)
+  + elementwise HBM traffic / memory bandwidth        (norms, softmax, SwiGLU, dropout, loss)
+  + its TP collectives + its pipeline sends            (synchronous: on the critical path)
+
+where the elementwise traffic is ``traffic * saved-activation bytes`` per pass (forward,
+backward ~ 2 passes, recomputed forward), since every saved tensor is written once and read
+back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved chunks, 1F1B takes
+``m * t_max + (sum_s t_s - t_max) / v`` -- for equal stages ``(m + (pp-1)/v) t``, a bubble of
+``(pp-1)/(v m)``. Then the data-parallel traffic after the last backward (all of it for ZeRO
+0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched gathers hide behind
+``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU Adam + PCIe when
+offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
+(:mod:`megallama.profiling.published`); the rest are physical constants of the profile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from megallama.profiling import activations as act
+from megallama.profiling.arch import SpecLike, as_spec
+from megallama.profiling.comm import comm_time_by_phase
+from megallama.profiling.flops import FlopCount, flops_per_token
+from megallama.profiling.hardware import HardwareProfile
+from megallama.profiling.layout import Layout
+from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of the hardware's peaks. ``gemm`` and ``traffic`` were fitted on three
+    rows of Narayanan et al. 2021 (see benchmarks/README_planner.md)."""
+
+    gemm: float = 0.66                      # matmul FLOP/s / dense peak
+    traffic: float = 2.0                    # elementwise HBM bytes per saved-activation byte, per pass
+    bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
+    overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
+    optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
+    cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
+    usable_memory: float = 0.92             # of device memory; the rest: CUDA context, fragmentation
+
+
+@dataclass
+class StepPrediction:
+    layout: Layout
+    seq: int
+    step_time_s: float
+    tokens_per_step: float
+    tokens_per_s_per_gpu: float
+    tflops_per_gpu: float            # model FLOPs (MFU numerator)
+    hardware_tflops_per_gpu: float   # incl. recompute (HFU numerator)
+    mfu: float
+    hfu: float
+    memory: MemoryBreakdown
+    fits: bool
+    memory_capacity_bytes: float
+    time: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_s_per_gpu * self.layout.world
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"layout": self.layout.as_dict(), "describe": self.layout.describe(), "seq": self.seq,
+                "step_time_s": self.step_time_s, "tokens_per_step": self.tokens_per_step,
+                "tokens_per_s": self.tokens_per_s, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+                "tflops_per_gpu": self.tflops_per_gpu, "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
+                "mfu": self.mfu, "hfu": self.hfu, "memory_per_gpu_bytes": self.memory.total,
+                "memory_capacity_bytes": self.memory_capacity_bytes, "fits": self.fits,
+                "memory_breakdown_bytes": dict(self.memory.components), "host_memory_bytes": self.memory.host_bytes,
+                "pipeline_stage_of_peak_memory": self.memory.stage, "time_breakdown_s": dict(self.time)}
+
+
+def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
+                   stage: int, impl: act.ActivationImpl) -> float:
+    """Seconds of compute for one micro-batch on one rank of ``stage``."""
+    tokens = seq * layout.mbs
+    head = 3.0 * fc.terms["lm_head"]
+    blocks = fc.hardware - head
+    flops = tokens * (blocks / layout.pp + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
+    t, sp, w = layout.tp, layout.sp, layout.dtype_bytes
+    kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
+    saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind)
+    redo = {"none": 0.0, "full": saved,
+            "selective": saved - act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "selective", w,
+                                                                impl, kind)}[layout.recompute]
+    layers = spec.n_layers // layout.pp + (spec.n_encoder_layers if stage == 0 else 0)
+    traffic = layers * (3 * saved + redo)
+    if stage == layout.pp - 1:
+        traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, layout.mbs, t, sp, w, impl))
+    return flops / (hw.peak(layout.dtype) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
+
+
+def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
+            impl: act.ActivationImpl = act.ActivationImpl(), scatter_gather: bool = False,
+            memory: Optional[MemoryBreakdown] = None) -> StepPrediction:
+    """Step time, throughput, FLOP/s, MFU and peak memory of ``layout`` on ``hw`` (``memory``: a
+    breakdown already computed for this layout, to save recomputing it)."""
+    spec = as_spec(model)
+    fc = flops_per_token(spec, seq, layout.recompute)
+    m, pp = layout.grad_accum, layout.pp
+    stages = sorted({0, min(1, pp - 1), pp - 1})
+    per_stage, step_comm = {}, {}
+    for s in stages:
+        comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
+        compute = _stage_compute(spec, layout, seq, hw, eff, fc, s, impl)
+        per_stage[s] = (compute, (comm.get("tp.microbatch", 0.0) + comm.get("pp.microbatch", 0.0)) / m)
+        hidden = eff.overlap * m * compute
+        step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
+                        + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
+    totals = {s: sum(per_stage[s]) for s in stages}
+    t_max = max(totals.values())
+    middle = totals[min(1, pp - 1)]
+    t_sum = totals[0] + (totals[pp - 1] if pp > 1 else 0.0) + max(0, pp - 2) * middle
+    pipeline = m * t_max + (t_sum - t_max) / layout.interleave
+    slowest = max(stages, key=lambda s: totals[s])
+    compute_part = m * per_stage[slowest][0]
+    comm_part = m * per_stage[slowest][1]
+    dp_exposed = max(step_comm.values())
+    optimizer = _optimizer_time(spec, layout, hw, eff)
+    step = pipeline + dp_exposed + optimizer
+    tokens = float(layout.global_batch * seq)
+    tps_gpu = tokens / step / layout.world
+    mem = memory if memory is not None else memory_breakdown(spec, layout, seq, impl=impl)
+    cap = hw.memory_bytes * eff.usable_memory
+    peak = hw.peak(layout.dtype)
+    return StepPrediction(
+        layout=layout, seq=seq, step_time_s=step, tokens_per_step=tokens, tokens_per_s_per_gpu=tps_gpu,
+        tflops_per_gpu=tps_gpu * fc.model / 1e12, hardware_tflops_per_gpu=tps_gpu * fc.hardware / 1e12,
+        mfu=tps_gpu * fc.model / peak, hfu=tps_gpu * fc.hardware / peak, memory=mem, fits=mem.total <= cap,
+        memory_capacity_bytes=cap,
+        time={"compute": compute_part, "tp_and_pp_comm": comm_part, "pipeline_bubble": pipeline - compute_part - comm_part,
+              "dp_comm_exposed": dp_exposed, "optimizer": optimizer})
+
+
+def _optimizer_time(spec, layout: Layout, hw: HardwareProfile, eff: Efficiency) -> float:
+    shard = params_per_rank(spec, layout.tp, layout.pp) / (layout.dp if layout.effective_zero >= 1 else 1)
+    if layout.offload:   # grads down (fp32 after DeepSpeed's copy), updated params back up
+        return shard / eff.cpu_adam_params_per_s + shard * (4 + layout.dtype_bytes) / hw.host_bandwidth
+    return shard * eff.optimizer_bytes_per_param / hw.memory_bandwidth
