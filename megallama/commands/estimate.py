@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                     gpus_per_node=args.gpus_per_node or (hw.gpus_per_node if hw else 8))
     seq = _pick(args, d, "seq", spec.max_seq_len)
     layout.check(spec, seq)
-    impl = act.ActivationImpl(attention=args.attention)
+    impl = act.ActivationImpl.for_device("cpu" if hw is not None and hw.measured else "cuda")
+    impl = act.ActivationImpl(attention=args.attention, norm=impl.norm)
     flops = flops_per_token(spec, seq, layout.recompute)
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.layer_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp, layout.recompute,

@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(top=args.top), indent=2))
         return 0
     best = result.best
-    print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, ~{result.batch_tokens / 2 ** 20:.1f}M tokens "
-          f"per step: {len(result.candidates)} of {result.evaluated} layouts fit")
+    fit = sum(c.fits for c in result.candidates)
+    print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, {result.batch_tokens:,} tokens per step: "
+          f"{fit} of {result.evaluated} layouts fit")
     print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'step s':>7}")
     for i, c in enumerate(result.candidates[:args.top], 1):
         flag = "" if c.fits else "  (does not fit)"

@@ -14,7 +14,8 @@ tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on t
   (the inputs of QKV and W1|W3), +2 forward with full recomputation; with SP the same points
   all-gather/reduce-scatter instead (forward AG, RS; backward RS, AG). Plus the embedding's
   reduction, the LM head input's backward reduction, the loss's three fp32 all-reduces of ``N``
-  values, and with SP one all-reduce of the replicated norm gains' gradients per step.
+  values, and with SP one all-reduce per norm of its gain's gradient (``megallama.model``'s
+  RMSNorm routes the gain through copy-to-TP). Checked call for call against a gloo TP=2 run.
 * pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
   Megatron's scatter/gather), per micro-batch per neighbour. GPT's tied embedding adds one
   all-reduce of its gradient between the first and last stage per step.
@@ -91,9 +92,13 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
         if sp:
             out.append(Collective("tp", "all_gather", act, m, "microbatch", "lm head input"))
         out.append(Collective("tp", "all_reduce", seq * layout.mbs * 4, 3 * m, "microbatch", "loss max/target/sum"))
-    if sp:
-        norms = (2 * spec.n_layers // layout.pp + (1 if stage == layout.pp - 1 else 0)) * spec.norm_params
-        out.append(Collective("tp", "all_reduce", norms * w, 1, "step", "sequence-parallel norm grads"))
+    if sp:  # each RMSNorm routes its gain through copy-to-TP: one all-reduce per norm in backward
+        if encdec:   # decoder blocks have 3 norms, encoder blocks 2, plus both final norms
+            norms = 3 * spec.n_layers + 2 * spec.n_encoder_layers + 2
+        else:
+            norms = 2 * spec.n_layers // layout.pp + (1 if stage == layout.pp - 1 else 0)
+        out.append(Collective("tp", "all_reduce", spec.norm_params * w, m * norms, "microbatch",
+                              "sequence-parallel norm gain grads"))
     return out
 
 

@@ -12,6 +12,7 @@ from itertools import product
 from typing import Any, Dict, Iterator, List, Optional
 
 from megallama.errors import UserError
+from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
 from megallama.profiling.hardware import HardwareProfile
@@ -94,9 +95,11 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
 
 def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,
          batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
-         eff: Efficiency = Efficiency(), **fixed: Any) -> Plan:
+         eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, **fixed: Any) -> Plan:
     """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, pp, dp, zero, mbs,
-    recompute, sp, offload. Raises ``UserError`` when nothing fits."""
+    recompute, sp, offload. ``impl``: which implementation's activations to count (default: ours
+    on the profile's device). Raises ``UserError`` when nothing fits."""
+    impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
     seq = seq or spec.max_seq_len
     gpn = gpus_per_node or hw.gpus_per_node
     batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
@@ -112,14 +115,14 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
                 continue
             m = max(1, m)
         layout = Layout(**opt, grad_accum=m, dtype=dtype, gpus_per_node=gpn)
-        mem = memory_breakdown(spec, layout, seq)
+        mem = memory_breakdown(spec, layout, seq, impl=impl)
         result.evaluated += 1
         if mem.total > cap and not single:
             if result.smallest is None or mem.total < result.smallest.memory.total:
-                result.smallest = predict(spec, layout, seq, hw, eff, memory=mem)
+                result.smallest = predict(spec, layout, seq, hw, eff, impl, memory=mem)
             continue
-        result.candidates.append(predict(spec, layout, seq, hw, eff, memory=mem))
-    result.candidates.sort(key=lambda p: (not p.fits, -p.tokens_per_s_per_gpu))
+        result.candidates.append(predict(spec, layout, seq, hw, eff, impl, memory=mem))
+    result.candidates.sort(key=lambda p: (not p.fits, -p.tokens_per_s_per_gpu, p.memory.total))
     if not result.candidates:
         if result.smallest is None:
             raise UserError(f"no layout of {gpus} GPUs matches the given options and a global batch of "
@@ -127,5 +130,6 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
         s = result.smallest
         raise UserError(f"no layout of {gpus} x {hw.name} fits {spec.name}: the smallest needs "
                         f"{s.memory.total / 2 ** 30:.1f} GiB per GPU ({s.layout.describe()}) of "
-                        f"{cap / 2 ** 30:.1f} GiB usable")
+                        f"{cap / 2 ** 30:.1f} GiB usable"
+                        + ("; try --offload" if not fixed.get("offload") else ""))
     return result
