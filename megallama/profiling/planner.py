@@ -107,6 +107,8 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     batch = max(1, round(batch_tokens / seq))
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
     single = all(fixed.get(k) is not None for k in ("tp", "pp", "zero", "mbs", "recompute"))
+    if single:   # a fully given layout: SP and offload are off unless asked for
+        fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload"))}
     cap = hw.memory_bytes * eff.usable_memory
     for opt in _options(spec, gpus, seq, gpn, fixed):
         m = round(batch / (opt["dp"] * opt["mbs"]))

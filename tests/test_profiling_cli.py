@@ -1,0 +1,49 @@
+"""``megallama plan`` / ``estimate`` from a shell: bad arguments are one line and exit 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "megallama", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _stderr_lines(proc):
+    # DeepSpeed may log an accelerator warning on import; the error itself must be one line
+    return [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "a100-40gb", "--tp", "3"], "does not divide --gpus 8"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "a10"], "unknown GPU type 'a10'; did you mean"),
+    (["plan", "--model", "llama-33b", "--gpus", "16", "--gpu", "h100", "--tp", "8"], "n_heads=52"),
+    (["plan", "--model", "llama-7b", "--gpus", "16", "--gpu", "h100", "--tp", "2", "--pp", "2", "--dp", "2"],
+     "not --gpus 16"),
+    (["plan", "--model", "llama-7", "--gpus", "8", "--gpu", "h100"], "did you mean 'llama-7b'"),
+    (["estimate", "--model", "llama-7b", "--tp", "5"], "not divisible by tp"),
+])
+def test_bad_arguments_are_one_clear_line(args, needle):
+    proc = _run(*args)
+    lines = _stderr_lines(proc)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_estimate_json_breakdown(tmp_path):
+    arch = tmp_path / "gpt.yaml"
+    arch.write_text("arch_family: gpt\ndim: 2304\nn_layers: 24\nn_heads: 24\nvocab_size: 51200\n")
+    proc = _run("estimate", "--config", str(arch), "--tp", "1", "--dp", "32", "--zero", "1", "--mbs", "2",
+                "--recompute", "full", "--dtype", "fp16", "--gpu", "a100-80gb", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert abs(out["parameters"] / 1e9 - 1.7) < 0.1                    # Megatron's "1.7B"
+    stage = out["stages"]["0"]
+    assert {"params", "grads", "optimizer", "activations.blocks"} <= set(stage)
+    assert out["prediction"]["fits"] and out["communication_per_step"]["dp"]["calls"] > 0
