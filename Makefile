@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/bash examples/demo.sh 2>/dev/null || PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,6 +31,8 @@ def _commands():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="megallama", description="Train, convert, plan and profile LLaMA models.")
+    # the deepspeed launcher appends --local_rank=N right after the module name
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)

@@ -11,13 +11,6 @@ def add_arguments(p) -> None:
     p.add_argument("config", help="run-config YAML (see examples/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. parallel.tp=2 or deepspeed.zero_optimization.stage=3")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def run(args) -> int:

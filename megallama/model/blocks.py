@@ -71,7 +71,11 @@ class TransformerBlock(nn.Module):
                 memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
                 start_pos: int = 0, kv_cache=None) -> torch.Tensor:
         if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
-            return self.checkpoint_fn(self._forward, x, rope, mask, memory, memory_mask, start_pos, kv_cache)
+            # only differentiable tensors go through the checkpoint's argument list
+            def run(x, *mem):
+                return self._forward(x, rope, mask, mem[0] if mem else None, memory_mask, start_pos, kv_cache)
+
+            return self.checkpoint_fn(run, x) if memory is None else self.checkpoint_fn(run, x, memory)
         return self._forward(x, rope, mask, memory, memory_mask, start_pos, kv_cache)
 
     def _forward(self, x, rope, mask, memory, memory_mask, start_pos, kv_cache) -> torch.Tensor:

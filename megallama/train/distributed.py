@@ -49,7 +49,7 @@ def detect_launcher(env: Optional[Dict[str, str]] = None) -> LaunchInfo:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed, torchrun, or already resolved
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
-        env.setdefault("LOCAL_RANK", env.get("LOCAL_RANK", "0"))
+        env.setdefault("LOCAL_RANK", "0")
     elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
         launcher = "mpi"
         rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("PMIX_RANK")
@@ -101,11 +101,11 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: int = 300) -> LaunchInfo:
+def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) -> LaunchInfo:
     """Start the default process group (via DeepSpeed's comm layer) for any launcher."""
     import deepspeed
 
-    info = detect_launcher()
+    info = info or detect_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,

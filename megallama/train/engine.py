@@ -69,7 +69,8 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
                     layer.recompute_core = True
         return module.to(device)
     if zero_stage(ds) == 3:
-        with deepspeed.zero.Init(mpu=state, config_dict_or_path=ds):
+        # partition over the data-parallel group only: each TP rank's shard is its own tensor
+        with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):
             module = build_model(cfg.model, seed=None)
         for part, key in module.init_parts():
             params = list(part.parameters())
@@ -88,8 +89,9 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     model_parallel_seed(cfg.train.seed)
     module = _build_module(cfg, state, ds, device, ckpt_fn)
     optimizer = build_optimizer(module, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+    # a callable: DeepSpeed builds the schedule on the optimizer it wraps ours in
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), config=ds,
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
     _record_fp32_grad_norm(engine)
     return Built(engine=engine, module=module, pipeline=state.pp > 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator
@@ -14,8 +15,8 @@ import torch.distributed as dist
 from megallama.config import RunConfig
 from megallama.errors import UserError
 from megallama.parallel import initialize
-from megallama.train.distributed import device_for, init_distributed
-from megallama.train.ds_config import build_ds_config, precision, zero_stage
+from megallama.train.distributed import detect_launcher, device_for, init_distributed
+from megallama.train.ds_config import build_ds_config, check_device_supports, precision, zero_stage
 from megallama.train.engine import build_engine
 from megallama.train.metrics import MetricsLogger, device_peak_flops
 
@@ -44,6 +45,12 @@ def _pipe_batches(it, device) -> Iterator:
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def _loss_scale(engine):
+    opt = getattr(engine, "optimizer", None)
+    scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
 def _dp_mean(value: torch.Tensor, state) -> float:
     value = value.detach().float().clone()
     if state.dp > 1:
@@ -52,14 +59,22 @@ def _dp_mean(value: torch.Tensor, state) -> float:
     return value.item()
 
 
+def _fault_steps() -> set:
+    """Steps whose loss is made infinite: a fault-injection hook for tests of the skip logic."""
+    raw = os.environ.get("MEGALLAMA_FAULT_NONFINITE_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
 def train(cfg: RunConfig) -> Dict[str, Any]:
     """Run ``cfg.train.steps`` optimizer steps; returns the final report (on every rank)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    info = init_distributed(cfg.train.dist_timeout_s)
-    cfg.check_layout(info.world_size)
+    info = detect_launcher()
+    cfg.check_layout(info.world_size)  # every layout error surfaces before any process group exists
     ds = build_ds_config(cfg, info.world_size)
+    check_device_supports(ds)
+    init_distributed(cfg.train.dist_timeout_s, info)
     state = initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel)
     device = device_for(info.local_rank)
     t = cfg.train
@@ -92,7 +107,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
 
     pipe_iter = _pipe_batches(it, device) if built.pipeline else None
-    losses, bad_in_a_row, skipped = [], 0, 0
+    faults = _fault_steps()
+    losses, bad_in_a_row, skips_seen = [], 0, 0
     run_start = time.perf_counter()
     last_log = run_start
     for step in range(1, t.steps + 1):
@@ -105,15 +121,21 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             for _ in range(batch.accum):
                 tokens = next(it).to(device, non_blocking=True)
                 loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+                if step in faults:
+                    loss = loss * float("inf")
                 engine.backward(loss)
                 engine.step()
                 micro_losses.append(loss.detach().float())
             loss_value = _dp_mean(torch.stack(micro_losses).mean(), state)
         step_time = time.perf_counter() - step_start
+        skips = int(getattr(engine, "skipped_steps", 0))
+        if skips > skips_seen and rank0:
+            log.warning("step %d: optimizer step skipped by the loss scaler (overflow; scale now %s; %d skipped "
+                        "so far)", step, _loss_scale(engine), skips)
+        skips_seen = skips
         losses.append(loss_value)
         if not math.isfinite(loss_value):
             bad_in_a_row += 1
-            skipped += 1
             if bad_in_a_row >= t.max_bad_steps:
                 raise UserError(f"train: loss was non-finite for {bad_in_a_row} steps in a row (train.max_bad_steps="
                                 f"{t.max_bad_steps}); stopping at step {step}")
@@ -125,7 +147,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             window = (time.perf_counter() - last_log) / (t.log_every if step > 1 else 1)
             last_log = time.perf_counter()
             metrics.log(step, loss_value, engine.get_lr()[0], gn, step_time if step == 1 else window, step,
-                        extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)) + skipped})
+                        extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+                               "loss_scale": _loss_scale(engine)})
     elapsed = time.perf_counter() - run_start
     report = {
         "steps": t.steps, "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
@@ -133,7 +156,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         "zero_stage": zero_stage(ds), "precision": precision(ds), "launcher": info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
         "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),
-        "skipped_steps": int(getattr(engine, "skipped_steps", 0)) + skipped,
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
         "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"),
     }
     metrics.close()

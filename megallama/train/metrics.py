@@ -26,20 +26,16 @@ def peak_memory_bytes() -> int:
 
 def device_peak_flops(precision: str) -> tuple:
     """Dense peak FLOP/s of one rank's device and where the figure came from."""
-    try:
-        from megallama.profiling import hardware
-    except ImportError:  # TEMP until profiling.hardware lands
-        return float("nan"), "unknown"
+    from megallama.profiling import hardware
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name().lower()
-        for key in ("h200", "h100", "a100-80gb", "a100-40gb"):
-            if key.split("-")[0] in name:
-                prof = hardware.load_hardware(key)
-                return prof.peak_flops(precision), key
+        big = torch.cuda.get_device_properties(0).total_memory > 50 * 2**30
+        for marker, key in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80gb" if big else "a100-40gb")):
+            if marker in name:
+                return hardware.load_hardware(key).peak(precision), key
         return float("nan"), name
-    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
-    return hardware.measure_cpu_gemm_peak(dtype), f"cpu measured {str(dtype).split('.')[-1]} GEMM"
+    return hardware.measure_cpu_gemm_peak(precision), f"cpu measured {precision} GEMM"
 
 
 def _fmt_eta(seconds: float) -> str:

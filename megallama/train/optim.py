@@ -12,11 +12,12 @@ from megallama.config import TrainConfig
 
 
 def param_groups(named_params: Iterable, weight_decay: float) -> List[dict]:
-    """Decay matrices only: 1-D tensors (norm gains, biases) are left undecayed."""
+    """Decay matrices only: 1-D tensors (norm gains, biases) are left undecayed. ZeRO-3
+    partitions parameters into flat shards, so the logical shape is read from ``ds_shape``."""
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

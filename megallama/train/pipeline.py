@@ -49,9 +49,21 @@ class HeadPipe(nn.Module):
         return self.output(self.norm(h))  # this rank's vocab slice; the loss never gathers it
 
 
+def _pipeline_module_class():
+    from deepspeed.pipe import PipelineModule
+
+    class LlamaPipelineModule(PipelineModule):
+        def _is_checkpointable(self, funcs):
+            # recompute transformer blocks only: the embedding's input (token ids) carries no
+            # gradient, so a checkpointed chunk starting there would cut the graph
+            return all(isinstance(f, BlockPipe) for f in funcs)
+
+    return LlamaPipelineModule
+
+
 def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, partition: str,
                           checkpoint_every: int = 0, checkpoint_fn=None):
-    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.pipe import LayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     specs = [LayerSpec(EmbeddingPipe, cfg, seed)]
@@ -61,7 +73,7 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, par
     kwargs = {}
     if checkpoint_every > 0:
         kwargs = dict(activation_checkpoint_interval=checkpoint_every, activation_checkpoint_func=checkpoint_fn)
-    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels),
+    return _pipeline_module_class()(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels),
                           topology=topology,
                           partition_method="parameters" if partition == "parameters" else "type:BlockPipe",
                           **kwargs)
