@@ -99,10 +99,10 @@ def _print_text(out, layout) -> None:
         for k, v in st.items():
             if k not in ("total_bytes", "host_bytes") and v:
                 print(f"      {k:32s} {v / GiB:9.3f} GiB")
-    print("  communication per step (payload per GPU):")
-    for g, row in out["communication_per_step"].items():
-        if row["calls"]:
-            print(f"      {g:10s} {row['calls']:8.0f} calls  {row['payload_bytes'] / GiB:10.3f} GiB")
+    comm = {g: row for g, row in out["communication_per_step"].items() if row["calls"]}
+    print("  communication per step (payload per GPU):" + ("" if comm else " none (one GPU)"))
+    for g, row in comm.items():
+        print(f"      {g:10s} {row['calls']:8.0f} calls  {row['payload_bytes'] / GiB:10.3f} GiB")
     if "prediction" in out:
         p = out["prediction"]
         fit = "fits" if p["fits"] else "DOES NOT FIT"

@@ -127,8 +127,9 @@ def measure_cpu_memory_bandwidth(budget_s: float = 0.2) -> float:
 
 @lru_cache(maxsize=None)
 def cpu_profile() -> HardwareProfile:
-    """This machine as one 'GPU' node. Collectives run over gloo in shared memory, taken as half
-    the copy bandwidth; 'inter-node' is an assumed 10 Gb/s Ethernet."""
+    """This machine as one node of ``cpu_count`` 'GPUs'. Peaks are measured GEMMs (fp16 is taken
+    as the bf16 figure); collectives run over gloo in shared memory, taken as half the measured
+    copy bandwidth; 'inter-node' is an assumed 10 Gb/s Ethernet."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     bw = measure_cpu_memory_bandwidth()
     peaks = {"fp32": measure_cpu_gemm_peak("fp32"), "bf16": measure_cpu_gemm_peak("bf16")}

@@ -6,6 +6,8 @@ GPT models, vocabulary 51,200, sequence 2,048, on Selene (DGX A100 80GB, 8 GPUs 
 scatter/gather optimisation. Their TFLOP/s count ``96 B s l h^2 (1 + s/6h + V/16lh)`` per step,
 i.e. model + recomputed FLOPs, so predictions are compared on *hardware* TFLOP/s per GPU.
 Micro-batch sizes are not in the table: the planner picks the best one for each row's layout.
+Rows transcribed from the paper; cross-checks: parameter counts from the shapes round to its
+first column, and TFLOP/s x GPUs gives its aggregate PFLOP/s column (4.4 ... 502.0).
 The paper ran the interleaved 1F1B schedule; its chunk count per row is not given, so rows are
 costed with plain 1F1B (DeepSpeed's schedule), which over-states the bubble by up to (pp-1)/2m.
 """
