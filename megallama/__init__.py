@@ -8,6 +8,7 @@ _LAZY = {
     "LlamaEncoderDecoder": "megallama.model",
     "LlamaForSequenceClassification": "megallama.model",
     "build_model": "megallama.model",
+    "from_pretrained": "megallama.checkpoint.pretrained",
 }
 
 

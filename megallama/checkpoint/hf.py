@@ -1,0 +1,257 @@
+"""Hugging Face Llama checkpoints (``config.json`` + safetensors, one file or sharded) in and out.
+
+HF and megallama share RoPE's rotate-half layout, so weights map by name only: Q/K/V are
+concatenated into ``wqkv`` and gate/up into ``w13``; nothing is permuted. Only safetensors are
+read (a ``pytorch_model.bin`` is a pickle and is refused), so loading runs no code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megallama.config import ConfigError, ModelConfig
+from megallama.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer old exports saved; we recompute it
+_LAYER = {  # HF name inside model.layers.N -> megallama name inside layers.N (None: fused below)
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+
+
+def is_hf_dir(path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+
+
+# --------------------------------------------------------------------------------- config
+def _ffn_fields(dim: int, intermediate: int) -> Dict:
+    """``multiple_of``/``ffn_dim_multiplier`` that make ModelConfig.ffn_hidden_size == intermediate.
+
+    Meta's own settings are tried first (so llama-7b reads back as multiple_of=256); otherwise
+    multiple_of=intermediate with a multiplier that rounds to one multiple reproduces any width.
+    """
+    candidates = [dict(multiple_of=m, ffn_dim_multiplier=None) for m in (4096, 1024, 256, 128, 64, 32, 16, 8, 1)]
+    candidates += [dict(multiple_of=m, ffn_dim_multiplier=f) for f in (1.3, 1.5, 2.0) for m in (4096, 1024, 256)]
+    candidates.append(dict(multiple_of=intermediate, ffn_dim_multiplier=intermediate / int(8 * dim / 3)))
+    for fields in candidates:
+        if fields["multiple_of"] > 0 and ModelConfig(dim=dim, **fields).ffn_hidden_size == intermediate:
+            return fields
+    raise ConfigError(f"intermediate_size={intermediate} cannot be expressed with multiple_of/ffn_dim_multiplier "
+                      f"for hidden_size={dim}")
+
+
+def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
+    """A :class:`ModelConfig` from an HF ``LlamaConfig`` dict; unsupported variants are errors."""
+    def need(key):
+        if key not in hf:
+            raise ConfigError(f"{where}: missing '{key}' (not a Llama config)")
+        return hf[key]
+
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}; only 'llama' checkpoints convert")
+    if hf.get("tie_word_embeddings", False):
+        raise ConfigError(f"{where}: tie_word_embeddings is true; megallama keeps an untied output layer")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act is {hf['hidden_act']!r}; LLaMA's SwiGLU needs 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"{where}: {key} is true; megallama's layers have no biases")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    if scaling:
+        raise ConfigError(f"{where}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported")
+    dim, heads = need("hidden_size"), need("num_attention_heads")
+    if hf.get("head_dim") not in (None, dim // heads):
+        raise ConfigError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+    fields = dict(dim=dim, n_layers=need("num_hidden_layers"), n_heads=heads,
+                  n_kv_heads=hf.get("num_key_value_heads") or heads, vocab_size=need("vocab_size"),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                  max_seq_len=hf.get("max_position_embeddings", 2048), init_std=hf.get("initializer_range", 0.02),
+                  **_ffn_fields(dim, need("intermediate_size")))
+    try:
+        cfg = ModelConfig(**fields)
+    except Exception as exc:  # pydantic: one line
+        raise ConfigError(f"{where}: unusable Llama config ({str(exc).splitlines()[0]})") from None
+    cfg.check()
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+# -------------------------------------------------------------------------------- weights
+def _read_json(path: Path) -> Dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (listed in {INDEX})") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _hf_tensors(p: Path) -> Dict[str, torch.Tensor]:
+    if (p / INDEX).is_file():
+        weight_map = _read_json(p / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{p / INDEX}: no 'weight_map' object")
+        tensors: Dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(p / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise UserError(f"{p / INDEX}: '{missing[0]}' is not in the shard it names")
+        return tensors
+    if (p / SINGLE).is_file():
+        return _read_safetensors(p / SINGLE)
+    if any(p.glob("pytorch_model*.bin")):
+        raise UserError(f"{p}: only pickle weights (pytorch_model*.bin) found; they are not loaded because "
+                        "unpickling can run code: re-save with save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"{p}: no {SINGLE} or {INDEX}")
+
+
+def state_from_hf(tensors: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> Dict[str, torch.Tensor]:
+    """HF names -> megallama's TP=1 state dict (fusing Q/K/V and gate/up)."""
+    src = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+
+    def take(name):
+        if name not in src:
+            raise UserError(f"{where}: missing tensor '{name}'")
+        return src.pop(name)
+
+    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight"),
+           "output.weight": take("lm_head.weight")}
+    for i in range(cfg.n_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        out[me + "attention.wqkv.weight"] = torch.cat([take(hf + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        out[me + "feed_forward.w13.weight"] = torch.cat([take(hf + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
+        for hf_name, me_name in _LAYER.items():
+            out[me + me_name] = take(hf + hf_name)
+    if src:
+        raise UserError(f"{where}: unexpected tensor '{sorted(src)[0]}' (not a plain LlamaForCausalLM)")
+    check_shapes(out, cfg, where)
+    return out
+
+
+def state_to_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    q, kv, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["output.weight"]}
+    for i in range(cfg.n_layers):
+        hf, me = f"model.layers.{i}.", f"layers.{i}."
+        for x, t in zip("qkv", state[me + "attention.wqkv.weight"].split([q, kv, kv])):
+            out[hf + f"self_attn.{x}_proj.weight"] = t
+        for x, t in zip(("gate", "up"), state[me + "feed_forward.w13.weight"].split([hidden, hidden])):
+            out[hf + f"mlp.{x}_proj.weight"] = t
+        for hf_name, me_name in _LAYER.items():
+            out[hf + hf_name] = state[me + me_name]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def check_shapes(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """Every tensor has the shape the config implies (a mismatch names the tensor)."""
+    from megallama.model import LlamaForCausalLM
+    from megallama.parallel import ParallelState, layout
+
+    with layout(ParallelState()), torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg, seed=None).state_dict().items()}
+    for name, shape in expected.items():
+        got = tuple(state[name].shape) if name in state else None
+        if got != shape:
+            raise UserError(f"{where}: tensor '{name}' has shape {got}, expected {shape} from the config")
+
+
+def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """``(config, TP=1 state dict)`` from an HF Llama directory (safetensors only)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: not a directory")
+    cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+    return cfg, state_from_hf(_hf_tensors(p), cfg, str(p))
+
+
+def save_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite: bool = False,
+            max_shard_bytes: int = 5 * 2**30, tokenizer: Optional[Path] = None) -> Path:
+    """Write an HF Llama directory ``transformers.LlamaForCausalLM.from_pretrained`` reads,
+    sharded with an index beyond ``max_shard_bytes``; atomic like :func:`save_consolidated`."""
+    from safetensors.torch import save_file
+
+    if cfg.arch != "decoder":
+        raise UserError(f"model arch '{cfg.arch}' has no Hugging Face Llama equivalent (decoder only)")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_to_hf(state, cfg).items()}
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dtype = next(iter(tensors.values())).dtype
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+        if tokenizer is not None and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def n_params(state: Dict[str, torch.Tensor]) -> int:
+    return sum(math.prod(t.shape) for t in state.values())

@@ -1,0 +1,126 @@
+"""``from_pretrained(DIR)``: a ready-to-run model from any checkpoint directory megallama reads.
+
+The directory's kind is detected (consolidated, Hugging Face, Meta release, or a training
+checkpoint, which the resharding tools consolidate); everything goes through one full TP=1
+state dict, from which each TP rank keeps its own slice, so a model loads at any TP degree.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from megallama.config import ModelConfig
+from megallama.errors import UserError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def checkpoint_kind(path) -> str:
+    """'consolidated', 'hf', 'meta' or 'training' (any other directory)."""
+    from megallama.checkpoint.consolidated import is_consolidated
+    from megallama.checkpoint.hf import is_hf_dir
+    from megallama.checkpoint.meta import is_meta_dir
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: not found")
+    if not p.is_dir():
+        raise UserError(f"{p}: not a checkpoint directory")
+    if is_consolidated(p):
+        return "consolidated"
+    if is_hf_dir(p):
+        return "hf"
+    if is_meta_dir(p):
+        return "meta"
+    return "training"
+
+
+def consolidate_training(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """A training checkpoint as ``(config, full state)``, via the resharding tools."""
+    try:
+        from megallama.checkpoint.reshard import consolidate_training_checkpoint
+    except ImportError as exc:
+        if getattr(exc, "name", None) not in (None, "megallama.checkpoint.reshard"):
+            raise
+        raise UserError(f"{path}: not a consolidated, Hugging Face or Meta checkpoint, and reading training "
+                        "checkpoints is not yet supported") from None
+    return consolidate_training_checkpoint(path)
+
+
+def load_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], str]:
+    """``(config, full TP=1 state dict, kind)`` of any supported checkpoint directory."""
+    kind = checkpoint_kind(path)
+    if kind == "consolidated":
+        from megallama.checkpoint.consolidated import load_consolidated
+
+        cfg, state = load_consolidated(path)
+    elif kind == "hf":
+        from megallama.checkpoint.hf import load_hf
+
+        cfg, state = load_hf(path)
+    elif kind == "meta":
+        from megallama.checkpoint.meta import load_meta
+
+        cfg, state = load_meta(path)
+    else:
+        cfg, state = consolidate_training(path)
+    return cfg, state, kind
+
+
+def resolve_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise UserError(f"dtype '{dtype}': expected one of {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+    """Copy full weights into ``model`` built at the current TP layout, each rank its slice."""
+    from megallama.parallel import get_state
+    from megallama.parallel.layers import split_for_rank
+
+    ps = get_state()
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{extra[0]}'"
+        raise UserError(f"{where}: {what} for a {type(model).__name__}")
+    with torch.no_grad():
+        for name, param in params.items():
+            full = state[name]
+            if getattr(param, "tensor_model_parallel", False) and ps.tp > 1:
+                full = split_for_rank(full, param.tp_split_dim, param.tp_fused_sizes, ps.tp, ps.tp_rank)
+            if tuple(full.shape) != tuple(param.shape):
+                raise UserError(f"{where}: tensor '{name}' has shape {tuple(full.shape)}, expected "
+                                f"{tuple(param.shape)}")
+            param.copy_(full)
+
+
+def build_for_inference(cfg: ModelConfig, state: Dict[str, torch.Tensor], dtype=None, device=None,
+                        where: str = "checkpoint") -> torch.nn.Module:
+    """The model at the current TP layout holding ``state``, in eval mode, without gradients."""
+    from megallama.model import build_model
+
+    dtype = resolve_dtype(dtype) or next(iter(state.values())).dtype
+    model = build_model(cfg, seed=None, device=device, dtype=dtype)  # no random init: weights follow
+    load_state_for_rank(model, state, where)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def from_pretrained(path: Union[str, Path], dtype=None, device=None) -> torch.nn.Module:
+    """Load a model for inference from a consolidated, Hugging Face, Meta or training checkpoint.
+
+    ``dtype`` (a torch dtype or 'float32'/'bf16'/'fp16') defaults to the checkpoint's own. The
+    model is built at the current parallel layout: TP=1 on a single process; under an
+    initialised TP group each rank keeps its slice of the weights.
+    """
+    cfg, state, _ = load_checkpoint(path)
+    model = build_for_inference(cfg, state, dtype, device, where=str(path))
+    model.checkpoint_path = str(path)
+    return model

@@ -1,0 +1,126 @@
+"""``megallama generate --checkpoint DIR --prompt TEXT``: text from a checkpoint, on one process
+or tensor-parallel under a launcher (``torchrun --nproc_per_node 2 -m megallama generate ...``)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+NAME = "generate"
+HELP = "generate text from a checkpoint (greedy or seeded temperature/top-p sampling, KV cache, TP-aware)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="consolidated, Hugging Face, Meta or training checkpoint dir")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens at any TP")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's dtype (float32 on CPU for half precision)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _check_args(args) -> None:
+    from megallama.errors import UserError
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature: expected a value >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+
+
+def _start_distributed():
+    """TP over every launched rank (none launched: a single process, no process group)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from megallama.parallel import initialize
+    from megallama.train.distributed import detect_launcher, device_for
+
+    info = detect_launcher()
+    if info.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=info.rank,
+                                world_size=info.world_size, timeout=datetime.timedelta(seconds=300))
+    return initialize(tp=info.world_size), device_for(info.local_rank)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+
+    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint
+    from megallama.data.tokenizer import Tokenizer
+    from megallama.errors import UserError
+    from megallama.inference import generate
+
+    _check_args(args)
+    checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
+    tok_path = args.tokenizer or Path(args.checkpoint) / "tokenizer.model"
+    if not Path(tok_path).is_file():
+        raise UserError(f"{tok_path}: tokenizer model not found" +
+                        ("" if args.tokenizer else " (pass --tokenizer)"))
+    tokenizer = Tokenizer(tok_path)
+    state, device = _start_distributed()
+    try:
+        cfg, weights, _ = load_checkpoint(args.checkpoint)
+        if cfg.arch != "decoder":
+            raise UserError(f"{args.checkpoint}: generate needs a decoder-only model, got arch '{cfg.arch}'")
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                            f"is {cfg.vocab_size}")
+        if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
+            raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
+                            f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
+        dtype = None if args.dtype == "auto" else args.dtype
+        ckpt_dtype = next(iter(weights.values())).dtype
+        if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
+        del weights
+        prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+        longest = max(len(p) for p in prompts) + args.max_new_tokens
+        if longest > cfg.max_seq_len:
+            raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
+                            f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
+        start = time.perf_counter()
+        result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                          eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+                          use_cache=not args.no_kv_cache)
+        seconds = time.perf_counter() - start
+        if state.rank == 0:
+            _report(args, tokenizer, prompts, result, seconds, state.tp)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _completion(tokenizer, prompt_ids, new_ids) -> str:
+    """The continuation's text as it reads after the prompt (SentencePiece drops a leading space
+    when a piece list is decoded on its own)."""
+    full, prefix = tokenizer.decode(prompt_ids + new_ids), tokenizer.decode(prompt_ids)
+    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(new_ids)
+
+
+def _report(args, tokenizer, prompts, result, seconds: float, tp: int) -> None:
+    n_new = sum(len(t) for t in result.tokens)
+    rows = [dict(prompt=text, completion=_completion(tokenizer, ids, t), new_tokens=t, finish=f)
+            for text, ids, t, f in zip(args.prompt, prompts, result.tokens, result.finish)]
+    if args.json:
+        print(json.dumps(dict(checkpoint=str(args.checkpoint), tp=tp, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, results=rows, seconds=round(seconds, 4),
+                              tokens_per_s=round(n_new / seconds, 2) if seconds > 0 else None)))
+        return
+    for row in rows:
+        print(row["prompt"] + row["completion"])
+    sys.stderr.write(f"{n_new} new tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tok/s, TP={tp})\n")
