@@ -29,7 +29,8 @@ def decoded_docs(prefix, tok):
 
 
 def test_round_trip_jsonl(tmp_path, capsys, tok):
-    texts = sample_texts(300) + [" leading space", "trailing space ", "tabs\tand\nnew\nlines", "€ and 😀 ünïcödé"]
+    texts = sample_texts(300) + [" leading space", "trailing space ", "tabs\tand\nnew\nlines",
+                                 "€ and 😀 ünïcödé"]
     src = write_jsonl(tmp_path / "c.jsonl", texts, key="body")
     rc, out, err = cli(capsys, "preprocess", "--input", src, "--json-key", "body", "--tokenizer", tok.path,
                        "--output-prefix", tmp_path / "c", "--workers", 1)
