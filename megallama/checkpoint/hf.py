@@ -44,7 +44,8 @@ def _ffn_fields(dim: int, intermediate: int) -> Dict:
     """
     candidates = [dict(multiple_of=m, ffn_dim_multiplier=None) for m in (4096, 1024, 256, 128, 64, 32, 16, 8, 1)]
     candidates += [dict(multiple_of=m, ffn_dim_multiplier=f) for f in (1.3, 1.5, 2.0) for m in (4096, 1024, 256)]
-    candidates.append(dict(multiple_of=intermediate, ffn_dim_multiplier=intermediate / int(8 * dim / 3)))
+    # int(f * int(8d/3)) == intermediate exactly (the +0.5 absorbs float error), one multiple of itself
+    candidates.append(dict(multiple_of=intermediate, ffn_dim_multiplier=(intermediate + 0.5) / int(8 * dim / 3)))
     for fields in candidates:
         if fields["multiple_of"] > 0 and ModelConfig(dim=dim, **fields).ffn_hidden_size == intermediate:
             return fields
@@ -202,6 +203,8 @@ def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"{p}: not a directory")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p / 'config.json'}: not found (not a Hugging Face checkpoint)")
     cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
     return cfg, state_from_hf(_hf_tensors(p), cfg, str(p))
 

@@ -53,12 +53,21 @@ def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: refused: not a plain tensor checkpoint (weights-only load failed: {first})") \
-            from None
+        raise UserError(f"{path}: refused: not a plain tensor checkpoint ({_why(exc)}); it was not unpickled "
+                        "because that could run code") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a dict of tensors")
     return obj
+
+
+def _why(exc: BaseException) -> str:
+    """The informative line of torch's weights-only error (not its advice to load unsafely)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "unpickler error" in ln.lower():
+            return ln.rstrip(".")
+    return lines[0].rstrip(".") if lines and not lines[0].startswith("Weights only load failed") \
+        else type(exc).__name__
 
 
 def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
