@@ -157,3 +157,24 @@ def test_cli_bad_inputs_are_one_line(checkpoint, capsys, monkeypatch, tmp_path):
     for argv, needle in cases:
         rc, _, err = _cli(capsys, monkeypatch, "generate", "--prompt", "hi", *argv)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_cli_under_torchrun_tp2_matches_single_process(checkpoint, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    argv = ["generate", "--checkpoint", checkpoint, "--prompt", "the quick", "--prompt", "def x",
+            "--max-new-tokens", 5, "--temperature", 0.8, "--seed", 9, "--json"]
+    rc, out, err = _cli(capsys, monkeypatch, *argv)
+    assert rc == 0, err
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "megallama", *map(str, argv)], capture_output=True, text=True, cwd=root,
+                          env=dict(env, PYTHONPATH=str(root), OMP_NUM_THREADS="1"), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    tp2 = json.loads(proc.stdout.strip().splitlines()[-1])  # rank 0 alone prints
+    assert tp2["tp"] == 2 and len(proc.stdout.strip().splitlines()) == 1
+    assert [r["new_tokens"] for r in tp2["results"]] == [r["new_tokens"] for r in json.loads(out)["results"]]

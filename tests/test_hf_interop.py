@@ -93,6 +93,18 @@ def test_export_to_hf_matches_and_round_trips(tmp_path):
     assert all(torch.equal(v, state2[k]) for k, v in ours.state_dict().items())
 
 
+def test_export_casts_dtype(tmp_path):
+    from safetensors import safe_open
+
+    ref = hf_model(gqa=False)
+    ref.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert cli("convert", "--from", "hf", "--to", "hf", "--dtype", "bfloat16", "--input", tmp_path / "hf",
+               "--output", tmp_path / "bf16") == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
 def test_sharded_export_is_read_by_transformers(tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -98,7 +98,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).replace("torch.", ""),
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": str(dtype).replace("torch.", ""),
+        "torch_dtype": str(dtype).replace("torch.", ""),  # the key transformers < 4.56 reads
     }
 
 
