@@ -131,6 +131,7 @@ class TrainConfig(_Strict):
     eps: float = 1.0e-8
     grad_clip: float = 1.0
     log_every: int = 10
+    exit_at_step: Optional[int] = None  # stop early (with a checkpoint), keeping the schedule of `steps`
     eval_every: int = 0
     eval_iters: int = 10
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -208,7 +209,8 @@ class CheckpointConfig(_Strict):
     every: int = 100
     keep: int = 3
     dir: Optional[str] = None  # default: RUN_DIR/checkpoints
-    resume: bool = True
+    resume: bool = True  # continue from the newest complete checkpoint in dir
+    load: Optional[str] = None  # else start from this checkpoint (any layout, e.g. `megallama convert` output)
 
 
 class RunConfig(_Strict):

@@ -64,5 +64,5 @@ def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Opti
     assert proc.returncode == 0, f"{launcher} x{world} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
     report = json.loads((Path(run_dir) / "report.json").read_text())
-    report["stdout"] = proc.stdout
+    report["stdout"], report["stderr"] = proc.stdout, proc.stderr
     return report

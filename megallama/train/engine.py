@@ -82,19 +82,31 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
     return module
 
 
-def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device) -> Built:
+def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device,
+                 universal=None, step: int = 0) -> Built:
+    """``universal``: a :class:`UniversalReader` to start from (a checkpoint of another layout)."""
     import deepspeed
+
+    from megallama.train import universal as uni
 
     ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
     model_parallel_seed(cfg.train.seed)
     module = _build_module(cfg, state, ds, device, ckpt_fn)
+    pipeline, n_layers = state.pp > 1, cfg.model.n_layers
+    if universal is not None:
+        uni.load_weights_into_module(universal, module, state, pipeline, n_layers)
     optimizer = build_optimizer(module, cfg.train)
     # a callable: DeepSpeed builds the schedule on the optimizer it wraps ours in
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), config=ds,
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
     _record_fp32_grad_norm(engine)
-    return Built(engine=engine, module=module, pipeline=state.pp > 1)
+    if universal is not None:
+        uni.load_optimizer_state(universal, engine, module, state, pipeline, n_layers, step)
+        sched = engine.lr_scheduler
+        sched.last_epoch = step - 1
+        sched.step()  # the LR of the step about to run
+    return Built(engine=engine, module=module, pipeline=pipeline)
 
 
 def _record_fp32_grad_norm(engine) -> None:

@@ -17,6 +17,7 @@ from megallama.errors import UserError
 from megallama.parallel import initialize
 from megallama.train.distributed import detect_launcher, device_for, init_distributed
 from megallama.train.ds_config import build_ds_config, check_device_supports, precision, zero_stage
+from megallama.train import checkpoint as ckpt
 from megallama.train.engine import build_engine
 from megallama.train.metrics import MetricsLogger, device_peak_flops
 
@@ -37,6 +38,42 @@ def _prepare_data(cfg: RunConfig, rank: int):
     if box[1] is not None:
         raise UserError(box[1])
     return box[0]
+
+
+def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
+    """Rank 0 picks (and verifies) the checkpoint to start from; everyone gets the same answer."""
+    box = [None, None]
+    if rank == 0:
+        try:
+            found = ckpt.find_resumable(ckpt_dir) if cfg.checkpoint.resume and ckpt_dir.is_dir() else None
+            if found is None and cfg.checkpoint.load:
+                found = Path(cfg.checkpoint.load)
+                if (found / ckpt.LATEST).is_file():
+                    found = ckpt.find_resumable(found)
+                else:
+                    problem = ckpt.verify(found)
+                    if problem:
+                        raise UserError(f"checkpoint.load: {problem}")
+            box[0] = str(found) if found else None
+        except UserError as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return Path(box[0]) if box[0] else None
+
+
+def _check_same_model(meta, cfg: RunConfig, path: Path) -> None:
+    saved = {k: v for k, v in meta["model"].items() if k not in ("dropout",)}
+    now = {k: v for k, v in cfg.model.model_dump().items() if k not in ("dropout",)}
+    diff = sorted(k for k in now if saved.get(k) != now[k])
+    if diff:
+        raise UserError(f"checkpoint {path}: model.{diff[0]} is {saved.get(diff[0])!r} there, "
+                        f"{now[diff[0]]!r} in this config")
+
+
+def _has_native(tag_dir: Path) -> bool:
+    return any(tag_dir.glob("*model_states.pt"))
 
 
 def _pipe_batches(it, device) -> Iterator:
@@ -91,10 +128,31 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
 
     art = _prepare_data(cfg, info.rank)
     train_ds, _, _ = build_datasets(cfg, art)
-    it = MicroBatchIterator(train_ds, batch.micro, batch.accum, state.dp_rank, state.dp, consumed_samples=0,
-                            seed=t.seed)
-    built = build_engine(cfg, state, ds, device)
+    layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp,
+              "zero": zero_stage(ds), "precision": precision(ds), "world_size": info.world_size}
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+    resume = _find_start(cfg, ckpt_dir, info.rank)
+    start_step, consumed, universal = 0, 0, None
+    if resume is not None:
+        meta = ckpt.read_meta(resume)
+        _check_same_model(meta, cfg, resume)
+        start_step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+        same_layout = all(meta.get(k) == layout[k] for k in ("tp", "pp", "dp", "zero", "precision")) \
+            and _has_native(resume)
+        if not same_layout:
+            from megallama.train.universal import UniversalReader
+
+            universal = UniversalReader(resume / "universal")
+        if rank0:
+            log.info("resuming from %s at step %d (%s)", resume, start_step,
+                     "same layout: DeepSpeed checkpoint" if same_layout else "new layout: layout-free state")
+    it = MicroBatchIterator(train_ds, batch.micro, batch.accum, state.dp_rank, state.dp,
+                            consumed_samples=consumed, seed=t.seed)
+    built = build_engine(cfg, state, ds, device, universal=universal, step=start_step)
     engine = built.engine
+    if resume is not None and universal is None:
+        engine.load_checkpoint(str(resume.parent), tag=resume.name)
+        ckpt.load_rng(resume)
 
     from megallama.profiling.flops import flops_per_token
 
@@ -110,8 +168,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     faults = _fault_steps()
     losses, bad_in_a_row, skips_seen = [], 0, 0
     run_start = time.perf_counter()
-    last_log = run_start
-    for step in range(1, t.steps + 1):
+    last_log, last_logged = run_start, start_step
+    last_step = min(t.steps, t.exit_at_step or t.steps)
+    for step in range(start_step + 1, last_step + 1):
         step_start = time.perf_counter()
         if built.pipeline:
             loss = engine.train_batch(data_iter=pipe_iter)
@@ -141,17 +200,26 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
                                 f"{t.max_bad_steps}); stopping at step {step}")
         else:
             bad_in_a_row = 0
-        if step % t.log_every == 0 or step == t.steps or step == 1:
+        if step % t.log_every == 0 or step == last_step or step == start_step + 1:
             gn = engine.get_global_grad_norm()
             gn = float(gn) if gn is not None else None
-            window = (time.perf_counter() - last_log) / (t.log_every if step > 1 else 1)
-            last_log = time.perf_counter()
-            metrics.log(step, loss_value, engine.get_lr()[0], gn, step_time if step == 1 else window, step,
+            window = (time.perf_counter() - last_log) / max(1, step - last_logged)
+            last_log, last_logged = time.perf_counter(), step
+            metrics.log(step, loss_value, engine.get_lr()[0], gn, window,
+                        step - start_step,
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                                "loss_scale": _loss_scale(engine)})
+        if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
+            ckpt.save(engine, built.module, state, ckpt_dir, step,
+                      {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
+                      built.pipeline, cfg.model.n_layers, layout)
+            last_log, last_logged = time.perf_counter(), step  # keep save time out of the throughput window
     elapsed = time.perf_counter() - run_start
+    if not losses:
+        raise UserError(f"train.steps: {t.steps} already reached by the checkpoint at step {start_step}")
     report = {
-        "steps": t.steps, "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
+        "steps": t.steps, "start_step": start_step, "first_loss": losses[0], "final_loss": losses[-1],
+        "losses": losses,
         "elapsed_s": elapsed, "world_size": info.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
         "zero_stage": zero_stage(ds), "precision": precision(ds), "launcher": info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),

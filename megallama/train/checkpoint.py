@@ -1,0 +1,172 @@
+"""Crash-safe checkpoints: DeepSpeed's native files, the layout-free form, RNG and data position.
+
+A save writes into ``CKPT_DIR/TAG/``: DeepSpeed's engine checkpoint (model, optimizer, LR
+schedule, loss scaler), ``universal/`` (layout-free weights and Adam moments), one RNG file per
+rank, and ``meta.json``. Only after every rank has written and a barrier has passed does rank 0
+fsync every file, write ``manifest.json`` (sizes and SHA-256), and then atomically replace the
+``latest`` pointer. A kill at any moment therefore leaves ``latest`` on a complete checkpoint.
+Loading verifies the manifest and falls back to the newest older checkpoint that verifies.
+Assumes the checkpoint directory is shared by all ranks (as DeepSpeed's own checkpoints do).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import UserError
+from megallama.parallel import get_rng_tracker
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def rng_state() -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    for name, value in get_rng_tracker().get_states().items():
+        state[f"tracker/{name}"] = value
+    return state
+
+
+def restore_rng(state: Dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tracker = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
+    if tracker:
+        get_rng_tracker().set_states(tracker)
+
+
+def write_manifest(tag_dir: Path) -> Dict:
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {"tag": tag_dir.name, "files": entries, "time": time.time()}
+    _atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify(tag_dir: Path, checksums: bool = True) -> Optional[str]:
+    """None when ``tag_dir`` is complete and intact, else a one-line reason naming the file."""
+    mf = tag_dir / MANIFEST
+    if not mf.is_file():
+        return f"{mf}: missing (checkpoint incomplete)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{mf}: unreadable manifest"
+    for rel, entry in manifest.get("files", {}).items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"{path}: missing shard listed in the manifest"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}"
+        if checksums and _sha256(path) != entry["sha256"]:
+            return f"{path}: checksum mismatch (corrupted)"
+    return None
+
+
+def list_tags(ckpt_dir: Path) -> List[Path]:
+    return sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def find_resumable(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names if it verifies, else the newest older one that does."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    named = ckpt_dir / pointer.read_text().strip()
+    problem = verify(named) if named.is_dir() else f"{named}: missing (named by {pointer})"
+    if problem is None:
+        return named
+    for tag in list_tags(ckpt_dir):
+        if tag.name < named.name and verify(tag) is None:
+            log.warning("%s; falling back to %s", problem, tag)
+            return tag
+    raise UserError(f"checkpoint: {problem}; no earlier complete checkpoint to fall back to")
+
+
+def prune(ckpt_dir: Path, keep: int, current: Path) -> None:
+    """Keep the newest ``keep`` complete checkpoints; drop older and abandoned ones."""
+    complete = [t for t in list_tags(ckpt_dir) if (t / MANIFEST).is_file()]
+    for tag in complete[keep:]:
+        shutil.rmtree(tag, ignore_errors=True)
+    for tag in list_tags(ckpt_dir):
+        if not (tag / MANIFEST).is_file() and tag.name < current.name:
+            shutil.rmtree(tag, ignore_errors=True)
+
+
+def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, keep: int, pipeline: bool,
+         n_layers: int, meta: Dict) -> Path:
+    """Collective: every rank must call. Returns the checkpoint directory."""
+    from megallama.train.universal import save_universal
+
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    rank = dist.get_rank()
+    if rank == 0 and tag_dir.exists():  # an abandoned attempt at this step: start clean
+        shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    save_universal(engine, module, state, tag_dir / "universal", pipeline, n_layers, meta)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    delay = float(os.environ.get("MEGALLAMA_FAULT_SLOW_SAVE_S", "0") or 0)  # fault-injection window
+    if delay:
+        time.sleep(delay)
+    dist.barrier()
+    if rank == 0:
+        (tag_dir / "meta.json").write_text(json.dumps({**meta, "step": step, **client_state}, indent=1))
+        write_manifest(tag_dir)
+        _atomic_write(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep, tag_dir)
+        log.info("checkpoint %s written (latest)", tag_dir)
+    dist.barrier()
+    return tag_dir
+
+
+def read_meta(tag_dir: Path) -> Dict:
+    return json.loads((tag_dir / "meta.json").read_text())
+
+
+def load_rng(tag_dir: Path) -> None:
+    path = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
+    if path.is_file():
+        restore_rng(torch.load(path, weights_only=True))

@@ -1,0 +1,185 @@
+"""Layout-free training state: fp32 weights and Adam moments under canonical parameter names.
+
+DeepSpeed's native checkpoint is tied to the layout that wrote it (ZeRO partitions, TP and PP
+ranks). Beside it every save writes this form: each (pipeline stage, TP rank) pair's data-parallel
+rank 0 writes its TP shard of every parameter, un-partitioned over ZeRO (DeepSpeed's
+``safe_get_full_*`` collectives), under the name the TP=1 unpipelined model uses, with each
+parameter's TP split recorded. Any other layout rebuilds its own shards from these files, so
+training resumes at a new TP/PP/DP/ZeRO layout with optimizer state intact.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megallama.errors import UserError
+from megallama.parallel import ParallelState
+from megallama.parallel.layers import merge_tp_shards, split_for_rank
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
+
+
+def canonical_params(module: torch.nn.Module, pipeline: bool, n_layers: int) -> List[Tuple[str, torch.nn.Parameter]]:
+    """``(name in the TP=1 unpipelined model, parameter)`` for this rank's parameters."""
+    out = []
+    for name, p in module.named_parameters():
+        if pipeline:
+            m = _PIPE_NAME.match(name)
+            if not m:
+                raise RuntimeError(f"unexpected pipeline parameter name {name}")
+            idx, rest = int(m.group(1)), m.group(2)
+            name = rest if idx == 0 or idx == n_layers + 1 else f"layers.{idx - 1}.{rest}"
+        out.append((name, p))
+    return out
+
+
+def _split_info(p) -> Dict:
+    if getattr(p, "tensor_model_parallel", False):
+        return {"split_dim": p.tp_split_dim, "fused_sizes": list(p.tp_fused_sizes)}
+    return {"split_dim": None, "fused_sizes": None}
+
+
+def _full_over_dp(engine, p, key=None) -> torch.Tensor:
+    """This TP rank's shard of ``p`` (or an Adam moment), whole over ZeRO partitions."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    if value is not None:
+        return value.detach().float().cpu()
+    if key is None:  # ZeRO-0 fp32: the parameter is its own master copy
+        return p.detach().float().cpu()
+    state = engine.optimizer.state.get(p, {}) if hasattr(engine.optimizer, "state") else {}
+    if key not in state and engine.optimizer.__class__.__name__.startswith("FP16"):
+        raise UserError("checkpoint: fp16 without ZeRO keeps optimizer state DeepSpeed cannot export; "
+                        "use ZeRO stage >= 1 with fp16")
+    return state[key].detach().float().cpu() if key in state else torch.zeros(p.shape)
+
+
+def relink_optimizer_fragments(engine) -> None:
+    """DeepSpeed links each parameter to its optimizer-state fragments once, right after the first
+    step of the first param group, so later groups (our undecayed norms) stay unlinked. Relink."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def save_universal(engine, module, state: ParallelState, out_dir: Path, pipeline: bool, n_layers: int,
+                   meta: Dict) -> List[Path]:
+    """Collective over every rank; returns the files this rank wrote."""
+    from safetensors.torch import save_file
+
+    relink_optimizer_fragments(engine)
+    tensors, index = {}, {}
+    for name, p in canonical_params(module, pipeline, n_layers):
+        tensors[name] = _full_over_dp(engine, p)
+        for key in MOMENTS:
+            tensors[f"{name}::{key}"] = _full_over_dp(engine, p, key)
+        index[name] = _split_info(p)
+    written = []
+    if state.dp_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"pp{state.pp_rank:02d}-tp{state.tp_rank:02d}"
+        path = out_dir / f"{stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        (out_dir / f"{stem}.index.json").write_text(json.dumps(index))
+        written += [path, out_dir / f"{stem}.index.json"]
+        if state.rank == 0:
+            (out_dir / "layout.json").write_text(json.dumps({**meta, "tp": state.tp, "pp": state.pp, "dp": state.dp}))
+            written.append(out_dir / "layout.json")
+    return written
+
+
+class UniversalReader:
+    """Reads full logical tensors out of a universal directory written at any layout."""
+
+    def __init__(self, src: Path):
+        from safetensors import safe_open
+
+        self.src = Path(src)
+        layout_file = self.src / "layout.json"
+        if not layout_file.is_file():
+            raise UserError(f"{layout_file}: not found (not a layout-free checkpoint)")
+        self.layout = json.loads(layout_file.read_text())
+        self.index: Dict[str, Dict] = {}
+        self.files: Dict[str, List] = {}
+        for idx_file in sorted(self.src.glob("pp*-tp*.index.json")):
+            stem = idx_file.name[: -len(".index.json")]
+            tp_rank = int(stem.split("-tp")[1])
+            handle = safe_open(str(self.src / f"{stem}.safetensors"), framework="pt")
+            for name, info in json.loads(idx_file.read_text()).items():
+                self.index[name] = info
+                self.files.setdefault(name, [None] * self.layout["tp"])[tp_rank] = handle
+
+    def names(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def full(self, name: str, key: str = None) -> torch.Tensor:
+        if name not in self.index:
+            raise UserError(f"{self.src}: parameter '{name}' missing from the checkpoint")
+        tensor_name = name if key is None else f"{name}::{key}"
+        info, handles = self.index[name], self.files[name]
+        if info["split_dim"] is None:
+            return handles[0].get_tensor(tensor_name)
+        if any(h is None for h in handles):
+            raise UserError(f"{self.src}: a TP shard of '{name}' is missing")
+        return merge_tp_shards([h.get_tensor(tensor_name) for h in handles], info["split_dim"], info["fused_sizes"])
+
+
+def local_shard(reader: UniversalReader, name: str, p, state: ParallelState, key: str = None) -> torch.Tensor:
+    full = reader.full(name, key)
+    if getattr(p, "tensor_model_parallel", False):
+        return split_for_rank(full, p.tp_split_dim, p.tp_fused_sizes, state.tp, state.tp_rank)
+    return full
+
+
+def load_weights_into_module(reader: UniversalReader, module, state: ParallelState, pipeline: bool,
+                             n_layers: int) -> None:
+    """Before ``deepspeed.initialize``: this rank's weights from the layout-free files."""
+    import deepspeed
+
+    for name, p in canonical_params(module, pipeline, n_layers):
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+            with torch.no_grad():
+                p.data.copy_(local_shard(reader, name, p, state).to(p.dtype))
+
+
+def load_optimizer_state(reader: UniversalReader, engine, module, state: ParallelState, pipeline: bool,
+                         n_layers: int, step: int) -> None:
+    """After ``deepspeed.initialize``: exact fp32 masters and Adam moments for this rank."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _ensure_optimizer_state(engine, step)
+    relink_optimizer_fragments(engine)
+    opt = engine.optimizer
+    for name, p in canonical_params(module, pipeline, n_layers):
+        master = local_shard(reader, name, p, state)
+        moments = {k: local_shard(reader, name, p, state, k) for k in MOMENTS}
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, master.to(p.device))
+            for k, v in moments.items():
+                safe_set_full_optimizer_state(p, v.to(p.device), k)
+        else:  # ZeRO-0 fp32: torch's AdamW holds the state of the parameter itself
+            for k, v in moments.items():
+                opt.state[p][k].copy_(v)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _ensure_optimizer_state(engine, step: int) -> None:
+    """Adam's state exists only after a first step; create it (zeros, ``step``) so it can be set."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    for group in base.param_groups:
+        for p in group["params"]:
+            st = base.state[p]
+            for k in MOMENTS:
+                if k not in st:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] = torch.tensor(float(step))

@@ -1,0 +1,95 @@
+"""Save/resume: exact continuation at the same layout, continuation at another layout, and a
+kill in the middle of a save never leaves `latest` on an incomplete checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megallama.train.checkpoint import verify
+from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
+
+BASE = ["deepspeed.zero_optimization.stage=1", "train.steps=6", "checkpoint.every=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_run_config(tmp, data_cache)
+    return cfg, run_train(cfg, BASE + [f"run_dir={tmp / 'ref'}"])["losses"]
+
+
+def _first_half(cfg, run_dir, world=1, extra=()):
+    return run_train(cfg, BASE + ["train.exit_at_step=3", f"run_dir={run_dir}", *extra], world=world)
+
+
+def test_resume_same_layout_is_exact(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    run_dir = tmp_path / "run"
+    first = _first_half(cfg, run_dir)
+    second = run_train(cfg, BASE + [f"run_dir={run_dir}"])
+    assert second["start_step"] == 3
+    assert first["losses"] + second["losses"] == ref  # bit-exact in fp32 on CPU
+
+
+@pytest.mark.parametrize("world,layout", [(2, ["deepspeed.zero_optimization.stage=2"]), (2, ["parallel.tp=2"]),
+                                          (2, ["parallel.pp=2"])])
+def test_resume_at_another_layout_continues(uninterrupted, tmp_path, world, layout):
+    cfg, ref = uninterrupted
+    run_dir = tmp_path / "run"
+    _first_half(cfg, run_dir)
+    second = run_train(cfg, BASE + [f"run_dir={run_dir}"] + layout, world=world)
+    assert second["start_step"] == 3
+    for a, b in zip(second["losses"], ref[3:]):
+        assert abs(a - b) < 2e-4 * b, (second["losses"], ref[3:])
+
+
+def test_kill_mid_save_keeps_latest_complete_and_resume_reproduces(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    e = env()
+    e["MEGALLAMA_FAULT_SLOW_SAVE_S"] = "30"
+    args = ["train", str(cfg)] + [x for o in BASE + ["checkpoint.every=2", f"run_dir={run_dir}"] for x in ("--set", o)]
+    proc = subprocess.Popen(launch_cmd("none", 1) + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    # the save of step 2 sleeps inside its window: kill there, before its manifest exists
+    while not (ckpt / "step00000002" / "universal" / "layout.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt / "latest").exists()  # nothing complete yet: no pointer at all
+    assert verify(ckpt / "step00000002") is not None
+
+    # a clean run to step 4 (latest = step 4), then a kill mid-save of step 6
+    run_train(cfg, BASE + ["train.exit_at_step=4", "checkpoint.every=2", f"run_dir={run_dir}"])
+    assert (ckpt / "latest").read_text() == "step00000004"
+    proc = subprocess.Popen(launch_cmd("none", 1) + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    while not (ckpt / "step00000006" / "universal" / "layout.json").exists():
+        assert proc.poll() is None and time.time() < deadline + 180, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpt / "latest").read_text() == "step00000004" and verify(ckpt / "step00000004") is None
+    resumed = run_train(cfg, BASE + ["checkpoint.every=2", f"run_dir={run_dir}"])
+    assert resumed["start_step"] == 4 and resumed["losses"] == ref[4:]
+
+
+def test_corrupted_latest_falls_back_to_previous(uninterrupted, tmp_path):
+    cfg, ref = uninterrupted
+    run_dir = tmp_path / "run"
+    run_train(cfg, BASE + ["train.exit_at_step=4", "checkpoint.every=2", f"run_dir={run_dir}"])
+    shard = run_dir / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = run_train(cfg, BASE + ["checkpoint.every=2", f"run_dir={run_dir}"])
+    assert resumed["start_step"] == 2 and resumed["losses"] == ref[2:]
+    assert "checksum mismatch" in resumed["stderr"] and "falling back" in resumed["stderr"]
