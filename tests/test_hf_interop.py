@@ -174,12 +174,6 @@ def test_meta_settings_are_recovered():
     assert ModelConfig(dim=8192, **_ffn_fields(8192, 28672)).ffn_hidden_size == 28672  # llama-2-70b
 
 
-def _cli_subprocess(*argv):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "megallama", *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
-
-
 def _assert_one_line(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -199,12 +193,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "exists"], ["exists", "--overwrite"]),
         (["--from", "meta", "--input", tmp_path / "empty", "--output", tmp_path / "o4"], ["params.json"]),
     ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-m", "megallama", "convert", *map(str, argv)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-             for argv, _ in cases]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for argv, _ in cases]  # the CLI in subprocesses, side by side
     for proc, (argv, needles) in zip(procs, cases):
         out, err = proc.communicate(timeout=120)
-        proc.stderr_text = err
         _assert_one_line(subprocess.CompletedProcess(argv, proc.returncode, out, err), *needles)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert list((tmp_path / "exists").iterdir()) == []

@@ -69,10 +69,11 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"{where}: {key} is true; megallama's layers have no biases")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
-    if scaling:
-        raise ConfigError(f"{where}: rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not supported")
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+    for scaling in (rope, hf.get("rope_scaling") or {}):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"{where}: rope scaling {kind!r} is not supported (plain RoPE only)")
     dim, heads = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, dim // heads):
         raise ConfigError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
