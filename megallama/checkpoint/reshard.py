@@ -1,0 +1,175 @@
+"""Training checkpoints at any layout -> any other layout, or -> the consolidated hub.
+
+Every training checkpoint carries a layout-free ``universal/`` part (see
+``megallama.train.universal``): full-over-ZeRO fp32 weights and Adam moments per TP shard under
+canonical names. Re-sharding merges the TP shards and splits them again for the target TP
+degree; the pipeline degree only decides file grouping, since names are already unpipelined.
+The result is a checkpoint directory (``latest`` + one tag) that ``megallama train`` resumes at
+the new layout (set ``checkpoint.load`` to it), optimizer state and data position included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from megallama.config import ConfigError, ModelConfig, RunConfig
+from megallama.errors import UserError
+from megallama.parallel.layers import split_for_rank
+
+
+def resolve_checkpoint(path) -> Path:
+    """A tag directory that verifies: ``path`` itself, or what its ``latest`` names."""
+    from megallama.train import checkpoint as ckpt
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: not found")
+    if (p / ckpt.LATEST).is_file():
+        return ckpt.find_resumable(p)
+    if (p / "checkpoints" / ckpt.LATEST).is_file():
+        return ckpt.find_resumable(p / "checkpoints")
+    problem = ckpt.verify(p)
+    if problem:
+        raise UserError(problem)
+    return p
+
+
+def consolidate_training_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """``(model config, full fp32 state dict)`` of a training checkpoint at any layout."""
+    from megallama.train.universal import UniversalReader
+
+    tag = resolve_checkpoint(path)
+    reader = UniversalReader(tag / "universal")
+    cfg = ModelConfig.model_validate(reader.layout["model"])
+    return cfg, {name: reader.full(name) for name in reader.names()}
+
+
+def _stage_of(name: str, n_layers: int, pp: int) -> int:
+    if name.startswith("layers."):
+        return int(name.split(".")[1]) // (n_layers // pp)
+    return 0 if name.startswith("tok_embeddings") else pp - 1
+
+
+def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
+    """Write a checkpoint directory at ``tp`` x ``pp`` from any training checkpoint."""
+    from safetensors.torch import save_file
+
+    from megallama.train import checkpoint as ckpt
+    from megallama.train.universal import MOMENTS, UniversalReader
+
+    tag = resolve_checkpoint(src)
+    reader = UniversalReader(tag / "universal")
+    cfg = ModelConfig.model_validate(reader.layout["model"])
+    try:
+        RunConfig(model=cfg, parallel={"tp": tp, "pp": pp}, train={"seq_len": min(64, cfg.max_seq_len)}).check_layout()
+    except ConfigError as exc:
+        raise UserError(f"--tp/--pp: {exc}") from None
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        dst = tmp / tag.name / "universal"
+        dst.mkdir(parents=True)
+        files: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
+        index: Dict[Tuple[int, int], Dict] = {}
+        for name in reader.names():
+            info = reader.index[name]
+            stage = _stage_of(name, cfg.n_layers, pp)
+            for key in (None,) + MOMENTS:
+                full = reader.full(name, key)
+                tname = name if key is None else f"{name}::{key}"
+                for r in range(tp):
+                    if info["split_dim"] is None:
+                        if r:
+                            continue
+                        part = full
+                    else:
+                        part = split_for_rank(full, info["split_dim"], info["fused_sizes"], tp, r)
+                    files.setdefault((stage, r), {})[tname] = part.contiguous()
+                    index.setdefault((stage, r), {})[name] = info
+        for (stage, r), tensors in files.items():
+            stem = f"pp{stage:02d}-tp{r:02d}"
+            save_file(tensors, str(dst / f"{stem}.safetensors"))
+            (dst / f"{stem}.index.json").write_text(json.dumps(index[(stage, r)]))
+        layout = {**reader.layout, "tp": tp, "pp": pp, "dp": None, "zero": None, "resharded_from": str(tag)}
+        (dst / "layout.json").write_text(json.dumps(layout))
+        meta = json.loads((tag / "meta.json").read_text())
+        meta.update(tp=tp, pp=pp, dp=None, zero=None)
+        (tmp / tag.name / "meta.json").write_text(json.dumps(meta, indent=1))
+        ckpt.write_manifest(tmp / tag.name)
+        (tmp / ckpt.LATEST).write_text(tag.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _split_index(cfg: ModelConfig) -> Dict[str, Dict]:
+    """How each parameter splits across TP ranks, read off a meta-device build."""
+    from megallama.model import build_model
+    from megallama.parallel import ParallelState, layout
+    from megallama.train.universal import _split_info
+
+    with layout(ParallelState()), torch.device("meta"):
+        model = build_model(cfg, seed=None)
+    return {name: _split_info(p) for name, p in model.named_parameters()}
+
+
+def convert_training_checkpoint(args) -> int:
+    """``megallama convert --input CKPT --output OUT [--tp T --pp P] [--to hf]``."""
+    from megallama.checkpoint.consolidated import is_consolidated
+
+    if is_consolidated(args.input):  # pretrained weights -> a step-0 training checkpoint at a layout
+        out = from_consolidated(args.input, args.output, args.tp, args.pp, overwrite=args.overwrite)
+    elif getattr(args, "to_format", "megallama") == "hf":
+        from megallama.checkpoint.hf import save_hf
+
+        cfg, state = consolidate_training_checkpoint(args.input)
+        save_hf(state, cfg, args.output, overwrite=args.overwrite)
+        print(f"wrote Hugging Face checkpoint {args.output}")
+        return 0
+    else:
+        out = reshard(args.input, args.output, args.tp, args.pp, overwrite=args.overwrite)
+    print(f"wrote {out} at tp={args.tp} pp={args.pp}; train from it with --set checkpoint.load={out}")
+    return 0
+
+
+def from_consolidated(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
+    """A step-0 training checkpoint (zero Adam moments) holding consolidated weights."""
+    from safetensors.torch import save_file
+
+    from megallama.checkpoint.consolidated import load_consolidated
+    from megallama.train import checkpoint as ckpt
+    from megallama.train.universal import MOMENTS
+
+    cfg, state = load_consolidated(src)
+    tmp = Path(tempfile.mkdtemp(prefix=".consolidated-as-training-"))
+    try:
+        tag = tmp / ckpt.tag_for(0)
+        (tag / "universal").mkdir(parents=True)
+        tensors = {}
+        for name, value in state.items():
+            tensors[name] = value.float()
+            for key in MOMENTS:
+                tensors[f"{name}::{key}"] = torch.zeros_like(value, dtype=torch.float32)
+        save_file(tensors, str(tag / "universal" / "pp00-tp00.safetensors"))
+        (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(_split_index(cfg)))
+        layout = {"model": cfg.model_dump(), "tp": 1, "pp": 1, "dp": None, "zero": None}
+        (tag / "universal" / "layout.json").write_text(json.dumps(layout))
+        (tag / "meta.json").write_text(json.dumps({**layout, "step": 0, "consumed_samples": 0}))
+        ckpt.write_manifest(tag)
+        (tmp / ckpt.LATEST).write_text(tag.name)
+        return reshard(tmp, out, tp, pp, overwrite=overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
