@@ -76,6 +76,15 @@ def _has_native(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*model_states.pt"))
 
 
+def _evaluate(engine, built, dataset, batch, state, device, iters: int) -> Dict[str, Any]:
+    """Validation loss over ``iters`` global batches' worth of samples."""
+    from megallama.train.evaluate import perplexity, pipeline_loss
+
+    if built.pipeline:
+        return pipeline_loss(engine, dataset, batch.micro, batch.accum, state, device, iters)
+    return perplexity(engine.module, dataset, batch.micro, device, state, max_samples=iters * batch.global_)
+
+
 def _pipe_batches(it, device) -> Iterator:
     for tokens in it:
         tokens = tokens.to(device, non_blocking=True)
@@ -127,7 +136,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     from megallama.data import MicroBatchIterator, build_datasets
 
     art = _prepare_data(cfg, info.rank)
-    train_ds, _, _ = build_datasets(cfg, art)
+    train_ds, valid_ds, _ = build_datasets(cfg, art)
     layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp,
               "zero": zero_stage(ds), "precision": precision(ds), "world_size": info.world_size}
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
@@ -209,6 +218,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
                         step - start_step,
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                                "loss_scale": _loss_scale(engine)})
+        if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
+            metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters))
+            last_log, last_logged = time.perf_counter(), step
         if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
             ckpt.save(engine, built.module, state, ckpt_dir, step,
                       {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,

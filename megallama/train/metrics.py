@@ -96,6 +96,18 @@ class MetricsLogger:
         sys.stdout.flush()
         return record
 
+    def log_eval(self, step: int, result: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "eval_loss": result["loss"], "eval_ppl": result["perplexity"],
+                  "eval_tokens": result["tokens"], "time": time.time()}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("eval/loss", result["loss"], step)
+        sys.stdout.write(f"eval at step {step}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} "
+                         f"over {result['tokens']:,} tokens\n")
+        sys.stdout.flush()
+
     def close(self) -> None:
         if self._file:
             self._file.close()

@@ -1,0 +1,86 @@
+"""``megallama eval``: perplexity of a checkpoint on a split of the run's data or on token files."""
+from __future__ import annotations
+
+import json
+import sys
+
+NAME = "eval"
+HELP = "perplexity of a checkpoint (any layout) on a validation split or on given token files"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="training, consolidated, Hugging Face or Meta checkpoint")
+    p.add_argument("--config", help="run config whose data (and split) to evaluate on")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", nargs="+", metavar="PREFIX", help="Megatron .bin/.idx prefixes to evaluate instead")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="valid")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the config's train.seq_len, else 256")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (world size must be a multiple)")
+    p.add_argument("--json", action="store_true")
+
+
+def _dataset(args, model_cfg, rank):
+    from megallama.errors import UserError
+
+    if args.data:
+        from megallama.data import IndexedTokens
+        from megallama.data.packing import PackedDataset
+
+        seq = args.seq_len or min(256, model_cfg.max_seq_len - 1)
+        sets = [PackedDataset(IndexedTokens(p), (0, len(IndexedTokens(p))), seq) for p in args.data]
+        if len(sets) > 1:
+            from megallama.data import BlendedDataset
+
+            return BlendedDataset(sets, [float(len(s)) for s in sets], seed=(0,)), "files"
+        return sets[0], "files"
+    if not args.config:
+        raise UserError("--config or --data: say what to evaluate on")
+    from megallama.config import load_run_config
+    from megallama.data import build_datasets
+    from megallama.train.loop import _prepare_data
+
+    overrides = list(args.overrides) + ([f"train.seq_len={args.seq_len}"] if args.seq_len else [])
+    cfg = load_run_config(args.config, overrides)
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    train, valid, test = build_datasets(cfg, _prepare_data(cfg, rank))
+    return {"train": train, "valid": valid, "test": test}[args.split], args.split
+
+
+def run(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from megallama.checkpoint.pretrained import build_for_inference, load_checkpoint
+    from megallama.config import RunConfig
+    from megallama.errors import UserError
+    from megallama.parallel import initialize
+    from megallama.train.distributed import detect_launcher, device_for, init_distributed
+    from megallama.train.evaluate import perplexity
+
+    info = detect_launcher()
+    if info.world_size % args.tp:
+        raise UserError(f"--tp: world size {info.world_size} is not a multiple of {args.tp}")
+    model_cfg, state_dict, kind = load_checkpoint(args.checkpoint)
+    RunConfig(model=model_cfg, parallel={"tp": args.tp}, train={"seq_len": 8}).check_layout()
+    init_distributed(info=info)
+    state = initialize(tp=args.tp)
+    device = device_for(info.local_rank)
+    model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint)
+    dataset, split = _dataset(args, model_cfg, info.rank)
+    if len(dataset) == 0:
+        raise UserError(f"--split {split}: no samples of {getattr(dataset, 'seq_len', '?')}+1 tokens there "
+                        "(give that split a larger data.split share, or shorten --seq-len)")
+    result = perplexity(model, dataset, args.micro_batch_size, device, state, args.max_samples)
+    result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=state.tp, dp=state.dp)
+    if info.rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            sys.stdout.write(f"{split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
+                             f"{result['tokens']:,} tokens ({result['samples']} samples)\n")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

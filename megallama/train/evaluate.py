@@ -1,0 +1,59 @@
+"""Perplexity over a dataset, split across data-parallel ranks, at any TP layout."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def _batches(indices, size):
+    for i in range(0, len(indices), size):
+        yield indices[i:i + size]
+
+
+@torch.no_grad()
+def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Optional[int] = None) -> Dict:
+    """Token-weighted mean loss and its exponential. Each DP rank takes every dp-th sample, so
+    the result is the same at any layout (up to float summation order)."""
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    n -= n % state.dp  # equal work per rank: ZeRO-3 gathers are collective
+    if n == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "samples": 0}
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    for chunk in _batches(list(range(state.dp_rank, n, state.dp)), micro_batch):
+        tokens = torch.stack([torch.as_tensor(dataset[i]) for i in chunk]).to(device)
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        count = tokens[:, 1:].numel()
+        sums += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
+    if dist.is_initialized() and state.dp > 1:
+        dist.all_reduce(sums, group=state.dp_group)
+    model.train(was_training)
+    loss = (sums[0] / sums[1]).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(sums[1].item()), "samples": n}
+
+
+@torch.no_grad()
+def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, batches: int) -> Dict:
+    """Mean loss of ``batches`` pipeline eval batches (DeepSpeed's ``eval_batch``)."""
+    per_batch = micro_batch * accum * state.dp
+    usable = min(batches, len(dataset) // per_batch)
+    if usable == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "samples": 0}
+
+    def micro_batches():
+        for b in range(usable):
+            for m in range(accum):
+                start = b * per_batch + (m * state.dp + state.dp_rank) * micro_batch
+                t = torch.stack([torch.as_tensor(dataset[i]) for i in range(start, start + micro_batch)]).to(device)
+                yield t[:, :-1], t[:, 1:]
+
+    it = micro_batches()
+    losses = [engine.eval_batch(it).item() for _ in range(usable)]
+    loss = sum(losses) / len(losses)
+    seq = len(dataset[0]) - 1
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": usable * per_batch * seq,
+            "samples": usable * per_batch}
