@@ -83,15 +83,20 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
 
 
 def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device,
-                 universal=None, step: int = 0) -> Built:
-    """``universal``: a :class:`UniversalReader` to start from (a checkpoint of another layout)."""
+                 universal=None, step: int = 0, module: torch.nn.Module = None) -> Built:
+    """``universal``: a :class:`UniversalReader` to start from (a checkpoint of another layout);
+    ``module``: a model built by the caller (e.g. a classifier for fine-tuning) instead of the LM."""
     import deepspeed
 
     from megallama.train import universal as uni
 
     ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
     model_parallel_seed(cfg.train.seed)
-    module = _build_module(cfg, state, ds, device, ckpt_fn)
+    if module is None:
+        module = _build_module(cfg, state, ds, device, ckpt_fn)
+    else:
+        module = module.to(device)
+        _apply_checkpointing(module, cfg, ckpt_fn)
     pipeline, n_layers = state.pp > 1, cfg.model.n_layers
     if universal is not None:
         uni.load_weights_into_module(universal, module, state, pipeline, n_layers)

@@ -1,0 +1,60 @@
+"""Fine-tuning a classification head on a pre-trained tiny trunk beats chance clearly."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def trunk(tmp_path_factory, data_cache):
+    tmp = tmp_path_factory.mktemp("ft")
+    cfg = tiny_run_config(tmp, data_cache)
+    run_train(cfg, ["train.steps=2", "checkpoint.every=2", f"run_dir={tmp / 'pre'}"])
+    tokenizer = next(data_cache.rglob("tokenizer.model"))
+    rng = random.Random(0)
+    words = (["def", "return", "import", "class", "self"], ["while", "for", "yield", "lambda", "break"])
+    with open(tmp / "task.jsonl", "w") as f:
+        for i in range(240):
+            label = i % 2
+            f.write(json.dumps({"text": " ".join(rng.choice(words[label]) for _ in range(6)),
+                                "label": ["code", "loop"][label]}) + "\n")
+    return cfg, tmp, tokenizer
+
+
+def _finetune(cfg, tmp, tokenizer, world=1, *extra):
+    args = ["finetune", str(cfg), "--pretrained", str(tmp / "pre" / "checkpoints"), "--data", str(tmp / "task.jsonl"),
+            "--tokenizer", str(tokenizer), "--holdout", "0.25", "--set", "train.steps=30", "--set", "train.lr=2e-3",
+            "--set", "train.seq_len=16", "--set", "train.micro_batch_size=8", "--set", "train.global_batch_size=16",
+            "--set", f"run_dir={tmp / 'ft'}", *extra]
+    return subprocess.run(launch_cmd("none" if world == 1 else "torchrun", world) + args, capture_output=True,
+                          text=True, env=env(), cwd=ROOT, timeout=600)
+
+
+def test_finetune_beats_chance(trunk):
+    r = _finetune(*trunk)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["held_out"] == 60 and report["labels"] == ["code", "loop"]
+    assert report["accuracy"] >= 0.85 > report["majority_baseline"] + 0.2, report
+    assert report["final_loss"] < report["first_loss"]
+
+
+def test_finetune_tp2_runs_and_learns(trunk):
+    r = _finetune(*trunk, 2, "--set", "parallel.tp=2", "--set", "train.global_batch_size=8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["accuracy"] >= 0.85
+
+
+def test_finetune_bad_jsonl_names_the_line(trunk, tmp_path):
+    cfg, tmp, tokenizer = trunk
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 0}\n{"txt": "b", "label": 1}\n')
+    r = subprocess.run(launch_cmd("none", 1) + ["finetune", str(cfg), "--pretrained", str(tmp / "pre" / "checkpoints"),
+                                                "--data", str(bad), "--tokenizer", str(tokenizer)],
+                       capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert r.returncode == 2 and f"{bad}:2: expected keys 'text' and 'label'" in r.stderr
+    assert "Traceback" not in r.stderr
