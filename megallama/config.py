@@ -137,7 +137,8 @@ class TrainConfig(_Strict):
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     compile: bool = False
-    dist_timeout_s: int = 300
+    dist_timeout_s: int = 300  # collective timeout of the process group
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared dead (0: no watchdog)
 
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""

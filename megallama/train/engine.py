@@ -115,11 +115,31 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
 
 
 def _record_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's ZeRO-0 fp32 path clips but drops the norm it computed; keep it for the logs."""
+    """DeepSpeed's ZeRO-0 fp32 path clips but drops the norm it computed, and applies a step
+    with NaN/inf gradients (its ZeRO and fp16 optimizers skip those). Keep the norm for the
+    logs, and mark a non-finite one as an overflow: the engine then skips the update and the LR
+    step and counts it in ``skipped_steps``, as it does for its own optimizers."""
+    import math
+
     from deepspeed.runtime.utils import clip_grad_norm_
 
-    def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    opt = engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "overflow"):
+        return  # a DeepSpeed optimizer: it detects overflow itself
 
+    def clip_and_record():
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = norm
+        opt.overflow = not math.isfinite(float(norm))
+
+    real_step = opt.step
+
+    def guarded_step(*args, **kwargs):
+        if getattr(opt, "overflow", False):
+            return None
+        return real_step(*args, **kwargs)
+
+    opt.overflow = False
+    opt.step = guarded_step
     engine.clip_fp32_gradients = clip_and_record

@@ -20,6 +20,7 @@ from megallama.train.ds_config import build_ds_config, check_device_supports, pr
 from megallama.train import checkpoint as ckpt
 from megallama.train.engine import build_engine
 from megallama.train.metrics import MetricsLogger, device_peak_flops
+from megallama.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,22 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     ds = build_ds_config(cfg, info.world_size)
     check_device_supports(ds)
     init_distributed(cfg.train.dist_timeout_s, info)
+    watchdog = None
+    if info.world_size > 1 and cfg.train.heartbeat_timeout_s > 0:
+        watchdog = Watchdog(cfg.run_dir, info.rank, info.world_size, cfg.train.heartbeat_timeout_s).start()
+    try:
+        return _train(cfg, info, ds)
+    except (RuntimeError, OSError) as exc:
+        problem = watchdog.wait_for_dead_rank() if watchdog else None
+        if problem:  # a collective failed because a peer died: say which, in one line
+            raise UserError(f"{problem}; stopping (collective failed: {str(exc).splitlines()[0][:120]})") from None
+        raise
+    finally:
+        if watchdog:
+            watchdog.stop()
+
+
+def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     state = initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel)
     device = device_for(info.local_rank)
     t = cfg.train
@@ -198,8 +215,9 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
         step_time = time.perf_counter() - step_start
         skips = int(getattr(engine, "skipped_steps", 0))
         if skips > skips_seen and rank0:
-            log.warning("step %d: optimizer step skipped by the loss scaler (overflow; scale now %s; %d skipped "
-                        "so far)", step, _loss_scale(engine), skips)
+            scale = _loss_scale(engine)
+            log.warning("step %d: optimizer step skipped: non-finite gradients%s (%d skipped so far)", step,
+                        f" (loss scaler overflow; scale now {scale})" if scale else "", skips)
         skips_seen = skips
         losses.append(loss_value)
         if not math.isfinite(loss_value):
