@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""One training step of megallama's LlamaForCausalLM against transformers' LlamaForCausalLM.
+
+Both models are built from one config with identical weights (megallama.checkpoint.hf mapping),
+run the same batch under bf16 autocast (fp32 master weights) with the same AdamW recipe and
+gradient clipping 1.0, and are timed alternately (A B, B A, ...) after warm-up in one process.
+HF gets what ``transformers.Trainer`` uses by default on torch >= 2.8: ``AdamW(fused=True)``.
+Then our model through the DeepSpeed engine (ZeRO-1, world size 1) against our plain loop.
+
+usage: python benchmarks/peer_step.py [--dim 768] [--layers 8] [--seq 512] [--mbs 4] [--rounds 6]
+       [--compile] [--no-deepspeed] [--no-rss] [--profile benchmarks/results/peer_step_profile_after.txt]
+Writes benchmarks/results/peer_step.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+AMP = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def model_config(a):
+    from megallama.config import ModelConfig
+
+    return ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
+                       multiple_of=256, max_seq_len=a.seq, norm_eps=1e-5)
+
+
+def train_config(a):
+    from megallama.config import TrainConfig
+
+    return TrainConfig(seq_len=a.seq, micro_batch_size=a.mbs, lr=3e-4, warmup_steps=0, steps=1000, seed=1)
+
+
+def build_ours(a):
+    from megallama.model import build_model
+    from megallama.model.compile import maybe_compile
+    from megallama.train.optim import build_optimizer
+
+    model = build_model(model_config(a), seed=1)
+    maybe_compile(model, a.compile)
+    return model, build_optimizer(model, train_config(a))
+
+
+def build_hf(a, ours):
+    """transformers' Llama with our weights, and AdamW as HF's Trainer builds it by default."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megallama.checkpoint.hf import config_to_hf, state_to_hf
+    from megallama.train.optim import param_groups
+
+    cfg = model_config(a)
+    hf_cfg = LlamaConfig(**{**config_to_hf(cfg, torch.float32), "attn_implementation": "sdpa"})
+    hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict({k: v.detach().clone() for k, v in state_to_hf(ours.state_dict(), cfg).items()}, strict=True)
+    t = train_config(a)
+    opt = torch.optim.AdamW(param_groups(hf.named_parameters(), t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                            eps=t.eps, fused=True)
+    return hf.train(), opt
+
+
+def forward_loss(model, x, y, hf: bool):
+    if hf:  # shift_labels: HF's loss takes y as already-shifted targets, exactly our labels
+        return model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+    return model(x, labels=y)
+
+
+def train_step(model, opt, x, y, hf: bool) -> float:
+    with torch.autocast(**AMP):
+        loss = forward_loss(model, x, y, hf)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def batch(a, vocab):
+    tok = torch.randint(0, vocab, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+
+
+def gemm_peak(budget_s: float = 2.0, n: int = 2048) -> float:
+    """Best bf16 FLOP/s of an n x n x n GEMM over about ``budget_s`` (longer than the trainer's)."""
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    torch.mm(a, b)
+    best, spent = float("inf"), 0.0
+    while spent < budget_s:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t0
+        spent, best = spent + dt, min(best, dt)
+    return 2.0 * n ** 3 / best
+
+
+def alternate(fns: dict, rounds: int, warmup: int) -> dict:
+    """Median seconds per call of each fn, called A B / B A alternately after ``warmup`` rounds."""
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(warmup + rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
+
+
+def static_bytes(model, opt) -> int:
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) + state)
+
+
+def step_peak_bytes(fn) -> int:
+    """Peak of live torch CPU allocations during ``fn`` above what was live when it started: the
+    running sum of the profiler's allocation/free events (CPU's max_memory_allocated)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    ev = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, n in ev:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+def rss_child(a, which: str) -> int:
+    """ru_maxrss (bytes) of a fresh process that builds one model and runs 3 steps."""
+    code = (f"import sys, resource; sys.argv=['x']+{sys.argv[1:]!r}; sys.path.insert(0, {str(ROOT)!r});"
+            f"import benchmarks.peer_step as p; p.rss_main({which!r})")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def rss_main(which: str) -> None:
+    import resource
+
+    a = parse_args()
+    model, opt = build_ours(a)
+    if which == "hf":
+        hf, opt = build_hf(a, model)
+        del model
+        model = hf
+    x, y = batch(a, a.vocab)
+    for _ in range(3):
+        train_step(model, opt, x, y, which == "hf")
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def deepspeed_vs_plain(a, x, y) -> dict:
+    from megallama.config import load_run_config
+    from megallama.parallel import initialize
+    from megallama.train.distributed import init_distributed
+    from megallama.train.ds_config import build_ds_config
+    from megallama.train.engine import build_engine
+
+    m = model_config(a)
+    cfg = load_run_config(data={"model": m.model_dump(), "deepspeed": {"zero_optimization": {"stage": 1}},
+                                "train": train_config(a).model_dump(exclude={"activation_checkpointing"})})
+    init_distributed()
+    engine = build_engine(cfg, initialize(), build_ds_config(cfg, 1), torch.device("cpu")).engine
+    plain, opt = build_ours(a)
+
+    def ds_step():
+        with torch.autocast(**AMP):
+            loss = engine(x, labels=y)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    first = {"deepspeed": float(ds_step()), "plain": float(train_step(plain, opt, x, y, False))}
+    t = alternate({"deepspeed": ds_step, "plain": lambda: train_step(plain, opt, x, y, False)}, a.rounds, 1)
+    return {"first_loss": first, "timing": t, "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] /
+            t["plain"]["median_s"]}
+
+
+def profile_table(path: Path, steps: dict, rounds: int) -> None:
+    """Self CPU time by operator per step, the models profiled alternately; then torch's own
+    table for the last profiled step of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = {k: {} for k in steps}
+    last = {}
+    for i in range(rounds):
+        for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[name]()
+            last[name] = prof.key_averages()
+            for e in last[name]:
+                per[name][e.key] = per[name].get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / rounds
+    names = list(steps)
+    keys = sorted(set().union(*per.values()), key=lambda k: -max(per[n].get(k, 0.0) for n in names))
+    lines = [f"{'operator (self CPU ms per step, mean of ' + str(rounds) + ' alternated steps)':<64}"
+             + "".join(f"{n:>12}" for n in names),
+             f"{'TOTAL':<64}" + "".join(f"{sum(per[n].values()):12.1f}" for n in names)]
+    lines += [f"{k[:63]:<64}" + "".join(f"{per[n].get(k, 0.0):12.1f}" for n in names) for k in keys[:45]]
+    parts = ["\n".join(lines)] + [f"==== {n}: last profiled step, by operator ====\n" + last[n].table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) for n in names]
+    path.write_text(f"{' '.join(sys.argv)}\nload average {os.getloadavg()}\n\n" + "\n\n".join(parts))
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6, help="timed A/B rounds after warm-up")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our blocks (train.compile)")
+    ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--no-rss", action="store_true", help="skip the ru_maxrss subprocesses")
+    ap.add_argument("--profile", type=Path, default=None, help="write a by-operator profile table here and stop")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_step.json")
+    return ap.parse_args(argv)
+
+
+def main() -> int:
+    from megallama.profiling.flops import flops_per_token
+
+    a = parse_args()
+    torch.manual_seed(0)
+    load0 = os.getloadavg()
+    peak0 = gemm_peak()
+    ours, opt = build_ours(a)
+    hf, hf_opt = build_hf(a, ours)
+    x, y = batch(a, a.vocab)
+    with torch.no_grad():  # fp32 forward: same function, tight tolerance
+        l32 = float(forward_loss(ours, x, y, False)), float(forward_loss(hf, x, y, True))
+    first = float(train_step(ours, opt, x, y, False)), float(train_step(hf, hf_opt, x, y, True))
+    assert abs(l32[0] - l32[1]) < 1e-4 * abs(l32[1]), f"fp32 losses differ: {l32}"
+    assert abs(first[0] - first[1]) < 2e-2 * abs(first[1]), f"bf16 first-step losses differ: {first}"
+    steps = {"megallama": lambda: train_step(ours, opt, x, y, False), "hf": lambda: train_step(hf, hf_opt, x, y, True)}
+    if a.profile:
+        profile_table(a.profile, steps, a.rounds)
+        return 0
+    t = alternate(steps, a.rounds, a.warmup)
+    mem = {k: step_peak_bytes(fn) for k, fn in steps.items()}
+    static = {"megallama": static_bytes(ours, opt), "hf": static_bytes(hf, hf_opt)}
+    peak = max(peak0, gemm_peak())
+    load1 = os.getloadavg()
+    tokens = a.mbs * a.seq
+    fl = flops_per_token(model_config(a), a.seq).model
+    tps = {k: tokens / v["median_s"] for k, v in t.items()}
+    res = {
+        "command": "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix()
+                                         if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "loadavg_start": load0, "loadavg_end": load1},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "loss_fp32": l32, "first_step_loss_bf16": first,
+        "tokens_per_step": tokens, "model_flops_per_token": fl,
+        "timing": t, "tokens_per_s": tps, "speedup_vs_hf": tps["megallama"] / tps["hf"],
+        "gemm_peak_bf16_flops": peak,
+        "model_tflops": {k: v * fl / 1e12 for k, v in tps.items()},
+        "fraction_of_gemm_peak": {k: v * fl / peak for k, v in tps.items()},
+        "memory": {"what": "static = params+buffers+optimizer state; step_peak = profiler-tracked peak of live "
+                           "torch allocations above static during one step; total = static + step_peak",
+                   "static_bytes": static, "step_peak_bytes": mem,
+                   "total_peak_bytes": {k: static[k] + mem[k] for k in mem}},
+    }
+    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, load avg {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"losses fp32 {l32[0]:.5f} vs {l32[1]:.5f}; first bf16 step {first[0]:.4f} vs {first[1]:.4f}")
+    for k in steps:
+        print(f"{k:>10}: {t[k]['median_s'] * 1e3:8.1f} ms/step  {tps[k]:8.1f} tok/s  "
+              f"{res['model_tflops'][k]:.3f} TFLOP/s = {res['fraction_of_gemm_peak'][k]:.1%} of bf16 GEMM peak "
+              f"{peak / 1e12:.3f} TFLOP/s; peak memory {res['memory']['total_peak_bytes'][k] / 2**20:,.0f} MiB "
+              f"(step {mem[k] / 2**20:,.0f} MiB)")
+    print(f"speedup megallama / HF: {res['speedup_vs_hf']:.3f}x (target >= 1.25)")
+    if not a.no_rss:
+        res["memory"]["ru_maxrss_bytes"] = {k: rss_child(a, k) for k in ("megallama", "hf")}
+        print("ru_maxrss (fresh process, 3 steps): " + ", ".join(
+            f"{k} {v / 2**20:,.0f} MiB" for k, v in res["memory"]["ru_maxrss_bytes"].items()))
+    if not a.no_deepspeed:
+        res["deepspeed"] = d = deepspeed_vs_plain(a, x, y)
+        print(f"DeepSpeed ZeRO-1 (world 1) / plain loop step time: {d['ratio_deepspeed_over_plain']:.3f} "
+              f"(first losses {d['first_loss']['deepspeed']:.4f} vs {d['first_loss']['plain']:.4f})")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
