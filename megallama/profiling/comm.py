@@ -19,9 +19,13 @@ tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on t
 * pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
   Megatron's scatter/gather), per micro-batch per neighbour. GPT's tied embedding adds one
   all-reduce of its gradient between the first and last stage per step.
-* dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduce-scatter + all-gather of updated
-  params once per step; ZeRO-2 reduce-scatters every micro-batch; ZeRO-3 all-gathers the
-  params in forward and again in backward every micro-batch and reduce-scatters every one.
+* dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
+  the updated params; ZeRO-2 reduces every micro-batch (DeepSpeed 0.19 all-reduces each
+  partition's slice of a bucket, so the wire carries an all-reduce's bytes, not a
+  reduce-scatter's -- measured on a gloo run); ZeRO-3 all-gathers the
+  params in forward every micro-batch, again in backward those farther than
+  ``stage3_max_reuse_distance`` from their backward use (:func:`zero3_backward_gather`), and
+  reduce-scatters every micro-batch.
   DeepSpeed's bf16 pipeline optimizer (ZeRO "0") all-reduces, then all-gathers the params.
 
 DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
@@ -42,7 +46,7 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
-from megallama.profiling.memory import params_per_rank
+from megallama.profiling.memory import REUSE_DISTANCE, params_per_rank, zero3_backward_gather
 
 GROUPS = ("tp", "pp", "dp", "embedding")
 REDUCE_BUCKET = 5e8      # DeepSpeed reduce_bucket_size / allgather_bucket_size (elements)
@@ -127,7 +131,7 @@ def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: 
     return Collective(group, op, total_bytes / calls, times * calls, phase, what)
 
 
-def _dp_collectives(spec, layout: Layout, stage: int) -> List[Collective]:
+def _dp_collectives(spec, layout: Layout, stage: int, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
     if layout.dp == 1:
         return []
     m, w = layout.grad_accum, layout.dtype_bytes
@@ -143,23 +147,30 @@ def _dp_collectives(spec, layout: Layout, stage: int) -> List[Collective]:
         return [reduce("all_reduce", 1, "grads"), gather_params]
     if z == 0:
         return [reduce("all_reduce", 1, "grads")]
-    if z == 1:
-        return [reduce("reduce_scatter", 1, "grads"), gather_params]
+    if z == 1:   # DeepSpeed all-reduces each partition's slice of a bucket (no reduce-scatter)
+        return [reduce("all_reduce", 1, "grads"), gather_params]
     if z == 2:
-        return [reduce("reduce_scatter", m, "grads, every micro-batch"), gather_params]
+        return [reduce("all_reduce", m, "grads, every micro-batch"), gather_params]
     blocks = spec.n_layers // layout.pp
-    return [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, 2 * m, "overlap",
-                      "params, forward and backward", min_calls=blocks),
-            _bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap", "grads, every micro-batch")]
+    out = [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, m, "overlap", "params, forward",
+                     min_calls=blocks)]
+    again = zero3_backward_gather(spec, layout.tp, layout.pp, stage, reuse_distance)
+    if again:
+        out.append(_bucketed("dp", "all_gather", again * w, again, PREFETCH_BUCKET, m, "overlap",
+                             "params, again in backward", min_calls=max(1, round(blocks * again / n_params))))
+    out.append(_bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap",
+                         "grads, every micro-batch"))
+    return out
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
-                scatter_gather: bool = False) -> List[Collective]:
+                scatter_gather: bool = False, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
     """Every collective one rank of ``stage`` issues in a step (``scatter_gather``: Megatron's
-    pipeline send of ``1/t`` of the activation per TP rank; DeepSpeed sends it whole)."""
+    pipeline send of ``1/t`` of the activation per TP rank; DeepSpeed sends it whole;
+    ``reuse_distance``: DeepSpeed's ``stage3_max_reuse_distance``)."""
     spec = as_spec(model)
     return (_tp_collectives(spec, layout, seq, stage, impl) + _pp_collectives(spec, layout, seq, stage, scatter_gather)
-            + _dp_collectives(spec, layout, stage))
+            + _dp_collectives(spec, layout, stage, reuse_distance))
 
 
 def group_size(layout: Layout, group: str) -> int:
@@ -174,11 +185,11 @@ def wire_bytes(c: Collective, n: int) -> float:
 
 
 def collective_bytes_per_step(model: SpecLike, layout: Layout, seq: int, stage: int = 0,
-                              impl: ActivationImpl = ActivationImpl(),
-                              scatter_gather: bool = False) -> Dict[str, Dict[str, float]]:
+                              impl: ActivationImpl = ActivationImpl(), scatter_gather: bool = False,
+                              reuse_distance: float = REUSE_DISTANCE) -> Dict[str, Dict[str, float]]:
     """Per group: ``calls``, ``payload_bytes`` and ring ``wire_bytes`` per step on one rank."""
     out = {g: {"calls": 0.0, "payload_bytes": 0.0, "wire_bytes": 0.0} for g in GROUPS}
-    for c in collectives(model, layout, seq, stage, impl, scatter_gather):
+    for c in collectives(model, layout, seq, stage, impl, scatter_gather, reuse_distance):
         row = out[c.group]
         row["calls"] += c.calls
         row["payload_bytes"] += c.calls * c.payload_bytes

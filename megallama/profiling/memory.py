@@ -4,19 +4,24 @@ Model states follow what DeepSpeed (0.19) allocates. With ``P`` the parameters t
 after TP/PP splitting, ``N`` the data-parallel size, ``w`` the model dtype's bytes (2 for
 bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
 
-| ZeRO | params  | grads   | optimizer (fp32 master if mixed or ZeRO 1/2 + Adam m, v) |
-|------|---------|---------|-----------------------------------------------------------|
-| 0    | w P     | w P     | (4 [mixed] + 8) P      (FP16_Optimizer keeps a full master)|
-| 1    | w P     | w P     | (4 + 8) P / N          (stage 1/2 always clone a master)  |
-| 2    | w P     | w P / N | (4 + 8) P / N                                             |
-| 3    | w P / N | w P / N | (4 [mixed] + 8) P / N  (fp32 ZeRO-3 updates the params)   |
+| ZeRO | params  | grads   | optimizer (fp32 master if mixed or ZeRO >= 1, + Adam m, v) |
+|------|---------|---------|-------------------------------------------------------------|
+| 0    | w P     | w P     | (4 [mixed] + 8) P      (FP16_Optimizer keeps a full master)  |
+| 1    | w P     | w P     | (4 + 8) P / N          (stages 1-3 always clone a master,    |
+| 2    | w P     | w P / N | (4 + 8) P / N           fp32 runs included)                  |
+| 3    | w P / N | w P / N | (4 + 8) P / N                                               |
 
 bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards like stage 1
 (``Layout.effective_zero``). ``step_buffers``: the fp32 gradient copy the optimizer step
-materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1/2 mixed), freed after the step.
+materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1-3 in any precision: ZeRO
+flattens the partition's gradients into a new tensor for the master), freed after the step.
 ``buffers``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, default
-5e8, twice with ``overlap_comm``) at stages 1/2; at stage 0 the flattened all-reduce bucket;
-at stage 3 the gathered parameters of the two blocks in flight (current + prefetch).
+5e8, twice with ``overlap_comm``) at stages 1/2, plus the flattened copy of the slice being
+all-reduced (at most a bucket, at most a partition); at stage 0 the flattened all-reduce bucket
+(``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says);
+at stage 3 one bucket plus the parameters gathered at the end of forward: those kept for
+backward (:func:`zero3_backward_gather`) and the block in use. These figures were checked
+storage by storage against a DeepSpeed engine (tests/test_profiling_measured.py).
 ``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
 """
@@ -31,10 +36,12 @@ from megallama.profiling.flops import layer_params
 from megallama.profiling.layout import DTYPE_BYTES, Layout
 
 DEFAULT_REDUCE_BUCKET = int(5e8)
+ALLREDUCE_BUCKET = int(5e8)   # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (ZeRO-0, BF16_Optimizer)
+REUSE_DISTANCE = 1e9     # DeepSpeed stage3_max_reuse_distance (elements)
 
 
 # ------------------------------------------------------------------------------ parameters
-def _layer_params_per_rank(spec: ArchSpec, tp: int, kind: str) -> float:
+def layer_params_per_rank(spec: ArchSpec, tp: int, kind: str) -> float:
     """One block on one TP rank: split matrices and column biases / tp; norms, row biases whole."""
     n_attn = 2 if kind == "cross" else 1
     replicated = (3 if kind == "cross" else 2) * spec.norm_params
@@ -48,12 +55,12 @@ def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0) -> f
     spec = as_spec(model)
     encdec = spec.arch == "encoder_decoder"
     d, v = spec.dim, spec.vocab_size
-    n = spec.n_layers // pp * _layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
+    n = spec.n_layers // pp * layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
     if stage == 0:
         n += v * d / tp * (2 if encdec and not spec.shared_enc_dec_embedding else 1)
         n += spec.max_seq_len * d if spec.learned_positions else 0
         if encdec:
-            n += spec.n_encoder_layers * _layer_params_per_rank(spec, tp, "encoder") + spec.norm_params
+            n += spec.n_encoder_layers * layer_params_per_rank(spec, tp, "encoder") + spec.norm_params
     if stage == pp - 1:
         n += spec.norm_params
         if not spec.tied_embeddings or pp > 1:   # tied + pipeline: the last stage keeps a copy
@@ -67,10 +74,39 @@ def params_per_rank(model: SpecLike, tp: int = 1, pp: int = 1, stage: Optional[i
     return max(stage_params(model, tp, pp, s) for s in stages)
 
 
+def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0,
+                          reuse_distance: float = REUSE_DISTANCE) -> float:
+    """Parameters (elements, this rank) ZeRO-3 gathers again for backward.
+
+    DeepSpeed keeps a gathered parameter for its backward use when fewer than
+    ``stage3_max_reuse_distance`` elements are fetched in between: the parameters after it in
+    forward, then the same again in backward, ``2 * after``. So the tail of the model (the
+    head, the last blocks) stays gathered; a model smaller than half the distance is never
+    re-gathered (counted per block, in forward order).
+    """
+    spec = as_spec(model)
+    encdec = spec.arch == "encoder_decoder"
+    parts: List[float] = []
+    if stage == 0:
+        parts.append(spec.vocab_size * spec.dim / tp)
+        if encdec:
+            parts += [layer_params_per_rank(spec, tp, "encoder")] * spec.n_encoder_layers
+    parts += [layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")] * (spec.n_layers // pp)
+    if stage == pp - 1:
+        parts.append(spec.norm_params + spec.vocab_size * spec.dim / tp)
+    after, total = 0.0, 0.0
+    for n in reversed(parts):
+        if 2 * after >= reuse_distance:
+            total += n
+        after += n
+    return total
+
+
 # ---------------------------------------------------------------------------- model states
 def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
                       offload: bool = False, stage: Optional[int] = None, overlap_comm: Optional[bool] = None,
-                      reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET) -> Dict[str, float]:
+                      reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET,
+                      reuse_distance: float = REUSE_DISTANCE) -> Dict[str, float]:
     """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
     module docstring for the table. ``stage`` None: the stage holding the most parameters."""
     spec = as_spec(model)
@@ -78,11 +114,11 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
     z, w, mixed = layout.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
     p = params_per_rank(spec, tp, pp, stage)
     n = float(dp)
-    master = 4 if (mixed or z in (1, 2)) else 0
+    master = 4 if (mixed or z >= 1) else 0         # ZeRO 1-3 always clone an fp32 master partition
     params = w * p / (n if z == 3 else 1)
     grads = w * p / (n if z >= 2 else 1)
     optimizer = (master + 8) * p / (n if z >= 1 else 1)
-    step = 4 * p / (n if z >= 1 else 1) if mixed and z < 3 else 0.0
+    step = 4 * p / n if z >= 1 else (4 * p if mixed else 0.0)   # ZeRO copies the partition's grads
     host = 0.0
     if offload:
         host = optimizer + 4 * p / n               # states + the fp32 gradient partition
@@ -90,13 +126,15 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         if z >= 2:
             grads = 0.0                             # reduced partitions are copied straight to host
     overlap = (z == 3) if overlap_comm is None else overlap_comm
-    if z in (1, 2):
-        buffers = reduce_bucket_elements * w * (2 if overlap else 1)
-    elif z == 0:
-        buffers = min(p, reduce_bucket_elements) * w
-    else:
-        layers = spec.n_layers // pp
-        buffers = min(2, layers) * _layer_params_per_rank(spec, tp, "decoder") * w
+    if z in (1, 2):   # the bucket(s), and the flattened copy of one partition's slice being all-reduced
+        buffers = reduce_bucket_elements * w * (2 if overlap else 1) + min(reduce_bucket_elements, p / n) * w
+    elif z == 0:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
+        buffers = min(p, ALLREDUCE_BUCKET) * w
+    else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward
+        st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s))
+        kept = p - zero3_backward_gather(spec, tp, pp, st, reuse_distance)
+        gathered = min(p, kept + layer_params_per_rank(spec, tp, "decoder"))
+        buffers = (reduce_bucket_elements + gathered) * w
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": float(buffers),
             "step_buffers": step, "host": host}
 

@@ -1,0 +1,197 @@
+"""A measured run: the trainer's building blocks, one step at a time, with instruments attached.
+
+``megallama profile`` and the measurement tests both go through here, so what the tests hold
+against the cost models is what the command reports. :func:`setup` composes the trainer's parts
+(launcher detection, process groups, the DeepSpeed config, ``megallama.parallel``,
+``build_engine``, the data iterator) without the trainer's logging and checkpointing;
+:func:`run_step` runs one optimizer step (DeepSpeed's pipeline schedule when ``pp > 1``) under
+whichever instruments are given: a :class:`Timeline` (seconds per phase / pipeline instruction,
+which also tells a :class:`SavedTensorMeter` when backward runs), a ``CommMeter``, a
+``SavedTensorMeter`` and a ``ModelStateMeter``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+# pipeline instructions that are the stage's own compute (the rest of the schedule is waiting
+# for or exchanging with neighbours, i.e. bubble when the stages are balanced)
+PIPE_COMPUTE = ("ForwardPass", "BackwardPass")
+PIPE_AFTER = ("ReduceGrads", "ReduceTiedGrads", "OptimizerStep")   # after the schedule proper
+
+
+@dataclass
+class Session:
+    cfg: Any
+    info: Any
+    state: Any
+    ds: Dict[str, Any]
+    engine: Any
+    module: torch.nn.Module
+    pipeline: bool
+    device: torch.device
+    accum: int
+    batches: Iterator[torch.Tensor]
+    pipe_iter: Optional[Iterator] = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.micro_batch_size * self.accum * self.state.dp * self.cfg.train.seq_len
+
+
+def random_batches(cfg, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Uniform random tokens ``[mbs, seq+1]``: enough to measure bytes and time, no data files."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1), generator=g)
+
+
+def data_batches(cfg, state, accum: int) -> Iterator[torch.Tensor]:
+    """The run's real data: rank 0 prepares the token files, every rank reads its DP share."""
+    from megallama.data import MicroBatchIterator, build_datasets, prepare_data
+    from megallama.errors import UserError
+
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = prepare_data(cfg)
+        except UserError as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    train_ds, _, _ = build_datasets(cfg, box[0])
+    return MicroBatchIterator(train_ds, cfg.train.micro_batch_size, accum, state.dp_rank, state.dp, seed=cfg.train.seed)
+
+
+def setup(cfg, batches: Optional[Iterator[torch.Tensor]] = None) -> Session:
+    """Start (or join) the process group, build the layout's groups and engine, open the data.
+
+    ``batches``: token batches to use instead of the run's data (tests pass random ones).
+    """
+    from megallama.parallel import initialize
+    from megallama.train.distributed import detect_launcher, device_for, init_distributed
+    from megallama.train.ds_config import build_ds_config, check_device_supports
+    from megallama.train.engine import build_engine
+
+    info = detect_launcher()
+    cfg.check_layout(info.world_size)
+    ds = build_ds_config(cfg, info.world_size)
+    check_device_supports(ds)
+    init_distributed(cfg.train.dist_timeout_s, info)   # joins an initialised group as it is
+    state = initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel)
+    device = device_for(info.local_rank)
+    accum = cfg.train.batch_layout(state.dp).accum
+    built = build_engine(cfg, state, ds, device)
+    if batches is None:
+        batches = data_batches(cfg, state, accum)
+    return Session(cfg, info, state, ds, built.engine, built.module, built.pipeline, device, accum,
+                   (b.to(device, non_blocking=True) for b in batches))
+
+
+class Timeline:
+    """Seconds per phase of a step; sets ``saved.in_backward`` while backward runs."""
+
+    def __init__(self, saved=None, sync: Optional[bool] = None):
+        self.saved = saved
+        self.sync = torch.cuda.is_available() if sync is None else sync
+        self.seconds: Dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str):
+        backward = name in ("backward", "BackwardPass")
+        if backward and self.saved is not None:
+            self.saved.in_backward = True
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.seconds[name] += self.now() - start
+            if backward and self.saved is not None:
+                self.saved.in_backward = False
+
+    def pipeline_bubble(self) -> Optional[float]:
+        """Share of this stage's pipeline schedule not spent in its own forward/backward passes."""
+        schedule = sum(v for k, v in self.seconds.items() if k not in PIPE_AFTER and k != "step")
+        if "ForwardPass" not in self.seconds or schedule <= 0:
+            return None
+        return 1.0 - sum(self.seconds[k] for k in PIPE_COMPUTE) / schedule
+
+
+@contextmanager
+def _timed_pipeline(engine, timeline: Timeline):
+    """Time each pipeline instruction (DeepSpeed looks them up in ``_INSTRUCTION_MAP``)."""
+    base = type(engine)._INSTRUCTION_MAP
+
+    def timed(kind, fn):
+        def run(self, **kwargs):
+            with timeline.phase(kind.__name__):
+                return fn(self, **kwargs)
+        return run
+
+    engine._INSTRUCTION_MAP = {kind: timed(kind, fn) for kind, fn in base.items()}
+    try:
+        yield
+    finally:
+        del engine._INSTRUCTION_MAP
+
+
+def _pipe_iter(batches: Iterator[torch.Tensor]):
+    for tokens in batches:
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def run_step(s: Session, timeline: Optional[Timeline] = None, saved=None, states=None) -> float:
+    """One optimizer step; returns this rank's loss (the pipeline's last stage reports it).
+
+    ``saved`` (a ``SavedTensorMeter``) is marked and ``states`` (a ``ModelStateMeter``)
+    snapshotted after each micro-batch's forward (non-pipeline runs), when both peak.
+    """
+    timeline = timeline or Timeline(saved)
+    if s.pipeline:
+        if s.pipe_iter is None:
+            s.pipe_iter = _pipe_iter(s.batches)
+        with _timed_pipeline(s.engine, timeline), timeline.phase("step"):
+            return float(s.engine.train_batch(data_iter=s.pipe_iter))
+    losses = []
+    with timeline.phase("step"):
+        for _ in range(s.accum):
+            tokens = next(s.batches)
+            with timeline.phase("forward"):
+                loss = s.engine(tokens[:, :-1], labels=tokens[:, 1:])
+            if saved is not None:
+                saved.mark("forward")
+            if states is not None:
+                states.snapshot("after_forward")
+            with timeline.phase("backward"):
+                s.engine.backward(loss)
+            with timeline.phase("optimizer"):
+                s.engine.step()
+            losses.append(float(loss.detach()))
+    return sum(losses) / len(losses)
+
+
+def census(s: Session) -> Dict[str, Any]:
+    """One step under every byte-counting instrument (slow; not timed): collective payloads per
+    group, live saved-activation bytes (end of forward, peak, recompute working set) and the
+    engine's model-state bytes per category, on this rank."""
+    from megallama.profiling.measure import ModelStateMeter, SavedTensorMeter
+    from megallama.profiling.measure_comm import CommMeter
+
+    with SavedTensorMeter(s.module) as saved, CommMeter(s.state) as comm, ModelStateMeter(s.engine, s.module) as ms:
+        run_step(s, Timeline(saved, sync=False), saved, ms)
+    return {"rank": s.state.rank, "stage": s.state.pp_rank, "collectives": comm.by_group(),
+            "collective_calls": comm.table(), "model_states": ms.result(),
+            "activations": {"forward_end": saved.marks.get("forward", 0), "peak": saved.peak,
+                            "recompute_working": saved.backward_peak}}
