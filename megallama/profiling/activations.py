@@ -192,12 +192,26 @@ def activation_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1,
 def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
                             recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
                             kind: str = "decoder") -> float:
-    """Extra bytes alive while one recomputed block runs its backward (one block at a time)."""
+    """New bytes alive while one recomputed block runs its backward (one block at a time).
+
+    Selective: what the core re-creates (its dropped tensors) plus a second copy of its output,
+    which the recomputed kernel saves for its own backward while the forward's copy stays
+    saved as the output projection's input. Full: the block's whole saved set, less the block
+    input when the first norm saves that very storage (a fused norm, or an fp32 run where the
+    composite norm's upcast is a no-op) and the checkpoint kept it whole (no
+    ``partition_activations``). Measured against DeepSpeed runs (tests/test_profiling_measured.py).
+    """
     if recompute == "none":
         return 0.0
-    full = activation_bytes_per_layer(model, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind)
-    kept = activation_bytes_per_layer(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind)
-    return full - kept if recompute == "selective" else full
+    spec = as_spec(model)
+    n, t, p = seq * mbs, tp, dtype_bytes
+    full = activation_bytes_per_layer(spec, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind)
+    if recompute == "selective":
+        kept = activation_bytes_per_layer(spec, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind)
+        cores = 2 if kind == "cross" else 1
+        return full - kept + cores * n * spec.dim / t * p
+    shared = (impl.norm == "fused" or p == STAT_BYTES) and not impl.partition_activations
+    return full - (n * spec.dim / (tp if sp else 1) * p if shared else 0.0)
 
 
 def first_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,

@@ -17,7 +17,8 @@ tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on t
   values, and with SP one all-reduce per norm of its gain's gradient (``megallama.model``'s
   RMSNorm routes the gain through copy-to-TP). Checked call for call against a gloo TP=2 run.
 * pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
-  Megatron's scatter/gather), per micro-batch per neighbour. GPT's tied embedding adds one
+  Megatron's scatter/gather; DeepSpeed's pipeline engine also sends ``1/t`` under TP and adds
+  TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. GPT's tied embedding adds one
   all-reduce of its gradient between the first and last stage per step.
 * dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
   the updated params; ZeRO-2 reduces every micro-batch (DeepSpeed 0.19 all-reduces each
@@ -96,6 +97,9 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
         if sp:
             out.append(Collective("tp", "all_gather", act, m, "microbatch", "lm head input"))
         out.append(Collective("tp", "all_reduce", seq * layout.mbs * 4, 3 * m, "microbatch", "loss max/target/sum"))
+    if layout.recompute == "full" and impl.partition_activations and not sp:
+        # DeepSpeed keeps 1/t of each checkpointed block input and all-gathers it back in backward
+        out.append(Collective("tp", "all_gather", act, m * blocks, "microbatch", "partitioned checkpoint inputs"))
     if sp:  # each RMSNorm routes its gain through copy-to-TP: one all-reduce per norm in backward
         if encdec:   # decoder blocks have 3 norms, encoder blocks 2, plus both final norms
             norms = 3 * spec.n_layers + 2 * spec.n_encoder_layers + 2
@@ -106,11 +110,34 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
     return out
 
 
-def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather: bool) -> List[Collective]:
+def pipe_exchange(layout: Layout, scatter_gather) -> str:
+    """How pipeline stages exchange a boundary tensor: ``whole``; ``megatron`` (``True``: each TP
+    rank sends 1/t, the receiver all-gathers; none under SP, already sharded); ``deepspeed``
+    (its pipeline engine with TP: 1/t sent, the receiver all-gathers, and the sender all-gathers
+    its own freed output again for backward -- measured on a gloo PP=2 x TP=2 run)."""
+    if layout.tp == 1 or layout.pp == 1 or not scatter_gather:
+        return "whole"
+    return "deepspeed" if scatter_gather == "deepspeed" else "megatron"
+
+
+def _pipe_tp_gathers(spec, layout: Layout, seq: int, stage: int, scatter_gather) -> List[Collective]:
+    mode = pipe_exchange(layout, scatter_gather)
+    if mode == "whole" or (mode == "megatron" and layout.sp):
+        return []
+    m = layout.grad_accum
+    boundary = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1)
+    per_mb = (1 if stage > 0 else 0) + (1 if stage < layout.pp - 1 else 0) * (2 if mode == "deepspeed" else 1)
+    return [Collective("tp", "all_gather", boundary, m * per_mb, "microbatch", "partitioned pipeline exchange")]
+
+
+def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) -> List[Collective]:
     if layout.pp == 1:
         return []
     m = layout.grad_accum
-    act = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp or scatter_gather else 1)
+    act = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1)
+    mode = pipe_exchange(layout, scatter_gather)
+    if mode == "deepspeed" or (mode == "megatron" and not layout.sp):
+        act /= layout.tp
     out: List[Collective] = []
     if stage < layout.pp - 1:
         out += [Collective("pp", "send", act, m, "microbatch", "activation to next stage"),
@@ -164,13 +191,15 @@ def _dp_collectives(spec, layout: Layout, stage: int, reuse_distance: float = RE
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
-                scatter_gather: bool = False, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
-    """Every collective one rank of ``stage`` issues in a step (``scatter_gather``: Megatron's
-    pipeline send of ``1/t`` of the activation per TP rank; DeepSpeed sends it whole;
+                scatter_gather=False, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
+    """Every collective one rank of ``stage`` issues in a step (``scatter_gather``: how stages
+    exchange boundary tensors under TP, see :func:`pipe_exchange`: ``False`` whole, ``True``
+    Megatron's scatter/gather, ``"deepspeed"`` what megallama's DeepSpeed pipeline does;
     ``reuse_distance``: DeepSpeed's ``stage3_max_reuse_distance``)."""
     spec = as_spec(model)
-    return (_tp_collectives(spec, layout, seq, stage, impl) + _pp_collectives(spec, layout, seq, stage, scatter_gather)
-            + _dp_collectives(spec, layout, stage, reuse_distance))
+    return (_tp_collectives(spec, layout, seq, stage, impl) + _pipe_tp_gathers(spec, layout, seq, stage, scatter_gather)
+            + _pp_collectives(spec, layout, seq, stage, scatter_gather) + _dp_collectives(spec, layout, stage,
+                                                                                         reuse_distance))
 
 
 def group_size(layout: Layout, group: str) -> int:
@@ -185,7 +214,7 @@ def wire_bytes(c: Collective, n: int) -> float:
 
 
 def collective_bytes_per_step(model: SpecLike, layout: Layout, seq: int, stage: int = 0,
-                              impl: ActivationImpl = ActivationImpl(), scatter_gather: bool = False,
+                              impl: ActivationImpl = ActivationImpl(), scatter_gather=False,
                               reuse_distance: float = REUSE_DISTANCE) -> Dict[str, Dict[str, float]]:
     """Per group: ``calls``, ``payload_bytes`` and ring ``wire_bytes`` per step on one rank."""
     out = {g: {"calls": 0.0, "payload_bytes": 0.0, "wire_bytes": 0.0} for g in GROUPS}
@@ -224,7 +253,7 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
 
 def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,
                        bus_efficiency: float = 0.8, impl: ActivationImpl = ActivationImpl(),
-                       scatter_gather: bool = False) -> Dict[str, float]:
+                       scatter_gather=False) -> Dict[str, float]:
     """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``.
     A send and the matching receive overlap on a full-duplex link, so only sends count."""
     out: Dict[str, float] = {}

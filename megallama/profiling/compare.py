@@ -13,7 +13,8 @@ from megallama.profiling import activations as act
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.comm import collective_bytes_per_step
 from megallama.profiling.layout import Layout
-from megallama.profiling.memory import DEFAULT_REDUCE_BUCKET, model_state_bytes, stage_activation_bytes
+from megallama.profiling.memory import (DEFAULT_REDUCE_BUCKET, REUSE_DISTANCE, model_state_bytes,
+                                       stage_activation_bytes)
 
 GROUPS = ("tp", "dp", "pp")
 
@@ -45,7 +46,8 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
     zero = ds.get("zero_optimization", {}) or {}
     states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
                                stage, overlap_comm=zero.get("overlap_comm"),
-                               reduce_bucket_elements=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)))
+                               reduce_bucket_elements=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
+                               reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)))
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     transient = 0.0
     if stage == layout.pp - 1:
@@ -53,12 +55,14 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
                                                                       layout.dtype_bytes, impl) if not x.saved)
     one = layout.with_(grad_accum=1)    # the saved set of one micro-batch, as at the end of its forward
     one_acts = stage_activation_bytes(spec, one, seq, stage, impl)
-    comm = collective_bytes_per_step(spec, layout, seq, stage, impl)
+    comm = collective_bytes_per_step(spec, layout, seq, stage, impl, scatter_gather="deepspeed",
+                                     reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)))
     return {"stage": stage,
             "model_states": states,
             "activations": {"forward_end": one_acts["blocks"] + one_acts["embedding"] + one_acts["head_and_loss"]
                             - transient,
-                            "peak": acts["blocks"] + acts["embedding"] + acts["head_and_loss"] - transient,
+                            "peak": acts["blocks"] + acts["embedding"]
+                            + max(acts["head_and_loss"] - transient, acts["recompute_working"]),
                             "recompute_working": acts["recompute_working"]},
             "collectives": {g: comm[g] for g in GROUPS}}
 
@@ -80,7 +84,8 @@ def side_by_side(measured: Dict[str, Any], predicted: Dict[str, Any]) -> Dict[st
     for k in ("params", "grads", "optimizer", "step_buffers", "buffers"):
         add(f"model_states.{k}", measured["model_states"].get(k, 0), predicted["model_states"][k])
     for k in ("forward_end", "peak", "recompute_working"):
-        add(f"activations.{k}", measured["activations"][k], predicted["activations"][k])
+        if measured["activations"].get(k) is not None:
+            add(f"activations.{k}", measured["activations"][k], predicted["activations"][k])
     for g in GROUPS:
         add(f"collectives.{g}.payload_bytes", measured["collectives"].get(g, {}).get("payload_bytes", 0),
             predicted["collectives"][g]["payload_bytes"])

@@ -186,12 +186,60 @@ def census(s: Session) -> Dict[str, Any]:
     """One step under every byte-counting instrument (slow; not timed): collective payloads per
     group, live saved-activation bytes (end of forward, peak, recompute working set) and the
     engine's model-state bytes per category, on this rank."""
-    from megallama.profiling.measure import ModelStateMeter, SavedTensorMeter
+    from megallama.profiling.measure import ModelStateMeter, SavedTensorMeter, tracking_checkpoints
     from megallama.profiling.measure_comm import CommMeter
 
-    with SavedTensorMeter(s.module) as saved, CommMeter(s.state) as comm, ModelStateMeter(s.engine, s.module) as ms:
+    with SavedTensorMeter(s.module) as saved, tracking_checkpoints(s.module, saved), CommMeter(s.state) as comm, \
+            ModelStateMeter(s.engine, s.module, s.state.dp_ranks) as ms:
         run_step(s, Timeline(saved, sync=False), saved, ms)
     return {"rank": s.state.rank, "stage": s.state.pp_rank, "collectives": comm.by_group(),
             "collective_calls": comm.table(), "model_states": ms.result(),
-            "activations": {"forward_end": saved.marks.get("forward", 0), "peak": saved.peak,
+            "activations": {"forward_end": saved.marks.get("forward"), "peak": saved.peak,
                             "recompute_working": saved.backward_peak}}
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
+
+
+def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_timing: bool = True,
+            batches: Optional[Iterator[torch.Tensor]] = None) -> Optional[Dict[str, Any]]:
+    """``megallama profile``: ``warmup`` untimed steps, ``steps`` timed ones (collectives and
+    pipeline instructions timed inside them), then one census step; returns the report on rank 0
+    (None elsewhere). ``comm_timing=False`` times the steps bare (on GPU the collective meter
+    synchronises the device around each call, which hides any overlap)."""
+    from megallama.profiling.compare import layout_of, predicted_census, side_by_side
+    from megallama.profiling.measure import device_peak_bytes, reset_device_peak
+    from megallama.profiling.measure_comm import CommMeter
+    from megallama.profiling.report import build_report
+
+    s = setup(cfg, batches)
+    for _ in range(warmup):
+        run_step(s)
+    reset_device_peak()
+    comm = CommMeter(s.state, sync=None if comm_timing else False)
+    comm.enabled = comm_timing
+    timeline, step_times, losses = Timeline(sync=None if comm_timing else False), [], []
+    with comm:
+        for _ in range(steps):
+            before = timeline.seconds["step"]
+            losses.append(run_step(s, timeline))
+            step_times.append(timeline.seconds["step"] - before)
+    record: Dict[str, Any] = {
+        "rank": s.state.rank, "stage": s.state.pp_rank, "step_times_s": step_times, "losses": losses,
+        "comm_seconds": comm.seconds if comm_timing else None,
+        "collectives": comm.by_group() if comm_timing else {}, "phases_s": dict(timeline.seconds),
+        "pipeline_bubble": timeline.pipeline_bubble() if s.pipeline else None,
+        "peak_device_bytes": device_peak_bytes(), "peak_rss_bytes": _peak_rss_bytes()}
+    layout = layout_of(cfg, s.state, s.ds)
+    if with_census:
+        measured = census(s)
+        predicted = predicted_census(cfg, layout, s.state.pp_rank, s.ds, s.device.type)
+        record.update(census=measured, predicted_census=predicted, check=side_by_side(measured, predicted))
+    records = [None] * s.info.world_size
+    dist.all_gather_object(records, record)
+    if s.state.rank != 0:
+        return None
+    return build_report(cfg, s, layout, records, steps, warmup)

@@ -21,6 +21,8 @@ the model's components exactly, on any device:
 """
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -47,22 +49,24 @@ def distinct_bytes(tensors) -> int:
 class _Held:
     """What autograd keeps instead of the tensor: releasing it releases the meter's count."""
 
-    __slots__ = ("t", "meter", "key", "backward")
+    __slots__ = ("t", "meter", "key")
 
-    def __init__(self, t, meter, key, backward):
-        self.t, self.meter, self.key, self.backward = t, meter, key, backward
+    def __init__(self, t, meter, key):
+        self.t, self.meter, self.key = t, meter, key
 
     def __del__(self):
-        self.meter._release(self.key, self.backward)
+        self.meter._release(self.key)
 
 
 class SavedTensorMeter:
     """Live bytes of the distinct storages autograd saves while the context is active.
 
     ``exclude``: modules whose parameters and constant tables (RoPE's ``_cache``) are not
-    activations. ``mark(name)`` records the live bytes now; ``peak`` is the maximum seen;
-    tensors saved while ``in_backward`` is set (recomputation) are also tracked on their own
-    (``backward_peak``: the largest recompute working set).
+    activations. ``mark(name)`` records the live bytes now; ``peak`` is the maximum seen.
+    Storages first saved while ``in_backward`` is set (recomputation) are also summed on their
+    own (``backward_peak``: the largest recompute working set). :meth:`track` counts tensors a
+    custom function keeps outside autograd's saved-tensor mechanism (DeepSpeed's checkpoint
+    keeps its inputs as ``ctx.deepspeed_saved_tensors``) until the tensor object dies.
     """
 
     def __init__(self, *exclude: torch.nn.Module):
@@ -70,7 +74,7 @@ class SavedTensorMeter:
         self.live = self.peak = self.backward_live = self.backward_peak = 0
         self.marks: Dict[str, int] = {}
         self.in_backward = False
-        self._count: Dict[Any, List[int]] = {}
+        self._count: Dict[Any, List[int]] = {}    # storage -> [references, bytes, born in backward]
         self._skip: Set[Any] = set()
         self._ctx = None
 
@@ -84,41 +88,55 @@ class SavedTensorMeter:
                     skip |= {storage_key(t) for t in pair}
         return skip
 
-    def _pack(self, t: torch.Tensor):
+    def _acquire(self, t: torch.Tensor):
+        """The storage key now counted for ``t``, or None when ``t`` is not an activation."""
         if isinstance(t, torch.nn.Parameter) or t.device.type == "meta":
-            return t
+            return None
         key = storage_key(t)
         nbytes = t.untyped_storage().nbytes()
         if nbytes <= SMALL or key in self._skip:
-            return t
-        back = self.in_backward
-        ck = (key, back)
-        entry = self._count.get(ck)
-        if entry is None:
-            self._count[ck] = [1, nbytes]
-            if back:
-                self.backward_live += nbytes
-                self.backward_peak = max(self.backward_peak, self.backward_live)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        else:
+            return None
+        entry = self._count.get(key)
+        if entry is not None:
             entry[0] += 1
-        return _Held(t, self, ck, back)
+            return key
+        self._count[key] = [1, nbytes, self.in_backward]
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        if self.in_backward:
+            self.backward_live += nbytes
+            self.backward_peak = max(self.backward_peak, self.backward_live)
+        return key
+
+    def _release(self, key) -> None:
+        entry = self._count.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            del self._count[key]
+            self.live -= entry[1]
+            if entry[2]:
+                self.backward_live -= entry[1]
+
+    def _pack(self, t: torch.Tensor):
+        key = self._acquire(t)
+        return t if key is None else _Held(t, self, key)
 
     @staticmethod
     def _unpack(x):
         return x.t if isinstance(x, _Held) else x
 
-    def _release(self, ck, back) -> None:
-        entry = self._count.get(ck)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self._count[ck]
-            self.live -= entry[1]
-            if back:
-                self.backward_live -= entry[1]
+    def track(self, tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                # partition_activations swaps the input's data for an empty tensor, keeping the
+                # partition as ``saved_data``
+                kept = getattr(t, "saved_data", None)
+                for x in (t,) if kept is None else (kept,):
+                    key = self._acquire(x)
+                    if key is not None:
+                        weakref.finalize(t, self._release, key)
 
     def mark(self, name: str) -> int:
         self.marks[name] = max(self.marks.get(name, 0), self.live)
@@ -132,6 +150,33 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
+
+
+@contextmanager
+def tracking_checkpoints(module: torch.nn.Module, meter: SavedTensorMeter):
+    """Let ``meter`` see what DeepSpeed's activation checkpointing keeps: wrap the checkpoint
+    function of every block (``checkpoint_fn``) and of a ``PipelineModule``."""
+    undo = []
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            meter.track(getattr(getattr(first, "grad_fn", None), "deepspeed_saved_tensors", None) or ())
+            return out
+        return run
+
+    for m in module.modules():
+        for attr in ("checkpoint_fn", "activation_checkpoint_func"):
+            fn = getattr(m, attr, None)
+            if fn is not None and attr in vars(m):
+                setattr(m, attr, wrap(fn))
+                undo.append((m, attr, fn))
+    try:
+        yield meter
+    finally:
+        for m, attr, fn in undo:
+            setattr(m, attr, fn)
 
 
 # ----------------------------------------------------------------------------- model states
@@ -272,7 +317,7 @@ class ModelStateMeter:
             group = k.get("group", a[1] if len(a) > 1 else None)
             ranks = sorted(dist.get_process_group_ranks(group)) if group is not None else \
                 list(range(dist.get_world_size()))
-            if self.enabled and len(self.dp_ranks) > 1 and ranks == self.dp_ranks and tensor.numel() > 1:
+            if self.enabled and ranks == self.dp_ranks and tensor.numel() > 1:
                 self.snapshot("dp_all_reduce", (tensor,))
             return fn(tensor, *a, **k)
 
@@ -309,3 +354,14 @@ class ModelStateMeter:
         out["buffers"] = max(s["buffers"] for s in self.snapshots.values())
         out["total"] = max(s["total"] for s in self.snapshots.values())
         return out
+
+
+# ------------------------------------------------------------------------------- device peak
+def reset_device_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak_bytes() -> Optional[int]:
+    """``torch.cuda.max_memory_allocated`` on GPU; None on CPU (no allocator peak to read)."""
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None

@@ -11,8 +11,9 @@ bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
 | 2    | w P     | w P / N | (4 + 8) P / N           fp32 runs included)                  |
 | 3    | w P / N | w P / N | (4 + 8) P / N                                               |
 
-bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards like stage 1
-(``Layout.effective_zero``). ``step_buffers``: the fp32 gradient copy the optimizer step
+bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards the optimizer like
+stage 1 (``Layout.effective_zero``) but keeps a full-size flat gradient accumulator beside the
+bf16 grads (``2 w P``) and reduces them as ZeRO-0 does. ``step_buffers``: the fp32 gradient copy the optimizer step
 materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1-3 in any precision: ZeRO
 flattens the partition's gradients into a new tensor for the master), freed after the step.
 ``buffers``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, default
@@ -126,9 +127,12 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         if z >= 2:
             grads = 0.0                             # reduced partitions are copied straight to host
     overlap = (z == 3) if overlap_comm is None else overlap_comm
-    if z in (1, 2):   # the bucket(s), and the flattened copy of one partition's slice being all-reduced
+    bf16_optimizer = zero == 0 and z == 1
+    if bf16_optimizer:   # + its full-size flat gradient accumulator (grad_accum_dtype, bf16 by default)
+        grads = 2 * w * p
+    if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy of a slice being all-reduced
         buffers = reduce_bucket_elements * w * (2 if overlap else 1) + min(reduce_bucket_elements, p / n) * w
-    elif z == 0:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
+    elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
         buffers = min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward
         st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s))
@@ -169,7 +173,11 @@ class MemoryBreakdown:
 
     @property
     def activations(self) -> float:
-        return sum(v for k, v in self.components.items() if k.startswith("activations."))
+        """Peak activation bytes: the loss's tensors are freed before any block recomputes, so the
+        head's share and one block's recompute working set are never alive together."""
+        c = {k.split(".", 1)[1]: v for k, v in self.components.items() if k.startswith("activations.")}
+        peak_extra = max(c.pop("head_and_loss", 0.0), c.pop("recompute_working", 0.0))
+        return sum(c.values()) + peak_extra
 
     @property
     def total(self) -> float:

@@ -96,7 +96,7 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
 
 
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
-            impl: act.ActivationImpl = act.ActivationImpl(), scatter_gather: bool = False,
+            impl: act.ActivationImpl = act.ActivationImpl(), scatter_gather=False,
             memory: Optional[MemoryBreakdown] = None) -> StepPrediction:
     """Step time, throughput, FLOP/s, MFU and peak memory of ``layout`` on ``hw`` (``memory``: a
     breakdown already computed for this layout, to save recomputing it)."""
