@@ -24,6 +24,24 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux), to spot growth that a peak figure hides."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def open_fds() -> int:
+    try:
+        import os
+
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
 def device_peak_flops(precision: str) -> tuple:
     """Dense peak FLOP/s of one rank's device and where the figure came from."""
     from megallama.profiling import hardware
@@ -76,6 +94,7 @@ class MetricsLogger:
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
             "tokens_per_s": tps, "tflops_per_rank": tflops, "mfu": tps * self.fm / self.world / self.peak,
             "hfu": tps * self.fh / self.world / self.peak, "mem_bytes": peak_memory_bytes(),
+            "rss_bytes": current_rss_bytes(), "open_fds": open_fds(),
             "time": time.time(), **(extra or {}),
         }
         self.last = record
