@@ -47,7 +47,8 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
     states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
                                stage, overlap_comm=zero.get("overlap_comm"),
                                reduce_bucket_elements=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                               reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)))
+                               reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)),
+                               grad_accum=layout.grad_accum)
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     transient = 0.0
     if stage == layout.pp - 1:

@@ -9,6 +9,7 @@ bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
 | 0    | w P     | w P     | (4 [mixed] + 8) P      (FP16_Optimizer keeps a full master)  |
 | 1    | w P     | w P     | (4 + 8) P / N          (stages 1-3 always clone a master,    |
 | 2    | w P     | w P / N | (4 + 8) P / N           fp32 runs included)                  |
+|      |         | (x2 when accumulating: the running sum is a second partition)        |
 | 3    | w P / N | w P / N | (4 + 8) P / N                                               |
 
 bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards the optimizer like
@@ -107,9 +108,10 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
 def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
                       offload: bool = False, stage: Optional[int] = None, overlap_comm: Optional[bool] = None,
                       reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET,
-                      reuse_distance: float = REUSE_DISTANCE) -> Dict[str, float]:
+                      reuse_distance: float = REUSE_DISTANCE, grad_accum: int = 1) -> Dict[str, float]:
     """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
-    module docstring for the table. ``stage`` None: the stage holding the most parameters."""
+    module docstring for the table. ``stage`` None: the stage holding the most parameters;
+    ``grad_accum``: micro-batches per step (ZeRO-2 keeps the accumulated partition apart)."""
     spec = as_spec(model)
     layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, dtype=dtype, offload=offload)
     z, w, mixed = layout.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
@@ -118,6 +120,8 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
     master = 4 if (mixed or z >= 1) else 0         # ZeRO 1-3 always clone an fp32 master partition
     params = w * p / (n if z == 3 else 1)
     grads = w * p / (n if z >= 2 else 1)
+    if z == 2 and grad_accum > 1:
+        grads *= 2                                  # the micro-batch's partition + the accumulated one
     optimizer = (master + 8) * p / (n if z >= 1 else 1)
     step = 4 * p / n if z >= 1 else (4 * p if mixed else 0.0)   # ZeRO copies the partition's grads
     host = 0.0
@@ -194,7 +198,7 @@ def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[
         per_stage = [memory_breakdown(model, layout, seq, s, impl, reduce_bucket_elements) for s in _stages(layout)]
         return max(per_stage, key=lambda m: m.total)
     states = model_state_bytes(model, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, reduce_bucket_elements=reduce_bucket_elements)
+                               stage, reduce_bucket_elements=reduce_bucket_elements, grad_accum=layout.grad_accum)
     acts = stage_activation_bytes(model, layout, seq, stage, impl)
     host = states.pop("host")
     comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}
