@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from megallama.errors import UserError
 
@@ -26,6 +26,16 @@ class ConfigError(UserError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _int(default, ge: int = 1):
+    """An integer field with a lower bound (a count, a size, a period)."""
+    return Field(default, ge=ge)
+
+
+def _num(default, ge: float = None, gt: float = None, lt: float = None, le: float = None):
+    """A finite float field with bounds (NaN and infinity are refused by name)."""
+    return Field(default, ge=ge, gt=gt, lt=lt, le=le, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- model
@@ -74,6 +84,8 @@ class ModelConfig(_Strict):
                 raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim: {self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise ConfigError(f"model.n_kv_heads: expected a positive integer, got {self.n_kv_heads}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ConfigError(
                 f"model.n_kv_heads: {self.kv_heads} must be positive and divide model.n_heads={self.n_heads}")
@@ -81,6 +93,20 @@ class ModelConfig(_Strict):
             raise ConfigError(f"model.dim: head size {self.head_dim} must be even for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"model.{name}: expected a positive number, got {getattr(self, name)}")
+        if not (math.isfinite(self.init_std) and self.init_std >= 0):
+            raise ConfigError(f"model.init_std: expected a non-negative number, got {self.init_std}")
+        if self.ffn_dim_multiplier is not None and not (math.isfinite(self.ffn_dim_multiplier)
+                                                        and self.ffn_dim_multiplier > 0):
+            raise ConfigError(f"model.ffn_dim_multiplier: expected a positive number, got {self.ffn_dim_multiplier}")
+        if self.ffn_hidden_size <= 0:
+            raise ConfigError(f"model.ffn_dim_multiplier: gives an FFN width of {self.ffn_hidden_size}")
+        if self.n_encoder_layers is not None and self.n_encoder_layers <= 0:
+            raise ConfigError(f"model.n_encoder_layers: expected a positive integer, got {self.n_encoder_layers}")
+        if self.num_labels < 1:
+            raise ConfigError(f"model.num_labels: expected a positive integer, got {self.num_labels}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -94,7 +120,7 @@ def preset_names() -> List[str]:
 
 def load_preset(name: str) -> Dict[str, Any]:
     path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in preset_names():  # a name, never a path outside the package
         raise ConfigError(f"model.preset: unknown preset '{name}'{_did_you_mean(name, preset_names())}"
                           f" (available: {', '.join(preset_names())})")
     return yaml.safe_load(path.read_text()) or {}
@@ -110,43 +136,45 @@ class ParallelConfig(_Strict):
 
 class ActivationCheckpointing(_Strict):
     mode: Literal["none", "full", "selective"] = "none"
-    every: int = 1  # checkpoint every N blocks (full mode)
+    every: int = _int(1)  # checkpoint every N blocks (full mode)
     partition_activations: bool = False
     cpu_checkpointing: bool = False
 
 
 class TrainConfig(_Strict):
-    steps: int = 300
-    seed: int = 1234
-    seq_len: int = 256
+    steps: int = _int(300)
+    seed: int = _int(1234, ge=0)
+    seq_len: int = _int(256)
     micro_batch_size: int = 4
-    global_batch_size: Optional[int] = None
-    grad_accum_steps: Optional[int] = None
-    lr: float = 3.0e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1.0e-8
-    grad_clip: float = 1.0
-    log_every: int = 10
-    exit_at_step: Optional[int] = None  # stop early (with a checkpoint), keeping the schedule of `steps`
-    eval_every: int = 0
-    eval_iters: int = 10
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    global_batch_size: Optional[int] = _int(None)
+    grad_accum_steps: Optional[int] = _int(None)
+    lr: float = _num(3.0e-4, ge=0)
+    min_lr_ratio: float = _num(0.1, ge=0, le=1)
+    warmup_steps: int = _int(30, ge=0)
+    weight_decay: float = _num(0.1, ge=0)
+    beta1: float = _num(0.9, ge=0, lt=1)
+    beta2: float = _num(0.95, ge=0, lt=1)
+    eps: float = _num(1.0e-8, gt=0)
+    grad_clip: float = _num(1.0, ge=0)
+    log_every: int = _int(10)
+    exit_at_step: Optional[int] = _int(None)  # stop early (with a checkpoint), keeping the schedule of `steps`
+    eval_every: int = _int(0, ge=0)
+    eval_iters: int = _int(10)
+    max_bad_steps: int = _int(5)  # consecutive non-finite steps before the run stops
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     compile: bool = False
-    dist_timeout_s: int = 300  # collective timeout of the process group
-    heartbeat_timeout_s: float = 60.0  # a rank silent this long is declared dead (0: no watchdog)
+    dist_timeout_s: int = _int(300)  # collective timeout of the process group
+    heartbeat_timeout_s: float = _num(60.0, ge=0)  # a rank silent this long is declared dead (0: no watchdog)
 
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""
         mbs, gbs, acc = self.micro_batch_size, self.global_batch_size, self.grad_accum_steps
         if mbs <= 0:
             raise ConfigError(f"train.micro_batch_size: expected a positive integer, got {mbs}")
+        if dp <= 0:
+            raise ConfigError(f"parallel: data-parallel size must be a positive integer, got {dp}")
         if gbs is None:
-            acc = acc or 1
+            acc = 1 if acc is None else acc
             gbs = mbs * acc * dp
         elif acc is None:
             if gbs % (mbs * dp):
@@ -207,8 +235,8 @@ class DataConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every: int = 100
-    keep: int = 3
+    every: int = _int(100, ge=0)  # 0: no periodic checkpoints
+    keep: int = _int(3)  # at least the checkpoint just written
     dir: Optional[str] = None  # default: RUN_DIR/checkpoints
     resume: bool = True  # continue from the newest complete checkpoint in dir
     load: Optional[str] = None  # else start from this checkpoint (any layout, e.g. `megallama convert` output)
@@ -246,6 +274,8 @@ class RunConfig(_Strict):
         if t.seq_len > m.max_seq_len:
             raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if world_size is not None:
+            if world_size < 1:
+                raise ConfigError(f"parallel: world size must be a positive integer, got {world_size}")
             if world_size % (tp * p.pp):
                 raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = "
                                   f"{tp} x {p.pp}")
@@ -281,7 +311,9 @@ def _build(cls, data: Any, prefix: str):
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in (prefix,) + tuple(err["loc"]) if x != "")
-        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {err.get('input')!r})") from None
+        got = repr(err.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {got})") from None
     if isinstance(obj, ModelConfig):
         obj.check()
     return obj
@@ -307,12 +339,12 @@ def apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
         nxt = path[i + 1]
         if isinstance(node, list):
             node = node[_list_index(node, part, path)]
-            continue
-        if part == "model" and isinstance(node.get("model"), str):
-            node["model"] = {"preset": node["model"]}
-        if node.get(part) is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
+        else:
+            if part == "model" and isinstance(node.get("model"), str):
+                node["model"] = {"preset": node["model"]}
+            if node.get(part) is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a section")
     last = path[-1]
@@ -345,6 +377,10 @@ def _resolve_deepspeed(value: Any, base: Optional[Path]) -> Dict[str, Any]:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"deepspeed: {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"deepspeed: {path}: not UTF-8 text") from None
+            except OSError as exc:
+                raise ConfigError(f"deepspeed: {path}: {exc.strerror or exc}") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"deepspeed: {path}: expected a JSON object")
             return data
@@ -383,10 +419,13 @@ def load_run_config(path: Optional[Union[str, os.PathLike]] = None, overrides: O
             raise ConfigError(f"config: {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config: {path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"config: {path}: {exc.strerror or exc}") from None
         base = p.resolve().parent
-    tree = dict(data or {})
     if not isinstance(data or {}, dict):
-        raise ConfigError(f"config: {path}: expected a mapping at the top level")
+        raise ConfigError(f"config: {path or 'data'}: expected a mapping at the top level, "
+                          f"got {type(data).__name__}")
+    tree = dict(data or {})
     if isinstance(tree.get("deepspeed"), str) or "deepspeed" not in tree:
         tree["deepspeed"] = _resolve_deepspeed(tree.get("deepspeed"), base)
     for item in overrides or []:

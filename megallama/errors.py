@@ -2,4 +2,14 @@
 
 
 class UserError(Exception):
-    """Bad input from the user (config, file, argument); the message is one line."""
+    """Bad input from the user (config, file, argument); the message is one line.
+
+    A message quoting user input (a key, a file name, a value) could carry a line break; it is
+    escaped here so the one-line promise holds whatever the input was.
+    """
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        text = str(message)
+        if "\n" in text or "\r" in text:
+            text = text.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(text, *args)

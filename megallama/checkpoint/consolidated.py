@@ -16,6 +16,8 @@ from typing import Dict, Tuple
 
 import torch
 
+from pydantic import ValidationError
+
 from megallama.config import ConfigError, ModelConfig
 from megallama.errors import UserError
 
@@ -30,8 +32,9 @@ def is_consolidated(path) -> bool:
     if not (p / CONFIG).is_file():
         return False
     try:
-        return json.loads((p / CONFIG).read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = json.loads((p / CONFIG).read_text())
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return False
 
 
@@ -75,16 +78,48 @@ def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{cfg_file}: not valid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{cfg_file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{cfg_file}: format is {found!r}, expected {FORMAT!r}")
     try:
-        cfg = ModelConfig.model_validate(meta["model"])
-    except Exception as exc:  # pydantic error: report as one line
-        raise ConfigError(f"{cfg_file}: model config invalid ({str(exc).splitlines()[0]})") from None
+        cfg = ModelConfig.model_validate(meta.get("model"))
+    except ValidationError as exc:  # one line naming the field
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in ("model",) + tuple(err["loc"]))
+        raise ConfigError(f"{cfg_file}: {where}: {err['msg'].lower()} (got {err.get('input')!r})") from None
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}") from None
     if not weights.is_file():
         raise UserError(f"{weights}: not found")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights}: unreadable safetensors file ({exc})") from None
+    _check_tensors(state, cfg, str(weights))  # before anything is allocated from the config
     return cfg, state
+
+
+def _check_tensors(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """Every tensor the config implies is there, floating point, with the implied shape."""
+    from megallama.model import build_model
+    from megallama.parallel import ParallelState, layout
+
+    layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
+    if layers > len(state):  # every layer holds tensors: cheap to refuse before building anything
+        raise UserError(f"{where}: holds {len(state)} tensors, too few for the config's {layers} layers")
+    try:
+        with layout(ParallelState()), torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(cfg, seed=None).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as exc:  # sizes no tensor can have
+        raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
+    for name, shape in expected.items():
+        got = state.get(name)
+        if got is None:
+            raise UserError(f"{where}: missing tensor '{name}'")
+        if tuple(got.shape) != shape:
+            raise UserError(f"{where}: tensor '{name}' has shape {tuple(got.shape)}, expected {shape} from the config")
+        if not got.is_floating_point():
+            raise UserError(f"{where}: tensor '{name}' has dtype {str(got.dtype).replace('torch.', '')}, "
+                            "expected a floating-point type")

@@ -69,6 +69,15 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"{where}: {key} is true; megallama's layers have no biases")
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+    for key in required + ("num_key_value_heads", "max_position_embeddings", "head_dim"):
+        value = need(key) if key in required else hf.get(key)
+        if (value is not None or key in required) and (isinstance(value, bool) or not isinstance(value, int)
+                                                       or value <= 0):
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ConfigError(f"{where}: {key} must be an object or null, got {hf[key]!r}")
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
     for scaling in (rope, hf.get("rope_scaling") or {}):
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -192,12 +201,18 @@ def check_shapes(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -
     from megallama.model import LlamaForCausalLM
     from megallama.parallel import ParallelState, layout
 
-    with layout(ParallelState()), torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg, seed=None).state_dict().items()}
+    try:
+        with layout(ParallelState()), torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg, seed=None).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as exc:  # sizes no tensor can have
+        raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
     for name, shape in expected.items():
         got = tuple(state[name].shape) if name in state else None
         if got != shape:
             raise UserError(f"{where}: tensor '{name}' has shape {got}, expected {shape} from the config")
+        if not state[name].is_floating_point():
+            raise UserError(f"{where}: tensor '{name}' has dtype {str(state[name].dtype).replace('torch.', '')}, "
+                            "expected a floating-point type")
 
 
 def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:

@@ -113,6 +113,8 @@ def load_meta(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         raise UserError(f"{params_file}: not found (not a Meta LLaMA checkpoint)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{params_file}: not valid JSON") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{params_file}: expected a JSON object")
     files = sorted(p.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{p}: no consolidated.NN.pth files")

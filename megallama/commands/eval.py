@@ -59,6 +59,10 @@ def run(args) -> int:
     from megallama.train.distributed import detect_launcher, device_for, init_distributed
     from megallama.train.evaluate import perplexity
 
+    for flag, value in (("--tp", args.tp), ("--micro-batch-size", args.micro_batch_size),
+                        ("--seq-len", args.seq_len), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: expected a positive integer, got {value}")
     info = detect_launcher()
     if info.world_size % args.tp:
         raise UserError(f"--tp: world size {info.world_size} is not a multiple of {args.tp}")

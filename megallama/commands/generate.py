@@ -25,12 +25,14 @@ def add_arguments(p) -> None:
 
 
 def _check_args(args) -> None:
+    import math
+
     from megallama.errors import UserError
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: expected a non-negative integer, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature: expected a value >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature: expected a finite value >= 0, got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
 

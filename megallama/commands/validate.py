@@ -1,4 +1,5 @@
-"""``megallama validate``: load a run config exactly as ``train`` would and check the layout."""
+"""``megallama validate``: load a run config exactly as ``train`` would, check the layout and the
+DeepSpeed config it would build."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from megallama.config import load_run_config
 
+    from megallama.train.ds_config import build_ds_config
+
     cfg = load_run_config(args.config, args.overrides)
     cfg.check_layout(args.world_size)
+    build_ds_config(cfg, args.world_size or cfg.parallel.tp * cfg.parallel.pp)  # what train hands DeepSpeed
     if args.json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:

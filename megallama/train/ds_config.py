@@ -6,7 +6,10 @@ DeepSpeed would refuse deep inside ``initialize`` are refused here, in one line,
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import math
 from typing import Any, Dict
 
 from megallama.config import BatchLayout, ConfigError, RunConfig
@@ -22,6 +25,19 @@ _KNOWN_TOP = {
 }
 
 
+# sections DeepSpeed reads as mappings, and the types of the scalar keys (batch sizes and clipping are
+# compared with the run config by _agree)
+_MAPPINGS = {
+    "zero_optimization", "bf16", "fp16", "activation_checkpointing", "pipeline", "tensorboard", "flops_profiler",
+    "comms_logger", "checkpoint", "data_types", "wandb", "csv_monitor", "elasticity", "aio", "compression_training",
+    "autotuning", "data_efficiency", "timers", "torch_autocast", "amp",
+}
+_BOOLS = {"wall_clock_breakdown", "prescale_gradients", "zero_allow_untested_optimizer",
+          "zero_force_ds_cpu_optimizer", "dump_state", "memory_breakdown", "sparse_gradients"}
+_POSITIVE_INTS = {"steps_per_print"}
+_NUMBERS = {"gradient_predivide_factor"}
+
+
 def _did_you_mean(word: str, choices) -> str:
     import difflib
 
@@ -30,9 +46,92 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 def _agree(ds: Dict[str, Any], key: str, value: Any, source: str) -> None:
-    if key in ds and ds[key] != value:
-        raise ConfigError(f"deepspeed.{key}: {ds[key]} contradicts {source} = {value}")
+    """``ds[key]`` is ours to fill; a value the user gave must be the same ("auto": fill it in)."""
+    given = ds.get(key, "auto")
+    if given != "auto" and (isinstance(given, bool) or not isinstance(given, (int, float)) or given != value):
+        raise ConfigError(f"deepspeed.{key}: {given!r} contradicts {source} = {value}")
     ds[key] = value
+
+
+def _check_types(ds: Dict[str, Any]) -> None:
+    for key, value in ds.items():
+        if key in _MAPPINGS and not isinstance(value, dict):
+            raise ConfigError(f"deepspeed.{key}: expected a mapping, got {value!r}")
+        if key in _BOOLS and not isinstance(value, bool):
+            raise ConfigError(f"deepspeed.{key}: expected true or false, got {value!r}")
+        if key in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"deepspeed.{key}: expected a positive integer, got {value!r}")
+        if key in _NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                or not math.isfinite(value)):
+            raise ConfigError(f"deepspeed.{key}: expected a number, got {value!r}")
+
+
+@contextlib.contextmanager
+def _quiet_cpu_fallback_notice():
+    """Importing DeepSpeed announces its CPU fallback on stdout; keep it out of our output
+    (``megallama validate --json`` prints JSON only)."""
+    logger = logging.getLogger("DeepSpeed")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _deepspeed_models() -> Dict[str, Any]:
+    """DeepSpeed's own (pydantic, unknown-keys-forbidden) models of the sections it validates."""
+    with _quiet_cpu_fallback_notice():
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    return {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config}
+
+
+def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
+    """Each section DeepSpeed would validate inside ``initialize`` (a traceback there), validated
+    here by DeepSpeed's own models and reported in one line naming the key."""
+    from pydantic import ValidationError
+
+    parsed = {}
+    for key, model in _deepspeed_models().items():
+        section = ds.get(key, {})
+        bad = next((k for k in section if not isinstance(k, str)), None)
+        if bad is not None:
+            raise ConfigError(f"deepspeed.{key}.{bad}: keys must be strings")
+        try:
+            parsed[key] = model(**section)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise ConfigError(f"deepspeed.{key}.{loc}: unknown key"
+                                  f"{_did_you_mean(str(err['loc'][-1]), _fields_at(model, err['loc'][:-1]))}")
+            got = repr(err.get("input"))
+            got = got if len(got) <= 80 else got[:77] + "..."
+            msg = "expected 0, 1, 2 or 3" if loc == "stage" else err["msg"][:1].lower() + err["msg"][1:]
+            raise ConfigError(f"deepspeed.{key}{'.' + loc if loc else ''}: {msg} (got {got})") from None
+        except (AssertionError, TypeError, ValueError) as exc:  # DeepSpeed's deprecated-field handling
+            raise ConfigError(f"deepspeed.{key}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+                              ) from None
+    return parsed
+
+
+def _fields_at(model, loc) -> list:
+    """Field names (and aliases) of the nested model at ``loc`` inside ``model``."""
+    from pydantic import BaseModel
+
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        args = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not args:
+            return []
+        model = args[0]
+    names = list(model.model_fields)
+    return names + [f.alias for f in model.model_fields.values() if f.alias]
 
 
 def zero_stage(ds: Dict[str, Any]) -> int:
@@ -44,7 +143,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     ds = copy.deepcopy(cfg.deepspeed)
     for key in ds:
         if key not in _KNOWN_TOP:
-            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{_did_you_mean(key, _KNOWN_TOP)}")
+            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{_did_you_mean(str(key), _KNOWN_TOP)}")
+    _check_types(ds)
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError("deepspeed.optimizer: megallama builds AdamW and the LR schedule from train.*; "
                           "remove the optimizer/scheduler sections")
@@ -58,17 +158,21 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)  # our progress line replaces DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
 
-    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    sections = _validate_sections(ds)
+    fp16, bf16 = sections["fp16"].enabled, sections["bf16"].enabled
     if fp16 and bf16:
         raise ConfigError("deepspeed.fp16: fp16 and bf16 cannot both be enabled")
-    stage = zero_stage(ds)
+    zero = sections["zero_optimization"]
+    stage = int(zero.stage)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage}")
+    if "stage" in ds.get("zero_optimization", {}):
+        ds["zero_optimization"]["stage"] = stage  # "2" and 2.0 read as DeepSpeed reads them
     if p.pp > 1 and stage >= 2:
         raise ConfigError(f"deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine supports ZeRO "
                           f"stage 0 or 1, got {stage} with parallel.pp={p.pp}")
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    offload = str(getattr(getattr(zero.offload_optimizer, "device", None), "value",
+                          getattr(zero.offload_optimizer, "device", None)) or "none")
     if offload not in ("none", None) and stage == 0:
         raise ConfigError("deepspeed.zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3")
     if offload not in ("none", None):
