@@ -188,3 +188,35 @@ def test_unwritable_output_is_one_line(tmp_path, capsys, tok):
     rc, _, err = cli(capsys, "preprocess", "--input", src, "--tokenizer", tok.path,
                      "--output-prefix", blocker / "out", "--workers", 1)
     assert_one_line_error(rc, err, str(blocker))
+
+
+def test_killed_worker_fails_instead_of_hanging(tmp_path, tok):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from megallama.data.preprocess import preprocess
+    from megallama.data.records import InputSpec
+    from megallama.errors import UserError
+
+    src = write_jsonl(tmp_path / "c.jsonl", sample_texts(20_000))
+
+    done = threading.Event()
+
+    def kill_first_worker():  # as soon as a worker exists, however slow a loaded machine is to start it
+        while not done.wait(0.005):
+            children = multiprocessing.active_children()
+            if children:
+                os.kill(children[0].pid, signal.SIGKILL)
+                return
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    try:
+        with pytest.raises(UserError, match="worker died"):
+            preprocess(InputSpec((str(src),)), tok, str(tmp_path / "out" / "c"), workers=2, progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert not (tmp_path / "out").exists() or listing(tmp_path / "out") == []

@@ -13,6 +13,8 @@ import signal
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -102,8 +104,8 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     bar = _progress(total_bytes(spec.paths), progress)
     try:
         if workers > 1:
-            ctx = mp.get_context("spawn")
-            pool = ctx.Pool(workers, _init_worker, (tokenizer.proto, spec, dtype.name, bos))
+            pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker,
+                                       (tokenizer.proto, spec, dtype.name, bos))
             results = _ordered(pool, batches(spec), 2 * workers)
         else:
             encoder = _Encoder(tokenizer.proto, spec, dtype.name, bos)
@@ -128,20 +130,30 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)  # running batches are small: a short wait
     writer.finalize()
     return PreprocessStats(docs, tokens, skipped, time.perf_counter() - start, dtype.name)
 
 
 def _ordered(pool, source, depth: int):
-    """Results of ``_work`` over ``source`` in order, at most ``depth`` batches in flight."""
+    """Results of ``_work`` over ``source`` in order, at most ``depth`` batches in flight.
+
+    A worker killed from outside (out of memory) fails the run instead of hanging it, which is
+    why this uses concurrent.futures rather than multiprocessing.Pool.
+    """
     pending: deque = deque()
+
+    def oldest():
+        fut, n = pending.popleft()
+        try:
+            return fut.result(), n
+        except BrokenProcessPool:
+            raise UserError("a preprocessing worker died (killed, or out of memory?); nothing was written; "
+                            "retry with fewer --workers") from None
+
     for batch, used in source:
-        pending.append((pool.apply_async(_work, (batch,)), used))
+        pending.append((pool.submit(_work, batch), used))
         if len(pending) >= depth:
-            res, n = pending.popleft()
-            yield res.get(), n
+            yield oldest()
     while pending:
-        res, n = pending.popleft()
-        yield res.get(), n
+        yield oldest()
