@@ -116,6 +116,13 @@ def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
         except (AssertionError, TypeError, ValueError) as exc:  # DeepSpeed's deprecated-field handling
             raise ConfigError(f"deepspeed.{key}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
                               ) from None
+    section = ds.get("activation_checkpointing", {})  # DeepSpeed reads it key by key, ignoring unknown ones
+    with _quiet_cpu_fallback_notice():
+        from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
+    for k in section:
+        if k not in ACT_CHKPT_DEFAULT:
+            raise ConfigError(f"deepspeed.activation_checkpointing.{k}: unknown key"
+                              f"{_did_you_mean(str(k), ACT_CHKPT_DEFAULT)}")
     return parsed
 
 
