@@ -151,7 +151,7 @@ def test_peak_device_memory_on_gpu(tmp_path):
         harness.run_step(s)
         layout = compare.layout_of(cfg, s.state, s.ds)
         model = memory_breakdown(ArchSpec.from_model_config(cfg.model), layout, cfg.train.seq_len, 0,
-                                 compare.impl_of(cfg, "cuda"))
+                                 compare.impl_of(cfg, "cuda"), **compare.deepspeed_settings(s.ds))
         return device_peak_bytes(), model.total
 
     peak, model = run_distributed(one, 1)

@@ -38,17 +38,22 @@ def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
     return replace(impl, partition_activations=cfg.train.activation_checkpointing.partition_activations)
 
 
+def deepspeed_settings(ds: Dict[str, Any]) -> Dict[str, Any]:
+    """The DeepSpeed settings the memory model reads, as ``memory_breakdown`` keywords."""
+    zero = ds.get("zero_optimization", {}) or {}
+    return {"reduce_bucket_elements": int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
+            "overlap_comm": zero.get("overlap_comm"),
+            "reuse_distance": float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE))}
+
+
 def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], device_type: str = "cpu"
                      ) -> Dict[str, Any]:
     """What :func:`megallama.profiling.harness.census` should measure on a rank of ``stage``."""
     spec = ArchSpec.from_model_config(cfg.model)
     seq, impl = cfg.train.seq_len, impl_of(cfg, device_type)
-    zero = ds.get("zero_optimization", {}) or {}
+    settings = deepspeed_settings(ds)
     states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, overlap_comm=zero.get("overlap_comm"),
-                               reduce_bucket_elements=int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-                               reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)),
-                               grad_accum=layout.grad_accum)
+                               stage, grad_accum=layout.grad_accum, **settings)
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     transient = 0.0
     if stage == layout.pp - 1:
@@ -57,7 +62,7 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
     one = layout.with_(grad_accum=1)    # the saved set of one micro-batch, as at the end of its forward
     one_acts = stage_activation_bytes(spec, one, seq, stage, impl)
     comm = collective_bytes_per_step(spec, layout, seq, stage, impl, scatter_gather="deepspeed",
-                                     reuse_distance=float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE)))
+                                     reuse_distance=settings["reuse_distance"])
     return {"stage": stage,
             "model_states": states,
             "activations": {"forward_end": one_acts["blocks"] + one_acts["embedding"] + one_acts["head_and_loss"]

@@ -192,13 +192,16 @@ class MemoryBreakdown:
 
 def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[int] = None,
                      impl: act.ActivationImpl = act.ActivationImpl(),
-                     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET) -> MemoryBreakdown:
-    """Everything on one rank at its peak; ``stage`` None: the stage with the largest total."""
+                     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET, overlap_comm: Optional[bool] = None,
+                     reuse_distance: float = REUSE_DISTANCE) -> MemoryBreakdown:
+    """Everything on one rank at its peak; ``stage`` None: the stage with the largest total.
+    The DeepSpeed settings default to DeepSpeed's own defaults."""
     if stage is None:
-        per_stage = [memory_breakdown(model, layout, seq, s, impl, reduce_bucket_elements) for s in _stages(layout)]
+        per_stage = [memory_breakdown(model, layout, seq, s, impl, reduce_bucket_elements, overlap_comm, reuse_distance)
+                     for s in _stages(layout)]
         return max(per_stage, key=lambda m: m.total)
     states = model_state_bytes(model, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, reduce_bucket_elements=reduce_bucket_elements, grad_accum=layout.grad_accum)
+                               stage, overlap_comm, reduce_bucket_elements, reuse_distance, layout.grad_accum)
     acts = stage_activation_bytes(model, layout, seq, stage, impl)
     host = states.pop("host")
     comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}
