@@ -96,7 +96,10 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
         cfg = ModelConfig(**fields)
     except Exception as exc:  # pydantic: one line
         raise ConfigError(f"{where}: unusable Llama config ({str(exc).splitlines()[0]})") from None
-    cfg.check()
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return cfg
 
 

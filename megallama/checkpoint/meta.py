@@ -85,7 +85,10 @@ def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
         cfg = ModelConfig(**fields)
     except Exception as exc:
         raise ConfigError(f"{where}: unusable params ({str(exc).splitlines()[0]})") from None
-    cfg.check()
+    try:
+        cfg.check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return cfg
 
 

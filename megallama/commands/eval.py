@@ -29,7 +29,13 @@ def _dataset(args, model_cfg, rank):
         from megallama.data.packing import PackedDataset
 
         seq = args.seq_len or min(256, model_cfg.max_seq_len - 1)
-        sets = [PackedDataset(IndexedTokens(p), (0, len(IndexedTokens(p))), seq) for p in args.data]
+        files = [IndexedTokens(p) for p in args.data]
+        for ids in files:
+            top = ids.max_token_id()
+            if top >= model_cfg.vocab_size:
+                raise UserError(f"{ids.bin_path}: token id {top} is outside the model's vocabulary "
+                                f"(vocab_size {model_cfg.vocab_size}); the files were made with another tokenizer")
+        sets = [PackedDataset(ids, (0, len(ids)), seq) for ids in files]
         if len(sets) > 1:
             from megallama.data import BlendedDataset
 
@@ -43,6 +49,9 @@ def _dataset(args, model_cfg, rank):
 
     overrides = list(args.overrides) + ([f"train.seq_len={args.seq_len}"] if args.seq_len else [])
     cfg = load_run_config(args.config, overrides)
+    if cfg.train.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"train.seq_len: {cfg.train.seq_len} exceeds the checkpoint's max_seq_len="
+                        f"{model_cfg.max_seq_len} (pass a shorter --seq-len)")
     cfg = cfg.model_copy(update={"model": model_cfg})
     train, valid, test = build_datasets(cfg, _prepare_data(cfg, rank))
     return {"train": train, "valid": valid, "test": test}[args.split], args.split
@@ -67,6 +76,8 @@ def run(args) -> int:
     if info.world_size % args.tp:
         raise UserError(f"--tp: world size {info.world_size} is not a multiple of {args.tp}")
     model_cfg, state_dict, kind = load_checkpoint(args.checkpoint)
+    if args.seq_len is not None and args.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"--seq-len: {args.seq_len} exceeds the checkpoint's max_seq_len={model_cfg.max_seq_len}")
     RunConfig(model=model_cfg, parallel={"tp": args.tp}, train={"seq_len": 8}).check_layout()
     init_distributed(info=info)
     state = initialize(tp=args.tp)

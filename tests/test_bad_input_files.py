@@ -1,0 +1,307 @@
+"""Corrupt or mismatched files are one line naming the file, never a traceback, and never touched.
+
+Property-based: hypothesis flips, overwrites, truncates and extends the bytes of Megatron token
+files, SentencePiece models and checkpoint weights, and mutates checkpoint ``config.json``
+fields, then feeds them to what reads them (``data-stats``, the training data start-up,
+``load_checkpoint``/``build_for_inference`` behind eval/generate/convert/finetune). Each case
+either works or raises :class:`UserError` in one line naming the file. Fixed cases cover files
+that are each fine but do not match (data from another tokenizer, a tokenizer larger than the
+model, sequences longer than the model's).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megallama.errors import UserError
+from tests.conftest_data import sample_texts, tokenizer_path, write_docs
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tokenizer, token files made with it, and a matching consolidated + HF checkpoint."""
+    from megallama import LlamaForCausalLM, ModelConfig
+    from megallama.checkpoint import save_consolidated
+    from megallama.checkpoint.hf import save_hf
+    from megallama.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("bad_files")
+    tok = root / "tok.model"
+    shutil.copyfile(tokenizer_path(VOCAB), tok)
+    t = Tokenizer(tok)
+    write_docs(str(root / "good"), [t.encode(x, eos=True) for x in sample_texts(60, seed=3)])
+    rng = np.random.default_rng(0)
+    write_docs(str(root / "oov"), [rng.integers(0, 2000, 40) for _ in range(30)])  # another tokenizer's ids
+    cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, n_layers=1, max_seq_len=64)
+    state = LlamaForCausalLM(cfg, seed=2).state_dict()
+    save_consolidated(state, cfg, root / "cons")
+    shutil.copyfile(tok, root / "cons" / "tokenizer.model")
+    save_hf(state, cfg, root / "hf")
+    small = ModelConfig.preset("tiny", vocab_size=256, n_layers=1, max_seq_len=64)
+    save_consolidated(LlamaForCausalLM(small, seed=2).state_dict(), small, root / "small")
+    shutil.copyfile(tok, root / "small" / "tokenizer.model")  # 320 tokens for a 256-token model
+    return root
+
+
+def one_line(msg: str, *names) -> None:
+    assert msg.strip() and "\n" not in msg and "Traceback" not in msg, msg
+    assert any(str(n) in msg for n in names), (names, msg)
+
+
+def snapshot(directory: Path):
+    return {p: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
+
+
+BYTES = st.tuples(st.sampled_from(["flip", "overwrite", "truncate", "extend", "zero"]), st.integers(0, 2**31),
+                  st.binary(min_size=1, max_size=16))
+
+
+def corrupt(path: Path, how) -> None:
+    kind, pos, junk = how
+    b = bytearray(path.read_bytes())
+    i = pos % max(len(b), 1)
+    if kind == "flip" and b:
+        b[i] ^= 1 << (pos % 8)
+    elif kind == "overwrite":
+        b[i:i + len(junk)] = junk
+    elif kind == "truncate":
+        b = b[:i]
+    elif kind == "extend":
+        b += junk
+    else:
+        b[i:i + 64] = bytes(min(64, len(b) - i))
+    path.write_bytes(bytes(b))
+
+
+def _cli(capsys, *argv):
+    from megallama.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ---------------------------------------------------------------------------- token files
+@settings(FAST, max_examples=60)
+@given(which=st.sampled_from(["idx", "bin"]), how=BYTES)
+def test_corrupt_token_files(files, capsys, which, how):
+    from megallama.config import load_run_config
+    from megallama.data import build_datasets, prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "data"
+        for ext in ("idx", "bin"):
+            shutil.copyfile(files / f"good.{ext}", f"{prefix}.{ext}")
+        corrupt(Path(f"{prefix}.{which}"), how)
+        before = snapshot(tmp)
+        try:
+            rc, out, err = _cli(capsys, "data-stats", prefix, "--tokenizer", files / "tok.model")
+        except IndexError:  # known: test_index_with_a_document_index_out_of_range_is_one_line (xfail)
+            return
+        assert rc == 0 or (rc == 2 and not out), (rc, out, err)
+        if rc:
+            one_line(err.removeprefix("megallama data-stats: error: ").rstrip("\n"), prefix)
+        # what `megallama train` does with data.prefixes before any process group exists
+        cfg = load_run_config(data={"run_dir": str(Path(tmp) / "run"), "model": {"preset": "tiny", "vocab_size": VOCAB},
+                                    "train": {"seq_len": 16},
+                                    "data": {"prefixes": [str(prefix)], "tokenizer": str(files / "tok.model"),
+                                             "split": "1"}})
+        try:
+            build_datasets(cfg, prepare_data(cfg))
+        except UserError as exc:
+            one_line(str(exc), prefix)
+            assert rc == 2 or "tokens, fewer than train.seq_len" in str(exc), (err, exc)
+        assert {p: b for p, b in snapshot(tmp).items() if "run" not in p.parts[-3:]} == before  # inputs untouched
+
+
+@pytest.mark.xfail(strict=True, reason="megallama/data/indexed.py IndexedTokens._map_bin: a document index "
+                   "pointing past the sequence list raises IndexError (seq_start[self.document_indices]) instead of "
+                   "a UserError naming the .idx")
+def test_index_with_a_document_index_out_of_range_is_one_line(files, capsys, tmp_path):
+    from megallama.data import IndexedTokens
+
+    n = IndexedTokens(str(files / "good")).num_sequences
+    prefix = tmp_path / "data"
+    shutil.copyfile(files / "good.bin", f"{prefix}.bin")
+    b = bytearray((files / "good.idx").read_bytes())
+    doc1 = 9 + 8 + 1 + 8 + 8 + n * 4 + n * 8 + 8  # Megatron MMIDIDX: header, sizes, pointers, doc_idx[1]
+    b[doc1:doc1 + 8] = (n + 2000).to_bytes(8, "little")
+    Path(f"{prefix}.idx").write_bytes(bytes(b))
+    rc, out, err = _cli(capsys, "data-stats", prefix)
+    assert rc == 2
+    one_line(err, f"{prefix}.idx")
+
+
+# ------------------------------------------------------------------------------ tokenizers
+@settings(FAST, max_examples=60)
+@given(how=BYTES)
+def test_corrupt_tokenizer(files, capsys, how):
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tok.model"
+        shutil.copyfile(files / "tok.model", tok)
+        corrupt(tok, how)
+        before = tok.read_bytes()
+        try:
+            rc, out, err = _cli(capsys, "data-stats", files / "good", "--tokenizer", tok)
+        except UnicodeDecodeError:  # known: test_tokenizer_with_invalid_utf8_piece_is_one_line (xfail)
+            return
+        assert rc == 0 or (rc == 2 and not out), (rc, out, err)
+        if rc:
+            one_line(err.removeprefix("megallama data-stats: error: ").rstrip("\n"), tok, files / "good")
+        assert tok.read_bytes() == before
+
+
+@pytest.mark.xfail(strict=True, reason="megallama/data/tokenizer.py: Tokenizer() catches RuntimeError/OSError/"
+                   "TypeError from SentencePiece's LoadFromSerializedProto, but SentencePiece reports a byte piece "
+                   "holding invalid UTF-8 as UnicodeDecodeError (its error message quotes the raw bytes)")
+def test_tokenizer_with_invalid_utf8_piece_is_one_line(files, capsys, tmp_path):
+    b = (files / "tok.model").read_bytes()
+    assert b"<0x41>" in b  # a byte-fallback piece
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b.replace(b"<0x41>", b"<\x86x41>", 1))  # same length: the protobuf stays well-formed
+    rc, out, err = _cli(capsys, "data-stats", files / "good", "--tokenizer", bad)
+    assert rc == 2
+    one_line(err, bad)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def load_and_build(path):
+    from megallama.checkpoint.pretrained import build_for_inference, load_checkpoint
+    from megallama.parallel import ParallelState, layout
+
+    cfg, state, _ = load_checkpoint(path)
+    with layout(ParallelState()):
+        build_for_inference(cfg, state)
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 600), st.integers(-2**64, 2**64),
+                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                   st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(),
+                                                                            max_size=2))
+CONS_KEYS = ["arch", "dim", "n_layers", "n_encoder_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+             "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "dropout", "init_std", "num_labels",
+             "unknown_key"]
+HF_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+           "rope_scaling", "rope_parameters", "hidden_act", "tie_word_embeddings", "attention_bias"]
+
+
+@settings(FAST, max_examples=80)
+@given(kind=st.sampled_from(["cons", "hf"]), edits=st.lists(st.tuples(st.integers(0, 99), VALUES, st.booleans()),
+                                                           min_size=1, max_size=2))
+def test_mutated_checkpoint_configs(files, kind, edits):
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / kind
+        shutil.copytree(files / kind, ckpt)
+        meta = json.loads((ckpt / "config.json").read_text())
+        node, keys = (meta["model"], CONS_KEYS) if kind == "cons" else (meta, HF_KEYS)
+        for i, value, delete in edits:
+            key = keys[i % len(keys)]
+            if delete:
+                node.pop(key, None)
+            else:
+                node[key] = value
+        (ckpt / "config.json").write_text(json.dumps(meta))
+        before = snapshot(ckpt)
+        try:
+            load_and_build(ckpt)
+        except UserError as exc:
+            one_line(str(exc), ckpt)
+        assert snapshot(ckpt) == before
+
+
+@settings(FAST, max_examples=40)
+@given(kind=st.sampled_from(["cons", "hf"]), target=st.sampled_from(["model.safetensors", "config.json"]), how=BYTES)
+def test_corrupt_checkpoint_bytes(files, kind, target, how):
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / kind
+        shutil.copytree(files / kind, ckpt)
+        corrupt(ckpt / target, how)
+        try:
+            load_and_build(ckpt)
+        except UserError as exc:
+            one_line(str(exc), ckpt)
+
+
+def test_checkpoint_tensor_dtype_and_count_mismatch(files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "cons"
+    shutil.copytree(files / "cons", ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: v.to(torch.int32) for k, v in state.items()}, str(ckpt / "model.safetensors"))
+    with pytest.raises(UserError, match="model.safetensors: tensor '.*' has dtype int32"):
+        load_and_build(ckpt)
+    save_file(state, str(ckpt / "model.safetensors"))
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["n_layers"] = 10**12  # building a meta model this deep would never finish
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="too few for the config's 1000000000000 layers"):
+        load_and_build(ckpt)
+
+
+# ------------------------------------------------------------------------------- mismatches
+def test_data_from_another_tokenizer(files, capsys, tmp_path):
+    from megallama.config import load_run_config
+    from megallama.data import prepare_data
+
+    rc, out, err = _cli(capsys, "data-stats", files / "oov", "--tokenizer", files / "tok.model")
+    assert rc == 2 and "oov.bin: token id" in err and "another tokenizer" in err and len(err.splitlines()) == 1
+    cfg = load_run_config(data={"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "vocab_size": VOCAB},
+                                "data": {"prefixes": [str(files / "oov")], "tokenizer": str(files / "tok.model")}})
+    with pytest.raises(UserError, match="oov.bin: token id .* is outside the vocabulary"):
+        prepare_data(cfg)
+    cfg = load_run_config(data={"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "vocab_size": 256},
+                                "data": {"prefixes": [str(files / "good")], "tokenizer": str(files / "tok.model")}})
+    with pytest.raises(UserError, match="tok.model: tokenizer has 320 tokens but model.vocab_size is 256"):
+        prepare_data(cfg)
+
+
+def _cli_single(capsys, monkeypatch, *argv):
+    from megallama.parallel import set_state
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    try:
+        return _cli(capsys, *argv)
+    finally:
+        set_state(None)
+
+
+def test_generate_and_eval_refuse_mismatches_before_start_up(files, capsys, monkeypatch):
+    rc, out, err = _cli_single(capsys, monkeypatch, "generate", "--checkpoint", files / "small", "--prompt", "hi")
+    assert rc == 2 and "tokenizer has 320 tokens but the model's vocab_size is 256" in err, err
+    rc, out, err = _cli_single(capsys, monkeypatch, "eval", "--checkpoint", files / "cons", "--data", files / "good",
+                               "--seq-len", 65)
+    assert rc == 2 and err.strip() == "megallama eval: error: --seq-len: 65 exceeds the checkpoint's max_seq_len=64"
+    rc, out, err = _cli_single(capsys, monkeypatch, "generate", "--checkpoint", files / "cons", "--prompt", "hi",
+                               "--max-new-tokens", 70)
+    assert rc == 2 and "exceed the model's max_seq_len=64" in err and len(err.splitlines()) == 1
+
+
+def test_eval_of_data_from_another_tokenizer_is_one_line(files):
+    """A real process (eval starts a process group before reading the data)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "megallama", "eval", "--checkpoint", str(files / "cons"),
+                           "--data", str(files / "oov"), "--seq-len", "16"], capture_output=True, text=True,
+                          env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), cwd=ROOT, timeout=180)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "oov.bin: token id" in lines[0] and "outside the model's vocabulary (vocab_size 320)" in lines[0]
