@@ -74,8 +74,9 @@ class Attention(nn.Module):
             q = self.wq(x).view(b, -1, hq, hd)
             k, v = self.wkv(memory).view(b, -1, 2 * hkv, hd).split(hkv, dim=2)
         else:
-            q, k, v = self.wqkv(x).view(b, -1, hq + 2 * hkv, hd).split([hq, hkv, hkv], dim=2)
-            q, k = rope(q, start_pos), rope(k, start_pos)
+            # Q and K are adjacent heads of the fused output: one rotation covers both
+            qk, v = self.wqkv(x).view(b, -1, hq + 2 * hkv, hd).split([hq + hkv, hkv], dim=2)
+            q, k = rope(qk, start_pos).split([hq, hkv], dim=2)
             if kv_cache is not None:
                 k, v = kv_cache.update(k, v, start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -11,6 +11,37 @@ from megallama.config import ModelConfig
 from megallama.parallel import ColumnParallelLinear, RowParallelLinear
 
 
+class _SwiGLUProduct(torch.autograd.Function):
+    """``silu(gate) * up`` from the fused ``[gate | up]`` output. Saves what autograd would (the
+    fused output and ``silu(gate)``) but writes both halves of the gradient straight into one
+    ``[gate | up]`` buffer, where autograd would build them apart and concatenate."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        f = gate.size(-1)
+        torch.mul(grad, act, out=out[..., f:])
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[..., :f])
+        return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` along the last dimension."""
+    if torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling():
+        return _SwiGLUProduct.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -22,5 +53,4 @@ class SwiGLU(nn.Module):
                                     device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(self.w13(x)))

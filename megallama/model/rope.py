@@ -2,6 +2,12 @@
 
 Meta's release pairs adjacent channels instead; checkpoint import permutes Wq/Wk rows once so
 the hot path needs no complex views or strided copies. Tables are cached per dtype/device.
+
+In rotate-half form the angle table is ``cat(freqs, freqs)``, so only its first half is kept,
+and the rotation ``out = x * cos + rotate_half(x) * sin`` is written half by half straight into
+one output (``o1 = x1 c - x2 s``, ``o2 = x2 c + x1 s``): no ``cat``, ``neg`` or sliced copies, and
+the backward (the inverse rotation applied to the gradient) saves only the constant tables.
+Queries and keys, adjacent in the fused QKV output, are rotated by one call on their joint view.
 """
 from __future__ import annotations
 
@@ -11,6 +17,43 @@ import torch
 from torch import nn
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """``x`` rotated by the angles (``-angles`` when ``inverse``) into a new contiguous tensor."""
+    half = x.size(-1) // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=1.0 if inverse else -1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=-1.0 if inverse else 1.0)
+    return out
+
+
+class _ApplyRotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [b, s, heads, head_dim]`` (any strides) by half-tables ``cos, sin [s, 1, head_dim/2]``."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them into one kernel
+        half = x.size(-1) // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ApplyRotary.apply(x, cos, sin)
+    return _rotate(x, cos, sin, inverse=False)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
@@ -18,23 +61,20 @@ class RotaryEmbedding(nn.Module):
         self._cache: Dict[Tuple[torch.dtype, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tables(self, dtype: torch.dtype, device: torch.device):
+        """``cos, sin`` of ``[max_seq, head_dim/2]`` angles (the second half of the full
+        rotate-half table repeats the first)."""
         key = (dtype, device)
         if key not in self._cache:
             inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-            pos = torch.arange(self.max_seq_len, dtype=torch.float64)
-            freqs = torch.outer(pos, inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)  # [max_seq, head_dim]
-            self._cache[key] = (emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype))
+            freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
+            self._cache[key] = (freqs.cos().to(device=device, dtype=dtype), freqs.sin().to(device=device, dtype=dtype))
         return self._cache[key]
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Rotate ``x`` of shape ``[b, s, heads, head_dim]`` for positions start_pos..start_pos+s."""
+        """Rotate ``x`` of shape ``[b, s, heads, head_dim]`` for positions start_pos..start_pos+s;
+        returns a new contiguous tensor."""
         seq = x.size(1)
         if start_pos + seq > self.max_seq_len:
             raise ValueError(f"sequence end {start_pos + seq} exceeds max_seq_len={self.max_seq_len}")
         cos, sin = self._tables(x.dtype, x.device)
-        cos = cos[start_pos:start_pos + seq].unsqueeze(1)
-        sin = sin[start_pos:start_pos + seq].unsqueeze(1)
-        half = x.size(-1) // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return torch.addcmul(x * cos, rotated, sin)
+        return apply_rotary(x, cos[start_pos:start_pos + seq, None], sin[start_pos:start_pos + seq, None])

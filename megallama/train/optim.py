@@ -24,10 +24,20 @@ def param_groups(named_params: Iterable, weight_decay: float) -> List[dict]:
     return groups
 
 
+def _implementation(groups: List[dict]) -> dict:
+    """torch's fused AdamW kernel (one pass over each tensor) when every parameter is on the CPU,
+    else the multi-tensor ``foreach`` path. On CUDA, fused also needs every ``step`` state on the
+    parameter's device, which checkpoint code that creates state by hand does not promise (it
+    builds ``step`` on the CPU), so GPUs keep ``foreach``."""
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model.named_parameters(), t.weight_decay)
-    fused = {"foreach": True}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **fused)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **_implementation(groups))
 
 
 def lr_lambda(t: TrainConfig):
