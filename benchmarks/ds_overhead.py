@@ -83,12 +83,13 @@ def scaling(args) -> dict:
             run_dir = Path(tmp) / f"w{world}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m", "megallama",
                    "train", str(ROOT / "examples" / "tiny.yaml"), "--set", f"run_dir={run_dir}",
-                   "--set", f"train.steps={args.steps}", "--set", f"train.log_every={args.steps}",
+                   "--set", f"train.steps={args.steps}", "--set", "train.log_every=1", "--set", "checkpoint.every=0",
                    "--set", "train.global_batch_size=16", "--set", "train.activation_checkpointing.mode=none",
                    "--set", f"data.cache_dir={Path(tmp) / 'data'}", "--set", "data.embedded_max_files=60"]
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
             subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
-            out[world] = json.loads((run_dir / "report.json").read_text())["tokens_per_s"]
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            out[world] = statistics.median(r["tokens_per_s"] for r in records[3:])  # after warm-up
     return {"tokens_per_s": out, "speedup_2_vs_1": out[2] / out[1]}
 
 
