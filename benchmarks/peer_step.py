@@ -3,12 +3,15 @@
 
 Both models are built from one config with identical weights (megallama.checkpoint.hf mapping),
 run the same batch under bf16 autocast (fp32 master weights) with the same AdamW recipe and
-gradient clipping 1.0, and are timed alternately (A B, B A, ...) after warm-up in one process.
+gradient clipping 1.0, and are timed in turn (A B, B A, ...) after warm-up in one process.
 HF gets what ``transformers.Trainer`` uses by default on torch >= 2.8: ``AdamW(fused=True)``.
-Then our model through the DeepSpeed engine (ZeRO-1, world size 1) against our plain loop.
+Each round also times a bf16 GEMM (the machine's peak at that moment), so the fraction of peak
+is taken round by round, under the same load as the steps. Then our model through the
+DeepSpeed engine (ZeRO-1, world size 1) against our plain loop.
 
 usage: python benchmarks/peer_step.py [--dim 768] [--layers 8] [--seq 512] [--mbs 4] [--rounds 6]
        [--compile] [--no-deepspeed] [--no-rss] [--profile benchmarks/results/peer_step_profile_after.txt]
+``--compile`` adds a third contender, our model with ``train.compile`` (compiled blocks).
 Writes benchmarks/results/peer_step.json (or --out).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 AMP = dict(device_type="cpu", dtype=torch.bfloat16)
+OURS, COMPILED, HF = "megallama", "megallama+compile", "hf"
 
 
 def model_config(a):
@@ -44,13 +48,12 @@ def train_config(a):
     return TrainConfig(seq_len=a.seq, micro_batch_size=a.mbs, lr=3e-4, warmup_steps=0, steps=1000, seed=1)
 
 
-def build_ours(a):
+def build_ours(a, compiled: bool = False):
     from megallama.model import build_model
     from megallama.model.compile import maybe_compile
     from megallama.train.optim import build_optimizer
 
-    model = build_model(model_config(a), seed=1)
-    maybe_compile(model, a.compile)
+    model = maybe_compile(build_model(model_config(a), seed=1), compiled)
     return model, build_optimizer(model, train_config(a))
 
 
@@ -62,8 +65,7 @@ def build_hf(a, ours):
     from megallama.train.optim import param_groups
 
     cfg = model_config(a)
-    hf_cfg = LlamaConfig(**{**config_to_hf(cfg, torch.float32), "attn_implementation": "sdpa"})
-    hf = LlamaForCausalLM(hf_cfg)
+    hf = LlamaForCausalLM(LlamaConfig(**{**config_to_hf(cfg, torch.float32), "attn_implementation": "sdpa"}))
     hf.load_state_dict({k: v.detach().clone() for k, v in state_to_hf(ours.state_dict(), cfg).items()}, strict=True)
     t = train_config(a)
     opt = torch.optim.AdamW(param_groups(hf.named_parameters(), t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
@@ -77,7 +79,7 @@ def forward_loss(model, x, y, hf: bool):
     return model(x, labels=y)
 
 
-def train_step(model, opt, x, y, hf: bool) -> float:
+def train_step(model, opt, x, y, hf: bool):
     with torch.autocast(**AMP):
         loss = forward_loss(model, x, y, hf)
     loss.backward()
@@ -92,8 +94,8 @@ def batch(a, vocab):
     return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
 
 
-def gemm_peak(budget_s: float = 2.0, n: int = 2048) -> float:
-    """Best bf16 FLOP/s of an n x n x n GEMM over about ``budget_s`` (longer than the trainer's)."""
+def gemm_peak(budget_s: float = 1.0, n: int = 2048) -> float:
+    """Best bf16 FLOP/s of an n x n x n GEMM over about ``budget_s``."""
     a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
     torch.mm(a, b)
     best, spent = float("inf"), 0.0
@@ -105,16 +107,21 @@ def gemm_peak(budget_s: float = 2.0, n: int = 2048) -> float:
     return 2.0 * n ** 3 / best
 
 
-def alternate(fns: dict, rounds: int, warmup: int) -> dict:
-    """Median seconds per call of each fn, called A B / B A alternately after ``warmup`` rounds."""
-    names, times = list(fns), {k: [] for k in fns}
+def alternate(fns: dict, rounds: int, warmup: int, peak_budget_s: float = 0.0) -> dict:
+    """Seconds per call of each fn, the order rotated every round, after ``warmup`` rounds; with
+    ``peak_budget_s`` each timed round also measures the GEMM peak."""
+    names, times, peaks = list(fns), {k: [] for k in fns}, []
     for i in range(warmup + rounds):
-        for name in names if i % 2 == 0 else names[::-1]:
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order if (i // len(names)) % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             fns[name]()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
+        if i >= warmup and peak_budget_s:
+            peaks.append(gemm_peak(peak_budget_s))
+    out = {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
+    return {"steps": out, "peaks": peaks} if peak_budget_s else out
 
 
 def static_bytes(model, opt) -> int:
@@ -137,9 +144,9 @@ def step_peak_bytes(fn) -> int:
     return peak
 
 
-def rss_child(a, which: str) -> int:
+def rss_child(which: str) -> int:
     """ru_maxrss (bytes) of a fresh process that builds one model and runs 3 steps."""
-    code = (f"import sys, resource; sys.argv=['x']+{sys.argv[1:]!r}; sys.path.insert(0, {str(ROOT)!r});"
+    code = (f"import sys; sys.argv=['x']+{sys.argv[1:]!r}; sys.path.insert(0, {str(ROOT)!r});"
             f"import benchmarks.peer_step as p; p.rss_main({which!r})")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1])
@@ -150,13 +157,11 @@ def rss_main(which: str) -> None:
 
     a = parse_args()
     model, opt = build_ours(a)
-    if which == "hf":
-        hf, opt = build_hf(a, model)
-        del model
-        model = hf
+    if which == HF:
+        model, opt = build_hf(a, model)
     x, y = batch(a, a.vocab)
     for _ in range(3):
-        train_step(model, opt, x, y, which == "hf")
+        train_step(model, opt, x, y, which == HF)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
@@ -167,8 +172,7 @@ def deepspeed_vs_plain(a, x, y) -> dict:
     from megallama.train.ds_config import build_ds_config
     from megallama.train.engine import build_engine
 
-    m = model_config(a)
-    cfg = load_run_config(data={"model": m.model_dump(), "deepspeed": {"zero_optimization": {"stage": 1}},
+    cfg = load_run_config(data={"model": model_config(a).model_dump(), "deepspeed": {"zero_optimization": {"stage": 1}},
                                 "train": train_config(a).model_dump(exclude={"activation_checkpointing"})})
     init_distributed()
     engine = build_engine(cfg, initialize(), build_ds_config(cfg, 1), torch.device("cpu")).engine
@@ -183,33 +187,36 @@ def deepspeed_vs_plain(a, x, y) -> dict:
 
     first = {"deepspeed": float(ds_step()), "plain": float(train_step(plain, opt, x, y, False))}
     t = alternate({"deepspeed": ds_step, "plain": lambda: train_step(plain, opt, x, y, False)}, a.rounds, 1)
-    return {"first_loss": first, "timing": t, "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] /
-            t["plain"]["median_s"]}
+    return {"first_loss": first, "timing": t,
+            "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] / t["plain"]["median_s"]}
 
 
 def profile_table(path: Path, steps: dict, rounds: int) -> None:
-    """Self CPU time by operator per step, the models profiled alternately; then torch's own
-    table for the last profiled step of each."""
+    """Self CPU time by operator per step (median over ``rounds`` steps, the models profiled in
+    turn, so a load spike on the shared machine does not pick a side); then torch's own table for
+    the last profiled step of each."""
     from torch.profiler import ProfilerActivity, profile
 
-    per = {k: {} for k in steps}
-    last = {}
+    per, last = {k: {} for k in steps}, {}
     for i in range(rounds):
         for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 steps[name]()
             last[name] = prof.key_averages()
             for e in last[name]:
-                per[name][e.key] = per[name].get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / rounds
+                per[name].setdefault(e.key, [0.0] * rounds)[i] = e.self_cpu_time_total / 1e3
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in per.items()}
+    totals = {n: statistics.median(sum(v[i] for v in per[n].values()) for i in range(rounds)) for n in steps}
     names = list(steps)
-    keys = sorted(set().union(*per.values()), key=lambda k: -max(per[n].get(k, 0.0) for n in names))
-    lines = [f"{'operator (self CPU ms per step, mean of ' + str(rounds) + ' alternated steps)':<64}"
-             + "".join(f"{n:>12}" for n in names),
-             f"{'TOTAL':<64}" + "".join(f"{sum(per[n].values()):12.1f}" for n in names)]
-    lines += [f"{k[:63]:<64}" + "".join(f"{per[n].get(k, 0.0):12.1f}" for n in names) for k in keys[:45]]
+    keys = sorted(set().union(*med.values()), key=lambda k: -max(med[n].get(k, 0.0) for n in names))
+    lines = [f"{'operator: self CPU ms per step, median of ' + str(rounds) + ' steps':<64}"
+             + "".join(f"{n:>18}" for n in names),
+             f"{'TOTAL (median of per-step totals)':<64}" + "".join(f"{totals[n]:18.1f}" for n in names)]
+    lines += [f"{k[:63]:<64}" + "".join(f"{med[n].get(k, 0.0):18.1f}" for n in names) for k in keys[:45]]
     parts = ["\n".join(lines)] + [f"==== {n}: last profiled step, by operator ====\n" + last[n].table(
         sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) for n in names]
-    path.write_text(f"{' '.join(sys.argv)}\nload average {os.getloadavg()}\n\n" + "\n\n".join(parts))
+    header = f"{' '.join(sys.argv)}\nthreads {torch.get_num_threads()}, load average {os.getloadavg()}\n\n"
+    path.write_text(header + "\n\n".join(parts))
     print(f"wrote {path}")
 
 
@@ -222,14 +229,20 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--mbs", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=6, help="timed A/B rounds after warm-up")
+    ap.add_argument("--rounds", type=int, default=6, help="timed rounds after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="torch.compile our blocks (train.compile)")
+    ap.add_argument("--compile", action="store_true", help="also time our model with train.compile")
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--no-rss", action="store_true", help="skip the ru_maxrss subprocesses")
     ap.add_argument("--profile", type=Path, default=None, help="write a by-operator profile table here and stop")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_step.json")
     return ap.parse_args(argv)
+
+
+def _command() -> str:
+    script = Path(sys.argv[0]).resolve()
+    return "python " + " ".join([script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else sys.argv[0]]
+                                + sys.argv[1:])
 
 
 def main() -> int:
@@ -238,55 +251,67 @@ def main() -> int:
     a = parse_args()
     torch.manual_seed(0)
     load0 = os.getloadavg()
-    peak0 = gemm_peak()
     ours, opt = build_ours(a)
     hf, hf_opt = build_hf(a, ours)
     x, y = batch(a, a.vocab)
     with torch.no_grad():  # fp32 forward: same function, tight tolerance
         l32 = float(forward_loss(ours, x, y, False)), float(forward_loss(hf, x, y, True))
-    first = float(train_step(ours, opt, x, y, False)), float(train_step(hf, hf_opt, x, y, True))
     assert abs(l32[0] - l32[1]) < 1e-4 * abs(l32[1]), f"fp32 losses differ: {l32}"
-    assert abs(first[0] - first[1]) < 2e-2 * abs(first[1]), f"bf16 first-step losses differ: {first}"
-    steps = {"megallama": lambda: train_step(ours, opt, x, y, False), "hf": lambda: train_step(hf, hf_opt, x, y, True)}
+    contenders = {OURS: (ours, opt, False), HF: (hf, hf_opt, True)}
+    if a.compile:
+        contenders[COMPILED] = build_ours(a, compiled=True) + (False,)
+    first = {k: float(train_step(m, o, x, y, h)) for k, (m, o, h) in contenders.items()}
+    for k, v in first.items():
+        assert abs(v - first[HF]) < 2e-2 * abs(first[HF]), f"bf16 first-step losses differ: {first}"
+    steps = {k: (lambda m=m, o=o, h=h: train_step(m, o, x, y, h)) for k, (m, o, h) in contenders.items()}
     if a.profile:
         profile_table(a.profile, steps, a.rounds)
         return 0
-    t = alternate(steps, a.rounds, a.warmup)
+    run = alternate(steps, a.rounds, a.warmup, peak_budget_s=0.5)
+    t, peaks = run["steps"], run["peaks"]
     mem = {k: step_peak_bytes(fn) for k, fn in steps.items()}
-    static = {"megallama": static_bytes(ours, opt), "hf": static_bytes(hf, hf_opt)}
-    peak = max(peak0, gemm_peak())
+    static = {k: static_bytes(m, o) for k, (m, o, _) in contenders.items()}
     load1 = os.getloadavg()
     tokens = a.mbs * a.seq
     fl = flops_per_token(model_config(a), a.seq).model
     tps = {k: tokens / v["median_s"] for k, v in t.items()}
+    frac = {k: statistics.median(tokens * fl / s / p for s, p in zip(v["all_s"], peaks)) for k, v in t.items()}
+    paired = {k: statistics.median(h / s for h, s in zip(t[HF]["all_s"], t[k]["all_s"])) for k in t if k != HF}
     res = {
-        "command": "python " + " ".join([Path(sys.argv[0]).relative_to(ROOT).as_posix()
-                                         if Path(sys.argv[0]).is_absolute() else sys.argv[0]] + sys.argv[1:]),
+        "command": _command(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "loadavg_start": load0, "loadavg_end": load1},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-        "loss_fp32": l32, "first_step_loss_bf16": first,
-        "tokens_per_step": tokens, "model_flops_per_token": fl,
-        "timing": t, "tokens_per_s": tps, "speedup_vs_hf": tps["megallama"] / tps["hf"],
-        "gemm_peak_bf16_flops": peak,
+        "loss_fp32": l32, "first_step_loss_bf16": first, "tokens_per_step": tokens, "model_flops_per_token": fl,
+        "timing": t, "tokens_per_s": tps,
+        "speedup_vs_hf": {k: tps[k] / tps[HF] for k in tps if k != HF},
+        "speedup_vs_hf_paired_median": paired,
+        "gemm_peak_bf16_flops_per_round": peaks, "gemm_peak_bf16_flops_median": statistics.median(peaks),
         "model_tflops": {k: v * fl / 1e12 for k, v in tps.items()},
-        "fraction_of_gemm_peak": {k: v * fl / peak for k, v in tps.items()},
+        "fraction_of_gemm_peak": frac,
+        "fraction_of_best_gemm_peak": {k: v * fl / max(peaks) for k, v in tps.items()},
         "memory": {"what": "static = params+buffers+optimizer state; step_peak = profiler-tracked peak of live "
                            "torch allocations above static during one step; total = static + step_peak",
                    "static_bytes": static, "step_peak_bytes": mem,
                    "total_peak_bytes": {k: static[k] + mem[k] for k in mem}},
     }
-    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, load avg {load0[0]:.2f} -> {load1[0]:.2f}")
-    print(f"losses fp32 {l32[0]:.5f} vs {l32[1]:.5f}; first bf16 step {first[0]:.4f} vs {first[1]:.4f}")
+    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, {torch.get_num_threads()} threads, "
+          f"load avg {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"losses fp32 {l32[0]:.5f} vs {l32[1]:.5f}; first bf16 step " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                                     first.items()))
+    print(f"bf16 GEMM peak per round: median {statistics.median(peaks) / 1e12:.3f}, best {max(peaks) / 1e12:.3f} "
+          f"TFLOP/s")
     for k in steps:
-        print(f"{k:>10}: {t[k]['median_s'] * 1e3:8.1f} ms/step  {tps[k]:8.1f} tok/s  "
-              f"{res['model_tflops'][k]:.3f} TFLOP/s = {res['fraction_of_gemm_peak'][k]:.1%} of bf16 GEMM peak "
-              f"{peak / 1e12:.3f} TFLOP/s; peak memory {res['memory']['total_peak_bytes'][k] / 2**20:,.0f} MiB "
+        print(f"{k:>18}: {t[k]['median_s'] * 1e3:8.1f} ms/step {tps[k]:8.1f} tok/s {res['model_tflops'][k]:.3f} "
+              f"TFLOP/s = {frac[k]:.1%} of the round's GEMM peak ({res['fraction_of_best_gemm_peak'][k]:.1%} of the "
+              f"best); peak memory {res['memory']['total_peak_bytes'][k] / 2**20:,.0f} MiB "
               f"(step {mem[k] / 2**20:,.0f} MiB)")
-    print(f"speedup megallama / HF: {res['speedup_vs_hf']:.3f}x (target >= 1.25)")
+    for k in paired:
+        print(f"speedup {k} / HF: {res['speedup_vs_hf'][k]:.3f}x (ratio of medians), {paired[k]:.3f}x "
+              f"(median of paired rounds); target >= 1.25")
     if not a.no_rss:
-        res["memory"]["ru_maxrss_bytes"] = {k: rss_child(a, k) for k in ("megallama", "hf")}
+        res["memory"]["ru_maxrss_bytes"] = {k: rss_child(k) for k in (OURS, HF)}
         print("ru_maxrss (fresh process, 3 steps): " + ", ".join(
             f"{k} {v / 2**20:,.0f} MiB" for k, v in res["memory"]["ru_maxrss_bytes"].items()))
     if not a.no_deepspeed:
