@@ -113,7 +113,8 @@ def run_measured(out: Path, names: List[str], steps: int, warmup: int, timeout: 
         launch = [sys.executable, "-m", "megallama"] if ranks == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
             "-m", "megallama"]
-        args = ["profile", str(config), "--steps", str(steps), "--warmup", str(warmup), "--set", f"run_dir={out / name}"]
+        args = ["profile", str(config), "--steps", str(steps), "--warmup", str(warmup),
+                "--set", f"run_dir={out / name}"]
         args += [x for o in overrides for x in ("--set", o)]
         print(f"{name:8s} {' '.join(launch[2:4] if ranks > 1 else launch[1:3])} x{ranks}: ", end="", flush=True)
         proc = subprocess.run(launch + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
@@ -148,7 +149,8 @@ def load_measured(path: Path) -> List[Dict[str, object]]:
             rows.append({**base, "source": source, "tokens_per_s": _round(d.get("tokens_per_s"), 1),
                          "tokens_per_s_per_gpu": _round(d.get("tokens_per_s_per_gpu"), 1),
                          "tflops_per_gpu": _round(d.get("tflops_per_gpu"), 5), "mfu": _round(d.get("mfu"), 4),
-                         "hfu": _round(d.get("hfu"), 4), "memory_per_gpu_gib": _round(mem / 2 ** 30 if mem else None, 4),
+                         "hfu": _round(d.get("hfu"), 4),
+                         "memory_per_gpu_gib": _round(mem / 2 ** 30 if mem else None, 4),
                          "step_time_s": _round(d.get("step_time_s"), 4), "comm_share": _round(d.get("comm_share"), 4),
                          "pipeline_bubble": _round(d.get("pipeline_bubble"), 4),
                          "note": d.get("peak_memory_source", "") if source == "measured" else ""})

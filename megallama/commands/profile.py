@@ -68,7 +68,8 @@ def _print_text(r) -> None:
     rows = [("tokens/s", "tokens_per_s", 1, "{:,.0f}"), ("TFLOP/s per GPU (model)", "tflops_per_gpu", 1, "{:.4f}"),
             ("MFU", "mfu", 100, "{:.2f}%"), ("HFU", "hfu", 100, "{:.2f}%"),
             ("peak memory (GiB)", "peak_memory_bytes", 1 / GiB, "{:.3f}"),
-            ("communication share", "comm_share", 100, "{:.1f}%"), ("pipeline bubble", "pipeline_bubble", 100, "{:.1f}%"),
+            ("communication share", "comm_share", 100, "{:.1f}%"),
+            ("pipeline bubble", "pipeline_bubble", 100, "{:.1f}%"),
             ("step time (s)", "step_time_s", 1, "{:.4f}")]
     for label, key, scale, spec in rows:
         print(f"  {label:26s} {_fmt(m.get(key), scale, spec):>12s} {_fmt(p.get(key), scale, spec):>12s}")

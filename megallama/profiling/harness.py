@@ -186,7 +186,8 @@ def census(s: Session) -> Dict[str, Any]:
     """One step under every byte-counting instrument (slow; not timed): collective payloads per
     group, live saved-activation bytes (end of forward, peak, recompute working set) and the
     engine's model-state bytes per category, on this rank."""
-    from megallama.profiling.measure import ModelStateMeter, SavedTensorMeter, tracking_checkpoints
+    from megallama.profiling.measure import SavedTensorMeter, tracking_checkpoints
+    from megallama.profiling.measure_states import ModelStateMeter
     from megallama.profiling.measure_comm import CommMeter
 
     with SavedTensorMeter(s.module) as saved, tracking_checkpoints(s.module, saved), CommMeter(s.state) as comm, \
@@ -206,18 +207,20 @@ def _peak_rss_bytes() -> int:
 
 def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_timing: bool = True,
             batches: Optional[Iterator[torch.Tensor]] = None) -> Optional[Dict[str, Any]]:
-    """``megallama profile``: ``warmup`` untimed steps, ``steps`` timed ones (collectives and
-    pipeline instructions timed inside them), then one census step; returns the report on rank 0
-    (None elsewhere). ``comm_timing=False`` times the steps bare (on GPU the collective meter
+    """``megallama profile``: ``warmup`` untimed steps, a measurement of the collective link (CPU
+    runs: gloo is nothing like the CPU profile's assumed link), ``steps`` timed steps
+    (collectives and pipeline instructions timed inside them), then one census step; returns
+    the report on rank 0 (None elsewhere). ``comm_timing=False`` times the steps bare (on GPU the collective meter
     synchronises the device around each call, which hides any overlap)."""
     from megallama.profiling.compare import layout_of, predicted_census, side_by_side
     from megallama.profiling.measure import device_peak_bytes, reset_device_peak
-    from megallama.profiling.measure_comm import CommMeter
+    from megallama.profiling.measure_comm import CommMeter, measure_link
     from megallama.profiling.report import build_report
 
     s = setup(cfg, batches)
     for _ in range(warmup):
         run_step(s)
+    link = measure_link() if s.info.world_size > 1 and s.device.type == "cpu" else None
     reset_device_peak()
     comm = CommMeter(s.state, sync=None if comm_timing else False)
     comm.enabled = comm_timing
@@ -242,4 +245,4 @@ def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_tim
     dist.all_gather_object(records, record)
     if s.state.rank != 0:
         return None
-    return build_report(cfg, s, layout, records, steps, warmup)
+    return build_report(cfg, s, layout, records, steps, warmup, link)

@@ -230,3 +230,27 @@ class CommMeter:
     def table(self) -> List[Dict[str, Any]]:
         return [{"group": k, "op": op, "calls": c, "payload_bytes": b, "seconds": s}
                 for (k, op), (c, b, s) in sorted(self.rows.items())]
+
+
+def measure_link(group=None, reps: int = 5, nbytes: int = 4 << 20) -> Dict[str, float]:
+    """This group's collective link, measured (all its ranks must call): per-step latency from an
+    8-byte all-reduce and bus bandwidth (a ring all-reduce's ``2(n-1)/n`` wire bytes per
+    second) from a ``nbytes`` one; the CPU profile's assumed figures mean little for gloo."""
+    n = dist.get_world_size(group)
+    steps = 2 * (n - 1)
+
+    def best(t: torch.Tensor) -> float:
+        dist.all_reduce(t, group=group)
+        times = []
+        for _ in range(reps):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            dist.all_reduce(t, group=group)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    small = best(torch.zeros(2, device=device))
+    big = best(torch.zeros(nbytes // 4, device=device))
+    wire = steps / n * nbytes
+    return {"latency_s": small / steps, "bus_bandwidth": wire / max(big - small, 1e-9), "ranks": n}

@@ -8,6 +8,7 @@ measured and predicted dictionaries carry the same keys.
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 from megallama.profiling.arch import ArchSpec
@@ -17,20 +18,38 @@ from megallama.profiling.layout import Layout
 GROUPS = ("tp", "dp", "pp")
 
 
-def _hardware():
-    """(profile, peak FLOP/s source) of the device this process runs on."""
+def _hardware(world: int, link: Optional[Dict[str, float]]):
+    """(profile, where its peak came from, notes) for the device this process runs on. On CPU:
+    the measured profile, its GEMM peak and memory bandwidth shared out when more ranks than
+    cores run here, and the collective link as measured on this run's group."""
+    import os
+
     import torch
 
     from megallama.profiling.hardware import cpu_profile, load_hardware
+    from megallama.profiling.steptime import Efficiency
     from megallama.train.metrics import device_peak_flops
 
     if torch.cuda.is_available():
         _, key = device_peak_flops("bf16")
         try:
-            return load_hardware(key), key
+            return load_hardware(key), key, []
         except Exception:   # an unknown GPU: MFU is reported against no peak
-            return None, key
-    return cpu_profile(), "cpu (measured GEMM)"
+            return None, key, []
+    hw, notes = cpu_profile(), []
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = os.cpu_count() or 1
+    if local > cores:
+        share = cores / local
+        hw = replace(hw, peak_flops={k: v * share for k, v in hw.peak_flops.items()},
+                     memory_bandwidth=hw.memory_bandwidth * share)
+        notes.append(f"{local} ranks on {cores} cores: GEMM peak and memory bandwidth per rank x{share:.2f}")
+    if link:
+        hw = replace(hw, intra_node_bandwidth=link["bus_bandwidth"] / Efficiency().bus,
+                     intra_node_latency_s=link["latency_s"], gpus_per_node=max(hw.gpus_per_node, local))
+        notes.append(f"collective link measured on this run: {link['bus_bandwidth'] / 1e9:.2f} GB/s bus bandwidth, "
+                     f"{link['latency_s'] * 1e6:.0f} us per ring step")
+    return hw, "cpu (measured GEMM, one process)", notes
 
 
 def _bubble(layout: Layout, records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -64,13 +83,13 @@ def _worst_errors(records: List[Dict[str, Any]]) -> Dict[str, Optional[float]]:
 
 
 def build_report(cfg: Any, s: Any, layout: Layout, records: List[Dict[str, Any]], steps: int,
-                 warmup: int) -> Dict[str, Any]:
+                 warmup: int, link: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     from megallama.profiling.steptime import predict
 
     spec = ArchSpec.from_model_config(cfg.model)
     seq, world = cfg.train.seq_len, layout.world
     fc = flops_per_token(spec, seq, layout.recompute)
-    hw, peak_source = _hardware()
+    hw, peak_source, notes = _hardware(world, link)
     peak = hw.peak(layout.dtype) if hw is not None else float("nan")
     step_time = max(statistics.mean(r["step_times_s"]) for r in records)   # the slowest rank sets the pace
     tokens = float(s.tokens_per_step)
@@ -106,7 +125,8 @@ def build_report(cfg: Any, s: Any, layout: Layout, records: List[Dict[str, Any]]
         "layout": layout.as_dict(), "describe": layout.describe(), "seq": seq, "world_size": world,
         "launcher": s.info.launcher, "device": str(s.device), "tokens_per_step": tokens,
         "warmup_steps": warmup, "steps": steps, "peak_flops_per_gpu": peak, "peak_source": peak_source,
-        "flops_per_token": {"model": fc.model, "hardware": fc.hardware},
+        "flops_per_token": {"model": fc.model, "hardware": fc.hardware}, "hardware_notes": notes,
+        "link": link,
     }
     bubble = _bubble(layout, records)
     measured["pipeline_bubble"] = bubble["value"] if bubble["source"] != "predicted" else None
