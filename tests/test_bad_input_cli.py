@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from megallama.cli import build_parser
@@ -228,11 +228,14 @@ def _run(world, capsys, argv, scratch: Path):
     args = [a.replace("{NEW}", str(scratch)) for a in argv]
     args = [str(root / a) if a.startswith(("in/", "keep/")) else a for a in args]
     capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(scratch)  # a relative name ("x", "hf") given as an output lands in the scratch directory
     try:
         rc = main(args)
     except SystemExit as exc:  # argparse: a bad flag or value
         rc = exc.code
     finally:
+        os.chdir(cwd)
         set_state(None)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -240,6 +243,12 @@ def _run(world, capsys, argv, scratch: Path):
     return args, rc, out.out, out.err
 
 
+def _flag_is(argv, flags, value) -> bool:
+    return any(a in flags and i + 1 < len(argv) and argv[i + 1] == value for i, a in enumerate(argv))
+
+
+# cases that fail today in code this suite does not own; each has a strict xfail test below
+KNOWN_BUGS = {"plan": [lambda argv: _flag_is(argv, ("--tp", "--pp", "--mbs"), "0")]}
 EXAMPLES = {"eval": 8}  # a run that gets through starts a process group and evaluates: ~2 s
 
 
@@ -253,6 +262,7 @@ def test_bad_arguments(world, capsys, monkeypatch, command):
     @settings(FAST, max_examples=EXAMPLES.get(command, 20))
     @given(argv=argv_for(command))
     def check(argv):
+        assume(not any(known(argv) for known in KNOWN_BUGS.get(command, ())))
         before, ins_before = snapshot(world["keep"]), snapshot(world["ins"])
         with tempfile.TemporaryDirectory() as scratch:
             args, rc, out, err = _run(world, capsys, argv, Path(scratch))
@@ -294,15 +304,29 @@ def test_every_command_is_covered():
     (["preprocess", "--input", "in/text.txt", "--tokenizer", "keep/trained.model", "--train-tokenizer",
       "--vocab-size", "100"], "trained.model"),
     (["train", "in/bad_ds.yaml"], "deepspeed.zero_optimization.stag: unknown key"),
+    (["convert", "--input", "in/ckpt", "--output", "in/ckpt", "--overwrite", "--tp", "2"], "must differ from --input"),
+    (["convert", "--input", "in/ckpt", "--output", "in/", "--overwrite"], "must differ from --input and not hold it"),
     (["describe", "--model", "in/list.yaml"], "expected a mapping at the top level"),
     (["describe", "--model", "../configs/models/tiny"], "model.preset: unknown preset"),
 ])
 def test_known_bad_arguments(world, capsys, monkeypatch, argv, needle):
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
-    before = snapshot(world["keep"])
+    before, ins_before = snapshot(world["keep"]), snapshot(world["ins"])
     with tempfile.TemporaryDirectory() as scratch:
         args, rc, out, err = _run(world, capsys, argv, Path(scratch))
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and needle in lines[0], (args, err)
     assert_kept(world["keep"], before, args)
+    assert_kept(world["ins"], ins_before, args)
+
+
+@pytest.mark.parametrize("flag", ["--tp", "--pp", "--mbs"])
+@pytest.mark.xfail(strict=True, reason="megallama/profiling/planner.py (plan/check_request): a pinned --tp/--pp/--mbs "
+                   "of 0 passes the positive-integer check and divides by zero (ZeroDivisionError traceback); "
+                   "estimate refuses the same value in one line")
+def test_plan_with_a_zero_degree_is_one_line(world, capsys, monkeypatch, flag):
+    with tempfile.TemporaryDirectory() as scratch:
+        args, rc, out, err = _run(world, capsys, ["plan", "--model", "tiny", "--gpus", "8", "--gpu", "a100-80gb",
+                                                  flag, "0"], Path(scratch))
+    assert rc == 2 and err.strip() == f"megallama plan: error: {flag}: expected a positive integer, got 0", err

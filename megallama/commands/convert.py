@@ -51,6 +51,8 @@ def run(args) -> int:
     for name in ("tp", "pp"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
+        raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
     from megallama.checkpoint.consolidated import is_consolidated
 
     layout = (args.tp, args.pp) != (1, 1)
@@ -61,8 +63,6 @@ def run(args) -> int:
                         f"reshard the consolidated result")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.resolve() == inp.resolve():
-        raise UserError(f"{out}: --output must differ from --input")
     cfg, state = _load(args.from_format, inp)
     if args.dtype != "keep":
         from megallama.checkpoint.pretrained import resolve_dtype
