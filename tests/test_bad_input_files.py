@@ -305,3 +305,28 @@ def test_eval_of_data_from_another_tokenizer_is_one_line(files):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "oov.bin: token id" in lines[0] and "outside the model's vocabulary (vocab_size 320)" in lines[0]
+
+
+# ------------------------------------------------------------------------------ atomic writes
+@pytest.mark.parametrize("writer", ["consolidated", "hf"])
+def test_an_interrupted_checkpoint_write_leaves_the_old_output_and_no_debris(files, tmp_path, monkeypatch, writer):
+    """``convert`` writes into a temporary directory renamed into place: Ctrl-C (or any error)
+    mid-write leaves the existing output as it was and no partial directory behind."""
+    import safetensors.torch
+
+    from megallama.checkpoint.consolidated import load_consolidated, save_consolidated
+    from megallama.checkpoint.hf import save_hf
+
+    cfg, state = load_consolidated(files / "cons")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("the previous output")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        (save_consolidated if writer == "consolidated" else save_hf)(state, cfg, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert snapshot(out) == {out / "config.json": b"the previous output"}
