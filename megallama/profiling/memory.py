@@ -135,7 +135,8 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
     if bf16_optimizer:   # + its full-size flat gradient accumulator (grad_accum_dtype, bf16 by default)
         grads = 2 * w * p
     if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy of a slice being all-reduced
-        buffers = reduce_bucket_elements * w * (2 if overlap else 1) + min(reduce_bucket_elements, p / n) * w
+        copy = min(reduce_bucket_elements, p / n) * w if n > 1 else 0.0   # nothing to reduce over DP=1
+        buffers = reduce_bucket_elements * w * (2 if overlap else 1) + copy
     elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
         buffers = min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward

@@ -67,8 +67,8 @@ def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any
         dp = gpus // (tp * pp)
         if fixed.get("dp") is not None and dp != fixed["dp"]:
             continue
-        if (sp and (tp == 1 or seq % tp)) or (off and zero == 0):
-            continue
+        if (sp and (tp == 1 or seq % tp)) or (off and zero == 0) or (pp > 1 and zero >= 2):
+            continue                       # DeepSpeed's pipeline engine runs ZeRO 0/1 only
         if dp == 1 and zero > 0 and fixed.get("zero") is None:
             continue                       # nothing to shard over
         yield dict(tp=tp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
@@ -89,6 +89,8 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     Layout(tp=tp or 1, pp=pp or 1, dp=1, zero=probe["zero"] if probe["zero"] is not None else 1,
            mbs=probe["mbs"] or 1, recompute=probe["recompute"] or "none", sp=bool(probe["sp"]),
            offload=False, dtype=fixed.get("dtype") or "bf16").check(spec, seq)
+    if (pp or 1) > 1 and (fixed.get("zero") or 0) >= 2:
+        raise UserError(f"--zero {fixed['zero']}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 with --pp > 1")
     if fixed.get("offload") and fixed.get("zero") == 0:
         raise UserError("--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3")
 
