@@ -41,11 +41,13 @@ CASES_2 = {
     "pp2-m4": ["parallel.pp=2", "train.grad_accum_steps=4"],
     "pp2-m4-bf16": ["parallel.pp=2", "train.grad_accum_steps=4", BF16],
     "pp2-m4-full": ["parallel.pp=2", "train.grad_accum_steps=4", RC + "mode=full"],
+    "pp2-m2-zero1": ["parallel.pp=2", "train.grad_accum_steps=2", Z + "stage=1"],
 }
 CASES_4 = {
     "tp2-dp2-zero1": ["parallel.tp=2", Z + "stage=1"],
     "tp2sp-dp2-zero3-bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", Z + "stage=3", BF16],
     "pp2-dp2-bf16": ["parallel.pp=2", "train.grad_accum_steps=2", BF16],
+    "pp2-dp2-zero1": ["parallel.pp=2", "train.grad_accum_steps=2", Z + "stage=1"],
     "pp2-tp2": ["parallel.pp=2", "parallel.tp=2", "train.grad_accum_steps=2"],
     "pp2-tp2sp-bf16-selective": ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
                                  "train.grad_accum_steps=2", BF16, RC + "mode=selective"],

@@ -11,6 +11,7 @@ which also tells a :class:`SavedTensorMeter` when backward runs), a ``CommMeter`
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -205,22 +206,42 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
 
 
+def _cpu_rates(s: Session) -> Dict[str, float]:
+    """This CPU as the run sees it, measured on every rank at once (so ranks sharing cores, or
+    other jobs, show): GEMM FLOP/s and copy bandwidth per rank (medians over ranks), and the
+    collective link over the world group."""
+    from megallama.profiling.hardware import measure_cpu_gemm_peak, measure_cpu_memory_bandwidth
+    from megallama.profiling.measure_comm import measure_link
+    from megallama.train.ds_config import precision
+
+    dist.barrier()
+    mine = [measure_cpu_gemm_peak.__wrapped__(precision(s.ds), 1.0), measure_cpu_memory_bandwidth.__wrapped__(0.3)]
+    every = [None] * s.info.world_size
+    dist.all_gather_object(every, mine)
+    out = {"gemm_flops": statistics.median(x[0] for x in every),
+           "memory_bandwidth": statistics.median(x[1] for x in every), "ranks": s.info.world_size}
+    if s.info.world_size > 1:
+        out.update(measure_link())
+    return out
+
+
 def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_timing: bool = True,
             batches: Optional[Iterator[torch.Tensor]] = None) -> Optional[Dict[str, Any]]:
-    """``megallama profile``: ``warmup`` untimed steps, a measurement of the collective link (CPU
-    runs: gloo is nothing like the CPU profile's assumed link), ``steps`` timed steps
+    """``megallama profile``: ``warmup`` untimed steps, on CPU a measurement of the machine as the
+    ranks share it (:func:`_cpu_rates`; gloo is nothing like the CPU profile's assumed link),
+    ``steps`` timed steps
     (collectives and pipeline instructions timed inside them), then one census step; returns
     the report on rank 0 (None elsewhere). ``comm_timing=False`` times the steps bare (on GPU the collective meter
     synchronises the device around each call, which hides any overlap)."""
     from megallama.profiling.compare import layout_of, predicted_census, side_by_side
     from megallama.profiling.measure import device_peak_bytes, reset_device_peak
-    from megallama.profiling.measure_comm import CommMeter, measure_link
+    from megallama.profiling.measure_comm import CommMeter
     from megallama.profiling.report import build_report
 
     s = setup(cfg, batches)
     for _ in range(warmup):
         run_step(s)
-    link = measure_link() if s.info.world_size > 1 and s.device.type == "cpu" else None
+    rates = _cpu_rates(s) if s.device.type == "cpu" else None
     reset_device_peak()
     comm = CommMeter(s.state, sync=None if comm_timing else False)
     comm.enabled = comm_timing
@@ -245,4 +266,4 @@ def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_tim
     dist.all_gather_object(records, record)
     if s.state.rank != 0:
         return None
-    return build_report(cfg, s, layout, records, steps, warmup, link)
+    return build_report(cfg, s, layout, records, steps, warmup, rates)

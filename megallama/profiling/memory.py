@@ -18,8 +18,9 @@ bf16 grads (``2 w P``) and reduces them as ZeRO-0 does. ``step_buffers``: the fp
 materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1-3 in any precision: ZeRO
 flattens the partition's gradients into a new tensor for the master), freed after the step.
 ``buffers``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, default
-5e8, twice with ``overlap_comm``) at stages 1/2, plus the flattened copy of the slice being
-all-reduced (at most a bucket, at most a partition); at stage 0 the flattened all-reduce bucket
+5e8, twice with ``overlap_comm``, once more under the pipeline engine) at stages 1/2, plus the
+flattened copy of the slice being all-reduced (at most a bucket, at most a partition; none at
+DP=1); at stage 0 the flattened all-reduce bucket
 (``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says);
 at stage 3 one bucket plus the parameters gathered at the end of forward: those kept for
 backward (:func:`zero3_backward_gather`) and the block in use. These figures were checked
@@ -136,7 +137,8 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         grads = 2 * w * p
     if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy of a slice being all-reduced
         copy = min(reduce_bucket_elements, p / n) * w if n > 1 else 0.0   # nothing to reduce over DP=1
-        buffers = reduce_bucket_elements * w * (2 if overlap else 1) + copy
+        buckets = (2 if overlap else 1) + (1 if pp > 1 else 0)   # the pipeline engine adds one more
+        buffers = reduce_bucket_elements * w * buckets + copy
     elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
         buffers = min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward

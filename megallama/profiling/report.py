@@ -18,12 +18,9 @@ from megallama.profiling.layout import Layout
 GROUPS = ("tp", "dp", "pp")
 
 
-def _hardware(world: int, link: Optional[Dict[str, float]]):
-    """(profile, where its peak came from, notes) for the device this process runs on. On CPU:
-    the measured profile, its GEMM peak and memory bandwidth shared out when more ranks than
-    cores run here, and the collective link as measured on this run's group."""
-    import os
-
+def _hardware(world: int, rates: Optional[Dict[str, float]]):
+    """(profile, where its peak came from, notes) for the device this process runs on. On CPU the
+    measured profile with the rates measured on this run (``harness._cpu_rates``)."""
     import torch
 
     from megallama.profiling.hardware import cpu_profile, load_hardware
@@ -37,19 +34,17 @@ def _hardware(world: int, link: Optional[Dict[str, float]]):
         except Exception:   # an unknown GPU: MFU is reported against no peak
             return None, key, []
     hw, notes = cpu_profile(), []
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    cores = os.cpu_count() or 1
-    if local > cores:
-        share = cores / local
-        hw = replace(hw, peak_flops={k: v * share for k, v in hw.peak_flops.items()},
-                     memory_bandwidth=hw.memory_bandwidth * share)
-        notes.append(f"{local} ranks on {cores} cores: GEMM peak and memory bandwidth per rank x{share:.2f}")
-    if link:
-        hw = replace(hw, intra_node_bandwidth=link["bus_bandwidth"] / Efficiency().bus,
-                     intra_node_latency_s=link["latency_s"], gpus_per_node=max(hw.gpus_per_node, local))
-        notes.append(f"collective link measured on this run: {link['bus_bandwidth'] / 1e9:.2f} GB/s bus bandwidth, "
-                     f"{link['latency_s'] * 1e6:.0f} us per ring step")
-    return hw, "cpu (measured GEMM, one process)", notes
+    if rates:   # measured on every rank at once, under the run's own sharing of the cores
+        hw = replace(hw, peak_flops={k: rates["gemm_flops"] for k in hw.peak_flops},
+                     memory_bandwidth=rates["memory_bandwidth"], gpus_per_node=max(hw.gpus_per_node, world))
+        notes.append(f"GEMM peak {rates['gemm_flops'] / 1e9:.1f} GFLOP/s and copy bandwidth "
+                     f"{rates['memory_bandwidth'] / 1e9:.1f} GB/s per rank, measured on all {world} ranks at once")
+    if rates and "bus_bandwidth" in rates:
+        hw = replace(hw, intra_node_bandwidth=rates["bus_bandwidth"] / Efficiency().bus,
+                     intra_node_latency_s=rates["latency_s"])
+        notes.append(f"collective link measured on this run: {rates['bus_bandwidth'] / 1e9:.2f} GB/s bus bandwidth, "
+                     f"{rates['latency_s'] * 1e6:.0f} us per ring step")
+    return hw, "cpu: GEMM measured on every rank at once" if rates else "cpu: GEMM measured in one process", notes
 
 
 def _bubble(layout: Layout, records: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -83,13 +78,13 @@ def _worst_errors(records: List[Dict[str, Any]]) -> Dict[str, Optional[float]]:
 
 
 def build_report(cfg: Any, s: Any, layout: Layout, records: List[Dict[str, Any]], steps: int,
-                 warmup: int, link: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                 warmup: int, rates: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     from megallama.profiling.steptime import predict
 
     spec = ArchSpec.from_model_config(cfg.model)
     seq, world = cfg.train.seq_len, layout.world
     fc = flops_per_token(spec, seq, layout.recompute)
-    hw, peak_source, notes = _hardware(world, link)
+    hw, peak_source, notes = _hardware(world, rates)
     peak = hw.peak(layout.dtype) if hw is not None else float("nan")
     step_time = max(statistics.mean(r["step_times_s"]) for r in records)   # the slowest rank sets the pace
     tokens = float(s.tokens_per_step)
@@ -126,7 +121,7 @@ def build_report(cfg: Any, s: Any, layout: Layout, records: List[Dict[str, Any]]
         "launcher": s.info.launcher, "device": str(s.device), "tokens_per_step": tokens,
         "warmup_steps": warmup, "steps": steps, "peak_flops_per_gpu": peak, "peak_source": peak_source,
         "flops_per_token": {"model": fc.model, "hardware": fc.hardware}, "hardware_notes": notes,
-        "link": link,
+        "cpu_rates": rates,
     }
     bubble = _bubble(layout, records)
     measured["pipeline_bubble"] = bubble["value"] if bubble["source"] != "predicted" else None
