@@ -104,6 +104,24 @@ def verify(tag_dir: Path, checksums: bool = True) -> Optional[str]:
     return None
 
 
+def check_safe_to_unpickle(tag_dir: Path) -> None:
+    """DeepSpeed reads its own files with an unrestricted ``torch.load``; refuse, before it does,
+    any file that ``weights_only`` loading (plus DeepSpeed's plain loss-scaler records) rejects."""
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    allowed = [getattr(loss_scaler, n) for n in ("LossScaler", "DynamicLossScaler", "LossScalerBase")
+               if hasattr(loss_scaler, n)]
+    for path in sorted(tag_dir.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError and friends: report, never execute
+            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "error:" in ln]
+            reason = (lines[0] if lines else type(exc).__name__)[:200]
+            raise UserError(f"{path}: refusing to unpickle it: it holds objects beyond tensors and plain data "
+                            f"({reason})") from None
+
+
 def list_tags(ckpt_dir: Path) -> List[Path]:
     return sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
@@ -169,4 +187,9 @@ def read_meta(tag_dir: Path) -> Dict:
 def load_rng(tag_dir: Path) -> None:
     path = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
     if path.is_file():
-        restore_rng(torch.load(path, weights_only=True))
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as exc:  # a refused pickle or a damaged file: one line naming it
+            raise UserError(f"{path}: not a plain tensor file, refusing to load it "
+                            f"({type(exc).__name__})") from None
+        restore_rng(state)

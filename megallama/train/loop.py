@@ -55,6 +55,8 @@ def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
                     problem = ckpt.verify(found)
                     if problem:
                         raise UserError(f"checkpoint.load: {problem}")
+            if found is not None and _has_native(found):
+                ckpt.check_safe_to_unpickle(found)
             box[0] = str(found) if found else None
         except UserError as exc:
             box[1] = str(exc)
