@@ -96,3 +96,17 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_cross_entropy_target_far_below_the_max_stays_exact():
+    """A target probability below fp32's range (gap of 200) takes the logsumexp path: finite, exact."""
+    logits = torch.zeros(2, 3, 40)
+    target = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    logits[0, 1, 2] = 200.0   # row (0, 1): target 2 is 200 below the max
+    logits[0, 1, 2], logits[0, 1, 0] = -200.0, 0.0
+    logits.requires_grad_()
+    loss = vocab_parallel_cross_entropy(logits, target)
+    ref = F.cross_entropy(logits.double().flatten(0, 1), target.flatten(), reduction="none").view(2, 3)
+    assert torch.isfinite(loss).all() and torch.allclose(loss.double(), ref, rtol=1e-6, atol=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all()

@@ -2,10 +2,10 @@
 
 Each rank holds ``[..., V/tp]`` logits; three small all-reduces (max, target logit, sum of exp)
 give the exact loss. The softmax is computed in fp32 once and kept for backward, so fp32 logits
-are never materialised twice. With one TP rank the whole vocabulary is local: one fused
-``log_softmax`` kernel (fp32 output straight from bf16 logits, each row handled while in
-cache) gives the loss, and an in-place ``exp_`` turns it into the saved softmax. Backward
-writes the scaled gradient straight into the logits' dtype.
+are never materialised twice. With one TP rank the whole vocabulary is local: the upcast
+copy is the only new buffer, torch's softmax kernel turns it into the softmax in place (each
+row read once, while in cache) and the loss is read off the target's probability. Backward
+turns the same buffer into the gradient in place and casts it once.
 """
 from __future__ import annotations
 
@@ -33,6 +33,28 @@ def _softmax_and_loss_tp(logits: torch.Tensor, local_t: torch.Tensor, inside: to
     return exp.div_(sum_exp.unsqueeze(-1)), loss
 
 
+def _softmax_and_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
+    """All of the vocabulary on this rank: the fp32 softmax and the per-token loss.
+
+    On the CPU, where a step is bound by memory traffic and by faulting in fresh pages, the
+    upcast copy is the only new buffer: torch's softmax kernel runs on it in place (each row
+    read once, while in cache) and the loss is ``-log p[target]``; a row whose target
+    probability is too small for fp32 (a logit gap above ~69) takes ``logsumexp`` instead.
+    Elsewhere ``log_softmax`` gives the loss without that data-dependent check (no host sync)."""
+    if logits.device.type != "cpu":
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        loss = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return logp.exp_(), torch.where(valid, loss, 0.0)
+    probs = logits.to(torch.float32, copy=True)
+    torch.ops.aten._softmax.out(probs, -1, False, out=probs)  # in place: row by row
+    loss = -torch.log(probs.gather(-1, target.unsqueeze(-1)).squeeze(-1))
+    tiny = (loss > 69.0) & valid
+    if tiny.any():
+        rows = logits[tiny].float()
+        loss[tiny] = torch.logsumexp(rows, dim=-1) - rows.gather(-1, target[tiny].unsqueeze(-1)).squeeze(-1)
+    return probs, torch.where(valid, loss, 0.0)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
@@ -45,9 +67,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if state.tp > 1:
             softmax, loss = _softmax_and_loss_tp(logits, local_t, inside, valid, state.tp_group)
         else:
-            softmax = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # a new buffer
-            loss = -softmax.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * valid
-            softmax.exp_()
+            softmax, loss = _softmax_and_loss(logits, local_t, valid)
         ctx.save_for_backward(softmax, local_t, inside, valid)
         ctx.logits_dtype = logits.dtype
         return loss
@@ -58,11 +78,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         flat = softmax.view(-1, softmax.size(-1))
         rows = torch.arange(flat.size(0), device=softmax.device)
         flat[rows, local_t.view(-1)] -= inside.view(-1).to(softmax.dtype)
-        scale = (grad_loss * valid).unsqueeze(-1).to(softmax.dtype)
-        if ctx.logits_dtype == softmax.dtype:  # the softmax buffer becomes the gradient
-            return softmax.mul_(scale), None, None
-        grad = torch.empty(softmax.shape, dtype=ctx.logits_dtype, device=softmax.device)
-        return torch.mul(softmax, scale, out=grad), None, None  # fp32 math, one write in the logits' dtype
+        # in place: the softmax buffer becomes the gradient (cast once for bf16/fp16 logits)
+        softmax.mul_((grad_loss * valid).unsqueeze(-1).to(softmax.dtype))
+        return softmax.to(ctx.logits_dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
