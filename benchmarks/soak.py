@@ -37,11 +37,14 @@ def analyse(records: list, warmup_frac: float = 0.2) -> dict:
     after = records[start:]
     rss0, rss1 = after[0]["rss_bytes"], max(r["rss_bytes"] for r in after)
     fds = [r["open_fds"] for r in after]
+    quarter = max(1, len(fds) // 4)
+    fd_trend = statistics.median(fds[-quarter:]) - statistics.median(fds[:quarter])  # a leak grows; a blip does not
     half = len(after) // 2
     tps_a = statistics.median(r["tokens_per_s"] for r in after[:half])
     tps_b = statistics.median(r["tokens_per_s"] for r in after[half:])
     return {"records": len(records), "rss_after_warmup": rss0, "rss_max": rss1, "rss_growth": rss1 / rss0 - 1,
-            "fds_first": fds[0], "fds_max": max(fds), "fd_growth": max(fds) - fds[0],
+            "fds_first": fds[0], "fds_max": max(fds), "fd_growth": fd_trend, "fds": fds,
+            "rss": [r["rss_bytes"] for r in after],
             "tokens_per_s_first_half": tps_a, "tokens_per_s_second_half": tps_b, "throughput_ratio": tps_b / tps_a}
 
 
