@@ -295,7 +295,8 @@ def _check_keys(data: Any, cls: type, prefix: str) -> None:
     fields = cls.model_fields
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key{_did_you_mean(str(key), fields)} "
+            shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
+            raise ConfigError(f"{prefix}{shown}: unknown key{_did_you_mean(str(key), fields)} "
                               f"(expected one of: {', '.join(fields)})")
         ann = fields[key].annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -198,6 +198,17 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+def _one_process_group(timeout_s: int = 300, info=None):
+    """eval starts its group before reading --config; a plain one-rank gloo group stands in for
+    DeepSpeed's comm start-up (whose op build can wait on a lock other runs hold)."""
+    import torch.distributed as dist
+
+    from megallama.train.distributed import detect_launcher
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return info or detect_launcher()
+
+
 def _loaders(config: Path, checkpoint: Path, data: Path):
     """Every command that reads a YAML the user names (its argv)."""
     return {
@@ -221,6 +232,7 @@ def test_yaml_with_python_tags_is_refused_by_every_loader(tmp_path, capsys, monk
     from tests.dist_utils import free_port
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setattr("megallama.train.distributed.init_distributed", _one_process_group)
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"

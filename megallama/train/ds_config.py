@@ -108,14 +108,14 @@ def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
             loc = ".".join(str(x) for x in err["loc"])
             if err["type"] == "extra_forbidden":
                 raise ConfigError(f"deepspeed.{key}.{loc}: unknown key"
-                                  f"{_did_you_mean(str(err['loc'][-1]), _fields_at(model, err['loc'][:-1]))}")
+                                  f"{_did_you_mean(str(err['loc'][-1]), _fields_at(model, err['loc'][:-1]))}") from None
             got = repr(err.get("input"))
             got = got if len(got) <= 80 else got[:77] + "..."
             msg = "expected 0, 1, 2 or 3" if loc == "stage" else err["msg"][:1].lower() + err["msg"][1:]
             raise ConfigError(f"deepspeed.{key}{'.' + loc if loc else ''}: {msg} (got {got})") from None
         except (AssertionError, TypeError, ValueError) as exc:  # DeepSpeed's deprecated-field handling
-            raise ConfigError(f"deepspeed.{key}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
-                              ) from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"deepspeed.{key}: {first}") from None
     section = ds.get("activation_checkpointing", {})  # DeepSpeed reads it key by key, ignoring unknown ones
     with _quiet_cpu_fallback_notice():
         from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
