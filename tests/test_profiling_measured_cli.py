@@ -39,3 +39,22 @@ def test_profile_bad_steps_is_one_line(tmp_path, data_cache, capsys):
     rc = main(["profile", str(tiny_run_config(tmp_path, data_cache)), "--steps", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--steps" in err[0]
+
+
+def test_scaling_sweep_draws_measured_beside_predicted(tmp_path):
+    """``tools/scaling_sweep.py --from-runs``: a measured and a predicted row per profile run, and the plot."""
+    import csv
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import scaling_sweep
+
+    (tmp_path / "runs" / "pp2").mkdir(parents=True)
+    shutil.copyfile(ROOT / "benchmarks" / "results" / "profile_tiny_pp2.json",
+                    tmp_path / "runs" / "pp2" / "profile.json")
+    assert scaling_sweep.main(["--from-runs", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "scaling_measured.csv").open()))
+    assert [r["source"] for r in rows] == ["measured", "predicted"] and {r["pp"] for r in rows} == {"2"}
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["memory_per_gpu_gib"]) > 0 for r in rows)
+    assert (tmp_path / "scaling_measured.png").stat().st_size > 10000

@@ -170,8 +170,15 @@ def write_csv(rows: List[Dict[str, object]], path: Path, fields: Optional[List[s
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
 
 
+def _ranks(rows: List[Dict[str, object]], layout: str) -> str:
+    n = next(int(r["gpus"]) for r in rows if r["layout"] == layout)
+    return f"{n} rank" + ("s" if n > 1 else "")
+
+
 def plot_measured(rows: List[Dict[str, object]], out: Path) -> Path:
     """Measured beside predicted, per layout (grouped bars): tokens/s per rank, MFU, memory per rank."""
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,11 +192,12 @@ def plot_measured(rows: List[Dict[str, object]], out: Path) -> Path:
             xs = [j + (i - 0.5) * 0.38 for j in range(len(names))]
             ax.bar(xs, [float(vals.get(n) or 0.0) for n in names], width=0.38, color=color, label=source)
         ax.set_xticks(range(len(names)),
-                      [f"{n}\n({next(r['gpus'] for r in rows if r['layout'] == n)} ranks)" for n in names], fontsize=8)
+                      [f"{n}\n({_ranks(rows, n)})" for n in names], fontsize=8)
         ax.set_ylabel(label.replace("GPU", "rank"))
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("tiny model on this CPU (one core per rank): measured runs beside the planner's prediction")
+    fig.suptitle(f"tiny model on this CPU ({os.cpu_count()} cores, one thread per rank): measured runs beside the "
+                 "planner's prediction for the same layout")
     fig.tight_layout()
     path = out / "scaling_measured.png"
     fig.savefig(path, dpi=110)

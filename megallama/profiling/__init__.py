@@ -11,6 +11,12 @@ measurement in :mod:`hardware`):
 * :mod:`hardware` -- ``load_hardware``, ``measure_cpu_gemm_peak``.
 * :mod:`steptime` -- ``predict`` one layout; :mod:`planner` -- ``plan`` (enumerate, fit, rank).
 * :mod:`published` -- Narayanan et al. 2021 Table 1 and the validation against it.
+
+Measured runs (import torch and DeepSpeed; not imported here): :mod:`measure` (saved
+activations), :mod:`measure_states` (model states a DeepSpeed engine holds), :mod:`measure_comm`
+(wrapped collectives, per TP/DP/PP group), :mod:`harness` (``megallama profile``: the trainer's
+parts, one step at a time, under those instruments), :mod:`compare` (the models asked the same
+question), :mod:`report` (the JSON, measured beside predicted).
 """
 from megallama.profiling.activations import ActivationImpl, activation_bytes_per_layer, layer_saved_tensors
 from megallama.profiling.arch import ArchSpec, as_spec, resolve_model

@@ -14,17 +14,17 @@ bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
 
 bf16 + pipeline at stage 0 runs DeepSpeed's ``BF16_Optimizer``, which shards the optimizer like
 stage 1 (``Layout.effective_zero``) but keeps a full-size flat gradient accumulator beside the
-bf16 grads (``2 w P``) and reduces them as ZeRO-0 does. ``step_buffers``: the fp32 gradient copy the optimizer step
-materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1-3 in any precision: ZeRO
-flattens the partition's gradients into a new tensor for the master), freed after the step.
-``buffers``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` elements, default
-5e8, twice with ``overlap_comm``, once more under the pipeline engine) at stages 1/2, plus the
-flattened copy of the slice being all-reduced (at most a bucket, at most a partition; none at
-DP=1); at stage 0 the flattened all-reduce bucket
-(``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says);
-at stage 3 one bucket plus the parameters gathered at the end of forward: those kept for
-backward (:func:`zero3_backward_gather`) and the block in use. These figures were checked
-storage by storage against a DeepSpeed engine (tests/test_profiling_measured.py).
+bf16 grads (``2 w P``) and reduces them as ZeRO-0 does. ``step_buffers``: the fp32 gradient
+copy the optimizer step materialises (``4 P`` at stage 0 mixed, ``4 P / N`` at stages 1-3 in
+any precision: ZeRO flattens the partition's gradients into a new tensor for the master),
+freed after the step. ``buffers``: at stages 1/2 DeepSpeed's gradient-reduction bucket
+(``reduce_bucket_size`` elements, default 5e8; twice with ``overlap_comm``, once more under
+the pipeline engine) plus the flattened copy of the bucket being all-reduced (at most a bucket,
+at most the rank's parameters; none at DP=1); at stage 0 the flattened all-reduce bucket
+(``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says); at
+stage 3 one bucket plus the parameters gathered at the end of forward: those kept for backward
+(:func:`zero3_backward_gather`) and the block in use. These figures were checked storage by
+storage against DeepSpeed engines (tests/test_profiling_measured.py).
 ``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
 """
@@ -135,8 +135,8 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
     bf16_optimizer = zero == 0 and z == 1
     if bf16_optimizer:   # + its full-size flat gradient accumulator (grad_accum_dtype, bf16 by default)
         grads = 2 * w * p
-    if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy of a slice being all-reduced
-        copy = min(reduce_bucket_elements, p / n) * w if n > 1 else 0.0   # nothing to reduce over DP=1
+    if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy being all-reduced
+        copy = min(reduce_bucket_elements, p) * w if n > 1 else 0.0   # nothing to reduce over DP=1
         buckets = (2 if overlap else 1) + (1 if pp > 1 else 0)   # the pipeline engine adds one more
         buffers = reduce_bucket_elements * w * buckets + copy
     elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
