@@ -24,16 +24,6 @@ def storage_key(t: torch.Tensor) -> Tuple[str, int, int]:
     return t.device.type, t.device.index or 0, t.untyped_storage().data_ptr()
 
 
-def storage_nbytes(t: torch.Tensor) -> int:
-    return 0 if t.device.type == "meta" else t.untyped_storage().nbytes()
-
-
-def distinct_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    seen = {storage_key(t): storage_nbytes(t) for t in tensors if t.device.type != "meta"}
-    return sum(seen.values())
-
-
 # ------------------------------------------------------------------------------ activations
 class _Held:
     """What autograd keeps instead of the tensor: releasing it releases the meter's count."""
