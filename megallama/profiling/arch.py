@@ -180,6 +180,8 @@ def _read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError:
         raise UserError(f"config: {path}: not valid YAML") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config: {path}: not UTF-8 text") from None
     if not isinstance(data, dict):
         raise UserError(f"config: {path}: expected a mapping at the top level")
     return data

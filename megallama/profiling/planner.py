@@ -78,6 +78,9 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     """One-line errors for arguments no layout can satisfy."""
     if gpus < 1:
         raise UserError(f"--gpus: expected a positive integer, got {gpus}")
+    for key in ("tp", "pp", "dp", "mbs"):
+        if fixed.get(key) is not None and fixed[key] < 1:
+            raise UserError(f"--{key}: expected a positive integer, got {fixed[key]}")
     tp, pp, dp = (fixed.get(k) for k in ("tp", "pp", "dp"))
     product_ = (tp or 1) * (pp or 1) * (dp or 1)
     if gpus % product_:
