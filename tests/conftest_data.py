@@ -37,13 +37,21 @@ def sample_texts(n: int, seed: int = 0) -> List[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def tokenizer_path(vocab_size: int = 320) -> str:
-    """A LLaMA-style tokenizer trained on sample_texts (cached for the session)."""
+    """A LLaMA-style tokenizer trained on sample_texts (cached for the session).
+
+    Keyed by the resolved vocab size: ``tokenizer_path()`` and ``tokenizer_path(320)`` are one file.
+    """
+    return _trained_tokenizer(int(vocab_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(vocab_size: int) -> str:
     from megallama.data.tokenizer import train_tokenizer
 
     path = os.path.join(_TMP, f"tok{vocab_size}.model")
-    train_tokenizer(sample_texts(400, seed=99), path, vocab_size, num_threads=1)
+    if not os.path.exists(path):
+        train_tokenizer(sample_texts(400, seed=99), path, vocab_size, num_threads=1)
     return path
 
 

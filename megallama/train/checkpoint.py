@@ -104,13 +104,28 @@ def verify(tag_dir: Path, checksums: bool = True) -> Optional[str]:
     return None
 
 
+def _deepspeed_record_types() -> list:
+    """Plain records DeepSpeed pickles into its own files (enums, loss-scaler state, fragment
+    addresses): rebuilt from their fields, never by running code from the file."""
+    import importlib
+
+    names = {"deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler", "LossScalerBase"),
+             "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
+             "deepspeed.utils.tensor_fragment": ("fragment_address",)}
+    found = []
+    for module, classes in names.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in classes if hasattr(mod, n)]
+    return found
+
+
 def check_safe_to_unpickle(tag_dir: Path) -> None:
     """DeepSpeed reads its own files with an unrestricted ``torch.load``; refuse, before it does,
     any file that ``weights_only`` loading (plus DeepSpeed's plain loss-scaler records) rejects."""
-    from deepspeed.runtime.fp16 import loss_scaler
-
-    allowed = [getattr(loss_scaler, n) for n in ("LossScaler", "DynamicLossScaler", "LossScalerBase")
-               if hasattr(loss_scaler, n)]
+    allowed = _deepspeed_record_types()
     for path in sorted(tag_dir.glob("*.pt")):
         try:
             with torch.serialization.safe_globals(allowed):
