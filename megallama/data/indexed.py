@@ -88,6 +88,8 @@ class IndexedTokens:
         di = self.document_indices
         if n_doc < 1 or di[0] != 0 or di[-1] != n_seq:
             self._fail(f"document boundaries must run from 0 to {n_seq} sequences")
+        if n_doc > 2 and (np.any(np.diff(di) < 0) or di.min() < 0 or di.max() > n_seq):
+            self._fail(f"document boundaries must be non-decreasing sequence indices within 0..{n_seq}")
         if n_seq and (self.sequence_pointers[0] != 0):
             self._fail("the first sequence does not start at byte 0 of the .bin")
 

@@ -42,7 +42,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(proto)
-        except (RuntimeError, OSError, TypeError) as exc:
+        except (RuntimeError, OSError, TypeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a piece
             raise UserError(f"{self.path}: not a SentencePiece model ({_first_line(exc)})") from None
         if self.sp.vocab_size() <= 0:
             raise UserError(f"{self.path}: not a SentencePiece model (empty vocabulary)")
