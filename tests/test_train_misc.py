@@ -53,6 +53,14 @@ def test_bf16_runs_on_cpu(cfg, tmp_path):
     assert report["losses"][-1] < report["losses"][0]
 
 
+def test_train_compile_follows_the_eager_run(cfg, tmp_path):
+    """``train.compile`` compiles the blocks inside the DeepSpeed engine; the losses stay the eager ones."""
+    eager = run_train(cfg, ["train.steps=3", f"run_dir={tmp_path / 'eager'}"])
+    compiled = run_train(cfg, ["train.steps=3", "train.compile=true", f"run_dir={tmp_path / 'compiled'}"])
+    assert "torch.compile: 4 transformer blocks" in compiled["stderr"]
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+
+
 def test_metrics_jsonl_has_the_promised_fields(cfg, tmp_path):
     run_train(cfg, ["train.steps=2", f"run_dir={tmp_path / 'run'}"])
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -79,6 +87,7 @@ def test_llama_schedule_warmup_then_cosine_to_ten_percent():
     (["deepspeed.train_micro_batch_size_per_gpu=3"], 1, "contradicts train.micro_batch_size"),
     (["parallel.pp=2", "deepspeed.zero_optimization.stage=2"], 2, "pipeline engine supports ZeRO stage 0 or 1"),
     (["deepspeed.zero_optimisation.stage=2"], 1, "did you mean 'zero_optimization'"),
+    (["train.compile=true", "deepspeed.zero_optimization.stage=3"], 1, "train.compile: not supported with"),
     pytest.param([f"deepspeed={ROOT}/ds_configs/fp16_zero1.json"], 1, "deepspeed.fp16: not supported",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check")),
 ])

@@ -180,6 +180,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
                           f"stage 0 or 1, got {stage} with parallel.pp={p.pp}")
     offload = str(getattr(getattr(zero.offload_optimizer, "device", None), "value",
                           getattr(zero.offload_optimizer, "device", None)) or "none")
+    if cfg.train.compile and stage == 3:
+        raise ConfigError("train.compile: not supported with deepspeed.zero_optimization.stage=3 (its parameter "
+                          "hooks do not trace); use stage 0-2 or train.compile=false")
     if offload not in ("none", None) and stage == 0:
         raise ConfigError("deepspeed.zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3")
     if offload not in ("none", None):

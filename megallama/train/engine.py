@@ -15,6 +15,7 @@ import torch
 
 from megallama.config import RunConfig
 from megallama.model import build_model
+from megallama.model.compile import compile_blocks
 from megallama.model.blocks import init_module
 from megallama.parallel import ParallelState, model_parallel_seed
 from megallama.parallel import random as tp_random
@@ -100,6 +101,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     pipeline, n_layers = state.pp > 1, cfg.model.n_layers
     if universal is not None:
         uni.load_weights_into_module(universal, module, state, pipeline, n_layers)
+    compile_blocks(module, cfg.train.compile)  # in place: names and state dict unchanged
     optimizer = build_optimizer(module, cfg.train)
     # a callable: DeepSpeed builds the schedule on the optimizer it wraps ours in
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
