@@ -13,3 +13,11 @@ class UserError(Exception):
         if "\n" in text or "\r" in text:
             text = text.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(text, *args)
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``: the tail of an unknown-key error."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(str(c) for c in choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -1,10 +1,8 @@
 """Save/resume: exact continuation at the same layout, continuation at another layout, and a
 kill in the middle of a save never leaves `latest` on an incomplete checkpoint."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

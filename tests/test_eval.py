@@ -1,7 +1,6 @@
 """Perplexity is the same at every layout, from the CLI and during training."""
 import json
 import subprocess
-import sys
 
 import pytest
 

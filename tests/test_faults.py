@@ -1,6 +1,4 @@
 """Fault injection: a dead rank never hangs the job; non-finite steps are skipped, then stop."""
-import json
-import os
 import signal
 import subprocess
 import sys

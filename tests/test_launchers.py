@@ -1,5 +1,4 @@
 """The same short run under every launcher a cluster user reaches for."""
-import os
 import subprocess
 import sys
 

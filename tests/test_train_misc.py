@@ -1,6 +1,5 @@
 """Mixed precision, loss-scaler skips, the recipe's schedule, and bad input to `megallama train`."""
 import json
-import os
 import subprocess
 import sys
 

@@ -59,8 +59,8 @@ def run(args) -> int:
     if args.from_format == "megallama" and (layout or not is_consolidated(inp)):
         return _reshard(args)
     if layout:
-        raise UserError(f"--tp/--pp: only for megallama checkpoints; import with --to megallama first, then "
-                        f"reshard the consolidated result")
+        raise UserError("--tp/--pp: only for megallama checkpoints; import with --to megallama first, then "
+                        "reshard the consolidated result")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     cfg, state = _load(args.from_format, inp)

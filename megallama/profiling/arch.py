@@ -20,7 +20,6 @@ Schema of an architecture file (``arch_family`` is what marks it)::
 """
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from megallama.errors import UserError
+from megallama.errors import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -154,16 +153,11 @@ def check_spec(spec: ArchSpec) -> None:
         raise UserError(f"model.n_kv_heads: {spec.kv_heads} does not divide n_heads={spec.n_heads}")
 
 
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def load_arch_file(path: Union[str, Path]) -> ArchSpec:
     data = _read_yaml(path)
     for key in data:
         if key not in ArchFile.model_fields:
-            raise UserError(f"{path}: unknown key '{key}'{_did_you_mean(str(key), ArchFile.model_fields)}")
+            raise UserError(f"{path}: unknown key '{key}'{did_you_mean(str(key), ArchFile.model_fields)}")
     try:
         return ArchFile.model_validate(data).to_spec(Path(path).stem)
     except ValidationError as exc:

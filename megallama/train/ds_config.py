@@ -13,6 +13,7 @@ import math
 from typing import Any, Dict
 
 from megallama.config import BatchLayout, ConfigError, RunConfig
+from megallama.errors import did_you_mean
 
 _KNOWN_TOP = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
@@ -36,13 +37,6 @@ _BOOLS = {"wall_clock_breakdown", "prescale_gradients", "zero_allow_untested_opt
           "zero_force_ds_cpu_optimizer", "dump_state", "memory_breakdown", "sparse_gradients"}
 _POSITIVE_INTS = {"steps_per_print"}
 _NUMBERS = {"gradient_predivide_factor"}
-
-
-def _did_you_mean(word: str, choices) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _agree(ds: Dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -108,7 +102,7 @@ def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
             loc = ".".join(str(x) for x in err["loc"])
             if err["type"] == "extra_forbidden":
                 raise ConfigError(f"deepspeed.{key}.{loc}: unknown key"
-                                  f"{_did_you_mean(str(err['loc'][-1]), _fields_at(model, err['loc'][:-1]))}") from None
+                                  f"{did_you_mean(str(err['loc'][-1]), _fields_at(model, err['loc'][:-1]))}") from None
             got = repr(err.get("input"))
             got = got if len(got) <= 80 else got[:77] + "..."
             msg = "expected 0, 1, 2 or 3" if loc == "stage" else err["msg"][:1].lower() + err["msg"][1:]
@@ -122,7 +116,7 @@ def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
     for k in section:
         if k not in ACT_CHKPT_DEFAULT:
             raise ConfigError(f"deepspeed.activation_checkpointing.{k}: unknown key"
-                              f"{_did_you_mean(str(k), ACT_CHKPT_DEFAULT)}")
+                              f"{did_you_mean(str(k), ACT_CHKPT_DEFAULT)}")
     return parsed
 
 
@@ -150,7 +144,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     ds = copy.deepcopy(cfg.deepspeed)
     for key in ds:
         if key not in _KNOWN_TOP:
-            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{_did_you_mean(str(key), _KNOWN_TOP)}")
+            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{did_you_mean(str(key), _KNOWN_TOP)}")
     _check_types(ds)
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError("deepspeed.optimizer: megallama builds AdamW and the LR schedule from train.*; "

@@ -199,7 +199,6 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     last_log, last_logged = run_start, start_step
     last_step = min(t.steps, t.exit_at_step or t.steps)
     for step in range(start_step + 1, last_step + 1):
-        step_start = time.perf_counter()
         if built.pipeline:
             loss = engine.train_batch(data_iter=pipe_iter)
             loss_value = loss.item()
@@ -214,7 +213,6 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
                 engine.step()
                 micro_losses.append(loss.detach().float())
             loss_value = _dp_mean(torch.stack(micro_losses).mean(), state)
-        step_time = time.perf_counter() - step_start
         skips = int(getattr(engine, "skipped_steps", 0))
         if skips > skips_seen and rank0:
             scale = _loss_scale(engine)

@@ -1,0 +1,168 @@
+"""Reading a run config: YAML via ``yaml.safe_load``, dotted ``--set`` overrides, presets and
+DeepSpeed JSON resolved, then every section validated into the typed objects of ``schema``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from megallama.config.schema import ConfigError, ModelConfig, RunConfig, load_preset
+from megallama.errors import did_you_mean
+
+def _check_keys(data: Any, cls: type, prefix: str) -> None:
+    """Unknown keys anywhere below ``cls``, reported with a did-you-mean."""
+    if not isinstance(data, dict):
+        return
+    fields = cls.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
+            raise ConfigError(f"{prefix}{shown}: unknown key{did_you_mean(str(key), fields)} "
+                              f"(expected one of: {', '.join(fields)})")
+        ann = fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, f"{prefix}{key}.")
+
+
+def build_section(cls, data: Any, prefix: str):
+    """Validate ``data`` as ``cls``; the first problem becomes a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    _check_keys(data, cls, f"{prefix}." if prefix else "")
+    try:
+        obj = cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in (prefix,) + tuple(err["loc"]) if x != "")
+        got = repr(err.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."
+        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {got})") from None
+    if isinstance(obj, ModelConfig):
+        obj.check()
+    return obj
+
+
+def parse_override(item: str):
+    """``a.b.c=value`` -> (['a','b','c'], value), value parsed as YAML (ints, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. model.n_layers=4")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            node = node[_list_index(node, part, path)]
+        else:
+            if part == "model" and isinstance(node.get("model"), str):
+                node["model"] = {"preset": node["model"]}
+            if node.get(part) is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, path)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, path: List[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _resolve_deepspeed(value: Any, base: Optional[Path]) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"deepspeed: expected a JSON file path or a mapping, got {type(value).__name__}")
+    candidates = [Path(value)]
+    if base is not None and not Path(value).is_absolute():
+        candidates.append(base / value)
+        candidates.append(Path(__file__).resolve().parents[2] / value)
+    for path in candidates:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"deepspeed: {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"deepspeed: {path}: not UTF-8 text") from None
+            except OSError as exc:
+                raise ConfigError(f"deepspeed: {path}: {exc.strerror or exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"deepspeed: {path}: expected a JSON object")
+            return data
+    raise ConfigError(f"deepspeed: file '{value}' not found")
+
+
+def _resolve_model(value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = {"preset": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"model: expected a preset name or a mapping, got {type(value).__name__}")
+    value = dict(value)
+    name = value.pop("preset", None)
+    if name is None:
+        return value
+    if not isinstance(name, str):
+        raise ConfigError(f"model.preset: expected a preset name, got {name!r}")
+    return {**load_preset(name), **value}
+
+
+def load_run_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[List[str]] = None,
+                    data: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Read ``path`` (or ``data``), apply ``--set`` overrides, validate every section."""
+    base = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file '{path}' not found")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config: {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"config: {path}: {exc.strerror or exc}") from None
+        base = p.resolve().parent
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config: {path or 'data'}: expected a mapping at the top level, "
+                          f"got {type(data).__name__}")
+    tree = dict(data or {})
+    if isinstance(tree.get("deepspeed"), str) or "deepspeed" not in tree:
+        tree["deepspeed"] = _resolve_deepspeed(tree.get("deepspeed"), base)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        if keys[0] == "deepspeed" and len(keys) == 1:
+            value = _resolve_deepspeed(value, base)
+        apply_override(tree, keys, value)
+    tree["model"] = _resolve_model(tree.get("model"))
+    if not isinstance(tree["deepspeed"], dict):
+        tree["deepspeed"] = _resolve_deepspeed(tree["deepspeed"], base)
+    cfg = build_section(RunConfig, tree, "")
+    cfg.check_layout()
+    return cfg
