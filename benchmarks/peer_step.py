@@ -17,6 +17,7 @@ Writes benchmarks/results/peer_step.json (or --out).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -31,7 +32,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+DEVICE = torch.device("cpu")  # set from --device in main()
 AMP = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def use_device(name: str) -> None:
+    global DEVICE
+    DEVICE = torch.device(name)
+    AMP["device_type"] = DEVICE.type
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 OURS, COMPILED, HF = "megallama", "megallama+compile", "hf"
 
 
@@ -53,7 +66,7 @@ def build_ours(a, compiled: bool = False):
     from megallama.model.compile import maybe_compile
     from megallama.train.optim import build_optimizer
 
-    model = maybe_compile(build_model(model_config(a), seed=1), compiled)
+    model = maybe_compile(build_model(model_config(a), seed=1).to(DEVICE), compiled)
     return model, build_optimizer(model, train_config(a))
 
 
@@ -67,6 +80,7 @@ def build_hf(a, ours):
     cfg = model_config(a)
     hf = LlamaForCausalLM(LlamaConfig(**{**config_to_hf(cfg, torch.float32), "attn_implementation": "sdpa"}))
     hf.load_state_dict({k: v.detach().clone() for k, v in state_to_hf(ours.state_dict(), cfg).items()}, strict=True)
+    hf.to(DEVICE)
     t = train_config(a)
     opt = torch.optim.AdamW(param_groups(hf.named_parameters(), t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             eps=t.eps, fused=True)
@@ -90,18 +104,21 @@ def train_step(model, opt, x, y, hf: bool):
 
 
 def batch(a, vocab):
-    tok = torch.randint(0, vocab, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(0, vocab, (a.mbs, a.seq + 1), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     return tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
 
 
-def gemm_peak(budget_s: float = 1.0, n: int = 2048) -> float:
-    """Best bf16 FLOP/s of an n x n x n GEMM over about ``budget_s``."""
-    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+def gemm_peak(budget_s: float = 1.0, n: int = 0) -> float:
+    """Best bf16 FLOP/s of an n x n x n GEMM over about ``budget_s`` (n: 2048 on CPU, 8192 on GPU)."""
+    n = n or (8192 if DEVICE.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=DEVICE).bfloat16() for _ in range(2))
     torch.mm(a, b)
+    sync()
     best, spent = float("inf"), 0.0
     while spent < budget_s:
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         dt = time.perf_counter() - t0
         spent, best = spent + dt, min(best, dt)
     return 2.0 * n ** 3 / best
@@ -114,8 +131,10 @@ def alternate(fns: dict, rounds: int, warmup: int, peak_budget_s: float = 0.0) -
     for i in range(warmup + rounds):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order if (i // len(names)) % 2 == 0 else order[::-1]:
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
+            sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
@@ -133,8 +152,17 @@ def static_bytes(model, opt) -> int:
 
 def step_peak_bytes(fn) -> int:
     """Peak of live torch CPU allocations during ``fn`` above what was live when it started: the
-    running sum of the profiler's allocation/free events (CPU's max_memory_allocated)."""
+    running sum of the profiler's allocation/free events (CPU's max_memory_allocated); on a GPU,
+    ``torch.cuda.max_memory_allocated`` above the allocations live at the start."""
     from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -163,6 +191,7 @@ def rss_main(which: str) -> None:
     a = parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    use_device(a.device)
     model, opt = build_ours(a)
     if which == HF:
         model, opt = build_hf(a, model)
@@ -175,17 +204,17 @@ def rss_main(which: str) -> None:
     print(int(next(l for l in status if l.startswith("VmHWM")).split()[1]) * 1024)
 
 
-def deepspeed_vs_plain(a, x, y) -> dict:
+def deepspeed_vs_plain(a, x, y, stage: int = 1) -> dict:
     from megallama.config import load_run_config
     from megallama.parallel import initialize
     from megallama.train.distributed import init_distributed
     from megallama.train.ds_config import build_ds_config
     from megallama.train.engine import build_engine
 
-    cfg = load_run_config(data={"model": model_config(a).model_dump(), "deepspeed": {"zero_optimization": {"stage": 1}},
+    cfg = load_run_config(data={"model": model_config(a).model_dump(), "deepspeed": {"zero_optimization": {"stage": stage}},
                                 "train": train_config(a).model_dump(exclude={"activation_checkpointing"})})
     init_distributed()
-    engine = build_engine(cfg, initialize(), build_ds_config(cfg, 1), torch.device("cpu")).engine
+    engine = build_engine(cfg, initialize(), build_ds_config(cfg, 1), DEVICE).engine
     plain, opt = build_ours(a)
 
     def ds_step():
@@ -226,24 +255,28 @@ def profile_table(path: Path, steps: dict, rounds: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     per, last = {k: {} for k in steps}, {}
+    gpu = DEVICE.type == "cuda"  # GPU: kernel time on the device, not the host's launch time
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
     for i in range(rounds):
         for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=acts) as prof:
                 steps[name]()
+                sync()
             last[name] = prof.key_averages()
             for e in last[name]:
-                per[name].setdefault(e.key, [0.0] * rounds)[i] = e.self_cpu_time_total / 1e3
+                per[name].setdefault(e.key, [0.0] * rounds)[i] = getattr(e, key) / 1e3
     med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in per.items()}
     totals = {n: statistics.median(sum(v[i] for v in per[n].values()) for i in range(rounds)) for n in steps}
     names = list(steps)
     keys = sorted(set().union(*med.values()), key=lambda k: -max(med[n].get(k, 0.0) for n in names))
-    lines = [f"{'operator: self CPU ms per step, median of ' + str(rounds) + ' steps':<64}"
+    lines = [f"{'operator: self ' + ('GPU' if gpu else 'CPU') + ' ms per step, median of ' + str(rounds) + ' steps':<64}"
              + "".join(f"{n:>18}" for n in names),
              f"{'TOTAL (median of per-step totals)':<64}" + "".join(f"{totals[n]:18.1f}" for n in names)]
     lines += [f"{k[:63]:<64}" + "".join(f"{med[n].get(k, 0.0):18.1f}" for n in names) for k in keys[:45]]
-    lines += ["", _ceiling(med, totals)]
+    lines += ["", _ceiling(med, totals)] if not gpu else []  # kernel names below are the CPU's
     parts = ["\n".join(lines)] + [f"==== {n}: last profiled step, by operator ====\n" + last[n].table(
-        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) for n in names]
+        sort_by=key, row_limit=30, max_name_column_width=60) for n in names]
     header = f"{' '.join(sys.argv)}\nthreads {torch.get_num_threads()}, load average {os.getloadavg()}\n\n"
     path.write_text(header + "\n\n".join(parts))
     print(f"wrote {path}")
@@ -251,6 +284,8 @@ def profile_table(path: Path, steps: dict, rounds: int) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=12)
@@ -281,6 +316,7 @@ def main() -> int:
     a = parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    use_device(a.device)
     torch.manual_seed(0)
     load0 = os.getloadavg()
     ours, opt = build_ours(a)
@@ -316,6 +352,7 @@ def main() -> int:
         "command": _command(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
                     "loadavg_start": load0, "loadavg_end": load1},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "loss_fp32": l32, "first_step_loss_bf16": first, "tokens_per_step": tokens, "model_flops_per_token": fl,
@@ -329,7 +366,8 @@ def main() -> int:
                    "static_bytes": static, "step_peak_bytes": mem,
                    "total_peak_bytes": {k: static[k] + mem[k] for k in mem}},
     }
-    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, {torch.get_num_threads()} threads, "
+    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, {torch.get_num_threads()} threads, device "
+          f"{res['machine']['device']}, "
           f"load avg {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"losses fp32 {l32[0]:.5f} vs {l32[1]:.5f}; first bf16 step "
           + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
@@ -341,14 +379,18 @@ def main() -> int:
               f"{res['memory']['total_peak_bytes'][k] / 2**20:,.0f} MiB (step {mem[k] / 2**20:,.0f} MiB)")
     for k, v in speedup.items():
         print(f"speedup {k} / HF (target >= 1.25): " + ", ".join(f"{n.replace('_', ' ')} {x:.3f}x" for n, x in v.items()))
-    if not a.no_rss:
+    if not a.no_rss and DEVICE.type == "cpu":  # on a GPU the peak allocated bytes above are the figure
         res["memory"]["peak_rss_bytes"] = {k: rss_child(k) for k in (OURS, HF)}
         print("peak RSS over 3 steps (fresh process each): " + ", ".join(
             f"{k} {v / 2**20:,.0f} MiB" for k, v in res["memory"]["peak_rss_bytes"].items()))
     if not a.no_deepspeed:
-        res["deepspeed"] = d = deepspeed_vs_plain(a, x, y)
-        print(f"DeepSpeed ZeRO-1 (world 1) / plain loop step time: {d['ratio_deepspeed_over_plain']:.3f} "
-              f"(first losses {d['first_loss']['deepspeed']:.4f} vs {d['first_loss']['plain']:.4f})")
+        del contenders, steps, ours, opt, hf, hf_opt  # the engine comparison runs without their memory around
+        gc.collect()
+        for stage in (1, 0):
+            res["deepspeed" if stage == 1 else "deepspeed_zero0"] = d = deepspeed_vs_plain(a, x, y, stage)
+            gc.collect()
+            print(f"DeepSpeed ZeRO-{stage} (world 1) / plain loop step time: {d['ratio_deepspeed_over_plain']:.3f} "
+                  f"(first losses {d['first_loss']['deepspeed']:.4f} vs {d['first_loss']['plain']:.4f})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
     print(f"wrote {a.out}")
