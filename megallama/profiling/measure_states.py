@@ -170,6 +170,8 @@ class ModelStateMeter:
 
     def __enter__(self) -> "ModelStateMeter":
         self._hook(self.engine, "allreduce_gradients", "after_backward")
+        if not getattr(self.engine, "enable_backward_allreduce", True):  # one DP rank: no reduction to hook
+            self._hook(self.engine, "step", "after_backward")
         if hasattr(self.engine, "_bf16_reduce_grads"):   # the pipeline engine's BF16_Optimizer path
             self._hook(self.engine, "_bf16_reduce_grads", "after_backward")
         self._hook_dp_all_reduce()

@@ -21,7 +21,8 @@ freed after the step. ``buffers``: at stages 1/2 DeepSpeed's gradient-reduction 
 (``reduce_bucket_size`` elements, default 5e8; twice with ``overlap_comm``, once more under
 the pipeline engine) plus the flattened copy of the bucket being all-reduced (at most a bucket,
 at most the rank's parameters; none at DP=1); at stage 0 the flattened all-reduce bucket
-(``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says); at
+(``MEMORY_OPT_ALLREDUCE_SIZE`` elements at most, whatever ``reduce_bucket_size`` says; none at
+DP=1 without a pipeline, where megallama skips DeepSpeed's all-reduce with itself); at
 stage 3 one bucket plus the parameters gathered at the end of forward: those kept for backward
 (:func:`zero3_backward_gather`) and the block in use. These figures were checked storage by
 storage against DeepSpeed engines (tests/test_profiling_measured.py).
@@ -139,8 +140,10 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         copy = min(reduce_bucket_elements, p) * w if n > 1 else 0.0   # nothing to reduce over DP=1
         buckets = (2 if overlap else 1) + (1 if pp > 1 else 0)   # the pipeline engine adds one more
         buffers = reduce_bucket_elements * w * buckets + copy
-    elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce
-        buffers = min(p, ALLREDUCE_BUCKET) * w
+    elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce,
+        # except where megallama skips the all-reduce with itself (train/engine.py)
+        alone = n == 1 and pp == 1 and not bf16_optimizer
+        buffers = 0.0 if alone else min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward
         st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s))
         kept = p - zero3_backward_gather(spec, tp, pp, st, reuse_distance)
