@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megallama.errors import UserError
@@ -187,6 +187,9 @@ HF_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers"
 
 
 @settings(FAST, max_examples=80)
+@example(kind="cons", edits=[(8, 1.35240059191419e+16, False)])  # an FFN width past int64 (found by CI)
+@example(kind="cons", edits=[(1, 2**63, False)])
+@example(kind="hf", edits=[(2, 2**62, False)])
 @given(kind=st.sampled_from(["cons", "hf"]), edits=st.lists(st.tuples(st.integers(0, 99), VALUES, st.booleans()),
                                                            min_size=1, max_size=2))
 def test_mutated_checkpoint_configs(files, kind, edits):
@@ -234,9 +237,9 @@ def test_checkpoint_tensor_dtype_and_count_mismatch(files, tmp_path):
         load_and_build(ckpt)
     save_file(state, str(ckpt / "model.safetensors"))
     meta = json.loads((ckpt / "config.json").read_text())
-    meta["model"]["n_layers"] = 10**12  # building a meta model this deep would never finish
+    meta["model"]["n_layers"] = 10**6  # building a meta model this deep would never finish
     (ckpt / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="too few for the config's 1000000000000 layers"):
+    with pytest.raises(UserError, match="too few for the config's 1000000 layers"):
         load_and_build(ckpt)
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megallama.errors import UserError, did_you_mean
 
+MAX_SIZE = 2**31 - 1  # any one dimension of a tensor; beyond it sizes overflow before they fail to allocate
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
@@ -77,8 +78,9 @@ class ModelConfig(_Strict):
 
     def check(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) <= MAX_SIZE:
+                raise ConfigError(f"model.{name}: expected a positive integer up to {MAX_SIZE}, "
+                                  f"got {getattr(self, name)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim: {self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_kv_heads is not None and self.n_kv_heads <= 0:
@@ -98,12 +100,14 @@ class ModelConfig(_Strict):
         if self.ffn_dim_multiplier is not None and not (math.isfinite(self.ffn_dim_multiplier)
                                                         and self.ffn_dim_multiplier > 0):
             raise ConfigError(f"model.ffn_dim_multiplier: expected a positive number, got {self.ffn_dim_multiplier}")
-        if self.ffn_hidden_size <= 0:
-            raise ConfigError(f"model.ffn_dim_multiplier: gives an FFN width of {self.ffn_hidden_size}")
-        if self.n_encoder_layers is not None and self.n_encoder_layers <= 0:
-            raise ConfigError(f"model.n_encoder_layers: expected a positive integer, got {self.n_encoder_layers}")
-        if self.num_labels < 1:
-            raise ConfigError(f"model.num_labels: expected a positive integer, got {self.num_labels}")
+        if not 0 < self.ffn_hidden_size <= MAX_SIZE:
+            raise ConfigError(f"model.ffn_dim_multiplier: gives an FFN width of {self.ffn_hidden_size}, "
+                              f"expected 1 to {MAX_SIZE}")
+        if self.n_encoder_layers is not None and not 0 < self.n_encoder_layers <= MAX_SIZE:
+            raise ConfigError(f"model.n_encoder_layers: expected a positive integer up to {MAX_SIZE}, "
+                              f"got {self.n_encoder_layers}")
+        if not 0 < self.num_labels <= MAX_SIZE:
+            raise ConfigError(f"model.num_labels: expected a positive integer up to {MAX_SIZE}, got {self.num_labels}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
