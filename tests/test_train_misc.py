@@ -50,6 +50,8 @@ def test_bf16_runs_on_cpu(cfg, tmp_path):
     report = run_train(cfg, [f"deepspeed={ROOT}/ds_configs/bf16_zero1.json", f"run_dir={tmp_path / 'run'}"])
     assert report["precision"] == "bf16"
     assert report["losses"][-1] < report["losses"][0]
+    assert "ZeRO stage 1 with one data-parallel rank partitions nothing" in report["stderr"]  # a hint, once
+    assert report["stderr"].count("partitions nothing") == 1
 
 
 def test_train_compile_follows_the_eager_run(cfg, tmp_path):
@@ -61,7 +63,8 @@ def test_train_compile_follows_the_eager_run(cfg, tmp_path):
 
 
 def test_metrics_jsonl_has_the_promised_fields(cfg, tmp_path):
-    run_train(cfg, ["train.steps=2", f"run_dir={tmp_path / 'run'}"])
+    report = run_train(cfg, ["train.steps=2", f"run_dir={tmp_path / 'run'}"])
+    assert "partitions nothing" not in report["stderr"]  # ZeRO-0: no hint
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_rank", "mfu", "mem_bytes"):
         assert rec[key] is not None, key

@@ -109,6 +109,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
     _record_fp32_grad_norm(engine)
     _skip_self_allreduce(engine, state, ds)
+    _warn_zero_without_dp(state, ds)
     if universal is not None:
         uni.load_optimizer_state(universal, engine, module, state, pipeline, n_layers, step)
         sched = engine.lr_scheduler
@@ -125,8 +126,16 @@ def _skip_self_allreduce(engine, state: ParallelState, ds: Dict[str, Any]) -> No
 
     if state.dp == 1 and state.pp == 1 and zero_stage(ds) == 0 and not isinstance(engine.optimizer, BF16_Optimizer):
         engine.enable_backward_allreduce = False
-    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    if state.dp == 1 and zero_stage(ds) > 0 and str(offload.get("device", "none")) == "none":
+
+
+def _warn_zero_without_dp(state: ParallelState, ds: Dict[str, Any]) -> None:
+    """ZeRO with one data-parallel rank and no offload is a configuration slip worth a line."""
+    import torch.distributed as dist
+
+    zero = ds.get("zero_optimization") or {}
+    offloaded = any(str((zero.get(k) or {}).get("device", "none")) != "none"
+                    for k in ("offload_optimizer", "offload_param"))
+    if state.dp == 1 and zero_stage(ds) > 0 and not offloaded and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning("ZeRO stage %d with one data-parallel rank partitions nothing but still copies every gradient "
                     "and parameter through its flat buffers (~16%% of a bf16 CPU step in benchmarks/peer_step.py); "
                     "stage 0 is faster here", zero_stage(ds))
