@@ -27,6 +27,14 @@ def _stderr_lines(proc):
      "not --gpus 16"),
     (["plan", "--model", "llama-7", "--gpus", "8", "--gpu", "h100"], "did you mean 'llama-7b'"),
     (["estimate", "--model", "llama-7b", "--tp", "5"], "not divisible by tp"),
+    (["estimate", "--model", "llama-7b", "--seq", "-5"], "--seq: expected a positive integer, got -5"),
+    (["estimate", "--model", "llama-7b", "--seq", "0"], "--seq: expected a positive integer, got 0"),
+    (["estimate", "--model", "llama-7b", "--gpus-per-node", "0"], "--gpus-per-node: expected a positive integer"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--seq", "-5"], "--seq: expected a positive"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--seq", "0"], "--seq: expected a positive"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--gpus-per-node", "0"], "--gpus-per-node"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--global-batch-tokens", "-1"],
+     "--global-batch-tokens: expected a positive integer, got -1"),
 ])
 def test_bad_arguments_are_one_clear_line(args, needle):
     proc = _run(*args)

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                     mbs=_pick(args, d, "mbs", 1), grad_accum=args.grad_accum or pp,
                     recompute=_pick(args, d, "recompute", "none"), sp=bool(_pick(args, d, "sp", False)),
                     offload=bool(_pick(args, d, "offload", False)), dtype=_pick(args, d, "dtype", "bf16"),
-                    gpus_per_node=args.gpus_per_node or (hw.gpus_per_node if hw else 8))
+                    gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else
+                    (hw.gpus_per_node if hw else 8))
     seq = _pick(args, d, "seq", spec.max_seq_len)
     layout.check(spec, seq)
     impl = act.ActivationImpl.for_device("cpu" if hw is not None and hw.measured else "cuda")

@@ -78,6 +78,8 @@ class Layout:
 
     def check(self, spec: ArchSpec, seq: int) -> None:
         """Reject layouts the harness cannot run, with one line naming the reason."""
+        if seq < 1:
+            raise UserError(f"--seq: expected a positive integer, got {seq}")
         for name in ("tp", "pp", "dp", "mbs", "grad_accum", "interleave", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")

@@ -105,9 +105,12 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     recompute, sp, offload. ``impl``: which implementation's activations to count (default: ours
     on the profile's device). Raises ``UserError`` when nothing fits."""
     impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
-    seq = seq or spec.max_seq_len
-    gpn = gpus_per_node or hw.gpus_per_node
-    batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS
+    seq = spec.max_seq_len if seq is None else seq
+    gpn = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    batch_tokens = DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens
+    for flag, value in (("--gpus-per-node", gpn), ("--global-batch-tokens", batch_tokens)):
+        if value < 1:
+            raise UserError(f"{flag}: expected a positive integer, got {value}")
     check_request(spec, gpus, seq, {**fixed, "dtype": dtype})
     batch = max(1, round(batch_tokens / seq))
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
