@@ -126,6 +126,8 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
                             + (f" ({skipped} empty ones skipped)" if skipped else ""))
     except BaseException:
         writer.abort()
+        if pool is not None:
+            _kill_workers(pool)
         raise
     finally:
         bar.close()
@@ -135,6 +137,15 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     return PreprocessStats(docs, tokens, skipped, time.perf_counter() - start, dtype.name)
 
 
+def _kill_workers(pool) -> None:
+    """After a failure nothing more is wanted from the workers: kill them outright. Otherwise,
+    once one worker has died, CPython 3.11's executor can block forever in ``shutdown`` (a
+    survivor stuck sending its result while the manager thread joins the feeder thread)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.kill()
+
+
 def _ordered(pool, source, depth: int):
     """Results of ``_work`` over ``source`` in order, at most ``depth`` batches in flight.
 
@@ -142,18 +153,17 @@ def _ordered(pool, source, depth: int):
     why this uses concurrent.futures rather than multiprocessing.Pool.
     """
     pending: deque = deque()
-
-    def oldest():
-        fut, n = pending.popleft()
-        try:
-            return fut.result(), n
-        except BrokenProcessPool:
+    try:  # the pool can break while a result is awaited or, as soon as a worker dies, at submit
+        for batch, used in source:
+            pending.append((pool.submit(_work, batch), used))
+            if len(pending) >= depth:
+                fut, n = pending.popleft()
+                yield fut.result(), n
+        while pending:
+            fut, n = pending.popleft()
+            yield fut.result(), n
+    except Exception as exc:  # a broken pool can also fail to spawn a worker it was starting (fds closed)
+        if isinstance(exc, BrokenProcessPool) or getattr(pool, "_broken", False):
             raise UserError("a preprocessing worker died (killed, or out of memory?); nothing was written; "
                             "retry with fewer --workers") from None
-
-    for batch, used in source:
-        pending.append((pool.submit(_work, batch), used))
-        if len(pending) >= depth:
-            yield oldest()
-    while pending:
-        yield oldest()
+        raise
