@@ -101,20 +101,25 @@ def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     return cfg, state
 
 
-def _check_tensors(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """Every tensor the config implies is there, floating point, with the implied shape."""
+def expected_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor the config implies, from a model built on the meta device
+    (nothing allocated); a config no model can have is one line naming ``where``."""
     from megallama.model import build_model
     from megallama.parallel import ParallelState, layout
 
+    try:
+        with layout(ParallelState()), torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in build_model(cfg, seed=None).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError, TypeError) as exc:  # sizes no tensor can have
+        raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
+
+
+def _check_tensors(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    """Every tensor the config implies is there, floating point, with the implied shape."""
     layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
     if layers > len(state):  # every layer holds tensors: cheap to refuse before building anything
         raise UserError(f"{where}: holds {len(state)} tensors, too few for the config's {layers} layers")
-    try:
-        with layout(ParallelState()), torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_model(cfg, seed=None).state_dict().items()}
-    except (RuntimeError, ValueError, OverflowError) as exc:  # sizes no tensor can have
-        raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
-    for name, shape in expected.items():
+    for name, shape in expected_shapes(cfg, where).items():
         got = state.get(name)
         if got is None:
             raise UserError(f"{where}: missing tensor '{name}'")

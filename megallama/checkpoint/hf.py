@@ -201,15 +201,9 @@ def state_to_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, t
 
 def check_shapes(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
     """Every tensor has the shape the config implies (a mismatch names the tensor)."""
-    from megallama.model import LlamaForCausalLM
-    from megallama.parallel import ParallelState, layout
+    from megallama.checkpoint.consolidated import expected_shapes
 
-    try:
-        with layout(ParallelState()), torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg, seed=None).state_dict().items()}
-    except (RuntimeError, ValueError, OverflowError) as exc:  # sizes no tensor can have
-        raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
-    for name, shape in expected.items():
+    for name, shape in expected_shapes(cfg, where).items():
         got = tuple(state[name].shape) if name in state else None
         if got != shape:
             raise UserError(f"{where}: tensor '{name}' has shape {got}, expected {shape} from the config")
