@@ -41,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _release_process_group() -> None:
+    """A command that fails after start-up tears its process group down here, not at interpreter
+    exit, where destroying gloo's threads in arbitrary order can abort the process
+    ("terminate called without an active exception") instead of exiting with 2."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken (a peer died): exiting is all that is left
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,9 +63,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args._run(args) or 0)
     except UserError as exc:
         sys.stderr.write(f"megallama {args.command}: error: {exc}\n")
+        _release_process_group()
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"megallama {args.command}: interrupted\n")
+        _release_process_group()
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
