@@ -5,6 +5,7 @@ from tests.train_utils import run_train, tiny_run_config
 
 ZERO = "deepspeed={root}/ds_configs/zero{n}.json"
 LAYOUTS = {
+    "zero0_dp2": (2, []),  # the engine's DP=1 all-reduce skip must not touch real data parallelism
     "zero1_dp2": (2, ["deepspeed.zero_optimization.stage=1"]),
     "zero2_dp2": (2, ["deepspeed.zero_optimization.stage=2"]),
     "zero3_dp2": (2, ["deepspeed.zero_optimization.stage=3"]),
