@@ -59,7 +59,7 @@ def prepare_data(cfg) -> DataArtifacts:
     tok = Tokenizer(data.tokenizer)
     tok.check_vocab(vocab)
     prefixes = [os.path.abspath(normalize_prefix(p)) for p in data.prefixes]
-    tokens = [_checked_tokens(cfg, p, tok) for p in prefixes]
+    tokens = [sum(_checked_tokens(cfg, q, tok) for q in _token_files(cfg, p)) for p in prefixes]
     weights = list(data.weights) if data.weights is not None else [float(n) for n in tokens]
     if sum(weights) <= 0:
         raise UserError(f"{prefixes[0]}: the configured token files hold no tokens")
@@ -84,17 +84,31 @@ def _checked_tokens(cfg, prefix: str, tok: Tokenizer) -> int:
     return ids.num_tokens
 
 
+def _token_files(cfg, prefix: str) -> Tuple[str, ...]:
+    """The files behind a prefix: itself, or an encoder-decoder's aligned source and target."""
+    if cfg.model.arch == "encoder_decoder":
+        from megallama.data.seq2seq import pair_prefixes
+
+        return pair_prefixes(prefix) or (prefix,)
+    return (prefix,)
+
+
 def _file_id(path: str) -> List[int]:
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
 
 
 def build_datasets(cfg, art: DataArtifacts) -> Tuple[object, object, object]:
-    """(train, valid, test): packed, blended datasets of ``seq_len + 1``-token samples.
+    """(train, valid, test): packed, blended datasets of ``seq_len + 1``-token samples (an
+    encoder-decoder's rows instead: :mod:`megallama.data.seq2seq`).
 
     Valid or test may be empty (``len() == 0``) when the split gives them too few tokens; train
     may not. Every prefix is split by documents with ``data.split``, then the prefixes blend.
     """
+    if cfg.model.arch == "encoder_decoder":
+        from megallama.data.seq2seq import build_seq2seq_datasets
+
+        return _combine(build_seq2seq_datasets(cfg, art), cfg)
     seq_len, seed = cfg.train.seq_len, cfg.train.seed
     shuffle = cfg.data.shuffle
     parts: List[List[Tuple[PackedDataset, float]]] = [[], [], []]
@@ -104,6 +118,12 @@ def build_datasets(cfg, art: DataArtifacts) -> Tuple[object, object, object]:
             ds = PackedDataset(ids, docs, seq_len, seed=(seed, p, s) if shuffle else None,
                                name=f"{prefix} ({SPLITS[s]} split, documents {docs[0]}:{docs[1]})")
             parts[s].append((ds, weight))
+    return _combine(parts, cfg)
+
+
+def _combine(parts, cfg) -> Tuple[object, object, object]:
+    """One dataset per split: the usable parts blended by weight."""
+    seq_len, seed = cfg.train.seq_len, cfg.train.seed
     out = []
     for s, items in enumerate(parts):
         usable = [(d, w) for d, w in items if len(d)]

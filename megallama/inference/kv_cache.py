@@ -1,8 +1,10 @@
-"""Per-layer key/value cache for incremental decoding.
+"""Per-layer key/value caches for incremental decoding.
 
 Each attention layer stores the rotated keys and the values of every position already seen, so
 a decoding step runs the model on one new token per sequence instead of the whole prefix. The
 cache holds this TP rank's kv heads only (heads are split across ranks, caches with them).
+An encoder-decoder's cross-attention attends to a fixed encoder memory, so its K/V are
+projected once, at the first decoding step, and reused (:class:`CrossKVCache`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,25 @@ class KVCache:
         self.k[:b, start_pos:end] = k
         self.v[:b, start_pos:end] = v
         return self.k[:b, :end], self.v[:b, :end]
+
+
+class CrossKVCache:
+    """One decoder layer's cross-attention K/V ``[batch, src_len, local_kv_heads, head_dim]``."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+
+def make_cross_caches(model: torch.nn.Module) -> List[CrossKVCache]:
+    """One empty cross-attention cache per decoder layer of an encoder-decoder."""
+    return [CrossKVCache() for _ in model.layers]
 
 
 def make_kv_caches(model: torch.nn.Module, batch: int, max_len: int) -> List[KVCache]:

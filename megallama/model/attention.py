@@ -72,7 +72,12 @@ class Attention(nn.Module):
         hq, hkv, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         if self.cross:
             q = self.wq(x).view(b, -1, hq, hd)
-            k, v = self.wkv(memory).view(b, -1, 2 * hkv, hd).split(hkv, dim=2)
+            if kv_cache is not None and kv_cache.filled:  # the memory's K/V, projected at the first step
+                k, v = kv_cache.k, kv_cache.v
+            else:
+                k, v = self.wkv(memory).view(b, -1, 2 * hkv, hd).split(hkv, dim=2)
+                if kv_cache is not None:
+                    kv_cache.fill(k, v)
         else:
             # Q and K are adjacent heads of the fused output: one rotation covers both
             qk, v = self.wqkv(x).view(b, -1, hq + 2 * hkv, hd).split([hq + hkv, hkv], dim=2)

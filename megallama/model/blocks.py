@@ -69,20 +69,22 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
                 memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
-                start_pos: int = 0, kv_cache=None) -> torch.Tensor:
+                start_pos: int = 0, kv_cache=None, cross_cache=None) -> torch.Tensor:
         if self.checkpoint_fn is not None and self.training and torch.is_grad_enabled():
             # only differentiable tensors go through the checkpoint's argument list
             def run(x, *mem):
-                return self._forward(x, rope, mask, mem[0] if mem else None, memory_mask, start_pos, kv_cache)
+                return self._forward(x, rope, mask, mem[0] if mem else None, memory_mask, start_pos, kv_cache,
+                                     cross_cache)
 
             return self.checkpoint_fn(run, x) if memory is None else self.checkpoint_fn(run, x, memory)
-        return self._forward(x, rope, mask, memory, memory_mask, start_pos, kv_cache)
+        return self._forward(x, rope, mask, memory, memory_mask, start_pos, kv_cache, cross_cache)
 
-    def _forward(self, x, rope, mask, memory, memory_mask, start_pos, kv_cache) -> torch.Tensor:
+    def _forward(self, x, rope, mask, memory, memory_mask, start_pos, kv_cache, cross_cache=None) -> torch.Tensor:
         h = self.attention(self.attention_norm(x), rope, mask, start_pos=start_pos, kv_cache=kv_cache)
         x = x + residual_dropout(h, self.dropout, self.training)
         if self.cross_attention is not None:
-            h = self.cross_attention(self.cross_attention_norm(x), rope, memory_mask, memory=memory)
+            h = self.cross_attention(self.cross_attention_norm(x), rope, memory_mask, memory=memory,
+                                     kv_cache=cross_cache)
             x = x + residual_dropout(h, self.dropout, self.training)
         h = self.feed_forward(self.ffn_norm(x))
         return x + residual_dropout(h, self.dropout, self.training)

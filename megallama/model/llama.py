@@ -112,7 +112,11 @@ class LlamaForSequenceClassification(LlamaDecoder):
 
 class LlamaEncoderDecoder(LlamaDecoder):
     """The seed's encoder-decoder: bidirectional encoder, decoder with cross-attention to it,
-    one shared token embedding, untied LM head."""
+    one shared token embedding, untied LM head.
+
+    ``model(src, tgt, labels, src_mask)`` trains; inference encodes once (:meth:`encode`) and
+    then calls :meth:`decode` per step with self-attention K/V caches and cross-attention
+    caches that hold the memory's K/V after the first step."""
 
     def _make_layers(self, cfg: ModelConfig, kw) -> List[nn.Module]:
         if cfg.arch != "encoder_decoder":
@@ -127,23 +131,38 @@ class LlamaEncoderDecoder(LlamaDecoder):
         self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
 
     def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder memory ``[b, s_src, dim]`` (sequence-sharded under sequence parallelism)."""
         h = residual_dropout(self.tok_embeddings(src), self.config.dropout, self.training)
         mask = build_mask(src.size(1), src.size(1), False, src_mask, src.device)
         for layer in self.encoder_layers:
             h = layer(h, self.rope, mask)
         return self.encoder_norm(h)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                src_mask: Optional[torch.Tensor] = None, tgt_mask: Optional[torch.Tensor] = None):
-        memory = self.encode(src, src_mask)
+    def _decode(self, tgt, memory, src_mask, start_pos: int = 0, kv_caches=None, cross_caches=None):
+        """This rank's vocab slice of the decoder logits."""
         h = residual_dropout(self.tok_embeddings(tgt), self.config.dropout, self.training)
-        self_mask = build_mask(tgt.size(1), tgt.size(1), True, tgt_mask, tgt.device)
+        q_len = tgt.size(1)
+        self_mask = build_mask(q_len, start_pos + q_len, True, None, tgt.device)
         cross_mask = None
         if src_mask is not None:
-            cross_mask = build_mask(tgt.size(1), src.size(1), False, src_mask, tgt.device, self_attention=False)
-        for layer in self.layers:
-            h = layer(h, self.rope, self_mask, memory=memory, memory_mask=cross_mask)
-        logits = self.output(self.norm(h))
+            cross_mask = build_mask(q_len, src_mask.size(1), False, src_mask, tgt.device, self_attention=False)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope, self_mask, memory=memory, memory_mask=cross_mask, start_pos=start_pos,
+                      kv_cache=kv_caches[i] if kv_caches else None,
+                      cross_cache=cross_caches[i] if cross_caches else None)
+        return self.output(self.norm(h))
+
+    def decode(self, tgt: torch.Tensor, memory: Optional[torch.Tensor], src_mask: Optional[torch.Tensor] = None,
+               start_pos: int = 0, kv_caches=None, cross_caches=None) -> torch.Tensor:
+        """Full logits ``[b, s_tgt, vocab]`` of decoder tokens at ``start_pos``; ``memory`` may be
+        None once ``cross_caches`` are filled."""
+        return gather_from_tp_region(self._decode(tgt, memory, src_mask, start_pos, kv_caches, cross_caches))
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                src_mask: Optional[torch.Tensor] = None):
+        """Targets are right-padded, so the causal mask alone keeps padding out of every real
+        position; ``labels`` carry -100 there."""
+        logits = self._decode(tgt, self.encode(src, src_mask), src_mask)
         if labels is not None:
             return causal_lm_loss(logits, labels)
         return gather_from_tp_region(logits)

@@ -48,13 +48,15 @@ def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Di
 
 
 def _apply_checkpointing(model: torch.nn.Module, cfg: RunConfig, fn) -> None:
-    """Full recomputation of every N-th block, or selective (attention core only)."""
+    """Full recomputation of every N-th block (encoder blocks first), or selective (attention core only)."""
     ac = cfg.train.activation_checkpointing
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(list(getattr(model, "encoder_layers", [])) + list(model.layers)):
         if ac.mode == "full" and i % ac.every == 0:
             layer.checkpoint_fn = fn
         if ac.mode == "selective":
-            layer.attention.recompute_core = True
+            for attn in (layer.attention, getattr(layer, "cross_attention", None)):
+                if attn is not None:
+                    attn.recompute_core = True
 
 
 def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device, ckpt_fn):

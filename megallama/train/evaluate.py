@@ -7,6 +7,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megallama.train.step import LossFn, decoder_loss
+
 
 def _batches(indices, size):
     for i in range(0, len(indices), size):
@@ -14,7 +16,8 @@ def _batches(indices, size):
 
 
 @torch.no_grad()
-def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Optional[int] = None) -> Dict:
+def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Optional[int] = None,
+               loss_fn: LossFn = decoder_loss) -> Dict:
     """Token-weighted mean loss and its exponential. Each DP rank takes every dp-th sample, so
     the result is the same at any layout (up to float summation order)."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
@@ -26,8 +29,8 @@ def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Opt
     sums = torch.zeros(2, dtype=torch.float64)
     for chunk in _batches(list(range(state.dp_rank, n, state.dp)), micro_batch):
         tokens = torch.stack([torch.as_tensor(dataset[i]) for i in chunk]).to(device)
-        loss = model(tokens[:, :-1], labels=tokens[:, 1:])
-        count = tokens[:, 1:].numel()
+        loss, count = loss_fn(model, tokens)
+        count = int(count)
         sums += torch.tensor([loss.double().item() * count, count], dtype=torch.float64)
     if dist.is_initialized() and state.dp > 1:
         dist.all_reduce(sums, group=state.dp_group)

@@ -20,6 +20,7 @@ from megallama.train.ds_config import build_ds_config, check_device_supports, pr
 from megallama.train import checkpoint as ckpt
 from megallama.train.engine import build_engine
 from megallama.train.metrics import MetricsLogger, device_peak_flops
+from megallama.train.step import make_loss_fn
 from megallama.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,14 @@ def _has_native(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*model_states.pt"))
 
 
-def _evaluate(engine, built, dataset, batch, state, device, iters: int) -> Dict[str, Any]:
+def _evaluate(engine, built, dataset, batch, state, device, iters: int, loss_fn) -> Dict[str, Any]:
     """Validation loss over ``iters`` global batches' worth of samples."""
     from megallama.train.evaluate import perplexity, pipeline_loss
 
     if built.pipeline:
         return pipeline_loss(engine, dataset, batch.micro, batch.accum, state, device, iters)
-    return perplexity(engine.module, dataset, batch.micro, device, state, max_samples=iters * batch.global_)
+    return perplexity(engine.module, dataset, batch.micro, device, state, max_samples=iters * batch.global_,
+                      loss_fn=loss_fn)
 
 
 def _pipe_batches(it, device) -> Iterator:
@@ -193,6 +195,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
 
     pipe_iter = _pipe_batches(it, device) if built.pipeline else None
+    loss_fn = make_loss_fn(cfg.model.arch, t.seq_len)
     faults = _fault_steps()
     losses, bad_in_a_row, skips_seen = [], 0, 0
     run_start = time.perf_counter()
@@ -206,7 +209,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             micro_losses = []
             for _ in range(batch.accum):
                 tokens = next(it).to(device, non_blocking=True)
-                loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+                loss, _ = loss_fn(engine, tokens)
                 if step in faults:
                     loss = loss * float("inf")
                 engine.backward(loss)
@@ -237,7 +240,8 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                                "loss_scale": _loss_scale(engine)})
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
-            metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters))
+            metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters,
+                                                   loss_fn))
             last_log, last_logged = time.perf_counter(), step
         if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
             ckpt.save(engine, built.module, state, ckpt_dir, step,
