@@ -1,4 +1,5 @@
-"""``megallama eval``: perplexity of a checkpoint on a split of the run's data or on token files."""
+"""``megallama eval``: perplexity of a checkpoint on a split of the run's data or on token files
+(an encoder-decoder: on its run config's data, per target token)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,9 @@ def add_arguments(p) -> None:
 def _dataset(args, model_cfg, rank):
     from megallama.errors import UserError
 
+    if args.data and model_cfg.arch == "encoder_decoder":
+        raise UserError("--data: an encoder-decoder checkpoint evaluates on a run config's data (--config), which "
+                        "names the tokenizer its source/target or span-corruption samples need")
     if args.data:
         from megallama.data import IndexedTokens
         from megallama.data.packing import PackedDataset
@@ -39,8 +43,8 @@ def _dataset(args, model_cfg, rank):
         if len(sets) > 1:
             from megallama.data import BlendedDataset
 
-            return BlendedDataset(sets, [float(len(s)) for s in sets], seed=(0,)), "files"
-        return sets[0], "files"
+            return BlendedDataset(sets, [float(len(s)) for s in sets], seed=(0,)), "files", seq
+        return sets[0], "files", seq
     if not args.config:
         raise UserError("--config or --data: say what to evaluate on")
     from megallama.config import load_run_config
@@ -54,7 +58,7 @@ def _dataset(args, model_cfg, rank):
                         f"{model_cfg.max_seq_len} (pass a shorter --seq-len)")
     cfg = cfg.model_copy(update={"model": model_cfg})
     train, valid, test = build_datasets(cfg, _prepare_data(cfg, rank))
-    return {"train": train, "valid": valid, "test": test}[args.split], args.split
+    return {"train": train, "valid": valid, "test": test}[args.split], args.split, cfg.train.seq_len
 
 
 def run(args) -> int:
@@ -67,6 +71,7 @@ def run(args) -> int:
     from megallama.parallel import initialize
     from megallama.train.distributed import detect_launcher, device_for, init_distributed
     from megallama.train.evaluate import perplexity
+    from megallama.train.step import make_loss_fn
 
     for flag, value in (("--tp", args.tp), ("--micro-batch-size", args.micro_batch_size),
                         ("--seq-len", args.seq_len), ("--max-samples", args.max_samples)):
@@ -83,11 +88,12 @@ def run(args) -> int:
     state = initialize(tp=args.tp)
     device = device_for(info.local_rank)
     model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint)
-    dataset, split = _dataset(args, model_cfg, info.rank)
+    dataset, split, seq_len = _dataset(args, model_cfg, info.rank)
     if len(dataset) == 0:
         raise UserError(f"--split {split}: no samples of {getattr(dataset, 'seq_len', '?')}+1 tokens there "
                         "(give that split a larger data.split share, or shorten --seq-len)")
-    result = perplexity(model, dataset, args.micro_batch_size, device, state, args.max_samples)
+    result = perplexity(model, dataset, args.micro_batch_size, device, state, args.max_samples,
+                        loss_fn=make_loss_fn(model_cfg.arch, seq_len))
     result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=state.tp, dp=state.dp)
     if info.rank == 0:
         if args.json:

@@ -1,5 +1,7 @@
 """``megallama generate --checkpoint DIR --prompt TEXT``: text from a checkpoint, on one process
-or tensor-parallel under a launcher (``torchrun --nproc_per_node 2 -m megallama generate ...``)."""
+or tensor-parallel under a launcher (``torchrun --nproc_per_node 2 -m megallama generate ...``).
+For an encoder-decoder the prompt is the source (encoded once, ending in ``</s>`` as in
+training; ``<extra_id_K>`` writes span-corruption sentinel K) and the output is the target."""
 from __future__ import annotations
 
 import json
@@ -63,7 +65,7 @@ def run(args) -> int:
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
-    from megallama.inference import generate
+    from megallama.inference import generate, generate_seq2seq
 
     _check_args(args)
     checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
@@ -75,8 +77,6 @@ def run(args) -> int:
     state, device = _start_distributed()
     try:
         cfg, weights, _ = load_checkpoint(args.checkpoint)
-        if cfg.arch != "decoder":
-            raise UserError(f"{args.checkpoint}: generate needs a decoder-only model, got arch '{cfg.arch}'")
         if tokenizer.vocab_size > cfg.vocab_size:
             raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
                             f"is {cfg.vocab_size}")
@@ -89,22 +89,43 @@ def run(args) -> int:
             dtype = torch.float32
         model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
         del weights
-        prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
-        longest = max(len(p) for p in prompts) + args.max_new_tokens
-        if longest > cfg.max_seq_len:
-            raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
-                            f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
+        eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
         start = time.perf_counter()
-        result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                          eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
-                          use_cache=not args.no_kv_cache)
+        if cfg.arch == "encoder_decoder":
+            from megallama.data.span_corruption import encode_with_sentinels
+
+            prompts = [encode_with_sentinels(tokenizer, text) + [tokenizer.eos_id] for text in args.prompt]
+            _check_seq2seq_lengths(args, cfg, tokenizer, prompts)
+            result = generate_seq2seq(model, prompts, args.max_new_tokens, tokenizer.bos_id, eos, args.temperature,
+                                      args.top_p, args.seed, use_cache=not args.no_kv_cache)
+        else:
+            prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+            longest = max(len(p) for p in prompts) + args.max_new_tokens
+            if longest > cfg.max_seq_len:
+                raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
+                                f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
+            result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                              eos_id=eos, use_cache=not args.no_kv_cache)
         seconds = time.perf_counter() - start
         if state.rank == 0:
-            _report(args, tokenizer, prompts, result, seconds, state.tp)
+            _report(args, tokenizer, prompts, result, seconds, state.tp, cfg.arch == "encoder_decoder")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _check_seq2seq_lengths(args, cfg, tokenizer, sources) -> None:
+    from megallama.errors import UserError
+
+    if tokenizer.bos_id < 0:
+        raise UserError(f"{tokenizer.path}: an encoder-decoder starts decoding at BOS and this tokenizer has none")
+    if max(len(s) for s in sources) > cfg.max_seq_len:
+        raise UserError(f"--prompt: {max(len(s) for s in sources)} source tokens exceed the model's "
+                        f"max_seq_len={cfg.max_seq_len}")
+    if args.max_new_tokens + 1 > cfg.max_seq_len:
+        raise UserError(f"--max-new-tokens: {args.max_new_tokens} + the start token exceed the model's "
+                        f"max_seq_len={cfg.max_seq_len}")
 
 
 def _completion(tokenizer, prompt_ids, new_ids) -> str:
@@ -114,9 +135,14 @@ def _completion(tokenizer, prompt_ids, new_ids) -> str:
     return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(new_ids)
 
 
-def _report(args, tokenizer, prompts, result, seconds: float, tp: int) -> None:
+def _report(args, tokenizer, prompts, result, seconds: float, tp: int, seq2seq: bool = False) -> None:
+    """Decoder: the prompt and its continuation; encoder-decoder: the generated target alone."""
+    from megallama.data.span_corruption import decode_with_sentinels
+
     n_new = sum(len(t) for t in result.tokens)
-    rows = [dict(prompt=text, completion=_completion(tokenizer, ids, t), new_tokens=t, finish=f)
+    rows = [dict(prompt=text, completion=decode_with_sentinels(tokenizer, t) if seq2seq else
+                 _completion(tokenizer, ids, t),
+                 new_tokens=t, finish=f)
             for text, ids, t, f in zip(args.prompt, prompts, result.tokens, result.finish)]
     if args.json:
         print(json.dumps(dict(checkpoint=str(args.checkpoint), tp=tp, temperature=args.temperature,
@@ -124,5 +150,5 @@ def _report(args, tokenizer, prompts, result, seconds: float, tp: int) -> None:
                               tokens_per_s=round(n_new / seconds, 2) if seconds > 0 else None)))
         return
     for row in rows:
-        print(row["prompt"] + row["completion"])
+        print(row["completion"] if seq2seq else row["prompt"] + row["completion"])
     sys.stderr.write(f"{n_new} new tokens in {seconds:.2f} s ({n_new / max(seconds, 1e-9):.1f} tok/s, TP={tp})\n")

@@ -2,7 +2,9 @@
 
 With ``--train-tokenizer`` it first trains a LLaMA-style SentencePiece model on the same inputs
 and writes it to ``--tokenizer``; ``--output-prefix`` is then optional. Megatron's own flag
-spellings (``--json-keys``, ``--tokenizer-model``, ``--append-eod``) are accepted too.
+spellings (``--json-keys``, ``--tokenizer-model``, ``--append-eod``) are accepted too. Two JSON
+keys (``--json-keys source target``) write an encoder-decoder's aligned ``PREFIX_source`` and
+``PREFIX_target`` files.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-prefix", metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", "--tokenizer-model", metavar="MODEL", required=True,
                         help="SentencePiece model to use (or to write, with --train-tokenizer)")
-    parser.add_argument("--json-key", "--json-keys", default="text", metavar="KEY",
-                        help="JSONL field holding the document text (default: text)")
+    parser.add_argument("--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"], metavar="KEY",
+                        help="JSONL field holding the document text (default: text); two keys (source "
+                             "target) write aligned PREFIX_source and PREFIX_target files for an encoder-decoder")
     parser.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
                         help="auto: .jsonl/.json/.ndjson are JSONL, other files plain text")
     parser.add_argument("--text-doc", choices=("line", "paragraph", "file"), default="line",
@@ -58,17 +61,30 @@ def _run(args) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers: expected a positive integer, got {args.workers}")
-    spec = InputSpec(tuple(args.input), args.input_format, args.json_key, args.text_doc, args.skip_empty)
+    keys = list(args.json_key)
+    paired = len(keys) > 1
+    if paired:
+        from megallama.data.paired import check_keys
+
+        check_keys(keys, args.skip_empty)
+    spec = InputSpec(tuple(args.input), "jsonl" if paired else args.input_format, keys[0], args.text_doc,
+                     args.skip_empty)
     spec.check()
     if args.output_prefix:
         from megallama.data.files import refuse_existing
+        from megallama.data.paired import pair_outputs
 
         prefix = normalize_prefix(args.output_prefix)
-        refuse_existing([prefix + ".bin", prefix + ".idx"], args.overwrite)  # before any slow work
+        outs = pair_outputs(prefix, keys) if paired else [prefix]
+        refuse_existing([o + ext for o in outs for ext in (".bin", ".idx")], args.overwrite)  # before slow work
     if args.train_tokenizer:
         if not args.vocab_size or args.vocab_size < 1:
             raise UserError("--vocab-size: required with --train-tokenizer (e.g. 32000, LLaMA's)")
-        tok = train_tokenizer(iter_texts(spec), args.tokenizer, args.vocab_size, overwrite=args.overwrite,
+        import itertools
+        from dataclasses import replace
+
+        texts = itertools.chain.from_iterable(iter_texts(replace(spec, json_key=k)) for k in keys)
+        tok = train_tokenizer(texts, args.tokenizer, args.vocab_size, overwrite=args.overwrite,
                               max_sentences=args.max_sentences, seed=args.seed,
                               character_coverage=args.character_coverage)
         print(f"wrote {tok.path}: {tok.vocab_size} tokens (BPE, byte fallback, digits split)")
@@ -78,6 +94,8 @@ def _run(args) -> int:
         raise UserError("--output-prefix: required (or pass --train-tokenizer to only train a tokenizer)")
     else:
         tok = Tokenizer(args.tokenizer)
+    if paired:
+        return _run_paired(args, spec, keys, tok, prefix)
     from megallama.data.preprocess import preprocess
 
     stats = preprocess(spec, tok, args.output_prefix, workers=args.workers, bos=args.prepend_bos,
@@ -85,4 +103,14 @@ def _run(args) -> int:
     skipped = f", {stats.skipped} empty skipped" if stats.skipped else ""
     print(f"wrote {prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens ({stats.dtype}){skipped}"
           f" in {stats.seconds:.1f}s: {stats.docs_per_s:,.0f} docs/s, {stats.tokens_per_s:,.0f} tokens/s")
+    return 0
+
+
+def _run_paired(args, spec, keys, tok, prefix) -> int:
+    from megallama.data.paired import pair_outputs, preprocess_pairs
+
+    stats = preprocess_pairs(spec, keys, tok, prefix, workers=args.workers, bos=args.prepend_bos,
+                             overwrite=args.overwrite, progress=False if args.no_progress else None)
+    for out, key, st in zip(pair_outputs(prefix, keys), keys, stats):
+        print(f"wrote {out}.bin/.idx ('{key}'): {st.documents} documents, {st.tokens} tokens ({st.dtype})")
     return 0

@@ -15,7 +15,7 @@ uses each sentinel at most once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -94,3 +94,37 @@ def corrupt(tokens: np.ndarray, sizes: SpanLengths, sentinels: List[int], eos: i
     inputs.append([eos])
     targets.append([eos])
     return np.concatenate(inputs).astype(np.int64), np.concatenate(targets).astype(np.int64)
+
+
+SENTINEL_TEXT = "<extra_id_{}>"  # T5's spelling, for reading and writing sentinels in text
+
+
+def encode_with_sentinels(tokenizer, text: str) -> List[int]:
+    """Token ids of ``text`` in which ``<extra_id_K>`` stands for sentinel K."""
+    import re
+
+    sentinels, ids = sentinel_ids(tokenizer), []
+    for k, part in enumerate(re.split(r"<extra_id_(\d+)>", text)):
+        if k % 2:
+            if int(part) >= len(sentinels):
+                raise UserError(f"<extra_id_{part}>: only {len(sentinels)} sentinels (0-{len(sentinels) - 1})")
+            ids.append(sentinels[int(part)])
+        elif part:
+            ids += tokenizer.encode(part)
+    return ids
+
+
+def decode_with_sentinels(tokenizer, ids: Sequence[int]) -> str:
+    """Text of ``ids`` with each sentinel written ``<extra_id_K>`` (plain decoding shows U+FFFD)."""
+    try:
+        index = {s: k for k, s in enumerate(sentinel_ids(tokenizer))}
+    except UserError:
+        return tokenizer.decode(ids)
+    out, run = [], []
+    for i in ids:
+        if int(i) in index:
+            out += [tokenizer.decode(run), SENTINEL_TEXT.format(index[int(i)])]
+            run = []
+        else:
+            run.append(i)
+    return "".join(out + [tokenizer.decode(run)])
