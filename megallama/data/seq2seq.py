@@ -13,7 +13,7 @@ otherwise ``P`` is plain text and trains with span corruption.
 from __future__ import annotations
 
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from megallama.data.indexed import IndexedTokens
 from megallama.data.packing import PackedDataset, seed_rng, split_ranges
 from megallama.data.span_corruption import SpanLengths, corrupt, lengths_for_input, sentinel_ids
 from megallama.errors import UserError
+
+if TYPE_CHECKING:  # torch stays out of preprocessing workers' imports
+    import torch
 
 PAD = -1
 SIDES = ("source", "target")
@@ -104,10 +107,10 @@ class SpanCorruptionDataset:
 
 
 class Seq2SeqBatch(NamedTuple):
-    src: "object"  # [b, S] token ids (padding as 0)
-    src_mask: "object"  # [b, S] bool, or None when nothing is padded
-    tgt: "object"  # [b, T] decoder input: BOS + target[:-1]
-    labels: "object"  # [b, T] target, -100 on padding
+    src: "torch.Tensor"  # [b, S] token ids (padding as 0)
+    src_mask: "Optional[torch.Tensor]"  # [b, S] bool, or None when nothing is padded
+    tgt: "torch.Tensor"  # [b, T] decoder input: BOS + target[:-1]
+    labels: "torch.Tensor"  # [b, T] target, -100 on padding
 
 
 def split_batch(rows, src_len: int) -> Seq2SeqBatch:
