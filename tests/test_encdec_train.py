@@ -84,13 +84,16 @@ def test_eval_generate_convert_take_the_checkpoint(reference, tmp_path, data_cac
     assert 0 < result["loss"] < ref["losses"][0] and result["tokens"] > 0
 
     tok = next(data_cache.glob("embedded-*/tokenizer.model"))
-    outs = []
-    for flag in ([], ["--no-kv-cache"]):
+    outs = []  # cached, recomputed, and tensor-parallel generation pick the same tokens
+    for world, flag in ((1, []), (1, ["--no-kv-cache"]), (2, [])):
         gen = _cli("generate", "--checkpoint", ckpts, "--tokenizer", tok, "--prompt", "def main(<extra_id_0>):",
-                   "--prompt", "import os", "--max-new-tokens", "6", "--json", *flag)
+                   "--prompt", "import os", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3",
+                   "--json", *flag, world=world)
         assert gen.returncode == 0, gen.stderr
-        outs.append([r["new_tokens"] for r in json.loads(gen.stdout)["results"]])
-    assert outs[0] == outs[1] and any(outs[0])
+        got = json.loads(next(x for x in gen.stdout.splitlines() if x.startswith("{")))
+        assert got["tp"] == world
+        outs.append([r["new_tokens"] for r in got["results"]])
+    assert outs[0] == outs[1] == outs[2] and any(outs[0])
 
     conv = _cli("convert", "--input", ckpts, "--output", tmp_path / "tp2", "--tp", "2")
     assert conv.returncode == 0, conv.stderr
