@@ -240,8 +240,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                                "loss_scale": _loss_scale(engine)})
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
-            metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters,
-                                                   loss_fn))
+            metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters, loss_fn))
             last_log, last_logged = time.perf_counter(), step
         if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
             ckpt.save(engine, built.module, state, ckpt_dir, step,
