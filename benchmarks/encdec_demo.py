@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+MARKER = ".encdec_demo"
 sys.path.insert(0, str(ROOT))  # this checkout's megallama, in process as in the subprocesses
 
 
@@ -113,9 +114,12 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=312, help="tokenizer trained on the letter strings")
     args = ap.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
-    if work.exists():
+    if work.exists():  # only a previous demo's directory (it carries the marker) is replaced
+        if not (work / MARKER).is_file():
+            raise SystemExit(f"encdec_demo: {work}: exists and is not a previous demo's --work; choose another")
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / MARKER).write_text("scratch directory of benchmarks/encdec_demo.py; replaced on every run\n")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
