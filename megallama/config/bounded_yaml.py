@@ -18,9 +18,9 @@ import yaml
 
 from megallama.config.schema import ConfigError
 
-MAX_BYTES = 4 << 20          # a run config is kilobytes; thousands of data prefixes still fit
+MAX_BYTES = 1 << 20          # a run config is kilobytes; thousands of data prefixes still fit
 MAX_DEPTH = 32               # the deepest real config (deepspeed.zero_optimization.offload_*) is 4
-MAX_VALUES = 200_000         # values after expanding every alias
+MAX_VALUES = 50_000          # values after expanding every alias (pure-Python PyYAML: ~20 us each)
 MAX_INT_CHARS = 64           # any config integer fits in ~20 digits; the schema bounds each field
 
 
@@ -36,10 +36,14 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str):
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent, index):
         if self._depth >= MAX_DEPTH:
             raise _Limit(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_VALUES:  # stop parsing here: a long document is slow long before it is big
+            raise _Limit(f"more than {MAX_VALUES:,} values", self.peek_event().start_mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
