@@ -121,3 +121,11 @@ def test_cli_validate_and_describe_ok(tmp_path):
     assert rows["layers.0.feed_forward.w2"]["full_shape"] == [11008, 4096]
     assert rows["layers.0.feed_forward.w2"]["rank_shape"] == [5504, 4096]
     assert rows["layers.0.feed_forward.w2"]["parallel"] == "row"
+
+
+def test_overrides_never_change_the_callers_data():
+    data = {"model": {"preset": "tiny"}, "train": {"steps": 5, "warmup_steps": 1}, "data": {"prefixes": ["a", "b"]}}
+    before = json.dumps(data)
+    cfg = load_run_config(data=data, overrides=["train.steps=7", "model.n_layers=2", "data.prefixes.1=c"])
+    assert (cfg.train.steps, cfg.model.n_layers, cfg.data.prefixes) == (7, 2, ["a", "c"])
+    assert json.dumps(data) == before

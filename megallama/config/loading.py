@@ -80,17 +80,22 @@ def parse_override(item: str):
 
 
 def apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
+    """Set ``path`` in ``tree``; each section on the way is copied first, so the caller's nested
+    dicts (``load_run_config(data=...)``) are never changed."""
     node: Any = tree
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(node, list):
-            node = node[_list_index(node, part, path)]
+            key = _list_index(node, part, path)
         else:
+            key = part
             if part == "model" and isinstance(node.get("model"), str):
                 node["model"] = {"preset": node["model"]}
             if node.get(part) is None:
                 node[part] = [] if nxt.isdigit() else {}
-            node = node[part]
+        if isinstance(node[key], (dict, list)):
+            node[key] = type(node[key])(node[key])
+        node = node[key]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a section")
     last = path[-1]
