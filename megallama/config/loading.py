@@ -38,7 +38,8 @@ def _check_keys(data: Any, cls: type, prefix: str) -> None:
         if key not in fields:
             shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else None
             shown = short_repr(key) if shown is None or len(shown) > 80 else shown
-            hint = did_you_mean(str(key)[:200], fields, paths=_leaf_paths(RunConfig))
+            hint = did_you_mean(key[:200] if isinstance(key, str) else short_repr(key), fields,
+                                paths=_leaf_paths(RunConfig))
             raise ConfigError(f"{prefix}{shown}: unknown key{hint} (expected one of: {', '.join(fields)})")
         ann = fields[key].annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -63,13 +64,14 @@ def build_section(cls, data: Any, prefix: str):
 
 def parse_override(item: str):
     """``a.b.c=value`` -> (['a','b','c'], value), value parsed as YAML (ints, bools, lists)."""
+    shown = item if len(item) <= 80 else item[:77] + "..."
     if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key=value, e.g. model.n_layers=4")
+        raise ConfigError(f"--set {shown}: expected key=value, e.g. model.n_layers=4")
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {short_repr(item)}: empty key segment")
+        raise ConfigError(f"--set {shown}: empty key segment")
     if len(key) > 200 or key.count(".") > 16:
-        raise ConfigError(f"--set {short_repr(key)}: not a config key (too long)")
+        raise ConfigError(f"--set {shown}: not a config key (too long)")
     try:
         value = load_text(raw, f"--set {key}") if raw != "" else ""
     except ConfigError as exc:
