@@ -80,6 +80,8 @@ def test_the_prediction_is_the_memory_models(monkeypatch):
 @pytest.mark.parametrize("overrides,needle", [
     (["train.micro_batch_size=1000000000"], "train.micro_batch_size: 1000000000 sequences of 64 tokens would need "),
     (["model.dim=1048576", "model.n_heads=8"], "model: dim=1048576, n_layers=4, vocab_size=2048 would need about"),
+    (["model.n_layers=1000000000", "deepspeed.zero_optimization.stage=3"],  # no per-layer walk of 10**9 layers
+     "model: dim=128, n_layers=1000000000, vocab_size=2048 would need about"),
 ])
 def test_impossible_runs_are_refused_in_one_line(capsys, tmp_path, overrides, needle):
     """validate --fits-here runs the same check as train's start-up; without it a config

@@ -71,7 +71,7 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
     buffers) against this rank's share of the device."""
     from megallama.profiling.arch import ArchSpec
     from megallama.profiling.compare import deepspeed_settings, impl_of, layout_of
-    from megallama.profiling.memory import memory_breakdown
+    from megallama.profiling.memory import memory_breakdown, params_per_rank
     from megallama.train.ds_config import build_ds_config
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
@@ -80,10 +80,14 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
                              sequence_parallel=p.sequence_parallel)
     layout = layout_of(cfg, groups, ds)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mem = memory_breakdown(ArchSpec.from_model_config(m), layout, t.seq_len, impl=impl_of(cfg, device_type),
-                           **deepspeed_settings(ds))
-    need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
+    spec = ArchSpec.from_model_config(m)
     cap, where = capacity(world_size, local_rank)
+    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / groups.dp   # weights, fully sharded
+    if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
+        _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
+                "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
+    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), **deepspeed_settings(ds))
+    need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
     if need <= cap:
         return
     acts = mem.activations
