@@ -180,7 +180,8 @@ class TrainConfig(_Strict):
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     compile: bool = False
     dist_timeout_s: Int = _int(300)  # collective timeout of the process group
-    heartbeat_timeout_s: Float = _num(60.0, ge=0, le=MAX_SIZE)  # a rank silent this long is declared dead (0: no watchdog)
+    # a rank silent this long is declared dead (0: no watchdog)
+    heartbeat_timeout_s: Float = _num(60.0, ge=0, le=MAX_SIZE)
 
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""

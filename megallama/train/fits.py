@@ -62,8 +62,8 @@ def capacity(world_size: int, local_rank: int = 0) -> Tuple[float, str]:
 
 
 def _refuse(blame: str, what: str, need: float, parts: str, where: str, advice: str) -> None:
-    raise UserError(f"{blame}: {what} would need about {fmt_bytes(need)} per rank ({need:,.0f} bytes predicted: {parts}) "
-                    f"but {where}; {advice}")
+    raise UserError(f"{blame}: {what} would need about {fmt_bytes(need)} per rank ({need:,.0f} bytes predicted: "
+                    f"{parts}) but {where}; {advice}")
 
 
 def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
@@ -113,8 +113,8 @@ def check_inference_fits(cfg: Any, tp: int, batch: int, seq: int, dtype: Optiona
     seq = max(1, min(seq, cfg.max_seq_len))
     w = torch.empty((), dtype=dtype or torch.float32).element_size()
     weights = params_per_rank(spec, tp, 1) * w
-    block = act.activation_bytes_per_layer(spec, seq, batch, tp, False, "none", w,
-                                           act.ActivationImpl.for_device("cuda" if torch.cuda.is_available() else "cpu"))
+    impl = act.ActivationImpl.for_device("cuda" if torch.cuda.is_available() else "cpu")
+    block = act.activation_bytes_per_layer(spec, seq, batch, tp, False, "none", w, impl)
     logits = 2 * batch * seq * cfg.vocab_size / tp * 4   # the logits and their fp32 log-softmax
     cache = 2 * cfg.n_layers * batch * seq * spec.kv_dim / tp * w if kv_cache else 0.0
     need = weights + block + logits + cache
