@@ -94,7 +94,7 @@ def test_impossible_runs_are_refused_in_one_line(capsys, tmp_path, overrides, ne
     start = time.perf_counter()
     rc, out, err = _cli(capsys, "validate", path, "--fits-here", *sets)
     _one_line_error(rc, out, err, "validate", needle)
-    assert "bytes predicted" in err and time.perf_counter() - start < 10
+    assert "bytes predicted" in err and time.perf_counter() - start < 30   # loose: a loaded CI box
 
 
 def test_a_7b_config_validates_anywhere_but_needs_the_memory_to_run(capsys, tmp_path, monkeypatch):
@@ -233,3 +233,11 @@ def test_tokenizer_vocabulary_is_bounded(capsys, tmp_path):
             "--vocab-size", 10 ** 12]
     _one_line_error(*_cli(capsys, *argv), "preprocess", "--vocab-size: expected at most 16,777,216")
     assert sorted(os.listdir(tmp_path)) == ["in.txt"]
+
+
+@pytest.mark.parametrize("command", [["plan", "--gpus", "8", "--gpu", "a100-80gb"], ["estimate"]])
+def test_what_if_configs_go_through_the_bounded_loader(capsys, tmp_path, command):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model: tiny\nrun_dir: " + "[" * 50000 + "]" * 50000 + "\n")   # was a RecursionError
+    _one_line_error(*_cli(capsys, command[0], "--config", path, *command[1:]), command[0],
+                    f"config: {path} line 2: nested deeper than 32 levels")
