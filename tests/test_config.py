@@ -12,21 +12,42 @@ from megallama.config import ConfigError, ModelConfig, load_run_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name,params_b,ffn", [("llama-7b", 6.7, 11008), ("llama-13b", 13.0, 13824),
-                                               ("llama-33b", 32.5, 17920), ("llama-65b", 65.2, 22016)])
-def test_llama_presets_match_the_paper(name, params_b, ffn):
+# Meta's published configurations. LLaMA 1: Touvron et al. 2023, "LLaMA: Open and Efficient
+# Foundation Language Models", Table 2 (dim, heads, layers), and Meta's params.json (norm_eps
+# 1e-6, multiple_of 256); Llama 2: Touvron et al. 2023b and its params.json (norm_eps 1e-5; only
+# 70B uses grouped-query attention: n_kv_heads 8, ffn_dim_multiplier 1.3, multiple_of 4096).
+# FFN widths, vocabularies and exact parameter counts as transformers' LlamaConfig for the
+# released checkpoints gives them (intermediate_size, num_key_value_heads, rms_norm_eps,
+# rope_theta 10000 for all; e.g. meta-llama/Llama-2-13b-hf: 5120/40 heads/40 kv/13824/1e-5).
+PUBLISHED = {  # name: (dim, layers, heads, kv heads, ffn, norm_eps, max_seq_len, parameters, paper's "B")
+    "llama-7b": (4096, 32, 32, 32, 11008, 1e-6, 2048, 6_738_415_616, 6.7),
+    "llama-13b": (5120, 40, 40, 40, 13824, 1e-6, 2048, 13_015_864_320, 13.0),
+    "llama-33b": (6656, 60, 52, 52, 17920, 1e-6, 2048, 32_528_943_616, 32.5),
+    "llama-65b": (8192, 80, 64, 64, 22016, 1e-6, 2048, 65_285_660_672, 65.2),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 1e-5, 4096, 6_738_415_616, 6.7),
+    "llama2-13b": (5120, 40, 40, 40, 13824, 1e-5, 4096, 13_015_864_320, 13.0),
+    "llama2-70b": (8192, 80, 64, 8, 28672, 1e-5, 4096, 68_976_648_192, 68.9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_match_metas_published_configs(name):
     from megallama.model.describe import describe
 
-    info = describe(ModelConfig.preset(name))
-    # the paper truncates: 65,285,660,672 parameters are reported as 65.2B
+    dim, layers, heads, kv, ffn, eps, max_seq, params, params_b = PUBLISHED[name]
+    cfg = ModelConfig.preset(name)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.ffn_hidden_size) == (dim, layers, heads, kv, ffn)
+    assert (cfg.vocab_size, cfg.norm_eps, cfg.rope_theta, cfg.max_seq_len) == (32000, eps, 10000.0, max_seq)
+    info = describe(cfg)
+    assert info["parameters"] == params and info["ffn_hidden_size"] == ffn
+    # the papers truncate: 65,285,660,672 parameters are reported as 65.2B
     assert math.floor(info["parameters"] / 1e8) / 10 == params_b
-    assert info["ffn_hidden_size"] == ffn
 
 
-def test_gqa_presets():
-    cfg = ModelConfig.preset("llama2-70b")
-    assert cfg.kv_heads == 8 and cfg.ffn_hidden_size == 28672
-    assert ModelConfig.preset("llama2-7b").kv_heads == 8
+def test_every_llama_preset_is_checked():
+    from megallama.config import preset_names
+
+    assert {n for n in preset_names() if n.startswith("llama")} == set(PUBLISHED)
 
 
 def test_overrides_reach_presets_lists_and_deepspeed(tmp_path):
@@ -100,3 +121,11 @@ def test_cli_validate_and_describe_ok(tmp_path):
     assert rows["layers.0.feed_forward.w2"]["full_shape"] == [11008, 4096]
     assert rows["layers.0.feed_forward.w2"]["rank_shape"] == [5504, 4096]
     assert rows["layers.0.feed_forward.w2"]["parallel"] == "row"
+
+
+def test_overrides_never_change_the_callers_data():
+    data = {"model": {"preset": "tiny"}, "train": {"steps": 5, "warmup_steps": 1}, "data": {"prefixes": ["a", "b"]}}
+    before = json.dumps(data)
+    cfg = load_run_config(data=data, overrides=["train.steps=7", "model.n_layers=2", "data.prefixes.1=c"])
+    assert (cfg.train.steps, cfg.model.n_layers, cfg.data.prefixes) == (7, 2, ["a", "c"])
+    assert json.dumps(data) == before

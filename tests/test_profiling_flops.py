@@ -59,7 +59,10 @@ def test_flops_per_token_by_hand_for_llama_7b():
 
 
 def test_gqa_shrinks_only_the_kv_projections():
-    mha, gqa = flops_per_token("llama-7b", 4096), flops_per_token("llama2-7b", 4096)
+    from megallama.config import ModelConfig
+
+    gqa_7b = ModelConfig.preset("llama-7b", n_kv_heads=8)  # Llama 2 7B itself is MHA; only 70B uses GQA
+    mha, gqa = flops_per_token("llama-7b", 4096), flops_per_token(gqa_7b, 4096)
     d, kv, l = 4096, 1024, 32
     assert mha.terms["attn_proj"] - gqa.terms["attn_proj"] == l * 2 * d * 2 * (d - kv)
     assert mha.terms["attn_core"] == gqa.terms["attn_core"]

@@ -8,7 +8,9 @@ HELP = "show a model's weight shapes (full and per TP rank) and parameter count,
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="preset name (e.g. llama-7b) or a run-config YAML")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="preset name (e.g. llama-7b) or a run-config YAML")
+    src.add_argument("--config", help="run-config YAML (as estimate --config takes it)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree for per-rank shapes")
     p.add_argument("--json", action="store_true", help="print a JSON object")
 
@@ -24,20 +26,21 @@ def _model_config(name: str):
 
 
 def run(args) -> int:
-    from megallama.config import ConfigError, RunConfig
+    from megallama.config import ConfigError, RunConfig, load_run_config
 
-    cfg = _model_config(args.model)
+    name = args.model if args.config is None else args.config
+    cfg = load_run_config(args.config).model if args.config is not None else _model_config(args.model)
     if args.tp < 1:
         raise ConfigError(f"--tp: expected a positive integer, got {args.tp}")
     RunConfig(model=cfg, parallel={"tp": args.tp}, train={"seq_len": min(256, cfg.max_seq_len)}).check_layout()
     from megallama.model.describe import describe
 
     info = describe(cfg, args.tp)
-    info["model"] = args.model
+    info["model"] = name
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{args.model}: {info['parameters'] / 1e9:.2f}B parameters ({info['parameters']:,}); "
+    print(f"{name}: {info['parameters'] / 1e9:.2f}B parameters ({info['parameters']:,}); "
           f"{info['parameters_per_rank']:,} per rank at TP={args.tp}; FFN hidden {info['ffn_hidden_size']}")
     print(f"{'weight (one layer)':<34} {'full (in x out)':>18} {'per rank':>16}  parallel")
     for row in info["layer"] + info["other"]:

@@ -72,6 +72,7 @@ def run(args) -> int:
     from megallama.train.distributed import detect_launcher, device_for, init_distributed
     from megallama.train.evaluate import perplexity
     from megallama.train.step import make_loss_fn
+    from megallama.train.fits import check_inference_fits
 
     for flag, value in (("--tp", args.tp), ("--micro-batch-size", args.micro_batch_size),
                         ("--seq-len", args.seq_len), ("--max-samples", args.max_samples)):
@@ -87,6 +88,8 @@ def run(args) -> int:
     init_distributed(info=info)
     state = initialize(tp=args.tp)
     device = device_for(info.local_rank)
+    check_inference_fits(model_cfg, args.tp, args.micro_batch_size, args.seq_len or 256, torch.float32,
+                         info.world_size, info.local_rank)
     model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint)
     dataset, split, seq_len = _dataset(args, model_cfg, info.rank)
     if len(dataset) == 0:

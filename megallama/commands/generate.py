@@ -62,10 +62,11 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint
+    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint, resolve_dtype
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate, generate_seq2seq
+    from megallama.train.fits import check_inference_fits
 
     _check_args(args)
     checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
@@ -87,6 +88,9 @@ def run(args) -> int:
         ckpt_dtype = next(iter(weights.values())).dtype
         if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32
+        check_inference_fits(cfg, state.tp, len(args.prompt), args.max_new_tokens + 1 + max(  # tokens <= bytes + BOS
+            len(p.encode()) for p in args.prompt), resolve_dtype(dtype) or ckpt_dtype, state.world_size,
+            device.index or 0, kv_cache=not args.no_kv_cache, batch_flag="--prompt")
         model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
         del weights
         eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None

@@ -8,6 +8,7 @@ NAME = "plan"
 HELP = "Choose TP/PP/DP/ZeRO/micro-batch/recompute for N GPUs: predicted tokens/s, MFU, memory."
 
 GiB = 2 ** 30
+MAX_TOP = 1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,10 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megallama.errors import UserError
     from megallama.profiling.arch import resolve_model
     from megallama.profiling.hardware import load_hardware
     from megallama.profiling.planner import plan
 
+    if not 1 <= args.top <= MAX_TOP:
+        raise UserError(f"--top: expected 1 to {MAX_TOP}, got {args.top}")
     spec, _ = resolve_model(args.model, args.config)
     hw = load_hardware(args.gpu)
     fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "mbs": args.mbs,

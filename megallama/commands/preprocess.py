@@ -12,6 +12,7 @@ import os
 
 NAME = "preprocess"
 HELP = "tokenize text/JSONL into Megatron .bin/.idx files (optionally train the tokenizer first)"
+MAX_TOKENIZER_VOCAB = 2 ** 24  # 16.7M pieces: far past any LLaMA-family tokenizer (Llama 3: 128,256)
 
 
 def add_arguments(parser) -> None:
@@ -80,6 +81,9 @@ def _run(args) -> int:
     if args.train_tokenizer:
         if not args.vocab_size or args.vocab_size < 1:
             raise UserError("--vocab-size: required with --train-tokenizer (e.g. 32000, LLaMA's)")
+        if args.vocab_size > MAX_TOKENIZER_VOCAB:  # past it SentencePiece's int32 field overflows in a traceback
+            raise UserError(f"--vocab-size: expected at most {MAX_TOKENIZER_VOCAB:,} (LLaMA's is 32,000), "
+                            f"got {args.vocab_size}")
         import itertools
         from dataclasses import replace
 

@@ -13,6 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. model.n_layers=4 (repeatable)")
     p.add_argument("--world-size", type=int, default=None, help="check the layout at this many ranks")
+    p.add_argument("--fits-here", action="store_true",
+                   help="also check the run fits this machine's memory, as train does at start-up")
     p.add_argument("--json", action="store_true", help="print the resolved config as JSON")
 
 
@@ -24,6 +26,10 @@ def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     cfg.check_layout(args.world_size)
     build_ds_config(cfg, args.world_size or cfg.parallel.tp * cfg.parallel.pp)  # what train hands DeepSpeed
+    if args.fits_here:  # only when asked: a 7B config validates on a laptop
+        from megallama.train.fits import check_training_fits
+
+        check_training_fits(cfg, args.world_size or cfg.parallel.tp * cfg.parallel.pp)
     if args.json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:

@@ -1,28 +1,46 @@
-"""Reading a run config: YAML via ``yaml.safe_load``, dotted ``--set`` overrides, presets and
-DeepSpeed JSON resolved, then every section validated into the typed objects of ``schema``."""
+"""Reading a run config: bounded safe YAML (``bounded_yaml``), dotted ``--set`` overrides, presets
+and DeepSpeed JSON resolved, then every section validated into the typed objects of ``schema``."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from megallama.config.bounded_yaml import load_file, load_json_file, load_text
 from megallama.config.schema import ConfigError, ModelConfig, RunConfig, load_preset
-from megallama.errors import did_you_mean
+from megallama.errors import did_you_mean, short_repr
+
+# a model given as a mapping without a preset must say at least this much (else 7B defaults fill in)
+MODEL_CORE = ("dim", "n_layers", "n_heads", "vocab_size")
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> Dict[str, str]:
+    """Field name -> dotted path, for names that occur once in the run config."""
+    seen: Dict[str, List[str]] = {}
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for leaf, path in _leaf_paths(ann, f"{prefix}{name}.").items():
+                seen.setdefault(leaf, []).append(path)
+        seen.setdefault(name, []).append(f"{prefix}{name}")
+    return {leaf: paths[0] for leaf, paths in seen.items() if len(paths) == 1}
+
 
 def _check_keys(data: Any, cls: type, prefix: str) -> None:
-    """Unknown keys anywhere below ``cls``, reported with a did-you-mean."""
+    """Unknown keys anywhere below ``cls``, reported with a did-you-mean (a key of another
+    section, or a Megatron-DeepSpeed argument name, gets its full dotted path here)."""
     if not isinstance(data, dict):
         return
     fields = cls.model_fields
     for key, value in data.items():
         if key not in fields:
-            shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
-            raise ConfigError(f"{prefix}{shown}: unknown key{did_you_mean(str(key), fields)} "
-                              f"(expected one of: {', '.join(fields)})")
+            shown = key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else None
+            shown = short_repr(key) if shown is None or len(shown) > 80 else shown
+            hint = did_you_mean(key[:200] if isinstance(key, str) else short_repr(key), fields,
+                                paths=_leaf_paths(RunConfig))
+            raise ConfigError(f"{prefix}{shown}: unknown key{hint} (expected one of: {', '.join(fields)})")
         ann = fields[key].annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             _check_keys(value, ann, f"{prefix}{key}.")
@@ -38,9 +56,7 @@ def build_section(cls, data: Any, prefix: str):
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in (prefix,) + tuple(err["loc"]) if x != "")
-        got = repr(err.get("input"))
-        got = got if len(got) <= 80 else got[:77] + "..."
-        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {got})") from None
+        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {short_repr(err.get('input'))})") from None
     if isinstance(obj, ModelConfig):
         obj.check()
     return obj
@@ -48,30 +64,40 @@ def build_section(cls, data: Any, prefix: str):
 
 def parse_override(item: str):
     """``a.b.c=value`` -> (['a','b','c'], value), value parsed as YAML (ints, bools, lists)."""
+    shown = item if len(item) <= 80 else item[:77] + "..."
     if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key=value, e.g. model.n_layers=4")
+        raise ConfigError(f"--set {shown}: expected key=value, e.g. model.n_layers=4")
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item}: empty key segment")
+        raise ConfigError(f"--set {shown}: empty key segment")
+    if len(key) > 200 or key.count(".") > 16:
+        raise ConfigError(f"--set {shown}: not a config key (too long)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = load_text(raw, f"--set {key}") if raw != "" else ""
+    except ConfigError as exc:
+        if "not valid YAML" not in str(exc):
+            raise
+        value = raw  # not YAML: the text itself, as a shell user means it
     return key.split("."), value
 
 
 def apply_override(tree: Dict[str, Any], path: List[str], value: Any) -> None:
+    """Set ``path`` in ``tree``; each section on the way is copied first, so the caller's nested
+    dicts (``load_run_config(data=...)``) are never changed."""
     node: Any = tree
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(node, list):
-            node = node[_list_index(node, part, path)]
+            key = _list_index(node, part, path)
         else:
+            key = part
             if part == "model" and isinstance(node.get("model"), str):
                 node["model"] = {"preset": node["model"]}
             if node.get(part) is None:
                 node[part] = [] if nxt.isdigit() else {}
-            node = node[part]
+        if isinstance(node[key], (dict, list)):
+            node[key] = type(node[key])(node[key])
+        node = node[key]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is not a section")
     last = path[-1]
@@ -94,24 +120,34 @@ def _resolve_deepspeed(value: Any, base: Optional[Path]) -> Dict[str, Any]:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"deepspeed: expected a JSON file path or a mapping, got {type(value).__name__}")
+    if len(value) > 4096 or "\0" in value:
+        raise ConfigError(f"deepspeed: {short_repr(value)} is not a file path")
     candidates = [Path(value)]
     if base is not None and not Path(value).is_absolute():
         candidates.append(base / value)
         candidates.append(Path(__file__).resolve().parents[2] / value)
     for path in candidates:
         if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"deepspeed: {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-            except UnicodeDecodeError:
-                raise ConfigError(f"deepspeed: {path}: not UTF-8 text") from None
-            except OSError as exc:
-                raise ConfigError(f"deepspeed: {path}: {exc.strerror or exc}") from None
+            data = load_json_file(path, "deepspeed")
             if not isinstance(data, dict):
                 raise ConfigError(f"deepspeed: {path}: expected a JSON object")
             return data
     raise ConfigError(f"deepspeed: file '{value}' not found")
+
+
+def _require_model(value: Any) -> None:
+    """A run config names its model; without this an empty file would start building 7B defaults."""
+    if isinstance(value, dict) and ("preset" in value or all(k in value for k in MODEL_CORE)):
+        return
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, dict) and value:
+        missing = ", ".join(k for k in MODEL_CORE if k not in value)
+        raise ConfigError(f"model: name a preset (model: {{preset: tiny, ...}}) or give the architecture "
+                          f"in full (missing: {missing})")
+    if value is None or value == {} or value == "":
+        raise ConfigError("model: a run config must name its model, e.g. 'model: tiny' or "
+                          "'model: {preset: llama-7b}'")
 
 
 def _resolve_model(value: Any) -> Dict[str, Any]:
@@ -135,20 +171,8 @@ def load_run_config(path: Optional[Union[str, os.PathLike]] = None, overrides: O
     """Read ``path`` (or ``data``), apply ``--set`` overrides, validate every section."""
     base = None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file '{path}' not found")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config: {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config: {path}: not UTF-8 text") from None
-        except OSError as exc:
-            raise ConfigError(f"config: {path}: {exc.strerror or exc}") from None
-        base = p.resolve().parent
+        data = load_file(path)
+        base = Path(path).resolve().parent
     if not isinstance(data or {}, dict):
         raise ConfigError(f"config: {path or 'data'}: expected a mapping at the top level, "
                           f"got {type(data).__name__}")
@@ -160,6 +184,8 @@ def load_run_config(path: Optional[Union[str, os.PathLike]] = None, overrides: O
         if keys[0] == "deepspeed" and len(keys) == 1:
             value = _resolve_deepspeed(value, base)
         apply_override(tree, keys, value)
+    _check_keys(dict.fromkeys(tree), RunConfig, "")  # a misspelt 'model' is that, not a missing model
+    _require_model(tree.get("model"))
     tree["model"] = _resolve_model(tree.get("model"))
     if not isinstance(tree["deepspeed"], dict):
         tree["deepspeed"] = _resolve_deepspeed(tree["deepspeed"], base)

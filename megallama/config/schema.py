@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from megallama.errors import UserError, did_you_mean
 
 MAX_SIZE = 2**31 - 1  # any one dimension of a tensor; beyond it sizes overflow before they fail to allocate
+MAX_SEED = 2**31 - 1  # per-rank offsets are added to it; torch and numpy take any 32-bit seed
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
@@ -22,13 +23,25 @@ class ConfigError(UserError):
     """A bad configuration; the message is a single line meant for the user."""
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# YAML's `true` is not 1 anywhere in a config: integers are strict (no bools, floats or strings);
+# floats refuse bools but still read strings, since PyYAML reads `1e-3` (no dot) as a string
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-def _int(default, ge: int = 1):
-    """An integer field with a lower bound (a count, a size, a period)."""
-    return Field(default, ge=ge)
+def _int(default, ge: int = 1, le: int = MAX_SIZE):
+    """An integer field with bounds (a count, a size, a period)."""
+    return Field(default, ge=ge, le=le)
 
 
 def _num(default, ge: float = None, gt: float = None, lt: float = None, le: float = None):
@@ -41,20 +54,20 @@ class ModelConfig(_Strict):
     """Architecture, named after Meta's ``ModelArgs`` plus ``arch``."""
 
     arch: Literal["decoder", "encoder_decoder"] = "decoder"
-    dim: int = 4096
-    n_layers: int = 32
-    n_encoder_layers: Optional[int] = None  # encoder_decoder only; defaults to n_layers
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = 32000
-    multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    dropout: float = 0.0
-    init_std: float = 0.02
-    num_labels: int = 2  # classification head (fine-tuning) only
+    dim: Int = 4096
+    n_layers: Int = 32
+    n_encoder_layers: Optional[Int] = None  # encoder_decoder only; defaults to n_layers
+    n_heads: Int = 32
+    n_kv_heads: Optional[Int] = None
+    vocab_size: Int = 32000
+    multiple_of: Int = 256
+    ffn_dim_multiplier: Optional[Float] = None
+    norm_eps: Float = 1e-5
+    rope_theta: Float = 10000.0
+    max_seq_len: Int = 2048
+    dropout: Float = 0.0
+    init_std: Float = 0.02
+    num_labels: Int = 2  # classification head (fine-tuning) only
 
     @property
     def kv_heads(self) -> int:
@@ -131,43 +144,44 @@ def load_preset(name: str) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ parallel
 class ParallelConfig(_Strict):
-    tp: int = 1
-    pp: int = 1
+    tp: Int = _int(1, ge=-MAX_SIZE)  # below 1: check_layout says so by name
+    pp: Int = _int(1, ge=-MAX_SIZE)
     sequence_parallel: bool = False
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
 
 
 class ActivationCheckpointing(_Strict):
     mode: Literal["none", "full", "selective"] = "none"
-    every: int = _int(1)  # checkpoint every N blocks (full mode)
+    every: Int = _int(1)  # checkpoint every N blocks (full mode)
     partition_activations: bool = False
     cpu_checkpointing: bool = False
 
 
 class TrainConfig(_Strict):
-    steps: int = _int(300)
-    seed: int = _int(1234, ge=0)
-    seq_len: int = _int(256)
-    micro_batch_size: int = 4
-    global_batch_size: Optional[int] = _int(None)
-    grad_accum_steps: Optional[int] = _int(None)
-    lr: float = _num(3.0e-4, ge=0)
-    min_lr_ratio: float = _num(0.1, ge=0, le=1)
-    warmup_steps: int = _int(30, ge=0)
-    weight_decay: float = _num(0.1, ge=0)
-    beta1: float = _num(0.9, ge=0, lt=1)
-    beta2: float = _num(0.95, ge=0, lt=1)
-    eps: float = _num(1.0e-8, gt=0)
-    grad_clip: float = _num(1.0, ge=0)
-    log_every: int = _int(10)
-    exit_at_step: Optional[int] = _int(None)  # stop early (with a checkpoint), keeping the schedule of `steps`
-    eval_every: int = _int(0, ge=0)
-    eval_iters: int = _int(10)
-    max_bad_steps: int = _int(5)  # consecutive non-finite steps before the run stops
+    steps: Int = _int(300)
+    seed: Int = _int(1234, ge=0, le=MAX_SEED)
+    seq_len: Int = _int(256)
+    micro_batch_size: Int = _int(4, ge=-MAX_SIZE)  # below 1: batch_layout says so by name
+    global_batch_size: Optional[Int] = _int(None)
+    grad_accum_steps: Optional[Int] = _int(None)
+    lr: Float = _num(3.0e-4, ge=0)
+    min_lr_ratio: Float = _num(0.1, ge=0, le=1)
+    warmup_steps: Int = _int(30, ge=0)
+    weight_decay: Float = _num(0.1, ge=0)
+    beta1: Float = _num(0.9, ge=0, lt=1)
+    beta2: Float = _num(0.95, ge=0, lt=1)
+    eps: Float = _num(1.0e-8, gt=0)
+    grad_clip: Float = _num(1.0, ge=0)
+    log_every: Int = _int(10)
+    exit_at_step: Optional[Int] = _int(None)  # stop early (with a checkpoint), keeping the schedule of `steps`
+    eval_every: Int = _int(0, ge=0)
+    eval_iters: Int = _int(10)
+    max_bad_steps: Int = _int(5)  # consecutive non-finite steps before the run stops
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     compile: bool = False
-    dist_timeout_s: int = _int(300)  # collective timeout of the process group
-    heartbeat_timeout_s: float = _num(60.0, ge=0)  # a rank silent this long is declared dead (0: no watchdog)
+    dist_timeout_s: Int = _int(300)  # collective timeout of the process group
+    # a rank silent this long is declared dead (0: no watchdog)
+    heartbeat_timeout_s: Float = _num(60.0, ge=0, le=MAX_SIZE)
 
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""
@@ -203,10 +217,10 @@ class BatchLayout(BaseModel):
 
 class DataConfig(_Strict):
     prefixes: List[str] = []  # Megatron .bin/.idx prefixes; empty: the embedded corpus
-    weights: Optional[List[float]] = None  # blend weights; None: proportional to each prefix's tokens
+    weights: Optional[List[Float]] = None  # blend weights; None: proportional to each prefix's tokens
     tokenizer: Optional[str] = None  # sentencepiece model; required with prefixes
     split: str = "98,1,1"  # train,valid,test shares of the documents of every prefix
-    embedded_max_files: int = 400  # stdlib files taken for the embedded corpus
+    embedded_max_files: Int = _int(400, ge=-MAX_SIZE)  # stdlib files taken for the embedded corpus
     cache_dir: Optional[str] = None  # tokenizer/corpus/validation caches; None: RUN_DIR/data
     shuffle: bool = True  # seeded per-epoch document order and sample order (Megatron's), from train.seed
 
@@ -238,8 +252,8 @@ class DataConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every: int = _int(100, ge=0)  # 0: no periodic checkpoints
-    keep: int = _int(3)  # at least the checkpoint just written
+    every: Int = _int(100, ge=0)  # 0: no periodic checkpoints
+    keep: Int = _int(3)  # at least the checkpoint just written
     dir: Optional[str] = None  # default: RUN_DIR/checkpoints
     resume: bool = True  # continue from the newest complete checkpoint in dir
     load: Optional[str] = None  # else start from this checkpoint (any layout, e.g. `megallama convert` output)
@@ -271,6 +285,9 @@ class RunConfig(_Strict):
         if p.pp > 1 and m.arch != "decoder":
             raise ConfigError("parallel.pp: pipeline parallelism supports arch 'decoder' only, got "
                               f"'{m.arch}' (use pp: 1)")
+        if p.sequence_parallel and tp == 1:
+            raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1 (it shards activations over the "
+                              "tensor-parallel group; with tp: 1 set it to false)")
         if p.sequence_parallel and t.seq_len % tp:
             raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={tp} "
                               "(required with sequence_parallel)")

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from megallama.errors import UserError, did_you_mean
@@ -167,18 +166,19 @@ def load_arch_file(path: Union[str, Path]) -> ArchSpec:
 
 
 def _read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config: file '{path}' not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise UserError(f"config: {path}: not valid YAML") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config: {path}: not UTF-8 text") from None
+    from megallama.config.bounded_yaml import load_file
+
+    data = load_file(path)  # bounded: size, nesting, alias expansion, integer length
     if not isinstance(data, dict):
         raise UserError(f"config: {path}: expected a mapping at the top level")
     return data
+
+
+def offload_device(zero_cfg: Dict[str, Any]) -> Optional[str]:
+    """Where ZeRO offloads the optimizer ('cpu', 'nvme'), or None: ``device: none`` (DeepSpeed's
+    default) and an absent or empty section keep it on the accelerator."""
+    device = (zero_cfg.get("offload_optimizer") or {}).get("device", "none")
+    return None if device in (None, "none") else device
 
 
 def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec, Dict[str, Any]]:
@@ -204,5 +204,5 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     defaults = dict(tp=run.parallel.tp, pp=run.parallel.pp, sp=run.parallel.sequence_parallel,
                     seq=run.train.seq_len, mbs=run.train.micro_batch_size,
                     recompute=run.train.activation_checkpointing.mode, zero=int(zero_cfg.get("stage", 0)),
-                    dtype=dtype, offload=bool(zero_cfg.get("offload_optimizer")))
+                    dtype=dtype, offload=offload_device(zero_cfg) is not None)
     return ArchSpec.from_model_config(run.model, name=Path(config).stem), defaults

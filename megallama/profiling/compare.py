@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, Dict, Optional
 
 from megallama.profiling import activations as act
-from megallama.profiling.arch import ArchSpec
+from megallama.profiling.arch import ArchSpec, offload_device
 from megallama.profiling.comm import collective_bytes_per_step
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import (DEFAULT_REDUCE_BUCKET, REUSE_DISTANCE, model_state_bytes,
@@ -23,8 +23,7 @@ def layout_of(cfg: Any, state: Any, ds: Dict[str, Any], gpus_per_node: Optional[
     """The :class:`Layout` a run config runs as on ``state``'s groups with DeepSpeed config ``ds``."""
     from megallama.train.ds_config import precision, zero_stage
 
-    zero = ds.get("zero_optimization", {}) or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    offload = offload_device(ds.get("zero_optimization", {}) or {}) is not None
     return Layout(tp=state.tp, pp=state.pp, dp=state.dp, zero=zero_stage(ds), mbs=cfg.train.micro_batch_size,
                   grad_accum=cfg.train.batch_layout(state.dp).accum, recompute=cfg.train.activation_checkpointing.mode,
                   sp=bool(state.sequence_parallel), offload=offload, dtype=precision(ds),

@@ -14,6 +14,11 @@ from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# sane ranges for what-if arithmetic: beyond these the figures are nonsense, not estimates
+MAX_GPUS = 2 ** 20          # a million GPUs, any one degree or the whole world
+MAX_SEQ = 2 ** 24           # 16M tokens, past the longest context any LLaMA-family model runs
+MAX_MICRO_TOKENS = 2 ** 31 - 1   # tokens of one micro-batch (mbs x seq)
+MAX_ACCUM = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,20 @@ class Layout:
         """Reject layouts the harness cannot run, with one line naming the reason."""
         if seq < 1:
             raise UserError(f"--seq: expected a positive integer, got {seq}")
+        if seq > MAX_SEQ:
+            raise UserError(f"--seq: expected at most {MAX_SEQ:,} tokens, got {seq}")
         for name in ("tp", "pp", "dp", "mbs", "grad_accum", "interleave", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
+        for name, top in (("tp", MAX_GPUS), ("pp", MAX_GPUS), ("dp", MAX_GPUS), ("gpus_per_node", MAX_GPUS),
+                          ("grad_accum", MAX_ACCUM), ("interleave", MAX_GPUS)):
+            if getattr(self, name) > top:
+                raise UserError(f"--{name.replace('_', '-')}: expected at most {top:,}, got {getattr(self, name)}")
+        if self.world > MAX_GPUS:
+            raise UserError(f"--tp x --pp x --dp: {self.world:,} GPUs; expected at most {MAX_GPUS:,}")
+        if self.mbs * seq > MAX_MICRO_TOKENS:
+            raise UserError(f"--mbs: {self.mbs} sequences of {seq} tokens per micro-batch; expected at most "
+                            f"{MAX_MICRO_TOKENS:,} tokens")
         if self.zero not in (0, 1, 2, 3):
             raise UserError(f"--zero: expected 0, 1, 2 or 3, got {self.zero}")
         if self.recompute not in RECOMPUTE_MODES:

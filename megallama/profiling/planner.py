@@ -16,11 +16,12 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import Layout, divisors
+from megallama.profiling.layout import MAX_GPUS, Layout, divisors
 from megallama.profiling.memory import memory_breakdown
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 DEFAULT_BATCH_TOKENS = 4 * 2 ** 20      # LLaMA's 4M-token batches
+MAX_BATCH_TOKENS = 2 ** 40              # a trillion tokens per step: far past any published batch
 MBS_CHOICES = (1, 2, 4, 8, 16)
 BATCH_TOLERANCE = 0.10
 LAYOUT_FIELDS = ("tp", "pp", "dp", "zero", "mbs", "recompute", "sp", "offload")
@@ -76,8 +77,8 @@ def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any
 
 def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) -> None:
     """One-line errors for arguments no layout can satisfy."""
-    if gpus < 1:
-        raise UserError(f"--gpus: expected a positive integer, got {gpus}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"--gpus: expected 1 to {MAX_GPUS:,}, got {gpus}")
     for key in ("tp", "pp", "dp", "mbs"):
         if fixed.get(key) is not None and fixed[key] < 1:
             raise UserError(f"--{key}: expected a positive integer, got {fixed[key]}")
@@ -108,9 +109,12 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     seq = spec.max_seq_len if seq is None else seq
     gpn = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
     batch_tokens = DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens
-    for flag, value in (("--gpus-per-node", gpn), ("--global-batch-tokens", batch_tokens)):
+    for flag, value, top in (("--gpus-per-node", gpn, MAX_GPUS),
+                             ("--global-batch-tokens", batch_tokens, MAX_BATCH_TOKENS)):
         if value < 1:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
+        if value > top:
+            raise UserError(f"{flag}: expected at most {top:,}, got {value}")
     check_request(spec, gpus, seq, {**fixed, "dtype": dtype})
     batch = max(1, round(batch_tokens / seq))
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)

@@ -19,6 +19,7 @@ from megallama.train.distributed import detect_launcher, device_for, init_distri
 from megallama.train.ds_config import build_ds_config, check_device_supports, precision, zero_stage
 from megallama.train import checkpoint as ckpt
 from megallama.train.engine import build_engine
+from megallama.train.fits import check_training_fits
 from megallama.train.metrics import MetricsLogger, device_peak_flops
 from megallama.train.step import make_loss_fn
 from megallama.train.watchdog import Watchdog
@@ -125,6 +126,7 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     cfg.check_layout(info.world_size)  # every layout error surfaces before any process group exists
     ds = build_ds_config(cfg, info.world_size)
     check_device_supports(ds)
+    check_training_fits(cfg, info.world_size, info.local_rank)  # a model/batch too big is one line, not an OOM
     init_distributed(cfg.train.dist_timeout_s, info)
     watchdog = None
     if info.world_size > 1 and cfg.train.heartbeat_timeout_s > 0:

@@ -1,0 +1,129 @@
+"""Refuse a model or batch that cannot fit this machine's memory, before allocating any of it.
+
+Without this check ``train.micro_batch_size: 1000000000`` allocates for a minute and dies in a
+traceback, and ``model.dim: 1048576`` dies inside the allocator. The prediction is the analytic
+memory model of :mod:`megallama.profiling.memory` (checked storage by storage against DeepSpeed);
+the capacity is the accelerator's memory, or on CPU the RAM available now, which this node's
+ranks share. Only a prediction above the capacity is refused: the model is close but not
+exact, so a near miss is left to run (and to the allocator).
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Optional, Tuple
+
+import torch
+
+from megallama.errors import UserError
+
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                   "SLURM_NTASKS_PER_NODE")   # torchrun, deepspeed, Open MPI, MPICH, SLURM
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("PiB", 2 ** 50), ("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2 ** 10:.1f} KiB"
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """Ranks sharing this machine's RAM, as the launcher tells it; else all of them (one node)."""
+    for var in LOCAL_SIZE_VARS:
+        digits = "".join(c for c in os.environ.get(var, "").split("(")[0] if c.isdigit())
+        if digits and int(digits) > 0:
+            return min(int(digits), world_size)
+    return world_size
+
+
+def available_ram() -> float:
+    """MemAvailable (what can be allocated without swapping), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def capacity(world_size: int, local_rank: int = 0) -> Tuple[float, str]:
+    """(bytes one rank may use, where they come from) on the device this rank will run on."""
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        total = float(torch.cuda.get_device_properties(index).total_memory)
+        return total, f"cuda:{index} has {fmt_bytes(total)}"
+    ranks = ranks_on_this_node(world_size)
+    ram = available_ram()
+    return ram / ranks, f"this machine has {fmt_bytes(ram)} of RAM available" + (
+        f" for {ranks} ranks" if ranks > 1 else "")
+
+
+def _refuse(blame: str, what: str, need: float, parts: str, where: str, advice: str) -> None:
+    raise UserError(f"{blame}: {what} would need about {fmt_bytes(need)} per rank ({need:,.0f} bytes predicted: "
+                    f"{parts}) but {where}; {advice}")
+
+
+def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
+    """``train``/``profile`` start-up: the worst pipeline stage's peak (model states, activations,
+    buffers) against this rank's share of the device."""
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.compare import deepspeed_settings, impl_of, layout_of
+    from megallama.profiling.memory import memory_breakdown, params_per_rank
+    from megallama.train.ds_config import build_ds_config
+
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    ds = build_ds_config(cfg, world_size)
+    groups = SimpleNamespace(tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp), world_size=world_size,
+                             sequence_parallel=p.sequence_parallel)
+    layout = layout_of(cfg, groups, ds)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = ArchSpec.from_model_config(m)
+    cap, where = capacity(world_size, local_rank)
+    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / groups.dp   # weights, fully sharded
+    if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
+        _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
+                "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
+    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), **deepspeed_settings(ds))
+    need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
+    if need <= cap:
+        return
+    acts = mem.activations
+    parts = f"activations {fmt_bytes(acts)}, model states and buffers {fmt_bytes(need - acts)}"
+    if acts > need - acts:
+        _refuse("train.micro_batch_size", f"{t.micro_batch_size} sequences of {t.seq_len} tokens", need, parts, where,
+                "lower train.micro_batch_size or train.seq_len, or set train.activation_checkpointing.mode")
+    _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", need, parts, where,
+            "use a smaller model or shard it (parallel.tp, parallel.pp, ZeRO stage 3)")
+
+
+def check_inference_fits(cfg: Any, tp: int, batch: int, seq: int, dtype: Optional[torch.dtype],
+                         world_size: int, local_rank: int = 0, kv_cache: bool = False,
+                         batch_flag: str = "--micro-batch-size") -> None:
+    """``eval``/``generate`` before building the model: this rank's weights in ``dtype``, one
+    forward of ``batch`` x ``seq`` tokens (a block's tensors and fp32 logits, no autograd),
+    and with ``kv_cache`` the preallocated keys and values."""
+    from megallama.profiling import activations as act
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.memory import params_per_rank
+
+    spec = ArchSpec.from_model_config(cfg)
+    seq = max(1, min(seq, cfg.max_seq_len))
+    w = torch.empty((), dtype=dtype or torch.float32).element_size()
+    weights = params_per_rank(spec, tp, 1) * w
+    impl = act.ActivationImpl.for_device("cuda" if torch.cuda.is_available() else "cpu")
+    block = act.activation_bytes_per_layer(spec, seq, batch, tp, False, "none", w, impl)
+    logits = 2 * batch * seq * cfg.vocab_size / tp * 4   # the logits and their fp32 log-softmax
+    cache = 2 * cfg.n_layers * batch * seq * spec.kv_dim / tp * w if kv_cache else 0.0
+    need = weights + block + logits + cache
+    cap, where = capacity(world_size, local_rank)
+    if need <= cap:
+        return
+    parts = (f"weights {fmt_bytes(weights)}, forward {fmt_bytes(block + logits)}"
+             + (f", KV cache {fmt_bytes(cache)}" if kv_cache else ""))
+    if weights >= need / 2:
+        _refuse("model", f"dim={cfg.dim}, n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}", need, parts, where,
+                "use more tensor-parallel ranks or a smaller dtype")
+    _refuse(batch_flag, f"{batch} sequences of {seq} tokens", need, parts, where, "use fewer or shorter sequences")
