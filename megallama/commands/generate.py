@@ -61,6 +61,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint
+    from megallama.commands._stdout import logs_to_stderr
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate
@@ -71,39 +72,43 @@ def run(args) -> int:
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))
-    tokenizer = Tokenizer(tok_path)
-    state, device = _start_distributed()
-    try:
-        cfg, weights, _ = load_checkpoint(args.checkpoint)
-        if cfg.arch != "decoder":
-            raise UserError(f"{args.checkpoint}: generate needs a decoder-only model, got arch '{cfg.arch}'")
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                            f"is {cfg.vocab_size}")
-        if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
-            raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
-                            f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
-        dtype = None if args.dtype == "auto" else args.dtype
-        ckpt_dtype = next(iter(weights.values())).dtype
-        if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
-        del weights
-        prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
-        longest = max(len(p) for p in prompts) + args.max_new_tokens
-        if longest > cfg.max_seq_len:
-            raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
-                            f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
-        start = time.perf_counter()
-        result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                          eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
-                          use_cache=not args.no_kv_cache)
-        seconds = time.perf_counter() - start
-        if state.rank == 0:
-            _report(args, tokenizer, prompts, result, seconds, state.tp)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with logs_to_stderr():  # stdout carries the text (or --json) alone
+        tokenizer = Tokenizer(tok_path)
+        state, device = _start_distributed()
+        try:
+            cfg, weights, _ = load_checkpoint(args.checkpoint)
+            if "score.weight" in weights:
+                raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot "
+                                "generate text")
+            if cfg.arch != "decoder":
+                raise UserError(f"{args.checkpoint}: generate needs a decoder-only model, got arch '{cfg.arch}'")
+            if tokenizer.vocab_size > cfg.vocab_size:
+                raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                                f"is {cfg.vocab_size}")
+            if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
+                raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
+                                f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
+            dtype = None if args.dtype == "auto" else args.dtype
+            ckpt_dtype = next(iter(weights.values())).dtype
+            if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
+            del weights
+            prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+            longest = max(len(p) for p in prompts) + args.max_new_tokens
+            if longest > cfg.max_seq_len:
+                raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
+                                f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
+            start = time.perf_counter()
+            result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                              eos_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+                              use_cache=not args.no_kv_cache)
+            seconds = time.perf_counter() - start
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if state.rank == 0:
+        _report(args, tokenizer, prompts, result, seconds, state.tp)
     return 0
 
 
