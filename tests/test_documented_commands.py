@@ -33,7 +33,8 @@ from tests.train_utils import BIN, ROOT, env
 COMMAND_WORDS = ("megallama", "python", "torchrun", "deepspeed", "mpiexec", "sbatch", "srun", "make", "bash", "pip")
 TINY = ("train.steps=2", "train.seq_len=32", "train.log_every=1", "data.embedded_max_files=40", "data.split=90,5,5")
 # the 7B examples at tiny size: preset, batch and sequence; their data are the README's preprocess output
-SEVEN_B = ("model.preset=tiny", "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=1")
+SEVEN_B = ("model.preset=tiny", "model.vocab_size=320", "train.micro_batch_size=2", "train.global_batch_size=4",
+           "train.warmup_steps=1")
 PLACEHOLDERS = {"DIR": "ours", "PREFIX": "data/pile_text_document", "CONFIG": "examples/tiny.yaml", "N": "2",
                 "RUN_DIR": "runs/x"}
 
@@ -56,7 +57,8 @@ RUNS: Dict[str, Run] = {
     # data first: the 7B examples read what this writes
     "megallama preprocess --input pile.jsonl --train-tokenizer --tokenizer data/tokenizer.model --vocab-size 32000 "
     "--output-prefix data/pile_text_document": Run(
-        extra=("--vocab-size", "320", "--workers", "1"), why="a 32000-piece vocabulary needs more text than a test has"),
+        extra=("--vocab-size", "320", "--workers", "1"),
+        why="a 32000-piece vocabulary needs more text than a test has"),
     "megallama data-stats PREFIX --json": Run(),
     "megallama train examples/tiny.yaml --set run_dir=runs/x": _train(),
     "megallama convert --input runs/x/checkpoints --output ckpt_tp1pp2 --tp 1 --pp 2": Run(),
@@ -246,7 +248,8 @@ def test_documented_command_runs(cmd, box):
         srun = root / "bin" / "srun"
         srun.write_text("#!/bin/bash\n# stand-in for srun: SLURM_NTASKS tasks here, with srun's per-task variables\n"
                         "while [[ $1 == --* ]]; do shift; done\npids=()\n"
-                        "for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i \"$@\" & pids+=($!); done\n"
+                        "for ((i = 0; i < SLURM_NTASKS; i++)); do\n"
+                        "  SLURM_PROCID=$i SLURM_LOCALID=$i \"$@\" & pids+=($!)\ndone\n"
                         "rc=0; for p in \"${pids[@]}\"; do wait $p || rc=$?; done; exit $rc\n")
         srun.chmod(0o755)
         script = argv[1]
