@@ -204,7 +204,7 @@ def _argv(cmd: str, run: Run, cache: str) -> List[str]:
     return argv + list(run.extra) + [x for s in sets for x in ("--set", s)]
 
 
-def _launch(argv: List[str], box, extra_env=None, timeout=300):
+def _launch(argv: List[str], box, extra_env=None, timeout=600):
     e = dict(box["env"], MASTER_PORT=str(free_port()), PET_MASTER_PORT=str(free_port()), **(extra_env or {}))
     if argv[0] == "deepspeed":  # the launcher's default port 29500 may be another test's
         argv = argv[:1] + ["--master_port", e["MASTER_PORT"]] + argv[1:]

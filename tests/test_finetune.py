@@ -49,7 +49,8 @@ def _saved_model_predicts(report, tmp):
     ids, mask = encode(Tokenizer(f"{ckpt}/tokenizer.model"), texts, 16)
     pred = model(ids, attention_mask=mask).argmax(-1).tolist()
     assert sum(report["labels"][k] == y for k, y in zip(pred, labels)) / len(labels) >= 0.85
-    for argv in (["eval", "--checkpoint", ckpt, "--data", "x"], ["generate", "--checkpoint", ckpt, "--prompt", "x"]):
+    for argv in (["eval", "--checkpoint", ckpt, "--data", "x"], ["generate", "--checkpoint", ckpt, "--prompt", "x"],
+                 ["convert", "--input", ckpt, "--output", str(tmp / "as_hf"), "--to", "hf"]):
         r = subprocess.run(launch_cmd("none", 1) + argv, capture_output=True, text=True, env=env(), cwd=ROOT)
         assert r.returncode == 2 and "fine-tuned classifier" in r.stderr and len(r.stderr.splitlines()) == 1
 

@@ -68,6 +68,9 @@ def run(args) -> int:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
     training_input = args.from_format == "megallama" and not is_consolidated(inp)
     kind = _output_kind(args, training_input)
+    if kind != "consolidated" and _is_classifier(inp):
+        raise UserError(f"{inp}: a fine-tuned classifier converts only to a consolidated copy (--dtype); Hugging "
+                        "Face and training checkpoints hold language models")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     if kind == "training":
@@ -99,6 +102,14 @@ def run(args) -> int:
     print(f"{out}: {args.to_format} checkpoint, {n:,} parameters ({str(dtype).replace('torch.', '')}), "
           f"from {args.from_format} {inp}")
     return 0
+
+
+def _is_classifier(path) -> bool:
+    import json
+
+    from megallama.checkpoint.consolidated import CLASSIFIER_HEAD, CONFIG, is_consolidated
+
+    return is_consolidated(path) and json.loads((path / CONFIG).read_text()).get("head") == CLASSIFIER_HEAD
 
 
 def _load(fmt: str, path, training: bool):
