@@ -33,6 +33,28 @@ def _finetune(cfg, tmp, tokenizer, world=1, *extra):
                           text=True, env=env(), cwd=ROOT, timeout=600)
 
 
+def _saved_model_predicts(report, tmp):
+    """The run's saved checkpoint is the fine-tuned classifier: loaded on its own, it labels the
+    task as well as the report says; eval and generate refuse it in one line."""
+    from megallama import from_pretrained
+    from megallama.data import Tokenizer
+    from megallama.model import LlamaForSequenceClassification
+    from megallama.train.finetune import encode, read_examples
+
+    ckpt = report["checkpoint"]
+    model = from_pretrained(ckpt)
+    assert isinstance(model, LlamaForSequenceClassification)
+    assert json.loads((tmp / "ft" / "finetuned" / "config.json").read_text())["labels"] == report["labels"]
+    texts, labels = read_examples(str(tmp / "task.jsonl"), "text", "label")
+    ids, mask = encode(Tokenizer(f"{ckpt}/tokenizer.model"), texts, 16)
+    pred = model(ids, attention_mask=mask).argmax(-1).tolist()
+    assert sum(report["labels"][k] == y for k, y in zip(pred, labels)) / len(labels) >= 0.85
+    for argv in (["eval", "--checkpoint", ckpt, "--data", "x"], ["generate", "--checkpoint", ckpt, "--prompt", "x"],
+                 ["convert", "--input", ckpt, "--output", str(tmp / "as_hf"), "--to", "hf"]):
+        r = subprocess.run(launch_cmd("none", 1) + argv, capture_output=True, text=True, env=env(), cwd=ROOT)
+        assert r.returncode == 2 and "fine-tuned classifier" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
 def test_finetune_beats_chance(trunk):
     r = _finetune(*trunk)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -40,12 +62,15 @@ def test_finetune_beats_chance(trunk):
     assert report["held_out"] == 60 and report["labels"] == ["code", "loop"]
     assert report["accuracy"] >= 0.85 > report["majority_baseline"] + 0.2, report
     assert report["final_loss"] < report["first_loss"]
+    _saved_model_predicts(report, trunk[1])
 
 
 def test_finetune_tp2_runs_and_learns(trunk):
     r = _finetune(*trunk, 2, "--set", "parallel.tp=2", "--set", "train.global_batch_size=8")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["accuracy"] >= 0.85
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["accuracy"] >= 0.85
+    _saved_model_predicts(report, trunk[1])  # whole tensors, gathered over the TP pair
 
 
 def test_finetune_bad_jsonl_names_the_line(trunk, tmp_path):

@@ -25,6 +25,7 @@ FORMAT = "megallama-consolidated"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CLASSIFIER_HEAD = "sequence_classification"  # config.json "head" of a fine-tuned classifier (``score``, no LM head)
 
 
 def is_consolidated(path) -> bool:
@@ -97,29 +98,32 @@ def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights}: unreadable safetensors file ({exc})") from None
-    _check_tensors(state, cfg, str(weights))  # before anything is allocated from the config
+    if meta.get("head", "lm") not in ("lm", CLASSIFIER_HEAD):
+        raise UserError(f"{cfg_file}: head is {meta.get('head')!r}, expected 'lm' or {CLASSIFIER_HEAD!r}")
+    _check_tensors(state, cfg, str(weights), classifier=meta.get("head") == CLASSIFIER_HEAD)  # before allocating
     return cfg, state
 
 
-def expected_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig, where: str, classifier: bool = False) -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every tensor the config implies, from a model built on the meta device
     (nothing allocated); a config no model can have is one line naming ``where``."""
-    from megallama.model import build_model
+    from megallama.model import LlamaForSequenceClassification, build_model
     from megallama.parallel import ParallelState, layout
 
     try:
         with layout(ParallelState()), torch.device("meta"):
-            return {k: tuple(v.shape) for k, v in build_model(cfg, seed=None).state_dict().items()}
+            model = LlamaForSequenceClassification(cfg, seed=None) if classifier else build_model(cfg, seed=None)
+            return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except (RuntimeError, ValueError, OverflowError, TypeError) as exc:  # sizes no tensor can have
         raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
 
 
-def _check_tensors(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+def _check_tensors(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str, classifier: bool = False) -> None:
     """Every tensor the config implies is there, floating point, with the implied shape."""
     layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
     if layers > len(state):  # every layer holds tensors: cheap to refuse before building anything
         raise UserError(f"{where}: holds {len(state)} tensors, too few for the config's {layers} layers")
-    for name, shape in expected_shapes(cfg, where).items():
+    for name, shape in expected_shapes(cfg, where, classifier).items():
         got = state.get(name)
         if got is None:
             raise UserError(f"{where}: missing tensor '{name}'")

@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 from megallama.config import ConfigError, ModelConfig
 from megallama.errors import UserError
 
@@ -45,29 +46,19 @@ def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
     """A tensor dict from a ``.pth`` without running any pickled code."""
     try:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            obj = load_weights_only(path, mmap=True)
         except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
             if "mmap" not in str(exc):
                 raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = load_weights_only(path)
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as exc:
-        raise UserError(f"{path}: refused: not a plain tensor checkpoint ({_why(exc)}); it was not unpickled "
-                        "because that could run code") from None
+        raise UserError(f"{path}: refused: not a plain tensor checkpoint ({refusal_reason(exc)}); it was not "
+                        "unpickled because that could run code") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a dict of tensors")
     return obj
-
-
-def _why(exc: BaseException) -> str:
-    """The informative line of torch's weights-only error (not its advice to load unsafely)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if "GLOBAL" in ln or "Unsupported" in ln or "unpickler error" in ln.lower():
-            return ln.rstrip(".")
-    return lines[0].rstrip(".") if lines and not lines[0].startswith("Weights only load failed") \
-        else type(exc).__name__
 
 
 def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:

@@ -104,10 +104,11 @@ def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], 
 def build_for_inference(cfg: ModelConfig, state: Dict[str, torch.Tensor], dtype=None, device=None,
                         where: str = "checkpoint") -> torch.nn.Module:
     """The model at the current TP layout holding ``state``, in eval mode, without gradients."""
-    from megallama.model import build_model
+    from megallama.model import LlamaForSequenceClassification, build_model
 
     dtype = resolve_dtype(dtype) or next(iter(state.values())).dtype
-    model = build_model(cfg, seed=None, device=device, dtype=dtype)  # no random init: weights follow
+    build = LlamaForSequenceClassification if "score.weight" in state else build_model  # fine-tuned: a classifier
+    model = build(cfg, seed=None, device=device, dtype=dtype)  # no random init: weights follow
     load_state_for_rank(model, state, where)
     model.requires_grad_(False)
     return model.eval()

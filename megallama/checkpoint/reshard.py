@@ -24,20 +24,37 @@ from megallama.parallel.layers import split_for_rank
 
 
 def resolve_checkpoint(path) -> Path:
-    """A tag directory that verifies: ``path`` itself, or what its ``latest`` names."""
+    """The tag directory ``path`` names, verified: ``path`` itself, or what its ``latest`` names.
+
+    Never another step: training resume may fall back to an older checkpoint (and logs it), but a
+    conversion or evaluation of "latest" that quietly used an older step would report on weights
+    the user did not ask for. The error names the broken file and the older tag to pass instead.
+    """
     from megallama.train import checkpoint as ckpt
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: not found")
-    if (p / ckpt.LATEST).is_file():
-        return ckpt.find_resumable(p)
-    if (p / "checkpoints" / ckpt.LATEST).is_file():
-        return ckpt.find_resumable(p / "checkpoints")
+    for ckpt_dir in (p, p / "checkpoints"):
+        if (ckpt_dir / ckpt.LATEST).is_file():
+            return _latest(ckpt_dir)
     problem = ckpt.verify(p)
     if problem:
         raise UserError(problem)
     return p
+
+
+def _latest(ckpt_dir: Path) -> Path:
+    from megallama.train import checkpoint as ckpt
+
+    pointer = ckpt_dir / ckpt.LATEST
+    named = ckpt_dir / pointer.read_text().strip()
+    problem = ckpt.verify(named) if named.is_dir() else f"{named}: missing (named by {pointer})"
+    if problem is None:
+        return named
+    older = [t for t in ckpt.list_tags(ckpt_dir) if t.name < named.name and ckpt.verify(t, checksums=False) is None]
+    hint = f"; to use the previous checkpoint instead, pass {older[0]}" if older else ""
+    raise UserError(f"{problem}: the latest checkpoint is incomplete{hint}")
 
 
 def consolidate_training_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
@@ -126,22 +143,16 @@ def _split_index(cfg: ModelConfig) -> Dict[str, Dict]:
     return {name: _split_info(p) for name, p in model.named_parameters()}
 
 
-def convert_training_checkpoint(args) -> int:
-    """``megallama convert --input CKPT --output OUT [--tp T --pp P] [--to hf]``."""
+def convert_training_checkpoint(src, out, tp: int, pp: int, overwrite: bool = False) -> int:
+    """``megallama convert --input CKPT --output OUT [--tp T --pp P]``: a training checkpoint at
+    ``tp`` x ``pp``, from a training checkpoint or from consolidated (pretrained) weights."""
     from megallama.checkpoint.consolidated import is_consolidated
 
-    if is_consolidated(args.input):  # pretrained weights -> a step-0 training checkpoint at a layout
-        out = from_consolidated(args.input, args.output, args.tp, args.pp, overwrite=args.overwrite)
-    elif getattr(args, "to_format", "megallama") == "hf":
-        from megallama.checkpoint.hf import save_hf
-
-        cfg, state = consolidate_training_checkpoint(args.input)
-        save_hf(state, cfg, args.output, overwrite=args.overwrite)
-        print(f"wrote Hugging Face checkpoint {args.output}")
-        return 0
+    if is_consolidated(src):  # pretrained weights -> a step-0 training checkpoint at a layout
+        out = from_consolidated(src, out, tp, pp, overwrite=overwrite)
     else:
-        out = reshard(args.input, args.output, args.tp, args.pp, overwrite=args.overwrite)
-    print(f"wrote {out} at tp={args.tp} pp={args.pp}; train from it with --set checkpoint.load={out}")
+        out = reshard(src, out, tp, pp, overwrite=overwrite)
+    print(f"wrote {out} at tp={tp} pp={pp}; train from it with --set checkpoint.load={out}")
     return 0
 
 

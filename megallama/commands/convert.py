@@ -1,8 +1,12 @@
 """``megallama convert``: move weights between formats, through the layout-free consolidated form.
 
   --from hf|meta --to megallama     import (Hugging Face safetensors / Meta's original release)
-  --from megallama --to hf          export a consolidated checkpoint for transformers
-  --from megallama --tp N --pp M    reshard a training checkpoint (megallama.checkpoint.reshard)
+  --from megallama --to hf          export a consolidated or training checkpoint for transformers
+  --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
+
+Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
+master weights and Adam moments (no --dtype), and a Hugging Face or consolidated output is
+unsharded (no --tp/--pp).
 """
 from __future__ import annotations
 
@@ -11,36 +15,44 @@ HELP = "convert checkpoints: Hugging Face / Meta <-> megallama, and training-che
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--input", required=True, help="checkpoint directory to read")
+    p.add_argument("--input", required=True, help="checkpoint directory to read (a run's checkpoints/ dir uses the "
+                   "step 'latest' names, and refuses to fall back to another; pass a stepNNNNNNNN dir to pick one)")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
     p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta"],
                    help="input format (default: megallama: a consolidated or training checkpoint)")
     p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf"],
                    help="output format (default: megallama)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the output (training layout)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree of the output (training layout)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree of a training-checkpoint output")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree of a training-checkpoint output")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
-                   help="cast the weights (default: keep the input's dtype)")
+                   help="cast the weights of a Hugging Face or consolidated output (default: keep the input's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
-def _reshard(args) -> int:
-    """Training checkpoints (and consolidated -> a TP/PP layout) belong to the resharding tools."""
+def _output_kind(args, training_input: bool) -> str:
+    """'hf', 'consolidated' or 'training'; refuses a flag the chosen output cannot honour."""
     from megallama.errors import UserError
 
-    try:
-        from megallama.checkpoint.reshard import convert_training_checkpoint
-    except ImportError as exc:
-        if getattr(exc, "name", None) not in (None, "megallama.checkpoint.reshard"):
-            raise
-        raise UserError(f"{args.input}: not a consolidated checkpoint; converting training checkpoints "
-                        "(--tp/--pp resharding) is not yet supported") from None
-    return int(convert_training_checkpoint(args) or 0)
+    layout = args.tp is not None or args.pp is not None
+    if args.to_format == "hf":
+        if layout:
+            raise UserError("--tp/--pp: a Hugging Face export is unsharded; they set the layout of a training "
+                            "checkpoint (--to megallama)")
+        return "hf"
+    if args.from_format != "megallama" and layout:
+        raise UserError("--tp/--pp: only for megallama checkpoints; import with --to megallama first, then "
+                        "reshard the consolidated result")
+    kind = "training" if layout or training_input else "consolidated"
+    if kind == "training" and args.dtype != "keep":
+        raise UserError("--dtype: a training checkpoint keeps fp32 master weights and Adam moments; --dtype "
+                        "applies to --to hf or an unsharded (consolidated) output")
+    return kind
 
 
 def run(args) -> int:
     from pathlib import Path
 
+    from megallama.checkpoint.consolidated import is_consolidated
     from megallama.errors import UserError
 
     inp, out = Path(args.input), Path(args.output)
@@ -49,28 +61,30 @@ def run(args) -> int:
     if not inp.is_dir():
         raise UserError(f"{inp}: not a checkpoint directory")
     for name in ("tp", "pp"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
-    from megallama.checkpoint.consolidated import is_consolidated
-
-    layout = (args.tp, args.pp) != (1, 1)
-    if args.from_format == "megallama" and (layout or not is_consolidated(inp)):
-        return _reshard(args)
-    if layout:
-        raise UserError("--tp/--pp: only for megallama checkpoints; import with --to megallama first, then "
-                        "reshard the consolidated result")
+    training_input = args.from_format == "megallama" and not is_consolidated(inp)
+    kind = _output_kind(args, training_input)
+    if kind != "consolidated" and _is_classifier(inp):
+        raise UserError(f"{inp}: a fine-tuned classifier converts only to a consolidated copy (--dtype); Hugging "
+                        "Face and training checkpoints hold language models")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    cfg, state = _load(args.from_format, inp)
+    if kind == "training":
+        from megallama.checkpoint.reshard import convert_training_checkpoint
+
+        return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
+    cfg, state = _load(args.from_format, inp, training_input)
     if args.dtype != "keep":
         from megallama.checkpoint.pretrained import resolve_dtype
 
         dtype = resolve_dtype(args.dtype)
         state = {k: v.to(dtype) for k, v in state.items()}
     tokenizer = inp / "tokenizer.model"
-    if args.to_format == "hf":
+    if kind == "hf":
         from megallama.checkpoint.hf import save_hf
 
         save_hf(state, cfg, out, overwrite=True, tokenizer=tokenizer)
@@ -90,7 +104,15 @@ def run(args) -> int:
     return 0
 
 
-def _load(fmt: str, path):
+def _is_classifier(path) -> bool:
+    import json
+
+    from megallama.checkpoint.consolidated import CLASSIFIER_HEAD, CONFIG, is_consolidated
+
+    return is_consolidated(path) and json.loads((path / CONFIG).read_text()).get("head") == CLASSIFIER_HEAD
+
+
+def _load(fmt: str, path, training: bool):
     if fmt == "hf":
         from megallama.checkpoint.hf import load_hf
 
@@ -99,6 +121,10 @@ def _load(fmt: str, path):
         from megallama.checkpoint.meta import load_meta
 
         return load_meta(path)
+    if training:
+        from megallama.checkpoint.reshard import consolidate_training_checkpoint
+
+        return consolidate_training_checkpoint(path)
     from megallama.checkpoint.consolidated import load_consolidated
 
     return load_consolidated(path)

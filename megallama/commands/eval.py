@@ -62,6 +62,20 @@ def _dataset(args, model_cfg, rank):
 
 
 def run(args) -> int:
+    from megallama.commands._stdout import logs_to_stderr
+
+    with logs_to_stderr():  # stdout carries the result alone (--json is read by pipes)
+        result, rank = _evaluate(args)
+    if rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            sys.stdout.write(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
+                             f"over {result['tokens']:,} tokens ({result['samples']} samples)\n")
+    return 0
+
+
+def _evaluate(args):
     import torch
     import torch.distributed as dist
 
@@ -82,6 +96,9 @@ def run(args) -> int:
     if info.world_size % args.tp:
         raise UserError(f"--tp: world size {info.world_size} is not a multiple of {args.tp}")
     model_cfg, state_dict, kind = load_checkpoint(args.checkpoint)
+    if "score.weight" in state_dict:
+        raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head); eval measures "
+                        "perplexity: judge it by finetune's held-out accuracy or load it with from_pretrained")
     if args.seq_len is not None and args.seq_len > model_cfg.max_seq_len:
         raise UserError(f"--seq-len: {args.seq_len} exceeds the checkpoint's max_seq_len={model_cfg.max_seq_len}")
     RunConfig(model=model_cfg, parallel={"tp": args.tp}, train={"seq_len": 8}).check_layout()
@@ -98,13 +115,7 @@ def run(args) -> int:
     result = perplexity(model, dataset, args.micro_batch_size, device, state, args.max_samples,
                         loss_fn=make_loss_fn(model_cfg.arch, seq_len))
     result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=state.tp, dp=state.dp)
-    if info.rank == 0:
-        if args.json:
-            print(json.dumps(result))
-        else:
-            sys.stdout.write(f"{split}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
-                             f"{result['tokens']:,} tokens ({result['samples']} samples)\n")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return result, info.rank

@@ -63,6 +63,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint, resolve_dtype
+    from megallama.commands._stdout import logs_to_stderr
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate, generate_seq2seq
@@ -74,48 +75,52 @@ def run(args) -> int:
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))
-    tokenizer = Tokenizer(tok_path)
-    state, device = _start_distributed()
-    try:
-        cfg, weights, _ = load_checkpoint(args.checkpoint)
-        if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                            f"is {cfg.vocab_size}")
-        if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
-            raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
-                            f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
-        dtype = None if args.dtype == "auto" else args.dtype
-        ckpt_dtype = next(iter(weights.values())).dtype
-        if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        check_inference_fits(cfg, state.tp, len(args.prompt), args.max_new_tokens + 1 + max(  # tokens <= bytes + BOS
-            len(p.encode()) for p in args.prompt), resolve_dtype(dtype) or ckpt_dtype, state.world_size,
-            device.index or 0, kv_cache=not args.no_kv_cache, batch_flag="--prompt")
-        model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
-        del weights
-        eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
-        start = time.perf_counter()
-        if cfg.arch == "encoder_decoder":
-            from megallama.data.span_corruption import encode_with_sentinels
+    with logs_to_stderr():  # stdout carries the text (or --json) alone
+        tokenizer = Tokenizer(tok_path)
+        state, device = _start_distributed()
+        try:
+            cfg, weights, _ = load_checkpoint(args.checkpoint)
+            if "score.weight" in weights:
+                raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot "
+                                "generate text")
+            if tokenizer.vocab_size > cfg.vocab_size:
+                raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                                f"is {cfg.vocab_size}")
+            if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
+                raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
+                                f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
+            dtype = None if args.dtype == "auto" else args.dtype
+            ckpt_dtype = next(iter(weights.values())).dtype
+            if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            check_inference_fits(cfg, state.tp, len(args.prompt), args.max_new_tokens + 1 + max(  # tokens <= bytes + BOS
+                len(p.encode()) for p in args.prompt), resolve_dtype(dtype) or ckpt_dtype, state.world_size,
+                device.index or 0, kv_cache=not args.no_kv_cache, batch_flag="--prompt")
+            model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
+            del weights
+            eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
+            start = time.perf_counter()
+            if cfg.arch == "encoder_decoder":
+                from megallama.data.span_corruption import encode_with_sentinels
 
-            prompts = [encode_with_sentinels(tokenizer, text) + [tokenizer.eos_id] for text in args.prompt]
-            _check_seq2seq_lengths(args, cfg, tokenizer, prompts)
-            result = generate_seq2seq(model, prompts, args.max_new_tokens, tokenizer.bos_id, eos, args.temperature,
-                                      args.top_p, args.seed, use_cache=not args.no_kv_cache)
-        else:
-            prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
-            longest = max(len(p) for p in prompts) + args.max_new_tokens
-            if longest > cfg.max_seq_len:
-                raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
-                                f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
-            result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                              eos_id=eos, use_cache=not args.no_kv_cache)
-        seconds = time.perf_counter() - start
-        if state.rank == 0:
-            _report(args, tokenizer, prompts, result, seconds, state.tp, cfg.arch == "encoder_decoder")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+                prompts = [encode_with_sentinels(tokenizer, text) + [tokenizer.eos_id] for text in args.prompt]
+                _check_seq2seq_lengths(args, cfg, tokenizer, prompts)
+                result = generate_seq2seq(model, prompts, args.max_new_tokens, tokenizer.bos_id, eos,
+                                          args.temperature, args.top_p, args.seed, use_cache=not args.no_kv_cache)
+            else:
+                prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
+                longest = max(len(p) for p in prompts) + args.max_new_tokens
+                if longest > cfg.max_seq_len:
+                    raise UserError(f"--max-new-tokens: prompt ({longest - args.max_new_tokens} tokens) + "
+                                    f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
+                result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                  eos_id=eos, use_cache=not args.no_kv_cache)
+            seconds = time.perf_counter() - start
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if state.rank == 0:
+        _report(args, tokenizer, prompts, result, seconds, state.tp, cfg.arch == "encoder_decoder")
     return 0
 
 

@@ -43,15 +43,37 @@ def add_arguments(parser) -> None:
     train.add_argument("--seed", type=int, default=0, help="sampling seed for tokenizer training")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler's stop, ``kill``) as an exception: the same clean-up as Ctrl-C runs
+    on its way out (temporary ``.tmp-PID`` files removed, workers killed), where the default
+    action would end the process on the spot and leave them."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def run(args) -> int:
+    import signal
+    import sys
+    import threading
+
     from megallama.errors import UserError
 
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         return _run(args)
+    except _Terminated:
+        sys.stderr.write("megallama preprocess: terminated (SIGTERM); no partial output was left\n")
+        return 128 + signal.SIGTERM
     except OSError as exc:  # unreadable input, unwritable output, disk full: one line, not a traceback
         if exc.filename is None:
             raise
         raise UserError(f"{exc.filename}: {exc.strerror or exc}") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args) -> int:

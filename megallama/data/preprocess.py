@@ -7,10 +7,12 @@ forked: this may run inside a trainer that already holds threads and process gro
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -100,9 +102,13 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     start = time.perf_counter()
     docs = tokens = skipped = 0
     pool = None
-    writer = IndexedWriter(output_prefix, dtype, overwrite=overwrite)
-    bar = _progress(total_bytes(spec.paths), progress)
+    bar = _progress(total_bytes(spec.paths), progress)  # first: a signal while tqdm imports leaves nothing
     try:
+        writer = IndexedWriter(output_prefix, dtype, overwrite=overwrite)
+    except BaseException:
+        bar.close()
+        raise
+    try:  # from here on any exit, a signal's included, removes the temporary files
         if workers > 1:
             pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker,
                                        (tokenizer.proto, spec, dtype.name, bos))
@@ -146,6 +152,25 @@ def _kill_workers(pool) -> None:
             proc.kill()
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while ``submit`` may be spawning a worker: a signal there cuts the
+    parent's pipe to the half-started child, which then prints a traceback of its own. A signal
+    that came meanwhile is raised again afterwards, to the handler that was in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    saved = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _ordered(pool, source, depth: int):
     """Results of ``_work`` over ``source`` in order, at most ``depth`` batches in flight.
 
@@ -155,7 +180,9 @@ def _ordered(pool, source, depth: int):
     pending: deque = deque()
     try:  # the pool can break while a result is awaited or, as soon as a worker dies, at submit
         for batch, used in source:
-            pending.append((pool.submit(_work, batch), used))
+            with _signals_held():
+                fut = pool.submit(_work, batch)
+            pending.append((fut, used))
             if len(pending) >= depth:
                 fut, n = pending.popleft()
                 yield fut.result(), n

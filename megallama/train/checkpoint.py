@@ -125,16 +125,15 @@ def _deepspeed_record_types() -> list:
 def check_safe_to_unpickle(tag_dir: Path) -> None:
     """DeepSpeed reads its own files with an unrestricted ``torch.load``; refuse, before it does,
     any file that ``weights_only`` loading (plus DeepSpeed's plain loss-scaler records) rejects."""
+    from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
+
     allowed = _deepspeed_record_types()
     for path in sorted(tag_dir.glob("*.pt")):
         try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True)
+            load_weights_only(path, allowed)
         except Exception as exc:  # UnpicklingError and friends: report, never execute
-            lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "error:" in ln]
-            reason = (lines[0] if lines else type(exc).__name__)[:200]
             raise UserError(f"{path}: refusing to unpickle it: it holds objects beyond tensors and plain data "
-                            f"({reason})") from None
+                            f"({refusal_reason(exc)})") from None
 
 
 def list_tags(ckpt_dir: Path) -> List[Path]:
@@ -200,11 +199,12 @@ def read_meta(tag_dir: Path) -> Dict:
 
 
 def load_rng(tag_dir: Path) -> None:
+    from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
+
     path = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
     if path.is_file():
         try:
-            state = torch.load(path, weights_only=True)
+            state = load_weights_only(path)
         except Exception as exc:  # a refused pickle or a damaged file: one line naming it
-            raise UserError(f"{path}: not a plain tensor file, refusing to load it "
-                            f"({type(exc).__name__})") from None
+            raise UserError(f"{path}: not a plain tensor file, refusing to load it ({refusal_reason(exc)})") from None
         restore_rng(state)

@@ -69,6 +69,14 @@ def _load_trunk(model, state: Dict[str, torch.Tensor]) -> List[str]:
     return missing
 
 
+def _saved_labels(path: str) -> Optional[List[str]]:
+    """The labels a fine-tuned (consolidated) checkpoint's head was trained on."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @torch.no_grad()
 def accuracy(model, ids, mask, labels, micro: int, state) -> Tuple[float, int]:
     n = len(ids) - len(ids) % state.dp
@@ -105,6 +113,8 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     if not Path(tok_file).is_file():
         raise UserError(f"--tokenizer: {tok_file} not found (pass the SentencePiece model of the trunk)")
     model_cfg, state_dict, _ = load_checkpoint(pretrained)
+    if "score.weight" in state_dict and _saved_labels(pretrained) != names:  # another task's head: start afresh
+        state_dict = {k: v for k, v in state_dict.items() if k != "score.weight"}
     tokenizer = Tokenizer(tok_file)
     tokenizer.check_vocab(model_cfg.vocab_size)
     model_cfg = model_cfg.model_copy(update={"num_labels": len(names)})
@@ -150,9 +160,34 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     acc, counted = accuracy(engine.module, ids[hold_t].to(device), mask[hold_t].to(device), labels[hold_t].to(device),
                             batch.micro, state)
     majority = max((labels[hold_t] == k).float().mean().item() for k in range(len(names)))
+    out = Path(cfg.run_dir) / "finetuned"
     report = {"accuracy": acc, "held_out": counted, "majority_baseline": majority, "labels": names,
-              "first_loss": losses[0], "final_loss": losses[-1], "steps": t.steps}
+              "first_loss": losses[0], "final_loss": losses[-1], "steps": t.steps, "checkpoint": str(out)}
+    save_classifier(engine.module, model_cfg, out, names, pretrained, tok_file, info.rank)
     if info.rank == 0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def save_classifier(module, model_cfg, out: Path, labels: List[str], pretrained: str, tokenizer: str,
+                    rank: int) -> None:
+    """The fine-tuned model as a consolidated checkpoint (trunk + ``score`` head, its labels and the
+    tokenizer): ``from_pretrained(out)`` returns the classifier, ``finetune --pretrained out``
+    continues it. Collective: full tensors are gathered over TP (and ZeRO-3) on every rank."""
+    import shutil
+
+    import deepspeed
+
+    from megallama.checkpoint.consolidated import CLASSIFIER_HEAD, save_consolidated
+    from megallama.parallel.layers import gather_tp_tensor
+
+    params = dict(module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        full = {name: gather_tp_tensor(p.data, p).float().cpu() for name, p in params.items()}
+    if rank == 0:
+        save_consolidated(full, model_cfg, out, overwrite=True,
+                          extra={"head": CLASSIFIER_HEAD, "labels": labels, "finetuned_from": str(pretrained)})
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        log.info("fine-tuned classifier saved to %s", out)
+    if dist.is_initialized():
+        dist.barrier()

@@ -69,8 +69,11 @@ def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
 
 
 def _check_same_model(meta, cfg: RunConfig, path: Path) -> None:
-    saved = {k: v for k, v in meta["model"].items() if k not in ("dropout",)}
-    now = {k: v for k, v in cfg.model.model_dump().items() if k not in ("dropout",)}
+    init_only = ("dropout", "init_std")  # how weights are drawn or dropped, not what the loaded ones are
+    saved = {k: v for k, v in meta["model"].items() if k not in init_only}
+    now = {k: v for k, v in cfg.model.model_dump().items() if k not in init_only}
+    for m in (saved, now):  # n_kv_heads None means n_heads (an HF import spells it out)
+        m["n_kv_heads"] = m.get("n_kv_heads") or m.get("n_heads")
     diff = sorted(k for k in now if saved.get(k) != now[k])
     if diff:
         raise UserError(f"checkpoint {path}: model.{diff[0]} is {saved.get(diff[0])!r} there, "
