@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+import yaml
 
 from tests.conftest_data import sample_texts, write_jsonl
 from tests.dist_utils import free_port
@@ -95,6 +97,15 @@ RUNS: Dict[str, Run] = {
     "torchrun --nproc_per_node 4 -m megallama train examples/tiny.yaml --set parallel.tp=2 --set parallel.pp=2 "
     "--set deepspeed.zero_optimization.stage=1": _train(),
     "mpiexec -n 2 python -m megallama train examples/tiny.yaml": _train(),
+    # the encoder-decoder: span corruption on the embedded corpus, then the paired reverse task
+    "megallama train examples/tiny-encdec.yaml --set train.steps=50": _train(),
+    "megallama preprocess --input reverse_train.jsonl --json-keys source target --train-tokenizer --vocab-size 312 "
+    "--tokenizer rev.model --output-prefix data/reverse": Run(extra=("--workers", "1")),
+    "deepspeed --num_gpus 2 --module megallama train rev.yaml": _train("run_dir=runs/rev"),
+    "megallama eval --checkpoint runs/rev/checkpoints --config rev.yaml --split valid": Run(
+        extra=("--max-samples", "8")),
+    "megallama generate --checkpoint runs/rev/checkpoints --tokenizer rev.model --prompt 'b y n b e'": Run(
+        extra=("--max-new-tokens", "8")),
     "megallama profile examples/tiny.yaml": Run(extra=("--steps", "1", "--warmup", "1", "--no-census"), sets=TINY),
     "make demo": Run(emulate="make-demo", sets=TINY, why="the install step needs the network: `make -n demo` must "
                      "show it runs examples/demo.sh, which then runs here with the venv on PATH"),
@@ -179,6 +190,16 @@ def box(tmp_path_factory, data_cache):
     with open(root / "task.jsonl", "w") as f:
         for i in range(40):
             f.write(json.dumps({"text": ["def return import", "while for yield"][i % 2], "label": i % 2}) + "\n")
+    rng = random.Random(5)
+    with open(root / "reverse_train.jsonl", "w") as f:  # the README's reverse task: letters in, reversed out
+        for _ in range(400):
+            word = [rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6))]
+            f.write(json.dumps({"source": " ".join(word), "target": " ".join(reversed(word))}) + "\n")
+    (root / "rev.yaml").write_text(yaml.safe_dump({
+        "run_dir": "runs/rev", "model": {"preset": "tiny-encdec", "vocab_size": 312},
+        "train": {"steps": 50, "seq_len": 32, "micro_batch_size": 4, "global_batch_size": 8, "warmup_steps": 1},
+        "data": {"prefixes": ["data/reverse"], "tokenizer": "rev.model", "split": "90,5,5"},
+        "checkpoint": {"every": 50}, "deepspeed": "ds_configs/zero2.json"}))
     write_meta_layout(hf_model(gqa=True, intermediate=176), root / "llama-7b")  # Meta's FFN rule at dim 64
     cache = data_cache
     cfg = (ROOT / "examples" / "tiny.yaml").read_text().replace("run_dir: runs/tiny", "run_dir: runs/x")
