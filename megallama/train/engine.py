@@ -154,9 +154,11 @@ def _record_fp32_grad_norm(engine) -> None:
     if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "overflow"):
         return  # a DeepSpeed optimizer: it detects overflow itself
 
+    mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
+
     def clip_and_record():
         norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                               mpu=engine.mpu)
+                               mpu=mpu)
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
 
@@ -170,3 +172,18 @@ def _record_fp32_grad_norm(engine) -> None:
     opt.overflow = False
     opt.step = guarded_step
     engine.clip_fp32_gradients = clip_and_record
+
+
+class _PipelineNormGroups:
+    """DeepSpeed's ``clip_grad_norm_`` counts a parameter that TP replicates (the RMSNorm weights)
+    only where ``get_model_parallel_rank() == 0``; the pipeline grid's model-parallel rank spans
+    stages, so every stage but the first left its norm weights out of the norm (and the clip)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def get_model_parallel_rank(self) -> int:
+        return self.grid.get_slice_parallel_rank()  # the TP rank within this stage
+
+    def get_model_parallel_group(self):
+        return self.grid.get_model_parallel_group()  # the sum still spans every stage and TP rank
