@@ -4,7 +4,8 @@ parallelism, ZeRO stage, activation checkpointing, gradient accumulation, fp32/b
 steps and compared with the single-process run of the same precision: the largest relative
 |Δloss| and |Δgrad norm| over the steps, against tests/layout_design.py TOLERANCE.
 
-Results are rewritten after every case, so a run stopped early still records how far it got.
+Results are rewritten after every case, so a run stopped early still records how far it got; the
+CI design (``--pairwise``) runs first and the rest in a fixed shuffle, so a partial run samples it all.
 
 usage: python benchmarks/layout_matrix.py [--pairwise] [--limit N] [--out benchmarks/results/layout_matrix.json]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -52,6 +54,7 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         try:
             got = design.run_case(base, design.overrides(case), case.world, work / case.name)
             ref = refs[case.precision]
+            row.update(got)  # every step's loss and grad norm (json only)
             row["rel_dloss"] = design.rel_diff(got["losses"], ref["losses"])
             row["rel_dgradnorm"] = design.rel_diff(got["grad_norms"], ref["grad_norms"])
             tol = design.TOLERANCE[case.precision]
@@ -67,7 +70,7 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         echo(f"[{i}/{len(cases)}] {case.name:<48} {row['status']:<8} dloss {_fmt(row['rel_dloss'])} "
              f"dgnorm {_fmt(row['rel_dgradnorm'])} | {rate:.2f} cases/min, ETA {_eta((len(cases) - i) * elapsed / i)}")
         if out is not None:
-            write(rows, len(cases), out)
+            write(rows, len(cases), out, refs)
     return rows
 
 
@@ -75,9 +78,10 @@ def _fmt(x) -> str:
     return "   n/a  " if x is None else f"{x:.2e}"
 
 
-def write(rows: List[dict], total: int, out: Path) -> None:
+def write(rows: List[dict], total: int, out: Path, refs: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"done": len(rows), "total": total, "complete": len(rows) == total, "steps": design.STEPS,
+    summary = {"done": len(rows), "total": total, "complete": len(rows) == total, "references": refs,
+               "steps": design.STEPS,
                "seq_len": design.SEQ_LEN, "global_batch": design.GLOBAL_BATCH, "tolerance": design.TOLERANCE,
                "failed": [r["case"] for r in rows if r["status"] != "pass"], "cases": rows}
     tmp = out.with_suffix(".json.tmp")
@@ -103,7 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="run only the first N cases")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layout_matrix.json")
     args = ap.parse_args(argv)
-    cases = list(design.ci_design() if args.pairwise else design.valid_cases())[:args.limit]
+    cases = list(design.ci_design())
+    if not args.pairwise:  # the CI design first, then the rest in a fixed shuffle: a partial run samples it all
+        rest = [c for c in design.valid_cases() if c not in cases]
+        random.Random(0).shuffle(rest)
+        cases += rest
+    cases = cases[:args.limit]
     print(f"{len(cases)} cases ({'pairwise design' if args.pairwise else 'every valid combination'} of "
           f"{len(design.all_cases())}; {len(design.valid_cases())} valid)", flush=True)
     with tempfile.TemporaryDirectory(prefix="layout_matrix_") as tmp:
