@@ -43,9 +43,9 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
     """Run ``cases`` (references first); one result row per case, written to ``out`` as it goes."""
     base = design.base_config(work, work / "data")
     refs = {}
-    for precision in sorted({c.precision for c in cases}):
-        refs[precision] = design.run_case(base, design.reference_overrides(precision), 1, work / f"ref_{precision}")
-        echo(f"reference {precision}: losses {refs[precision]['losses']} grad norms {refs[precision]['grad_norms']}")
+    for name, extra in sorted(dict(design.reference(c) for c in cases).items()):
+        refs[name] = design.run_case(base, extra, 1, work / f"ref_{name}")
+        echo(f"reference {name}: losses {refs[name]['losses']} grad norms {refs[name]['grad_norms']}")
     rows: List[dict] = []
     start = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -53,7 +53,7 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         row = {"case": case.name, "world": case.world, **case._asdict(), "error": ""}
         try:
             got = design.run_case(base, design.overrides(case), case.world, work / case.name)
-            ref = refs[case.precision]
+            ref = refs[design.reference(case)[0]]
             row.update(got)  # every step's loss and grad norm (json only)
             row["rel_dloss"] = design.rel_diff(got["losses"], ref["losses"])
             row["rel_dgradnorm"] = design.rel_diff(got["grad_norms"], ref["grad_norms"])

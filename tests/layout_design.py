@@ -88,10 +88,20 @@ def overrides(case: Case) -> List[str]:
     return out
 
 
-def reference_overrides(precision: str) -> List[str]:
-    """The single-process run of the same precision (micro batch = global batch)."""
+def reference(case: Case) -> Tuple[str, List[str]]:
+    """Name and overrides of the single-process run ``case`` is held to: same arch and precision,
+    micro batch = global batch. bf16 takes ZeRO-1: ZeRO-0 bf16 without a pipeline (DeepSpeed's
+    BF16_Optimizer on the plain engine) is the one bf16 path whose trajectory leaves all the others
+    and fp32 after step 1 (benchmarks/README.md); ZeRO-1 at one rank partitions nothing."""
     out = [f"train.micro_batch_size={GLOBAL_BATCH}"]
-    return out + (["deepspeed.bf16.enabled=true"] if precision == "bf16" else [])
+    if case.precision == "bf16":
+        out += ["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=1"]
+    if case.arch != "decoder":
+        out.append(f"model.arch={case.arch}")
+    return ("" if case.arch == "decoder" else case.arch + "-") + case.precision, out
+
+
+FP32_DECODER = Case("decoder", 1, 1, False, 0, "none", 1, "fp32")
 
 
 def why_invalid(case: Case, base: Path) -> str:
@@ -181,8 +191,10 @@ def ci_design() -> Tuple[Case, ...]:
 
 
 # Largest relative difference from the single-process run of the same precision, over every step's
-# loss and grad norm. fp32: layouts reorder float sums only. bf16: measured, see benchmarks/README.md.
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+# loss and grad norm. fp32: layouts only reorder float sums (seen: <= 3e-6). bf16: bf16 activations
+# and reductions round differently per layout (seen: loss <= 6e-5, grad norm <= 1.2e-3 by step 3);
+# 5e-3 keeps a 4x margin and still catches issue 12's fault (grad norm +10% at step 2).
+TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}
 
 
 def run_case(base: Path, extra: List[str], world: int, run_dir: Path) -> Dict[str, list]:

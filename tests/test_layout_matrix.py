@@ -47,8 +47,8 @@ def test_pairwise_generator_is_a_cover_on_a_toy_space():
 def matrix_base(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("matrix")
     base = design.base_config(tmp, data_cache)
-    refs = {p: design.run_case(base, design.reference_overrides(p), 1, tmp / f"ref_{p}")
-            for p in sorted({c.precision for c in design.ci_design()})}
+    refs = {name: design.run_case(base, extra, 1, tmp / f"ref_{name}")
+            for name, extra in sorted(dict(design.reference(c) for c in design.ci_design()).items())}
     assert refs["fp32"]["losses"][-1] < refs["fp32"]["losses"][0]
     return base, refs
 
@@ -57,7 +57,7 @@ def matrix_base(tmp_path_factory, data_cache):
 def test_layout_matches_single_process(case, matrix_base, tmp_path):
     base, refs = matrix_base
     got = design.run_case(base, design.overrides(case), case.world, tmp_path / "run")
-    ref, tol = refs[case.precision], design.TOLERANCE[case.precision]
+    ref, tol = refs[design.reference(case)[0]], design.TOLERANCE[case.precision]
     dloss, dgnorm = design.rel_diff(got["losses"], ref["losses"]), design.rel_diff(got["grad_norms"], ref["grad_norms"])
     assert max(dloss, dgnorm) <= tol, (f"{case.name}: relative |dloss| {dloss:.2e}, |dgnorm| {dgnorm:.2e} "
                                        f"(tolerance {tol:g}); losses {got['losses']} vs {ref['losses']}; "
@@ -67,7 +67,7 @@ def test_layout_matches_single_process(case, matrix_base, tmp_path):
 def test_parity_check_can_fail(matrix_base, tmp_path):
     """A different seed must be caught by the fp32 tolerance on both quantities (it has teeth)."""
     base, refs = matrix_base
-    got = design.run_case(base, design.reference_overrides("fp32") + ["train.seed=8"], 1, tmp_path / "run")
+    got = design.run_case(base, design.reference(design.FP32_DECODER)[1] + ["train.seed=8"], 1, tmp_path / "run")
     assert design.rel_diff(got["losses"], refs["fp32"]["losses"]) > design.TOLERANCE["fp32"]
     assert design.rel_diff(got["grad_norms"], refs["fp32"]["grad_norms"]) > design.TOLERANCE["fp32"]
 
