@@ -102,7 +102,8 @@ def table(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Train every valid layout 3 steps; compare loss and grad norm "
+                                             "with one process of the same precision.")
     ap.add_argument("--pairwise", action="store_true", help="only the CI design (all pairs of option values)")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N cases")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layout_matrix.json")
