@@ -35,6 +35,7 @@ def test_design_covers_the_axes_and_respects_the_rules():
     assert all(c.world <= 4 for c in valid)
     assert not any(c.pp > 1 and c.zero >= 2 for c in valid)  # DeepSpeed's pipeline engine refuses these
     assert not any(c.tp > 1 and c.sp and c.ac == "full_partitioned" for c in valid)
+    assert not any(c.tp > 1 and c.pp == 1 and c.zero == 0 and c.precision == "bf16" for c in valid)
 
 
 def test_pairwise_generator_is_a_cover_on_a_toy_space():
@@ -98,10 +99,11 @@ REFUSED = [  # (overrides, the field the one-line error names); each a silent wr
      "deepspeed.pipeline.activation_checkpoint_interval"),
     (["parallel.pp=2", "deepspeed.pipeline.pipe_partition=false"], "deepspeed.pipeline.pipe_partition"),
     (["parallel.pp=2", "deepspeed.zero_optimization.stage=2"], "deepspeed.zero_optimization.stage"),
+    (["parallel.tp=2", "deepspeed.bf16.enabled=true"], "deepspeed.zero_optimization.stage"),
 ]
 
 
-@pytest.mark.parametrize("extra,field", REFUSED, ids=[f for _, f in REFUSED])
+@pytest.mark.parametrize("extra,field", REFUSED, ids=[f"{f}-{i}" for i, (_, f) in enumerate(REFUSED)])
 def test_mishandled_layouts_are_refused_in_one_line(extra, field, tmp_path):
     from megallama.config import load_run_config
     from megallama.errors import UserError

@@ -170,6 +170,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError(f"deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage}")
     if "stage" in ds.get("zero_optimization", {}):
         ds["zero_optimization"]["stage"] = stage  # "2" and 2.0 read as DeepSpeed reads them
+    if (fp16 or bf16) and stage == 0 and p.pp == 1 and p.tp > 1:
+        # DeepSpeed wraps torch's AdamW in FP16_UnfusedOptimizer here; it filters TP-replicated weights
+        # by an attribute its gradient tensors lack, so ranks > 0 add nothing (tp2: norm 2.47 for 3.47)
+        raise ConfigError(f"deepspeed.zero_optimization.stage: 0 with {'bf16' if bf16 else 'fp16'} and "
+                          f"parallel.tp={p.tp} gets a DeepSpeed optimizer whose grad norm (and clipping) leaves out "
+                          f"TP shards; use stage 1")
     if p.pp > 1 and stage >= 2:
         raise ConfigError(f"deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine supports ZeRO "
                           f"stage 0 or 1, got {stage} with parallel.pp={p.pp}")
