@@ -52,7 +52,7 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         t0 = time.perf_counter()
         row = {"case": case.name, "world": case.world, **case._asdict(), "error": ""}
         try:
-            got = design.run_case(base, design.overrides(case), case.world, work / case.name)
+            got = design.run_case(base, design.overrides(case), case.world, work / case.name, timeout=900)
             ref = refs[design.reference(case)[0]]
             row.update(got)  # every step's loss and grad norm (json only)
             row["rel_dloss"] = design.rel_diff(got["losses"], ref["losses"])
@@ -60,8 +60,7 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
             tol = design.TOLERANCE[case.precision]
             row["status"] = "pass" if max(row["rel_dloss"], row["rel_dgradnorm"]) <= tol else "MISMATCH"
         except (AssertionError, subprocess.TimeoutExpired) as exc:
-            row.update(status="ERROR", rel_dloss=None, rel_dgradnorm=None,
-                       error=" | ".join(str(exc).strip().splitlines()[-3:])[-400:])
+            row.update(status="ERROR", rel_dloss=None, rel_dgradnorm=None, error=_reason(exc))
         shutil.rmtree(work / case.name, ignore_errors=True)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
@@ -72,6 +71,15 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         if out is not None:
             write(rows, len(cases), out, refs)
     return rows
+
+
+def _reason(exc: Exception) -> str:
+    """The one-line error a refused run printed, else the timeout, else the last lines."""
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"timed out after {exc.timeout:.0f} s"
+    lines = str(exc).strip().splitlines()
+    said = [line.strip() for line in lines if "megallama train: error:" in line]
+    return (said[0] if said else " | ".join(lines[-3:]))[-400:]
 
 
 def _fmt(x) -> str:

@@ -199,13 +199,13 @@ def ci_design() -> Tuple[Case, ...]:
 TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}
 
 
-def run_case(base: Path, extra: List[str], world: int, run_dir: Path) -> Dict[str, list]:
+def run_case(base: Path, extra: List[str], world: int, run_dir: Path, timeout: int = 300) -> Dict[str, list]:
     """Train ``base`` with ``extra`` overrides; every step's loss and grad norm."""
     import json
 
     from tests.train_utils import run_train
 
-    report = run_train(base, extra + [f"run_dir={run_dir}"], world=world)
+    report = run_train(base, extra + [f"run_dir={run_dir}"], world=world, timeout=timeout)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     norms = [r["grad_norm"] for r in records if "loss" in r]
     assert len(report["losses"]) == len(norms) == STEPS, (report["losses"], norms)
