@@ -193,10 +193,11 @@ def ci_design() -> Tuple[Case, ...]:
 
 
 # Largest relative difference from the single-process run of the same precision, over every step's
-# loss and grad norm. fp32: layouts only reorder float sums (seen: <= 3e-6). bf16: bf16 activations
-# and reductions round differently per layout (seen: loss <= 6e-5, grad norm <= 1.2e-3 by step 3);
-# 5e-3 keeps a 4x margin and still catches issue 12's fault (grad norm +10% at step 2).
-TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}
+# loss and grad norm. fp32: layouts only reorder float sums (full product so far: loss <= 7e-8,
+# grad norm <= 3.1e-6). bf16: activations and reductions round differently per layout (loss <=
+# 1.6e-4, grad norm <= 3.8e-3 by step 3, tp2 with accumulation); 1e-2 keeps a 2.7x margin and still
+# catches each bf16 fault the matrix found (grad norm off by 5%, 10% and 33%).
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
 
 
 def run_case(base: Path, extra: List[str], world: int, run_dir: Path, timeout: int = 300) -> Dict[str, list]:
