@@ -200,7 +200,7 @@ def ci_design() -> Tuple[Case, ...]:
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}
 
 
-def run_case(base: Path, extra: List[str], world: int, run_dir: Path, timeout: int = 300) -> Dict[str, list]:
+def run_case(base: Path, extra: List[str], world: int, run_dir: Path, timeout: int = 600) -> Dict[str, list]:
     """Train ``base`` with ``extra`` overrides; every step's loss and grad norm."""
     import json
 
