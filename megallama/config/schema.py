@@ -291,6 +291,12 @@ class RunConfig(_Strict):
         if p.sequence_parallel and t.seq_len % tp:
             raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={tp} "
                               "(required with sequence_parallel)")
+        ac = t.activation_checkpointing
+        if p.sequence_parallel and tp > 1 and ac.mode == "full" and ac.partition_activations:
+            # DeepSpeed keeps 1/tp of each checkpointed input per TP rank and all-gathers it for the
+            # recompute, assuming TP ranks hold the same input; with sequence shards it mixes them
+            raise ConfigError("train.activation_checkpointing.partition_activations: not supported with "
+                              "parallel.sequence_parallel (TP ranks hold different sequence shards)")
         if t.seq_len > m.max_seq_len:
             raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if world_size is not None:

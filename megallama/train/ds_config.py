@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 from typing import Any, Dict
@@ -169,6 +170,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError(f"deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage}")
     if "stage" in ds.get("zero_optimization", {}):
         ds["zero_optimization"]["stage"] = stage  # "2" and 2.0 read as DeepSpeed reads them
+    if (fp16 or bf16) and stage == 0 and p.pp == 1 and p.tp > 1:
+        # DeepSpeed wraps torch's AdamW in FP16_UnfusedOptimizer here; it filters TP-replicated weights
+        # by an attribute its gradient tensors lack, so ranks > 0 add nothing (tp2: norm 2.47 for 3.47)
+        raise ConfigError(f"deepspeed.zero_optimization.stage: 0 with {'bf16' if bf16 else 'fp16'} and "
+                          f"parallel.tp={p.tp} gets a DeepSpeed optimizer whose grad norm (and clipping) leaves out "
+                          f"TP shards; use stage 1")
     if p.pp > 1 and stage >= 2:
         raise ConfigError(f"deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine supports ZeRO "
                           f"stage 0 or 1, got {stage} with parallel.pp={p.pp}")
@@ -183,7 +190,13 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     if stage > 0:
         ds.setdefault("zero_allow_untested_optimizer", True)
+    _pipeline_transfers(ds, cfg)
     ac = cfg.train.activation_checkpointing
+    for key in ("partition_activations", "cpu_checkpointing"):  # engine.py configures these from train.*
+        given = ds.get("activation_checkpointing", {}).get(key, getattr(ac, key))
+        if given != getattr(ac, key):
+            raise ConfigError(f"deepspeed.activation_checkpointing.{key}: {json.dumps(given)} contradicts "
+                              f"train.activation_checkpointing.{key} = {json.dumps(getattr(ac, key))} (set it there)")
     if ac.mode == "full":
         section = ds.setdefault("activation_checkpointing", {})
         section.setdefault("partition_activations", ac.partition_activations)
@@ -191,6 +204,41 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         section.setdefault("contiguous_memory_optimization", False)
         section.setdefault("number_checkpoints", cfg.model.n_layers)
     return ds
+
+
+_PIPELINE_KEYS = {"stages", "partition", "seed_layers", "activation_checkpoint_interval", "pipe_partitioned",
+                  "grad_partitioned", "use_reentrant"}
+
+
+def _pipeline_transfers(ds: Dict[str, Any], cfg: RunConfig) -> None:
+    """DeepSpeed's pipeline sends 1/tp of a stage's output from each TP rank and all-gathers it on
+    the next stage (``pipe_partitioned``; ``grad_partitioned`` likewise for gradients), assuming
+    every TP rank holds the same activations. Sequence parallelism gives each TP rank its own
+    sequence shard, so the gathered tensor would silently mix shards: send whole tensors."""
+    section = ds.get("pipeline", {})
+    for key in section:
+        if key not in _PIPELINE_KEYS:  # DeepSpeed keeps unknown keys without a word
+            raise ConfigError(f"deepspeed.pipeline.{key}: unknown key{did_you_mean(str(key), _PIPELINE_KEYS)}")
+    if section.get("activation_checkpoint_interval", 0) != 0:  # DeepSpeed would override our checkpointing
+        raise ConfigError(f"deepspeed.pipeline.activation_checkpoint_interval: expected 0, got "
+                          f"{section['activation_checkpoint_interval']!r} (use train.activation_checkpointing)")
+    for key in ("pipe_partitioned", "grad_partitioned"):
+        if key in section and not isinstance(section[key], bool):
+            raise ConfigError(f"deepspeed.pipeline.{key}: expected true or false, got {section[key]!r}")
+    p = cfg.parallel
+    if p.pp == 1 or p.tp == 1:
+        return  # DeepSpeed partitions stage-to-stage transfers only with pp > 1 and tp > 1
+    if p.sequence_parallel:
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if section.get(key) is True:
+                raise ConfigError(f"deepspeed.pipeline.{key}: must be false with parallel.sequence_parallel "
+                                  f"(TP ranks hold different sequence shards; a partitioned transfer mixes them)")
+        section = ds.setdefault("pipeline", {})
+        section["pipe_partitioned"] = section["grad_partitioned"] = False
+    elif section.get("grad_partitioned", True) and section.get("pipe_partitioned", True) is False:
+        # the sender splits each gradient in two messages, the receiver waits for one whole tensor: a hang
+        raise ConfigError("deepspeed.pipeline.grad_partitioned: true (the default) needs "
+                          "deepspeed.pipeline.pipe_partitioned=true; set both false or both true")
 
 
 def check_device_supports(ds: Dict[str, Any]) -> None:

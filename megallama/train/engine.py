@@ -109,6 +109,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), config=ds,
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
+    _undo_unfused_warmup_step(engine)
     _record_fp32_grad_norm(engine)
     _skip_self_allreduce(engine, state, ds)
     _warn_zero_without_dp(state, ds)
@@ -118,6 +119,24 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
         sched.last_epoch = step - 1
         sched.step()  # the LR of the step about to run
     return Built(engine=engine, module=module, pipeline=pipeline)
+
+
+def _undo_unfused_warmup_step(engine) -> None:
+    """DeepSpeed's FP16_UnfusedOptimizer (bf16 or fp16 at ZeRO-0 without a pipeline) builds Adam's
+    state by stepping once on zero gradients: the step count starts at 1 (every bias correction
+    off by a step) and the fp32 master weights shrink once by weight decay. Seen: step-2 grad
+    norm 3.468 against 3.655 for every other bf16 path (fp32: 3.677). Start both afresh; the
+    masters were cloned from the model's weights, which that step did not touch."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return
+    opt.optimizer.state.clear()
+    with torch.no_grad():
+        for low, master in zip(opt.fp16_groups, opt.fp32_groups):
+            for p_low, p_master in zip(low, master):
+                p_master.copy_(p_low)
 
 
 def _skip_self_allreduce(engine, state: ParallelState, ds: Dict[str, Any]) -> None:
@@ -156,9 +175,11 @@ def _record_fp32_grad_norm(engine) -> None:
     if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "overflow"):
         return  # a DeepSpeed optimizer: it detects overflow itself
 
+    mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
+
     def clip_and_record():
         norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                               mpu=engine.mpu)
+                               mpu=mpu)
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
 
@@ -172,3 +193,18 @@ def _record_fp32_grad_norm(engine) -> None:
     opt.overflow = False
     opt.step = guarded_step
     engine.clip_fp32_gradients = clip_and_record
+
+
+class _PipelineNormGroups:
+    """DeepSpeed's ``clip_grad_norm_`` counts a parameter that TP replicates (the RMSNorm weights)
+    only where ``get_model_parallel_rank() == 0``; the pipeline grid's model-parallel rank spans
+    stages, so every stage but the first left its norm weights out of the norm (and the clip)."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def get_model_parallel_rank(self) -> int:
+        return self.grid.get_slice_parallel_rank()  # the TP rank within this stage
+
+    def get_model_parallel_group(self):
+        return self.grid.get_model_parallel_group()  # the sum still spans every stage and TP rank
