@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megallama.config import TrainConfig
+from megallama.errors import UserError
 from megallama.train.checkpoint import tag_for, verify
 from megallama.train.optim import lr_lambda
 from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
@@ -154,3 +155,31 @@ def test_warmup_not_below_steps_is_one_config_error_printed_once_under_torchrun(
     lines = [x for x in r.stderr.splitlines() if x.startswith("megallama train: error:")]
     assert lines == ["megallama train: error: train.warmup_steps: 5 is not fewer than train.steps=5 (the LR would "
                      "never reach its peak); lower warmup_steps or raise steps"], r.stderr[-3000:]
+
+
+def test_build_lock_waits_for_a_live_build_only(tmp_path):
+    import threading
+
+    from megallama.train.warmup_ops import check_build_lock
+
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    start = time.time()
+    with pytest.raises(UserError, match=f"^{lock}: a DeepSpeed op build lock"):  # young, but nobody builds
+        check_build_lock(lock, grace_s=1.0, say=lambda m: None)
+    assert 1.0 <= time.time() - start < 10
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    builder = subprocess.Popen(["sleep", "60"], cwd=lock.parent)  # ninja and the compilers work in the build dir
+    said, done = [], threading.Event()
+    try:
+        waiter = threading.Thread(target=lambda: (check_build_lock(lock, grace_s=1.0, say=said.append), done.set()))
+        waiter.start()
+        time.sleep(2.5)
+        assert not done.is_set() and said and f"(pid {builder.pid})" in said[0]  # an old lock, a live build: wait
+        lock.unlink()  # the build ends
+        waiter.join(timeout=10)
+        assert done.is_set()
+    finally:
+        builder.kill()
+        builder.wait()

@@ -22,6 +22,7 @@ from megallama.train import checkpoint as ckpt
 from megallama.train.engine import build_engine, set_schedule_position
 from megallama.train.metrics import MetricsLogger, device_peak_flops
 from megallama.train.run_lock import hold_run_dir
+from megallama.train.warmup_ops import check_comm_op_lock
 from megallama.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     ds = build_ds_config(cfg, info.world_size)
     check_device_supports(ds)
     init_distributed(cfg.train.dist_timeout_s, info)
+    if not torch.cuda.is_available():  # the engine will load DeepSpeed's comm op: no start on a stale lock
+        check_comm_op_lock()
     # before anything is written there (heartbeats included): one job per run directory
     lock = hold_run_dir(cfg.run_dir, cfg.checkpoint.dir, cfg.checkpoint.every > 0, info.rank)
     watchdog = None
