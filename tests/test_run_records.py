@@ -183,3 +183,35 @@ def test_build_lock_waits_for_a_live_build_only(tmp_path):
     finally:
         builder.kill()
         builder.wait()
+
+
+def test_schedule_change_opt_in_refits_without_warnings(caplog):
+    import warnings
+
+    import torch
+
+    from megallama.config import RunConfig
+    from megallama.train.engine import set_schedule_position
+    from megallama.train.loop import _schedule_changed
+    from megallama.train.optim import build_scheduler
+
+    saved = {"step": 150, "schedule": {"steps": 150, "warmup_steps": 10, "lr": 3e-4, "min_lr_ratio": 0.1}}
+    same = RunConfig(train={"steps": 150, "warmup_steps": 10, "lr": 3e-4})
+    assert _schedule_changed(saved, same, Path("ck")) is False
+    assert _schedule_changed({"step": 3}, same, Path("ck")) is False  # a checkpoint from before schedules were saved
+    longer = RunConfig(train={"steps": 300, "warmup_steps": 10, "lr": 3e-4})
+    with pytest.raises(UserError, match="^train.steps: 300 differs from 150 in checkpoint ck"):
+        _schedule_changed(saved, longer, Path("ck"))
+    longer.train.allow_schedule_change = True
+    assert _schedule_changed(saved, longer, Path("ck")) is True and "re-fitting the LR schedule" in caplog.text
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = build_scheduler(opt, longer.train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before optimizer.step()" would raise
+        set_schedule_position(sched, 150, base_lr=5e-4)
+        assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_lambda(longer.train)(150))
+        p.grad = torch.ones(2)
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(5e-4 * lr_lambda(longer.train)(151))
