@@ -5,6 +5,8 @@ schedule, loss scaler), ``universal/`` (layout-free weights and Adam moments), o
 rank, and ``meta.json``. Only after every rank has written and a barrier has passed does rank 0
 fsync every file, write ``manifest.json`` (sizes and SHA-256), and then atomically replace the
 ``latest`` pointer. A kill at any moment therefore leaves ``latest`` on a complete checkpoint.
+A write that fails on any rank (a full disk) stops every rank within seconds with one line naming
+the file; the partial checkpoint is removed and ``latest`` is left as it was.
 Loading verifies the manifest and falls back to the newest older checkpoint that verifies.
 Assumes the checkpoint directory is shared by all ranks (as DeepSpeed's own checkpoints do).
 """

@@ -28,6 +28,13 @@ from megallama.train.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
+def _everyones(message: str) -> UserError:
+    """An error rank 0 found and broadcast: printed once per node, not once per rank (cli.py)."""
+    err = UserError(message)
+    err.same_on_every_rank = True
+    return err
+
+
 def _prepare_data(cfg: RunConfig, rank: int):
     """Rank 0 builds (or finds) the token files; everyone else waits and reuses them."""
     from megallama.data import prepare_data
@@ -40,7 +47,7 @@ def _prepare_data(cfg: RunConfig, rank: int):
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise UserError(box[1])
+        raise _everyones(box[1])
     return box[0]
 
 
@@ -65,7 +72,7 @@ def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise UserError(box[1])
+        raise _everyones(box[1])
     return Path(box[0]) if box[0] else None
 
 

@@ -140,6 +140,6 @@ def hold_run_dir(run_dir: str, ckpt_dir: Optional[str], check_ckpt_dir: bool, ra
         dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         err = UserError(box[0])
-        err.same_on_every_rank = True
+        err.same_on_every_rank = True  # printed once per node (cli.py)
         raise err
     return lock
