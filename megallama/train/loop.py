@@ -308,8 +308,8 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
         field = "train.steps" if last_step == t.steps else "train.exit_at_step"
         raise UserError(f"{field}: {last_step} already reached by the checkpoint at step {start_step}")
     report = {
-        "steps": t.steps, "start_step": start_step, "end_step": last_step, "first_loss": losses[0], "final_loss": losses[-1],
-        "losses": losses,
+        "steps": t.steps, "start_step": start_step, "end_step": last_step,
+        "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
         "elapsed_s": elapsed, "world_size": info.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
         "zero_stage": zero_stage(ds), "precision": precision(ds), "launcher": info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
