@@ -62,9 +62,13 @@ def _prints_error(exc: UserError) -> bool:
 
     if not (isinstance(exc, ConfigError) or getattr(exc, "same_on_every_rank", False)):
         return True
+    env = os.environ
+    if not any(env.get(k, "").strip().isdigit() and int(env[k]) > 1
+               for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")):
+        return True  # one process (a stray LOCAL_RANK in the shell must not silence it)
     for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
-        if os.environ.get(key, "").strip().isdigit():
-            return int(os.environ[key]) == 0
+        if env.get(key, "").strip().isdigit():
+            return int(env[key]) == 0
     return True
 
 

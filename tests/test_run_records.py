@@ -215,3 +215,23 @@ def test_schedule_change_opt_in_refits_without_warnings(caplog):
         opt.step()
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(5e-4 * lr_lambda(longer.train)(151))
+
+
+def test_shared_errors_are_printed_by_local_rank_zero_only(monkeypatch):
+    from megallama.cli import _prints_error
+    from megallama.config.schema import ConfigError
+
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "SLURM_LOCALID",
+                "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _prints_error(ConfigError("x"))  # a stray LOCAL_RANK in one process silences nothing
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert not _prints_error(ConfigError("x")) and _prints_error(UserError("rank 1 died"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _prints_error(ConfigError("x"))
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert not _prints_error(ConfigError("x"))
