@@ -123,7 +123,7 @@ def test_stale_build_lock_is_named_not_waited_on_and_eval_needs_no_comm_op(flow,
                        capture_output=True, text=True, env=e, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and time.time() - start < 60, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and f"{lock}: a DeepSpeed op build lock" in lines[0], r.stderr[-2000:]
+    assert len(lines) == 1 and f"{lock}: a DeepSpeed op build lock that no process" in lines[0], r.stderr[-2000:]
     assert lock.exists() and not (tmp_path / "run").exists()  # reported, not removed; no debris
     ev = subprocess.run(launch_cmd("none", 1) + ["eval", "--checkpoint", str(flow["run_dir"] / "checkpoints"),
                                                  "--config", str(flow["cfg"]), "--set", "data.split=80,10,10",
@@ -170,19 +170,30 @@ def test_build_lock_waits_for_a_live_build_only(tmp_path):
         check_build_lock(lock, grace_s=1.0, say=lambda m: None)
     assert 1.0 <= time.time() - start < 10
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    said, outcome = [], []
+
+    def wait():
+        try:
+            check_build_lock(lock, grace_s=3.0, say=said.append)
+            outcome.append("returned")
+        except UserError as exc:
+            outcome.append(str(exc))
+
     builder = subprocess.Popen(["sleep", "60"], cwd=lock.parent)  # ninja and the compilers work in the build dir
-    said, done = [], threading.Event()
+    waiter = threading.Thread(target=wait)
     try:
-        waiter = threading.Thread(target=lambda: (check_build_lock(lock, grace_s=1.0, say=said.append), done.set()))
         waiter.start()
-        time.sleep(2.5)
-        assert not done.is_set() and said and f"(pid {builder.pid})" in said[0]  # an old lock, a live build: wait
-        lock.unlink()  # the build ends
-        waiter.join(timeout=10)
-        assert done.is_set()
+        time.sleep(4)
+        assert not outcome and said and f"(pid {builder.pid})" in said[0]  # an old lock, a live build: wait
     finally:
         builder.kill()
         builder.wait()
+    (lock.parent / "op.so").write_bytes(b"x")  # the linker just finished; torch imports it, then unlocks
+    time.sleep(1.5)
+    assert not outcome  # fresh output: still a live build's last moment, not a stale lock
+    lock.unlink()
+    waiter.join(timeout=10)
+    assert outcome == ["returned"]
 
 
 def test_schedule_change_opt_in_refits_without_warnings(caplog):

@@ -61,23 +61,48 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_build_lock(lock: Path, grace_s: float = GRACE_S, say=_say) -> None:
-    """Return once ``lock`` is gone; wait while a build is running on this host; raise a one-line
-    UserError naming ``lock`` when it is older than ``grace_s`` and no process is building."""
-    told = False
-    while True:
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _last_change(build_dir: Path) -> float:
+    """Newest mtime in the build directory (the lock, objects, the library, ninja's logs)."""
+    newest = 0.0
+    for entry in os.scandir(build_dir):
         try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def check_build_lock(lock: Path, grace_s: float = GRACE_S, say=_say) -> None:
+    """Return once ``lock`` is gone; wait while a build runs on this host; raise a one-line
+    UserError naming ``lock`` once no process has worked in the build directory and nothing there
+    has changed for ``grace_s`` (a live build holds the lock a moment before its compiler starts
+    and after its linker ends, with fresh files around it then)."""
+    told, last_seen = False, 0.0
+    while True:
+        if not lock.exists():
             return
         running = _builders(lock.parent)
-        if not running and age >= grace_s:
-            err = UserError(f"{lock}: a DeepSpeed op build lock {age:.0f}s old that no process on this host holds "
-                            "(left by an interrupted build); remove the file and start again (if another host "
-                            "shares this directory and is building, wait for it instead)")
+        now = time.time()
+        if running:
+            last_seen = now
+        try:
+            quiet = now - max(last_seen, _last_change(lock.parent))
+        except FileNotFoundError:
+            return
+        if quiet >= grace_s:
+            err = UserError(f"{lock}: a DeepSpeed op build lock that no process on this host holds, nothing "
+                            f"changed there for {quiet:.0f}s (left by an interrupted build); remove the file and start "
+                            "again (if another host shares this directory and is building, wait for it instead)")
             err.same_on_every_rank = True
             raise err
-        if running and not told and age >= grace_s:
+        if running and not told and _age(lock) >= grace_s:
             say(f"waiting for the DeepSpeed op build in {lock.parent} (pid {running[0]}) to finish")
             told = True
         time.sleep(0.5)
