@@ -20,7 +20,7 @@ from typing import Optional
 from megallama.errors import UserError
 
 OP = "ShareMemCommBuilder"  # the one op DeepSpeed's comm layer JIT-loads on CPU
-GRACE_S = 15.0  # a live build is in Python (not yet or no longer in ninja) for well under this
+GRACE_S = 30.0  # a live build sits in Python (not yet or no longer in ninja) for well under this
 
 
 def _jit_builder():
