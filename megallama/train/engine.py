@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -120,7 +120,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     return Built(engine=engine, module=module, pipeline=pipeline)
 
 
-def set_schedule_position(sched, step: int, base_lr: float = None) -> None:
+def set_schedule_position(sched, step: int, base_lr: Optional[float] = None) -> None:
     """Put the LR schedule where it stands after ``step`` optimizer steps (the LR of the step about
     to run), optionally from a new peak ``base_lr``. Set directly: calling ``step()`` before the
     optimizer has stepped is what torch warns about on every resume."""
