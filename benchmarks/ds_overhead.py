@@ -83,7 +83,8 @@ def scaling(args) -> dict:
             run_dir = Path(tmp) / f"w{world}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m", "megallama",
                    "train", str(ROOT / "examples" / "tiny.yaml"), "--set", f"run_dir={run_dir}",
-                   "--set", f"train.steps={args.steps}", "--set", "train.log_every=1", "--set", "checkpoint.every=0",
+                   "--set", f"train.steps={args.steps}", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
+                   "--set", "checkpoint.every=0",
                    "--set", "train.global_batch_size=16", "--set", "train.activation_checkpointing.mode=none",
                    "--set", f"data.cache_dir={Path(tmp) / 'data'}", "--set", "data.embedded_max_files=60"]
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))

@@ -8,6 +8,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import time
 from typing import List, Optional
 
 from megallama.errors import UserError
@@ -53,6 +54,24 @@ def _release_process_group() -> None:
             pass
 
 
+def _prints_error(exc: UserError) -> bool:
+    """Whether this process prints an error every rank raises alike (a bad config, a verdict rank 0
+    broadcast): local rank 0 of each node does, so a launcher's log shows it once per node, not
+    once per rank. Errors of one rank's own (a dead peer, a failed write) are printed by each."""
+    from megallama.config.schema import ConfigError
+
+    if not (isinstance(exc, ConfigError) or getattr(exc, "same_on_every_rank", False)):
+        return True
+    env = os.environ
+    if not any(env.get(k, "").strip().isdigit() and int(env[k]) > 1
+               for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")):
+        return True  # one process (a stray LOCAL_RANK in the shell must not silence it)
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
+        if env.get(key, "").strip().isdigit():
+            return int(env[key]) == 0
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -62,7 +81,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        sys.stderr.write(f"megallama {args.command}: error: {exc}\n")
+        if _prints_error(exc):
+            sys.stderr.write(f"megallama {args.command}: error: {exc}\n")
+        else:  # a launcher kills the siblings of the first rank to exit: let the one that says it go first
+            time.sleep(1.0)
         _release_process_group()
         return 2
     except KeyboardInterrupt:

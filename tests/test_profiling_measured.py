@@ -146,7 +146,7 @@ def test_peak_device_memory_on_gpu(tmp_path):
         from megallama.profiling.arch import ArchSpec
 
         cfg = load_run_config(data={"model": {"preset": "small"}, "deepspeed": {"zero_optimization": {"stage": 0}},
-                                    "train": {"seq_len": 512, "micro_batch_size": 4, "steps": 5}})
+                                    "train": {"seq_len": 512, "micro_batch_size": 4, "steps": 5, "warmup_steps": 1}})
         s = harness.setup(cfg, harness.random_batches(cfg))
         harness.run_step(s)
         reset_device_peak()

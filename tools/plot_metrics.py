@@ -22,6 +22,20 @@ def load(path: Path):
     return rows
 
 
+def timeline(rows, key: str):
+    """The records carrying ``key`` as one run forward in step: a record whose step does not move
+    past the previous one starts a replay (a resume from an older checkpoint, in files written
+    before resumes truncated them), and replaces what it replays, so a line never doubles back."""
+    out = []
+    for r in rows:
+        if key not in r or not isinstance(r.get("step"), int):
+            continue
+        while out and out[-1]["step"] >= r["step"]:
+            out.pop()
+        out.append(r)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -40,12 +54,17 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
+    train, evals = timeline(rows, "loss"), timeline(rows, "eval_loss")
+    steps = [r["step"] for r in train]
     panels = [("loss", "loss", 1), ("lr", "learning rate", 1), ("tokens_per_s", "tokens/s", 1),
               ("mem_bytes", "peak memory (GiB)", 2**-30)]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, label, scale) in zip(axes.flat, panels):
-        ax.plot(steps, [(r.get(key) or float("nan")) * scale for r in rows], marker=".")
+        ax.plot(steps, [(r.get(key) if r.get(key) is not None else float("nan")) * scale for r in train],
+                marker=".", label="train")
+        if key == "loss" and evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval")
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -25,8 +25,11 @@ def run(args) -> int:
 
     if report and (not dist.is_initialized() or dist.get_rank() == 0):
         mem = (report["mem_bytes"] or 0) / 2**30
+        end, steps = report["end_step"], report["steps"]
+        head = f"done: step {end} of {steps}" if end == steps else \
+            f"stopped at step {end} of {steps} (train.exit_at_step={end})"
         sys.stdout.write(
-            f"done: {report['steps']} steps, loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}; "
+            f"{head}, loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}; "
             f"{report['tokens_per_s'] or 0:,.0f} tok/s, {report['tflops_per_rank'] or 0:.3f} TFLOP/s per rank, "
             f"MFU {100 * (report['mfu'] or 0):.1f}%, peak mem {mem:.2f} GiB per rank; metrics in {report['metrics']}\n")
     if dist.is_initialized():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from megallama.errors import UserError, did_you_mean
 
@@ -182,6 +182,17 @@ class TrainConfig(_Strict):
     dist_timeout_s: Int = _int(300)  # collective timeout of the process group
     # a rank silent this long is declared dead (0: no watchdog)
     heartbeat_timeout_s: Float = _num(60.0, ge=0, le=MAX_SIZE)
+    # a resume whose steps/warmup_steps/lr/min_lr_ratio differ from the checkpoint's is refused (as
+    # Megatron does) unless this re-fits the schedule (Megatron's --override-opt_param-scheduler)
+    allow_schedule_change: bool = False
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> "TrainConfig":
+        """Checked on defaults too: a 5-step run under the default 30-step warm-up never reaches its LR."""
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"train.warmup_steps: {self.warmup_steps} is not fewer than train.steps={self.steps} "
+                              "(the LR would never reach its peak); lower warmup_steps or raise steps")
+        return self
 
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""

@@ -5,6 +5,8 @@ schedule, loss scaler), ``universal/`` (layout-free weights and Adam moments), o
 rank, and ``meta.json``. Only after every rank has written and a barrier has passed does rank 0
 fsync every file, write ``manifest.json`` (sizes and SHA-256), and then atomically replace the
 ``latest`` pointer. A kill at any moment therefore leaves ``latest`` on a complete checkpoint.
+A write that fails on any rank (a full disk) stops every rank within seconds with one line naming
+the file; the partial checkpoint is removed and ``latest`` is left as it was.
 Loading verifies the manifest and falls back to the newest older checkpoint that verifies.
 Assumes the checkpoint directory is shared by all ranks (as DeepSpeed's own checkpoints do).
 """
@@ -46,10 +48,14 @@ def _sha256(path: Path) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -166,31 +172,145 @@ def prune(ckpt_dir: Path, keep: int, current: Path) -> None:
             shutil.rmtree(tag, ignore_errors=True)
 
 
+def _write_failure(exc: BaseException, path: Path) -> str:
+    """One line naming the file a write failed on and why. torch.save reports a full disk only as
+    "unexpected pos N vs M", so an almost empty filesystem is named as the likely cause."""
+    path = Path(getattr(exc, "filename", None) or path)
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror
+    elif "No space left" in text or "os error 28" in text:
+        why = "No space left on device"
+    else:
+        try:
+            free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
+        except OSError:
+            free = None
+        why = f"No space left on device ({free} bytes free there)" if free is not None and free < 2**20 \
+            else f"{type(exc).__name__}: {text[:160]}"
+    return f"{path}: could not write it ({why})"
+
+
+def _write_errors():
+    errors = (OSError, RuntimeError)
+    try:
+        from safetensors import SafetensorError
+
+        return errors + (SafetensorError,)
+    except ImportError:
+        return errors
+
+
+class _RecordedWrites:
+    """Turns a failed write inside DeepSpeed's ``save_checkpoint`` into a recorded message, so the
+    failing rank still reaches DeepSpeed's closing barrier (raising would leave its peers waiting
+    there until the watchdog called it dead) and later writes on that rank are skipped."""
+
+    def __init__(self, engine, failures: List[str]):
+        self.engine, self.failures = engine, failures
+
+    def __enter__(self):
+        ce, eng, failures = self.engine.checkpoint_engine, self.engine, self.failures
+        real_save, real_copy = ce.save, eng._copy_recovery_script
+
+        def save(state_dict, path, *args, **kwargs):
+            if failures:
+                return None
+            try:
+                return real_save(state_dict, path, *args, **kwargs)
+            except _write_errors() as exc:
+                failures.append(_write_failure(exc, Path(path)))
+
+        def copy_recovery_script(save_path):
+            if not failures:
+                try:
+                    real_copy(save_path)
+                except OSError as exc:
+                    failures.append(_write_failure(exc, Path(save_path)))
+
+        ce.save, eng._copy_recovery_script = save, copy_recovery_script
+        return self
+
+    def __exit__(self, *exc_info):
+        del self.engine.checkpoint_engine.save, self.engine._copy_recovery_script
+        return False
+
+
+def _abandon(ckpt_dir: Path, tag_dir: Path, step: int, problems: List[Optional[str]]) -> None:
+    """Every rank: stop with the first failure, named; rank 0 removes the partial checkpoint
+    (space back, no debris) and ``latest`` stays on the last complete one."""
+    rank, first = next((r, p) for r, p in enumerate(problems) if p)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    dist.barrier()  # all stop together, after the clean-up: a launcher kills the rest when one exits
+    try:
+        kept = (ckpt_dir / LATEST).read_text().strip()
+    except OSError:
+        kept = None
+    raise UserError(f"checkpoint of step {step} not saved: rank {rank}: {first}; "
+                    + (f"{ckpt_dir / LATEST} still names {kept}" if kept else "no earlier checkpoint to keep"))
+
+
+def _gather(problem: Optional[str]) -> List[Optional[str]]:
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    return every
+
+
 def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, keep: int, pipeline: bool,
          n_layers: int, meta: Dict) -> Path:
-    """Collective: every rank must call. Returns the checkpoint directory."""
+    """Collective: every rank must call. Returns the checkpoint directory. A failed write (a full
+    disk) on any rank stops every rank within seconds with one line naming the file."""
     from megallama.train.universal import save_universal
 
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    if rank == 0 and tag_dir.exists():  # an abandoned attempt at this step: start clean
-        shutil.rmtree(tag_dir)
-    dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    save_universal(engine, module, state, tag_dir / "universal", pipeline, n_layers, meta)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    failures: List[str] = []
+    if rank == 0:  # an abandoned attempt at this step: start clean
+        try:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            tag_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            failures.append(_write_failure(exc, tag_dir))
+    problems = _gather(failures[0] if failures else None)  # doubles as the barrier before writing
+    if any(problems):
+        _abandon(ckpt_dir, tag_dir, step, problems)
+    with _RecordedWrites(engine, failures):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:  # collectives first, then this rank's writes: every rank calls it even after a failure
+        save_universal(engine, module, state, tag_dir / "universal", pipeline, n_layers, meta)
+    except _write_errors() as exc:
+        failures.append(_write_failure(exc, tag_dir / "universal"))
+    rng_path = tag_dir / f"rng_rank{rank:05d}.pt"
+    if not failures:
+        try:
+            torch.save(rng_state(), rng_path)
+        except _write_errors() as exc:
+            failures.append(_write_failure(exc, rng_path))
     delay = float(os.environ.get("MEGALLAMA_FAULT_SLOW_SAVE_S", "0") or 0)  # fault-injection window
     if delay:
         time.sleep(delay)
-    dist.barrier()
+    problems = _gather(failures[0] if failures else None)
+    if any(problems):
+        _abandon(ckpt_dir, tag_dir, step, problems)
+    box = [None]
     if rank == 0:
-        (tag_dir / "meta.json").write_text(json.dumps({**meta, "step": step, **client_state}, indent=1))
-        write_manifest(tag_dir)
-        _atomic_write(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep, tag_dir)
-        log.info("checkpoint %s written (latest)", tag_dir)
-    dist.barrier()
+        current = tag_dir / "meta.json"
+        try:
+            current.write_text(json.dumps({**meta, "step": step, **client_state}, indent=1))
+            current = tag_dir / MANIFEST
+            write_manifest(tag_dir)
+            current = ckpt_dir / LATEST
+            _atomic_write(current, tag)
+        except OSError as exc:
+            box[0] = _write_failure(exc, current)
+        else:
+            prune(ckpt_dir, keep, tag_dir)
+            log.info("checkpoint %s written (latest)", tag_dir)
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        _abandon(ckpt_dir, tag_dir, step, [box[0]])
     return tag_dir
 
 

@@ -102,11 +102,24 @@ def device_for(local_rank: int) -> torch.device:
 
 
 def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) -> LaunchInfo:
-    """Start the default process group (via DeepSpeed's comm layer) for any launcher."""
+    """Start the default process group (via DeepSpeed's comm layer) for any launcher.
+
+    One process needs no DeepSpeed comm layer (whose start-up JIT-loads a shared-memory op): a
+    plain group serves ``eval``, and an engine adds DeepSpeed's layer on top when it
+    is built (``build_engine`` checks the build lock there). Before DeepSpeed's comm start-up loads
+    that op, a stale build lock is reported, not waited on."""
     import deepspeed
+
+    from megallama.train.warmup_ops import check_comm_op_lock
 
     info = info or detect_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if info.world_size == 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, init_method="env://", rank=info.rank, world_size=1,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+        return info
+    if backend == "gloo":
+        check_comm_op_lock()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -93,6 +93,10 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
 
     from megallama.train import universal as uni
 
+    if device.type == "cpu":  # deepspeed.initialize may JIT-load the comm op: never hang on a stale lock
+        from megallama.train.warmup_ops import check_comm_op_lock
+
+        check_comm_op_lock()
     ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
     model_parallel_seed(cfg.train.seed)
     if module is None:
@@ -115,9 +119,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     _warn_zero_without_dp(state, ds)
     if universal is not None:
         uni.load_optimizer_state(universal, engine, module, state, pipeline, n_layers, step)
-        sched = engine.lr_scheduler
-        sched.last_epoch = step - 1
-        sched.step()  # the LR of the step about to run
+        set_schedule_position(engine.lr_scheduler, step)
     return Built(engine=engine, module=module, pipeline=pipeline)
 
 
@@ -137,6 +139,19 @@ def _undo_unfused_warmup_step(engine) -> None:
         for low, master in zip(opt.fp16_groups, opt.fp32_groups):
             for p_low, p_master in zip(low, master):
                 p_master.copy_(p_low)
+
+
+def set_schedule_position(sched, step: int, base_lr: Optional[float] = None) -> None:
+    """Put the LR schedule where it stands after ``step`` optimizer steps (the LR of the step about
+    to run), optionally from a new peak ``base_lr``. Set directly: calling ``step()`` before the
+    optimizer has stepped is what torch warns about on every resume."""
+    if base_lr is not None:
+        sched.base_lrs = [base_lr] * len(sched.base_lrs)
+    sched.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
 
 
 def _skip_self_allreduce(engine, state: ParallelState, ds: Dict[str, Any]) -> None:
@@ -167,6 +182,7 @@ def _record_fp32_grad_norm(engine) -> None:
     with NaN/inf gradients (its ZeRO and fp16 optimizers skip those). Keep the norm for the
     logs, and mark a non-finite one as an overflow: the engine then skips the update and the LR
     step and counts it in ``skipped_steps``, as it does for its own optimizers."""
+    import functools
     import math
 
     from deepspeed.runtime.utils import clip_grad_norm_
@@ -183,8 +199,9 @@ def _record_fp32_grad_norm(engine) -> None:
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
 
-    real_step = opt.step
+    real_step = opt.step  # the LR scheduler's call-counting wrapper of AdamW.step: kept inside ours
 
+    @functools.wraps(real_step)  # carries its marker, so torch sees the step still counted (no warning)
     def guarded_step(*args, **kwargs):
         if getattr(opt, "overflow", False):
             return None

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator
@@ -18,13 +19,22 @@ from megallama.parallel import initialize
 from megallama.train.distributed import detect_launcher, device_for, init_distributed
 from megallama.train.ds_config import build_ds_config, check_device_supports, precision, zero_stage
 from megallama.train import checkpoint as ckpt
-from megallama.train.engine import build_engine
+from megallama.train.engine import build_engine, set_schedule_position
 from megallama.train.fits import check_training_fits
 from megallama.train.metrics import MetricsLogger, device_peak_flops
+from megallama.train.run_lock import hold_run_dir
 from megallama.train.step import make_loss_fn
+from megallama.train.warmup_ops import check_comm_op_lock
 from megallama.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+
+
+def _everyones(message: str) -> UserError:
+    """An error rank 0 found and broadcast: printed once per node, not once per rank (cli.py)."""
+    err = UserError(message)
+    err.same_on_every_rank = True
+    return err
 
 
 def _prepare_data(cfg: RunConfig, rank: int):
@@ -39,7 +49,7 @@ def _prepare_data(cfg: RunConfig, rank: int):
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise UserError(box[1])
+        raise _everyones(box[1])
     return box[0]
 
 
@@ -64,7 +74,7 @@ def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise UserError(box[1])
+        raise _everyones(box[1])
     return Path(box[0]) if box[0] else None
 
 
@@ -78,6 +88,44 @@ def _check_same_model(meta, cfg: RunConfig, path: Path) -> None:
     if diff:
         raise UserError(f"checkpoint {path}: model.{diff[0]} is {saved.get(diff[0])!r} there, "
                         f"{now[diff[0]]!r} in this config")
+
+
+SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+
+
+def _schedule_changed(meta, cfg: RunConfig, path: Path) -> bool:
+    """A resume under another LR schedule is refused, as Megatron refuses it unless told
+    (--override-opt_param-scheduler): the cosine would silently re-stretch from the resume step.
+    ``train.allow_schedule_change`` opts in; True then (the caller re-fits the schedule)."""
+    saved, t = meta.get("schedule"), cfg.train
+    diff = [k for k in SCHEDULE if saved and saved.get(k) != getattr(t, k)]
+    if not diff:
+        return False
+    k = diff[0]
+    if not t.allow_schedule_change:
+        raise UserError(f"train.{k}: {getattr(t, k)} differs from {saved[k]} in checkpoint {path}, whose LR schedule "
+                        f"it would re-stretch from step {meta['step']}; set train.{k}={saved[k]} to continue that "
+                        "schedule, or train.allow_schedule_change=true to re-fit it")
+    log.warning("train.%s: %s (checkpoint: %s): re-fitting the LR schedule from step %d "
+                "(train.allow_schedule_change=true)", k, getattr(t, k), saved[k], meta["step"])
+    return True
+
+
+def _peer_failure(problem: str, rank: int, exc: BaseException) -> str:
+    """One whole line: the failed peer, and this rank stopping because of it, with the collective's
+    own reason only when it is short enough to quote whole (never cut mid-sentence)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[file.cc:123] " prefix
+    cause = f"{type(exc).__name__}: {first}" if first and len(first) <= 160 else type(exc).__name__
+    return f"{problem}; rank {rank} stops because a collective with it failed ({cause})"
+
+
+def _rank0_value(fn, rank: int):
+    """``fn()`` computed once on rank 0 and shared (e.g. a measurement other ranks would disturb)."""
+    box = [fn() if rank == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _has_native(tag_dir: Path) -> bool:
@@ -131,6 +179,10 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     check_device_supports(ds)
     check_training_fits(cfg, info.world_size, info.local_rank)  # a model/batch too big is one line, not an OOM
     init_distributed(cfg.train.dist_timeout_s, info)
+    if not torch.cuda.is_available():  # the engine will load DeepSpeed's comm op: no start on a stale lock
+        check_comm_op_lock()
+    # before anything is written there (heartbeats included): one job per run directory
+    lock = hold_run_dir(cfg.run_dir, cfg.checkpoint.dir, cfg.checkpoint.every > 0, info.rank)
     watchdog = None
     if info.world_size > 1 and cfg.train.heartbeat_timeout_s > 0:
         watchdog = Watchdog(cfg.run_dir, info.rank, info.world_size, cfg.train.heartbeat_timeout_s).start()
@@ -139,11 +191,13 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     except (RuntimeError, OSError) as exc:
         problem = watchdog.wait_for_dead_rank() if watchdog else None
         if problem:  # a collective failed because a peer died: say which, in one line
-            raise UserError(f"{problem}; stopping (collective failed: {str(exc).splitlines()[0][:120]})") from None
+            raise UserError(_peer_failure(problem, info.rank, exc)) from None
         raise
     finally:
         if watchdog:
             watchdog.stop()
+        if lock:
+            lock.release()
 
 
 def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
@@ -153,8 +207,6 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     batch = t.batch_layout(state.dp)
     rank0 = info.rank == 0
     if rank0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
         log.info("launcher=%s world=%d tp=%d pp=%d dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
                  info.launcher, info.world_size, state.tp, state.pp, state.dp, zero_stage(ds), precision(ds),
                  batch.global_, batch.micro, batch.accum, state.dp)
@@ -163,14 +215,18 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
 
     art = _prepare_data(cfg, info.rank)
     train_ds, valid_ds, _ = build_datasets(cfg, art)
+    if rank0:  # only once the data is known good: a failed start leaves no config behind
+        (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp,
-              "zero": zero_stage(ds), "precision": precision(ds), "world_size": info.world_size}
+              "zero": zero_stage(ds), "precision": precision(ds), "world_size": info.world_size,
+              "schedule": {k: getattr(t, k) for k in SCHEDULE}}
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     resume = _find_start(cfg, ckpt_dir, info.rank)
-    start_step, consumed, universal = 0, 0, None
+    start_step, consumed, universal, refit = 0, 0, None, False
     if resume is not None:
         meta = ckpt.read_meta(resume)
         _check_same_model(meta, cfg, resume)
+        refit = _schedule_changed(meta, cfg, resume)
         start_step, consumed = int(meta["step"]), int(meta["consumed_samples"])
         same_layout = all(meta.get(k) == layout[k] for k in ("tp", "pp", "dp", "zero", "precision")) \
             and _has_native(resume)
@@ -188,14 +244,16 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     if resume is not None and universal is None:
         engine.load_checkpoint(str(resume.parent), tag=resume.name)
         ckpt.load_rng(resume)
+        if refit:  # the restored schedule keeps the checkpoint's peak LR: take the config's
+            set_schedule_position(engine.lr_scheduler, start_step, base_lr=t.lr)
 
     from megallama.profiling.flops import flops_per_token
 
     flops = flops_per_token(cfg.model, t.seq_len, t.activation_checkpointing.mode)
-    peak, peak_source = device_peak_flops(precision(ds))
+    peak, peak_source = _rank0_value(lambda: device_peak_flops(precision(ds)), info.rank)
     tokens_per_step = batch.global_ * t.seq_len
     metrics = MetricsLogger(cfg.run_dir, rank0, t.steps, tokens_per_step, info.world_size,
-                            flops.model, flops.hardware, peak)
+                            flops.model, flops.hardware, peak, start_step=start_step)
     if rank0:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
 
@@ -207,6 +265,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     last_log, last_logged = run_start, start_step
     last_step = min(t.steps, t.exit_at_step or t.steps)
     for step in range(start_step + 1, last_step + 1):
+        lr = engine.get_lr()[0]  # the LR this step applies (the schedule moves on inside engine.step)
         if built.pipeline:
             loss = engine.train_batch(data_iter=pipe_iter)
             loss_value = loss.item()
@@ -240,7 +299,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             gn = float(gn) if gn is not None else None
             window = (time.perf_counter() - last_log) / max(1, step - last_logged)
             last_log, last_logged = time.perf_counter(), step
-            metrics.log(step, loss_value, engine.get_lr()[0], gn, window,
+            metrics.log(step, loss_value, lr, gn, window,
                         step - start_step,
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                                "loss_scale": _loss_scale(engine)})
@@ -254,10 +313,11 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             last_log, last_logged = time.perf_counter(), step  # keep save time out of the throughput window
     elapsed = time.perf_counter() - run_start
     if not losses:
-        raise UserError(f"train.steps: {t.steps} already reached by the checkpoint at step {start_step}")
+        field = "train.steps" if last_step == t.steps else "train.exit_at_step"
+        raise UserError(f"{field}: {last_step} already reached by the checkpoint at step {start_step}")
     report = {
-        "steps": t.steps, "start_step": start_step, "first_loss": losses[0], "final_loss": losses[-1],
-        "losses": losses,
+        "steps": t.steps, "start_step": start_step, "end_step": last_step,
+        "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
         "elapsed_s": elapsed, "world_size": info.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
         "zero_stage": zero_stage(ds), "precision": precision(ds), "launcher": info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),

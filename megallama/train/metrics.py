@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import resource
 import sys
 import time
@@ -53,7 +55,82 @@ def device_peak_flops(precision: str) -> tuple:
             if marker in name:
                 return hardware.load_hardware(key).peak(precision), key
         return float("nan"), name
-    return hardware.measure_cpu_gemm_peak(precision), f"cpu measured {precision} GEMM"
+    return cpu_peak_flops(precision)
+
+
+def peak_cache_path() -> Path:
+    root = os.environ.get("MEGALLAMA_CACHE_DIR") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megallama"
+    return Path(root) / "peak_flops.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def cpu_peak_flops(precision: str) -> tuple:
+    """This machine's GEMM peak, measured once and cached per CPU model, dtype and thread count:
+    measured afresh each run it moved with the load of the moment (0.08-0.16 TFLOP/s seen on one
+    box), so two runs' MFU could not be compared. Delete the cache file to measure again."""
+    from megallama.profiling import hardware
+
+    key = f"{_cpu_model()} | {precision} | {torch.get_num_threads()} threads"
+    path = peak_cache_path()
+    try:
+        table = json.loads(path.read_text())
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    entry = table.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
+            and math.isfinite(entry["flops"]) and isinstance(entry.get("date"), str):
+        return float(entry["flops"]), f"CPU {precision} GEMM peak measured {entry['date']}, cached in {path} [{key}]"
+    flops = hardware.measure_cpu_gemm_peak(precision, 2.0)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    table[key] = {"flops": flops, "date": date}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:
+        return flops, f"CPU {precision} GEMM peak measured now, {date} (not cached: {path}: {exc.strerror or exc})"
+    return flops, f"CPU {precision} GEMM peak measured now, {date}, cached in {path} [{key}]"
+
+
+def keep_records_through(path: Path, step: int) -> int:
+    """Drop records past ``step`` (a resume from an older checkpoint replays them) and any torn last
+    line, by writing a new file and renaming it over the old. Returns how many were dropped."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -65,7 +142,9 @@ def _fmt_eta(seconds: float) -> str:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, total_steps: int, tokens_per_step: int, world_size: int,
-                 flops_model_per_token: float, flops_hw_per_token: float, peak_flops: float):
+                 flops_model_per_token: float, flops_hw_per_token: float, peak_flops: float, start_step: int = 0):
+        """``start_step``: where this run starts; earlier runs' records past it are replaced, in
+        ``metrics.jsonl`` and TensorBoard alike, so a resume never doubles a step."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -78,11 +157,15 @@ class MetricsLogger:
         self._start = time.perf_counter()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            dropped = keep_records_through(self.path, start_step)
+            if dropped:
+                log.info("%s: dropped %d records past step %d (this run replays those steps)", self.path, dropped,
+                         start_step)
             self._file = open(self.path, "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
             except Exception:  # tensorboard not installed
                 self._tb = None
 
