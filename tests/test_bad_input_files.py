@@ -239,7 +239,7 @@ def test_checkpoint_tensor_dtype_and_count_mismatch(files, tmp_path):
     meta = json.loads((ckpt / "config.json").read_text())
     meta["model"]["n_layers"] = 10**6  # building a meta model this deep would never finish
     (ckpt / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="too few for the config's 1000000 layers"):
+    with pytest.raises(UserError, match="declares .* parameters .* but the weight files hold only"):
         load_and_build(ckpt)
 
 
