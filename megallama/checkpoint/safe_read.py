@@ -86,7 +86,7 @@ def _entry_problem(info, data_bytes: int) -> Optional[str]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         return "expected an entry with dtype, shape and data_offsets"
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         return f"unknown dtype {str(dtype)[:20]!r}"
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d <= MAX_SIZE for d in shape):
         return f"shape must be up to 8 sizes in 0..{MAX_SIZE}"
