@@ -60,13 +60,13 @@ def test_a_signal_to_the_deepspeed_runner_stops_the_ranks(cfg, tmp_path, sig):
     run_dir = tmp_path / "run"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megallama",
            "train", str(cfg)] + [x for o in LONG + [f"run_dir={run_dir}"] for x in ("--set", o)]
-    runner = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    log = open(tmp_path / "runner.log", "w")
+    runner = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     group = runner.pid  # the runner leads a new session: the launcher and ranks live in its group
     try:
         _wait_for_steps(run_dir, [runner])
         runner.send_signal(sig)
-        runner.communicate(timeout=30)
+        runner.wait(timeout=30)
         sent = time.time()
         while time.time() - sent < 30:
             try:
@@ -76,7 +76,9 @@ def test_a_signal_to_the_deepspeed_runner_stops_the_ranks(cfg, tmp_path, sig):
             time.sleep(0.2)
         else:
             pytest.fail(f"ranks still running 30 s after {sig.name} to the deepspeed runner")
+        assert "launcher process" in (tmp_path / "runner.log").read_text()  # they stopped because it went
     finally:
+        log.close()
         try:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
