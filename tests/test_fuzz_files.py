@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from megallama.errors import UserError
@@ -305,6 +305,7 @@ def test_fuzzed_file_is_read_or_refused_in_one_line(corpus, target):
     where, mode, reader, remanifest = TARGETS[target]
 
     @FUZZ
+    @example(json_edits=[(0, 1, False)], byte_edits=[("overwrite", 1984709, b"n\x9cB")])  # tokenizer: eos_id -1
     @given(json_edits=JSON_EDITS, byte_edits=BYTE_EDITS)
     def case(json_edits, byte_edits):
         with tempfile.TemporaryDirectory() as tmp:
