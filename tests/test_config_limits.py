@@ -10,9 +10,7 @@ started building the 7B default model, ``sequence_parallel`` with ``tp: 1`` ran,
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 

@@ -371,3 +371,126 @@ def test_resuming_a_crafted_training_checkpoint_runs_no_code(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if "megallama train: error" in ln]
     assert proc.returncode == 2 and len(errors) == 1 and "mp_rank_00_model_states.pt" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------- every file of every training checkpoint kind
+# One tiny 1-step checkpoint per kind of file set DeepSpeed and megallama write: ZeRO-0 model
+# states; bf16 ZeRO-2 optimizer partitions; ZeRO-3 parameter shards; the pipeline's layer files
+# with fp32 ZeRO-1 partitions (ZeRO-1 and -2 name their files alike); each with megallama's
+# universal/, RNG and meta files. Each file is then swapped for a pickle whose __reduce__ runs a
+# command. fp16 is not among them: DeepSpeed's CPU accelerator does not support it.
+KINDS = {"zero0": ("zero0.json", 1, []), "bf16-zero2": ("bf16_zero1.json", 1, ["deepspeed.zero_optimization.stage=2"]),
+         "zero3": ("zero3.json", 1, []), "pipeline": ("pipeline.json", 2, ["parallel.pp=2"])}
+# files DeepSpeed's own universal loader would read (deepspeed.checkpoint.load_universal)
+DEEPSPEED_UNIVERSAL = ("zero/optimizer_state.pt", "zero/tok_embeddings.weight/fp32.pt",
+                       "zero/tok_embeddings.weight/exp_avg.pt")
+
+
+@pytest.fixture(scope="module")
+def training_checkpoints(tmp_path_factory, data_cache):
+    from tests.train_utils import run_train, tiny_run_config
+
+    tmp = tmp_path_factory.mktemp("kinds")
+    cfg = tiny_run_config(tmp, data_cache, steps=1, seq_len=32, micro_batch_size=2, global_batch_size=2)
+    tags = {}
+    for kind, (ds, world, extra) in KINDS.items():
+        run_train(cfg, [f"run_dir={tmp / kind}", "checkpoint.every=1", f"deepspeed={ROOT / 'ds_configs' / ds}"]
+                  + extra, world=world)
+        tags[kind] = tmp / kind / "checkpoints" / "step00000001"
+    return cfg, tags
+
+
+def _load_like_resume(tag: Path) -> None:
+    """Everything resuming (either layout) or consolidating reads from a checkpoint, in order."""
+    from megallama.train import checkpoint as ckpt
+    from megallama.train.universal import UniversalReader
+
+    problem = ckpt.verify(tag)
+    if problem:
+        raise UserError(problem)
+    ckpt.check_safe_to_unpickle(tag)  # the gate before DeepSpeed's engine.load_checkpoint
+    ckpt.read_meta(tag)
+    reader = UniversalReader(tag / "universal")
+    for name in reader.names():
+        reader.full(name)
+    for rng in sorted(tag.glob("rng_rank*.pt")):
+        ckpt.dist.get_rank = lambda r=int(rng.stem[-5:]): r
+        ckpt.load_rng(tag)
+
+
+def test_deepspeeds_loader_would_run_the_payload(tmp_path):
+    """Control: the loader DeepSpeed resumes with does execute a pickle (so the gate matters)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": Payload(marker)}, tmp_path / "x.pt")
+    TorchCheckpointEngine().load(str(tmp_path / "x.pt"), map_location="cpu")
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_payload_in_any_checkpoint_file_never_runs(kind, training_checkpoints, tmp_path, monkeypatch):
+    from megallama.train import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt.dist, "get_rank", ckpt.dist.get_rank)
+    tag = tmp_path / "step00000001"
+    shutil.copytree(training_checkpoints[1][kind], tag)
+    _load_like_resume(tag)  # intact, it loads
+    marker = tmp_path / "pwned"
+    targets = sorted(str(p.relative_to(tag)) for p in tag.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert len(targets) >= 6 and any(t.endswith(".pt") for t in targets), targets
+    for rel in targets + list(DEEPSPEED_UNIVERSAL):
+        path = tag / rel
+        original = path.read_bytes() if path.exists() else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": Payload(marker)}, path)
+        ckpt.write_manifest(tag)  # whoever crafts the files can write a matching manifest
+        with pytest.raises(UserError) as exc:
+            _load_like_resume(tag)
+        assert not marker.exists(), f"{kind}: {rel} ran its payload"
+        assert "\n" not in str(exc.value) and path.name in str(exc.value), (rel, str(exc.value))
+        if original is None:
+            shutil.rmtree(tag / "zero")
+        else:
+            path.write_bytes(original)
+    ckpt.write_manifest(tag)
+    _load_like_resume(tag)
+
+
+def test_resume_with_a_payload_in_deepspeeds_own_files_runs_no_code(training_checkpoints, tmp_path):
+    """End to end: `train` resuming a ZeRO-3 checkpoint whose optimizer partition (read by
+    DeepSpeed's unrestricted torch.load) and universal zero/ state hold payloads."""
+    from megallama.train.checkpoint import write_manifest
+
+    cfg, tags = training_checkpoints
+    marker = tmp_path / "pwned"
+    tag = tmp_path / "ckpt" / "step00000001"
+    shutil.copytree(tags["zero3"], tag)
+    (tag.parent / "latest").write_text(tag.name)
+    evil = tag / "zero" / "optimizer_state.pt"
+    evil.parent.mkdir()
+    torch.save({"optimizer_state_dict": Payload(marker)}, evil)
+    write_manifest(tag)
+    base = [sys.executable, "-m", "megallama", "train", str(cfg), "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", f"checkpoint.load={tag.parent}", "--set", "train.steps=2",
+            "--set", f"deepspeed={ROOT / 'ds_configs' / 'zero3.json'}"]
+    from tests.train_utils import env
+
+    proc = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env())
+    assert not marker.exists(), "resuming ran the checkpoint's code"
+    errors = [ln for ln in proc.stderr.splitlines() if "megallama train: error" in ln]
+    assert proc.returncode == 2 and len(errors) == 1 and "zero/optimizer_state.pt" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_deepspeeds_universal_loader_is_refused(training_checkpoints):
+    """`deepspeed.checkpoint.load_universal` would have DeepSpeed unpickle zero/ itself: refused
+    by validate and train (both build the DeepSpeed config through the same check)."""
+    from megallama.config import ConfigError, load_run_config
+    from megallama.train.ds_config import build_ds_config
+
+    for value in ("true", "1", "'yes'"):
+        cfg = load_run_config(training_checkpoints[0], [f"deepspeed.checkpoint.load_universal={value}"])
+        with pytest.raises(ConfigError, match="deepspeed.checkpoint.load_universal: .* is refused"):
+            build_ds_config(cfg, 1)
+    build_ds_config(load_run_config(training_checkpoints[0], ["deepspeed.checkpoint.load_universal=false"]), 1)

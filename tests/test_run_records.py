@@ -12,7 +12,7 @@ import pytest
 
 from megallama.config import TrainConfig
 from megallama.errors import UserError
-from megallama.train.checkpoint import tag_for, verify
+from megallama.train.checkpoint import tag_for
 from megallama.train.optim import lr_lambda
 from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
 

@@ -68,17 +68,13 @@ def save_consolidated(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir,
 
 def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """``(config, full state dict)`` of a consolidated checkpoint; errors name the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     cfg_file, weights = p / CONFIG, p / WEIGHTS
     if not cfg_file.is_file():
         raise UserError(f"{cfg_file}: not found (not a megallama consolidated checkpoint)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{cfg_file}: not valid JSON") from None
+    from megallama.checkpoint.safe_read import read_json
+
+    meta = read_json(cfg_file, what="any")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise UserError(f"{cfg_file}: format is {found!r}, expected {FORMAT!r}")
@@ -94,13 +90,15 @@ def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         raise ConfigError(f"{cfg_file}: {exc}") from None
     if not weights.is_file():
         raise UserError(f"{weights}: not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights}: unreadable safetensors file ({exc})") from None
+    from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, load_tensors
+
     if meta.get("head", "lm") not in ("lm", CLASSIFIER_HEAD):
         raise UserError(f"{cfg_file}: head is {meta.get('head')!r}, expected 'lm' or {CLASSIFIER_HEAD!r}")
-    _check_tensors(state, cfg, str(weights), classifier=meta.get("head") == CLASSIFIER_HEAD)  # before allocating
+    classifier = meta.get("head") == CLASSIFIER_HEAD
+    check_shipped(cfg, [weights], str(p))
+    check_fits_memory(cfg, str(cfg_file))
+    state = load_tensors(weights, expected=expected_shapes(cfg, str(weights), classifier))  # header checked first
+    _check_tensors(state, cfg, str(weights), classifier=classifier)  # none missing
     return cfg, state
 
 

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
+from pydantic import ValidationError
 
+from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, load_tensors, read_json
 from megallama.config import ConfigError, ModelConfig
 from megallama.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_HF_KEY = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
+           "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings", "init_std": "initializer_range",
+           "multiple_of": "intermediate_size", "ffn_dim_multiplier": "intermediate_size"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer old exports saved; we recompute it
 _LAYER = {  # HF name inside model.layers.N -> megallama name inside layers.N (None: fused below)
     "input_layernorm.weight": "attention_norm.weight",
@@ -94,12 +100,17 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
                   **_ffn_fields(dim, need("intermediate_size")))
     try:
         cfg = ModelConfig(**fields)
-    except Exception as exc:  # pydantic: one line
-        raise ConfigError(f"{where}: unusable Llama config ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:  # one line naming the HF key and its value
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        key = _HF_KEY.get(field, field)
+        raise ConfigError(f"{where}: {key}: {err['msg'][:1].lower() + err['msg'][1:]} "
+                          f"(got {repr(err.get('input'))[:80]})") from None
     try:
         cfg.check()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    check_fits_memory(cfg, where)
     return cfg
 
 
@@ -118,47 +129,50 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
 
 # -------------------------------------------------------------------------------- weights
 def _read_json(path: Path) -> Dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path)
 
 
-def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def hf_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
+    """HF name -> shape of every tensor the config implies (meta tensors: nothing allocated)."""
+    from megallama.checkpoint.consolidated import expected_shapes
 
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found (listed in {INDEX})") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+    meta = {k: torch.empty(v, device="meta") for k, v in expected_shapes(cfg, where).items()}
+    shapes = {k: tuple(v.shape) for k, v in state_to_hf(meta, cfg).items()}
+    shapes.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (cfg.head_dim // 2,)
+                   for i in range(cfg.n_layers)})
+    return shapes
 
 
-def _hf_tensors(p: Path) -> Dict[str, torch.Tensor]:
+def _hf_tensors(p: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Every shard's header is checked against the config's shapes before any tensor is read."""
     if (p / INDEX).is_file():
         weight_map = _read_json(p / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{p / INDEX}: no 'weight_map' object")
-        tensors: Dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(p / shard))
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{p / INDEX}: no 'weight_map' object of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
+        bad = next((s for s in shards if not s or Path(s).name != s or s in (".", "..")), None)
+        if bad is not None:
+            raise UserError(f"{p / INDEX}: shard {bad[:100]!r} is not a file name in {p}")
+        for shard in shards:
+            if not (p / shard).is_file():
+                raise UserError(f"{p / shard}: not found (listed in {INDEX})")
+    elif (p / SINGLE).is_file():
+        weight_map, shards = None, [SINGLE]
+    elif any(p.glob("pytorch_model*.bin")):
+        raise UserError(f"{p}: only pickle weights (pytorch_model*.bin) found; they are not loaded because "
+                        "unpickling can run code: re-save with save_pretrained(..., safe_serialization=True)")
+    else:
+        raise UserError(f"{p}: no {SINGLE} or {INDEX}")
+    check_shipped(cfg, [p / s for s in shards], str(p))
+    expected = hf_shapes(cfg, str(p))
+    tensors: Dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_tensors(p / shard, expected=expected))
+    if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise UserError(f"{p / INDEX}: '{missing[0]}' is not in the shard it names")
-        return tensors
-    if (p / SINGLE).is_file():
-        return _read_safetensors(p / SINGLE)
-    if any(p.glob("pytorch_model*.bin")):
-        raise UserError(f"{p}: only pickle weights (pytorch_model*.bin) found; they are not loaded because "
-                        "unpickling can run code: re-save with save_pretrained(..., safe_serialization=True)")
-    raise UserError(f"{p}: no {SINGLE} or {INDEX}")
+    return tensors
 
 
 def state_from_hf(tensors: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> Dict[str, torch.Tensor]:
@@ -220,7 +234,7 @@ def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     if not (p / "config.json").is_file():
         raise UserError(f"{p / 'config.json'}: not found (not a Hugging Face checkpoint)")
     cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
-    return cfg, state_from_hf(_hf_tensors(p), cfg, str(p))
+    return cfg, state_from_hf(_hf_tensors(p, cfg), cfg, str(p))
 
 
 def save_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite: bool = False,

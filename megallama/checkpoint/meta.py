@@ -8,12 +8,12 @@ Meta's RoPE pairs adjacent channels; our rotate-half layout needs Wq/Wk rows per
 """
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
+from pydantic import ValidationError
 
 from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 from megallama.config import ConfigError, ModelConfig
@@ -43,17 +43,17 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
-    """A tensor dict from a ``.pth`` without running any pickled code."""
+    """A tensor dict from a ``.pth`` without running any pickled code, memory-mapped so nothing is
+    allocated (the legacy pre-zip format, which sizes storages by what the pickle claims, is refused)."""
     try:
-        try:
-            obj = load_weights_only(path, mmap=True)
-        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            obj = load_weights_only(path)
+        obj = load_weights_only(path, mmap=True)
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError, KeyError,
+            IndexError, OSError) as exc:
+        if "mmap" in str(exc) and "zip" in str(exc).lower():
+            raise UserError(f"{path}: legacy (pre-zip) torch format, not loaded: it cannot be checked before its "
+                            "storages are allocated; re-save it with a current torch.save") from None
         raise UserError(f"{path}: refused: not a plain tensor checkpoint ({refusal_reason(exc)}); it was not "
                         "unpickled because that could run code") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -62,6 +62,8 @@ def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
+    from megallama.checkpoint.safe_read import check_fits_memory
+
     if params.get("use_scaled_rope"):
         raise ConfigError(f"{where}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     fields = dict(dim=params.get("dim"), n_layers=params.get("n_layers"), n_heads=params.get("n_heads"),
@@ -70,17 +72,33 @@ def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
                   norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
                   max_seq_len=params.get("max_seq_len", 2048))
     for key in ("dim", "n_layers", "n_heads"):
-        if not isinstance(fields[key], int):
+        if not isinstance(fields[key], int) or isinstance(fields[key], bool):
             raise ConfigError(f"{where}: missing or non-integer '{key}'")
     try:
         cfg = ModelConfig(**fields)
-    except Exception as exc:
-        raise ConfigError(f"{where}: unusable params ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:  # one line naming the key and its value
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(f"{where}: {key}: {err['msg'][:1].lower() + err['msg'][1:]} "
+                          f"(got {repr(err.get('input'))[:80]})") from None
     try:
         cfg.check()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    check_fits_memory(cfg, where)
     return cfg
+
+
+def meta_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Meta name -> full shape of each tensor the config implies."""
+    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
+    out = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
+    per_layer = {"attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
+                 "attention.wo.weight": (d, q), "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
+                 "feed_forward.w2.weight": (d, f), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    for i in range(cfg.n_layers):
+        out.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    return out
 
 
 def _merge(name: str, parts: List[torch.Tensor], dim: int, where: str) -> torch.Tensor:
@@ -97,32 +115,63 @@ def _merge(name: str, parts: List[torch.Tensor], dim: int, where: str) -> torch.
     return torch.cat(parts, dim=split)
 
 
-def load_meta(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """``(config, TP=1 state dict)`` from a Meta release directory."""
-    p = Path(path)
-    params_file = p / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{params_file}: not found (not a Meta LLaMA checkpoint)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{params_file}: not valid JSON") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{params_file}: expected a JSON object")
+def _shard_files(p: Path) -> List[Path]:
+    """``consolidated.00.pth`` .. ``NN``, numbered without gaps (a gap names the missing file)."""
     files = sorted(p.glob("consolidated.*.pth"))
     if not files:
         raise UserError(f"{p}: no consolidated.NN.pth files")
-    shards = [safe_torch_load(f) for f in files]
+    numbers = []
+    for f in files:
+        stem = f.name[len("consolidated."):-len(".pth")]
+        if not stem.isdigit():
+            raise UserError(f"{f}: not a Meta shard name (expected consolidated.NN.pth)")
+        numbers.append(int(stem))
+    missing = next((i for i in range(max(numbers) + 1) if i not in numbers), None)
+    if missing is not None:
+        raise UserError(f"{p / f'consolidated.{missing:02d}.pth'}: missing (shards up to "
+                        f"consolidated.{max(numbers):02d}.pth are present)")
+    return [f for _, f in sorted(zip(numbers, files))]
+
+
+def load_meta(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """``(config, TP=1 state dict)`` from a Meta release directory."""
+    from megallama.checkpoint.safe_read import check_shipped, read_json
+
+    p = Path(path)
+    params_file = p / "params.json"
+    if not params_file.is_file():
+        raise UserError(f"{params_file}: not found (not a Meta LLaMA checkpoint)")
+    params = read_json(params_file)
+    files = _shard_files(p)
+    shards = [safe_torch_load(f) for f in files]  # memory-mapped: nothing allocated yet
     names = [k for k in shards[0] if k not in _IGNORED]
     for f, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(shards[0]):
             raise UserError(f"{f}: holds different tensors than {files[0].name}")
     dim = params.get("dim")
-    merged = {n: _merge(n, [s[n] for s in shards], dim, str(p)) for n in names}
+    wq = shards[0].get("layers.0.attention.wq.weight")
+    if isinstance(dim, int) and wq is not None and wq.dim() == 2 and 0 < wq.shape[0] and dim % wq.shape[0] == 0 \
+            and dim // wq.shape[0] > len(files):  # Meta splits Wq's rows over its shards
+        raise UserError(f"{p / f'consolidated.{len(files):02d}.pth'}: missing (params.json's dim={dim} over "
+                        f"{files[0].name}'s {wq.shape[0]} rows of Wq says {dim // wq.shape[0]} shards)")
     vocab = params.get("vocab_size", -1)
-    if not isinstance(vocab, int) or vocab <= 0:  # LLaMA 1 wrote -1: the tokenizer decides
-        vocab = merged["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in merged else -1
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:  # LLaMA 1 wrote -1: the tokenizer decides
+        emb = shards[0].get("tok_embeddings.weight")
+        vocab = emb.shape[0] * (len(files) if emb.dim() == 2 and emb.shape[1] * len(files) != dim else 1) \
+            if emb is not None and emb.dim() == 2 else -1
     cfg = _config(params, vocab, str(params_file))
+    check_shipped(cfg, files, str(p))
+    expected = meta_shapes(cfg)
+    merged = {}
+    for n in names:
+        try:
+            merged[n] = _merge(n, [s[n] for s in shards], dim, str(p))
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise UserError(f"{p}: tensor '{n}' does not merge across the {len(files)} shards "
+                            f"({str(exc).splitlines()[0][:120]})") from None
+        if n in expected and tuple(merged[n].shape) != expected[n]:
+            raise UserError(f"{p}: tensor '{n}' has shape {tuple(merged[n].shape)} over {len(files)} shard(s), "
+                            f"expected {expected[n]} from {params_file.name}")
     return cfg, state_from_meta(merged, cfg, str(p))
 
 

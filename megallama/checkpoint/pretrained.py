@@ -104,8 +104,17 @@ def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], 
 def build_for_inference(cfg: ModelConfig, state: Dict[str, torch.Tensor], dtype=None, device=None,
                         where: str = "checkpoint") -> torch.nn.Module:
     """The model at the current TP layout holding ``state``, in eval mode, without gradients."""
+    from megallama.checkpoint.consolidated import expected_shapes
+    from megallama.checkpoint.safe_read import check_fits_memory
     from megallama.model import LlamaForSequenceClassification, build_model
 
+    check_fits_memory(cfg, where)  # before building: the config, not the files, sizes the model
+    for name, shape in expected_shapes(cfg, where, classifier="score.weight" in state).items():
+        got = tuple(state[name].shape) if name in state else None
+        if got != shape:
+            raise UserError(f"{where}: tensor '{name}' has shape {got}, expected {shape} from the config")
+    if not state:
+        raise UserError(f"{where}: holds no tensors")
     dtype = resolve_dtype(dtype) or next(iter(state.values())).dtype
     build = LlamaForSequenceClassification if "score.weight" in state else build_model  # fine-tuned: a classifier
     model = build(cfg, seed=None, device=device, dtype=dtype)  # no random init: weights follow

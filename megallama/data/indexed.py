@@ -73,6 +73,10 @@ class IndexedTokens:
         if code not in DTYPES:
             self._fail(f"unknown dtype code {code} (expected one of {sorted(DTYPES)})")
         self.dtype = DTYPES[code]
+        tokens_in_bin = os.path.getsize(self.bin_path) // self.dtype.itemsize
+        if n_seq > tokens_in_bin + 1024 or n_doc > n_seq + 1025:  # sequences are not free: each holds tokens
+            self._fail(f"its header claims {n_seq} sequences and {n_doc} document boundaries, more than "
+                       f"{self.bin_path}'s {tokens_in_bin} tokens can hold (corrupt or not a pair)")
         need = HEADER_SIZE + n_seq * (4 + 8) + n_doc * 8
         if size < need:
             self._fail(f"truncated: {size} bytes, but its header describes {n_seq} sequences and "

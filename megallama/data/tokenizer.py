@@ -78,7 +78,9 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        if bos and self.bos_id < 0:
+            raise UserError(f"{self.path}: the model has no beginning-of-sentence token (bos_id = -1)")
+        return ([self.bos_id] if bos else []) + ids + ([self.eod_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Iterator, List, Optional
 
 import torch.distributed as dist
@@ -89,6 +90,22 @@ class ParallelState:
 
 
 _STATE: Optional[ParallelState] = None
+_GROUP_TIMEOUT: Optional[timedelta] = None
+
+
+def set_group_timeout(seconds: float) -> None:
+    """The bound on every wait in a group made from now on (``train.dist_timeout_s``).
+
+    torch gives ``new_group`` its own 30-minute default rather than the world group's timeout,
+    so the bound is passed to our groups and becomes torch's default for DeepSpeed's (pipeline
+    grid, ZeRO) too: a stopped peer ends every wait within it, watchdog or not."""
+    from torch.distributed import distributed_c10d as c10d
+
+    global _GROUP_TIMEOUT
+    _GROUP_TIMEOUT = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = _GROUP_TIMEOUT
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = _GROUP_TIMEOUT
 
 
 def get_state() -> ParallelState:
@@ -120,7 +137,7 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
         # every rank must create every group, in the same order
         mine_group, mine_ranks = None, None
         for ranks in ranks_list:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=_GROUP_TIMEOUT)
             if rank in ranks:
                 mine_group, mine_ranks = g, ranks
         return mine_group, mine_ranks

@@ -90,22 +90,44 @@ def write_manifest(tag_dir: Path) -> Dict:
     return manifest
 
 
+def _manifest_entries(mf: Path):
+    """``(relative path, bytes, sha256)`` of each file a manifest lists, or a one-line reason."""
+    from megallama.checkpoint.safe_read import read_json
+
+    try:
+        manifest = read_json(mf)
+    except UserError as exc:
+        return f"unreadable manifest: {exc}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"{mf}: 'files' must be an object of file entries"
+    out = []
+    for rel, entry in files.items():
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            return f"{mf}: entry {rel[:100]!r} is not a path inside the checkpoint"
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and
+                isinstance(entry.get("sha256"), str)):
+            return f"{mf}: entry {rel[:100]!r} needs an integer 'bytes' and a string 'sha256'"
+        out.append((rel, entry["bytes"], entry["sha256"]))
+    return out
+
+
 def verify(tag_dir: Path, checksums: bool = True) -> Optional[str]:
     """None when ``tag_dir`` is complete and intact, else a one-line reason naming the file."""
     mf = tag_dir / MANIFEST
     if not mf.is_file():
         return f"{mf}: missing (checkpoint incomplete)"
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{mf}: unreadable manifest"
-    for rel, entry in manifest.get("files", {}).items():
+    entries = _manifest_entries(mf)
+    if isinstance(entries, str):
+        return entries
+    for rel, nbytes, sha in entries:
         path = tag_dir / rel
         if not path.is_file():
             return f"{path}: missing shard listed in the manifest"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{path}: size {path.stat().st_size} differs from the manifest's {entry['bytes']}"
-        if checksums and _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != nbytes:
+            return f"{path}: size {path.stat().st_size} differs from the manifest's {nbytes}"
+        if checksums and _sha256(path) != sha:
             return f"{path}: checksum mismatch (corrupted)"
     return None
 
@@ -128,15 +150,40 @@ def _deepspeed_record_types() -> list:
     return found
 
 
+def _files_under(tag_dir: Path) -> List[Path]:
+    """Every file below ``tag_dir``; a linked directory (which a loader would follow out of the
+    checkpoint, or round in a loop) is refused."""
+    found = []
+    for root, dirs, files in os.walk(tag_dir):
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                raise UserError(f"{os.path.join(root, d)}: a linked directory inside a checkpoint; refusing to "
+                                "load it")
+        found += [Path(root) / f for f in files]
+    return sorted(found)
+
+
+NEVER_UNPICKLED = (".json", ".safetensors")  # parsed as data by their readers, never unpickled
+
+
 def check_safe_to_unpickle(tag_dir: Path) -> None:
-    """DeepSpeed reads its own files with an unrestricted ``torch.load``; refuse, before it does,
-    any file that ``weights_only`` loading (plus DeepSpeed's plain loss-scaler records) rejects."""
+    """The one gate before any unpickling of a checkpoint: DeepSpeed reads its own files with an
+    unrestricted ``torch.load``, so every file under ``tag_dir`` (any depth: ``zero/``, layer
+    files, RNG states) that is not JSON or safetensors must load with ``weights_only`` (plus
+    DeepSpeed's plain loss-scaler records); the first that does not is refused in one line."""
     from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 
     allowed = _deepspeed_record_types()
-    for path in sorted(tag_dir.glob("*.pt")):
+    for path in _files_under(tag_dir):
+        if path.suffix in NEVER_UNPICKLED:
+            continue
         try:
-            load_weights_only(path, allowed)
+            try:  # mapped, so a large or sparse file costs no memory
+                load_weights_only(path, allowed, mmap=True)
+            except RuntimeError as exc:  # the legacy (non-zip) format cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                load_weights_only(path, allowed)
         except Exception as exc:  # UnpicklingError and friends: report, never execute
             raise UserError(f"{path}: refusing to unpickle it: it holds objects beyond tensors and plain data "
                             f"({refusal_reason(exc)})") from None
@@ -151,7 +198,14 @@ def find_resumable(ckpt_dir: Path) -> Optional[Path]:
     pointer = ckpt_dir / LATEST
     if not pointer.is_file():
         return None
-    named = ckpt_dir / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (UnicodeDecodeError, OSError) as exc:
+        name = f"<unreadable: {type(exc).__name__}>"
+    if not name or len(name) > 200 or any(c in name for c in "/\\") or name in (".", "..") \
+            or not name.isprintable():
+        raise UserError(f"{pointer}: does not name a checkpoint directory (got {name[:60]!r})")
+    named = ckpt_dir / name
     problem = verify(named) if named.is_dir() else f"{named}: missing (named by {pointer})"
     if problem is None:
         return named
@@ -315,7 +369,17 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
 
 
 def read_meta(tag_dir: Path) -> Dict:
-    return json.loads((tag_dir / "meta.json").read_text())
+    """``meta.json`` of a checkpoint, with the fields resuming reads checked (one line if not)."""
+    from megallama.checkpoint.safe_read import read_json
+
+    path = tag_dir / "meta.json"
+    meta = read_json(path)
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"{path}: 'model' must be an object (the model config)")
+    for key in ("step", "consumed_samples"):
+        if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 0:
+            raise UserError(f"{path}: '{key}' must be a non-negative integer, got {meta.get(key)!r}"[:300])
+    return meta
 
 
 def load_rng(tag_dir: Path) -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -114,6 +118,9 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
 
     info = info or detect_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    from megallama.parallel.state import set_group_timeout
+
+    set_group_timeout(timeout_s)
     if info.world_size == 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, init_method="env://", rank=info.rank, world_size=1,
                                              timeout=datetime.timedelta(seconds=timeout_s))
@@ -123,4 +130,64 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)
+    if info.launcher == "deepspeed":
+        stop_with_launcher()
     return info
+
+
+def _proc_stat(pid: int) -> Optional[Tuple[int, str]]:
+    """``(parent pid, start time)`` of a live process (start time tells a reused pid apart)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def launcher_chain(pid: Optional[int] = None) -> List[Tuple[int, str]]:
+    """DeepSpeed's per-node launcher above this rank and the ``deepspeed`` runner above it, as
+    ``(pid, start time)``: on one node the runner exits on SIGTERM/SIGINT without passing the
+    signal on, leaving the launcher and the ranks running."""
+    pid = os.getpid() if pid is None else pid
+    chain = []
+    stat = _proc_stat(pid)
+    while stat and len(chain) < 2:
+        parent = stat[0]
+        pstat = _proc_stat(parent)
+        wanted = "deepspeed.launcher.launch" if not chain else "deepspeed"
+        if pstat is None or wanted not in _cmdline(parent):
+            break
+        chain.append((parent, pstat[1]))
+        stat = pstat
+    return chain
+
+
+def stop_with_launcher(poll_s: float = 1.0, grace_s: float = 10.0) -> Optional[threading.Thread]:
+    """A rank ends itself (SIGTERM, then a hard exit after ``grace_s``) once DeepSpeed's launcher
+    or runner above it is gone, so a signal to the launcher always reaches the ranks."""
+    chain = launcher_chain()
+    if not chain:
+        return None
+
+    def watch():
+        while all((_proc_stat(pid) or (0, None))[1] == start for pid, start in chain):
+            time.sleep(poll_s)
+        gone = next(pid for pid, start in chain if (_proc_stat(pid) or (0, None))[1] != start)
+        sys.stderr.write(f"megallama: launcher process {gone} is gone (stopped by a signal?); stopping this rank\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(143)
+
+    thread = threading.Thread(target=watch, name="megallama-launcher-watch", daemon=True)
+    thread.start()
+    return thread

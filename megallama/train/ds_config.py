@@ -136,6 +136,16 @@ def _fields_at(model, loc) -> list:
     return names + [f.alias for f in model.model_fields.values() if f.alias]
 
 
+def _refuse_unsafe_loading(ds: Dict[str, Any]) -> None:
+    """DeepSpeed's universal-checkpoint loader unpickles ``TAG/zero/*.pt`` with no restriction, past
+    megallama's loading gate; cross-layout resume goes through megallama's own ``universal/``."""
+    value = ds.get("checkpoint", {}).get("load_universal", False)
+    if value is not False:
+        raise ConfigError(f"deepspeed.checkpoint.load_universal: {value!r} is refused: DeepSpeed's universal "
+                          "loader unpickles files without checks; megallama resumes at a new layout from its own "
+                          "layout-free files (remove the key)")
+
+
 def zero_stage(ds: Dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
@@ -160,6 +170,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     ds.setdefault("steps_per_print", 10**9)  # our progress line replaces DeepSpeed's
     ds.setdefault("wall_clock_breakdown", False)
 
+    _refuse_unsafe_loading(ds)
     sections = _validate_sections(ds)
     fp16, bf16 = sections["fp16"].enabled, sections["bf16"].enabled
     if fp16 and bf16:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,40 +96,106 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, pipeline
     return written
 
 
+MAX_DEGREE = 4096  # TP or PP degree a layout file may claim (a bound before any list is sized by it)
+_STEM = re.compile(r"^pp(\d{2,4})-tp(\d{2,4})$")
+
+
+def _expected(cfg) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Dict]]:
+    """Full shape and TP split of every parameter the config implies (a meta-device build)."""
+    from megallama.model import build_model
+    from megallama.parallel import layout
+
+    with layout(ParallelState()), torch.device("meta"):
+        model = build_model(cfg, seed=None)
+    params = dict(model.named_parameters())
+    return {n: tuple(p.shape) for n, p in params.items()}, {n: _split_info(p) for n, p in params.items()}
+
+
+def _shard_shape(full: Tuple[int, ...], info: Dict, tp: int) -> Optional[Tuple[int, ...]]:
+    if info["split_dim"] is None:
+        return full
+    dim = info["split_dim"]
+    parts = info["fused_sizes"] or [full[dim]]
+    if any(n % tp for n in parts):
+        return None
+    return full[:dim] + (full[dim] // tp,) + full[dim + 1:]
+
+
 class UniversalReader:
-    """Reads full logical tensors out of a universal directory written at any layout."""
+    """Reads full logical tensors out of a universal directory written at any layout.
+
+    Everything is checked before a byte of tensor data is read: the layout file and its model
+    config (normal validation, memory check), each index against the parameters that config
+    implies, and each safetensors header against the shard shapes; so a damaged or hostile
+    directory is one line naming the file, and nothing larger than the config's model is read.
+    """
 
     def __init__(self, src: Path):
-        from safetensors import safe_open
+        from megallama.checkpoint.safe_read import check_shipped, model_config, read_json, safetensors_header
 
         self.src = Path(src)
         layout_file = self.src / "layout.json"
         if not layout_file.is_file():
             raise UserError(f"{layout_file}: not found (not a layout-free checkpoint)")
-        self.layout = json.loads(layout_file.read_text())
+        self.layout = read_json(layout_file)
+        for key in ("tp", "pp"):
+            value = self.layout.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DEGREE:
+                raise UserError(f"{layout_file}: '{key}' must be an integer in 1..{MAX_DEGREE}, got {value!r}"[:300])
+        self.cfg = model_config(self.layout.get("model"), str(layout_file))
+        tp = self.layout["tp"]
+        shapes, splits = _expected(self.cfg)
         self.index: Dict[str, Dict] = {}
         self.files: Dict[str, List] = {}
+        weights = []
         for idx_file in sorted(self.src.glob("pp*-tp*.index.json")):
             stem = idx_file.name[: -len(".index.json")]
-            tp_rank = int(stem.split("-tp")[1])
-            handle = safe_open(str(self.src / f"{stem}.safetensors"), framework="pt")
-            for name, info in json.loads(idx_file.read_text()).items():
+            m = _STEM.match(stem)
+            if not m or int(m.group(2)) >= tp:
+                raise UserError(f"{idx_file}: not a shard of this layout (expected ppNN-tpNN with tp rank below "
+                                f"{tp})")
+            tp_rank, path = int(m.group(2)), self.src / f"{stem}.safetensors"
+            header = safetensors_header(path)
+            weights.append(path)
+            for name, info in read_json(idx_file).items():
+                if name not in shapes:
+                    raise UserError(f"{idx_file}: parameter {name[:100]!r} is not in the layout's model")
+                if info != splits[name]:
+                    raise UserError(f"{idx_file}: parameter '{name}' has split {info!r}, the model's is "
+                                    f"{splits[name]!r}"[:300])
+                shard = _shard_shape(shapes[name], info, tp)
+                if shard is None:
+                    raise UserError(f"{layout_file}: tp={tp} does not divide parameter '{name}'")
+                for key in (None,) + MOMENTS:
+                    tname = name if key is None else f"{name}::{key}"
+                    got = header.get(tname)
+                    if got is None or got[1] != shard or got[0] not in ("F32", "F16", "BF16", "F64"):
+                        raise UserError(f"{path}: tensor '{tname}' is {got!r}, expected a float tensor of shape "
+                                        f"{shard}")
                 self.index[name] = info
-                self.files.setdefault(name, [None] * self.layout["tp"])[tp_rank] = handle
+                self.files.setdefault(name, [None] * tp)[tp_rank] = path
+        for name, info in splits.items():
+            held = self.files.get(name, [None])
+            if (held[0] is None) if info["split_dim"] is None else any(h is None for h in held):
+                raise UserError(f"{self.src}: parameter '{name}' (or one of its TP shards) is missing")
+        check_shipped(self.cfg, weights, str(self.src), bytes_per_param=12)  # fp32 weight + two moments
 
     def names(self) -> Iterator[str]:
         return iter(self.index)
+
+    def _get(self, path: Path, tensor_name: str) -> torch.Tensor:
+        from megallama.checkpoint.safe_read import load_tensors
+
+        return load_tensors(path, names=[tensor_name])[tensor_name]
 
     def full(self, name: str, key: str = None) -> torch.Tensor:
         if name not in self.index:
             raise UserError(f"{self.src}: parameter '{name}' missing from the checkpoint")
         tensor_name = name if key is None else f"{name}::{key}"
-        info, handles = self.index[name], self.files[name]
+        info, paths = self.index[name], self.files[name]
         if info["split_dim"] is None:
-            return handles[0].get_tensor(tensor_name)
-        if any(h is None for h in handles):
-            raise UserError(f"{self.src}: a TP shard of '{name}' is missing")
-        return merge_tp_shards([h.get_tensor(tensor_name) for h in handles], info["split_dim"], info["fused_sizes"])
+            return self._get(paths[0], tensor_name)
+        return merge_tp_shards([self._get(p, tensor_name) for p in paths], info["split_dim"], info["fused_sizes"])
 
 
 def local_shard(reader: UniversalReader, name: str, p, state: ParallelState, key: str = None) -> torch.Tensor:

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from megallama.errors import UserError
 
