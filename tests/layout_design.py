@@ -17,9 +17,8 @@ from typing import Dict, FrozenSet, List, NamedTuple, Tuple
 
 from tests.train_utils import tiny_run_config
 
-# Encoder-decoder joins the matrix once it trains under megallama train (another branch makes it
-# trainable). Enabling it is this one switch: validity (no pp>1) comes from check_layout.
-ENCODER_DECODER_AXIS_ENABLED = False
+# The encoder-decoder axis; validity (no pp>1, no partitioned activations) comes from check_layout.
+ENCODER_DECODER_AXIS_ENABLED = True
 
 AXES: Dict[str, tuple] = {
     "arch": ("decoder", "encoder_decoder") if ENCODER_DECODER_AXIS_ENABLED else ("decoder",),

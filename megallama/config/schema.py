@@ -308,6 +308,11 @@ class RunConfig(_Strict):
             # recompute, assuming TP ranks hold the same input; with sequence shards it mixes them
             raise ConfigError("train.activation_checkpointing.partition_activations: not supported with "
                               "parallel.sequence_parallel (TP ranks hold different sequence shards)")
+        if m.arch == "encoder_decoder" and ac.mode == "full" and ac.partition_activations:
+            # DeepSpeed replaces each checkpointed input's data by its partition in place; every
+            # decoder layer reads the same encoder output, so the second layer finds it emptied
+            raise ConfigError("train.activation_checkpointing.partition_activations: not supported with "
+                              "model.arch=encoder_decoder (its decoder layers share the encoder output)")
         if t.seq_len > m.max_seq_len:
             raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if world_size is not None:
