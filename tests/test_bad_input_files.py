@@ -369,9 +369,10 @@ def _tag_of(ckpt: Path) -> Path:
 def _resume_reads(ckpt: Path) -> None:
     from megallama.train import checkpoint as ckpt_mod
     from megallama.train.universal import UniversalReader
+    from megallama.train.unpickle_gate import check_safe_to_unpickle
 
     tag = ckpt_mod.find_resumable(ckpt)
-    ckpt_mod.check_safe_to_unpickle(tag)
+    check_safe_to_unpickle(tag)
     ckpt_mod.read_meta(tag)
     reader = UniversalReader(tag / "universal")
     for name in reader.names():

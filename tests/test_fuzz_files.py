@@ -53,10 +53,10 @@ def corpus(tmp_path_factory):
     from megallama.data.tokenizer import Tokenizer
     from tests.conftest_data import sample_texts, tokenizer_path, write_docs
 
-    from megallama.train import checkpoint, ds_config, universal  # noqa: F401 - imported once, before the forks
+    from megallama.train import checkpoint, ds_config, universal, unpickle_gate  # noqa: F401 - imported once, before the forks
     import deepspeed  # noqa: F401
 
-    checkpoint._deepspeed_record_types()
+    unpickle_gate.deepspeed_record_types()
     root = tmp_path_factory.mktemp("fuzz")
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
     state = LlamaForCausalLM(cfg, seed=0).state_dict()
@@ -107,9 +107,10 @@ def _resume_training(root):
     from megallama.checkpoint.pretrained import from_pretrained
     from megallama.train import checkpoint as ckpt
     from megallama.train.universal import UniversalReader
+    from megallama.train.unpickle_gate import check_safe_to_unpickle
 
     found = ckpt.find_resumable(root / "train")
-    ckpt.check_safe_to_unpickle(found)
+    check_safe_to_unpickle(found)
     ckpt.read_meta(found)
     reader = UniversalReader(found / "universal")
     for name in reader.names():

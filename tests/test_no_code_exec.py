@@ -404,11 +404,12 @@ def _load_like_resume(tag: Path) -> None:
     """Everything resuming (either layout) or consolidating reads from a checkpoint, in order."""
     from megallama.train import checkpoint as ckpt
     from megallama.train.universal import UniversalReader
+    from megallama.train.unpickle_gate import check_safe_to_unpickle
 
     problem = ckpt.verify(tag)
     if problem:
         raise UserError(problem)
-    ckpt.check_safe_to_unpickle(tag)  # the gate before DeepSpeed's engine.load_checkpoint
+    check_safe_to_unpickle(tag)  # the gate before DeepSpeed's engine.load_checkpoint
     ckpt.read_meta(tag)
     reader = UniversalReader(tag / "universal")
     for name in reader.names():

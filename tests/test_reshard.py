@@ -67,3 +67,21 @@ def test_convert_rejects_impossible_layout_and_existing_output(trained):
     (tmp / "exists").mkdir()
     r = _convert(tmp / "src" / "checkpoints", tmp / "exists", "--tp", "2")
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_damaged_meta_is_one_line(trained, tmp_path):
+    """A meta.json of the wrong shape stops a reshard in one line naming it (it used to be a traceback)."""
+    import shutil
+
+    _, tmp, _ = trained
+    src = tmp_path / "src"
+    shutil.copytree(tmp / "src" / "checkpoints", src)
+    tag = src / (src / "latest").read_text().strip()
+    (tag / "meta.json").write_text('{"model": [], "step": 3}')
+    from megallama.train import checkpoint as ckpt
+
+    ckpt.write_manifest(tag)  # a consistent manifest: the meta itself is what is wrong
+    proc = _convert(src, tmp_path / "out", "--tp", "1", "--pp", "2")
+    assert proc.returncode == 2, proc.stderr
+    assert "meta.json" in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -118,7 +118,7 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
             (dst / f"{stem}.index.json").write_text(json.dumps(index[(stage, r)]))
         layout = {**reader.layout, "tp": tp, "pp": pp, "dp": None, "zero": None, "resharded_from": str(tag)}
         (dst / "layout.json").write_text(json.dumps(layout))
-        meta = json.loads((tag / "meta.json").read_text())
+        meta = ckpt.read_meta(tag)  # checked: a damaged meta.json is one line, not a traceback
         meta.update(tp=tp, pp=pp, dp=None, zero=None)
         (tmp / tag.name / "meta.json").write_text(json.dumps(meta, indent=1))
         ckpt.write_manifest(tmp / tag.name)

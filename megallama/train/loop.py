@@ -24,6 +24,7 @@ from megallama.train.fits import check_training_fits
 from megallama.train.metrics import MetricsLogger, device_peak_flops
 from megallama.train.run_lock import hold_run_dir
 from megallama.train.step import make_loss_fn
+from megallama.train.unpickle_gate import check_safe_to_unpickle
 from megallama.train.warmup_ops import check_comm_op_lock
 from megallama.train.watchdog import Watchdog
 
@@ -68,7 +69,7 @@ def _find_start(cfg: RunConfig, ckpt_dir: Path, rank: int):
                     if problem:
                         raise UserError(f"checkpoint.load: {problem}")
             if found is not None and _has_native(found):
-                ckpt.check_safe_to_unpickle(found)
+                check_safe_to_unpickle(found)
             box[0] = str(found) if found else None
         except UserError as exc:
             box[1] = str(exc)
