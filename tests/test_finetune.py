@@ -1,5 +1,6 @@
 """Fine-tuning a classification head on a pre-trained tiny trunk beats chance clearly."""
 import json
+import os
 import random
 import subprocess
 
@@ -82,3 +83,18 @@ def test_finetune_bad_jsonl_names_the_line(trunk, tmp_path):
                        capture_output=True, text=True, env=env(), cwd=ROOT)
     assert r.returncode == 2 and f"{bad}:2: expected keys 'text' and 'label'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_finetune_refuses_a_run_dir_another_job_holds(trunk):
+    """Fine-tuning takes the same run_dir lock as train: a second job there stops in one line."""
+    from megallama.train.run_lock import RunLock
+
+    cfg, tmp, tokenizer = trunk
+    (tmp / "ft").mkdir(exist_ok=True)
+    held = RunLock(tmp / "ft", created_dir=False).acquire()
+    try:
+        r = _finetune(cfg, tmp, tokenizer)
+    finally:
+        held.release()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"pid {os.getpid()}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]

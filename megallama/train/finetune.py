@@ -96,11 +96,9 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
              text_key: str = "text", label_key: str = "label") -> Dict[str, Any]:
     from megallama.checkpoint.pretrained import load_checkpoint
     from megallama.data import Tokenizer
-    from megallama.model import LlamaForSequenceClassification
-    from megallama.parallel import initialize
-    from megallama.train.distributed import detect_launcher, device_for, init_distributed
+    from megallama.train.distributed import detect_launcher, init_distributed
     from megallama.train.ds_config import build_ds_config, check_device_supports
-    from megallama.train.engine import build_engine
+    from megallama.train.run_lock import hold_run_dir
 
     if cfg.parallel.pp != 1:
         raise UserError("parallel.pp: fine-tuning runs without pipeline stages (use pp: 1)")
@@ -124,6 +122,22 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     ds = build_ds_config(cfg, info.world_size)
     check_device_supports(ds)
     init_distributed(cfg.train.dist_timeout_s, info)
+    lock = hold_run_dir(cfg.run_dir, None, False, info.rank)  # one job per run directory, as for train
+    try:
+        return _train_classifier(cfg, info, ds, model_cfg, state_dict, tokenizer, texts, labels, names,
+                                 pretrained, tok_file, holdout)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_classifier(cfg: RunConfig, info, ds, model_cfg, state_dict, tokenizer, texts, labels, names,
+                      pretrained: str, tok_file: str, holdout: float) -> Dict[str, Any]:
+    from megallama.model import LlamaForSequenceClassification
+    from megallama.parallel import initialize
+    from megallama.train.distributed import device_for
+    from megallama.train.engine import build_engine
+
     state = initialize(cfg.parallel.tp, 1, cfg.parallel.sequence_parallel)
     device = device_for(info.local_rank)
     t = cfg.train
