@@ -129,3 +129,12 @@ def test_overrides_never_change_the_callers_data():
     cfg = load_run_config(data=data, overrides=["train.steps=7", "model.n_layers=2", "data.prefixes.1=c"])
     assert (cfg.train.steps, cfg.model.n_layers, cfg.data.prefixes) == (7, 2, ["a", "c"])
     assert json.dumps(data) == before
+
+
+def test_default_warmup_shrinks_for_a_short_run_and_an_asked_for_one_is_refused():
+    from megallama.config.schema import TrainConfig
+
+    assert TrainConfig(steps=5).warmup_steps == 0 and TrainConfig(steps=20).warmup_steps == 2
+    assert TrainConfig(steps=300).warmup_steps == 30  # the default where it fits
+    with pytest.raises(ConfigError, match=r"^train\.warmup_steps: 5 is not fewer than train\.steps=5"):
+        TrainConfig(steps=5, warmup_steps=5)

@@ -33,7 +33,7 @@ from tests.dist_utils import free_port
 from tests.train_utils import BIN, ROOT, env
 
 COMMAND_WORDS = ("megallama", "python", "torchrun", "deepspeed", "mpiexec", "sbatch", "srun", "make", "bash", "pip")
-TINY = ("train.steps=2", "train.seq_len=32", "train.log_every=1", "data.embedded_max_files=40", "data.split=90,5,5")
+TINY = ("train.steps=2", "train.warmup_steps=1", "train.seq_len=32", "train.log_every=1", "data.embedded_max_files=40", "data.split=90,5,5")
 # the 7B examples at tiny size: preset, batch and sequence; their data are the README's preprocess output
 SEVEN_B = ("model.preset=tiny", "model.vocab_size=320", "train.micro_batch_size=2", "train.global_batch_size=4",
            "train.warmup_steps=1")

@@ -5,6 +5,7 @@ was expected, so the CLI can print it without a traceback.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional
@@ -188,10 +189,17 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> "TrainConfig":
-        """Checked on defaults too: a 5-step run under the default 30-step warm-up never reaches its LR."""
-        if self.warmup_steps >= self.steps:
+        """A warm-up as long as the run never reaches its LR: refused when asked for; the default
+        (30) shrinks to a tenth of a shorter run, and says so."""
+        if self.warmup_steps < self.steps:
+            return self
+        if "warmup_steps" in self.model_fields_set:
             raise ConfigError(f"train.warmup_steps: {self.warmup_steps} is not fewer than train.steps={self.steps} "
                               "(the LR would never reach its peak); lower warmup_steps or raise steps")
+        short = self.steps // 10
+        logging.getLogger(__name__).info("train.warmup_steps: the default %d is not fewer than train.steps=%d; "
+                                         "using %d", self.warmup_steps, self.steps, short)
+        self.__dict__["warmup_steps"] = short  # not via assignment: that would validate this model again
         return self
 
     def batch_layout(self, dp: int) -> "BatchLayout":
