@@ -176,6 +176,6 @@ def test_training_continues_from_an_imported_hf_checkpoint(tmp_path, data_cache)
     save_hf(LlamaForCausalLM(hf_cfg, seed=3).state_dict(), hf_cfg, tmp_path / "hf")
     assert main_ok(["convert", "--from", "hf", "--input", tmp_path / "hf", "--output", tmp_path / "ours"])
     assert main_ok(["convert", "--input", tmp_path / "ours", "--output", tmp_path / "ckpt", "--tp", "1"])
-    report = run_train(cfg_path, ["train.steps=1", f"checkpoint.load={tmp_path / 'ckpt'}",
+    report = run_train(cfg_path, ["train.steps=1", "train.warmup_steps=0", f"checkpoint.load={tmp_path / 'ckpt'}",
                                   f"run_dir={tmp_path / 'run'}"])
     assert "resuming from" in report["stderr"] and report["steps"] == 1

@@ -79,7 +79,7 @@ RUNS: Dict[str, Run] = {
     "'from megallama import from_pretrained; model = from_pretrained(DIR)'": Run(
         emulate="python", why="Python, not shell: run with python -c"),
     "megallama finetune cfg.yaml --pretrained DIR --data task.jsonl --tokenizer tok.model": Run(
-        sets=("run_dir=runs/ft", "train.steps=2", "train.seq_len=16", "train.micro_batch_size=4",
+        sets=("run_dir=runs/ft", "train.steps=2", "train.warmup_steps=1", "train.seq_len=16", "train.micro_batch_size=4",
               "train.global_batch_size=4"), why="tok.model: the tokenizer the trunk was trained with"),
     "megallama validate CONFIG --world-size N": Run(),
     "megallama validate cfg.yaml --world-size N": Run(),

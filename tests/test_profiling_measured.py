@@ -37,7 +37,9 @@ CASES_2 = {
     "tp2-full": ["parallel.tp=2", RC + "mode=full"],
     "tp2-sp-full": ["parallel.tp=2", "parallel.sequence_parallel=true", RC + "mode=full"],
     "tp2-full-partitioned": ["parallel.tp=2", RC + "mode=full", RC + "partition_activations=true"],
-    "tp2-sp-selective-bf16": ["parallel.tp=2", "parallel.sequence_parallel=true", RC + "mode=selective", BF16],
+    # bf16 with TP needs ZeRO 1+ (check_layout: DeepSpeed's ZeRO-0 bf16 optimizer drops TP shards from the norm)
+    "tp2-sp-selective-bf16-zero1": ["parallel.tp=2", "parallel.sequence_parallel=true", RC + "mode=selective", BF16,
+                                    Z + "stage=1"],
     "pp2-m4": ["parallel.pp=2", "train.grad_accum_steps=4"],
     "pp2-m4-bf16": ["parallel.pp=2", "train.grad_accum_steps=4", BF16],
     "pp2-m4-full": ["parallel.pp=2", "train.grad_accum_steps=4", RC + "mode=full"],

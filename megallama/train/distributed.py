@@ -118,11 +118,13 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
 
     info = info or detect_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+
     from megallama.parallel.state import set_group_timeout
 
     set_group_timeout(timeout_s)
     if info.world_size == 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend, init_method="env://", rank=info.rank, world_size=1,
+        # an in-process store: one process needs no port (two single-process jobs never collide)
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
                                              timeout=datetime.timedelta(seconds=timeout_s))
         return info
     if backend == "gloo":
