@@ -97,6 +97,10 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
         from megallama.train.warmup_ops import check_comm_op_lock
 
         check_comm_op_lock()
+    import deepspeed.comm as ds_comm
+
+    if not ds_comm.is_initialized():  # one process starts on a plain torch group: DeepSpeed's layer joins it here
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
     model_parallel_seed(cfg.train.seed)
     if module is None:
