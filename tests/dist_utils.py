@@ -52,3 +52,12 @@ def run_distributed(fn, world: int, *args, timeout: float = 240.0):
     for p in procs:
         p.join(timeout)
     return results[0]
+
+
+def sigint_as_a_terminal_has():
+    """``preexec_fn`` for a child a test will SIGINT: a suite started in the background (``cmd &``
+    in a script, as CI may) runs with SIGINT ignored, which its children inherit, and Python then
+    installs no KeyboardInterrupt handler. A user at a terminal has the default; so does the child."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

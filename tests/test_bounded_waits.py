@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.dist_utils import free_port
+from tests.dist_utils import free_port, sigint_as_a_terminal_has
 from tests.train_utils import BIN, ROOT, env, tiny_run_config
 
 LONG = ["train.steps=100000", "train.log_every=1", "train.global_batch_size=8", "train.seq_len=32",
@@ -61,7 +61,8 @@ def test_a_signal_to_the_deepspeed_runner_stops_the_ranks(cfg, tmp_path, sig):
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "megallama",
            "train", str(cfg)] + [x for o in LONG + [f"run_dir={run_dir}"] for x in ("--set", o)]
     log = open(tmp_path / "runner.log", "w")
-    runner = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    runner = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=sigint_as_a_terminal_has)
     group = runner.pid  # the runner leads a new session: the launcher and ranks live in its group
     try:
         _wait_for_steps(run_dir, [runner])

@@ -19,6 +19,7 @@ from megallama import LlamaForCausalLM, ModelConfig
 from megallama.checkpoint import save_consolidated
 from megallama.errors import UserError
 from tests.conftest_data import assert_one_line_error, cli, sample_texts, tokenizer_path, write_docs, write_jsonl
+from tests.dist_utils import sigint_as_a_terminal_has
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
 
 
@@ -152,7 +153,7 @@ def test_signal_during_preprocess_leaves_no_debris(tmp_path, sig, workers):
     proc = subprocess.Popen([sys.executable, "-m", "megallama", "preprocess", "--input", str(src), "--tokenizer",
                              tokenizer_path(320), "--output-prefix", str(out / "c"), "--workers", str(workers),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            cwd=ROOT)
+                            cwd=ROOT, preexec_fn=sigint_as_a_terminal_has)
     deadline = time.monotonic() + 120
     while not any(".tmp-" in p.name for p in out.iterdir()):  # the writer has started
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
