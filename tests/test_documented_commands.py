@@ -65,7 +65,8 @@ RUNS: Dict[str, Run] = {
     "megallama train examples/tiny.yaml --set run_dir=runs/x": _train(),
     "megallama convert --input runs/x/checkpoints --output ckpt_tp1pp2 --tp 1 --pp 2": Run(),
     "torchrun --nproc_per_node 2 -m megallama train examples/tiny.yaml --set run_dir=runs/x_pp2 --set parallel.pp=2 "
-    "--set deepspeed.zero_optimization.stage=1 --set checkpoint.load=ckpt_tp1pp2 --set train.steps=300":
+    "--set deepspeed.zero_optimization.stage=1 --set checkpoint.load=ckpt_tp1pp2 --set train.steps=300 "
+    "--set train.allow_schedule_change=true":
         _train("train.steps=4"),
     "megallama convert --input runs/x/checkpoints --output hf_out --to hf --dtype bfloat16": Run(),
     "megallama convert --from hf --input hf_out --output ours": Run(),
