@@ -253,6 +253,9 @@ def run_limited(fn, *args) -> tuple:
             with open("/proc/self/statm") as fh:
                 mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
             resource.setrlimit(resource.RLIMIT_AS, (mapped + (LIMIT_MB << 20),) * 2)
+            # the parent's OpenMP pool did not survive the fork (earlier tests in this process ran
+            # torch ops on it); a parallel region would wait on it forever, so run ops inline
+            torch.set_num_threads(1)
             signal.alarm(LIMIT_S)
             fn(*args)
         except UserError as exc:

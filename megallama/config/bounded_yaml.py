@@ -92,7 +92,10 @@ def load_text(text: str, where: str) -> Any:
     """Parse ``text`` (from ``where``: a file name or ``--set KEY``) within the limits above."""
     if len(text) > MAX_BYTES:
         raise ConfigError(f"{where}: {len(text):,} characters of YAML; a run config is at most {MAX_BYTES:,}")
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters already here
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     try:
         node = loader.get_single_node()
         if node is None:
