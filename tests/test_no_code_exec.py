@@ -391,7 +391,7 @@ def training_checkpoints(tmp_path_factory, data_cache):
     from tests.train_utils import run_train, tiny_run_config
 
     tmp = tmp_path_factory.mktemp("kinds")
-    cfg = tiny_run_config(tmp, data_cache, steps=1, seq_len=32, micro_batch_size=2, global_batch_size=2)
+    cfg = tiny_run_config(tmp, data_cache, steps=1, warmup_steps=0, seq_len=32, micro_batch_size=2, global_batch_size=2)
     tags = {}
     for kind, (ds, world, extra) in KINDS.items():
         run_train(cfg, [f"run_dir={tmp / kind}", "checkpoint.every=1", f"deepspeed={ROOT / 'ds_configs' / ds}"]
