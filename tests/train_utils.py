@@ -33,8 +33,13 @@ def tiny_run_config(tmp: Path, data_cache: Path, **train) -> Path:
     return path
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK")
+
+
 def env() -> dict:
-    e = dict(os.environ)
+    """The test process's environment without launcher variables an in-process test may have left
+    (a stale WORLD_SIZE=1 makes every rank under mpiexec, which sets only PMI_*, a world of one)."""
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     e["OMP_NUM_THREADS"] = "1"
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")
