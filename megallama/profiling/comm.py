@@ -114,8 +114,10 @@ def pipe_exchange(layout: Layout, scatter_gather) -> str:
     """How pipeline stages exchange a boundary tensor: ``whole``; ``megatron`` (``True``: each TP
     rank sends 1/t, the receiver all-gathers; none under SP, already sharded); ``deepspeed``
     (its pipeline engine with TP: 1/t sent, the receiver all-gathers, and the sender all-gathers
-    its own freed output again for backward -- measured on a gloo PP=2 x TP=2 run)."""
-    if layout.tp == 1 or layout.pp == 1 or not scatter_gather:
+    its own freed output again for backward -- measured on a gloo PP=2 x TP=2 run). Under sequence
+    parallelism our DeepSpeed config turns that partitioning off (TP ranks hold different shards):
+    ``whole`` again."""
+    if layout.tp == 1 or layout.pp == 1 or not scatter_gather or (scatter_gather == "deepspeed" and layout.sp):
         return "whole"
     return "deepspeed" if scatter_gather == "deepspeed" else "megatron"
 
