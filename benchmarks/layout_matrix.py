@@ -7,7 +7,10 @@ steps and compared with the single-process run of the same precision: the larges
 Results are rewritten after every case, so a run stopped early still records how far it got; the
 CI design (``--pairwise``) runs first and the rest in a fixed shuffle, so a partial run samples it all.
 
-usage: python benchmarks/layout_matrix.py [--pairwise] [--limit N] [--out benchmarks/results/layout_matrix.json]
+The full product takes hours on a small box: ``--resume`` keeps the rows an earlier run of the same
+design recorded (each row names the commit it ran at) and runs only the rest.
+
+usage: python benchmarks/layout_matrix.py [--pairwise] [--limit N] [--resume] [--out benchmarks/results/layout_matrix.json]
 """
 from __future__ import annotations
 
@@ -29,7 +32,28 @@ if str(ROOT) not in sys.path:
 
 from tests import layout_design as design  # noqa: E402
 
-FIELDS = ["case", "world", "status", "rel_dloss", "rel_dgradnorm", "seconds", "error"] + list(design.Case._fields)
+FIELDS = ["case", "world", "status", "rel_dloss", "rel_dgradnorm", "seconds", "commit", "error"] + list(design.Case._fields)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def recorded(out: Path, cases: List[design.Case]) -> List[dict]:
+    """Rows of an earlier run of this design worth keeping: same steps and tolerance, a verdict, a commit."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if old.get("steps") != design.STEPS or old.get("tolerance") != design.TOLERANCE:
+        return []
+    names = {c.name for c in cases}
+    return [r for r in old.get("cases", []) if r.get("commit") and r["case"] in names
+            and r.get("status") in ("pass", "MISMATCH")]
 
 
 def _eta(seconds: float) -> str:
@@ -39,18 +63,24 @@ def _eta(seconds: float) -> str:
 
 
 def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
-               echo: Callable[[str], None] = print) -> List[dict]:
-    """Run ``cases`` (references first); one result row per case, written to ``out`` as it goes."""
+               echo: Callable[[str], None] = print, kept: Optional[List[dict]] = None) -> List[dict]:
+    """Run ``cases`` (references first) except those ``kept`` from an earlier run; one result row per
+    case, written to ``out`` as it goes."""
+    kept = list(kept or [])
+    total = len(cases)
+    done = {r["case"] for r in kept}
+    cases = [c for c in cases if c.name not in done]
+    commit = _commit()
     base = design.base_config(work, work / "data")
     refs = {}
     for name, extra in sorted(dict(design.reference(c) for c in cases).items()):
         refs[name] = design.run_case(base, extra, 1, work / f"ref_{name}")
         echo(f"reference {name}: losses {refs[name]['losses']} grad norms {refs[name]['grad_norms']}")
-    rows: List[dict] = []
+    rows: List[dict] = kept
     start = time.perf_counter()
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
-        row = {"case": case.name, "world": case.world, **case._asdict(), "error": ""}
+        row = {"case": case.name, "world": case.world, **case._asdict(), "commit": commit, "error": ""}
         try:
             got = design.run_case(base, design.overrides(case), case.world, work / case.name, timeout=900)
             ref = refs[design.reference(case)[0]]
@@ -66,10 +96,10 @@ def run_matrix(cases: List[design.Case], work: Path, out: Optional[Path] = None,
         rows.append(row)
         elapsed = time.perf_counter() - start
         rate = i / elapsed * 60
-        echo(f"[{i}/{len(cases)}] {case.name:<48} {row['status']:<8} dloss {_fmt(row['rel_dloss'])} "
+        echo(f"[{len(rows)}/{total}] {case.name:<48} {row['status']:<8} dloss {_fmt(row['rel_dloss'])} "
              f"dgnorm {_fmt(row['rel_dgradnorm'])} | {rate:.2f} cases/min, ETA {_eta((len(cases) - i) * elapsed / i)}")
         if out is not None:
-            write(rows, len(cases), out, refs)
+            write(rows, total, out, refs)
     return rows
 
 
@@ -114,6 +144,7 @@ def main(argv=None) -> int:
                                              "with one process of the same precision.")
     ap.add_argument("--pairwise", action="store_true", help="only the CI design (all pairs of option values)")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N cases")
+    ap.add_argument("--resume", action="store_true", help="keep the verdicts an earlier run recorded in --out")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layout_matrix.json")
     args = ap.parse_args(argv)
     cases = list(design.ci_design())
@@ -125,7 +156,10 @@ def main(argv=None) -> int:
     print(f"{len(cases)} cases ({'pairwise design' if args.pairwise else 'every valid combination'} of "
           f"{len(design.all_cases())}; {len(design.valid_cases())} valid)", flush=True)
     with tempfile.TemporaryDirectory(prefix="layout_matrix_") as tmp:
-        rows = run_matrix(cases, Path(tmp), args.out, echo=lambda s: print(s, flush=True))
+        kept = recorded(args.out, cases) if args.resume else []
+        if kept:
+            print(f"resuming: {len(kept)} cases already recorded in {args.out}", flush=True)
+        rows = run_matrix(cases, Path(tmp), args.out, echo=lambda s: print(s, flush=True), kept=kept)
     print(table(rows))
     bad = [r["case"] for r in rows if r["status"] != "pass"]
     print(f"{len(rows) - len(bad)}/{len(rows)} within tolerance {design.TOLERANCE}; results in {args.out}")
