@@ -246,3 +246,50 @@ def test_shared_errors_are_printed_by_local_rank_zero_only(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     assert not _prints_error(ConfigError("x"))
+
+
+def test_build_lock_held_open_by_a_live_process_is_waited_for(tmp_path):
+    """torch's baton keeps the lock's descriptor open while it holds it: on a loaded machine a
+    live holder may sit quiet for long, yet it is not stale."""
+    import threading
+
+    from megallama.train.warmup_ops import check_build_lock
+
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; fd = os.open({str(lock)!r}, os.O_RDONLY); "
+                               "print('ok', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    said, outcome = [], []
+    waiter = threading.Thread(target=lambda: outcome.append(check_build_lock(lock, grace_s=1.0, say=said.append)))
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        waiter.start()
+        time.sleep(3)
+        assert not outcome and said and f"(pid {holder.pid})" in said[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    lock.unlink()
+    waiter.join(timeout=10)
+    assert outcome == [None]
+
+
+def test_build_lock_released_between_two_looks_is_not_stale(tmp_path, monkeypatch):
+    """Ranks starting together take and release the lock in turn: one gone after it was seen is
+    no stale lock (the old build files around it are no evidence)."""
+    from megallama.train import warmup_ops
+
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    (lock.parent / "op.so").write_bytes(b"x")
+    os.utime(lock.parent / "op.so", (time.time() - 3600, time.time() - 3600))
+    lock.touch()
+
+    def released_meanwhile(build_dir):
+        lock.unlink()
+        return time.time() - 3600
+
+    monkeypatch.setattr(warmup_ops, "_last_change", released_meanwhile)
+    warmup_ops.check_build_lock(lock, grace_s=1.0, say=lambda m: None)  # returns: nothing to wait for

@@ -56,6 +56,27 @@ def _builders(build_dir: Path) -> list:
     return found
 
 
+def _holders(lock: Path) -> list:
+    """Pids on this host with ``lock`` open: torch's baton keeps its descriptor until it releases,
+    so a holder that is alive but slow (a loaded machine) is told apart from a dead one."""
+    found, target = [], os.path.realpath(lock)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fds = os.scandir(f"/proc/{entry.name}/fd")
+            except OSError:
+                continue
+            with fds:
+                for fd in fds:
+                    try:
+                        if os.readlink(fd.path) == target:
+                            found.append(int(entry.name))
+                            break
+                    except OSError:
+                        continue
+    return found
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -79,20 +100,20 @@ def _last_change(build_dir: Path) -> float:
 
 
 def check_build_lock(lock: Path, grace_s: float = GRACE_S, say=_say) -> None:
-    """Return once ``lock`` is gone; wait while a build runs on this host; raise a one-line
-    UserError naming ``lock`` once no process has worked in the build directory and nothing there
-    has changed for ``grace_s`` (a live build holds the lock a moment before its compiler starts
+    """Return once ``lock`` is gone; wait while a process on this host holds it open or builds;
+    raise a one-line UserError naming ``lock`` once none has and nothing there has changed for
+    ``grace_s`` (a live build holds the lock a moment before its compiler starts
     and after its linker ends, with fresh files around it then)."""
     told, last_seen = False, 0.0
     while True:
         if not lock.exists():
             return
-        running = _builders(lock.parent)
+        running = _holders(lock) or _builders(lock.parent)
         now = time.time()
         if running:
             last_seen = now
-        try:
-            quiet = now - max(last_seen, _last_change(lock.parent))
+        try:  # the lock's own age first: one released and taken again between two looks is fresh
+            quiet = now - max(last_seen, lock.stat().st_mtime, _last_change(lock.parent))
         except FileNotFoundError:
             return
         if quiet >= grace_s:
