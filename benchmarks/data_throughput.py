@@ -72,6 +72,7 @@ def bench_loader(tmp: Path, batches: int, steps: int):
     from megallama import LlamaForCausalLM, ModelConfig
     from megallama.config import load_run_config
     from megallama.data import MicroBatchIterator, build_datasets, prepare_data
+    from megallama.parallel import ParallelState
 
     cfg = load_run_config(data={"run_dir": str(tmp / "run"), "model": "tiny",
                                 "train": {"seq_len": 256, "micro_batch_size": 4}})
@@ -102,7 +103,7 @@ def bench_loader(tmp: Path, batches: int, steps: int):
                                  "median_us_per_batch": round(statistics.median(times) * 1e6, 1),
                                  "mean_us_per_batch": round(statistics.mean(times) * 1e6, 1)}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(ModelConfig.preset("tiny"))
+    model = LlamaForCausalLM(ModelConfig.preset("tiny"), ParallelState())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     times = []
     for k in range(steps + 2):

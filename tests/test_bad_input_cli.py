@@ -51,6 +51,7 @@ def world(tmp_path_factory):
     from megallama import LlamaForCausalLM, ModelConfig
     from megallama.checkpoint import save_consolidated
     from megallama.data.tokenizer import Tokenizer
+    from megallama.parallel import ParallelState
 
     root = tmp_path_factory.mktemp("cli_world")
     keep = root / "keep"
@@ -82,7 +83,7 @@ def world(tmp_path_factory):
     shutil.copyfile(ins / "tokens.bin", ins / "truncated.bin")
     (ins / "truncated.idx").write_bytes((ins / "tokens.idx").read_bytes()[:-9])
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
-    save_consolidated(LlamaForCausalLM(cfg, seed=1).state_dict(), cfg, ins / "ckpt")
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=1).state_dict(), cfg, ins / "ckpt")
     shutil.copyfile(tok, ins / "ckpt" / "tokenizer.model")
     (ins / "hf_pickle").mkdir()
     (ins / "hf_pickle" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
@@ -224,7 +225,6 @@ def _run(world, capsys, argv, scratch: Path):
     import torch.distributed as dist
 
     from megallama.cli import main
-    from megallama.parallel import set_state
 
     root = world["root"]
     args = [a.replace("{NEW}", str(scratch)) for a in argv]
@@ -238,7 +238,6 @@ def _run(world, capsys, argv, scratch: Path):
         rc = exc.code
     finally:
         os.chdir(cwd)
-        set_state(None)
         if dist.is_initialized():
             dist.destroy_process_group()
     out = capsys.readouterr()

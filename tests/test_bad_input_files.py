@@ -35,6 +35,7 @@ def files(tmp_path_factory):
     from megallama.checkpoint import save_consolidated
     from megallama.checkpoint.hf import save_hf
     from megallama.data.tokenizer import Tokenizer
+    from megallama.parallel import ParallelState
 
     root = tmp_path_factory.mktemp("bad_files")
     tok = root / "tok.model"
@@ -44,12 +45,12 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     write_docs(str(root / "oov"), [rng.integers(0, 2000, 40) for _ in range(30)])  # another tokenizer's ids
     cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, n_layers=1, max_seq_len=64)
-    state = LlamaForCausalLM(cfg, seed=2).state_dict()
+    state = LlamaForCausalLM(cfg, ParallelState(), seed=2).state_dict()
     save_consolidated(state, cfg, root / "cons")
     shutil.copyfile(tok, root / "cons" / "tokenizer.model")
     save_hf(state, cfg, root / "hf")
     small = ModelConfig.preset("tiny", vocab_size=256, n_layers=1, max_seq_len=64)
-    save_consolidated(LlamaForCausalLM(small, seed=2).state_dict(), small, root / "small")
+    save_consolidated(LlamaForCausalLM(small, ParallelState(), seed=2).state_dict(), small, root / "small")
     shutil.copyfile(tok, root / "small" / "tokenizer.model")  # 320 tokens for a 256-token model
     return root
 
@@ -167,11 +168,8 @@ def test_tokenizer_with_invalid_utf8_piece_is_one_line(files, capsys, tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 def load_and_build(path):
     from megallama.checkpoint.pretrained import build_for_inference, load_checkpoint
-    from megallama.parallel import ParallelState, layout
-
     cfg, state, _ = load_checkpoint(path)
-    with layout(ParallelState()):
-        build_for_inference(cfg, state)
+    build_for_inference(cfg, state)
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 600), st.integers(-2**64, 2**64),
@@ -261,14 +259,9 @@ def test_data_from_another_tokenizer(files, capsys, tmp_path):
 
 
 def _cli_single(capsys, monkeypatch, *argv):
-    from megallama.parallel import set_state
-
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
-    try:
-        return _cli(capsys, *argv)
-    finally:
-        set_state(None)
+    return _cli(capsys, *argv)
 
 
 def test_generate_and_eval_refuse_mismatches_before_start_up(files, capsys, monkeypatch):

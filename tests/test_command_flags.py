@@ -18,6 +18,7 @@ import torch
 from megallama import LlamaForCausalLM, ModelConfig
 from megallama.checkpoint import save_consolidated
 from megallama.errors import UserError
+from megallama.parallel import ParallelState
 from tests.conftest_data import assert_one_line_error, cli, sample_texts, tokenizer_path, write_docs, write_jsonl
 from tests.dist_utils import sigint_as_a_terminal_has
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
@@ -36,7 +37,7 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("flags")
     tok = tokenizer_path(320)
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
-    save_consolidated(LlamaForCausalLM(cfg, seed=1).state_dict(), cfg, root / "cons")
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=1).state_dict(), cfg, root / "cons")
     shutil.copyfile(tok, root / "cons" / "tokenizer.model")
     t = Tokenizer(tok)
     write_docs(str(root / "tokens"), [t.encode(x, eos=True) for x in sample_texts(60, seed=3)])
@@ -174,7 +175,7 @@ def test_training_continues_from_an_imported_hf_checkpoint(tmp_path, data_cache)
     cfg_path = tiny_run_config(tmp_path, data_cache)
     model_cfg = load_run_config(str(cfg_path), []).model
     hf_cfg = model_cfg.model_copy(update={"init_std": 0.05})
-    save_hf(LlamaForCausalLM(hf_cfg, seed=3).state_dict(), hf_cfg, tmp_path / "hf")
+    save_hf(LlamaForCausalLM(hf_cfg, ParallelState(), seed=3).state_dict(), hf_cfg, tmp_path / "hf")
     assert main_ok(["convert", "--from", "hf", "--input", tmp_path / "hf", "--output", tmp_path / "ours"])
     assert main_ok(["convert", "--input", tmp_path / "ours", "--output", tmp_path / "ckpt", "--tp", "1"])
     report = run_train(cfg_path, ["train.steps=1", "train.warmup_steps=0", f"checkpoint.load={tmp_path / 'ckpt'}",

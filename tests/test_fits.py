@@ -144,11 +144,12 @@ def checkpoint(tmp_path_factory):
 
     from megallama import LlamaForCausalLM, ModelConfig
     from megallama.checkpoint import save_consolidated
+    from megallama.parallel import ParallelState
     from tests.conftest_data import tokenizer_path
 
     root = tmp_path_factory.mktemp("fits")
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
-    save_consolidated(LlamaForCausalLM(cfg, seed=1).state_dict(), cfg, root / "cons")
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=1).state_dict(), cfg, root / "cons")
     shutil.copyfile(tokenizer_path(320), root / "cons" / "tokenizer.model")
     return root / "cons"
 
@@ -157,8 +158,6 @@ def test_generate_and_eval_check_before_building(checkpoint, capsys, monkeypatch
     """The commands call the check with their own batch before the model exists: on a machine
     of 64 KiB both refuse (the tiny model's weights alone are 1.1 MiB)."""
     import torch.distributed as dist
-
-    from megallama.parallel import set_state
 
     def one_process_group(timeout_s=300, info=None):
         from megallama.train.distributed import detect_launcher
@@ -176,7 +175,6 @@ def test_generate_and_eval_check_before_building(checkpoint, capsys, monkeypatch
         rc, out, err = _cli(capsys, "eval", "--checkpoint", checkpoint, "--data", "unused", "--seq-len", 16)
         _one_line_error(rc, out, err, "eval", "but this test's machine has 64.0 KiB")
     finally:
-        set_state(None)
         if dist.is_initialized():
             dist.destroy_process_group()
 

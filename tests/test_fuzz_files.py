@@ -51,6 +51,7 @@ def corpus(tmp_path_factory):
     from megallama.checkpoint.meta import half_to_interleaved
     from megallama.checkpoint.reshard import from_consolidated
     from megallama.data.tokenizer import Tokenizer
+    from megallama.parallel import ParallelState
     from tests.conftest_data import sample_texts, tokenizer_path, write_docs
 
     from megallama.train import checkpoint, ds_config, universal, unpickle_gate  # noqa: F401 - imported once, before the forks
@@ -59,7 +60,7 @@ def corpus(tmp_path_factory):
     unpickle_gate.deepspeed_record_types()
     root = tmp_path_factory.mktemp("fuzz")
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
-    state = LlamaForCausalLM(cfg, seed=0).state_dict()
+    state = LlamaForCausalLM(cfg, ParallelState(), seed=0).state_dict()
     save_consolidated(state, cfg, root / "cons")
     save_hf(state, cfg, root / "hf")
     from_consolidated(root / "cons", root / "train", tp=2, pp=1)

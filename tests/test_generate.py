@@ -7,6 +7,7 @@ import torch
 
 from megallama import LlamaForCausalLM, ModelConfig
 from megallama.inference import generate, make_kv_caches, sample_next
+from megallama.parallel import ParallelState
 from tests.dist_utils import run_distributed
 
 PROMPTS = [[1, 17, 250, 3, 99, 1000, 7], [1, 42, 5]]  # different lengths share one batch
@@ -16,7 +17,7 @@ SAMPLED = dict(temperature=0.9, top_p=0.9, seed=11)
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return LlamaForCausalLM(ModelConfig.preset("tiny-gqa"), seed=5).eval()
+    return LlamaForCausalLM(ModelConfig.preset("tiny-gqa"), ParallelState(), seed=5).eval()
 
 
 def test_cached_decoding_equals_full_forward(model):
@@ -73,13 +74,12 @@ def _tp_generation(rank, world):
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference
-    from megallama.parallel import ParallelState, initialize, layout
+    from megallama.parallel import initialize
 
-    initialize(tp=world)
+    state = initialize(tp=world)
     cfg = ModelConfig.preset("tiny-gqa")
-    with layout(ParallelState()):
-        full = LlamaForCausalLM(cfg, seed=5).state_dict()
-    model = build_for_inference(cfg, full)  # each rank keeps its slice of the same full weights
+    full = LlamaForCausalLM(cfg, ParallelState(), seed=5).state_dict()
+    model = build_for_inference(cfg, full, parallel=state)  # each rank keeps its slice of the same full weights
     assert model.layers[0].attention.wqkv.weight.shape[0] == (8 + 2 * 4) * 16 // world
     runs = {name: generate(model, PROMPTS, 10, return_logits=True, **s)
             for name, s in (("greedy", {}), ("sampled", SAMPLED))}
@@ -87,10 +87,9 @@ def _tp_generation(rank, world):
     dist.all_gather_object(every_rank, {k: r.tokens for k, r in runs.items()})
     if rank != 0:
         return None
-    with layout(ParallelState()):
-        ref_model = build_for_inference(cfg, full)
-        ref = {name: generate(ref_model, PROMPTS, 10, return_logits=True, **s)
-               for name, s in (("greedy", {}), ("sampled", SAMPLED))}
+    ref_model = build_for_inference(cfg, full)
+    ref = {name: generate(ref_model, PROMPTS, 10, return_logits=True, **s)
+           for name, s in (("greedy", {}), ("sampled", SAMPLED))}
     return dict(ranks_agree=all(r == every_rank[0] for r in every_rank),
                 same_tokens={k: runs[k].tokens == ref[k].tokens for k in runs},
                 logit_err=max((a - b).abs().max().item() for k in runs
@@ -114,22 +113,18 @@ def checkpoint(tmp_path_factory):
 
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=2)
     out = tmp_path_factory.mktemp("gen") / "ckpt"
-    save_consolidated(LlamaForCausalLM(cfg, seed=2).state_dict(), cfg, out)
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=2).state_dict(), cfg, out)
     shutil.copyfile(tokenizer_path(), out / "tokenizer.model")
     return out
 
 
 def _cli(capsys, monkeypatch, *argv):
     from megallama.cli import main
-    from megallama.parallel import set_state
 
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)  # a single process, whatever launched pytest
     capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    finally:
-        set_state(None)
+    rc = main([str(a) for a in argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
 

@@ -71,10 +71,11 @@ def test_export_to_hf_matches_and_round_trips(tmp_path):
     from transformers import LlamaForCausalLM
 
     from megallama.model import LlamaForCausalLM as Ours
+    from megallama.parallel import ParallelState
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16, max_seq_len=64,
                       rope_theta=20000.0, ffn_dim_multiplier=1.3)
-    ours = Ours(cfg, seed=3).eval()
+    ours = Ours(cfg, ParallelState(), seed=3).eval()
     with torch.no_grad():
         ours.norm.weight.add_(0.3 * torch.randn(64))
         ours.layers[1].ffn_norm.weight.add_(0.3 * torch.randn(64))

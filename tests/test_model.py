@@ -7,11 +7,12 @@ import torch
 from megallama import LlamaForCausalLM, ModelConfig
 from megallama.model import LlamaEncoderDecoder, LlamaForSequenceClassification, RMSNorm, RotaryEmbedding
 from megallama.model import norm as norm_mod
+from megallama.parallel import ParallelState
 
 
 def test_public_api_without_distributed_setup():
     cfg = ModelConfig.preset("tiny")
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg, ParallelState())
     tokens = torch.randint(0, cfg.vocab_size, (2, 12))
     assert model(tokens).shape == (2, 12, cfg.vocab_size)
     loss = model(tokens, labels=tokens)
@@ -42,7 +43,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_causal_logits_ignore_future_tokens():
     cfg = ModelConfig.preset("tiny-gqa")
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg, ParallelState()).eval()
     a = torch.randint(0, cfg.vocab_size, (1, 16))
     b = a.clone()
     b[0, 9:] = torch.randint(0, cfg.vocab_size, (7,))
@@ -53,7 +54,7 @@ def test_causal_logits_ignore_future_tokens():
 
 def test_padding_mask_hides_padded_keys():
     cfg = ModelConfig.preset("tiny")
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg, ParallelState()).eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, 10))
     mask = torch.ones(1, 10, dtype=torch.long)
     mask[0, :3] = 0  # left padding
@@ -67,7 +68,7 @@ def test_padding_mask_hides_padded_keys():
 
 def test_encoder_is_bidirectional_and_decoder_causal():
     cfg = ModelConfig.preset("tiny-encdec")
-    model = LlamaEncoderDecoder(cfg).eval()
+    model = LlamaEncoderDecoder(cfg, ParallelState()).eval()
     src = torch.randint(0, cfg.vocab_size, (1, 8))
     tgt = torch.randint(0, cfg.vocab_size, (1, 8))
     src2 = src.clone()
@@ -81,8 +82,8 @@ def test_encoder_is_bidirectional_and_decoder_causal():
 
 def test_classification_head_on_trunk():
     cfg = ModelConfig.preset("tiny", num_labels=3)
-    model = LlamaForSequenceClassification(cfg)
-    lm = LlamaForCausalLM(cfg)
+    model = LlamaForSequenceClassification(cfg, ParallelState())
+    lm = LlamaForCausalLM(cfg, ParallelState())
     missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
     assert missing == ["score.weight"] and unexpected == ["output.weight"]
     tokens = torch.randint(0, cfg.vocab_size, (4, 10))
@@ -92,16 +93,16 @@ def test_classification_head_on_trunk():
 
 def test_init_is_seeded_and_independent_of_construction_order():
     cfg = ModelConfig.preset("tiny")
-    a, b = LlamaForCausalLM(cfg, seed=3), LlamaForCausalLM(cfg, seed=3)
+    a, b = LlamaForCausalLM(cfg, ParallelState(), seed=3), LlamaForCausalLM(cfg, ParallelState(), seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    fewer = LlamaForCausalLM(ModelConfig.preset("tiny", n_layers=2), seed=3)
+    fewer = LlamaForCausalLM(ModelConfig.preset("tiny", n_layers=2), ParallelState(), seed=3)
     assert torch.equal(fewer.layers[1].attention.wqkv.weight, a.layers[1].attention.wqkv.weight)
-    assert not torch.equal(LlamaForCausalLM(cfg, seed=4).output.weight, a.output.weight)
+    assert not torch.equal(LlamaForCausalLM(cfg, ParallelState(), seed=4).output.weight, a.output.weight)
 
 
 def test_meta_device_build_allocates_nothing():
     with torch.device("meta"):
-        model = LlamaForCausalLM(ModelConfig.preset("llama-65b"))
+        model = LlamaForCausalLM(ModelConfig.preset("llama-65b"), ParallelState())
     assert all(p.is_meta for p in model.parameters())
 
 

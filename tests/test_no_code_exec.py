@@ -174,13 +174,11 @@ def _cli(capsys, *argv):
     import torch.distributed as dist
 
     from megallama.cli import main
-    from megallama.parallel import set_state
 
     capsys.readouterr()
     try:
         rc = main([str(a) for a in argv])
     finally:
-        set_state(None)
         if dist.is_initialized():
             dist.destroy_process_group()
     out = capsys.readouterr()
@@ -191,10 +189,11 @@ def _cli(capsys, *argv):
 def checkpoint(tmp_path_factory):
     from megallama import LlamaForCausalLM, ModelConfig
     from megallama.checkpoint import save_consolidated
+    from megallama.parallel import ParallelState
 
     cfg = ModelConfig.preset("tiny", vocab_size=320, n_layers=1, max_seq_len=64)
     out = tmp_path_factory.mktemp("nce") / "ckpt"
-    save_consolidated(LlamaForCausalLM(cfg, seed=0).state_dict(), cfg, out)
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=0).state_dict(), cfg, out)
     return out
 
 

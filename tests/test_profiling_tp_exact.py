@@ -32,10 +32,10 @@ def _measure(rank, world):
     out = []
     seq, mbs = 64, 2
     for sp in (False, True):
-        initialize(tp=world, pp=1, sequence_parallel=sp)
+        state = initialize(tp=world, pp=1, sequence_parallel=sp)
         for preset in ("tiny", "tiny-gqa"):
             cfg = ModelConfig.preset(preset)
-            model = build_model(cfg)
+            model = build_model(cfg, state)
             tok = torch.randint(0, cfg.vocab_size, (mbs, seq), generator=torch.Generator().manual_seed(0))
             skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
             seen = {}

@@ -8,7 +8,7 @@ import torch
 
 from megallama.checkpoint.reshard import consolidate_training_checkpoint
 from megallama.model import build_model
-from megallama.parallel import ParallelState, layout
+from megallama.parallel import ParallelState
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
 
 BASE = ["deepspeed.zero_optimization.stage=1", "train.steps=6", "checkpoint.every=3"]
@@ -30,10 +30,9 @@ def _convert(src, out, *extra):
 
 
 def _logits(state, mcfg, tokens):
-    with layout(ParallelState()):
-        model = build_model(mcfg, seed=None)
-        model.load_state_dict(state)
-        return model.eval()(tokens)
+    model = build_model(mcfg, ParallelState(), seed=None)
+    model.load_state_dict(state)
+    return model.eval()(tokens)
 
 
 def test_convert_between_layouts_gives_identical_logits(trained):

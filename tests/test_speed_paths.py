@@ -10,7 +10,7 @@ from megallama.model import build_model
 from megallama.model.compile import compile_blocks
 from megallama.model.mlp import swiglu
 from megallama.model.rope import RotaryEmbedding
-from megallama.parallel import vocab_parallel_cross_entropy
+from megallama.parallel import TPGroup, vocab_parallel_cross_entropy
 from megallama.train.optim import build_optimizer, param_groups
 
 
@@ -53,7 +53,7 @@ def test_cross_entropy_single_rank(dtype):
     logits = (4 * torch.randn(3, 6, 50)).to(dtype).requires_grad_()
     target = torch.randint(0, 50, (3, 6))
     target[0, :2] = -100
-    loss = vocab_parallel_cross_entropy(logits, target)
+    loss = vocab_parallel_cross_entropy(logits, target, TPGroup())
     ref = F.cross_entropy(logits.double().flatten(0, 1), target.flatten(), reduction="none").view(3, 6)
     assert loss.dtype == torch.float32 and torch.allclose(loss.double(), ref, atol=1e-5)
     w = torch.rand(3, 6)
@@ -66,7 +66,7 @@ def test_cross_entropy_single_rank(dtype):
 def test_cross_entropy_leaves_fp32_logits_alone():
     logits = torch.randn(4, 10, requires_grad=True)
     before = logits.detach().clone()
-    loss = vocab_parallel_cross_entropy(logits, torch.arange(4))
+    loss = vocab_parallel_cross_entropy(logits, torch.arange(4), TPGroup())
     loss.sum().backward()
     assert torch.equal(logits.detach(), before)
 
@@ -104,7 +104,7 @@ def test_cross_entropy_target_far_below_the_max_stays_exact():
     target = torch.tensor([[1, 2, 3], [4, 5, -100]])
     logits[0, 1, 2] = -200.0   # row (0, 1): the target's logit is 200 below the others
     logits.requires_grad_()
-    loss = vocab_parallel_cross_entropy(logits, target)
+    loss = vocab_parallel_cross_entropy(logits, target, TPGroup())
     ref = F.cross_entropy(logits.double().flatten(0, 1), target.flatten(), reduction="none").view(2, 3)
     assert torch.isfinite(loss).all() and torch.allclose(loss.double(), ref, rtol=1e-6, atol=1e-5)
     loss.sum().backward()

@@ -106,11 +106,12 @@ def expected_shapes(cfg: ModelConfig, where: str, classifier: bool = False) -> D
     """Name -> shape of every tensor the config implies, from a model built on the meta device
     (nothing allocated); a config no model can have is one line naming ``where``."""
     from megallama.model import LlamaForSequenceClassification, build_model
-    from megallama.parallel import ParallelState, layout
+    from megallama.parallel import ParallelState
 
     try:
-        with layout(ParallelState()), torch.device("meta"):
-            model = LlamaForSequenceClassification(cfg, seed=None) if classifier else build_model(cfg, seed=None)
+        with torch.device("meta"):
+            build = LlamaForSequenceClassification if classifier else build_model
+            model = build(cfg, ParallelState(), seed=None)
             return {k: tuple(v.shape) for k, v in model.state_dict().items()}
     except (RuntimeError, ValueError, OverflowError, TypeError) as exc:  # sizes no tensor can have
         raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None

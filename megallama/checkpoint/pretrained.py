@@ -13,6 +13,7 @@ import torch
 
 from megallama.config import ModelConfig
 from megallama.errors import UserError
+from megallama.parallel import ParallelState
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -79,11 +80,10 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str = "checkpoint") -> None:
-    """Copy full weights into ``model`` built at the current TP layout, each rank its slice."""
-    from megallama.parallel import get_state
+    """Copy full weights into ``model``, each rank the slice of the layout it was built for."""
     from megallama.parallel.layers import split_for_rank
 
-    ps = get_state()
+    ps = model.parallel_state
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state))
     extra = sorted(set(state) - set(params))
@@ -102,8 +102,9 @@ def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], 
 
 
 def build_for_inference(cfg: ModelConfig, state: Dict[str, torch.Tensor], dtype=None, device=None,
-                        where: str = "checkpoint") -> torch.nn.Module:
-    """The model at the current TP layout holding ``state``, in eval mode, without gradients."""
+                        where: str = "checkpoint", parallel: Optional[ParallelState] = None) -> torch.nn.Module:
+    """The model at the layout ``parallel`` (one process when None) holding ``state``, in eval
+    mode, without gradients."""
     from megallama.checkpoint.consolidated import expected_shapes
     from megallama.checkpoint.safe_read import check_fits_memory
     from megallama.model import LlamaForSequenceClassification, build_model
@@ -117,20 +118,21 @@ def build_for_inference(cfg: ModelConfig, state: Dict[str, torch.Tensor], dtype=
         raise UserError(f"{where}: holds no tensors")
     dtype = resolve_dtype(dtype) or next(iter(state.values())).dtype
     build = LlamaForSequenceClassification if "score.weight" in state else build_model  # fine-tuned: a classifier
-    model = build(cfg, seed=None, device=device, dtype=dtype)  # no random init: weights follow
+    model = build(cfg, parallel or ParallelState(), seed=None, device=device, dtype=dtype)  # weights follow
     load_state_for_rank(model, state, where)
     model.requires_grad_(False)
     return model.eval()
 
 
-def from_pretrained(path: Union[str, Path], dtype=None, device=None) -> torch.nn.Module:
+def from_pretrained(path: Union[str, Path], dtype=None, device=None,
+                    parallel: Optional[ParallelState] = None) -> torch.nn.Module:
     """Load a model for inference from a consolidated, Hugging Face, Meta or training checkpoint.
 
     ``dtype`` (a torch dtype or 'float32'/'bf16'/'fp16') defaults to the checkpoint's own. The
-    model is built at the current parallel layout: TP=1 on a single process; under an
-    initialised TP group each rank keeps its slice of the weights.
+    model is built at the layout ``parallel`` (from :func:`megallama.parallel.initialize`): each
+    rank keeps its slice of the weights; None is a single process.
     """
     cfg, state, _ = load_checkpoint(path)
-    model = build_for_inference(cfg, state, dtype, device, where=str(path))
+    model = build_for_inference(cfg, state, dtype, device, where=str(path), parallel=parallel)
     model.checkpoint_path = str(path)
     return model

@@ -135,11 +135,11 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
 def _split_index(cfg: ModelConfig) -> Dict[str, Dict]:
     """How each parameter splits across TP ranks, read off a meta-device build."""
     from megallama.model import build_model
-    from megallama.parallel import ParallelState, layout
+    from megallama.parallel import ParallelState
     from megallama.train.universal import _split_info
 
-    with layout(ParallelState()), torch.device("meta"):
-        model = build_model(cfg, seed=None)
+    with torch.device("meta"):
+        model = build_model(cfg, ParallelState(), seed=None)
     return {name: _split_info(p) for name, p in model.named_parameters()}
 
 

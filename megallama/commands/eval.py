@@ -107,7 +107,8 @@ def _evaluate(args):
     device = device_for(info.local_rank)
     check_inference_fits(model_cfg, args.tp, args.micro_batch_size, args.seq_len or 256, torch.float32,
                          info.world_size, info.local_rank)
-    model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint)
+    model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint,
+                                parallel=state)
     dataset, split, seq_len = _dataset(args, model_cfg, info.rank)
     if len(dataset) == 0:
         raise UserError(f"--split {split}: no samples of {getattr(dataset, 'seq_len', '?')}+1 tokens there "

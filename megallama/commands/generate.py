@@ -96,7 +96,7 @@ def run(args) -> int:
             check_inference_fits(cfg, state.tp, len(args.prompt), args.max_new_tokens + 1 + max(  # tokens <= bytes + BOS
                 len(p.encode()) for p in args.prompt), resolve_dtype(dtype) or ckpt_dtype, state.world_size,
                 device.index or 0, kv_cache=not args.no_kv_cache, batch_flag="--prompt")
-            model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint)
+            model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint, parallel=state)
             del weights
             eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
             start = time.perf_counter()

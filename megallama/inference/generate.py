@@ -40,11 +40,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return order.gather(-1, choice).squeeze(-1)
 
 
-def _agree_across_tp(tokens: torch.Tensor) -> torch.Tensor:
-    """TP rank 0's choice, on every rank of the TP group."""
-    from megallama.parallel import get_state
-
-    state = get_state()
+def _agree_across_tp(tokens: torch.Tensor, state) -> torch.Tensor:
+    """TP rank 0's choice, on every rank of the TP group of ``state`` (the model's layout)."""
     if state.tp > 1:
         import torch.distributed as dist
 
@@ -98,7 +95,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new_t
                 logits = model(tokens[:, prev:cur], start_pos=prev, kv_caches=caches)[:, -1]
             else:
                 logits = model(tokens[:, :cur])[:, -1]
-            nxt = _agree_across_tp(sample_next(logits, temperature, top_p, gen).contiguous())
+            nxt = _agree_across_tp(sample_next(logits, temperature, top_p, gen).contiguous(), model.parallel_state)
             generated = ~in_prompt[:, cur]
             tokens[:, cur] = torch.where(generated, nxt, tokens[:, cur])
             if return_logits:

@@ -65,7 +65,7 @@ def generate_seq2seq(model: torch.nn.Module, sources: Sequence[Sequence[int]], m
                 memory = None  # the cross caches hold what the decoder needs of it
             else:
                 logits = model.decode(tokens[:, :cur + 1], model.encode(src, src_mask), src_mask)[:, -1]
-            nxt = _agree_across_tp(sample_next(logits, temperature, top_p, gen).contiguous())
+            nxt = _agree_across_tp(sample_next(logits, temperature, top_p, gen).contiguous(), model.parallel_state)
             tokens[:, cur + 1] = torch.where(done, tokens[:, cur + 1], nxt)
             if return_logits:
                 for i in torch.nonzero(~done).flatten().tolist():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megallama.config import ModelConfig
-from megallama.parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker, get_state
+from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
 from megallama.parallel.random import checkpoint
 
 
@@ -37,9 +37,13 @@ def build_mask(q_len: int, k_len: int, causal: bool, key_padding: Optional[torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False, device=None, dtype=None):
+    """``state``: the layout it is built for, kept for the per-rank dropout stream (``state.rng``)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, causal: bool = True, cross: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        tp = get_state().tp
+        tp = state.tp
+        self.parallel_state = state
         self.causal, self.cross = causal, cross
         self.head_dim = cfg.head_dim
         self.n_local_heads = cfg.n_heads // tp
@@ -47,12 +51,13 @@ class Attention(nn.Module):
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         kw = dict(init_std=cfg.init_std, device=device, dtype=dtype)
         if cross:
-            self.wq = ColumnParallelLinear(cfg.dim, [q_out], part_names=["wq"], **kw)
-            self.wkv = ColumnParallelLinear(cfg.dim, [kv_out, kv_out], part_names=["wk", "wv"], **kw)
+            self.wq = ColumnParallelLinear(state, cfg.dim, [q_out], part_names=["wq"], **kw)
+            self.wkv = ColumnParallelLinear(state, cfg.dim, [kv_out, kv_out], part_names=["wk", "wv"], **kw)
         else:
-            self.wqkv = ColumnParallelLinear(cfg.dim, [q_out, kv_out, kv_out], part_names=["wq", "wk", "wv"], **kw)
+            self.wqkv = ColumnParallelLinear(state, cfg.dim, [q_out, kv_out, kv_out], part_names=["wq", "wk", "wv"],
+                                             **kw)
         n_layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
-        self.wo = RowParallelLinear(q_out, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
+        self.wo = RowParallelLinear(state, q_out, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
                                     device=device, dtype=dtype)
         self.dropout = cfg.dropout
         self.recompute_core = False  # selective recomputation: rerun softmax(QK^T)V in backward
@@ -60,7 +65,7 @@ class Attention(nn.Module):
     def _core(self, q, k, v, mask):
         drop = self.dropout if self.training else 0.0
         # attention heads are TP-sharded, so their dropout draws from the per-rank stream
-        ctx = get_rng_tracker().fork() if drop > 0 else contextlib.nullcontext()
+        ctx = self.parallel_state.rng.fork() if drop > 0 else contextlib.nullcontext()
         with ctx:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=drop, is_causal=self.causal and mask is None and not self.cross,
@@ -86,7 +91,7 @@ class Attention(nn.Module):
                 k, v = kv_cache.update(k, v, start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.recompute_core and self.training and torch.is_grad_enabled():
-            out = checkpoint(self._core, q, k, v, mask)
+            out = checkpoint(self.parallel_state.rng, self._core, q, k, v, mask)
         else:
             out = self._core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, -1, hq * hd))

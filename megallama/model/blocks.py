@@ -14,8 +14,7 @@ from megallama.config import ModelConfig
 from megallama.model.attention import Attention
 from megallama.model.mlp import SwiGLU
 from megallama.model.norm import RMSNorm
-from megallama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megallama.parallel import get_rng_tracker, get_state
+from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
 
 
 def derive_seed(seed: int, key: str) -> int:
@@ -40,31 +39,34 @@ def init_module(module: nn.Module, seed: int, key: str) -> None:
                     m.bias.zero_()
 
 
-def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def residual_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelState) -> torch.Tensor:
     """Dropout on the residual stream; shards of a sequence-parallel stream draw per rank."""
     if p == 0.0 or not training:
         return x
-    ctx = get_rng_tracker().fork() if get_state().sequence_parallel else contextlib.nullcontext()
+    ctx = state.rng.fork() if state.sequence_parallel else contextlib.nullcontext()
     with ctx:
         return F.dropout(x, p, training=True)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, causal: bool = True, cross_attention: bool = False,
-                 device=None, dtype=None):
+    """``state``: the layout it is built for, kept for residual dropout under sequence parallelism."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, layer_id: int, causal: bool = True,
+                 cross_attention: bool = False, device=None, dtype=None):
         super().__init__()
-        sp = get_state().sequence_parallel
+        sp = state.sp_group
         kw = dict(device=device, dtype=dtype)
+        self.parallel_state = state
         self.layer_id = layer_id
         self.dropout = cfg.dropout
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
-        self.attention = Attention(cfg, causal=causal, **kw)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=sp, **kw)
+        self.attention = Attention(cfg, state, causal=causal, **kw)
         self.cross_attention_norm = self.cross_attention = None
         if cross_attention:
-            self.cross_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
-            self.cross_attention = Attention(cfg, causal=False, cross=True, **kw)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
-        self.feed_forward = SwiGLU(cfg, **kw)
+            self.cross_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=sp, **kw)
+            self.cross_attention = Attention(cfg, state, causal=False, cross=True, **kw)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=sp, **kw)
+        self.feed_forward = SwiGLU(cfg, state, **kw)
         self.checkpoint_fn = None  # set by a training engine to recompute this block in backward
 
     def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
@@ -81,10 +83,10 @@ class TransformerBlock(nn.Module):
 
     def _forward(self, x, rope, mask, memory, memory_mask, start_pos, kv_cache, cross_cache=None) -> torch.Tensor:
         h = self.attention(self.attention_norm(x), rope, mask, start_pos=start_pos, kv_cache=kv_cache)
-        x = x + residual_dropout(h, self.dropout, self.training)
+        x = x + residual_dropout(h, self.dropout, self.training, self.parallel_state)
         if self.cross_attention is not None:
             h = self.cross_attention(self.cross_attention_norm(x), rope, memory_mask, memory=memory,
                                      kv_cache=cross_cache)
-            x = x + residual_dropout(h, self.dropout, self.training)
+            x = x + residual_dropout(h, self.dropout, self.training, self.parallel_state)
         h = self.feed_forward(self.ffn_norm(x))
-        return x + residual_dropout(h, self.dropout, self.training)
+        return x + residual_dropout(h, self.dropout, self.training, self.parallel_state)

@@ -8,7 +8,7 @@ import torch
 from megallama.config import ModelConfig
 from megallama.model.llama import build_model
 from megallama.model.norm import RMSNorm
-from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding, layout
+from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
 
 
 def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]:
@@ -35,11 +35,10 @@ def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]
 
 def describe(cfg: ModelConfig, tp: int = 1) -> Dict[str, Any]:
     """Per-layer weight table (math convention: ``x @ W`` with W as in x out) and totals."""
-    with layout(ParallelState(tp=tp)), torch.device("meta"):
-        model = build_model(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, ParallelState(tp=tp))
+        total = sum(p.numel() for p in build_model(cfg, ParallelState()).parameters())
     per_rank = sum(p.numel() for p in model.parameters())  # built at tp: local shapes already
-    with layout(ParallelState()), torch.device("meta"):
-        total = sum(p.numel() for p in build_model(cfg).parameters())
     return dict(
         arch=cfg.arch, tp=tp, parameters=total, parameters_per_rank=per_rank,
         ffn_hidden_size=cfg.ffn_hidden_size, head_dim=cfg.head_dim, n_layers=cfg.n_layers,

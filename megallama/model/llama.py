@@ -2,7 +2,8 @@
 
 Parameter names follow Meta's release (``tok_embeddings``, ``layers.N.attention.*``, ``norm``,
 ``output``) with Q/K/V fused as ``wqkv`` and W1/W3 as ``w13``. The model holds no parallelism
-plan: layouts come from ``megallama.parallel``'s state at construction time.
+plan: it is built for the :class:`ParallelState` it is given (kept as ``parallel_state``), and
+:func:`build_model` is the one place a single-process layout is assumed when none is given.
 """
 from __future__ import annotations
 
@@ -16,34 +17,35 @@ from megallama.model.attention import build_mask
 from megallama.model.blocks import TransformerBlock, init_module, residual_dropout
 from megallama.model.norm import RMSNorm
 from megallama.model.rope import RotaryEmbedding
-from megallama.parallel import (ColumnParallelLinear, VocabParallelEmbedding, gather_from_sequence_parallel_region,
-                                gather_from_tp_region, get_state, vocab_parallel_cross_entropy)
+from megallama.parallel import (ColumnParallelLinear, ParallelState, TPGroup, VocabParallelEmbedding,
+                                gather_from_sequence_parallel_region, gather_from_tp_region,
+                                vocab_parallel_cross_entropy)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice."""
-    per_token = vocab_parallel_cross_entropy(logits, labels, ignore_index)
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice of ``tp``."""
+    per_token = vocab_parallel_cross_entropy(logits, labels, tp, ignore_index)
     return per_token.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 
 class LlamaDecoder(nn.Module):
     """Embedding, causal blocks and the final norm: the trunk every decoder head sits on."""
 
-    def __init__(self, cfg: ModelConfig, seed: Optional[int] = 0, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: Optional[int] = 0, device=None, dtype=None):
         super().__init__()
         cfg.check()
         self.config = cfg
+        self.parallel_state = state
         kw = dict(device=device, dtype=dtype)
-        sp = get_state().sequence_parallel
-        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, init_std=cfg.init_std, **kw)
+        self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std, **kw)
         self.layers = nn.ModuleList(self._make_layers(cfg, kw))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group, **kw)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self._build_head(cfg, kw)
         self.init_weights(seed)
 
     def _make_layers(self, cfg: ModelConfig, kw) -> List[nn.Module]:
-        return [TransformerBlock(cfg, i, causal=True, **kw) for i in range(cfg.n_layers)]
+        return [TransformerBlock(cfg, self.parallel_state, i, causal=True, **kw) for i in range(cfg.n_layers)]
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
         pass
@@ -66,7 +68,7 @@ class LlamaDecoder(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                       start_pos: int = 0, kv_caches=None) -> torch.Tensor:
-        h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training)
+        h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training, self.parallel_state)
         seq = tokens.size(1)
         mask = build_mask(seq, start_pos + seq, True, attention_mask, tokens.device)
         for i, layer in enumerate(self.layers):
@@ -79,14 +81,14 @@ class LlamaForCausalLM(LlamaDecoder):
     computed on vocab-parallel logits without gathering them."""
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
-        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+        self.output = ColumnParallelLinear(self.parallel_state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, start_pos: int = 0, kv_caches=None):
         logits = self.output(self.hidden_states(tokens, attention_mask, start_pos, kv_caches))
         if labels is not None:
-            return causal_lm_loss(logits, labels)
-        return gather_from_tp_region(logits)
+            return causal_lm_loss(logits, labels, self.output.tp)
+        return gather_from_tp_region(logits, self.output.tp)
 
 
 class LlamaForSequenceClassification(LlamaDecoder):
@@ -98,8 +100,8 @@ class LlamaForSequenceClassification(LlamaDecoder):
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None):
         h = self.hidden_states(tokens, attention_mask)
-        if get_state().sequence_parallel:
-            h = gather_from_sequence_parallel_region(h, reduce_grads=False)
+        if self.parallel_state.sequence_parallel:
+            h = gather_from_sequence_parallel_region(h, self.parallel_state.tensor_parallel, reduce_grads=False)
         if attention_mask is None:
             last = torch.full((tokens.size(0),), tokens.size(1) - 1, device=tokens.device)
         else:
@@ -121,18 +123,18 @@ class LlamaEncoderDecoder(LlamaDecoder):
     def _make_layers(self, cfg: ModelConfig, kw) -> List[nn.Module]:
         if cfg.arch != "encoder_decoder":
             raise ValueError("LlamaEncoderDecoder needs model.arch = 'encoder_decoder'")
-        sp = get_state().sequence_parallel
+        state = self.parallel_state
         self.encoder_layers = nn.ModuleList(
-            TransformerBlock(cfg, i, causal=False, **kw) for i in range(cfg.encoder_layers))
-        self.encoder_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sp, **kw)
-        return [TransformerBlock(cfg, i, causal=True, cross_attention=True, **kw) for i in range(cfg.n_layers)]
+            TransformerBlock(cfg, state, i, causal=False, **kw) for i in range(cfg.encoder_layers))
+        self.encoder_norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group, **kw)
+        return [TransformerBlock(cfg, state, i, causal=True, cross_attention=True, **kw) for i in range(cfg.n_layers)]
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
-        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+        self.output = ColumnParallelLinear(self.parallel_state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
 
     def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoder memory ``[b, s_src, dim]`` (sequence-sharded under sequence parallelism)."""
-        h = residual_dropout(self.tok_embeddings(src), self.config.dropout, self.training)
+        h = residual_dropout(self.tok_embeddings(src), self.config.dropout, self.training, self.parallel_state)
         mask = build_mask(src.size(1), src.size(1), False, src_mask, src.device)
         for layer in self.encoder_layers:
             h = layer(h, self.rope, mask)
@@ -140,7 +142,7 @@ class LlamaEncoderDecoder(LlamaDecoder):
 
     def _decode(self, tgt, memory, src_mask, start_pos: int = 0, kv_caches=None, cross_caches=None):
         """This rank's vocab slice of the decoder logits."""
-        h = residual_dropout(self.tok_embeddings(tgt), self.config.dropout, self.training)
+        h = residual_dropout(self.tok_embeddings(tgt), self.config.dropout, self.training, self.parallel_state)
         q_len = tgt.size(1)
         self_mask = build_mask(q_len, start_pos + q_len, True, None, tgt.device)
         cross_mask = None
@@ -156,7 +158,8 @@ class LlamaEncoderDecoder(LlamaDecoder):
                start_pos: int = 0, kv_caches=None, cross_caches=None) -> torch.Tensor:
         """Full logits ``[b, s_tgt, vocab]`` of decoder tokens at ``start_pos``; ``memory`` may be
         None once ``cross_caches`` are filled."""
-        return gather_from_tp_region(self._decode(tgt, memory, src_mask, start_pos, kv_caches, cross_caches))
+        return gather_from_tp_region(self._decode(tgt, memory, src_mask, start_pos, kv_caches, cross_caches),
+                                     self.output.tp)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 src_mask: Optional[torch.Tensor] = None):
@@ -164,11 +167,12 @@ class LlamaEncoderDecoder(LlamaDecoder):
         position; ``labels`` carry -100 there."""
         logits = self._decode(tgt, self.encode(src, src_mask), src_mask)
         if labels is not None:
-            return causal_lm_loss(logits, labels)
-        return gather_from_tp_region(logits)
+            return causal_lm_loss(logits, labels, self.output.tp)
+        return gather_from_tp_region(logits, self.output.tp)
 
 
-def build_model(cfg: ModelConfig, seed: Optional[int] = 0, device=None, dtype=None) -> nn.Module:
-    """The language model ``cfg.arch`` names."""
+def build_model(cfg: ModelConfig, state: Optional[ParallelState] = None, seed: Optional[int] = 0, device=None,
+                dtype=None) -> nn.Module:
+    """The language model ``cfg.arch`` names, built for ``state`` (one process when None)."""
     cls = LlamaEncoderDecoder if cfg.arch == "encoder_decoder" else LlamaForCausalLM
-    return cls(cfg, seed=seed, device=device, dtype=dtype)
+    return cls(cfg, state or ParallelState(), seed=seed, device=device, dtype=dtype)

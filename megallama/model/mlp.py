@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megallama.config import ModelConfig
-from megallama.parallel import ColumnParallelLinear, RowParallelLinear
+from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
 
 
 class _SwiGLUProduct(torch.autograd.Function):
@@ -43,13 +43,13 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, device=None, dtype=None):
         super().__init__()
         hidden = cfg.ffn_hidden_size
         n_layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
-        self.w13 = ColumnParallelLinear(cfg.dim, [hidden, hidden], init_std=cfg.init_std, part_names=["w1", "w3"],
-                                        device=device, dtype=dtype)
-        self.w2 = RowParallelLinear(hidden, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
+        self.w13 = ColumnParallelLinear(state, cfg.dim, [hidden, hidden], init_std=cfg.init_std,
+                                        part_names=["w1", "w3"], device=device, dtype=dtype)
+        self.w2 = RowParallelLinear(state, hidden, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
                                     device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

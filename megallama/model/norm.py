@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megallama.parallel import copy_to_tp_region
+from megallama.parallel import TPGroup, copy_to_tp_region
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,15 @@ def _log_backend_once() -> None:
 
 
 class RMSNorm(nn.Module):
-    """``sequence_parallel``: the input is a sequence shard, so the weight's gradient is partial
-    on each TP rank; routing the weight through copy-to-TP all-reduces it in backward."""
+    """``sp_group``: the input is a sequence shard of that TP group, so the weight's gradient is
+    partial on each TP rank; routing the weight through copy-to-TP all-reduces it in backward."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, sequence_parallel: bool = False,
+    def __init__(self, dim: int, eps: float = 1e-5, sp_group: Optional[TPGroup] = None,
                  use_apex: bool = True, device=None, dtype=None):
         super().__init__()
         self.eps = eps
         self.normalized_shape = (dim,)
-        self.sequence_parallel = sequence_parallel
+        self.sp_group = sp_group
         self.use_apex = use_apex and _APEX_RMS is not None
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         _log_backend_once()
@@ -55,7 +56,7 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = copy_to_tp_region(self.weight) if self.sequence_parallel else self.weight
+        w = copy_to_tp_region(self.weight, self.sp_group) if self.sp_group is not None else self.weight
         if self.use_apex and x.is_cuda:
             return _APEX_RMS(x, w, self.normalized_shape, self.eps)
         return F.rms_norm(x, self.normalized_shape, w, self.eps)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megallama.parallel.state import get_state
+from megallama.parallel.state import TPGroup
 
 
 def _softmax_and_loss_tp(logits: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor, valid: torch.Tensor,
@@ -57,15 +57,14 @@ def _softmax_and_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-        state = get_state()
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, tp: TPGroup, ignore_index: int):
         local_v = logits.size(-1)
-        start = state.tp_rank * local_v
+        start = tp.rank * local_v
         valid = target != ignore_index
         inside = valid & (target >= start) & (target < start + local_v)
         local_t = torch.where(inside, target - start, torch.zeros_like(target))
-        if state.tp > 1:
-            softmax, loss = _softmax_and_loss_tp(logits, local_t, inside, valid, state.tp_group)
+        if tp.size > 1:
+            softmax, loss = _softmax_and_loss_tp(logits, local_t, inside, valid, tp.group)
         else:
             softmax, loss = _softmax_and_loss(logits, local_t, valid)
         ctx.save_for_backward(softmax, local_t, inside, valid)
@@ -80,10 +79,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         flat[rows, local_t.view(-1)] -= inside.view(-1).to(softmax.dtype)
         # in place: the softmax buffer becomes the gradient (cast once for bf16/fp16 logits)
         softmax.mul_((grad_loss * valid).unsqueeze(-1).to(softmax.dtype))
-        return softmax.to(ctx.logits_dtype), None, None
+        return softmax.to(ctx.logits_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: TPGroup,
                                  ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss (0 where ``target == ignore_index``); logits are this rank's vocab slice."""
-    return _VocabParallelCrossEntropy.apply(logits, target, ignore_index)
+    """Per-token loss (0 where ``target == ignore_index``); logits are this rank's vocab slice of
+    the TP group ``tp``."""
+    return _VocabParallelCrossEntropy.apply(logits, target, tp, ignore_index)

@@ -4,6 +4,7 @@ Each rank holds a slice of one logical weight. Initialisation draws the *full* m
 from a generator and keeps this rank's slice, so a seed gives the same model at any TP degree.
 Split parameters carry ``tensor_model_parallel``, ``tp_split_dim`` and ``tp_fused_sizes`` so
 DeepSpeed counts them once per TP group and checkpoint tools can reassemble them.
+Each layer is given the :class:`ParallelState` it is built for and keeps its :class:`TPGroup`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megallama.parallel import mappings
-from megallama.parallel.state import get_state
+from megallama.parallel.state import ParallelState, TPGroup
 
 
 def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int]) -> None:
@@ -44,15 +45,14 @@ def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes:
     return torch.cat(blocks, dim=split_dim)
 
 
-def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
     """All-gather a TP-split tensor (a weight or its gradient) back to its full shape."""
-    state = get_state()
-    if state.tp == 1 or not getattr(param, "tensor_model_parallel", False):
+    if tp.size == 1 or not getattr(param, "tensor_model_parallel", False):
         return local
     import torch.distributed as dist
 
-    parts = [torch.empty_like(local) for _ in range(state.tp)]
-    dist.all_gather(parts, local.contiguous(), group=state.tp_group)
+    parts = [torch.empty_like(local) for _ in range(tp.size)]
+    dist.all_gather(parts, local.contiguous(), group=tp.group)
     return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes)
 
 
@@ -65,14 +65,18 @@ def _divide(n: int, tp: int, what: str) -> int:
 class _ParallelLinearBase(nn.Module):
     split_dim = 0
 
+    def __init__(self, state: ParallelState, sequence_parallel: Optional[bool]):
+        super().__init__()
+        self.tp = state.tensor_parallel
+        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+
     def _init_weight(self, generator: Optional[torch.Generator], full_shape, fused_sizes) -> None:
         if self.weight.is_meta:
             return
-        state = get_state()
         with torch.no_grad():
             full = torch.empty(full_shape, dtype=torch.float32)
             full.normal_(0.0, self.init_std, generator=generator)
-            local = _rank_slice(full, self.split_dim, fused_sizes, state.tp, state.tp_rank)
+            local = _rank_slice(full, self.split_dim, fused_sizes, self.tp.size, self.tp.rank)
             self.weight.copy_(local.to(self.weight.dtype))
             if getattr(self, "bias", None) is not None:
                 self.bias.zero_()
@@ -87,20 +91,18 @@ class ColumnParallelLinear(_ParallelLinearBase):
 
     split_dim = 0
 
-    def __init__(self, in_features: int, out_features, bias: bool = False, gather_output: bool = False,
-                 init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
+    def __init__(self, state: ParallelState, in_features: int, out_features, bias: bool = False,
+                 gather_output: bool = False, init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
                  part_names: Optional[Sequence[str]] = None, device=None, dtype=None):
-        super().__init__()
-        state = get_state()
+        super().__init__(state, sequence_parallel)
         self.part_names = list(part_names) if part_names else None
         self.fused_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features = in_features
         self.out_features = sum(self.fused_sizes)
-        self.local_sizes = [_divide(n, state.tp, "out_features") for n in self.fused_sizes]
+        self.local_sizes = [_divide(n, self.tp.size, "out_features") for n in self.fused_sizes]
         if gather_output and len(self.fused_sizes) > 1:
             raise ValueError("gather_output is not supported for fused outputs")
         self.gather_output = gather_output
-        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, device=device, dtype=dtype))
         _mark(self.weight, 0, self.fused_sizes)
@@ -114,11 +116,11 @@ class ColumnParallelLinear(_ParallelLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x)
+            x = mappings.gather_from_sequence_parallel_region(x, self.tp)
         else:
-            x = mappings.copy_to_tp_region(x)
+            x = mappings.copy_to_tp_region(x, self.tp)
         y = F.linear(x, self.weight, self.bias)
-        return mappings.gather_from_tp_region(y) if self.gather_output else y
+        return mappings.gather_from_tp_region(y, self.tp) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.fused_sizes}, local_out={self.local_sizes}"
@@ -129,14 +131,13 @@ class RowParallelLinear(_ParallelLinearBase):
 
     split_dim = 1
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, input_is_parallel: bool = True,
-                 init_std: float = 0.02, sequence_parallel: Optional[bool] = None, device=None, dtype=None):
-        super().__init__()
-        state = get_state()
+    def __init__(self, state: ParallelState, in_features: int, out_features: int, bias: bool = False,
+                 input_is_parallel: bool = True, init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
+                 device=None, dtype=None):
+        super().__init__(state, sequence_parallel)
         self.in_features, self.out_features = in_features, out_features
-        self.local_in = _divide(in_features, state.tp, "in_features")
+        self.local_in = _divide(in_features, self.tp.size, "in_features")
         self.input_is_parallel = input_is_parallel
-        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, device=device, dtype=dtype))
         _mark(self.weight, 1, [in_features])
@@ -147,12 +148,12 @@ class RowParallelLinear(_ParallelLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = mappings.scatter_to_tp_region(x)
+            x = mappings.scatter_to_tp_region(x, self.tp)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
-            y = mappings.reduce_scatter_to_sequence_parallel_region(y)
+            y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.tp)
         else:
-            y = mappings.reduce_from_tp_region(y)
+            y = mappings.reduce_from_tp_region(y, self.tp)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -164,14 +165,12 @@ class VocabParallelEmbedding(_ParallelLinearBase):
 
     split_dim = 0
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02,
+    def __init__(self, state: ParallelState, num_embeddings: int, embedding_dim: int, init_std: float = 0.02,
                  sequence_parallel: Optional[bool] = None, device=None, dtype=None):
-        super().__init__()
-        state = get_state()
+        super().__init__(state, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.local_vocab = _divide(num_embeddings, state.tp, "num_embeddings")
-        self.vocab_start = state.tp_rank * self.local_vocab
-        self.sequence_parallel = state.sequence_parallel if sequence_parallel is None else sequence_parallel
+        self.local_vocab = _divide(num_embeddings, self.tp.size, "num_embeddings")
+        self.vocab_start = self.tp.rank * self.local_vocab
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(self.local_vocab, embedding_dim, device=device, dtype=dtype))
         _mark(self.weight, 0, [num_embeddings])
@@ -180,14 +179,14 @@ class VocabParallelEmbedding(_ParallelLinearBase):
         self._init_weight(generator, (self.num_embeddings, self.embedding_dim), [self.num_embeddings])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if get_state().tp == 1:
+        if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_start + self.local_vocab)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_parallel_region(out)
-        return mappings.reduce_from_tp_region(out)
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, self.tp)
+        return mappings.reduce_from_tp_region(out, self.tp)
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, local_vocab={self.local_vocab}, dim={self.embedding_dim}"

@@ -3,59 +3,52 @@
 Each forward collective has its conjugate in backward, so a layer composes them and gets
 correct gradients for free. All are the identity when the TP group has one rank.
 Activations are batch-first ``[b, s, h]``; sequence parallelism shards dim 1.
+Every function takes the layer's :class:`TPGroup` and keeps it in ``ctx`` for backward, as
+Megatron core's mappings take ``group``: nothing here looks the layout up.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from megallama.parallel.state import get_state
+from megallama.parallel.state import TPGroup
 
 SEQ_DIM = 1
 
 
-def _tp():
-    s = get_state()
-    return s.tp, s.tp_rank, s.tp_group
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    size, _, group = _tp()
-    if size == 1:
+def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
         return x
     x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    dist.all_reduce(x, group=tp.group)
     return x
 
 
-def _split(x: torch.Tensor, dim: int) -> torch.Tensor:
-    size, rank, _ = _tp()
-    if size == 1:
+def _split(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
         return x
-    if x.size(dim) % size:
-        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by tp={size}")
-    return x.chunk(size, dim=dim)[rank].contiguous()
+    if x.size(dim) % tp.size:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by tp={tp.size}")
+    return x.chunk(tp.size, dim=dim)[tp.rank].contiguous()
 
 
-def _gather(x: torch.Tensor, dim: int) -> torch.Tensor:
-    size, _, group = _tp()
-    if size == 1:
+def _gather(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x, group=group)
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x, group=tp.group)
     return torch.cat(parts, dim=dim)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int) -> torch.Tensor:
-    size, rank, group = _tp()
-    if size == 1:
+def _reduce_scatter(x: torch.Tensor, dim: int, tp: TPGroup) -> torch.Tensor:
+    if tp.size == 1:
         return x
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: same result, more bytes
-        return _all_reduce(x).chunk(size, dim=dim)[rank].contiguous()
+    if dist.get_backend(tp.group) == "gloo":  # gloo has no reduce-scatter: same result, more bytes
+        return _all_reduce(x, tp).chunk(tp.size, dim=dim)[tp.rank].contiguous()
     src = x.movedim(dim, 0).contiguous()
-    out = torch.empty((src.size(0) // size,) + tuple(src.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, src, group=group)
+    out = torch.empty((src.size(0) // tp.size,) + tuple(src.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, src, group=tp.group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -63,113 +56,101 @@ class _CopyToTP(torch.autograd.Function):
     """Identity forward; all-reduce the gradient (input feeds every TP rank)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, tp):
+        ctx.tp = tp
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g)
+        return _all_reduce(g, ctx.tp), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
     """All-reduce partial sums forward; identity backward."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _all_reduce(x)
+    def forward(ctx, x, tp):
+        return _all_reduce(x, tp)
 
     @staticmethod
     def backward(ctx, g):
-        return g
+        return g, None
 
 
 class _ScatterToTP(torch.autograd.Function):
     """Keep this rank's slice of the last dim; gather gradients back."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _split(x, -1)
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _split(x, -1, tp)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather(g, -1)
+        return _gather(g, -1, ctx.tp), None
 
 
 class _GatherFromTP(torch.autograd.Function):
     """Concatenate the last dim across ranks; split gradients back."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _gather(x, -1)
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _gather(x, -1, tp)
 
     @staticmethod
     def backward(ctx, g):
-        return _split(g, -1)
-
-
-class _ScatterToSP(torch.autograd.Function):
-    """Keep this rank's sequence shard; gather gradients back."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return _split(x, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather(g, SEQ_DIM)
+        return _split(g, -1, ctx.tp), None
 
 
 class _GatherFromSP(torch.autograd.Function):
     """All-gather sequence shards; backward reduce-scatters (the consumer is TP-split)."""
 
     @staticmethod
-    def forward(ctx, x, reduce_grads: bool = True):
-        ctx.reduce_grads = reduce_grads
-        return _gather(x, SEQ_DIM)
+    def forward(ctx, x, tp, reduce_grads: bool = True):
+        ctx.tp, ctx.reduce_grads = tp, reduce_grads
+        return _gather(x, SEQ_DIM, tp)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.reduce_grads:
-            return _reduce_scatter(g, SEQ_DIM), None
-        return _split(g, SEQ_DIM), None
+            return _reduce_scatter(g, SEQ_DIM, ctx.tp), None, None
+        return _split(g, SEQ_DIM, ctx.tp), None, None
 
 
 class _ReduceScatterToSP(torch.autograd.Function):
     """Reduce partial sums and keep this rank's sequence shard; all-gather gradients back."""
 
     @staticmethod
-    def forward(ctx, x):
-        return _reduce_scatter(x, SEQ_DIM)
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _reduce_scatter(x, SEQ_DIM, tp)
 
     @staticmethod
     def backward(ctx, g):
-        return _gather(g, SEQ_DIM)
+        return _gather(g, SEQ_DIM, ctx.tp), None
 
 
-def copy_to_tp_region(x):
-    return _CopyToTP.apply(x)
+def copy_to_tp_region(x, tp: TPGroup):
+    return _CopyToTP.apply(x, tp)
 
 
-def reduce_from_tp_region(x):
-    return _ReduceFromTP.apply(x)
+def reduce_from_tp_region(x, tp: TPGroup):
+    return _ReduceFromTP.apply(x, tp)
 
 
-def scatter_to_tp_region(x):
-    return _ScatterToTP.apply(x)
+def scatter_to_tp_region(x, tp: TPGroup):
+    return _ScatterToTP.apply(x, tp)
 
 
-def gather_from_tp_region(x):
-    return _GatherFromTP.apply(x)
+def gather_from_tp_region(x, tp: TPGroup):
+    return _GatherFromTP.apply(x, tp)
 
 
-def scatter_to_sequence_parallel_region(x):
-    return _ScatterToSP.apply(x)
-
-
-def gather_from_sequence_parallel_region(x, reduce_grads: bool = True):
+def gather_from_sequence_parallel_region(x, tp: TPGroup, reduce_grads: bool = True):
     """``reduce_grads=False`` when the consumer is replicated (e.g. a gathered final output)."""
-    return _GatherFromSP.apply(x, reduce_grads)
+    return _GatherFromSP.apply(x, tp, reduce_grads)
 
 
-def reduce_scatter_to_sequence_parallel_region(x):
-    return _ReduceScatterToSP.apply(x)
+def reduce_scatter_to_sequence_parallel_region(x, tp: TPGroup):
+    return _ReduceScatterToSP.apply(x, tp)

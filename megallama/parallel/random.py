@@ -4,15 +4,18 @@ Dropout on replicated activations must draw the same mask on every TP rank (the 
 stream); dropout on TP-sharded activations (attention probabilities, sequence-parallel shards)
 must draw different masks per rank (the ``model-parallel`` stream). The tracker swaps the
 device generator's state in and out so both streams advance independently and can be saved.
+The tracker belongs to a :class:`ParallelState` (``state.rng``): seeding and recomputation take
+it from there, never from a module global.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
-from megallama.parallel.state import get_state
+if TYPE_CHECKING:
+    from megallama.parallel.state import ParallelState
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
@@ -58,40 +61,27 @@ class RNGStatesTracker:
             set_(saved)
 
 
-_TRACKER = RNGStatesTracker()
-
-
-def get_rng_tracker() -> RNGStatesTracker:
-    return _TRACKER
-
-
-def set_rng_tracker(tracker) -> None:
-    """Share one tracker with an engine that recomputes activations (e.g. DeepSpeed's)."""
-    global _TRACKER
-    _TRACKER = tracker
-
-
-def model_parallel_seed(seed: int) -> None:
-    """Seed the default stream (same on TP ranks, distinct per pipeline stage) and the TP stream."""
-    state = get_state()
+def model_parallel_seed(state: "ParallelState", seed: int) -> None:
+    """Seed the default stream (same on TP ranks, distinct per pipeline stage) and the TP stream
+    (``state.rng``)."""
     default_seed = seed + 100 * state.pp_rank
     torch.manual_seed(default_seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(default_seed)
-    _TRACKER.reset()
-    _TRACKER.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tp_rank)
+    state.rng.reset()
+    state.rng.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tp_rank)
 
 
 class _Recompute(torch.autograd.Function):
     """Run ``fn`` without saving activations; in backward restore every RNG stream and rerun it."""
 
     @staticmethod
-    def forward(ctx, fn, *args):
-        ctx.fn = fn
+    def forward(ctx, tracker, fn, *args):
+        ctx.tracker, ctx.fn = tracker, fn
         get, _ = _device_rng()
         ctx.cpu_state = torch.get_rng_state()
         ctx.dev_state = get() if torch.cuda.is_available() else None
-        ctx.tracker_states = get_rng_tracker().get_states()
+        ctx.tracker_states = tracker.get_states()
         ctx.save_for_backward(*[a for a in args if torch.is_tensor(a)])
         ctx.is_tensor = [torch.is_tensor(a) for a in args]
         ctx.others = [a for a in args if not torch.is_tensor(a)]
@@ -108,11 +98,11 @@ class _Recompute(torch.autograd.Function):
         cpu_now = torch.get_rng_state()
         get, set_ = _device_rng()
         dev_now = get() if ctx.dev_state is not None else None
-        tracker_now = get_rng_tracker().get_states()
+        tracker_now = ctx.tracker.get_states()
         torch.set_rng_state(ctx.cpu_state)
         if ctx.dev_state is not None:
             set_(ctx.dev_state)
-        get_rng_tracker().set_states(ctx.tracker_states)
+        ctx.tracker.set_states(ctx.tracker_states)
         try:
             with torch.enable_grad():
                 out = ctx.fn(*args)
@@ -120,14 +110,14 @@ class _Recompute(torch.autograd.Function):
             torch.set_rng_state(cpu_now)
             if dev_now is not None:
                 set_(dev_now)
-            get_rng_tracker().set_states(tracker_now)
+            ctx.tracker.set_states(tracker_now)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None,) + tuple(a.grad if torch.is_tensor(a) else None for a in args)
+        return (None, None) + tuple(a.grad if torch.is_tensor(a) else None for a in args)
 
 
-def checkpoint(fn, *args):
+def checkpoint(tracker: RNGStatesTracker, fn, *args):
     """Activation recomputation that keeps dropout masks identical between the two passes,
-    including those drawn from the tensor-parallel RNG stream."""
-    return _Recompute.apply(fn, *args)
+    including those drawn from the tensor-parallel RNG stream (``tracker``'s)."""
+    return _Recompute.apply(tracker, fn, *args)

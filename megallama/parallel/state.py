@@ -2,16 +2,27 @@
 
 Rank order is TP innermost, then DP, then PP (rank = pp*dp*tp + dp*tp + tp), the order of
 DeepSpeed's ``PipeModelDataParallelTopology`` so its pipeline grid and our groups agree.
-The :class:`ParallelState` object doubles as the ``mpu`` DeepSpeed asks for.
+The :class:`ParallelState` object doubles as the ``mpu`` DeepSpeed asks for. There is no global
+copy: whoever builds a model passes it the state, and each layer keeps what it needs.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch.distributed as dist
+
+from megallama.parallel.random import RNGStatesTracker
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """What a tensor-parallel layer or mapping needs of the layout: its size, rank and group."""
+
+    size: int = 1
+    rank: int = 0
+    group: Optional[object] = field(default=None, repr=False)
 
 
 @dataclass
@@ -23,11 +34,12 @@ class ParallelState:
     tp_group: Optional[object] = field(default=None, repr=False)
     pp_group: Optional[object] = field(default=None, repr=False)
     dp_group: Optional[object] = field(default=None, repr=False)
-    mp_group: Optional[object] = field(default=None, repr=False)  # TP x PP: one model replica
     tp_ranks: List[int] = field(default_factory=lambda: [0])
     pp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
     sequence_parallel: bool = False
+    # the dropout streams of this layout; DeepSpeed's tracker replaces it under its recomputation
+    rng: RNGStatesTracker = field(default_factory=RNGStatesTracker, repr=False, compare=False)
 
     @property
     def world_size(self) -> int:
@@ -36,6 +48,15 @@ class ParallelState:
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
+
+    @property
+    def tensor_parallel(self) -> TPGroup:
+        return TPGroup(self.tp, self.tp_rank, self.tp_group)
+
+    @property
+    def sp_group(self) -> Optional[TPGroup]:
+        """The group a sequence-parallel activation is sharded over; None without SP."""
+        return self.tensor_parallel if self.sequence_parallel else None
 
     @property
     def dp_rank(self) -> int:
@@ -89,7 +110,6 @@ class ParallelState:
         return self.rank - self.tp_rank
 
 
-_STATE: Optional[ParallelState] = None
 _GROUP_TIMEOUT: Optional[timedelta] = None
 
 
@@ -108,19 +128,6 @@ def set_group_timeout(seconds: float) -> None:
         c10d.default_pg_nccl_timeout = _GROUP_TIMEOUT
 
 
-def get_state() -> ParallelState:
-    """The current layout; a single-process one when nothing was initialised."""
-    global _STATE
-    if _STATE is None:
-        _STATE = ParallelState()
-    return _STATE
-
-
-def set_state(state: Optional[ParallelState]) -> None:
-    global _STATE
-    _STATE = state
-
-
 def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
     """Build every group from the initialised default process group (all ranks must call)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -130,7 +137,6 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
     dp = world // (tp * pp)
     state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=sequence_parallel and tp > 1)
     if not dist.is_initialized():
-        set_state(state)
         return state
 
     def make(ranks_list: List[List[int]]):
@@ -145,22 +151,7 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
     tp_lists = [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)]
     dp_lists = [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
     pp_lists = [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
-    mp_lists = [[p * dp * tp + d * tp + t for p in range(pp) for t in range(tp)] for d in range(dp)]
     state.tp_group, state.tp_ranks = make(tp_lists)
     state.dp_group, state.dp_ranks = make(dp_lists)
     state.pp_group, state.pp_ranks = make(pp_lists)
-    state.mp_group, _ = make(mp_lists)
-    set_state(state)
     return state
-
-
-@contextmanager
-def layout(state: ParallelState) -> Iterator[ParallelState]:
-    """Temporarily install a layout, e.g. a group-less one to build shapes on the meta device."""
-    global _STATE
-    old = _STATE
-    _STATE = state
-    try:
-        yield state
-    finally:
-        _STATE = old

@@ -8,7 +8,7 @@ wrapper sees every collective of a step, whoever issues it. Bytes follow the con
 :mod:`megallama.profiling.comm`: the *unsharded* payload (the all-reduced tensor, an
 all-gather's output, a reduce-scatter's input, what a send sends), so a measured step compares
 group by group with ``collective_bytes_per_step``. A group is named by comparing its ranks with
-``megallama.parallel.get_state()``: ``tp``/``dp``/``pp`` when they match, ``local`` for a group
+the given ``ParallelState``'s: ``tp``/``dp``/``pp`` when they match, ``local`` for a group
 of one (no bytes move), ``other`` otherwise (DeepSpeed's TPxPP model-parallel group, the world
 when two dimensions are > 1). Time is wall time inside the call (and inside ``wait()`` of an
 async handle); with ``sync=True`` the CUDA device is synchronised around each call, so queued
@@ -98,10 +98,8 @@ class CommMeter:
     ``rows[(kind, op)] = [calls, payload_bytes, seconds]``; ``by_group()`` sums them per kind.
     """
 
-    def __init__(self, state=None, sync: Optional[bool] = None):
-        from megallama.parallel import get_state
-
-        self.state = state or get_state()
+    def __init__(self, state, sync: Optional[bool] = None):
+        self.state = state
         self.sync = torch.cuda.is_available() if sync is None else sync
         self.rows: Dict[tuple, List[float]] = defaultdict(lambda: [0, 0, 0.0])
         self.seconds = 0.0

@@ -121,13 +121,9 @@ class ModelStateMeter:
     are reduced), when a data-parallel all-reduce starts (ZeRO-0 reduces a flattened copy of the
     gradients) and when the inner optimizer steps; ``result()`` is the largest value of each
     category over the snapshots (``total``: the largest snapshot total). ``dp_ranks``: the
-    data-parallel group's ranks (default: ``megallama.parallel.get_state()``'s)."""
+    data-parallel group's ranks (``state.dp_ranks``)."""
 
-    def __init__(self, engine: Any, module: Optional[torch.nn.Module] = None, dp_ranks=None):
-        if dp_ranks is None:
-            from megallama.parallel import get_state
-
-            dp_ranks = get_state().dp_ranks
+    def __init__(self, engine: Any, module: Optional[torch.nn.Module], dp_ranks):
         self.dp_ranks = sorted(dp_ranks)
         self.engine, self.module = engine, module
         self.snapshots: Dict[str, Dict[str, int]] = {}

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import UserError
-from megallama.parallel import get_rng_tracker
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +63,23 @@ def _atomic_write(path: Path, text: str) -> None:
         os.close(dfd)
 
 
-def rng_state() -> Dict[str, torch.Tensor]:
+def rng_state(tracker) -> Dict[str, torch.Tensor]:
+    """The default streams and every stream of ``tracker`` (a layout's ``rng``)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    for name, value in get_rng_tracker().get_states().items():
+    for name, value in tracker.get_states().items():
         state[f"tracker/{name}"] = value
     return state
 
 
-def restore_rng(state: Dict[str, torch.Tensor]) -> None:
+def restore_rng(state: Dict[str, torch.Tensor], tracker) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tracker = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
-    if tracker:
-        get_rng_tracker().set_states(tracker)
+    streams = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("tracker/")}
+    if streams:
+        tracker.set_states(streams)
 
 
 def write_manifest(tag_dir: Path) -> Dict:
@@ -282,7 +282,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
     rng_path = tag_dir / f"rng_rank{rank:05d}.pt"
     if not failures:
         try:
-            torch.save(rng_state(), rng_path)
+            torch.save(rng_state(state.rng), rng_path)
         except _write_errors() as exc:
             failures.append(_write_failure(exc, rng_path))
     delay = float(os.environ.get("MEGALLAMA_FAULT_SLOW_SAVE_S", "0") or 0)  # fault-injection window
@@ -325,7 +325,8 @@ def read_meta(tag_dir: Path) -> Dict:
     return meta
 
 
-def load_rng(tag_dir: Path) -> None:
+def load_rng(tag_dir: Path, tracker) -> None:
+    """This rank's saved streams back into the default generators and ``tracker``."""
     from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 
     path = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
@@ -334,4 +335,4 @@ def load_rng(tag_dir: Path) -> None:
             state = load_weights_only(path)
         except Exception as exc:  # a refused pickle or a damaged file: one line naming it
             raise UserError(f"{path}: not a plain tensor file, refusing to load it ({refusal_reason(exc)})") from None
-        restore_rng(state)
+        restore_rng(state, tracker)

@@ -18,7 +18,6 @@ from megallama.model import build_model
 from megallama.model.compile import compile_blocks
 from megallama.model.blocks import init_module
 from megallama.parallel import ParallelState, model_parallel_seed
-from megallama.parallel import random as tp_random
 from megallama.train.ds_config import zero_stage
 from megallama.train.optim import build_optimizer, build_scheduler
 from megallama.train.pipeline import build_pipeline_module
@@ -34,7 +33,7 @@ class Built:
 
 
 def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any]):
-    """Configure DeepSpeed's checkpointing with our mpu and share its RNG tracker with ours."""
+    """Configure DeepSpeed's checkpointing with our mpu; its RNG tracker becomes the state's."""
     import deepspeed
 
     ac = cfg.train.activation_checkpointing
@@ -43,7 +42,7 @@ def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Di
     deepspeed.checkpointing.configure(state, partition_activations=ac.partition_activations,
                                       checkpoint_in_cpu=ac.cpu_checkpointing, num_checkpoints=cfg.model.n_layers,
                                       contiguous_checkpointing=False, synchronize=False, profile=False)
-    tp_random.set_rng_tracker(deepspeed.checkpointing.get_cuda_rng_tracker())
+    state.rng = deepspeed.checkpointing.get_cuda_rng_tracker()
     return deepspeed.checkpointing.checkpoint
 
 
@@ -74,13 +73,13 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
     if zero_stage(ds) == 3:
         # partition over the data-parallel group only: each TP rank's shard is its own tensor
         with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):
-            module = build_model(cfg.model, seed=None)
+            module = build_model(cfg.model, state, seed=None)
         for part, key in module.init_parts():
             params = list(part.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 init_module(part, seed, key)  # identical on every rank; rank 0's copy is kept
     else:
-        module = build_model(cfg.model, seed=seed).to(device)
+        module = build_model(cfg.model, state, seed=seed).to(device)
     _apply_checkpointing(module, cfg, ckpt_fn)
     return module
 
@@ -102,7 +101,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     if not ds_comm.is_initialized():  # one process starts on a plain torch group: DeepSpeed's layer joins it here
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
-    model_parallel_seed(cfg.train.seed)
+    model_parallel_seed(state, cfg.train.seed)
     if module is None:
         module = _build_module(cfg, state, ds, device, ckpt_fn)
     else:

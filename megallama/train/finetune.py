@@ -53,10 +53,9 @@ def encode(tokenizer, texts: List[str], seq_len: int) -> Tuple[torch.Tensor, tor
 
 def _load_trunk(model, state: Dict[str, torch.Tensor]) -> List[str]:
     """Copy every matching tensor (each rank its TP slice); returns what the trunk lacked."""
-    from megallama.parallel import get_state
     from megallama.parallel.layers import split_for_rank
 
-    ps, missing = get_state(), []
+    ps, missing = model.parallel_state, []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in state:
@@ -148,7 +147,7 @@ def _train_classifier(cfg: RunConfig, info, ds, model_cfg, state_dict, tokenizer
     n_hold = max(1, int(round(holdout * len(order))))
     hold, train = order[:n_hold], order[n_hold:]
     ids, mask = encode(tokenizer, texts, t.seq_len)
-    model = LlamaForSequenceClassification(model_cfg, seed=t.seed)
+    model = LlamaForSequenceClassification(model_cfg, state, seed=t.seed)
     missing = _load_trunk(model, state_dict)
     if info.rank == 0:
         log.info("fine-tuning %d-label classifier on %d examples (%d held out); new: %s", len(names), len(train),
@@ -197,7 +196,8 @@ def save_classifier(module, model_cfg, out: Path, labels: List[str], pretrained:
 
     params = dict(module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        full = {name: gather_tp_tensor(p.data, p).float().cpu() for name, p in params.items()}
+        full = {name: gather_tp_tensor(p.data, p, module.parallel_state.tensor_parallel).float().cpu()
+                for name, p in params.items()}
     if rank == 0:
         save_consolidated(full, model_cfg, out, overwrite=True,
                           extra={"head": CLASSIFIER_HEAD, "labels": labels, "finetuned_from": str(pretrained)})

@@ -244,7 +244,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     engine = built.engine
     if resume is not None and universal is None:
         engine.load_checkpoint(str(resume.parent), tag=resume.name)
-        ckpt.load_rng(resume)
+        ckpt.load_rng(resume, state.rng)
         if refit:  # the restored schedule keeps the checkpoint's peak LR: take the config's
             set_schedule_position(engine.lr_scheduler, start_step, base_lr=t.lr)
 

@@ -18,19 +18,20 @@ from megallama.parallel import ColumnParallelLinear, ParallelState, VocabParalle
 
 
 class EmbeddingPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int):
         super().__init__()
         self.dropout = cfg.dropout
-        self.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, init_std=cfg.init_std)
+        self.parallel_state = state
+        self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std)
         init_module(self.tok_embeddings, seed, "tok_embeddings")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training)
+        return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
 
 
 class BlockPipe(TransformerBlock):
-    def __init__(self, cfg: ModelConfig, layer_id: int, seed: int):
-        super().__init__(cfg, layer_id, causal=True)
+    def __init__(self, cfg: ModelConfig, state: ParallelState, layer_id: int, seed: int):
+        super().__init__(cfg, state, layer_id, causal=True)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         init_module(self, seed, f"layers.{layer_id}")
 
@@ -39,10 +40,10 @@ class BlockPipe(TransformerBlock):
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel=sequence_parallel)
-        self.output = ColumnParallelLinear(cfg.dim, cfg.vocab_size, init_std=cfg.init_std)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group)
+        self.output = ColumnParallelLinear(state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std)
         init_module(self.output, seed, "output")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -66,14 +67,15 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, par
     from deepspeed.pipe import LayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    specs = [LayerSpec(EmbeddingPipe, cfg, seed)]
-    specs += [LayerSpec(BlockPipe, cfg, i, seed) for i in range(cfg.n_layers)]
-    specs += [LayerSpec(HeadPipe, cfg, seed, state.sequence_parallel)]
+    specs = [LayerSpec(EmbeddingPipe, cfg, state, seed)]
+    specs += [LayerSpec(BlockPipe, cfg, state, i, seed) for i in range(cfg.n_layers)]
+    specs += [LayerSpec(HeadPipe, cfg, state, seed)]
+    tp = state.tensor_parallel
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     kwargs = {}
     if checkpoint_every > 0:
         kwargs = dict(activation_checkpoint_interval=checkpoint_every, activation_checkpoint_func=checkpoint_fn)
-    return _pipeline_module_class()(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels),
+    return _pipeline_module_class()(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
                           topology=topology,
                           partition_method="parameters" if partition == "parameters" else "type:BlockPipe",
                           **kwargs)

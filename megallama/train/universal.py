@@ -103,10 +103,9 @@ _STEM = re.compile(r"^pp(\d{2,4})-tp(\d{2,4})$")
 def _expected(cfg) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Dict]]:
     """Full shape and TP split of every parameter the config implies (a meta-device build)."""
     from megallama.model import build_model
-    from megallama.parallel import layout
 
-    with layout(ParallelState()), torch.device("meta"):
-        model = build_model(cfg, seed=None)
+    with torch.device("meta"):
+        model = build_model(cfg, ParallelState(), seed=None)
     params = dict(model.named_parameters())
     return {n: tuple(p.shape) for n, p in params.items()}, {n: _split_info(p) for n, p in params.items()}
 
