@@ -25,7 +25,6 @@ DEFAULT_BATCH_TOKENS = 4 * 2 ** 20      # LLaMA's 4M-token batches
 MAX_BATCH_TOKENS = 2 ** 40              # a trillion tokens per step: far past any published batch
 MBS_CHOICES = (1, 2, 4, 8, 16)
 BATCH_TOLERANCE = 0.10
-LAYOUT_FIELDS = ("tp", "pp", "dp", "zero", "mbs", "recompute", "sp", "offload")
 
 
 @dataclass
@@ -82,8 +81,8 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
         raise UserError(f"--gpus: expected 1 to {MAX_GPUS:,}, got {gpus}")
     given = {k: fixed[k] for k in ("tp", "pp", "dp", "mbs") if fixed.get(k) is not None}
     degrees = {k: v for k, v in given.items() if k != "mbs"}
-    problem = (next(filter(None, (rules.positive_problem(k, v, rules.FLAGS) for k, v in given.items())), None)
-               or rules.world_problem(gpus, degrees, rules.FLAGS))
+    problems = [rules.positive_problem(k, v, rules.FLAGS) for k, v in given.items()]
+    problem = next((p for p in problems if p), None) or rules.world_problem(gpus, degrees, rules.FLAGS)
     if problem:
         raise UserError(problem)
     zero = fixed.get("zero")
