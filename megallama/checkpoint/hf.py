@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, load_tensors, read_json
 from megallama.config import ConfigError, ModelConfig
+from megallama.config.swiglu import swiglu_base, swiglu_hidden
 from megallama.errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -43,7 +44,7 @@ def is_hf_dir(path) -> bool:
 
 # --------------------------------------------------------------------------------- config
 def _ffn_fields(dim: int, intermediate: int) -> Dict:
-    """``multiple_of``/``ffn_dim_multiplier`` that make ModelConfig.ffn_hidden_size == intermediate.
+    """``multiple_of``/``ffn_dim_multiplier`` whose SwiGLU width (``swiglu_hidden``) is ``intermediate``.
 
     Meta's own settings are tried first (so llama-7b reads back as multiple_of=256); otherwise
     multiple_of=intermediate with a multiplier that rounds to one multiple reproduces any width.
@@ -51,9 +52,9 @@ def _ffn_fields(dim: int, intermediate: int) -> Dict:
     candidates = [dict(multiple_of=m, ffn_dim_multiplier=None) for m in (4096, 1024, 256, 128, 64, 32, 16, 8, 1)]
     candidates += [dict(multiple_of=m, ffn_dim_multiplier=f) for f in (1.3, 1.5, 2.0) for m in (4096, 1024, 256)]
     # int(f * int(8d/3)) == intermediate exactly (the +0.5 absorbs float error), one multiple of itself
-    candidates.append(dict(multiple_of=intermediate, ffn_dim_multiplier=(intermediate + 0.5) / int(8 * dim / 3)))
+    candidates.append(dict(multiple_of=intermediate, ffn_dim_multiplier=(intermediate + 0.5) / swiglu_base(dim)))
     for fields in candidates:
-        if fields["multiple_of"] > 0 and ModelConfig(dim=dim, **fields).ffn_hidden_size == intermediate:
+        if fields["multiple_of"] > 0 and swiglu_hidden(dim, **fields) == intermediate:
             return fields
     raise ConfigError(f"intermediate_size={intermediate} cannot be expressed with multiple_of/ffn_dim_multiplier "
                       f"for hidden_size={dim}")

@@ -18,7 +18,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from megallama.config import ConfigError, ModelConfig, RunConfig
+from megallama.config import ModelConfig, layout_rules
 from megallama.errors import UserError
 from megallama.parallel.layers import split_for_rank
 
@@ -83,10 +83,10 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     tag = resolve_checkpoint(src)
     reader = UniversalReader(tag / "universal")
     cfg = ModelConfig.model_validate(reader.layout["model"])
-    try:
-        RunConfig(model=cfg, parallel={"tp": tp, "pp": pp}, train={"seq_len": min(64, cfg.max_seq_len)}).check_layout()
-    except ConfigError as exc:
-        raise UserError(f"--tp/--pp: {exc}") from None
+    problem = (layout_rules.positive_problem("tp", tp) or layout_rules.positive_problem("pp", pp)
+               or layout_rules.layout_problem(cfg.shape, tp, pp))
+    if problem:
+        raise UserError(f"--tp/--pp: {problem}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")

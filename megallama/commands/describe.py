@@ -26,13 +26,16 @@ def _model_config(name: str):
 
 
 def run(args) -> int:
-    from megallama.config import ConfigError, RunConfig, load_run_config
+    from megallama.config import ConfigError, layout_rules, load_run_config
 
     name = args.model if args.config is None else args.config
     cfg = load_run_config(args.config).model if args.config is not None else _model_config(args.model)
     if args.tp < 1:
         raise ConfigError(f"--tp: expected a positive integer, got {args.tp}")
-    RunConfig(model=cfg, parallel={"tp": args.tp}, train={"seq_len": min(256, cfg.max_seq_len)}).check_layout()
+    cfg.check()
+    problem = layout_rules.tp_problem(cfg.shape, args.tp)
+    if problem:
+        raise ConfigError(problem)
     from megallama.model.describe import describe
 
     info = describe(cfg, args.tp)

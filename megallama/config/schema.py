@@ -13,6 +13,9 @@ from typing import Annotated, Any, Dict, List, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
+from megallama.config import layout_rules as rules
+from megallama.config.layout_rules import ModelShape
+from megallama.config.swiglu import swiglu_hidden
 from megallama.errors import UserError, did_you_mean
 
 MAX_SIZE = 2**31 - 1  # any one dimension of a tensor; beyond it sizes overflow before they fail to allocate
@@ -81,10 +84,13 @@ class ModelConfig(_Strict):
     @property
     def ffn_hidden_size(self) -> int:
         """SwiGLU width: 2/3 of 4d, scaled, rounded up to ``multiple_of`` (Meta's rule)."""
-        hidden = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+        return swiglu_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @property
+    def shape(self) -> ModelShape:
+        """The dimensions the layout rules read."""
+        return ModelShape(n_heads=self.n_heads, n_kv_heads=self.kv_heads, vocab_size=self.vocab_size,
+                          ffn_hidden_size=self.ffn_hidden_size, n_layers=self.n_layers, arch=self.arch)
 
     @property
     def encoder_layers(self) -> int:
@@ -288,45 +294,18 @@ class RunConfig(_Strict):
     deepspeed: Dict[str, Any] = {}
 
     def check_layout(self, world_size: Optional[int] = None) -> None:
-        """Reject layouts that cannot work, before any process group exists."""
+        """Reject layouts that cannot work, before any process group exists. The rules are
+        :mod:`megallama.config.layout_rules`; its ZeRO ones run where the DeepSpeed section is read."""
         m, p, t = self.model, self.parallel, self.train
         m.check()
-        for name in ("tp", "pp"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name}: expected a positive integer, got {getattr(p, name)}")
-        tp = p.tp
-        for field, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("vocab_size", m.vocab_size),
-                             ("ffn_hidden_size", m.ffn_hidden_size)):
-            if value % tp:
-                raise ConfigError(f"model.{field}: {value} is not divisible by parallel.tp={tp}")
-        if m.n_layers % p.pp:
-            raise ConfigError(f"model.n_layers: {m.n_layers} is not divisible by parallel.pp={p.pp}")
-        if p.pp > 1 and m.arch != "decoder":
-            raise ConfigError("parallel.pp: pipeline parallelism supports arch 'decoder' only, got "
-                              f"'{m.arch}' (use pp: 1)")
-        if p.sequence_parallel and tp == 1:
-            raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1 (it shards activations over the "
-                              "tensor-parallel group; with tp: 1 set it to false)")
-        if p.sequence_parallel and t.seq_len % tp:
-            raise ConfigError(f"train.seq_len: {t.seq_len} is not divisible by parallel.tp={tp} "
-                              "(required with sequence_parallel)")
         ac = t.activation_checkpointing
-        if p.sequence_parallel and tp > 1 and ac.mode == "full" and ac.partition_activations:
-            # DeepSpeed keeps 1/tp of each checkpointed input per TP rank and all-gathers it for the
-            # recompute, assuming TP ranks hold the same input; with sequence shards it mixes them
-            raise ConfigError("train.activation_checkpointing.partition_activations: not supported with "
-                              "parallel.sequence_parallel (TP ranks hold different sequence shards)")
-        if m.arch == "encoder_decoder" and ac.mode == "full" and ac.partition_activations:
-            # DeepSpeed replaces each checkpointed input's data by its partition in place; every
-            # decoder layer reads the same encoder output, so the second layer finds it emptied
-            raise ConfigError("train.activation_checkpointing.partition_activations: not supported with "
-                              "model.arch=encoder_decoder (its decoder layers share the encoder output)")
-        if t.seq_len > m.max_seq_len:
-            raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        problem = (rules.positive_problem("tp", p.tp) or rules.positive_problem("pp", p.pp)
+                   or rules.layout_problem(m.shape, p.tp, p.pp, p.sequence_parallel, t.seq_len)
+                   or rules.partition_problem(m.arch, p.tp, p.sequence_parallel, ac.mode == "full",
+                                              ac.partition_activations)
+                   or rules.positions_problem(t.seq_len, m.max_seq_len)
+                   or (None if world_size is None else rules.world_problem(world_size, {"tp": p.tp, "pp": p.pp})))
+        if problem:
+            raise ConfigError(problem)
         if world_size is not None:
-            if world_size < 1:
-                raise ConfigError(f"parallel: world size must be a positive integer, got {world_size}")
-            if world_size % (tp * p.pp):
-                raise ConfigError(f"parallel: world size {world_size} is not a multiple of tp x pp = "
-                                  f"{tp} x {p.pp}")
-            t.batch_layout(world_size // (tp * p.pp))
+            t.batch_layout(world_size // (p.tp * p.pp))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megallama.config.layout_rules import tp_shard
 from megallama.parallel import mappings
 from megallama.parallel.state import ParallelState, TPGroup
 
@@ -56,12 +57,6 @@ def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> t
     return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes)
 
 
-def _divide(n: int, tp: int, what: str) -> int:
-    if n % tp:
-        raise ValueError(f"{what}={n} is not divisible by tensor-parallel size {tp}")
-    return n // tp
-
-
 class _ParallelLinearBase(nn.Module):
     split_dim = 0
 
@@ -99,7 +94,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.fused_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features = in_features
         self.out_features = sum(self.fused_sizes)
-        self.local_sizes = [_divide(n, self.tp.size, "out_features") for n in self.fused_sizes]
+        self.local_sizes = [tp_shard(n, self.tp.size, "out_features") for n in self.fused_sizes]
         if gather_output and len(self.fused_sizes) > 1:
             raise ValueError("gather_output is not supported for fused outputs")
         self.gather_output = gather_output
@@ -136,7 +131,7 @@ class RowParallelLinear(_ParallelLinearBase):
                  device=None, dtype=None):
         super().__init__(state, sequence_parallel)
         self.in_features, self.out_features = in_features, out_features
-        self.local_in = _divide(in_features, self.tp.size, "in_features")
+        self.local_in = tp_shard(in_features, self.tp.size, "in_features")
         self.input_is_parallel = input_is_parallel
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(out_features, self.local_in, device=device, dtype=dtype))
@@ -169,7 +164,7 @@ class VocabParallelEmbedding(_ParallelLinearBase):
                  sequence_parallel: Optional[bool] = None, device=None, dtype=None):
         super().__init__(state, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.local_vocab = _divide(num_embeddings, self.tp.size, "num_embeddings")
+        self.local_vocab = tp_shard(num_embeddings, self.tp.size, "num_embeddings")
         self.vocab_start = self.tp.rank * self.local_vocab
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(self.local_vocab, embedding_dim, device=device, dtype=dtype))

@@ -1,6 +1,6 @@
 """The one source of truth for parallel layout: TP, PP and DP groups carved from the world.
 
-Rank order is TP innermost, then DP, then PP (rank = pp*dp*tp + dp*tp + tp), the order of
+Rank order is :mod:`megallama.config.topology`'s (TP innermost, then DP, then PP), the order of
 DeepSpeed's ``PipeModelDataParallelTopology`` so its pipeline grid and our groups agree.
 The :class:`ParallelState` object doubles as the ``mpu`` DeepSpeed asks for. There is no global
 copy: whoever builds a model passes it the state, and each layer keeps what it needs.
@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
+from megallama.config.layout_rules import world_problem
+from megallama.config.topology import ParallelDims
 from megallama.parallel.random import RNGStatesTracker
 
 
@@ -47,7 +49,7 @@ class ParallelState:
 
     @property
     def tp_rank(self) -> int:
-        return self.rank % self.tp
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[0]
 
     @property
     def tensor_parallel(self) -> TPGroup:
@@ -60,11 +62,11 @@ class ParallelState:
 
     @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[1]
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[2]
 
     @property
     def is_first_stage(self) -> bool:
@@ -132,8 +134,9 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
     """Build every group from the initialised default process group (all ranks must call)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of tp x pp = {tp} x {pp}")
+    problem = world_problem(world, {"tp": tp, "pp": pp})
+    if problem:
+        raise ValueError(problem)
     dp = world // (tp * pp)
     state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=sequence_parallel and tp > 1)
     if not dist.is_initialized():
@@ -148,10 +151,8 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
                 mine_group, mine_ranks = g, ranks
         return mine_group, mine_ranks
 
-    tp_lists = [[p * dp * tp + d * tp + t for t in range(tp)] for p in range(pp) for d in range(dp)]
-    dp_lists = [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_lists = [[p * dp * tp + d * tp + t for p in range(pp)] for d in range(dp) for t in range(tp)]
-    state.tp_group, state.tp_ranks = make(tp_lists)
-    state.dp_group, state.dp_ranks = make(dp_lists)
-    state.pp_group, state.pp_ranks = make(pp_lists)
+    dims = ParallelDims(tp=tp, pp=pp, dp=dp)
+    state.tp_group, state.tp_ranks = make(dims.groups("tp"))
+    state.dp_group, state.dp_ranks = make(dims.groups("dp"))
+    state.pp_group, state.pp_ranks = make(dims.groups("pp"))
     return state

@@ -20,13 +20,14 @@ Schema of an architecture file (``arch_family`` is what marks it)::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from megallama.config.layout_rules import ModelShape
+from megallama.config.swiglu import swiglu_hidden
 from megallama.errors import UserError, did_you_mean
 
 
@@ -72,6 +73,12 @@ class ArchSpec:
     @property
     def learned_positions(self) -> bool:
         return self.family == "gpt"
+
+    @property
+    def shape(self) -> ModelShape:
+        """The dimensions the layout rules read."""
+        return ModelShape(n_heads=self.n_heads, n_kv_heads=self.kv_heads, vocab_size=self.vocab_size,
+                          ffn_hidden_size=self.ffn_hidden, n_layers=self.n_layers, arch=self.arch)
 
     def with_(self, **changes: Any) -> "ArchSpec":
         return replace(self, **changes)
@@ -127,10 +134,7 @@ class ArchFile(BaseModel):
             if gpt:
                 ffn = 4 * self.dim
             else:
-                hidden = int(2 * 4 * self.dim / 3)
-                if self.ffn_dim_multiplier is not None:
-                    hidden = int(self.ffn_dim_multiplier * hidden)
-                ffn = self.multiple_of * math.ceil(hidden / self.multiple_of)
+                ffn = swiglu_hidden(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         spec = ArchSpec(name=self.name or default_name, family=self.arch_family, arch=self.arch, dim=self.dim,
                         n_layers=self.n_layers,
                         n_encoder_layers=(self.n_encoder_layers or self.n_layers) if self.arch != "decoder" else 0,

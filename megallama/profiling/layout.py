@@ -1,14 +1,16 @@
 """A training layout (TP x PP x DP, ZeRO, micro-batching, recompute, precision) and its topology.
 
-Rank order matches ``megallama.parallel.state``: TP innermost, then DP, then PP
-(``rank = pp_rank*dp*tp + dp_rank*tp + tp_rank``), so a TP group stays inside a node when
+Which layouts are valid is :mod:`megallama.config.layout_rules`'s to say, and rank order
+:mod:`megallama.config.topology`'s (the one the run uses): a TP group stays inside a node when
 ``tp <= gpus_per_node`` and a DP group spans nodes once ``tp*dp > gpus_per_node``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+from megallama.config import layout_rules as rules
+from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES
@@ -88,8 +90,7 @@ class Layout:
         if seq > MAX_SEQ:
             raise UserError(f"--seq: expected at most {MAX_SEQ:,} tokens, got {seq}")
         for name in ("tp", "pp", "dp", "mbs", "grad_accum", "interleave", "gpus_per_node"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)}")
+            _refuse(rules.positive_problem(name, getattr(self, name), rules.FLAGS))
         for name, top in (("tp", MAX_GPUS), ("pp", MAX_GPUS), ("dp", MAX_GPUS), ("gpus_per_node", MAX_GPUS),
                           ("grad_accum", MAX_ACCUM), ("interleave", MAX_GPUS)):
             if getattr(self, name) > top:
@@ -105,36 +106,20 @@ class Layout:
             raise UserError(f"--recompute: expected one of {', '.join(RECOMPUTE_MODES)}, got '{self.recompute}'")
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"--dtype: expected one of {', '.join(DTYPE_BYTES)}, got '{self.dtype}'")
-        for what, value in (("n_heads", spec.n_heads), ("n_kv_heads", spec.kv_heads),
-                            ("ffn_hidden_size", spec.ffn_hidden), ("vocab_size", spec.vocab_size)):
-            if value % self.tp:
-                raise UserError(f"--tp {self.tp}: model {what}={value} is not divisible by tp")
-        if spec.n_layers % (self.pp * self.interleave):
-            raise UserError(f"--pp {self.pp}: model n_layers={spec.n_layers} is not divisible by pp"
-                            + (f" x interleave {self.interleave}" if self.interleave > 1 else ""))
-        if self.pp > 1 and spec.arch != "decoder":
-            raise UserError("--pp: pipeline parallelism supports decoder-only models (use --pp 1)")
-        if self.sp and self.tp == 1:
-            raise UserError("--sp: sequence parallelism needs --tp > 1")
-        if self.sp and seq % self.tp:
-            raise UserError(f"--seq {seq}: not divisible by tp={self.tp} (required with sequence parallelism)")
-        if self.offload and self.zero == 0:
-            raise UserError("--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3")
-        if seq > spec.max_seq_len and spec.learned_positions:
-            raise UserError(f"--seq {seq}: exceeds the model's {spec.max_seq_len} learned positions")
+        _refuse(rules.layout_problem(spec.shape, self.tp, self.pp, self.sp, seq, self.zero, self.offload,
+                                     self.interleave, rules.FLAGS)
+                or (rules.positions_problem(seq, spec.max_seq_len, rules.FLAGS) if spec.learned_positions else None))
+
+
+def _refuse(problem: Optional[str]) -> None:
+    if problem:
+        raise UserError(problem)
 
 
 # ------------------------------------------------------------------------------- topology
 def group_ranks(layout: Layout, kind: str) -> List[int]:
     """The ranks of the ``tp``/``dp``/``pp`` group that contains rank 0."""
-    tp, dp, pp = layout.tp, layout.dp, layout.pp
-    if kind == "tp":
-        return list(range(tp))
-    if kind == "dp":
-        return [d * tp for d in range(dp)]
-    if kind == "pp":
-        return [p * dp * tp for p in range(pp)]
-    raise ValueError(f"unknown group kind {kind!r}")
+    return ParallelDims(tp=layout.tp, pp=layout.pp, dp=layout.dp).group(0, kind)
 
 
 def members_per_node(layout: Layout, kind: str) -> int:

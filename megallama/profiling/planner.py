@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any, Dict, Iterator, List, Optional
 
+from megallama.config import layout_rules as rules
 from megallama.errors import UserError
 from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
@@ -24,7 +25,6 @@ DEFAULT_BATCH_TOKENS = 4 * 2 ** 20      # LLaMA's 4M-token batches
 MAX_BATCH_TOKENS = 2 ** 40              # a trillion tokens per step: far past any published batch
 MBS_CHOICES = (1, 2, 4, 8, 16)
 BATCH_TOLERANCE = 0.10
-LAYOUT_FIELDS = ("tp", "pp", "dp", "zero", "mbs", "recompute", "sp", "offload")
 
 
 @dataclass
@@ -53,9 +53,9 @@ class Plan:
 
 
 def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
-    tps = [t for t in divisors(gpn) if gpus % t == 0 and all(
-        v % t == 0 for v in (spec.n_heads, spec.kv_heads, spec.ffn_hidden, spec.vocab_size))]
-    pps = [1] if spec.arch != "decoder" else divisors(spec.n_layers)
+    shape = spec.shape
+    tps = [t for t in divisors(gpn) if gpus % t == 0 and rules.tp_problem(shape, t) is None]
+    pps = [p for p in divisors(spec.n_layers) if rules.pp_problem(shape, p) is None]
     space = {"tp": tps, "pp": pps, "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES),
              "recompute": list(RECOMPUTE_MODES), "sp": [False, True], "offload": [False]}
     for key, value in fixed.items():
@@ -63,13 +63,13 @@ def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any
             space[key] = [value]
     for tp, pp, zero, mbs, rc, sp, off in product(*(space[k] for k in
                                                     ("tp", "pp", "zero", "mbs", "recompute", "sp", "offload"))):
-        if gpus % (tp * pp):
+        if rules.world_problem(gpus, {"tp": tp, "pp": pp}):
             continue
         dp = gpus // (tp * pp)
         if fixed.get("dp") is not None and dp != fixed["dp"]:
             continue
-        if (sp and (tp == 1 or seq % tp)) or (off and zero == 0) or (pp > 1 and zero >= 2):
-            continue                       # DeepSpeed's pipeline engine runs ZeRO 0/1 only
+        if rules.layout_problem(shape, tp, pp, sp, seq, zero, off):
+            continue
         if dp == 1 and zero > 0 and fixed.get("zero") is None:
             continue                       # nothing to shard over
         yield dict(tp=tp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
@@ -79,24 +79,16 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     """One-line errors for arguments no layout can satisfy."""
     if not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus: expected 1 to {MAX_GPUS:,}, got {gpus}")
-    for key in ("tp", "pp", "dp", "mbs"):
-        if fixed.get(key) is not None and fixed[key] < 1:
-            raise UserError(f"--{key}: expected a positive integer, got {fixed[key]}")
-    tp, pp, dp = (fixed.get(k) for k in ("tp", "pp", "dp"))
-    product_ = (tp or 1) * (pp or 1) * (dp or 1)
-    if gpus % product_:
-        given = " x ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("dp", dp)) if v is not None)
-        raise UserError(f"{given} = {product_} does not divide --gpus {gpus}")
-    if None not in (tp, pp, dp) and product_ != gpus:
-        raise UserError(f"--tp {tp} x --pp {pp} x --dp {dp} = {product_}, not --gpus {gpus}")
-    probe = {k: fixed.get(k) for k in LAYOUT_FIELDS}
-    Layout(tp=tp or 1, pp=pp or 1, dp=1, zero=probe["zero"] if probe["zero"] is not None else 1,
-           mbs=probe["mbs"] or 1, recompute=probe["recompute"] or "none", sp=bool(probe["sp"]),
-           offload=False, dtype=fixed.get("dtype") or "bf16").check(spec, seq)
-    if (pp or 1) > 1 and (fixed.get("zero") or 0) >= 2:
-        raise UserError(f"--zero {fixed['zero']}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 with --pp > 1")
-    if fixed.get("offload") and fixed.get("zero") == 0:
-        raise UserError("--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3")
+    given = {k: fixed[k] for k in ("tp", "pp", "dp", "mbs") if fixed.get(k) is not None}
+    degrees = {k: v for k, v in given.items() if k != "mbs"}
+    problems = [rules.positive_problem(k, v, rules.FLAGS) for k, v in given.items()]
+    problem = next((p for p in problems if p), None) or rules.world_problem(gpus, degrees, rules.FLAGS)
+    if problem:
+        raise UserError(problem)
+    zero = fixed.get("zero")
+    Layout(tp=degrees.get("tp", 1), pp=degrees.get("pp", 1), dp=1, zero=1 if zero is None else zero,
+           mbs=given.get("mbs", 1), recompute=fixed.get("recompute") or "none", sp=bool(fixed.get("sp")),
+           offload=bool(fixed.get("offload")), dtype=fixed.get("dtype") or "bf16").check(spec, seq)
 
 
 def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,

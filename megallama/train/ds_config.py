@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Any, Dict
 
-from megallama.config import BatchLayout, ConfigError, RunConfig
+from megallama.config import BatchLayout, ConfigError, RunConfig, layout_rules
 from megallama.errors import did_you_mean
 
 _KNOWN_TOP = {
@@ -187,16 +187,17 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError(f"deepspeed.zero_optimization.stage: 0 with {'bf16' if bf16 else 'fp16'} and "
                           f"parallel.tp={p.tp} gets a DeepSpeed optimizer whose grad norm (and clipping) leaves out "
                           f"TP shards; use stage 1")
-    if p.pp > 1 and stage >= 2:
-        raise ConfigError(f"deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine supports ZeRO "
-                          f"stage 0 or 1, got {stage} with parallel.pp={p.pp}")
+    problem = layout_rules.pipeline_zero_problem(p.pp, stage)
+    if problem:
+        raise ConfigError(problem)
     offload = str(getattr(getattr(zero.offload_optimizer, "device", None), "value",
                           getattr(zero.offload_optimizer, "device", None)) or "none")
     if cfg.train.compile and stage == 3:
         raise ConfigError("train.compile: not supported with deepspeed.zero_optimization.stage=3 (its parameter "
                           "hooks do not trace); use stage 0-2 or train.compile=false")
-    if offload not in ("none", None) and stage == 0:
-        raise ConfigError("deepspeed.zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3")
+    problem = layout_rules.offload_problem(stage, offload not in ("none", None))
+    if problem:
+        raise ConfigError(problem)
     if offload not in ("none", None):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     if stage > 0:

@@ -10,11 +10,11 @@ exact, so a near miss is left to run (and to the allocator).
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Any, Optional, Tuple
 
 import torch
 
+from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 
 LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
@@ -76,13 +76,12 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     ds = build_ds_config(cfg, world_size)
-    groups = SimpleNamespace(tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp), world_size=world_size,
-                             sequence_parallel=p.sequence_parallel)
-    layout = layout_of(cfg, groups, ds)
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp), sequence_parallel=p.sequence_parallel)
+    layout = layout_of(cfg, dims, ds)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     spec = ArchSpec.from_model_config(m)
     cap, where = capacity(world_size, local_rank)
-    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / groups.dp   # weights, fully sharded
+    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / dims.dp   # weights, fully sharded
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")

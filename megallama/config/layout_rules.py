@@ -1,0 +1,169 @@
+"""The layout rules: which TP x PP x DP, sequence-parallel, ZeRO and architecture combinations run.
+
+Written once over plain values, so the config (``RunConfig.check_layout``: ``validate`` and
+``train``), the DeepSpeed section (``train/ds_config.py``), ``profiling.Layout`` (``estimate``),
+the planner and ``describe`` refuse the same layouts. A rule returns its problem as one line, or
+None; the caller raises its own error type. The line names what the user set: a config field
+(:data:`CONFIG`) or a command-line flag (:data:`FLAGS`), two vocabularies of one rule book.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+Words = Mapping[str, str]
+
+CONFIG: Words = {
+    "positive": "parallel.{name}: expected a positive integer, got {value}",
+    "tp_divides": "model.{field}: {value} is not divisible by parallel.tp={tp}",
+    "pp_divides": "model.n_layers: {n_layers} is not divisible by parallel.pp={pp}{interleave}",
+    "pipeline_arch": "parallel.pp: pipeline parallelism supports arch 'decoder' only, got '{arch}' (use pp: 1)",
+    "sp_needs_tp": ("parallel.sequence_parallel: needs parallel.tp > 1 (it shards activations over the "
+                    "tensor-parallel group; with tp: 1 set it to false)"),
+    "sp_seq": "train.seq_len: {seq} is not divisible by parallel.tp={tp} (required with sequence_parallel)",
+    "pipeline_zero": ("deepspeed.zero_optimization.stage: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, "
+                      "got {zero} with parallel.pp={pp}"),
+    "offload_zero": "deepspeed.zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3",
+    "positions": "train.seq_len: {seq} exceeds model.max_seq_len={max_seq_len}",
+    "world_positive": "parallel: world size must be a positive integer, got {world}",
+    "world_divides": "parallel: world size {world} is not a multiple of {names} = {sizes}",
+    "world_exact": "parallel: world size {world} is not {names} = {sizes}",
+}
+FLAGS: Words = {
+    "positive": "--{flag}: expected a positive integer, got {value}",
+    "tp_divides": "--tp {tp}: model {field}={value} is not divisible by tp",
+    "pp_divides": "--pp {pp}: model n_layers={n_layers} is not divisible by pp{interleave}",
+    "pipeline_arch": "--pp: pipeline parallelism supports decoder-only models (use --pp 1)",
+    "sp_needs_tp": "--sp: sequence parallelism needs --tp > 1",
+    "sp_seq": "--seq {seq}: not divisible by tp={tp} (required with sequence parallelism)",
+    "pipeline_zero": "--zero {zero}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 with --pp > 1",
+    "offload_zero": "--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3",
+    "positions": "--seq {seq}: exceeds the model's {max_seq_len} learned positions",
+    "world_positive": "--gpus: expected a positive integer, got {world}",
+    "world_divides": "{flags} = {product} does not divide --gpus {world}",
+    "world_exact": "{flags} = {product}, not --gpus {world}",
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model dimensions the rules read (``ModelConfig.shape``, ``ArchSpec.shape``)."""
+
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden_size: int
+    n_layers: int
+    arch: str = "decoder"
+
+
+TP_SPLIT = ("n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size")   # what TP shards, in the order checked
+
+
+def positive_problem(name: str, value: int, words: Words = CONFIG) -> Optional[str]:
+    if value < 1:
+        return words["positive"].format(name=name, flag=name.replace("_", "-"), value=value)
+    return None
+
+
+def tp_problem(shape: ModelShape, tp: int, words: Words = CONFIG) -> Optional[str]:
+    """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks."""
+    for field in TP_SPLIT:
+        value = getattr(shape, field)
+        if value % tp:
+            return words["tp_divides"].format(field=field, value=value, tp=tp)
+    return None
+
+
+def pp_problem(shape: ModelShape, pp: int, interleave: int = 1, words: Words = CONFIG) -> Optional[str]:
+    """Every stage (every virtual chunk) holds as many layers; only the decoder-only model is staged."""
+    if shape.n_layers % (pp * interleave):
+        return words["pp_divides"].format(n_layers=shape.n_layers, pp=pp,
+                                          interleave=f" x interleave {interleave}" if interleave > 1 else "")
+    if pp > 1 and shape.arch != "decoder":
+        return words["pipeline_arch"].format(arch=shape.arch)
+    return None
+
+
+def sp_problem(tp: int, sp: bool, seq: int, words: Words = CONFIG) -> Optional[str]:
+    """Sequence parallelism splits each sequence over the TP ranks: it needs some, evenly."""
+    if sp and tp == 1:
+        return words["sp_needs_tp"]
+    if sp and seq % tp:
+        return words["sp_seq"].format(seq=seq, tp=tp)
+    return None
+
+
+def pipeline_zero_problem(pp: int, zero: int, words: Words = CONFIG) -> Optional[str]:
+    """DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only."""
+    if pp > 1 and zero >= 2:
+        return words["pipeline_zero"].format(zero=zero, pp=pp)
+    return None
+
+
+def offload_problem(zero: int, offload: bool, words: Words = CONFIG) -> Optional[str]:
+    """DeepSpeed offloads the optimizer from ZeRO's partitioned states, so only with a stage."""
+    if offload and zero == 0:
+        return words["offload_zero"]
+    return None
+
+
+def layout_problem(shape: ModelShape, tp: int = 1, pp: int = 1, sp: bool = False, seq: int = 1,
+                   zero: Optional[int] = None, offload: bool = False, interleave: int = 1,
+                   words: Words = CONFIG) -> Optional[str]:
+    """The first rule a layout of positive degrees breaks; ZeRO rules only when ``zero`` is known
+    (the config's stage is DeepSpeed's, checked where that section is read)."""
+    problem = (tp_problem(shape, tp, words) or pp_problem(shape, pp, interleave, words)
+               or sp_problem(tp, sp, seq, words))
+    if problem is None and zero is not None:
+        problem = pipeline_zero_problem(pp, zero, words) or offload_problem(zero, offload, words)
+    return problem
+
+
+def partition_problem(arch: str, tp: int, sp: bool, full_recompute: bool, partition: bool) -> Optional[str]:
+    """DeepSpeed's ``partition_activations`` (a config field only) assumes every TP rank checkpoints
+    the same input, and that no other layer reads it."""
+    if not (full_recompute and partition):
+        return None
+    if sp and tp > 1:
+        # DeepSpeed keeps 1/tp of each checkpointed input per TP rank and all-gathers it for the
+        # recompute, assuming TP ranks hold the same input; with sequence shards it mixes them
+        return ("train.activation_checkpointing.partition_activations: not supported with "
+                "parallel.sequence_parallel (TP ranks hold different sequence shards)")
+    if arch == "encoder_decoder":
+        # DeepSpeed replaces each checkpointed input's data by its partition in place; every
+        # decoder layer reads the same encoder output, so the second layer finds it emptied
+        return ("train.activation_checkpointing.partition_activations: not supported with "
+                "model.arch=encoder_decoder (its decoder layers share the encoder output)")
+    return None
+
+
+def positions_problem(seq: int, max_seq_len: int, words: Words = CONFIG) -> Optional[str]:
+    """A sequence longer than the model's positions (its RoPE table; GPT's learned embeddings)."""
+    if seq > max_seq_len:
+        return words["positions"].format(seq=seq, max_seq_len=max_seq_len)
+    return None
+
+
+def world_problem(world: int, degrees: Mapping[str, int], words: Words = CONFIG) -> Optional[str]:
+    """The world is a whole number of model replicas: the given degrees divide it (and with all
+    of tp, pp and dp given, make it up exactly)."""
+    if world < 1:
+        return words["world_positive"].format(world=world)
+    product = math.prod(degrees.values())
+    fields = dict(world=world, product=product, names=" x ".join(degrees),
+                  sizes=" x ".join(str(v) for v in degrees.values()),
+                  flags=" x ".join(f"--{k} {v}" for k, v in degrees.items()))
+    if world % product:
+        return words["world_divides"].format(**fields)
+    if {"tp", "pp", "dp"} <= set(degrees) and product != world:
+        return words["world_exact"].format(**fields)
+    return None
+
+
+def tp_shard(n: int, tp: int, what: str) -> int:
+    """One TP rank's part of a size the layout rules made divisible (a broken promise is a bug)."""
+    if n % tp:
+        raise ValueError(f"{what}={n} is not divisible by tensor-parallel size {tp}")
+    return n // tp
