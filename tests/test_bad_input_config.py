@@ -110,10 +110,11 @@ def _model_paths(cls, prefix: str) -> List[str]:
 @functools.lru_cache(maxsize=None)
 def field_paths() -> List[str]:
     """Every run-config field, and the DeepSpeed keys megallama or DeepSpeed validate."""
-    from megallama.train.ds_config import _KNOWN_TOP, _deepspeed_models
+    from megallama.train.deepspeed_patches import TOP_LEVEL_KEYS
+    from megallama.train.ds_config import _deepspeed_models
 
     paths = _model_paths(RunConfig, "") + ["model.preset"]
-    paths += [f"deepspeed.{k}" for k in sorted(_KNOWN_TOP)]
+    paths += [f"deepspeed.{k}" for k in sorted(TOP_LEVEL_KEYS)]
     for section, model in _deepspeed_models().items():
         paths += [f"deepspeed.{section}.{k}" for k in model.model_fields]
     paths += [f"deepspeed.zero_optimization.offload_optimizer.{k}" for k in ("device", "pin_memory")]

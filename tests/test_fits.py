@@ -45,14 +45,15 @@ def _predicted(cfg, world: int) -> float:
     from types import SimpleNamespace
 
     from megallama.profiling.arch import ArchSpec
-    from megallama.profiling.compare import deepspeed_settings, impl_of, layout_of
+    from megallama.profiling.compare import impl_of, layout_of
     from megallama.profiling.memory import memory_breakdown
     from megallama.train.ds_config import build_ds_config
+    from megallama.train.ds_settings import DeepSpeedSettings
 
     ds = build_ds_config(cfg, world)
     groups = SimpleNamespace(tp=1, pp=1, dp=world, world_size=world, sequence_parallel=False)
     return memory_breakdown(ArchSpec.from_model_config(cfg.model), layout_of(cfg, groups, ds), cfg.train.seq_len,
-                            impl=impl_of(cfg, "cpu"), **deepspeed_settings(ds)).total
+                            impl=impl_of(cfg, "cpu"), buckets=DeepSpeedSettings.of(ds).buckets).total
 
 
 def test_the_prediction_is_the_memory_models(monkeypatch):

@@ -146,6 +146,7 @@ def test_peak_device_memory_on_gpu(tmp_path):
         from megallama.profiling.measure import device_peak_bytes, reset_device_peak
         from megallama.profiling.memory import memory_breakdown
         from megallama.profiling.arch import ArchSpec
+        from megallama.train.ds_settings import DeepSpeedSettings
 
         cfg = load_run_config(data={"model": {"preset": "small"}, "deepspeed": {"zero_optimization": {"stage": 0}},
                                     "train": {"seq_len": 512, "micro_batch_size": 4, "steps": 5, "warmup_steps": 1}})
@@ -155,7 +156,7 @@ def test_peak_device_memory_on_gpu(tmp_path):
         harness.run_step(s)
         layout = compare.layout_of(cfg, s.state, s.ds)
         model = memory_breakdown(ArchSpec.from_model_config(cfg.model), layout, cfg.train.seq_len, 0,
-                                 compare.impl_of(cfg, "cuda"), **compare.deepspeed_settings(s.ds))
+                                 compare.impl_of(cfg, "cuda"), DeepSpeedSettings.of(s.ds).buckets)
         return device_peak_bytes(), model.total
 
     peak, model = run_distributed(one, 1)

@@ -178,13 +178,6 @@ def _read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
-def offload_device(zero_cfg: Dict[str, Any]) -> Optional[str]:
-    """Where ZeRO offloads the optimizer ('cpu', 'nvme'), or None: ``device: none`` (DeepSpeed's
-    default) and an absent or empty section keep it on the accelerator."""
-    device = (zero_cfg.get("offload_optimizer") or {}).get("device", "none")
-    return None if device in (None, "none") else device
-
-
 def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec, Dict[str, Any]]:
     """``--model NAME`` or ``--config FILE`` -> (spec, layout defaults read from a run config).
 
@@ -202,11 +195,11 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     from megallama.config import load_run_config
 
     run = load_run_config(config)
-    ds = run.deepspeed or {}
-    dtype = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    zero_cfg = ds.get("zero_optimization", {}) or {}
+    from megallama.train.ds_settings import DeepSpeedSettings
+
+    ds = DeepSpeedSettings.of(run.deepspeed)
     defaults = dict(tp=run.parallel.tp, pp=run.parallel.pp, sp=run.parallel.sequence_parallel,
                     seq=run.train.seq_len, mbs=run.train.micro_batch_size,
-                    recompute=run.train.activation_checkpointing.mode, zero=int(zero_cfg.get("stage", 0)),
-                    dtype=dtype, offload=offload_device(zero_cfg) is not None)
+                    recompute=run.train.activation_checkpointing.mode, zero=ds.zero_stage,
+                    dtype=ds.precision, offload=ds.offload_optimizer is not None)
     return ArchSpec.from_model_config(run.model, name=Path(config).stem), defaults

@@ -47,7 +47,8 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
-from megallama.profiling.memory import REUSE_DISTANCE, params_per_rank, zero3_backward_gather
+from megallama.profiling.memory import params_per_rank, zero3_backward_gather
+from megallama.train.ds_settings import Buckets
 
 GROUPS = ("tp", "pp", "dp", "embedding")
 REDUCE_BUCKET = 5e8      # DeepSpeed reduce_bucket_size / allgather_bucket_size (elements)
@@ -160,7 +161,8 @@ def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: 
     return Collective(group, op, total_bytes / calls, times * calls, phase, what)
 
 
-def _dp_collectives(spec, layout: Layout, stage: int, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
+def _dp_collectives(spec, layout: Layout, stage: int,
+                    reuse_distance: float = Buckets.reuse_distance) -> List[Collective]:
     if layout.dp == 1:
         return []
     m, w = layout.grad_accum, layout.dtype_bytes
@@ -172,7 +174,7 @@ def _dp_collectives(spec, layout: Layout, stage: int, reuse_distance: float = RE
         return _bucketed("dp", op, size, n_params, REDUCE_BUCKET, times, "step", what)
 
     gather_params = Collective("dp", "all_gather", size, 1, "step", "updated params")
-    if layout.zero == 0 and z == 1:   # DeepSpeed BF16_Optimizer (bf16 + pipeline)
+    if layout.traits.optimizer == "bf16":   # DeepSpeed BF16_Optimizer (bf16 + pipeline)
         return [reduce("all_reduce", 1, "grads"), gather_params]
     if z == 0:
         return [reduce("all_reduce", 1, "grads")]
@@ -193,7 +195,7 @@ def _dp_collectives(spec, layout: Layout, stage: int, reuse_distance: float = RE
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
-                scatter_gather=False, reuse_distance: float = REUSE_DISTANCE) -> List[Collective]:
+                scatter_gather=False, reuse_distance: float = Buckets.reuse_distance) -> List[Collective]:
     """Every collective one rank of ``stage`` issues in a step (``scatter_gather``: how stages
     exchange boundary tensors under TP, see :func:`pipe_exchange`: ``False`` whole, ``True``
     Megatron's scatter/gather, ``"deepspeed"`` what megallama's DeepSpeed pipeline does;
@@ -217,7 +219,7 @@ def wire_bytes(c: Collective, n: int) -> float:
 
 def collective_bytes_per_step(model: SpecLike, layout: Layout, seq: int, stage: int = 0,
                               impl: ActivationImpl = ActivationImpl(), scatter_gather=False,
-                              reuse_distance: float = REUSE_DISTANCE) -> Dict[str, Dict[str, float]]:
+                              reuse_distance: float = Buckets.reuse_distance) -> Dict[str, Dict[str, float]]:
     """Per group: ``calls``, ``payload_bytes`` and ring ``wire_bytes`` per step on one rank."""
     out = {g: {"calls": 0.0, "payload_bytes": 0.0, "wire_bytes": 0.0} for g in GROUPS}
     for c in collectives(model, layout, seq, stage, impl, scatter_gather, reuse_distance):

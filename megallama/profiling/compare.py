@@ -10,24 +10,22 @@ from dataclasses import replace
 from typing import Any, Dict, Optional
 
 from megallama.profiling import activations as act
-from megallama.profiling.arch import ArchSpec, offload_device
+from megallama.profiling.arch import ArchSpec
 from megallama.profiling.comm import collective_bytes_per_step
 from megallama.profiling.layout import Layout
-from megallama.profiling.memory import (DEFAULT_REDUCE_BUCKET, REUSE_DISTANCE, model_state_bytes,
-                                       stage_activation_bytes)
+from megallama.profiling.memory import model_state_bytes, stage_activation_bytes
+from megallama.train.ds_settings import DeepSpeedSettings
 
 GROUPS = ("tp", "dp", "pp")
 
 
 def layout_of(cfg: Any, state: Any, ds: Dict[str, Any], gpus_per_node: Optional[int] = None) -> Layout:
     """The :class:`Layout` a run config runs as on ``state``'s groups with DeepSpeed config ``ds``."""
-    from megallama.train.ds_config import precision, zero_stage
-
-    offload = offload_device(ds.get("zero_optimization", {}) or {}) is not None
-    return Layout(tp=state.tp, pp=state.pp, dp=state.dp, zero=zero_stage(ds), mbs=cfg.train.micro_batch_size,
+    settings = DeepSpeedSettings.of(ds)
+    return Layout(tp=state.tp, pp=state.pp, dp=state.dp, zero=settings.zero_stage, mbs=cfg.train.micro_batch_size,
                   grad_accum=cfg.train.batch_layout(state.dp).accum, recompute=cfg.train.activation_checkpointing.mode,
-                  sp=bool(state.sequence_parallel), offload=offload, dtype=precision(ds),
-                  gpus_per_node=gpus_per_node or state.world_size)
+                  sp=bool(state.sequence_parallel), offload=settings.offload_optimizer is not None,
+                  dtype=settings.precision, gpus_per_node=gpus_per_node or state.world_size)
 
 
 def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
@@ -37,22 +35,14 @@ def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
     return replace(impl, partition_activations=cfg.train.activation_checkpointing.partition_activations)
 
 
-def deepspeed_settings(ds: Dict[str, Any]) -> Dict[str, Any]:
-    """The DeepSpeed settings the memory model reads, as ``memory_breakdown`` keywords."""
-    zero = ds.get("zero_optimization", {}) or {}
-    return {"reduce_bucket_elements": int(zero.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)),
-            "overlap_comm": zero.get("overlap_comm"),
-            "reuse_distance": float(zero.get("stage3_max_reuse_distance", REUSE_DISTANCE))}
-
-
 def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], device_type: str = "cpu"
                      ) -> Dict[str, Any]:
     """What :func:`megallama.profiling.harness.census` should measure on a rank of ``stage``."""
     spec = ArchSpec.from_model_config(cfg.model)
     seq, impl = cfg.train.seq_len, impl_of(cfg, device_type)
-    settings = deepspeed_settings(ds)
+    buckets = DeepSpeedSettings.of(ds).buckets
     states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, grad_accum=layout.grad_accum, **settings)
+                               stage, buckets, layout.grad_accum)
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     transient = 0.0
     if stage == layout.pp - 1:
@@ -61,7 +51,7 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
     one = layout.with_(grad_accum=1)    # the saved set of one micro-batch, as at the end of its forward
     one_acts = stage_activation_bytes(spec, one, seq, stage, impl)
     comm = collective_bytes_per_step(spec, layout, seq, stage, impl, scatter_gather="deepspeed",
-                                     reuse_distance=settings["reuse_distance"])
+                                     reuse_distance=buckets.reuse_distance)
     return {"stage": stage,
             "model_states": states,
             "activations": {"forward_end": one_acts["blocks"] + one_acts["embedding"] + one_acts["head_and_loss"]

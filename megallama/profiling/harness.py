@@ -130,10 +130,9 @@ class Timeline:
         return 1.0 - sum(self.seconds[k] for k in PIPE_COMPUTE) / schedule
 
 
-@contextmanager
 def _timed_pipeline(engine, timeline: Timeline):
-    """Time each pipeline instruction (DeepSpeed looks them up in ``_INSTRUCTION_MAP``)."""
-    base = type(engine)._INSTRUCTION_MAP
+    """Time each pipeline instruction."""
+    from megallama.train.deepspeed_patches import wrapped_pipeline_instructions
 
     def timed(kind, fn):
         def run(self, **kwargs):
@@ -141,11 +140,7 @@ def _timed_pipeline(engine, timeline: Timeline):
                 return fn(self, **kwargs)
         return run
 
-    engine._INSTRUCTION_MAP = {kind: timed(kind, fn) for kind, fn in base.items()}
-    try:
-        yield
-    finally:
-        del engine._INSTRUCTION_MAP
+    return wrapped_pipeline_instructions(engine, timed)
 
 
 def _pipe_iter(batches: Iterator[torch.Tensor]):

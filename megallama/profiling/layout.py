@@ -14,6 +14,7 @@ from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES
+from megallama.train.ds_settings import EngineTraits
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # sane ranges for what-if arithmetic: beyond these the figures are nonsense, not estimates
@@ -60,12 +61,15 @@ class Layout:
         return self.mbs * self.grad_accum * self.dp
 
     @property
+    def traits(self) -> EngineTraits:
+        """The engine ``build_engine`` makes of this layout: DeepSpeed's optimizer, megallama's patches."""
+        return EngineTraits.predict(self.zero, self.dtype, self.dp, self.pp)
+
+    @property
     def effective_zero(self) -> int:
-        """DeepSpeed runs bf16 + pipeline at stage 0 with ``BF16_Optimizer``, which shards the fp32
-        master weights and Adam moments over DP exactly as ZeRO-1 does."""
-        if self.zero == 0 and self.dtype == "bf16" and self.pp > 1:
-            return 1
-        return self.zero
+        """How DeepSpeed's optimizer shards: bf16 + pipeline at stage 0 runs ``BF16_Optimizer``,
+        which shards like ZeRO-1 (``EngineTraits.effective_zero``)."""
+        return self.traits.effective_zero
 
     def in_flight(self, stage: int) -> int:
         """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""

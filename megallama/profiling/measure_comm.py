@@ -188,16 +188,10 @@ class CommMeter:
         targets += [(c10d, n) for n in _C10D_PRIVATE if hasattr(c10d, n)]
         for obj, name in targets:
             self._patch(obj, name, name)
-        try:   # deepspeed.comm caches these two on its backend object at init
-            from deepspeed.comm import comm as ds_comm
+        from megallama.train.deepspeed_patches import cached_comm_functions
 
-            cdb = getattr(ds_comm, "cdb", None)
-            for attr, name in (("all_gather_function", "all_gather_into_tensor"),
-                               ("reduce_scatter_function", "reduce_scatter_tensor")):
-                if cdb is not None and getattr(cdb, attr, None) is not None:
-                    self._patch(cdb, attr, name)
-        except ImportError:
-            pass
+        for obj, attr, name in cached_comm_functions():
+            self._patch(obj, attr, name)
         return self
 
     def _patch(self, obj, attr: str, name: str) -> None:

@@ -165,11 +165,10 @@ class ModelStateMeter:
         self._undo.append(lambda: setattr(dist, "all_reduce", fn))
 
     def __enter__(self) -> "ModelStateMeter":
-        self._hook(self.engine, "allreduce_gradients", "after_backward")
-        if not getattr(self.engine, "enable_backward_allreduce", True):  # one DP rank: no reduction to hook
-            self._hook(self.engine, "step", "after_backward")
-        if hasattr(self.engine, "_bf16_reduce_grads"):   # the pipeline engine's BF16_Optimizer path
-            self._hook(self.engine, "_bf16_reduce_grads", "after_backward")
+        from megallama.train.deepspeed_patches import gradients_final_at
+
+        for name in gradients_final_at(self.engine):
+            self._hook(self.engine, name, "after_backward")
         self._hook_dp_all_reduce()
         base = inner_optimizer(self.engine.optimizer)
         if base is not None:

@@ -38,10 +38,9 @@ from megallama.profiling import activations as act
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
 from megallama.profiling.flops import layer_params
 from megallama.profiling.layout import DTYPE_BYTES, Layout
+from megallama.train.ds_settings import Buckets, EngineTraits
 
-DEFAULT_REDUCE_BUCKET = int(5e8)
 ALLREDUCE_BUCKET = int(5e8)   # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (ZeRO-0, BF16_Optimizer)
-REUSE_DISTANCE = 1e9     # DeepSpeed stage3_max_reuse_distance (elements)
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -79,7 +78,7 @@ def params_per_rank(model: SpecLike, tp: int = 1, pp: int = 1, stage: Optional[i
 
 
 def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0,
-                          reuse_distance: float = REUSE_DISTANCE) -> float:
+                          reuse_distance: float = Buckets.reuse_distance) -> float:
     """Parameters (elements, this rank) ZeRO-3 gathers again for backward.
 
     DeepSpeed keeps a gathered parameter for its backward use when fewer than
@@ -108,15 +107,15 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
 
 # ---------------------------------------------------------------------------- model states
 def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
-                      offload: bool = False, stage: Optional[int] = None, overlap_comm: Optional[bool] = None,
-                      reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET,
-                      reuse_distance: float = REUSE_DISTANCE, grad_accum: int = 1) -> Dict[str, float]:
+                      offload: bool = False, stage: Optional[int] = None, buckets: Buckets = Buckets(),
+                      grad_accum: int = 1) -> Dict[str, float]:
     """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
     module docstring for the table. ``stage`` None: the stage holding the most parameters;
+    ``buckets``: the run's ZeRO bucket settings (DeepSpeed's defaults when not given);
     ``grad_accum``: micro-batches per step (ZeRO-2 keeps the accumulated partition apart)."""
     spec = as_spec(model)
-    layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, dtype=dtype, offload=offload)
-    z, w, mixed = layout.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
+    traits = EngineTraits.predict(zero, dtype, dp, pp)
+    z, w, mixed = traits.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
     p = params_per_rank(spec, tp, pp, stage)
     n = float(dp)
     master = 4 if (mixed or z >= 1) else 0         # ZeRO 1-3 always clone an fp32 master partition
@@ -132,23 +131,21 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         optimizer, step = 0.0, 0.0
         if z >= 2:
             grads = 0.0                             # reduced partitions are copied straight to host
-    overlap = (z == 3) if overlap_comm is None else overlap_comm
-    bf16_optimizer = zero == 0 and z == 1
+    bf16_optimizer = traits.optimizer == "bf16"
     if bf16_optimizer:   # + its full-size flat gradient accumulator (grad_accum_dtype, bf16 by default)
         grads = 2 * w * p
     if z in (1, 2) and not bf16_optimizer:   # bucket(s) + the flattened copy being all-reduced
-        copy = min(reduce_bucket_elements, p) * w if n > 1 else 0.0   # nothing to reduce over DP=1
-        buckets = (2 if overlap else 1) + (1 if pp > 1 else 0)   # the pipeline engine adds one more
-        buffers = reduce_bucket_elements * w * buckets + copy
+        copy = min(buckets.reduce, p) * w if n > 1 else 0.0   # nothing to reduce over DP=1
+        count = (2 if buckets.overlaps(z) else 1) + (1 if pp > 1 else 0)   # the pipeline engine adds one more
+        buffers = buckets.reduce * w * count + copy
     elif z <= 1:   # the engine flattens up to MEMORY_OPT_ALLREDUCE_SIZE gradients per all-reduce,
-        # except where megallama skips the all-reduce with itself (train/engine.py)
-        alone = n == 1 and pp == 1 and not bf16_optimizer
-        buffers = 0.0 if alone else min(p, ALLREDUCE_BUCKET) * w
+        # except where megallama skips the all-reduce with itself
+        buffers = 0.0 if traits.skips_dp_allreduce else min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward
         st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s))
-        kept = p - zero3_backward_gather(spec, tp, pp, st, reuse_distance)
+        kept = p - zero3_backward_gather(spec, tp, pp, st, buckets.reuse_distance)
         gathered = min(p, kept + layer_params_per_rank(spec, tp, "decoder"))
-        buffers = (reduce_bucket_elements + gathered) * w
+        buffers = (buckets.reduce + gathered) * w
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": float(buffers),
             "step_buffers": step, "host": host}
 
@@ -197,17 +194,14 @@ class MemoryBreakdown:
 
 
 def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[int] = None,
-                     impl: act.ActivationImpl = act.ActivationImpl(),
-                     reduce_bucket_elements: int = DEFAULT_REDUCE_BUCKET, overlap_comm: Optional[bool] = None,
-                     reuse_distance: float = REUSE_DISTANCE) -> MemoryBreakdown:
+                     impl: act.ActivationImpl = act.ActivationImpl(), buckets: Buckets = Buckets()) -> MemoryBreakdown:
     """Everything on one rank at its peak; ``stage`` None: the stage with the largest total.
-    The DeepSpeed settings default to DeepSpeed's own defaults."""
+    ``buckets`` default to DeepSpeed's own defaults."""
     if stage is None:
-        per_stage = [memory_breakdown(model, layout, seq, s, impl, reduce_bucket_elements, overlap_comm, reuse_distance)
-                     for s in _stages(layout)]
+        per_stage = [memory_breakdown(model, layout, seq, s, impl, buckets) for s in _stages(layout)]
         return max(per_stage, key=lambda m: m.total)
     states = model_state_bytes(model, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, overlap_comm, reduce_bucket_elements, reuse_distance, layout.grad_accum)
+                               stage, buckets, layout.grad_accum)
     acts = stage_activation_bytes(model, layout, seq, stage, impl)
     host = states.pop("host")
     comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}

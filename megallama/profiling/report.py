@@ -127,11 +127,12 @@ def build_report(cfg: Any, s: Any, layout: Layout, records: List[Dict[str, Any]]
     measured["pipeline_bubble"] = bubble["value"] if bubble["source"] != "predicted" else None
     predicted: Dict[str, Any] = {}
     if hw is not None:
-        from megallama.profiling.compare import deepspeed_settings, impl_of
+        from megallama.profiling.compare import impl_of
         from megallama.profiling.memory import memory_breakdown
+        from megallama.train.ds_settings import DeepSpeedSettings
 
         impl = impl_of(cfg, s.device.type)
-        mem = memory_breakdown(spec, layout, seq, None, impl, **deepspeed_settings(s.ds))
+        mem = memory_breakdown(spec, layout, seq, None, impl, DeepSpeedSettings.of(s.ds).buckets)
         p = predict(spec, layout, seq, hw, impl=impl, scatter_gather="deepspeed", memory=mem)
         comm_t = p.time.get("tp_and_pp_comm", 0.0) + p.time.get("dp_comm_exposed", 0.0)
         predicted = {"step_time_s": p.step_time_s, "tokens_per_s": p.tokens_per_s,

@@ -198,18 +198,13 @@ def _write_errors():
         return errors
 
 
-class _RecordedWrites:
+def _recorded_writes(engine, failures: List[str]):
     """Turns a failed write inside DeepSpeed's ``save_checkpoint`` into a recorded message, so the
     failing rank still reaches DeepSpeed's closing barrier (raising would leave its peers waiting
     there until the watchdog called it dead) and later writes on that rank are skipped."""
+    from megallama.train.deepspeed_patches import wrapped_checkpoint_writes
 
-    def __init__(self, engine, failures: List[str]):
-        self.engine, self.failures = engine, failures
-
-    def __enter__(self):
-        ce, eng, failures = self.engine.checkpoint_engine, self.engine, self.failures
-        real_save, real_copy = ce.save, eng._copy_recovery_script
-
+    def wrap_save(real_save):
         def save(state_dict, path, *args, **kwargs):
             if failures:
                 return None
@@ -217,20 +212,18 @@ class _RecordedWrites:
                 return real_save(state_dict, path, *args, **kwargs)
             except _write_errors() as exc:
                 failures.append(_write_failure(exc, Path(path)))
+        return save
 
+    def wrap_copy(real_copy):
         def copy_recovery_script(save_path):
             if not failures:
                 try:
                     real_copy(save_path)
                 except OSError as exc:
                     failures.append(_write_failure(exc, Path(save_path)))
+        return copy_recovery_script
 
-        ce.save, eng._copy_recovery_script = save, copy_recovery_script
-        return self
-
-    def __exit__(self, *exc_info):
-        del self.engine.checkpoint_engine.save, self.engine._copy_recovery_script
-        return False
+    return wrapped_checkpoint_writes(engine, wrap_save, wrap_copy)
 
 
 def _abandon(ckpt_dir: Path, tag_dir: Path, step: int, problems: List[Optional[str]]) -> None:
@@ -273,7 +266,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
     problems = _gather(failures[0] if failures else None)  # doubles as the barrier before writing
     if any(problems):
         _abandon(ckpt_dir, tag_dir, step, problems)
-    with _RecordedWrites(engine, failures):
+    with _recorded_writes(engine, failures):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     try:  # collectives first, then this rank's writes: every rank calls it even after a failure
         save_universal(engine, module, state, tag_dir / "universal", pipeline, n_layers, meta)

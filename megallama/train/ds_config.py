@@ -6,39 +6,14 @@ DeepSpeed would refuse deep inside ``initialize`` are refused here, in one line,
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import logging
 import math
 from typing import Any, Dict
 
 from megallama.config import BatchLayout, ConfigError, RunConfig, layout_rules
 from megallama.errors import did_you_mean
-
-_KNOWN_TOP = {
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-    "zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "steps_per_print", "wall_clock_breakdown",
-    "activation_checkpointing", "pipeline", "communication_data_type", "prescale_gradients",
-    "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-    "tensorboard", "flops_profiler", "comms_logger", "checkpoint", "data_types", "seq_parallel_communication_data_type",
-    "dump_state", "memory_breakdown", "amp", "sparse_gradients", "wandb", "csv_monitor", "elasticity",
-    "aio", "compression_training", "autotuning", "data_efficiency", "timers", "torch_autocast",
-}
-
-
-# sections DeepSpeed reads as mappings, and the types of the scalar keys (batch sizes and clipping are
-# compared with the run config by _agree)
-_MAPPINGS = {
-    "zero_optimization", "bf16", "fp16", "activation_checkpointing", "pipeline", "tensorboard", "flops_profiler",
-    "comms_logger", "checkpoint", "data_types", "wandb", "csv_monitor", "elasticity", "aio", "compression_training",
-    "autotuning", "data_efficiency", "timers", "torch_autocast", "amp",
-}
-_BOOLS = {"wall_clock_breakdown", "prescale_gradients", "zero_allow_untested_optimizer",
-          "zero_force_ds_cpu_optimizer", "dump_state", "memory_breakdown", "sparse_gradients"}
-_POSITIVE_INTS = {"steps_per_print"}
-_NUMBERS = {"gradient_predivide_factor"}
-
+from megallama.train.ds_settings import DeepSpeedSettings
 
 def _agree(ds: Dict[str, Any], key: str, value: Any, source: str) -> None:
     """``ds[key]`` is ours to fill; a value the user gave must be the same ("auto": fill it in)."""
@@ -49,37 +24,25 @@ def _agree(ds: Dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def _check_types(ds: Dict[str, Any]) -> None:
+    from megallama.train.deepspeed_patches import BOOL_KEYS, MAPPING_KEYS, NUMBER_KEYS, POSITIVE_INT_KEYS
+
     for key, value in ds.items():
-        if key in _MAPPINGS and not isinstance(value, dict):
+        if key in MAPPING_KEYS and not isinstance(value, dict):
             raise ConfigError(f"deepspeed.{key}: expected a mapping, got {value!r}")
-        if key in _BOOLS and not isinstance(value, bool):
+        if key in BOOL_KEYS and not isinstance(value, bool):
             raise ConfigError(f"deepspeed.{key}: expected true or false, got {value!r}")
-        if key in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if key in POSITIVE_INT_KEYS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"deepspeed.{key}: expected a positive integer, got {value!r}")
-        if key in _NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))
+        if key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))
                                 or not math.isfinite(value)):
             raise ConfigError(f"deepspeed.{key}: expected a number, got {value!r}")
 
 
-@contextlib.contextmanager
-def _quiet_cpu_fallback_notice():
-    """Importing DeepSpeed announces its CPU fallback on stdout; keep it out of our output
-    (``megallama validate --json`` prints JSON only)."""
-    logger = logging.getLogger("DeepSpeed")
-
-    def drop(record: logging.LogRecord) -> bool:
-        return "Setting accelerator to CPU" not in record.getMessage()
-
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
 def _deepspeed_models() -> Dict[str, Any]:
     """DeepSpeed's own (pydantic, unknown-keys-forbidden) models of the sections it validates."""
-    with _quiet_cpu_fallback_notice():
+    from megallama.train.deepspeed_patches import quiet_cpu_fallback_notice
+
+    with quiet_cpu_fallback_notice():
         from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     return {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config, "bf16": DeepSpeedBF16Config}
@@ -112,8 +75,7 @@ def _validate_sections(ds: Dict[str, Any]) -> Dict[str, Any]:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"deepspeed.{key}: {first}") from None
     section = ds.get("activation_checkpointing", {})  # DeepSpeed reads it key by key, ignoring unknown ones
-    with _quiet_cpu_fallback_notice():
-        from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
+    from deepspeed.runtime.activation_checkpointing.config import ACT_CHKPT_DEFAULT
     for k in section:
         if k not in ACT_CHKPT_DEFAULT:
             raise ConfigError(f"deepspeed.activation_checkpointing.{k}: unknown key"
@@ -147,15 +109,18 @@ def _refuse_unsafe_loading(ds: Dict[str, Any]) -> None:
 
 
 def zero_stage(ds: Dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+    """Shorthand for ``DeepSpeedSettings.of(ds).zero_stage``."""
+    return DeepSpeedSettings.of(ds).zero_stage
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     """A complete DeepSpeed config for ``world_size`` ranks (``cfg.deepspeed`` is not modified)."""
+    from megallama.train.deepspeed_patches import TOP_LEVEL_KEYS  # first: imports DeepSpeed quietly
+
     ds = copy.deepcopy(cfg.deepspeed)
     for key in ds:
-        if key not in _KNOWN_TOP:
-            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{did_you_mean(str(key), _KNOWN_TOP)}")
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"deepspeed.{key}: unknown DeepSpeed key{did_you_mean(str(key), TOP_LEVEL_KEYS)}")
     _check_types(ds)
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError("deepspeed.optimizer: megallama builds AdamW and the LR schedule from train.*; "
@@ -218,19 +183,17 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
     return ds
 
 
-_PIPELINE_KEYS = {"stages", "partition", "seed_layers", "activation_checkpoint_interval", "pipe_partitioned",
-                  "grad_partitioned", "use_reentrant"}
-
-
 def _pipeline_transfers(ds: Dict[str, Any], cfg: RunConfig) -> None:
     """DeepSpeed's pipeline sends 1/tp of a stage's output from each TP rank and all-gathers it on
     the next stage (``pipe_partitioned``; ``grad_partitioned`` likewise for gradients), assuming
     every TP rank holds the same activations. Sequence parallelism gives each TP rank its own
     sequence shard, so the gathered tensor would silently mix shards: send whole tensors."""
+    from megallama.train.deepspeed_patches import PIPELINE_KEYS
+
     section = ds.get("pipeline", {})
     for key in section:
-        if key not in _PIPELINE_KEYS:  # DeepSpeed keeps unknown keys without a word
-            raise ConfigError(f"deepspeed.pipeline.{key}: unknown key{did_you_mean(str(key), _PIPELINE_KEYS)}")
+        if key not in PIPELINE_KEYS:  # DeepSpeed keeps unknown keys without a word
+            raise ConfigError(f"deepspeed.pipeline.{key}: unknown key{did_you_mean(str(key), PIPELINE_KEYS)}")
     if section.get("activation_checkpoint_interval", 0) != 0:  # DeepSpeed would override our checkpointing
         raise ConfigError(f"deepspeed.pipeline.activation_checkpoint_interval: expected 0, got "
                           f"{section['activation_checkpoint_interval']!r} (use train.activation_checkpointing)")
@@ -257,16 +220,13 @@ def check_device_supports(ds: Dict[str, Any]) -> None:
     """DeepSpeed's own check raises deep inside ``initialize``; say it in one line up front."""
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
+    acc, wanted = get_accelerator(), DeepSpeedSettings.of(ds).precision
     for kind, supported in (("fp16", acc.is_fp16_supported), ("bf16", acc.is_bf16_supported)):
-        if ds.get(kind, {}).get("enabled") and not supported():
+        if kind == wanted and not supported():
             raise ConfigError(f"deepspeed.{kind}: not supported by DeepSpeed's {acc.device_name()} accelerator "
                               f"on this machine (use {'bf16' if kind == 'fp16' else 'fp32'} here)")
 
 
 def precision(ds: Dict[str, Any]) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    return "fp32"
+    """Shorthand for ``DeepSpeedSettings.of(ds).precision``: fp32, bf16 or fp16."""
+    return DeepSpeedSettings.of(ds).precision

@@ -18,7 +18,7 @@ from megallama.model import build_model
 from megallama.model.compile import compile_blocks
 from megallama.model.blocks import init_module
 from megallama.parallel import ParallelState, model_parallel_seed
-from megallama.train.ds_config import zero_stage
+from megallama.train.ds_settings import DeepSpeedSettings, EngineTraits
 from megallama.train.optim import build_optimizer, build_scheduler
 from megallama.train.pipeline import build_pipeline_module
 
@@ -30,6 +30,7 @@ class Built:
     engine: Any
     module: torch.nn.Module
     pipeline: bool
+    traits: EngineTraits  # DeepSpeed's optimizer here and the patches applied to the engine
 
 
 def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any]):
@@ -70,7 +71,7 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
                 if hasattr(layer, "recompute_core"):
                     layer.recompute_core = True
         return module.to(device)
-    if zero_stage(ds) == 3:
+    if DeepSpeedSettings.of(ds).zero_stage == 3:
         # partition over the data-parallel group only: each TP rank's shard is its own tensor
         with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):
             module = build_model(cfg.model, state, seed=None)
@@ -90,6 +91,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     ``module``: a model built by the caller (e.g. a classifier for fine-tuning) instead of the LM."""
     import deepspeed
 
+    from megallama.train import deepspeed_patches as patches
     from megallama.train import universal as uni
 
     if device.type == "cpu":  # deepspeed.initialize may JIT-load the comm op: never hang on a stale lock
@@ -116,32 +118,15 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=lambda opt: build_scheduler(opt, cfg.train), config=ds,
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
-    _undo_unfused_warmup_step(engine)
-    _record_fp32_grad_norm(engine)
-    _skip_self_allreduce(engine, state, ds)
-    _warn_zero_without_dp(state, ds)
+    settings = DeepSpeedSettings.of(ds)
+    traits = EngineTraits(settings.zero_stage, settings.precision, patches.optimizer_kind(engine.optimizer),
+                          state.dp, pipeline)
+    _apply_patches(engine, traits)
+    _warn_zero_without_dp(state, settings)
     if universal is not None:
         uni.load_optimizer_state(universal, engine, module, state, pipeline, n_layers, step)
         set_schedule_position(engine.lr_scheduler, step)
-    return Built(engine=engine, module=module, pipeline=pipeline)
-
-
-def _undo_unfused_warmup_step(engine) -> None:
-    """DeepSpeed's FP16_UnfusedOptimizer (bf16 or fp16 at ZeRO-0 without a pipeline) builds Adam's
-    state by stepping once on zero gradients: the step count starts at 1 (every bias correction
-    off by a step) and the fp32 master weights shrink once by weight decay. Seen: step-2 grad
-    norm 3.468 against 3.655 for every other bf16 path (fp32: 3.677). Start both afresh; the
-    masters were cloned from the model's weights, which that step did not touch."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    opt = engine.optimizer
-    if not isinstance(opt, FP16_UnfusedOptimizer):
-        return
-    opt.optimizer.state.clear()
-    with torch.no_grad():
-        for low, master in zip(opt.fp16_groups, opt.fp32_groups):
-            for p_low, p_master in zip(low, master):
-                p_master.copy_(p_low)
+    return Built(engine=engine, module=module, pipeline=pipeline, traits=traits)
 
 
 def set_schedule_position(sched, step: int, base_lr: Optional[float] = None) -> None:
@@ -157,74 +142,26 @@ def set_schedule_position(sched, step: int, base_lr: Optional[float] = None) -> 
     sched._last_lr = lrs
 
 
-def _skip_self_allreduce(engine, state: ParallelState, ds: Dict[str, Any]) -> None:
-    """With one data-parallel rank DeepSpeed's ZeRO-0 path still flattens every gradient into
-    buckets, all-reduces them with itself and copies them back (~4% of a CPU step); skip it.
-    ZeRO-1+ and the bf16 optimizer move gradients into their own buffers on that path: kept."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+def _apply_patches(engine, traits: EngineTraits) -> None:
+    """Exactly the patches ``traits`` names (``megallama.train.deepspeed_patches``)."""
+    from megallama.train import deepspeed_patches as patches
 
-    if state.dp == 1 and state.pp == 1 and zero_stage(ds) == 0 and not isinstance(engine.optimizer, BF16_Optimizer):
-        engine.enable_backward_allreduce = False
+    if traits.resets_unfused_warmup:
+        patches.undo_unfused_warmup_step(engine)
+    if traits.clips_fp32:
+        patches.record_fp32_grad_norm(engine)
+    if traits.skips_dp_allreduce:
+        patches.skip_self_allreduce(engine)
 
 
-def _warn_zero_without_dp(state: ParallelState, ds: Dict[str, Any]) -> None:
+def _warn_zero_without_dp(state: ParallelState, settings: DeepSpeedSettings) -> None:
     """ZeRO with one data-parallel rank and no offload is a configuration slip worth a line."""
     import torch.distributed as dist
 
-    zero = ds.get("zero_optimization") or {}
-    offloaded = any(str((zero.get(k) or {}).get("device", "none")) != "none"
-                    for k in ("offload_optimizer", "offload_param"))
-    if state.dp == 1 and zero_stage(ds) > 0 and not offloaded and (not dist.is_initialized() or dist.get_rank() == 0):
+    if state.dp == 1 and settings.zero_stage > 0 and not settings.offloaded and \
+            (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning("ZeRO stage %d with one data-parallel rank partitions nothing but still copies every gradient "
                     "and parameter through its flat buffers (~16%% of a bf16 CPU step in benchmarks/peer_step.py); "
-                    "stage 0 is faster here", zero_stage(ds))
+                    "stage 0 is faster here", settings.zero_stage)
 
 
-def _record_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's ZeRO-0 fp32 path clips but drops the norm it computed, and applies a step
-    with NaN/inf gradients (its ZeRO and fp16 optimizers skip those). Keep the norm for the
-    logs, and mark a non-finite one as an overflow: the engine then skips the update and the LR
-    step and counts it in ``skipped_steps``, as it does for its own optimizers."""
-    import functools
-    import math
-
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    opt = engine.optimizer
-    if not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "overflow"):
-        return  # a DeepSpeed optimizer: it detects overflow itself
-
-    mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
-
-    def clip_and_record():
-        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-                               mpu=mpu)
-        engine._global_grad_norm = norm
-        opt.overflow = not math.isfinite(float(norm))
-
-    real_step = opt.step  # the LR scheduler's call-counting wrapper of AdamW.step: kept inside ours
-
-    @functools.wraps(real_step)  # carries its marker, so torch sees the step still counted (no warning)
-    def guarded_step(*args, **kwargs):
-        if getattr(opt, "overflow", False):
-            return None
-        return real_step(*args, **kwargs)
-
-    opt.overflow = False
-    opt.step = guarded_step
-    engine.clip_fp32_gradients = clip_and_record
-
-
-class _PipelineNormGroups:
-    """DeepSpeed's ``clip_grad_norm_`` counts a parameter that TP replicates (the RMSNorm weights)
-    only where ``get_model_parallel_rank() == 0``; the pipeline grid's model-parallel rank spans
-    stages, so every stage but the first left its norm weights out of the norm (and the clip)."""
-
-    def __init__(self, grid):
-        self.grid = grid
-
-    def get_model_parallel_rank(self) -> int:
-        return self.grid.get_slice_parallel_rank()  # the TP rank within this stage
-
-    def get_model_parallel_group(self):
-        return self.grid.get_model_parallel_group()  # the sum still spans every stage and TP rank

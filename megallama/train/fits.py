@@ -70,9 +70,10 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
     """``train``/``profile`` start-up: the worst pipeline stage's peak (model states, activations,
     buffers) against this rank's share of the device."""
     from megallama.profiling.arch import ArchSpec
-    from megallama.profiling.compare import deepspeed_settings, impl_of, layout_of
+    from megallama.profiling.compare import impl_of, layout_of
     from megallama.profiling.memory import memory_breakdown, params_per_rank
     from megallama.train.ds_config import build_ds_config
+    from megallama.train.ds_settings import DeepSpeedSettings
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     ds = build_ds_config(cfg, world_size)
@@ -85,7 +86,8 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
-    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), **deepspeed_settings(ds))
+    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type),
+                           buckets=DeepSpeedSettings.of(ds).buckets)
     need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
     if need <= cap:
         return

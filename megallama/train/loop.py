@@ -149,12 +149,6 @@ def _pipe_batches(it, device) -> Iterator:
         yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def _loss_scale(engine):
-    opt = getattr(engine, "optimizer", None)
-    scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
-    return float(scale) if scale is not None else None
-
-
 def _dp_mean(value: torch.Tensor, state) -> float:
     value = value.detach().float().clone()
     if state.dp > 1:
@@ -258,6 +252,8 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
     if rank0:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
 
+    from megallama.train.deepspeed_patches import loss_scale
+
     pipe_iter = _pipe_batches(it, device) if built.pipeline else None
     loss_fn = make_loss_fn(cfg.model.arch, t.seq_len)
     faults = _fault_steps()
@@ -283,7 +279,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             loss_value = _dp_mean(torch.stack(micro_losses).mean(), state)
         skips = int(getattr(engine, "skipped_steps", 0))
         if skips > skips_seen and rank0:
-            scale = _loss_scale(engine)
+            scale = loss_scale(engine)
             log.warning("step %d: optimizer step skipped: non-finite gradients%s (%d skipped so far)", step,
                         f" (loss scaler overflow; scale now {scale})" if scale else "", skips)
         skips_seen = skips
@@ -303,7 +299,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             metrics.log(step, loss_value, lr, gn, window,
                         step - start_step,
                         extra={"skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-                               "loss_scale": _loss_scale(engine)})
+                               "loss_scale": loss_scale(engine)})
         if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
             metrics.log_eval(step, _evaluate(engine, built, valid_ds, batch, state, device, t.eval_iters, loss_fn))
             last_log, last_logged = time.perf_counter(), step

@@ -49,31 +49,26 @@ def _full_over_dp(engine, p, key=None) -> torch.Tensor:
     """This TP rank's shard of ``p`` (or an Adam moment), whole over ZeRO partitions."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from megallama.train.deepspeed_patches import is_fp16_wrapper
+
     value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
     if value is not None:
         return value.detach().float().cpu()
     if key is None:  # ZeRO-0 fp32: the parameter is its own master copy
         return p.detach().float().cpu()
     state = engine.optimizer.state.get(p, {}) if hasattr(engine.optimizer, "state") else {}
-    if key not in state and engine.optimizer.__class__.__name__.startswith("FP16"):
+    if key not in state and is_fp16_wrapper(engine.optimizer):
         raise UserError("checkpoint: fp16 without ZeRO keeps optimizer state DeepSpeed cannot export; "
                         "use ZeRO stage >= 1 with fp16")
     return state[key].detach().float().cpu() if key in state else torch.zeros(p.shape)
-
-
-def relink_optimizer_fragments(engine) -> None:
-    """DeepSpeed links each parameter to its optimizer-state fragments once, right after the first
-    step of the first param group, so later groups (our undecayed norms) stay unlinked. Relink."""
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
 
 
 def save_universal(engine, module, state: ParallelState, out_dir: Path, pipeline: bool, n_layers: int,
                    meta: Dict) -> List[Path]:
     """Collective over every rank; returns the files this rank wrote."""
     from safetensors.torch import save_file
+
+    from megallama.train.deepspeed_patches import relink_optimizer_fragments
 
     relink_optimizer_fragments(engine)
     tensors, index = {}, {}
@@ -220,13 +215,15 @@ def load_optimizer_state(reader: UniversalReader, engine, module, state: Paralle
     """After ``deepspeed.initialize``: exact fp32 masters and Adam moments for this rank."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from megallama.train.deepspeed_patches import holds_fp32_state, relink_optimizer_fragments
+
     _ensure_optimizer_state(engine, step)
     relink_optimizer_fragments(engine)
     opt = engine.optimizer
     for name, p in canonical_params(module, pipeline, n_layers):
         master = local_shard(reader, name, p, state)
         moments = {k: local_shard(reader, name, p, state, k) for k in MOMENTS}
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        if holds_fp32_state(p):
             safe_set_full_fp32_param(p, master.to(p.device))
             for k, v in moments.items():
                 safe_set_full_optimizer_state(p, v.to(p.device), k)
