@@ -50,9 +50,9 @@ def test_kill_mid_save_keeps_latest_complete_and_resume_reproduces(uninterrupted
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     e = env()
-    e["MEGALLAMA_FAULT_SLOW_SAVE_S"] = "30"
+    slow_save = launch_cmd("none", 1, "tests.fault_injection") + ["--slow-save-s", "30"]
     args = ["train", str(cfg)] + [x for o in BASE + ["checkpoint.every=2", f"run_dir={run_dir}"] for x in ("--set", o)]
-    proc = subprocess.Popen(launch_cmd("none", 1) + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(slow_save + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 180
     # the save of step 2 sleeps inside its window: kill there, before its manifest exists
@@ -68,7 +68,7 @@ def test_kill_mid_save_keeps_latest_complete_and_resume_reproduces(uninterrupted
     # a clean run to step 4 (latest = step 4), then a kill mid-save of step 6
     run_train(cfg, BASE + ["train.exit_at_step=4", "checkpoint.every=2", f"run_dir={run_dir}"])
     assert (ckpt / "latest").read_text() == "step00000004"
-    proc = subprocess.Popen(launch_cmd("none", 1) + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(slow_save + args, env=e, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     while not (ckpt / "step00000006" / "universal" / "layout.json").exists():
         assert proc.poll() is None and time.time() < deadline + 180, proc.stderr.read().decode()[-3000:]

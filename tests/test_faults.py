@@ -51,14 +51,13 @@ def test_killed_rank_makes_the_others_exit_naming_it(cfg, tmp_path, world, victi
     assert time.time() - killed_at < 60  # bounded: well under the collective timeout
 
 
-def test_non_finite_steps_are_skipped_counted_then_stop(cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEGALLAMA_FAULT_NONFINITE_STEPS", "2")
-    report = run_train(cfg, ["deepspeed.zero_optimization.stage=0", f"run_dir={tmp_path / 'a'}"])
+def test_non_finite_steps_are_skipped_counted_then_stop(cfg, tmp_path):
+    report = run_train(cfg, ["deepspeed.zero_optimization.stage=0", f"run_dir={tmp_path / 'a'}"],
+                       faults=["--nonfinite-steps", "2"])
     assert report["skipped_steps"] == 1 and all(x == x for x in report["losses"][2:])  # finite again
     assert "step 2: optimizer step skipped: non-finite gradients" in report["stderr"]
-    monkeypatch.setenv("MEGALLAMA_FAULT_NONFINITE_STEPS", "2,3,4")
-    r = subprocess.run([sys.executable, "-m", "megallama", "train", str(cfg), "--set", "train.max_bad_steps=3",
-                        "--set", f"run_dir={tmp_path / 'b'}"], capture_output=True, text=True,
-                       env={**env(), "MEGALLAMA_FAULT_NONFINITE_STEPS": "2,3,4"}, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "tests.fault_injection", "--nonfinite-steps", "2,3,4", "train", str(cfg),
+                        "--set", "train.max_bad_steps=3", "--set", f"run_dir={tmp_path / 'b'}"], capture_output=True,
+                       text=True, env=env(), cwd=ROOT)
     assert r.returncode == 2 and "non-finite for 3 steps in a row (train.max_bad_steps=3)" in r.stderr
     assert "Traceback" not in r.stderr

@@ -135,7 +135,7 @@ def test_stale_build_lock_is_named_not_waited_on_and_eval_needs_no_comm_op(flow,
 
 
 def test_peer_failure_is_one_whole_sentence():
-    from megallama.train.loop import _peer_failure
+    from megallama.train.runtime import peer_failure as _peer_failure
 
     long = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: "
                         + "Connection reset by peer " * 10)
@@ -203,7 +203,7 @@ def test_schedule_change_opt_in_refits_without_warnings(caplog):
 
     from megallama.config import RunConfig
     from megallama.train.engine import set_schedule_position
-    from megallama.train.loop import _schedule_changed
+    from megallama.train.resume import schedule_changed as _schedule_changed
     from megallama.train.optim import build_scheduler
 
     saved = {"step": 150, "schedule": {"steps": 150, "warmup_steps": 10, "lr": 3e-4, "min_lr_ratio": 0.1}}

@@ -22,7 +22,7 @@ if get_accelerator().device_name() == "cpu":
     # DeepSpeed's CPU accelerator declares fp16 unsupported (slow, not wrong); lift the flag so
     # its loss scaler can be exercised here. Nothing of megallama's is patched.
     type(get_accelerator()).is_fp16_supported = lambda self: True
-from megallama.cli import main
+from tests.fault_injection import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -31,10 +31,8 @@ def test_fp16_overflow_is_skipped_and_run_goes_on(cfg, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [f"deepspeed={ROOT}/ds_configs/fp16_zero1.json", "deepspeed.fp16.hysteresis=1", "train.steps=5",
                  f"run_dir={run_dir}"]
-    e = env()
-    e["MEGALLAMA_FAULT_NONFINITE_STEPS"] = "3"
-    proc = subprocess.run([sys.executable, "-c", FP16_ON_CPU, "train", str(cfg)]
-                          + [x for o in overrides for x in ("--set", o)], capture_output=True, text=True, env=e,
+    proc = subprocess.run([sys.executable, "-c", FP16_ON_CPU, "--nonfinite-steps", "3", "train", str(cfg)]
+                          + [x for o in overrides for x in ("--set", o)], capture_output=True, text=True, env=env(),
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3: optimizer step skipped: non-finite gradients (loss scaler overflow" in proc.stderr

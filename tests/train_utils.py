@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import yaml
 
@@ -46,26 +46,29 @@ def env() -> dict:
     return e
 
 
-def launch_cmd(launcher: str, world: int) -> List[str]:
+def launch_cmd(launcher: str, world: int, module: str = "megallama") -> List[str]:
+    """``module``: the entry point each rank runs (``tests.fault_injection`` to install faults)."""
     if launcher == "none":
-        return [sys.executable, "-m", "megallama"]
+        return [sys.executable, "-m", module]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                "--master_port", str(free_port()), "-m", "megallama"]
+                "--master_port", str(free_port()), "-m", module]
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()),
-                "--module", "megallama"]
+                "--module", module]
     if launcher == "mpiexec":
         return [str(BIN / "mpiexec"), "-n", str(world), "-env", "MASTER_PORT", str(free_port()),
-                sys.executable, "-m", "megallama"]
+                sys.executable, "-m", module]
     raise ValueError(launcher)
 
 
 def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Optional[str] = None,
-              timeout: int = 300) -> dict:
+              timeout: int = 300, faults: Sequence[str] = ()) -> dict:
+    """``faults``: flags of ``tests.fault_injection`` (e.g. ``["--nonfinite-steps", "2"]``)."""
     launcher = launcher or ("none" if world == 1 else "torchrun")
-    args = ["train", str(config)] + [x for o in overrides for x in ("--set", o)]
-    proc = subprocess.run(launch_cmd(launcher, world) + args, capture_output=True, text=True, env=env(),
+    args = list(faults) + ["train", str(config)] + [x for o in overrides for x in ("--set", o)]
+    module = "tests.fault_injection" if faults else "megallama"
+    proc = subprocess.run(launch_cmd(launcher, world, module) + args, capture_output=True, text=True, env=env(),
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{launcher} x{world} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))

@@ -22,43 +22,53 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _dataset(args, model_cfg, rank):
+def _run_config(args, model_cfg):
+    """The run config whose data to evaluate on (``--config``), under the checkpoint's model; None with ``--data``."""
+    from megallama.config import load_run_config
     from megallama.errors import UserError
 
     if args.data and model_cfg.arch == "encoder_decoder":
         raise UserError("--data: an encoder-decoder checkpoint evaluates on a run config's data (--config), which "
                         "names the tokenizer its source/target or span-corruption samples need")
     if args.data:
-        from megallama.data import IndexedTokens
-        from megallama.data.packing import PackedDataset
-
-        seq = args.seq_len or min(256, model_cfg.max_seq_len - 1)
-        files = [IndexedTokens(p) for p in args.data]
-        for ids in files:
-            top = ids.max_token_id()
-            if top >= model_cfg.vocab_size:
-                raise UserError(f"{ids.bin_path}: token id {top} is outside the model's vocabulary "
-                                f"(vocab_size {model_cfg.vocab_size}); the files were made with another tokenizer")
-        sets = [PackedDataset(ids, (0, len(ids)), seq) for ids in files]
-        if len(sets) > 1:
-            from megallama.data import BlendedDataset
-
-            return BlendedDataset(sets, [float(len(s)) for s in sets], seed=(0,)), "files", seq
-        return sets[0], "files", seq
+        return None
     if not args.config:
         raise UserError("--config or --data: say what to evaluate on")
-    from megallama.config import load_run_config
-    from megallama.data import build_datasets
-    from megallama.train.loop import _prepare_data
-
     overrides = list(args.overrides) + ([f"train.seq_len={args.seq_len}"] if args.seq_len else [])
     cfg = load_run_config(args.config, overrides)
     if cfg.train.seq_len > model_cfg.max_seq_len:
         raise UserError(f"train.seq_len: {cfg.train.seq_len} exceeds the checkpoint's max_seq_len="
                         f"{model_cfg.max_seq_len} (pass a shorter --seq-len)")
-    cfg = cfg.model_copy(update={"model": model_cfg})
-    train, valid, test = build_datasets(cfg, _prepare_data(cfg, rank))
-    return {"train": train, "valid": valid, "test": test}[args.split], args.split, cfg.train.seq_len
+    return cfg.model_copy(update={"model": model_cfg})
+
+
+def _dataset(args, model_cfg, run_cfg):
+    if run_cfg is None:
+        return _files(args, model_cfg)
+    from megallama.train.runtime import open_datasets
+
+    train, valid, test = open_datasets(run_cfg)
+    return {"train": train, "valid": valid, "test": test}[args.split], args.split, run_cfg.train.seq_len
+
+
+def _files(args, model_cfg):
+    from megallama.data import IndexedTokens
+    from megallama.data.packing import PackedDataset
+    from megallama.errors import UserError
+
+    seq = args.seq_len or min(256, model_cfg.max_seq_len - 1)
+    files = [IndexedTokens(p) for p in args.data]
+    for ids in files:
+        top = ids.max_token_id()
+        if top >= model_cfg.vocab_size:
+            raise UserError(f"{ids.bin_path}: token id {top} is outside the model's vocabulary "
+                            f"(vocab_size {model_cfg.vocab_size}); the files were made with another tokenizer")
+    sets = [PackedDataset(ids, (0, len(ids)), seq) for ids in files]
+    if len(sets) > 1:
+        from megallama.data import BlendedDataset
+
+        return BlendedDataset(sets, [float(len(s)) for s in sets], seed=(0,)), "files", seq
+    return sets[0], "files", seq
 
 
 def run(args) -> int:
@@ -80,13 +90,12 @@ def _evaluate(args):
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, load_checkpoint
-    from megallama.config import RunConfig
     from megallama.errors import UserError
-    from megallama.parallel import initialize
-    from megallama.train.distributed import detect_launcher, device_for, init_distributed
+    from megallama.train.distributed import detect_launcher
     from megallama.train.evaluate import perplexity
-    from megallama.train.step import make_loss_fn
     from megallama.train.fits import check_inference_fits
+    from megallama.train.runtime import inference_config, start
+    from megallama.train.step import make_loss_fn
 
     for flag, value in (("--tp", args.tp), ("--micro-batch-size", args.micro_batch_size),
                         ("--seq-len", args.seq_len), ("--max-samples", args.max_samples)):
@@ -101,21 +110,20 @@ def _evaluate(args):
                         "perplexity: judge it by finetune's held-out accuracy or load it with from_pretrained")
     if args.seq_len is not None and args.seq_len > model_cfg.max_seq_len:
         raise UserError(f"--seq-len: {args.seq_len} exceeds the checkpoint's max_seq_len={model_cfg.max_seq_len}")
-    RunConfig(model=model_cfg, parallel={"tp": args.tp}, train={"seq_len": 8}).check_layout()
-    init_distributed(info=info)
-    state = initialize(tp=args.tp)
-    device = device_for(info.local_rank)
+    run_cfg = _run_config(args, model_cfg)
+    timeout = run_cfg.train.dist_timeout_s if run_cfg else None
+    rt = start(inference_config(model_cfg, args.tp, timeout), info, training=False)
     check_inference_fits(model_cfg, args.tp, args.micro_batch_size, args.seq_len or 256, torch.float32,
                          info.world_size, info.local_rank)
-    model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=device, where=args.checkpoint,
-                                parallel=state)
-    dataset, split, seq_len = _dataset(args, model_cfg, info.rank)
+    model = build_for_inference(model_cfg, state_dict, dtype=torch.float32, device=rt.device, where=args.checkpoint,
+                                parallel=rt.state)
+    dataset, split, seq_len = _dataset(args, model_cfg, run_cfg)
     if len(dataset) == 0:
         raise UserError(f"--split {split}: no samples of {getattr(dataset, 'seq_len', '?')}+1 tokens there "
                         "(give that split a larger data.split share, or shorten --seq-len)")
-    result = perplexity(model, dataset, args.micro_batch_size, device, state, args.max_samples,
+    result = perplexity(model, dataset, args.micro_batch_size, rt.device, rt.state, args.max_samples,
                         loss_fn=make_loss_fn(model_cfg.arch, seq_len))
-    result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=state.tp, dp=state.dp)
+    result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=rt.state.tp, dp=rt.state.dp)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

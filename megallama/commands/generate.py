@@ -39,21 +39,19 @@ def _check_args(args) -> None:
         raise UserError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
 
 
-def _start_distributed():
-    """TP over every launched rank (none launched: a single process, no process group)."""
-    import datetime
+def _load(args, world_size: int):
+    """The checkpoint's model and weights, refused before any process group starts if they cannot
+    generate over ``world_size`` tensor-parallel ranks."""
+    from megallama.checkpoint.pretrained import load_checkpoint
+    from megallama.errors import UserError
 
-    import torch
-    import torch.distributed as dist
-
-    from megallama.parallel import initialize
-    from megallama.train.distributed import detect_launcher, device_for
-
-    info = detect_launcher()
-    if info.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=info.rank,
-                                world_size=info.world_size, timeout=datetime.timedelta(seconds=300))
-    return initialize(tp=info.world_size), device_for(info.local_rank)
+    cfg, weights, _ = load_checkpoint(args.checkpoint)
+    if "score.weight" in weights:
+        raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot generate text")
+    if cfg.n_heads % world_size or cfg.kv_heads % world_size or cfg.vocab_size % world_size:
+        raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
+                        f"({cfg.vocab_size}) must divide by the {world_size} launched ranks")
+    return cfg, weights
 
 
 def run(args) -> int:
@@ -62,12 +60,14 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, load_checkpoint, resolve_dtype
+    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, resolve_dtype
     from megallama.commands._stdout import logs_to_stderr
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate, generate_seq2seq
+    from megallama.train.distributed import detect_launcher
     from megallama.train.fits import check_inference_fits
+    from megallama.train.runtime import inference_config, start
 
     _check_args(args)
     checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
@@ -77,18 +77,14 @@ def run(args) -> int:
                         ("" if args.tokenizer else " (pass --tokenizer)"))
     with logs_to_stderr():  # stdout carries the text (or --json) alone
         tokenizer = Tokenizer(tok_path)
-        state, device = _start_distributed()
+        info = detect_launcher()
+        cfg, weights = _load(args, info.world_size)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                            f"is {cfg.vocab_size}")
         try:
-            cfg, weights, _ = load_checkpoint(args.checkpoint)
-            if "score.weight" in weights:
-                raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot "
-                                "generate text")
-            if tokenizer.vocab_size > cfg.vocab_size:
-                raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
-                                f"is {cfg.vocab_size}")
-            if cfg.n_heads % state.tp or cfg.kv_heads % state.tp or cfg.vocab_size % state.tp:
-                raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
-                                f"({cfg.vocab_size}) must divide by the {state.tp} launched ranks")
+            rt = start(inference_config(cfg, info.world_size), info, training=False)  # TP over every launched rank
+            state, device = rt.state, rt.device
             dtype = None if args.dtype == "auto" else args.dtype
             ckpt_dtype = next(iter(weights.values())).dtype
             if dtype is None and device.type == "cpu" and ckpt_dtype in (torch.float16, torch.bfloat16):
@@ -99,7 +95,7 @@ def run(args) -> int:
             model = build_for_inference(cfg, weights, dtype, device, where=args.checkpoint, parallel=state)
             del weights
             eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
-            start = time.perf_counter()
+            start_time = time.perf_counter()
             if cfg.arch == "encoder_decoder":
                 from megallama.data.span_corruption import encode_with_sentinels
 
@@ -115,7 +111,7 @@ def run(args) -> int:
                                     f"{args.max_new_tokens} new tokens exceed the model's max_seq_len={cfg.max_seq_len}")
                 result = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                   eos_id=eos, use_cache=not args.no_kv_cache)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start_time
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -34,12 +34,7 @@ def run(args) -> int:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
     cfg = load_run_config(args.config, args.overrides)
     from megallama.profiling.harness import profile
-    from megallama.train.distributed import detect_launcher
-    from megallama.train.fits import check_training_fits
 
-    info = detect_launcher()
-    cfg.check_layout(info.world_size)
-    check_training_fits(cfg, info.world_size, info.local_rank)  # before any process group or allocation
     report = profile(cfg, args.steps, args.warmup, with_census=not args.no_census,
                      comm_timing=not args.no_comm_timing)
     import torch.distributed as dist

@@ -1,13 +1,13 @@
-"""A measured run: the trainer's building blocks, one step at a time, with instruments attached.
+"""A measured run: the trainer's start-up and step, one step at a time, with instruments attached.
 
 ``megallama profile`` and the measurement tests both go through here, so what the tests hold
-against the cost models is what the command reports. :func:`setup` composes the trainer's parts
-(launcher detection, process groups, the DeepSpeed config, ``megallama.parallel``,
-``build_engine``, the data iterator) without the trainer's logging and checkpointing;
-:func:`run_step` runs one optimizer step (DeepSpeed's pipeline schedule when ``pp > 1``) under
-whichever instruments are given: a :class:`Timeline` (seconds per phase / pipeline instruction,
-which also tells a :class:`SavedTensorMeter` when backward runs), a ``CommMeter``, a
-``SavedTensorMeter`` and a ``ModelStateMeter``.
+against the cost models is what the command reports. :func:`setup` is the trainer's start-up
+(``train.runtime.start``, the engine, the data iterator) without its logging and checkpointing;
+:func:`run_step` runs the trainer's ``train_step`` (DeepSpeed's pipeline schedule when
+``pp > 1``) under whichever instruments are given as hooks: a :class:`Timeline` (seconds per
+phase / pipeline instruction, which also tells a ``SavedTensorMeter`` when backward runs) and
+:class:`AfterForward` (marks a ``SavedTensorMeter``, snapshots a ``ModelStateMeter``), while a
+``CommMeter`` wraps the collectives around them.
 """
 from __future__ import annotations
 
@@ -15,35 +15,18 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megallama.train.hooks import HookList, Hooks
+from megallama.train.runtime import Runtime
+
 # pipeline instructions that are the stage's own compute (the rest of the schedule is waiting
 # for or exchanging with neighbours, i.e. bubble when the stages are balanced)
 PIPE_COMPUTE = ("ForwardPass", "BackwardPass")
 PIPE_AFTER = ("ReduceGrads", "ReduceTiedGrads", "OptimizerStep")   # after the schedule proper
-
-
-@dataclass
-class Session:
-    cfg: Any
-    info: Any
-    state: Any
-    ds: Dict[str, Any]
-    engine: Any
-    module: torch.nn.Module
-    pipeline: bool
-    device: torch.device
-    accum: int
-    batches: Iterator[torch.Tensor]
-    pipe_iter: Optional[Iterator] = None
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.cfg.train.micro_batch_size * self.accum * self.state.dp * self.cfg.train.seq_len
 
 
 def random_batches(cfg, seed: int = 0) -> Iterator[torch.Tensor]:
@@ -53,51 +36,25 @@ def random_batches(cfg, seed: int = 0) -> Iterator[torch.Tensor]:
         yield torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1), generator=g)
 
 
-def data_batches(cfg, state, accum: int) -> Iterator[torch.Tensor]:
-    """The run's real data: rank 0 prepares the token files, every rank reads its DP share."""
-    from megallama.data import MicroBatchIterator, build_datasets, prepare_data
-    from megallama.errors import UserError
-
-    box = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = prepare_data(cfg)
-        except UserError as exc:
-            box[1] = str(exc)
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise UserError(box[1])
-    train_ds, _, _ = build_datasets(cfg, box[0])
-    return MicroBatchIterator(train_ds, cfg.train.micro_batch_size, accum, state.dp_rank, state.dp, seed=cfg.train.seed)
-
-
-def setup(cfg, batches: Optional[Iterator[torch.Tensor]] = None) -> Session:
+def setup(cfg, batches: Optional[Iterator[torch.Tensor]] = None, fits: bool = False) -> Runtime:
     """Start (or join) the process group, build the layout's groups and engine, open the data.
 
-    ``batches``: token batches to use instead of the run's data (tests pass random ones).
+    ``batches``: token batches to use instead of the run's data (tests pass random ones);
+    ``fits``: refuse a model or batch this machine cannot hold before anything starts.
     """
-    from megallama.parallel import initialize
-    from megallama.train.distributed import detect_launcher, device_for, init_distributed
-    from megallama.train.ds_config import build_ds_config, check_device_supports
-    from megallama.train.engine import build_engine
+    from megallama.train.runtime import on_device, open_datasets, start
 
-    info = detect_launcher()
-    cfg.check_layout(info.world_size)
-    ds = build_ds_config(cfg, info.world_size)
-    check_device_supports(ds)
-    init_distributed(cfg.train.dist_timeout_s, info)   # joins an initialised group as it is
-    state = initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sequence_parallel)
-    device = device_for(info.local_rank)
-    accum = cfg.train.batch_layout(state.dp).accum
-    built = build_engine(cfg, state, ds, device)
+    rt = start(cfg, fits=fits)
+    rt.build()
     if batches is None:
-        batches = data_batches(cfg, state, accum)
-    return Session(cfg, info, state, ds, built.engine, built.module, built.pipeline, device, accum,
-                   (b.to(device, non_blocking=True) for b in batches))
+        batches = rt.sampler(open_datasets(cfg)[0])
+    rt.batches = on_device(batches, rt.device)
+    return rt
 
 
-class Timeline:
-    """Seconds per phase of a step; sets ``saved.in_backward`` while backward runs."""
+class Timeline(Hooks):
+    """Seconds per phase of a step (and per pipeline instruction); sets ``saved.in_backward``
+    while backward runs."""
 
     def __init__(self, saved=None, sync: Optional[bool] = None):
         self.saved = saved
@@ -122,6 +79,9 @@ class Timeline:
             if backward and self.saved is not None:
                 self.saved.in_backward = False
 
+    def pipeline(self, engine):
+        return _timed_pipeline(engine, self)
+
     def pipeline_bubble(self) -> Optional[float]:
         """Share of this stage's pipeline schedule not spent in its own forward/backward passes."""
         schedule = sum(v for k, v in self.seconds.items() if k not in PIPE_AFTER and k != "step")
@@ -143,42 +103,31 @@ def _timed_pipeline(engine, timeline: Timeline):
     return wrapped_pipeline_instructions(engine, timed)
 
 
-def _pipe_iter(batches: Iterator[torch.Tensor]):
-    for tokens in batches:
-        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+class AfterForward(Hooks):
+    """Marks ``saved`` (a ``SavedTensorMeter``) and snapshots ``states`` (a ``ModelStateMeter``)
+    after each micro-batch's forward (non-pipeline runs), when both peak."""
+
+    def __init__(self, saved=None, states=None):
+        self.saved, self.states = saved, states
+
+    @contextmanager
+    def phase(self, name: str):
+        yield
+        if name == "forward":
+            if self.saved is not None:
+                self.saved.mark("forward")
+            if self.states is not None:
+                self.states.snapshot("after_forward")
 
 
-def run_step(s: Session, timeline: Optional[Timeline] = None, saved=None, states=None) -> float:
-    """One optimizer step; returns this rank's loss (the pipeline's last stage reports it).
+def run_step(rt: Runtime, *hooks: Hooks) -> float:
+    """One optimizer step; returns this rank's loss (the pipeline's last stage reports it)."""
+    from megallama.train.step import train_step
 
-    ``saved`` (a ``SavedTensorMeter``) is marked and ``states`` (a ``ModelStateMeter``)
-    snapshotted after each micro-batch's forward (non-pipeline runs), when both peak.
-    """
-    timeline = timeline or Timeline(saved)
-    if s.pipeline:
-        if s.pipe_iter is None:
-            s.pipe_iter = _pipe_iter(s.batches)
-        with _timed_pipeline(s.engine, timeline), timeline.phase("step"):
-            return float(s.engine.train_batch(data_iter=s.pipe_iter))
-    losses = []
-    with timeline.phase("step"):
-        for _ in range(s.accum):
-            tokens = next(s.batches)
-            with timeline.phase("forward"):
-                loss = s.engine(tokens[:, :-1], labels=tokens[:, 1:])
-            if saved is not None:
-                saved.mark("forward")
-            if states is not None:
-                states.snapshot("after_forward")
-            with timeline.phase("backward"):
-                s.engine.backward(loss)
-            with timeline.phase("optimizer"):
-                s.engine.step()
-            losses.append(float(loss.detach()))
-    return sum(losses) / len(losses)
+    return float(train_step(rt, rt.batches, HookList(hooks)))
 
 
-def census(s: Session) -> Dict[str, Any]:
+def census(s: Runtime) -> Dict[str, Any]:
     """One step under every byte-counting instrument (slow; not timed): collective payloads per
     group, live saved-activation bytes (end of forward, peak, recompute working set) and the
     engine's model-state bytes per category, on this rank."""
@@ -188,7 +137,7 @@ def census(s: Session) -> Dict[str, Any]:
 
     with SavedTensorMeter(s.module) as saved, tracking_checkpoints(s.module, saved), CommMeter(s.state) as comm, \
             ModelStateMeter(s.engine, s.module, s.state.dp_ranks) as ms:
-        run_step(s, Timeline(saved, sync=False), saved, ms)
+        run_step(s, Timeline(saved, sync=False), AfterForward(saved, ms))
     return {"rank": s.state.rank, "stage": s.state.pp_rank, "collectives": comm.by_group(),
             "collective_calls": comm.table(), "model_states": ms.result(),
             "activations": {"forward_end": saved.marks.get("forward"), "peak": saved.peak,
@@ -201,7 +150,7 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
 
 
-def _cpu_rates(s: Session) -> Dict[str, float]:
+def _cpu_rates(s: Runtime) -> Dict[str, float]:
     """This CPU as the run sees it, measured on every rank at once (so ranks sharing cores, or
     other jobs, show): GEMM FLOP/s and copy bandwidth per rank (medians over ranks), and the
     collective link over the world group."""
@@ -233,7 +182,7 @@ def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_tim
     from megallama.profiling.measure_comm import CommMeter
     from megallama.profiling.report import build_report
 
-    s = setup(cfg, batches)
+    s = setup(cfg, batches, fits=True)
     for _ in range(warmup):
         run_step(s)
     rates = _cpu_rates(s) if s.device.type == "cpu" else None

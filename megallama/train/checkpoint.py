@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import UserError
+from megallama.train.distributed import on_rank0_then_share
+from megallama.train.hooks import NO_HOOKS, Hooks
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +250,7 @@ def _gather(problem: Optional[str]) -> List[Optional[str]]:
 
 
 def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, keep: int, pipeline: bool,
-         n_layers: int, meta: Dict) -> Path:
+         n_layers: int, meta: Dict, hooks: Hooks = NO_HOOKS) -> Path:
     """Collective: every rank must call. Returns the checkpoint directory. A failed write (a full
     disk) on any rank stops every rank within seconds with one line naming the file."""
     from megallama.train.universal import save_universal
@@ -278,30 +280,31 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
             torch.save(rng_state(state.rng), rng_path)
         except _write_errors() as exc:
             failures.append(_write_failure(exc, rng_path))
-    delay = float(os.environ.get("MEGALLAMA_FAULT_SLOW_SAVE_S", "0") or 0)  # fault-injection window
-    if delay:
-        time.sleep(delay)
+    hooks.before_commit(step)
     problems = _gather(failures[0] if failures else None)
     if any(problems):
         _abandon(ckpt_dir, tag_dir, step, problems)
-    box = [None]
-    if rank == 0:
-        current = tag_dir / "meta.json"
-        try:
-            current.write_text(json.dumps({**meta, "step": step, **client_state}, indent=1))
-            current = tag_dir / MANIFEST
-            write_manifest(tag_dir)
-            current = ckpt_dir / LATEST
-            _atomic_write(current, tag)
-        except OSError as exc:
-            box[0] = _write_failure(exc, current)
-        else:
-            prune(ckpt_dir, keep, tag_dir)
-            log.info("checkpoint %s written (latest)", tag_dir)
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        _abandon(ckpt_dir, tag_dir, step, [box[0]])
+    failure = on_rank0_then_share(lambda: _commit(ckpt_dir, tag_dir, keep, {**meta, "step": step, **client_state}))
+    if failure:
+        _abandon(ckpt_dir, tag_dir, step, [failure])
     return tag_dir
+
+
+def _commit(ckpt_dir: Path, tag_dir: Path, keep: int, meta: Dict) -> Optional[str]:
+    """Rank 0, once every rank has written: ``meta.json``, the manifest, then ``latest``; returns
+    the failed write, named (None when all went through)."""
+    current = tag_dir / "meta.json"
+    try:
+        current.write_text(json.dumps(meta, indent=1))
+        current = tag_dir / MANIFEST
+        write_manifest(tag_dir)
+        current = ckpt_dir / LATEST
+        _atomic_write(current, tag_dir.name)
+    except OSError as exc:
+        return _write_failure(exc, current)
+    prune(ckpt_dir, keep, tag_dir)
+    log.info("checkpoint %s written (latest)", tag_dir)
+    return None
 
 
 def read_meta(tag_dir: Path) -> Dict:

@@ -15,11 +15,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
 from megallama.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -112,8 +114,6 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
     plain group serves ``eval``, and an engine adds DeepSpeed's layer on top when it
     is built (``build_engine`` checks the build lock there). Before DeepSpeed's comm start-up loads
     that op, a stale build lock is reported, not waited on."""
-    import deepspeed
-
     from megallama.train.warmup_ops import check_comm_op_lock
 
     info = info or detect_launcher()
@@ -129,12 +129,36 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
         return info
     if backend == "gloo":
         check_comm_op_lock()
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)
     if info.launcher == "deepspeed":
         stop_with_launcher()
     return info
+
+
+def on_rank0_then_share(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone (it prepares data, chooses a checkpoint, takes a lock) and its
+    value given to every rank. A ``UserError`` there is raised on every rank, marked as the same
+    everywhere so it is printed once per node (cli.py); any other exception stays rank 0's own."""
+    import torch.distributed as dist
+
+    shared = dist.is_initialized() and dist.get_world_size() > 1
+    box = [None, None]
+    if not shared or dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except UserError as exc:
+            box[1] = str(exc)
+    if shared:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        err = UserError(box[1])
+        err.same_on_every_rank = True
+        raise err
+    return box[0]
 
 
 def _proc_stat(pid: int) -> Optional[Tuple[int, str]]:

@@ -6,7 +6,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,11 +51,11 @@ def encode(tokenizer, texts: List[str], seq_len: int) -> Tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _load_trunk(model, state: Dict[str, torch.Tensor]) -> List[str]:
-    """Copy every matching tensor (each rank its TP slice); returns what the trunk lacked."""
+def _load_trunk(model, state: Dict[str, torch.Tensor], ps) -> List[str]:
+    """Copy every matching tensor (each rank its TP slice of ``ps``); returns what the trunk lacked."""
     from megallama.parallel.layers import split_for_rank
 
-    ps, missing = model.parallel_state, []
+    missing = []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in state:
@@ -95,9 +95,7 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
              text_key: str = "text", label_key: str = "label") -> Dict[str, Any]:
     from megallama.checkpoint.pretrained import load_checkpoint
     from megallama.data import Tokenizer
-    from megallama.train.distributed import detect_launcher, init_distributed
-    from megallama.train.ds_config import build_ds_config, check_device_supports
-    from megallama.train.run_lock import hold_run_dir
+    from megallama.train.runtime import guard, start
 
     if cfg.parallel.pp != 1:
         raise UserError("parallel.pp: fine-tuning runs without pipeline stages (use pp: 1)")
@@ -115,69 +113,64 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     tokenizer = Tokenizer(tok_file)
     tokenizer.check_vocab(model_cfg.vocab_size)
     model_cfg = model_cfg.model_copy(update={"num_labels": len(names)})
-    cfg = cfg.model_copy(update={"model": model_cfg})
-    info = detect_launcher()
-    cfg.check_layout(info.world_size)
-    ds = build_ds_config(cfg, info.world_size)
-    check_device_supports(ds)
-    init_distributed(cfg.train.dist_timeout_s, info)
-    lock = hold_run_dir(cfg.run_dir, None, False, info.rank)  # one job per run directory, as for train
-    try:
-        return _train_classifier(cfg, info, ds, model_cfg, state_dict, tokenizer, texts, labels, names,
+    rt = start(cfg.model_copy(update={"model": model_cfg}))
+    with guard(rt):  # one job per run directory, as for train
+        return _train_classifier(rt, state_dict, encode(tokenizer, texts, rt.cfg.train.seq_len), labels, names,
                                  pretrained, tok_file, holdout)
-    finally:
-        if lock:
-            lock.release()
 
 
-def _train_classifier(cfg: RunConfig, info, ds, model_cfg, state_dict, tokenizer, texts, labels, names,
-                      pretrained: str, tok_file: str, holdout: float) -> Dict[str, Any]:
+def _classifier_loss(model, batch) -> Tuple[torch.Tensor, None]:
+    ids, labels, mask = batch
+    return model(ids, labels=labels, attention_mask=mask), None
+
+
+def _examples(rt, train: List[int], ids, labels, mask) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """This rank's micro-batches of the training examples, on the device, reshuffled (seeded)
+    whenever too few are left for one more round over the DP ranks."""
+    micro, dp, dp_rank = rt.batch.micro, rt.state.dp, rt.state.dp_rank
+    gen = torch.Generator().manual_seed(rt.cfg.train.seed)
+    perm, pos = torch.tensor(train)[torch.randperm(len(train), generator=gen)], 0
+    while True:
+        if pos + micro * dp > len(perm):
+            perm, pos = torch.tensor(train)[torch.randperm(len(train), generator=gen)], 0
+        idx = perm[pos + dp_rank * micro: pos + (dp_rank + 1) * micro]
+        pos += micro * dp
+        yield ids[idx].to(rt.device), labels[idx].to(rt.device), mask[idx].to(rt.device)
+
+
+def _train_classifier(rt, state_dict, encoded, labels, names, pretrained: str, tok_file: str,
+                      holdout: float) -> Dict[str, Any]:
     from megallama.model import LlamaForSequenceClassification
-    from megallama.parallel import initialize
-    from megallama.train.distributed import device_for
-    from megallama.train.engine import build_engine
+    from megallama.train.step import train_step
 
-    state = initialize(cfg.parallel.tp, 1, cfg.parallel.sequence_parallel)
-    device = device_for(info.local_rank)
-    t = cfg.train
-    batch = t.batch_layout(state.dp)
-
-    order = list(range(len(texts)))
+    cfg, t, model_cfg = rt.cfg, rt.cfg.train, rt.cfg.model
+    ids, mask = encoded
+    order = list(range(len(ids)))
     random.Random(t.seed).shuffle(order)
     n_hold = max(1, int(round(holdout * len(order))))
     hold, train = order[:n_hold], order[n_hold:]
-    ids, mask = encode(tokenizer, texts, t.seq_len)
-    model = LlamaForSequenceClassification(model_cfg, state, seed=t.seed)
-    missing = _load_trunk(model, state_dict)
-    if info.rank == 0:
+    model = LlamaForSequenceClassification(model_cfg, rt.state, seed=t.seed)
+    missing = _load_trunk(model, state_dict, rt.state)
+    if rt.rank0:
         log.info("fine-tuning %d-label classifier on %d examples (%d held out); new: %s", len(names), len(train),
                  len(hold), ", ".join(missing))
-    engine = build_engine(cfg, state, ds, device, module=model).engine
-    gen = torch.Generator().manual_seed(t.seed)
-    perm, pos, losses = torch.tensor(train)[torch.randperm(len(train), generator=gen)], 0, []
+    rt.build(module=model)
+    rt.loss_fn = _classifier_loss
+    batches, losses = _examples(rt, train, ids, labels, mask), []
     for step in range(1, t.steps + 1):
-        step_losses = []
-        for _ in range(batch.accum):
-            if pos + batch.micro * state.dp > len(perm):
-                perm, pos = torch.tensor(train)[torch.randperm(len(train), generator=gen)], 0
-            idx = perm[pos + state.dp_rank * batch.micro: pos + (state.dp_rank + 1) * batch.micro]
-            pos += batch.micro * state.dp
-            loss = engine(ids[idx].to(device), labels=labels[idx].to(device), attention_mask=mask[idx].to(device))
-            engine.backward(loss)
-            engine.step()
-            step_losses.append(loss.item())
-        losses.append(sum(step_losses) / len(step_losses))
-        if info.rank == 0 and (step % t.log_every == 0 or step == t.steps):
-            print(f"finetune step {step:>5}/{t.steps} | loss {losses[-1]:.4f} | lr {engine.get_lr()[0]:.2e}", flush=True)
-    hold_t = torch.tensor(hold)
-    acc, counted = accuracy(engine.module, ids[hold_t].to(device), mask[hold_t].to(device), labels[hold_t].to(device),
-                            batch.micro, state)
+        losses.append(float(train_step(rt, batches)))
+        if rt.rank0 and (step % t.log_every == 0 or step == t.steps):
+            print(f"finetune step {step:>5}/{t.steps} | loss {losses[-1]:.4f} | lr {rt.engine.get_lr()[0]:.2e}",
+                  flush=True)
+    hold_t, dev, module = torch.tensor(hold), rt.device, rt.engine.module
+    acc, counted = accuracy(module, ids[hold_t].to(dev), mask[hold_t].to(dev), labels[hold_t].to(dev),
+                            rt.batch.micro, rt.state)
     majority = max((labels[hold_t] == k).float().mean().item() for k in range(len(names)))
     out = Path(cfg.run_dir) / "finetuned"
     report = {"accuracy": acc, "held_out": counted, "majority_baseline": majority, "labels": names,
               "first_loss": losses[0], "final_loss": losses[-1], "steps": t.steps, "checkpoint": str(out)}
-    save_classifier(engine.module, model_cfg, out, names, pretrained, tok_file, info.rank)
-    if info.rank == 0:
+    save_classifier(module, model_cfg, out, names, pretrained, tok_file, rt.info.rank)
+    if rt.rank0:
         (Path(cfg.run_dir) / "finetune_report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from megallama.errors import UserError
 
@@ -124,25 +124,22 @@ class RunLock:
                 pass
 
 
-def hold_run_dir(run_dir: str, ckpt_dir: Optional[str], check_ckpt_dir: bool, rank: int) -> Optional[RunLock]:
+def hold_run_dir(run_dir: str, ckpt_dir: Optional[str], check_ckpt_dir: bool) -> Optional[RunLock]:
     """Collective: rank 0 checks the directories and takes the lock; every rank gets its verdict.
     ``ckpt_dir``: an explicit ``checkpoint.dir`` (the default lies inside the run directory)."""
-    import torch.distributed as dist
+    from megallama.train.distributed import on_rank0_then_share
 
-    lock, box = None, [None]
-    if rank == 0:
-        try:
-            lock = RunLock(Path(run_dir), ensure_dir(run_dir, "run_dir")).acquire()
-            if check_ckpt_dir and ckpt_dir is not None:
+    held: List[RunLock] = []
+
+    def take() -> None:
+        lock = RunLock(Path(run_dir), ensure_dir(run_dir, "run_dir")).acquire()
+        held.append(lock)
+        if check_ckpt_dir and ckpt_dir is not None:
+            try:
                 ensure_dir(ckpt_dir, "checkpoint.dir")
-        except UserError as exc:
-            box[0] = str(exc)
-            if lock is not None:
-                lock.release()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        err = UserError(box[0])
-        err.same_on_every_rank = True  # printed once per node (cli.py)
-        raise err
-    return lock
+            except UserError:
+                held.pop().release()
+                raise
+
+    on_rank0_then_share(take)
+    return held[0] if held else None

@@ -1,0 +1,108 @@
+"""Where a run starts: the checkpoint rank 0 chooses (verified, gated) and what every rank then
+needs to continue from it (step, data position, layout-free state when the layout changed)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from megallama.config import RunConfig
+from megallama.errors import UserError
+from megallama.train import checkpoint as ckpt
+from megallama.train.distributed import on_rank0_then_share
+from megallama.train.unpickle_gate import check_safe_to_unpickle
+
+log = logging.getLogger(__name__)
+
+SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+LAYOUT = ("tp", "pp", "dp", "zero", "precision")  # what DeepSpeed's own files are tied to
+
+
+@dataclass
+class Resume:
+    path: Optional[Path] = None  # None: a fresh start
+    step: int = 0
+    consumed_samples: int = 0
+    universal: Any = None  # a UniversalReader when the layout changed (DeepSpeed's files do not fit)
+    refit: bool = False  # the LR schedule changed (train.allow_schedule_change)
+
+    @property
+    def native(self) -> bool:
+        """DeepSpeed's own files restore the engine (same layout)."""
+        return self.path is not None and self.universal is None
+
+
+def has_native(tag_dir: Path) -> bool:
+    return any(tag_dir.glob("*model_states.pt"))
+
+
+def _choose(cfg: RunConfig, ckpt_dir: Path) -> Optional[str]:
+    found = ckpt.find_resumable(ckpt_dir) if cfg.checkpoint.resume and ckpt_dir.is_dir() else None
+    if found is None and cfg.checkpoint.load:
+        found = Path(cfg.checkpoint.load)
+        if (found / ckpt.LATEST).is_file():
+            found = ckpt.find_resumable(found)
+        else:
+            problem = ckpt.verify(found)
+            if problem:
+                raise UserError(f"checkpoint.load: {problem}")
+    if found is not None and has_native(found):
+        check_safe_to_unpickle(found)
+    return str(found) if found else None
+
+
+def find_start(cfg: RunConfig, ckpt_dir: Path) -> Optional[Path]:
+    """Rank 0 picks (and verifies) the checkpoint to start from; everyone gets the same answer."""
+    found = on_rank0_then_share(lambda: _choose(cfg, ckpt_dir))
+    return Path(found) if found else None
+
+
+def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: bool) -> Resume:
+    """The checkpoint this run continues (none: a fresh start), checked against ``cfg``."""
+    path = find_start(cfg, ckpt_dir)
+    if path is None:
+        return Resume()
+    meta = ckpt.read_meta(path)
+    check_same_model(meta, cfg, path)
+    refit = schedule_changed(meta, cfg, path)
+    same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path)
+    universal = None
+    if not same_layout:
+        from megallama.train.universal import UniversalReader
+
+        universal = UniversalReader(path / "universal")
+    if rank0:
+        log.info("resuming from %s at step %d (%s)", path, int(meta["step"]),
+                 "same layout: DeepSpeed checkpoint" if same_layout else "new layout: layout-free state")
+    return Resume(path, int(meta["step"]), int(meta["consumed_samples"]), universal, refit)
+
+
+def check_same_model(meta, cfg: RunConfig, path: Path) -> None:
+    init_only = ("dropout", "init_std")  # how weights are drawn or dropped, not what the loaded ones are
+    saved = {k: v for k, v in meta["model"].items() if k not in init_only}
+    now = {k: v for k, v in cfg.model.model_dump().items() if k not in init_only}
+    for m in (saved, now):  # n_kv_heads None means n_heads (an HF import spells it out)
+        m["n_kv_heads"] = m.get("n_kv_heads") or m.get("n_heads")
+    diff = sorted(k for k in now if saved.get(k) != now[k])
+    if diff:
+        raise UserError(f"checkpoint {path}: model.{diff[0]} is {saved.get(diff[0])!r} there, "
+                        f"{now[diff[0]]!r} in this config")
+
+
+def schedule_changed(meta, cfg: RunConfig, path: Path) -> bool:
+    """A resume under another LR schedule is refused, as Megatron refuses it unless told
+    (--override-opt_param-scheduler): the cosine would silently re-stretch from the resume step.
+    ``train.allow_schedule_change`` opts in; True then (the caller re-fits the schedule)."""
+    saved, t = meta.get("schedule"), cfg.train
+    diff = [k for k in SCHEDULE if saved and saved.get(k) != getattr(t, k)]
+    if not diff:
+        return False
+    k = diff[0]
+    if not t.allow_schedule_change:
+        raise UserError(f"train.{k}: {getattr(t, k)} differs from {saved[k]} in checkpoint {path}, whose LR schedule "
+                        f"it would re-stretch from step {meta['step']}; set train.{k}={saved[k]} to continue that "
+                        "schedule, or train.allow_schedule_change=true to re-fit it")
+    log.warning("train.%s: %s (checkpoint: %s): re-fitting the LR schedule from step %d "
+                "(train.allow_schedule_change=true)", k, getattr(t, k), saved[k], meta["step"])
+    return True

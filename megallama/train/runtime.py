@@ -1,0 +1,168 @@
+"""One start-up for every command (train, finetune, profile, eval, generate): the launcher, the
+process group under the run's ``train.dist_timeout_s``, the parallel groups and the device; for
+the commands that train, the DeepSpeed dict, their data and the engine.
+
+Every check that needs no process group runs before one exists, so a bad config or a model too
+big for this machine ends in one line without a rank waiting on another.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+
+from megallama.config import ModelConfig, RunConfig
+from megallama.errors import UserError
+from megallama.parallel import ParallelState, initialize
+from megallama.train.distributed import LaunchInfo, detect_launcher, device_for, init_distributed, on_rank0_then_share
+from megallama.train.step import LossFn, make_loss_fn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    cfg: RunConfig
+    info: LaunchInfo
+    state: ParallelState
+    device: torch.device
+    ds: Optional[Dict[str, Any]] = None  # the DeepSpeed dict: commands that train
+    loss_fn: Optional[LossFn] = None  # micro-batch -> loss: commands that train
+    built: Any = None  # train.engine.Built, once ``build`` ran
+    batches: Optional[Iterator] = None  # this rank's micro-batches on the device, when the command keeps them here
+    step: int = 0  # the last optimizer step taken (a resumed run starts at its checkpoint's)
+
+    @property
+    def rank0(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def engine(self):
+        return self.built.engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.built.module
+
+    @property
+    def pipeline(self) -> bool:
+        return self.built.pipeline
+
+    @property
+    def batch(self):
+        """micro x accumulation x DP = global, as this layout resolves ``train``'s sizes."""
+        return self.cfg.train.batch_layout(self.state.dp)
+
+    @property
+    def accum(self) -> int:
+        return self.batch.accum
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_ * self.cfg.train.seq_len
+
+    def build(self, universal=None, step: int = 0, module: Optional[torch.nn.Module] = None):
+        """The engine over this rank's shard (``module``: a model the command built itself)."""
+        from megallama.train.engine import build_engine
+
+        self.built = build_engine(self.cfg, self.state, self.ds, self.device, universal=universal, step=step,
+                                  module=module)
+        self.step = step
+        return self.built
+
+    def sampler(self, dataset, consumed_samples: int = 0):
+        """This rank's DP share of ``dataset``, ``micro`` rows at a time, from ``consumed_samples`` on."""
+        from megallama.data import MicroBatchIterator
+
+        b = self.batch
+        return MicroBatchIterator(dataset, b.micro, b.accum, self.state.dp_rank, self.state.dp,
+                                  consumed_samples=consumed_samples, seed=self.cfg.train.seed)
+
+
+def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = True, fits: bool = False) -> Runtime:
+    """Launcher, checks, process group, parallel groups, device. ``training``: the command builds
+    an engine (its DeepSpeed dict is made and checked first); ``fits``: refuse a model or batch
+    this machine cannot hold, before anything is allocated."""
+    info = info or detect_launcher()
+    cfg.check_layout(info.world_size)  # every layout error surfaces before any process group exists
+    ds = None
+    if training:
+        from megallama.train.ds_config import build_ds_config, check_device_supports
+
+        ds = build_ds_config(cfg, info.world_size)
+        check_device_supports(ds)
+    if fits:
+        from megallama.train.fits import check_training_fits
+
+        check_training_fits(cfg, info.world_size, info.local_rank)
+    init_distributed(cfg.train.dist_timeout_s, info)  # joins an initialised group as it is
+    if training and not torch.cuda.is_available():  # the engine loads DeepSpeed's comm op: never on a stale lock
+        from megallama.train.warmup_ops import check_comm_op_lock
+
+        check_comm_op_lock()
+    p = cfg.parallel
+    state = initialize(p.tp, p.pp, p.sequence_parallel)
+    loss_fn = make_loss_fn(cfg.model.arch, cfg.train.seq_len) if training else None
+    return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn)
+
+
+def inference_config(model: ModelConfig, tp: int, dist_timeout_s: Optional[int] = None) -> RunConfig:
+    """The run config an inference command starts under: a checkpoint's model over ``tp`` ranks."""
+    train = {"seq_len": min(8, model.max_seq_len)}
+    if dist_timeout_s is not None:
+        train["dist_timeout_s"] = dist_timeout_s
+    return RunConfig(model=model, parallel={"tp": tp}, train=train)
+
+
+def open_datasets(cfg: RunConfig):
+    """``(train, valid, test)``: rank 0 builds (or finds) the token files, every rank opens them."""
+    from megallama.data import build_datasets, prepare_data
+
+    return build_datasets(cfg, on_rank0_then_share(lambda: prepare_data(cfg)))
+
+
+def on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    for rows in batches:
+        yield rows.to(device, non_blocking=True)
+
+
+@contextmanager
+def guard(rt: Runtime, checkpoints: bool = False, heartbeats: bool = False) -> Iterator[None]:
+    """The run directory held by this job alone (and, with ``checkpoints``, the checkpoint
+    directory checked) and, with ``heartbeats`` over several ranks, the watchdog: a collective
+    that fails because a peer died ends in one line naming that peer."""
+    from megallama.train.run_lock import hold_run_dir
+    from megallama.train.watchdog import Watchdog
+
+    cfg, info = rt.cfg, rt.info
+    lock = hold_run_dir(cfg.run_dir, cfg.checkpoint.dir if checkpoints else None,
+                        checkpoints and cfg.checkpoint.every > 0)
+    watchdog = None
+    if heartbeats and info.world_size > 1 and cfg.train.heartbeat_timeout_s > 0:
+        watchdog = Watchdog(cfg.run_dir, info.rank, info.world_size, cfg.train.heartbeat_timeout_s).start()
+    try:
+        yield
+    except (RuntimeError, OSError) as exc:
+        problem = watchdog.wait_for_dead_rank() if watchdog else None
+        if problem:
+            raise UserError(peer_failure(problem, info.rank, exc)) from None
+        raise
+    finally:
+        if watchdog:
+            watchdog.stop()
+        if lock:
+            lock.release()
+
+
+def peer_failure(problem: str, rank: int, exc: BaseException) -> str:
+    """One whole line: the failed peer, and this rank stopping because of it, with the collective's
+    own reason only when it is short enough to quote whole (never cut mid-sentence)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[file.cc:123] " prefix
+    cause = f"{type(exc).__name__}: {first}" if first and len(first) <= 160 else type(exc).__name__
+    return f"{problem}; rank {rank} stops because a collective with it failed ({cause})"
+
