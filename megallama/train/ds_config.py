@@ -219,9 +219,9 @@ def check_device_supports(ds: Dict[str, Any]) -> None:
     """DeepSpeed's own check raises deep inside ``initialize``; say it in one line up front."""
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
+    acc, wanted = get_accelerator(), DeepSpeedSettings.of(ds).precision
     for kind, supported in (("fp16", acc.is_fp16_supported), ("bf16", acc.is_bf16_supported)):
-        if ds.get(kind, {}).get("enabled") and not supported():
+        if kind == wanted and not supported():
             raise ConfigError(f"deepspeed.{kind}: not supported by DeepSpeed's {acc.device_name()} accelerator "
                               f"on this machine (use {'bf16' if kind == 'fp16' else 'fp32'} here)")
 
