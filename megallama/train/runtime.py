@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
+    """What a command's start-up made, handed to everything that runs after it (nothing here is
+    looked up globally: the step, the loop and the profiler read it from this object)."""
+
     cfg: RunConfig
     info: LaunchInfo
     state: ParallelState
