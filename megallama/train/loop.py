@@ -309,8 +309,7 @@ def _train(cfg: RunConfig, info, ds) -> Dict[str, Any]:
             last_log, last_logged = time.perf_counter(), step
         if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
             ckpt.save(engine, built.module, state, ckpt_dir, step,
-                      {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
-                      built.pipeline, cfg.model.n_layers, layout)
+                      {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep, layout)
             last_log, last_logged = time.perf_counter(), step  # keep save time out of the throughput window
     elapsed = time.perf_counter() - run_start
     if not losses:
