@@ -41,8 +41,8 @@ def _saver(out: str, ready) -> None:
     start = int((out / "latest").read_text()[4:]) if (out / "latest").exists() else 0
     ready.set()
     for step in range(start + 1, start + 100_000):
-        ckpt.save(built.engine, built.module, state, out, step, {"consumed_samples": step, "step": step}, 2, False,
-                  cfg.model.n_layers, {"model": cfg.model.model_dump(), "tp": 1, "pp": 1, "dp": 1})
+        ckpt.save(built.engine, built.module, state, out, step, {"consumed_samples": step, "step": step}, 2,
+                  {"model": cfg.model.model_dump(), "tp": 1, "pp": 1, "dp": 1})
 
 
 def test_twenty_kills_mid_save_never_break_latest(tmp_path):

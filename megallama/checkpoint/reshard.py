@@ -67,17 +67,12 @@ def consolidate_training_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.
     return cfg, {name: reader.full(name) for name in reader.names()}
 
 
-def _stage_of(name: str, n_layers: int, pp: int) -> int:
-    if name.startswith("layers."):
-        return int(name.split(".")[1]) // (n_layers // pp)
-    return 0 if name.startswith("tok_embeddings") else pp - 1
-
-
 def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     """Write a checkpoint directory at ``tp`` x ``pp`` from any training checkpoint."""
     from safetensors.torch import save_file
 
     from megallama.train import checkpoint as ckpt
+    from megallama.train.pipeline import stage_of_parameters
     from megallama.train.universal import MOMENTS, UniversalReader
 
     tag = resolve_checkpoint(src)
@@ -97,9 +92,10 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
         dst.mkdir(parents=True)
         files: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
         index: Dict[Tuple[int, int], Dict] = {}
+        stage_of = stage_of_parameters(cfg, pp) if pp > 1 else {}  # only a decoder is pipelined
         for name in reader.names():
             info = reader.index[name]
-            stage = _stage_of(name, cfg.n_layers, pp)
+            stage = stage_of.get(name, 0)
             for key in (None,) + MOMENTS:
                 full = reader.full(name, key)
                 tname = name if key is None else f"{name}::{key}"

@@ -134,7 +134,7 @@ class SavedTensorMeter:
 @contextmanager
 def tracking_checkpoints(module: torch.nn.Module, meter: SavedTensorMeter):
     """Let ``meter`` see what DeepSpeed's activation checkpointing keeps: wrap the checkpoint
-    function of every block (``checkpoint_fn``) and of a ``PipelineModule``."""
+    function of every block (``checkpoint_fn``), in a model or a pipeline stage alike."""
     undo = []
 
     def wrap(fn):
@@ -146,16 +146,15 @@ def tracking_checkpoints(module: torch.nn.Module, meter: SavedTensorMeter):
         return run
 
     for m in module.modules():
-        for attr in ("checkpoint_fn", "activation_checkpoint_func"):
-            fn = getattr(m, attr, None)
-            if fn is not None and attr in vars(m):
-                setattr(m, attr, wrap(fn))
-                undo.append((m, attr, fn))
+        fn = vars(m).get("checkpoint_fn")
+        if fn is not None:
+            m.checkpoint_fn = wrap(fn)
+            undo.append((m, fn))
     try:
         yield meter
     finally:
-        for m, attr, fn in undo:
-            setattr(m, attr, fn)
+        for m, fn in undo:
+            m.checkpoint_fn = fn
 
 
 # ------------------------------------------------------------------------------- device peak

@@ -249,8 +249,8 @@ def _gather(problem: Optional[str]) -> List[Optional[str]]:
     return every
 
 
-def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, keep: int, pipeline: bool,
-         n_layers: int, meta: Dict, hooks: Hooks = NO_HOOKS) -> Path:
+def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, keep: int, meta: Dict,
+         hooks: Hooks = NO_HOOKS) -> Path:
     """Collective: every rank must call. Returns the checkpoint directory. A failed write (a full
     disk) on any rank stops every rank within seconds with one line naming the file."""
     from megallama.train.universal import save_universal
@@ -271,7 +271,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
     with _recorded_writes(engine, failures):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     try:  # collectives first, then this rank's writes: every rank calls it even after a failure
-        save_universal(engine, module, state, tag_dir / "universal", pipeline, n_layers, meta)
+        save_universal(engine, module, state, tag_dir / "universal", meta)
     except _write_errors() as exc:
         failures.append(_write_failure(exc, tag_dir / "universal"))
     rng_path = tag_dir / f"rng_rank{rank:05d}.pt"

@@ -21,6 +21,7 @@ from megallama.parallel import ParallelState, model_parallel_seed
 from megallama.train.ds_settings import DeepSpeedSettings, EngineTraits
 from megallama.train.optim import build_optimizer, build_scheduler
 from megallama.train.pipeline import build_pipeline_module
+from megallama.train.recompute import apply_activation_checkpointing, checkpoint_function
 
 log = logging.getLogger(__name__)
 
@@ -33,44 +34,12 @@ class Built:
     traits: EngineTraits  # DeepSpeed's optimizer here and the patches applied to the engine
 
 
-def _setup_activation_checkpointing(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any]):
-    """Configure DeepSpeed's checkpointing with our mpu; its RNG tracker becomes the state's."""
-    import deepspeed
-
-    ac = cfg.train.activation_checkpointing
-    if ac.mode != "full":
-        return None
-    deepspeed.checkpointing.configure(state, partition_activations=ac.partition_activations,
-                                      checkpoint_in_cpu=ac.cpu_checkpointing, num_checkpoints=cfg.model.n_layers,
-                                      contiguous_checkpointing=False, synchronize=False, profile=False)
-    state.rng = deepspeed.checkpointing.get_cuda_rng_tracker()
-    return deepspeed.checkpointing.checkpoint
-
-
-def _apply_checkpointing(model: torch.nn.Module, cfg: RunConfig, fn) -> None:
-    """Full recomputation of every N-th block (encoder blocks first), or selective (attention core only)."""
-    ac = cfg.train.activation_checkpointing
-    for i, layer in enumerate(list(getattr(model, "encoder_layers", [])) + list(model.layers)):
-        if ac.mode == "full" and i % ac.every == 0:
-            layer.checkpoint_fn = fn
-        if ac.mode == "selective":
-            for attn in (layer.attention, getattr(layer, "cross_attention", None)):
-                if attn is not None:
-                    attn.recompute_core = True
-
-
-def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device, ckpt_fn):
+def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device):
     import deepspeed
 
     seed = cfg.train.seed
     if state.pp > 1:
-        every = cfg.train.activation_checkpointing.every if ckpt_fn is not None else 0
-        module = build_pipeline_module(cfg.model, state, seed, cfg.parallel.pipeline_partition, every, ckpt_fn)
-        if cfg.train.activation_checkpointing.mode == "selective":
-            for layer in module.modules():
-                if hasattr(layer, "recompute_core"):
-                    layer.recompute_core = True
-        return module.to(device)
+        return build_pipeline_module(cfg.model, state, seed, cfg.parallel.pipeline_partition).to(device)
     if DeepSpeedSettings.of(ds).zero_stage == 3:
         # partition over the data-parallel group only: each TP rank's shard is its own tensor
         with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):
@@ -81,7 +50,6 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
                 init_module(part, seed, key)  # identical on every rank; rank 0's copy is kept
     else:
         module = build_model(cfg.model, state, seed=seed).to(device)
-    _apply_checkpointing(module, cfg, ckpt_fn)
     return module
 
 
@@ -102,16 +70,16 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
 
     if not ds_comm.is_initialized():  # one process starts on a plain torch group: DeepSpeed's layer joins it here
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
-    ckpt_fn = _setup_activation_checkpointing(cfg, state, ds)
+    ckpt_fn = checkpoint_function(cfg, state)
     model_parallel_seed(state, cfg.train.seed)
     if module is None:
-        module = _build_module(cfg, state, ds, device, ckpt_fn)
+        module = _build_module(cfg, state, ds, device)
     else:
         module = module.to(device)
-        _apply_checkpointing(module, cfg, ckpt_fn)
-    pipeline, n_layers = state.pp > 1, cfg.model.n_layers
+    pipeline, ac = state.pp > 1, cfg.train.activation_checkpointing
+    apply_activation_checkpointing(module, ac.mode, ac.every, ckpt_fn)
     if universal is not None:
-        uni.load_weights_into_module(universal, module, state, pipeline, n_layers)
+        uni.load_weights_into_module(universal, module, state)
     compile_blocks(module, cfg.train.compile)  # in place: names and state dict unchanged
     optimizer = build_optimizer(module, cfg.train)
     # a callable: DeepSpeed builds the schedule on the optimizer it wraps ours in
@@ -124,7 +92,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     _apply_patches(engine, traits)
     _warn_zero_without_dp(state, settings)
     if universal is not None:
-        uni.load_optimizer_state(universal, engine, module, state, pipeline, n_layers, step)
+        uni.load_optimizer_state(universal, engine, module, state, step)
         set_schedule_position(engine.lr_scheduler, step)
     return Built(engine=engine, module=module, pipeline=pipeline, traits=traits)
 

@@ -94,7 +94,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
         if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
             ckpt.save(rt.engine, rt.module, state, ckpt_dir, step,
                       {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
-                      rt.pipeline, cfg.model.n_layers, layout, hooks=hooks)
+                      layout, hooks=hooks)
             progress.restart_window(step)  # keep save time out of the throughput window
     return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step)
 

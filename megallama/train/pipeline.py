@@ -1,81 +1,128 @@
-"""The decoder as a DeepSpeed ``PipelineModule``: embedding, blocks and norm+head as layer specs.
+"""The decoder as a DeepSpeed ``PipelineModule``, cut from the model itself.
 
-Specs are built lazily, so each stage constructs only its own layers (with TP inside them), and
-each part is initialised from the same keyed seeds as the unpipelined model: a PP=2 run starts
-from exactly the weights of the PP=1 run.
+The model is built once on the meta device (nothing allocated); its embedding, blocks, final
+norm and head become the pipeline's layers through thin adapters that keep each part under its
+canonical name (``tok_embeddings``, ``layers.N.…``, ``norm``, ``output``), and every block
+shares the model's one RoPE table. A layer is allocated and initialised from the part's keyed
+seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 weights.
+DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
+the names under that index are the model's own.
 """
 from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from megallama.config import ModelConfig
-from megallama.model.blocks import TransformerBlock, init_module, residual_dropout
-from megallama.model.llama import causal_lm_loss
-from megallama.model.norm import RMSNorm
-from megallama.model.rope import RotaryEmbedding
-from megallama.parallel import ColumnParallelLinear, ParallelState, VocabParallelEmbedding
+from megallama.model import build_model, causal_lm_loss
+from megallama.model.blocks import init_module, residual_dropout
+from megallama.parallel import ParallelState
 
 
-class EmbeddingPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int):
+class EmbeddingStage(nn.Module):
+    """The model's token embedding and the dropout after it: the first pipeline layer."""
+
+    def __init__(self, tok_embeddings: nn.Module, dropout: float, state: ParallelState):
         super().__init__()
-        self.dropout = cfg.dropout
-        self.parallel_state = state
-        self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std)
-        init_module(self.tok_embeddings, seed, "tok_embeddings")
+        self.tok_embeddings, self.dropout, self.parallel_state = tok_embeddings, dropout, state
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
 
 
-class BlockPipe(TransformerBlock):
-    def __init__(self, cfg: ModelConfig, state: ParallelState, layer_id: int, seed: int):
-        super().__init__(cfg, state, layer_id, causal=True)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        init_module(self, seed, f"layers.{layer_id}")
+class BlockStage(nn.Module):
+    """One of the model's blocks, held as ``layers.N`` so its names are the model's."""
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return super().forward(h, self.rope)
-
-
-class HeadPipe(nn.Module):
-    def __init__(self, cfg: ModelConfig, state: ParallelState, seed: int):
+    def __init__(self, block: nn.Module, rope: nn.Module):
         super().__init__()
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group)
-        self.output = ColumnParallelLinear(state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std)
-        init_module(self.output, seed, "output")
+        self.layers = nn.ModuleDict({str(block.layer_id): block})
+        self.rope = rope  # the model's table, shared by every block (it holds no state)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))  # this rank's vocab slice; the loss never gathers it
+        (block,) = self.layers.values()
+        return block(h, self.rope)
 
 
-def _pipeline_module_class():
-    from deepspeed.pipe import PipelineModule
+class HeadStage(nn.Module):
+    """The model's final norm and output head: this rank's vocab slice of the logits (the loss
+    never gathers it)."""
 
-    class LlamaPipelineModule(PipelineModule):
-        def _is_checkpointable(self, funcs):
-            # recompute transformer blocks only: the embedding's input (token ids) carries no
-            # gradient, so a checkpointed chunk starting there would cut the graph
-            return all(isinstance(f, BlockPipe) for f in funcs)
+    def __init__(self, norm: nn.Module, output: nn.Module):
+        super().__init__()
+        self.norm, self.output = norm, output
 
-    return LlamaPipelineModule
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h))
 
 
-def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, partition: str,
-                          checkpoint_every: int = 0, checkpoint_fn=None):
+Layer = Tuple[type, Dict[str, Any]]
+
+
+def _layers(model: nn.Module) -> List[Layer]:
+    """The model's parts in pipeline order, each with the adapter that runs it."""
+    out: List[Layer] = [(EmbeddingStage, dict(tok_embeddings=model.tok_embeddings, dropout=model.config.dropout,
+                                         state=model.parallel_state))]
+    out += [(BlockStage, dict(block=block, rope=model.rope)) for block in model.layers]
+    out.append((HeadStage, dict(norm=model.norm, output=model.output)))
+    return out
+
+
+def _meta_model(cfg: ModelConfig, state: ParallelState) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(cfg, state, seed=None)
+
+
+def _materialise(part: nn.Module, seed: int, key: str, state: ParallelState) -> nn.Module:
+    """A copy of meta-device ``part`` with storage, initialised from ``key``'s seed (the model's
+    own keyed initialisation); parameters keep their TP marks, which copying drops. The copy
+    shares the layout (its groups cannot be copied, and its RNG tracker is swapped later)."""
+    memo = {id(x): x for x in (state, state.rng, state.tp_group, state.dp_group, state.pp_group) if x is not None}
+    real = copy.deepcopy(part, memo).to_empty(device=torch.get_default_device())
+    for meta_p, p in zip(part.parameters(), real.parameters()):
+        p.__dict__.update(meta_p.__dict__)
+    init_module(real, seed, key)
+    return real
+
+
+def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, state: ParallelState):
+    """A DeepSpeed layer spec whose parts are allocated and initialised only when DeepSpeed builds
+    it: on the stage that owns it (and, to balance stages by parameters, one at a time to count)."""
     from deepspeed.pipe import LayerSpec
+
+    def build(log=False):
+        return stage(**{k: _materialise(v, seed, keys[id(v)], state) if id(v) in keys else v
+                        for k, v in args.items()})
+
+    spec = LayerSpec(stage)
+    spec.build = build
+    return spec
+
+
+def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, partition: str):
+    """This rank's stage of the decoder; ``partition``: ``parameters`` or ``uniform`` (blocks)."""
+    from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    specs = [LayerSpec(EmbeddingPipe, cfg, state, seed)]
-    specs += [LayerSpec(BlockPipe, cfg, state, i, seed) for i in range(cfg.n_layers)]
-    specs += [LayerSpec(HeadPipe, cfg, state, seed)]
-    tp = state.tensor_parallel
+    model = _meta_model(cfg, state)
+    keys = {id(part): key for part, key in model.init_parts()}
+    specs = [_spec(stage, args, keys, seed, state) for stage, args in _layers(model)]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    kwargs = {}
-    if checkpoint_every > 0:
-        kwargs = dict(activation_checkpoint_interval=checkpoint_every, activation_checkpoint_func=checkpoint_fn)
-    return _pipeline_module_class()(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
+    tp = state.tensor_parallel
+    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
                           topology=topology,
-                          partition_method="parameters" if partition == "parameters" else "type:BlockPipe",
-                          **kwargs)
+                          partition_method="parameters" if partition == "parameters" else "type:BlockStage")
+
+
+def stage_of_parameters(cfg: ModelConfig, pp: int) -> Dict[str, int]:
+    """Canonical name -> the stage of ``pp`` that holds it when blocks are spread evenly (the
+    ``uniform`` partition: the embedding rides with the first blocks, the head with the last)."""
+    layers = [stage(**args) for stage, args in _layers(_meta_model(cfg, ParallelState()))]
+    blocks = sum(isinstance(layer, BlockStage) for layer in layers)
+    out, seen = {}, 0
+    for layer in layers:
+        out.update({name: min(seen * pp // blocks, pp - 1) for name, _ in layer.named_parameters()})
+        seen += isinstance(layer, BlockStage)
+    return out

@@ -22,21 +22,17 @@ from megallama.parallel import ParallelState
 from megallama.parallel.layers import merge_tp_shards, split_for_rank
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-_PIPE_NAME = re.compile(r"^(\d+)\.(.+)$")
 
 
-def canonical_params(module: torch.nn.Module, pipeline: bool, n_layers: int) -> List[Tuple[str, torch.nn.Parameter]]:
-    """``(name in the TP=1 unpipelined model, parameter)`` for this rank's parameters."""
-    out = []
-    for name, p in module.named_parameters():
-        if pipeline:
-            m = _PIPE_NAME.match(name)
-            if not m:
-                raise RuntimeError(f"unexpected pipeline parameter name {name}")
-            idx, rest = int(m.group(1)), m.group(2)
-            name = rest if idx == 0 or idx == n_layers + 1 else f"layers.{idx - 1}.{rest}"
-        out.append((name, p))
-    return out
+def canonical_params(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """``(name in the TP=1 unpipelined model, parameter)`` for this rank's parameters. A pipeline
+    stage's layers hold the model's parts under their canonical names (``train/pipeline.py``);
+    only DeepSpeed's layer index sits above them."""
+    from deepspeed.pipe import PipelineModule
+
+    if isinstance(module, PipelineModule):
+        return [(name, p) for layer in module.forward_funcs for name, p in layer.named_parameters()]
+    return list(module.named_parameters())
 
 
 def _split_info(p) -> Dict:
@@ -63,8 +59,7 @@ def _full_over_dp(engine, p, key=None) -> torch.Tensor:
     return state[key].detach().float().cpu() if key in state else torch.zeros(p.shape)
 
 
-def save_universal(engine, module, state: ParallelState, out_dir: Path, pipeline: bool, n_layers: int,
-                   meta: Dict) -> List[Path]:
+def save_universal(engine, module, state: ParallelState, out_dir: Path, meta: Dict) -> List[Path]:
     """Collective over every rank; returns the files this rank wrote."""
     from safetensors.torch import save_file
 
@@ -72,7 +67,7 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, pipeline
 
     relink_optimizer_fragments(engine)
     tensors, index = {}, {}
-    for name, p in canonical_params(module, pipeline, n_layers):
+    for name, p in canonical_params(module):
         tensors[name] = _full_over_dp(engine, p)
         for key in MOMENTS:
             tensors[f"{name}::{key}"] = _full_over_dp(engine, p, key)
@@ -199,19 +194,17 @@ def local_shard(reader: UniversalReader, name: str, p, state: ParallelState, key
     return full
 
 
-def load_weights_into_module(reader: UniversalReader, module, state: ParallelState, pipeline: bool,
-                             n_layers: int) -> None:
+def load_weights_into_module(reader: UniversalReader, module, state: ParallelState) -> None:
     """Before ``deepspeed.initialize``: this rank's weights from the layout-free files."""
     import deepspeed
 
-    for name, p in canonical_params(module, pipeline, n_layers):
+    for name, p in canonical_params(module):
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             with torch.no_grad():
                 p.data.copy_(local_shard(reader, name, p, state).to(p.dtype))
 
 
-def load_optimizer_state(reader: UniversalReader, engine, module, state: ParallelState, pipeline: bool,
-                         n_layers: int, step: int) -> None:
+def load_optimizer_state(reader: UniversalReader, engine, module, state: ParallelState, step: int) -> None:
     """After ``deepspeed.initialize``: exact fp32 masters and Adam moments for this rank."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -220,7 +213,7 @@ def load_optimizer_state(reader: UniversalReader, engine, module, state: Paralle
     _ensure_optimizer_state(engine, step)
     relink_optimizer_fragments(engine)
     opt = engine.optimizer
-    for name, p in canonical_params(module, pipeline, n_layers):
+    for name, p in canonical_params(module):
         master = local_shard(reader, name, p, state)
         moments = {k: local_shard(reader, name, p, state, k) for k in MOMENTS}
         if holds_fp32_state(p):
