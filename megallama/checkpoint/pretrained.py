@@ -41,13 +41,8 @@ def checkpoint_kind(path) -> str:
 
 def consolidate_training(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """A training checkpoint as ``(config, full state)``, via the resharding tools."""
-    try:
-        from megallama.checkpoint.reshard import consolidate_training_checkpoint
-    except ImportError as exc:
-        if getattr(exc, "name", None) not in (None, "megallama.checkpoint.reshard"):
-            raise
-        raise UserError(f"{path}: not a consolidated, Hugging Face or Meta checkpoint, and reading training "
-                        "checkpoints is not yet supported") from None
+    from megallama.checkpoint.reshard import consolidate_training_checkpoint
+
     return consolidate_training_checkpoint(path)
 
 

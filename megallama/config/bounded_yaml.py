@@ -4,7 +4,7 @@
 nesting level (a 50k-deep ``[[[...]]]`` is a RecursionError), an alias is one node however much
 it names (a few hundred bytes of "billion laughs" expand to gigabytes once anything walks,
 copies or prints the result), ``int()`` refuses literals over 4300 digits with a ValueError, and
-a 100 MB file takes most of a minute. A run config is a few kilobytes, so the text, the
+a file of many megabytes takes most of a minute. A run config is a few kilobytes, so the text, the
 nesting, the expanded size and the length of integer literals are all capped here, and every
 breach is a :class:`ConfigError` naming the file (or ``--set`` key) and the line.
 """

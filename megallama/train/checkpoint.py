@@ -191,13 +191,9 @@ def _write_failure(exc: BaseException, path: Path) -> str:
 
 
 def _write_errors():
-    errors = (OSError, RuntimeError)
-    try:
-        from safetensors import SafetensorError
+    from safetensors import SafetensorError
 
-        return errors + (SafetensorError,)
-    except ImportError:
-        return errors
+    return OSError, RuntimeError, SafetensorError
 
 
 def _recorded_writes(engine, failures: List[str]):

@@ -79,8 +79,8 @@ def _cpu_model() -> str:
 
 def cpu_peak_flops(precision: str) -> tuple:
     """This machine's GEMM peak, measured once and cached per CPU model, dtype and thread count:
-    measured afresh each run it moved with the load of the moment (0.08-0.16 TFLOP/s seen on one
-    box), so two runs' MFU could not be compared. Delete the cache file to measure again."""
+    measured afresh each run it moved with the load of the moment, so two runs' MFU could not be
+    compared. Delete the cache file to measure again."""
     from megallama.profiling import hardware
 
     key = f"{_cpu_model()} | {precision} | {torch.get_num_threads()} threads"

@@ -24,11 +24,8 @@ def deepspeed_record_types() -> list:
              "deepspeed.utils.tensor_fragment": ("fragment_address",)}
     found = []
     for module, classes in names.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        found += [getattr(mod, n) for n in classes if hasattr(mod, n)]
+        mod = importlib.import_module(module)
+        found += [getattr(mod, n) for n in classes]
     return found
 
 
