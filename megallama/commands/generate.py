@@ -43,14 +43,15 @@ def _load(args, world_size: int):
     """The checkpoint's model and weights, refused before any process group starts if they cannot
     generate over ``world_size`` tensor-parallel ranks."""
     from megallama.checkpoint.pretrained import load_checkpoint
+    from megallama.config.layout_rules import tp_problem
     from megallama.errors import UserError
 
     cfg, weights, _ = load_checkpoint(args.checkpoint)
     if "score.weight" in weights:
         raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot generate text")
-    if cfg.n_heads % world_size or cfg.kv_heads % world_size or cfg.vocab_size % world_size:
-        raise UserError(f"{args.checkpoint}: heads ({cfg.n_heads}/{cfg.kv_heads} kv) and vocab "
-                        f"({cfg.vocab_size}) must divide by the {world_size} launched ranks")
+    problem = tp_problem(cfg.shape, world_size)
+    if problem:
+        raise UserError(f"{args.checkpoint}: over the {world_size} launched ranks: {problem}")
     return cfg, weights
 
 
