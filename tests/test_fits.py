@@ -78,6 +78,21 @@ def test_the_prediction_is_the_memory_models(monkeypatch):
         fits.check_training_fits(two, 2)
 
 
+def test_cpu_buckets_cost_only_the_gradients_they_hold(monkeypatch):
+    """DeepSpeed's ZeRO-1/2 reduce bucket is reduce_bucket_size elements (5e8 by default), but on
+    CPU pages it never writes are never committed: a tiny pipelined ZeRO-1 run needs megabytes,
+    not the 3.7 GiB (two full fp32 buckets) it was refused for on a busy 24 GiB machine."""
+    monkeypatch.setattr(fits.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    cfg = load_run_config(data=TINY, overrides=["parallel.pp=2", "deepspeed.zero_optimization.stage=1",
+                                                "train.global_batch_size=4"])
+    monkeypatch.setattr(fits, "available_ram", lambda: 4 * 2 ** 30)   # 1 GiB per rank
+    fits.check_training_fits(cfg, 4)
+    monkeypatch.setattr(fits, "available_ram", lambda: 4 * 2 ** 20)   # a real shortage is still refused
+    with pytest.raises(UserError, match="would need about"):
+        fits.check_training_fits(cfg, 4)
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (["train.micro_batch_size=1000000000"], "train.micro_batch_size: 1000000000 sequences of 64 tokens would need "),
     (["model.dim=1048576", "model.n_heads=8"], "model: dim=1048576, n_layers=4, vocab_size=2048 would need about"),

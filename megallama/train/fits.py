@@ -9,6 +9,8 @@ exact, so a near miss is left to run (and to the allocator).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from typing import Any, Optional, Tuple
 
@@ -86,8 +88,10 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
-    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type),
-                           buckets=DeepSpeedSettings.of(ds).buckets)
+    buckets = DeepSpeedSettings.of(ds).buckets
+    if device_type == "cpu":  # a bucket is filled with at most this rank's gradients; pages never touched cost no RAM
+        buckets = dataclasses.replace(buckets, reduce=min(buckets.reduce, math.ceil(params_per_rank(spec, p.tp, p.pp))))
+    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), buckets=buckets)
     need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
     if need <= cap:
         return
