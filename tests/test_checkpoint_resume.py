@@ -91,3 +91,28 @@ def test_corrupted_latest_falls_back_to_previous(uninterrupted, tmp_path):
     resumed = run_train(cfg, BASE + ["checkpoint.every=2", f"run_dir={run_dir}"])
     assert resumed["start_step"] == 2 and resumed["losses"] == ref[2:]
     assert "checksum mismatch" in resumed["stderr"] and "falling back" in resumed["stderr"]
+
+
+def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch):
+    """Pipeline stages name their parameters as the model does; DeepSpeed's per-layer files of a
+    pipeline run from before that do not load as they are, so such a checkpoint is resumed from
+    its layout-free state even at the same layout (a run without a pipeline is unaffected)."""
+    import megallama.train.universal as universal
+    from megallama.train import resume
+
+    tag = tmp_path / "step_2"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").touch()
+    layout = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical"}
+    meta = {**{k: layout[k] for k in resume.LAYOUT}, "step": 2, "consumed_samples": 8, "model": {}}
+    monkeypatch.setattr(resume, "find_start", lambda cfg, ckpt_dir: tag)
+    monkeypatch.setattr(resume.ckpt, "read_meta", lambda path: dict(meta))
+    monkeypatch.setattr(resume, "check_same_model", lambda *a: None)
+    monkeypatch.setattr(resume, "schedule_changed", lambda *a: False)
+    monkeypatch.setattr(universal, "UniversalReader", lambda src: ("layout-free", src))
+    assert not resume.plan_resume(None, tmp_path, layout, False).native
+    meta["stage_names"] = "canonical"
+    assert resume.plan_resume(None, tmp_path, layout, False).native
+    del meta["stage_names"]
+    meta["pp"] = 1
+    assert resume.plan_resume(None, tmp_path, dict(layout, pp=1), False).native

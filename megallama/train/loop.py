@@ -69,6 +69,9 @@ def _train(rt: Runtime) -> Dict[str, Any]:
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp,
               "zero": zero_stage(ds), "precision": precision(ds), "world_size": rt.info.world_size,
+              # pipeline stages name their parameters as the model does (DeepSpeed's per-layer
+              # files of an older pipeline run do not load as they are: resume those layout-free)
+              "stage_names": "canonical",
               "schedule": {k: getattr(t, k) for k in SCHEDULE}}
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0)

@@ -66,7 +66,8 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
     meta = ckpt.read_meta(path)
     check_same_model(meta, cfg, path)
     refit = schedule_changed(meta, cfg, path)
-    same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path)
+    same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path) \
+        and (layout["pp"] == 1 or meta.get("stage_names") == layout["stage_names"])
     universal = None
     if not same_layout:
         from megallama.train.universal import UniversalReader
