@@ -3,7 +3,9 @@
 Property-based tests run derandomized by default, so CI is a fixed gate; set
 ``HYPOTHESIS_PROFILE=explore`` to draw fresh examples each run (do it before changing a parser).
 """
+import glob
 import os
+import time
 
 import pytest
 from hypothesis import settings
@@ -11,6 +13,35 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_SESSION_START = time.time()
+
+
+def _mapped_files() -> set:
+    found = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                found.update(line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_shared_memory():
+    """Ranks a test kills leave DeepSpeed's shared-memory all-reduce buffers in /dev/shm (tens of
+    MB per rank, held in RAM); left to pile up over a session they shrink the RAM later tests'
+    memory checks see. Remove those this session made that no live process maps."""
+    yield
+    mapped = _mapped_files()
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            if os.stat(path).st_mtime >= _SESSION_START and path not in mapped:
+                os.unlink(path)
+        except OSError:
+            continue
 
 
 @pytest.fixture(scope="session")
