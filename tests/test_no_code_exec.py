@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from megallama.errors import UserError
+from megallama.parallel.random import RNGStatesTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("megallama", "tools")
@@ -299,7 +300,7 @@ def test_training_rng_file_never_unpickles_code(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.dist, "get_rank", lambda: 0)
     marker = tmp_path / "pwned"
     with pytest.raises(Exception):
-        ckpt.load_rng(_rng_file(tmp_path, marker))
+        ckpt.load_rng(_rng_file(tmp_path, marker), RNGStatesTracker())
     assert not marker.exists()
 
 
@@ -308,7 +309,7 @@ def test_training_rng_file_refusal_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt.dist, "get_rank", lambda: 0)
     with pytest.raises(UserError, match="rng_rank00000.pt"):
-        ckpt.load_rng(_rng_file(tmp_path, tmp_path / "pwned"))
+        ckpt.load_rng(_rng_file(tmp_path, tmp_path / "pwned"), RNGStatesTracker())
 
 
 def test_every_checkpoint_loader_refuses_a_pickle(tmp_path, checkpoint):
@@ -415,7 +416,7 @@ def _load_like_resume(tag: Path) -> None:
         reader.full(name)
     for rng in sorted(tag.glob("rng_rank*.pt")):
         ckpt.dist.get_rank = lambda r=int(rng.stem[-5:]): r
-        ckpt.load_rng(tag)
+        ckpt.load_rng(tag, RNGStatesTracker())
 
 
 def test_deepspeeds_loader_would_run_the_payload(tmp_path):
