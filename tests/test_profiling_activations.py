@@ -1,5 +1,6 @@
 """Activation bytes: Korthikanti's closed forms, a hand-worked LLaMA case, and the exact storages
 autograd saves in ``megallama.model`` on CPU."""
+import functools
 import pytest
 import torch
 
@@ -70,7 +71,7 @@ def test_matches_what_autograd_saves_in_our_model(name, dtype, recompute):
     model = build_model(cfg).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
     for layer in getattr(model, "layers", []):
         if recompute == "full":
-            layer.checkpoint_fn = checkpoint
+            layer.checkpoint_fn = functools.partial(checkpoint, model.parallel_state.rng)
         layer.attention.recompute_core = recompute == "selective"
     seq, mbs = 64, 2
     src, tgt, labels = (torch.randint(0, cfg.vocab_size, (mbs, seq)) for _ in range(3))
