@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -23,7 +24,9 @@ def _worker(rank, world, port, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = fn(rank, world, *args)
+        # Pickled here, by value: a tensor sent through a torch queue travels as a file descriptor
+        # the parent must fetch from this process, which may have exited by then.
+        result = pickle.dumps(fn(rank, world, *args))
         queue.put((rank, "ok", result))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -48,7 +51,7 @@ def run_distributed(fn, world: int, *args, timeout: float = 240.0):
             for p in procs:
                 p.kill()
             raise AssertionError(f"rank {rank} failed:\n{payload}")
-        results[rank] = payload
+        results[rank] = pickle.loads(payload)
     for p in procs:
         p.join(timeout)
     return results[0]
