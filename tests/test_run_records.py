@@ -293,3 +293,17 @@ def test_build_lock_released_between_two_looks_is_not_stale(tmp_path, monkeypatc
 
     monkeypatch.setattr(warmup_ops, "_last_change", released_meanwhile)
     warmup_ops.check_build_lock(lock, grace_s=1.0, say=lambda m: None)  # returns: nothing to wait for
+
+
+def test_the_comm_op_is_built_by_the_interpreters_own_ninja(monkeypatch):
+    """A rank started over ssh has no venv on PATH; the system's ninja would take the venv ninja's
+    build as out of date and rebuild the shared op (minutes), and back again on the next run."""
+    from megallama.train.warmup_ops import use_this_interpreters_ninja
+
+    here = Path(sys.executable).parent
+    if not (here / "ninja").is_file():
+        pytest.skip(f"no ninja beside {sys.executable}")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_this_interpreters_ninja()
+    use_this_interpreters_ninja()
+    assert os.environ["PATH"] == f"{here}{os.pathsep}/usr/bin:/bin"

@@ -36,6 +36,16 @@ def _jit_builder():
     return None if installed_ops.get(builder.NAME, False) else builder
 
 
+def use_this_interpreters_ninja() -> None:
+    """Put the ninja installed beside this interpreter first on PATH. torch runs whichever
+    ``ninja`` PATH finds, and two ninja versions (a venv's and the system's) each take the
+    other's build log as out of date: ranks started without the venv on PATH (over ssh, under
+    ``mpiexec``) would rebuild the shared op back and forth, minutes each time."""
+    here = Path(sys.executable).parent
+    if (here / "ninja").is_file() and os.environ.get("PATH", "").split(os.pathsep)[0] != str(here):
+        os.environ["PATH"] = str(here) + os.pathsep + os.environ.get("PATH", "")
+
+
 def build_lock_path(name: str) -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -132,6 +142,7 @@ def check_comm_op_lock() -> None:
     """Before anything JIT-loads DeepSpeed's comm op: a stale build lock is an error, not a hang."""
     builder = _jit_builder()
     if builder is not None:
+        use_this_interpreters_ninja()
         check_build_lock(build_lock_path(builder.NAME))
 
 
@@ -140,6 +151,7 @@ def warmup() -> int:
     if builder is None:
         print("warmup_ops: nothing to build (no JIT-built shared-memory comm op for this accelerator)")
         return 0
+    use_this_interpreters_ninja()
     try:
         check_build_lock(build_lock_path(builder.NAME))
     except UserError as exc:
