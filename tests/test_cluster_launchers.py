@@ -19,7 +19,7 @@ COMMON = ["train.steps=3", "train.seq_len=32", "train.global_batch_size=8"]
 CLUSTER = COMMON + ["parallel.tp=2", "train.micro_batch_size=4"]  # 4 ranks: TP2 x DP2, one micro batch each
 REFERENCE = COMMON + ["parallel.tp=1", "train.micro_batch_size=8"]  # one process, the whole batch at once
 RANK_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}  # eth0: every node's one interface
-TIMEOUT = 480  # a DeepSpeed op rebuilt by another environment sharing ~/.cache costs minutes
+TIMEOUT = 480  # generous: a DeepSpeed comm-op rebuild by another user of ~/.cache/torch_extensions costs minutes
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,10 @@ def _check(run_dir: Path, reference: list, launcher: str) -> None:
 def test_deepspeed_hostfile_through_pdsh_and_ssh(cluster, cfg, reference, tmp_path):
     """The runner on vnode1 ssh-es (via pdsh) into both nodes; variables reach the ranks only through
     what it exports (PYTHON*) and .deepspeed_env in its working directory, as on a real cluster."""
-    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in RANK_ENV.items()))
+    # PATH too: under sshd's default PATH a rank JIT-loading DeepSpeed's comm op finds the system ninja,
+    # whose log hashes differ from the venv's, and rebuilds the op every ~/.cache user shares (minutes)
+    ds_env = {**RANK_ENV, "PATH": env()["PATH"]}
+    (tmp_path / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in ds_env.items()))
     argv = [str(BIN / "deepspeed"), "--hostfile", str(cluster.hostfile(PER_NODE)), "--launcher", "pdsh",
             "--no_ssh_check", "--master_addr", cluster.nodes[0].ip, "--master_port", "29500",
             "--module", "megallama"] + _train_args(cfg, tmp_path / "run")
