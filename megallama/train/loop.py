@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -102,6 +103,18 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step)
 
 
+def _rank_hosts() -> list:
+    """Each rank's hostname in rank order: where a multi-node run really ran (a list of one alone)."""
+    import torch.distributed as dist
+
+    host = socket.gethostname()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [host]
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, host)
+    return hosts
+
+
 def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: float, last_step: int) -> Dict[str, Any]:
     cfg, state, t, losses = rt.cfg, rt.state, rt.cfg.train, progress.losses
     if not losses:
@@ -114,7 +127,7 @@ def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: fl
         "zero_stage": zero_stage(rt.ds), "precision": precision(rt.ds), "launcher": rt.info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
         "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),
-        "skipped_steps": skipped_steps(rt.engine),
+        "skipped_steps": skipped_steps(rt.engine), "hosts": _rank_hosts(),
         "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"),
     }
     metrics.close()
