@@ -172,7 +172,7 @@ def check_interface(setup: Setup, f: Findings) -> CheckResult:
             facts = f.facts.get(h.name)
             if setup.multi_node and facts is not None and facts.interfaces is not None:
                 r.problems += _ifname_problems(var, value, facts.interfaces, h.name)
-        if setup.multi_node and any(is_loopback(a) for n in value.lstrip("=").split(",")
+        if setup.multi_node and not value.startswith("^") and any(is_loopback(a) for n in value.lstrip("=").split(",")
                                     for a in f.local_ifaces.get(n, [])):
             r.problems.append(Problem("interface", None, f"{var}={value} is loopback but the hosts span machines",
                                       f"set {var}={suggest}"))
