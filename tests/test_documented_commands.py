@@ -119,6 +119,10 @@ RUNS: Dict[str, Run] = {
         emulate="hostfile", sets=TINY + SEVEN_B, why=(
             "the example's nodes do not exist and there is no ssh: a hostfile naming only localhost (1 slot), "
             "with --no_ssh_check and --master_addr 127.0.0.1")),
+    "megallama doctor --hostfile examples/hostfile examples/llama-7b.yaml": Run(
+        extra=("--hostfile", "hostfile.localhost"), why=(
+            "the example's nodes do not exist: the one-node localhost hostfile the deepspeed --hostfile line "
+            "above wrote (a later --hostfile wins)")),
     "make test": Run(emulate="make-test", why="it is this test suite: `make -n test` must show it runs pytest on "
                      "tests/"),
 }

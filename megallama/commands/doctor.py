@@ -15,6 +15,8 @@ HELP = "preflight a (multi-node) launch: hosts, ssh/pdsh, master address and por
 
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", default=None, help="run-config YAML (its run_dir, layout and checkpoint.storage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override the launch will pass, e.g. parallel.tp=2 (repeatable)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines); none: this host only")
     p.add_argument("--master-addr", default=None, help="default: MASTER_ADDR, else the hostfile's first host")
     p.add_argument("--master-port", type=int, default=None, help="default: MASTER_PORT, else 29500")
@@ -47,10 +49,12 @@ def _master(args, hosts):
 def _config(args, hosts):
     """The run directory to test, whether node-local checkpoints are allowed, a layout problem."""
     if args.config is None:
+        if args.overrides:
+            raise UserError("--set: needs a CONFIG to apply to")
         return None, False, None
     from megallama.config import ConfigError, load_run_config
 
-    cfg = load_run_config(args.config)
+    cfg = load_run_config(args.config, args.overrides)
     ck = cfg.checkpoint
     run_dir = ck.dir or os.path.join(cfg.run_dir, "checkpoints")
     world_problem = None

@@ -2,6 +2,7 @@
 are one line each, naming what is wrong and the fix. Nothing here touches the network."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -93,7 +94,6 @@ def check_ssh(setup: Setup, f: Findings) -> CheckResult:
 
 
 def check_remote_env(setup: Setup, f: Findings) -> CheckResult:
-    import os
     import sys
 
     r = CheckResult("environment", f"{sys.executable} and {os.getcwd()} exist on every host")
@@ -216,6 +216,9 @@ def check_devices(setup: Setup, f: Findings) -> CheckResult:
 def check_run_dir(setup: Setup, f: Findings) -> CheckResult:
     if not setup.run_dir:
         return CheckResult("run-dir", "none given (--run-dir or CONFIG): sharing not tested")
+    if os.path.exists(setup.run_dir) and not os.path.isdir(setup.run_dir):
+        return CheckResult("run-dir", setup.run_dir, [Problem("run-dir", None, f"{setup.run_dir} is a file, not a "
+                                                              "directory", "choose another run directory")])
     if not setup.multi_node:
         return CheckResult("run-dir", f"{setup.run_dir}: one node, nothing to share")
     r = CheckResult("run-dir", f"{setup.run_dir} is shared by every host")
