@@ -47,7 +47,8 @@ def diagnose(setup: Setup, system: System) -> List[CheckResult]:
     f.token, f.token_dir = _token(system, setup)
     try:
         if setup.multi_node:
-            port_test = master_local and not f.port_busy
+            # a loopback master is named by the master check; other hosts cannot reach it anyway
+            port_test = master_local and not f.port_busy and not any(map(is_loopback, master_addrs or []))
             with system.listening(setup.master_port) if port_test else contextlib.nullcontext(False) as listening:
                 reachable = [h.name for h in setup.hosts if resolved.get(h.name)]
                 got = per_host(lambda h: probe_remote(system, setup, h, f.token, bool(listening)), reachable)
