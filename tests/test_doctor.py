@@ -320,3 +320,12 @@ def test_one_node_here_passes(capsys, tmp_path):
         port = s.getsockname()[1]
     rc, out, err = cli(capsys, "doctor", "--master-port", port, "--run-dir", tmp_path)
     assert rc == 0 and err == "" and all(x.startswith("ok   ") for x in out.splitlines()), out
+
+
+def test_master_on_another_host_is_not_port_tested_here_and_an_unresolvable_master_is_one_line(tmp_path):
+    fake = _fake()
+    results = diagnose(_setup(tmp_path, master_addr="node1", master_from="MASTER_ADDR"), fake)
+    port = next(r for r in results if r.check == "port")
+    assert _problems(results) == [] and "the master is another host" in port.summary and fake.listened == []
+    fake.names["node0"] = []  # the first host, hence the master, does not resolve: named once, by resolve
+    assert [x.split(":")[0] for x in _problems(diagnose(_setup(tmp_path), fake))] == ["FAIL resolve [node0]"]

@@ -14,7 +14,8 @@ HELP = "preflight a (multi-node) launch: hosts, ssh/pdsh, master address and por
 
 
 def add_arguments(p) -> None:
-    p.add_argument("config", nargs="?", default=None, help="run-config YAML (its run_dir, layout and checkpoint.storage)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="run-config YAML (its run_dir, layout and checkpoint.storage)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override the launch will pass, e.g. parallel.tp=2 (repeatable)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines); none: this host only")

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 from megallama.doctor.model import CheckResult, Facts, Problem, Setup
 from megallama.doctor.system import is_loopback
 
+PACKAGES = {"ssh": "openssh-client", "pdsh": "pdsh"}
 SHARE_FIX = "put the run directory on a filesystem every node mounts, or set checkpoint.storage: node_local"
 
 
@@ -47,7 +48,7 @@ def check_tools(setup: Setup, f: Findings) -> CheckResult:
             if not f.tools.get(tool):
                 r.problems.append(Problem("tools", None, f"{tool} is not on PATH here (DeepSpeed's multi-node "
                                           f"runner starts the nodes with pdsh over ssh)",
-                                          f"install it (Debian: apt-get install {'openssh-client' if tool == 'ssh' else 'pdsh'}) "
+                                          f"install it (Debian: apt-get install {PACKAGES[tool]}) "
                                           "or launch with --launcher openmpi/slurm"))
     return r
 
@@ -68,13 +69,16 @@ def check_resolve(setup: Setup, f: Findings) -> CheckResult:
 def _ssh_problem(host: str, error: str) -> Problem:
     e = error.lower()
     if "permission denied" in e:
-        msg, fix = "ssh refuses password-less login", f"add this user's public key to {host}:~/.ssh/authorized_keys (ssh-copy-id {host})"
+        msg = "ssh refuses password-less login"
+        fix = f"add this user's public key to {host}:~/.ssh/authorized_keys (ssh-copy-id {host})"
     elif "host key verification failed" in e:
-        msg, fix = "ssh does not know the host key", f"accept it once (ssh {host} true) or add it to ~/.ssh/known_hosts"
+        msg = "ssh does not know the host key"
+        fix = f"accept it once (ssh {host} true) or add it to ~/.ssh/known_hosts"
     elif "connection refused" in e:
-        msg, fix = "no ssh server answers (connection refused)", f"start sshd on {host} or set its port in PDSH_SSH_ARGS_APPEND/~/.ssh/config"
+        msg = "no ssh server answers (connection refused)"
+        fix = f"start sshd on {host} or set its port in PDSH_SSH_ARGS_APPEND or ~/.ssh/config"
     elif "could not resolve" in e or "name or service not known" in e:
-        msg, fix = "ssh cannot resolve the name", "correct the hostfile or DNS//etc/hosts"
+        msg, fix = "ssh cannot resolve the name", "correct the hostfile, DNS or /etc/hosts"
     elif any(w in e for w in ("timed out", "no route", "unreachable", "no answer within")):
         msg, fix = f"unreachable ({error[:80]})", f"check {host} is up and its network link; ping {host}"
     else:
@@ -103,7 +107,8 @@ def check_remote_env(setup: Setup, f: Findings) -> CheckResult:
             continue
         if facts.python is False:
             r.problems.append(Problem("environment", h.name, f"{sys.executable} is missing (pdsh runs the launching "
-                                      "node's interpreter on every node)", "install the same environment at the same path on every node"))
+                                      "node's interpreter on every node)",
+                                      "install the same environment at the same path on every node"))
         if facts.cwd is False:
             r.problems.append(Problem("environment", h.name, f"the launch directory {os.getcwd()} is missing",
                                       "launch from a directory every node has (a shared filesystem)"))
@@ -113,9 +118,9 @@ def check_remote_env(setup: Setup, f: Findings) -> CheckResult:
 def check_master(setup: Setup, f: Findings) -> CheckResult:
     addrs = f.resolved.get(setup.master_addr)
     r = CheckResult("master", f"{setup.master_addr} ({setup.master_from})")
-    if not addrs:
+    if not addrs and setup.master_addr not in {h.name for h in setup.hosts}:  # else the resolve check says it
         r.problems.append(Problem("master", None, f"master address {setup.master_addr} ({setup.master_from}) "
-                                  "does not resolve", "give an address every node can reach: --master-addr / MASTER_ADDR"))
+                                  "does not resolve", "give an address every node can reach: --master-addr/MASTER_ADDR"))
     elif setup.multi_node and any(is_loopback(a) for a in addrs):
         r.problems.append(Problem("master", None, f"master address {setup.master_addr} ({setup.master_from}) is "
                                   f"loopback ({addrs[0]}) but the hosts span {len(setup.hosts)} machines",
@@ -202,7 +207,8 @@ def check_devices(setup: Setup, f: Findings) -> CheckResult:
             continue  # not reached: reported by ssh
         seen.append(f"{h.name}={g if g == 'cpu' else g + ' GPUs'}/{h.slots} slots")
         if g == "error":
-            r.problems.append(Problem("devices", h.name, "nvidia-smi -L failed", "check the NVIDIA driver there (nvidia-smi)"))
+            r.problems.append(Problem("devices", h.name, "nvidia-smi -L failed",
+                                      "check the NVIDIA driver there (nvidia-smi)"))
         elif g == "cpu" and any_gpu:
             r.problems.append(Problem("devices", h.name, "no GPU (no nvidia-smi) while other hosts have GPUs",
                                       "remove the host from the hostfile or install its driver"))
