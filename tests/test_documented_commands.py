@@ -119,6 +119,9 @@ RUNS: Dict[str, Run] = {
         emulate="hostfile", sets=TINY + SEVEN_B, why=(
             "the example's nodes do not exist and there is no ssh: a hostfile naming only localhost (1 slot), "
             "with --no_ssh_check and --master_addr 127.0.0.1")),
+    "megallama doctor --hostfile examples/hostfile examples/llama-7b.yaml": Run(
+        emulate="hostfile", why="the example's nodes do not exist: a hostfile naming only localhost (1 slot), "
+                                "one node, so no ssh (tests/test_cluster_doctor.py runs it across nodes)"),
     "make test": Run(emulate="make-test", why="it is this test suite: `make -n test` must show it runs pytest on "
                      "tests/"),
 }
@@ -282,7 +285,8 @@ def test_documented_command_runs(cmd, box):
         hostfile = root / "hostfile.localhost"
         hostfile.write_text("localhost slots=1\n")
         i = argv.index("--hostfile")
-        argv[i + 1:i + 2] = [str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1"]
+        argv[i + 1:i + 2] = [str(hostfile)] + (["--no_ssh_check", "--master_addr", "127.0.0.1"]
+                                               if argv[0] == "deepspeed" else [])
         _launch(argv, box)
     else:
         proc = _launch(argv, box)
