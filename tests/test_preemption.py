@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from megallama.errors import PREEMPTED_EXIT
+from tests.dist_utils import sigint_as_a_terminal_has
 from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
 
 STEPS = 8
@@ -76,3 +77,42 @@ def test_preempted_runs_resume_with_no_step_lost(cfg, tmp_path):
     assert third["preempted"] == "train.time_limit_min=0.001 nearly reached" and third["end_step"] == stop + 3
     assert re.search(rf"exitcode\s*:\s*{PREEMPTED_EXIT}\b", err), err[-3000:]
     assert third["losses"] == ref[stop + 2:stop + 3]
+
+
+def test_a_second_signal_during_the_save_lets_it_finish(cfg, tmp_path):
+    """SIGTERM as step 2 begins, then Ctrl-C while the checkpoint is being written: the save
+    completes (manifest verified, ``latest`` on it), the process exits 75 and nothing is left."""
+    from megallama.train.checkpoint import verify
+
+    run_dir = tmp_path / "run"
+    args = ["--signal-at", "2:0", "--slow-save-s", "3", "train", str(cfg)] + \
+        [x for o in SETS + [f"run_dir={run_dir}"] for x in ("--set", o)]
+    proc = subprocess.Popen(launch_cmd("none", 1, "tests.fault_injection") + args, env=env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_a_terminal_has)
+    tag = run_dir / "checkpoints" / "step00000002"
+    deadline = time.time() + 180
+    while not (tag / "universal").exists():  # the save is under way (held open before its manifest)
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    assert "SIGINT again: already stopping" in err and "Traceback" not in err, err[-3000:]
+    assert verify(tag) is None and (run_dir / "checkpoints" / "latest").read_text().strip() == tag.name
+    assert "stopped at step 2 of 8, checkpoint step 2, steps lost 0" in out
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_time_limit_reserves_a_step_and_a_save(monkeypatch):
+    from megallama.train import preemption
+
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "time", lambda: now[0])
+    monkeypatch.setattr(preemption, "_process_start", lambda: 1000.0)
+    p = preemption.Preemption(10.0, None)  # 600 s
+    now[0] += 500
+    assert p.should_stop(step_s=60.0) is None  # 500 + 60 + 30 (5% of the limit: no save measured yet) < 600
+    p.saved(45.0)
+    assert p.should_stop(step_s=50.0) == "train.time_limit_min=10 nearly reached"  # 500 + 60 + 45 >= 600
+    assert preemption.Preemption(None, None).should_stop(1e9) is None
