@@ -275,7 +275,7 @@ def test_documented_command_runs(cmd, box):
                         "rc=0; for p in \"${pids[@]}\"; do wait $p || rc=$?; done; exit $rc\n")
         srun.chmod(0o755)
         scontrol = root / "bin" / "scontrol"  # stand-in: our own nodelist expander as `show hostnames`
-        scontrol.write_text(f"#!/bin/bash\n[[ $1 $2 == 'show hostnames' ]] || exit 1\nexec {sys.executable} -c "
+        scontrol.write_text(f"#!/bin/bash\n[[ $1 == show && $2 == hostnames ]] || exit 1\nexec {sys.executable} -c "
                             "'import sys; from megallama.train.launchers import expand_nodelist; "
                             "print(*expand_nodelist(sys.argv[1]), sep=chr(10))' \"$3\"\n")
         scontrol.chmod(0o755)
