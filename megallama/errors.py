@@ -1,5 +1,9 @@
 """The one exception type the CLI turns into a single readable line and a non-zero exit."""
 
+# A run stopped by a signal or ``train.time_limit_min`` after saving a checkpoint: "try again"
+# (sysexits' EX_TEMPFAIL), distinct from a bad input (2) and a dead peer's watchdog exit (3).
+PREEMPTED_EXIT = 75
+
 
 class UserError(Exception):
     """Bad input from the user (config, file, argument); the message is one line.

@@ -3,10 +3,14 @@ as run hooks (``megallama.train.hooks.install``), so the run's own code reads no
 
 FAULTS: ``--nonfinite-steps 2,3`` makes those steps' losses infinite (the skip and stop logic);
 ``--slow-save-s 30`` holds every checkpoint save open after its files are written and before its
-manifest and ``latest`` (a window to kill it in).
+manifest and ``latest`` (a window to kill it in); ``--slow-steps-s 0.5`` makes every step that much
+longer (a window to signal a run mid-way); ``--signal-at 4:1`` has rank 1 alone send itself SIGTERM
+as step 4 begins (a signal that reached only some ranks).
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from typing import List, Optional
@@ -32,15 +36,34 @@ class SlowSave(Hooks):
         time.sleep(self.seconds)
 
 
+class SlowSteps(Hooks):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def step_end(self, rt, loss: torch.Tensor) -> None:
+        time.sleep(self.seconds)
+
+
+class SignalAt(Hooks):
+    def __init__(self, step: int, rank: int):
+        self.step, self.rank = step, rank
+
+    def step_begin(self, rt) -> None:
+        if rt.step == self.step and rt.info.rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+FAULTS = {"--nonfinite-steps": lambda v: NonFiniteLoss(int(x) for x in v.split(",") if x.strip()),
+          "--slow-save-s": lambda v: SlowSave(float(v)), "--slow-steps-s": lambda v: SlowSteps(float(v)),
+          "--signal-at": lambda v: SignalAt(*(int(x) for x in v.split(":")))}
+
+
 def install_faults(argv: List[str]) -> List[str]:
     """Install the faults named at the front of ``argv``; returns the rest (the megallama command)."""
     argv = list(argv)
-    while argv and argv[0] in ("--nonfinite-steps", "--slow-save-s"):
+    while argv and argv[0] in FAULTS:
         flag, value = argv.pop(0), argv.pop(0)
-        if flag == "--nonfinite-steps":
-            install(NonFiniteLoss(int(x) for x in value.split(",") if x.strip()))
-        else:
-            install(SlowSave(float(value)))
+        install(FAULTS[flag](value))
     return argv
 
 

@@ -277,10 +277,15 @@ def test_documented_command_runs(cmd, box):
                         "  SLURM_PROCID=$i SLURM_LOCALID=$i \"$@\" & pids+=($!)\ndone\n"
                         "rc=0; for p in \"${pids[@]}\"; do wait $p || rc=$?; done; exit $rc\n")
         srun.chmod(0o755)
+        scontrol = root / "bin" / "scontrol"  # stand-in: our own nodelist expander as `show hostnames`
+        scontrol.write_text(f"#!/bin/bash\n[[ $1 == show && $2 == hostnames ]] || exit 1\nexec {sys.executable} -c "
+                            "'import sys; from megallama.train.launchers import expand_nodelist; "
+                            "print(*expand_nodelist(sys.argv[1]), sep=chr(10))' \"$3\"\n")
+        scontrol.chmod(0o755)
         script = argv[1]
         _launch(["bash", script] + argv[2:], box, {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
                                                     "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_NODELIST": "localhost"})
-        assert (root / "runs" / "llama-7b-4242" / "report.json").is_file()
+        assert (root / "runs" / "llama-7b" / "report.json").is_file()  # not keyed by the job: a requeue resumes
     elif run.emulate == "hostfile":
         hostfile = root / "hostfile.localhost"
         hostfile.write_text("localhost slots=1\n")

@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
-from megallama.train.distributed import _first_slurm_host, detect_launcher
+from megallama.errors import UserError
+from megallama.train import launchers
+from megallama.train.launchers import detect_launcher, first_slurm_host, master_addr_for, mpi_master_addr
 from tests.dist_utils import free_port
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
 
@@ -64,5 +66,60 @@ def test_launcher_detection_from_environment():
     e = {}
     info = detect_launcher(e)
     assert (info.launcher, info.world_size) == ("none", 1) and "MASTER_PORT" in e
-    assert _first_slurm_host("node[03-05,07],other") == "node03"
-    assert _first_slurm_host("single") == "single"
+    assert first_slurm_host("node[03-05,07],other") == "node03"
+    assert first_slurm_host("single") == "single"
+
+
+A, B = ("a", "boot1/net1"), ("b", "boot2/net1")
+
+
+def test_master_address_is_loopback_on_one_host_and_refused_across_hosts():
+    assert master_addr_for([A, A], "127.0.1.1") == "127.0.0.1"
+    assert master_addr_for([A, A], "10.0.0.5") == "127.0.0.1"  # one host: always reachable
+    assert master_addr_for([A, B], "10.0.0.5") == "10.0.0.5"
+    assert master_addr_for([A, ("a", "boot1/net2")], "10.0.0.5") == "10.0.0.5"  # one name, two network namespaces
+    for addr in ("127.0.1.1", None, "::1", "0.0.0.0"):
+        with pytest.raises(UserError) as exc:
+            master_addr_for([A, B, B], addr)
+        text = str(exc.value)
+        assert "\n" not in text and "ranks span 2 hosts (a, b)" in text and "MASTER_ADDR" in text
+        assert "/etc/hosts" in text
+
+
+class FakeComm:
+    def __init__(self, rank, hosts):
+        self.rank, self.hosts = rank, hosts
+
+    def Get_rank(self):
+        return self.rank
+
+    def allgather(self, mine):
+        return [mine if r == self.rank else h for r, h in enumerate(self.hosts)]
+
+    def bcast(self, value, root=0):
+        return value if self.rank == root else "10.0.0.9"
+
+
+def test_mpi_master_address_from_gathered_hosts(monkeypatch):
+    monkeypatch.setattr(launchers, "host_identity", lambda: A)
+    peers = []
+    monkeypatch.setattr(launchers, "own_address", lambda p: peers.append(p) or None)
+    with pytest.raises(UserError) as exc:
+        mpi_master_addr(FakeComm(0, [A, B]))
+    assert exc.value.same_on_every_rank and peers == [["b"]]  # rank 0 looked for its route to b
+    monkeypatch.setattr(launchers, "own_address", lambda p: "10.1.2.3")
+    assert mpi_master_addr(FakeComm(0, [A, B])) == "10.1.2.3"
+    assert mpi_master_addr(FakeComm(0, [A, A])) == "127.0.0.1"
+    assert mpi_master_addr(FakeComm(1, [B, A])) == "10.0.0.9"
+
+
+def test_own_address_skips_a_hostname_mapped_to_loopback(monkeypatch):
+    """Debian maps the hostname to 127.0.1.1: the address on a route out is taken instead."""
+    real = launchers.socket.getaddrinfo
+    monkeypatch.setattr(launchers.socket, "getaddrinfo",
+                        lambda host, *a, **k: [(2, 2, 17, "", ("127.0.1.1", 0))] if host == launchers.socket.gethostname()
+                        else real(host, *a, **k))
+    monkeypatch.setattr(launchers, "_routed_source", lambda target: "10.9.8.7")
+    assert launchers.own_address([]) == "10.9.8.7"
+    monkeypatch.setattr(launchers, "_routed_source", lambda target: "127.0.0.1")
+    assert launchers.own_address([]) is None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from megallama.errors import PREEMPTED_EXIT
+
 NAME = "train"
 HELP = "train a model from a run config (single process, deepspeed, torchrun, mpiexec or srun)"
 
@@ -28,6 +30,10 @@ def run(args) -> int:
         end, steps = report["end_step"], report["steps"]
         head = f"done: step {end} of {steps}" if end == steps else \
             f"stopped at step {end} of {steps} (train.exit_at_step={end})"
+        if report["preempted"]:
+            head = (f"{report['preempted']}: stopped at step {end} of {steps}, checkpoint step "
+                    f"{report['checkpoint_step']}, steps lost {report['steps_lost']}; exit {PREEMPTED_EXIT}: "
+                    "the same command resumes")
         sys.stdout.write(
             f"{head}, loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}; "
             f"{report['tokens_per_s'] or 0:,.0f} tok/s, {report['tflops_per_rank'] or 0:.3f} TFLOP/s per rank, "
@@ -35,4 +41,4 @@ def run(args) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return PREEMPTED_EXIT if report and report["preempted"] else 0

@@ -189,6 +189,8 @@ class TrainConfig(_Strict):
     dist_timeout_s: Int = _int(300)  # collective timeout of the process group
     # a rank silent this long is declared dead (0: no watchdog)
     heartbeat_timeout_s: Float = _num(60.0, ge=0, le=MAX_SIZE)
+    # wall-clock budget from process start: stop (with a checkpoint, exit 75) while a step and a save still fit
+    time_limit_min: Optional[Float] = _num(None, gt=0, le=MAX_SIZE)
     # a resume whose steps/warmup_steps/lr/min_lr_ratio differ from the checkpoint's is refused (as
     # Megatron does) unless this re-fits the schedule (Megatron's --override-opt_param-scheduler)
     allow_schedule_change: bool = False

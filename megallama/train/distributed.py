@@ -1,103 +1,24 @@
-"""Start-up under any launcher: none, ``deepspeed``, ``torchrun``, ``mpiexec`` and ``srun``.
-
-Each launcher speaks its own environment; this module turns it into the RANK / WORLD_SIZE /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT that torch.distributed reads, then starts DeepSpeed's
-comm layer (gloo on CPU, NCCL on GPUs) and builds our TP/PP/DP groups.
+"""Process-group start-up under any launcher: DeepSpeed's comm layer (gloo on CPU, NCCL on GPUs)
+over the variables ``launchers.detect_launcher`` resolved, and a rank's link to its launcher.
 """
 from __future__ import annotations
 
 import datetime
 import os
-import re
 import signal
-import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 
 from megallama.errors import UserError
+from megallama.train.launchers import LaunchInfo, detect_launcher
+
+__all__ = ["LaunchInfo", "detect_launcher", "device_for", "init_distributed", "on_rank0_then_share"]
 
 T = TypeVar("T")
-
-
-@dataclass
-class LaunchInfo:
-    launcher: str
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """``node[03-05,07],other`` -> ``node03``: the first host SLURM lists."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m:
-        return nodelist
-    prefix, ranges = m.group(1), m.group(3)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def detect_launcher(env: Optional[Dict[str, str]] = None) -> LaunchInfo:
-    """Fill the torch.distributed variables from whichever launcher started us (in ``env``)."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:  # deepspeed, torchrun, or already resolved
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
-        env.setdefault("LOCAL_RANK", "0")
-    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
-        launcher = "mpi"
-        rank = env.get("OMPI_COMM_WORLD_RANK") or env.get("PMI_RANK") or env.get("PMIX_RANK")
-        size = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE") or env.get("PMIX_SIZE")
-        local = env.get("OMPI_COMM_WORLD_LOCAL_RANK") or env.get("MPI_LOCALRANKID") or env.get("PMI_LOCAL_RANK")
-        if size is None:
-            size = str(_mpi_world_size())
-        env.update(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=local or rank)
-        env.setdefault("MASTER_PORT", "29500")
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = _mpi_master_addr()
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        launcher = "slurm"
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"],
-                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST",
-                                                                                              "127.0.0.1"))))
-        env.setdefault("MASTER_PORT", "29500")
-    else:
-        launcher = "none"
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    return LaunchInfo(launcher, int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
-
-
-def _mpi_world_size() -> int:
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_size()
-
-
-def _mpi_master_addr() -> str:
-    """Rank 0's address, broadcast over MPI, so mpiexec needs no MASTER_ADDR."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise UserError("mpiexec launch needs mpi4py: pip install 'megallama[mpi]'") from None
-    comm = MPI.COMM_WORLD
-    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
-    addr = comm.bcast(addr, root=0)
-    return "127.0.0.1" if addr.startswith("127.") else addr
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -134,8 +55,8 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)
-    if info.launcher == "deepspeed":
-        stop_with_launcher()
+    if info.launcher == "deepspeed":  # a stopping rank may save a checkpoint first (preemption.py)
+        stop_with_launcher(grace_s=max(10.0, float(timeout_s)))
     return info
 
 
@@ -199,7 +120,9 @@ def launcher_chain(pid: Optional[int] = None) -> List[Tuple[int, str]]:
 
 def stop_with_launcher(poll_s: float = 1.0, grace_s: float = 10.0) -> Optional[threading.Thread]:
     """A rank ends itself (SIGTERM, then a hard exit after ``grace_s``) once DeepSpeed's launcher
-    or runner above it is gone, so a signal to the launcher always reaches the ranks."""
+    or runner above it is gone, so a signal to the launcher always reaches the ranks. A training
+    rank takes that SIGTERM as a preemption (a checkpoint, then exit 75); ``grace_s`` bounds a
+    rank that cannot get there (stuck in a collective)."""
     chain = launcher_chain()
     if not chain:
         return None

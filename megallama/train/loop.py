@@ -16,6 +16,7 @@ from megallama.train.ds_config import precision, zero_stage
 from megallama.train.engine import set_schedule_position
 from megallama.train.hooks import HookList, installed
 from megallama.train.metrics import MetricsLogger, device_peak_flops
+from megallama.train.preemption import Preemption
 from megallama.train.progress import Progress, skipped_steps
 from megallama.train.resume import SCHEDULE, plan_resume
 from megallama.train.runtime import Runtime, guard, on_device, open_datasets, start
@@ -90,17 +91,27 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     hooks = HookList(installed() + [progress])
     batches = on_device(it, rt.device)
     run_start = time.perf_counter()
-    for step in range(start_step + 1, last_step + 1):
-        train_step(rt, batches, hooks)
-        if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
-            metrics.log_eval(step, _evaluate(rt, valid_ds, t.eval_iters))
-            progress.restart_window(step)
-        if cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
-            ckpt.save(rt.engine, rt.module, state, ckpt_dir, step,
-                      {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
-                      layout, hooks=hooks)
-            progress.restart_window(step)  # keep save time out of the throughput window
-    return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step)
+    preempt, stopped = Preemption(t.time_limit_min, rt.device), None
+    with preempt:  # from here a SIGTERM/SIGINT stops every rank at a step boundary, with a checkpoint
+        for step in range(start_step + 1, last_step + 1):
+            began = time.perf_counter()
+            train_step(rt, batches, hooks)
+            if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
+                metrics.log_eval(step, _evaluate(rt, valid_ds, t.eval_iters))
+                progress.restart_window(step)
+            # collective: every rank stops after the same step (on the last one, the run is simply done)
+            stopped = preempt.should_stop(time.perf_counter() - began) if step < last_step else None
+            if stopped or cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
+                began = time.perf_counter()
+                ckpt.save(rt.engine, rt.module, state, ckpt_dir, step,
+                          {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
+                          layout, hooks=hooks)
+                preempt.saved(time.perf_counter() - began)
+                progress.restart_window(step)  # keep save time out of the throughput window
+            if stopped:
+                break
+    extra = _preempted(rt, stopped, ckpt_dir) if stopped else {}
+    return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step, extra)
 
 
 def _rank_hosts() -> list:
@@ -115,7 +126,18 @@ def _rank_hosts() -> list:
     return hosts
 
 
-def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: float, last_step: int) -> Dict[str, Any]:
+def _preempted(rt: Runtime, reason: str, ckpt_dir: Path) -> Dict[str, Any]:
+    """The report of a preempted run: where it stopped and the step its newest checkpoint holds
+    (read back from ``latest``), so the steps a resume loses are measured, not assumed."""
+    saved = on_rank0_then_share(lambda: ckpt.read_meta(ckpt_dir / (ckpt_dir / ckpt.LATEST).read_text().strip()))
+    lost = rt.step - saved["step"]
+    if rt.rank0:
+        log.info("%s: stopped after step %d; checkpoint step %d, steps lost %d", reason, rt.step, saved["step"], lost)
+    return {"preempted": reason, "end_step": rt.step, "checkpoint_step": saved["step"], "steps_lost": lost}
+
+
+def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: float, last_step: int,
+            extra: Dict[str, Any]) -> Dict[str, Any]:
     cfg, state, t, losses = rt.cfg, rt.state, rt.cfg.train, progress.losses
     if not losses:
         field = "train.steps" if last_step == t.steps else "train.exit_at_step"
@@ -128,7 +150,7 @@ def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: fl
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
         "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),
         "skipped_steps": skipped_steps(rt.engine), "hosts": _rank_hosts(),
-        "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"),
+        "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"), "preempted": None, **extra,
     }
     metrics.close()
     if rt.rank0:
