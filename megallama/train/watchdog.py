@@ -105,7 +105,7 @@ class Watchdog:
         self.started = time.monotonic()
         self.n = 0  # our heartbeat counter
         self.problem: Optional[str] = None
-        self._store, self._store_gone = None, False
+        self._store, self._store_gone, self._stuck = None, False, None
         self._unanswered_since: Optional[float] = None
         self._changed: Dict[int, tuple] = {}  # rank -> (its last counter, our monotonic time it changed)
         self._beats: Dict[int, dict] = {}  # judge: the latest payload of every rank that reported
@@ -119,11 +119,33 @@ class Watchdog:
 
     # -- the store, over one connection that is replaced after any failure
     def _op(self, name: str, *args):
+        """One request, given up after ``op_timeout``: with a peer's link cut, some TCPStore requests
+        (``get``) wait for the reply without any timeout, so each runs in a helper thread of its own.
+        While an abandoned one is still stuck, no new request is made (one stuck thread at most)."""
         if self._store_gone:
             raise ConnectionError("the rendezvous store is gone")
-        if self._store is None:
-            self._store = self._connect()
-        return getattr(self._store, name)(*args)
+        if self._stuck is not None and self._stuck.is_alive():
+            raise TimeoutError("an earlier store request is still unanswered")
+        box: list = []
+
+        def request():
+            try:
+                if self._store is None:
+                    self._store = self._connect()
+                box.append((True, getattr(self._store, name)(*args)))
+            except Exception as exc:
+                box.append((False, exc))
+
+        helper = threading.Thread(target=request, name="megallama-watchdog-request", daemon=True)
+        helper.start()
+        helper.join(self.op_timeout + 1)
+        if not box:
+            self._stuck = helper
+            raise TimeoutError(f"the rendezvous store did not answer {name} within {self.op_timeout + 1:.1f}s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def _failed(self, exc: Exception) -> None:
         """A refused, reset or broken connection means the store's process is gone for good (no
