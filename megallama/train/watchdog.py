@@ -19,9 +19,12 @@ process, torchrun in the agent of the node with rank 0). Same-host peers that di
 by their pid (the judge publishes each node's rank->pid map once), without a store round trip;
 such a finding is reported to the judge (key ``problem``) so every rank exits with the same line.
 
-The watchdog talks over its own client connection with a short timeout (a timed-out TCPStore
-connection is dropped and reopened, never reused), so a main thread blocked in the store cannot
-block it. A finished rank marks its key done, so leaving is not dying.
+The watchdog opens its own client connection to that store rather than sharing the process
+group's (a TCPStore client serialises requests, so a main thread waiting in the store would block
+the watchdog behind it), and gives up each request after a short timeout even where TCPStore would
+wait forever (a ``get`` over a cut link); a timed-out connection is dropped, never reused. A
+connection refused or reset means the store's process is gone: no more attempts, only the clock.
+A finished rank marks its key done, so leaving is not dying.
 """
 from __future__ import annotations
 
