@@ -206,3 +206,27 @@ def test_the_store_is_the_process_groups_own_over_a_new_connection(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.stdout.split() == ["True", "False", "True"], out.stderr[-2000:]
+
+
+def test_a_request_that_never_returns_is_given_up():
+    """Over a cut link a TCPStore ``get`` waits for its reply forever: the watchdog abandons it,
+    makes no new request while it hangs, and judges the store on the clock."""
+    import threading
+
+    release = threading.Event()
+
+    class Silent:
+        def __getattr__(self, name):
+            return lambda *args: release.wait()
+
+    reader = Watchdog(2, 4, 1.0, interval_s=0.05, connect=Silent, store_name="x:1")
+    try:
+        began = time.monotonic()
+        assert reader.dead_rank() is None
+        assert time.monotonic() - began < reader.op_timeout + 2
+        time.sleep(1.1)
+        began = time.monotonic()
+        assert reader.dead_rank().startswith("rank 0 lost: the rendezvous store at x:1 has not answered for ")
+        assert time.monotonic() - began < 0.5  # the stuck request is not repeated
+    finally:
+        release.set()
