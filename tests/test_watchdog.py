@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -35,8 +36,8 @@ def client(host, port, prefix="t"):
 
 
 def dog(store, rank=0, world=4, timeout=TIMEOUT, prefix="t"):
-    return Watchdog(rank, world, timeout, interval_s=0.05, connect=client("127.0.0.1", store.underlying_store.port, prefix),
-                    store_name="127.0.0.1:store")
+    return Watchdog(rank, world, timeout, interval_s=0.05,
+                    connect=client("127.0.0.1", store.underlying_store.port, prefix), store_name="127.0.0.1:store")
 
 
 def beat(store, rank, host, n, pid=None, done=False):
@@ -201,7 +202,6 @@ def test_the_store_is_the_process_groups_own_over_a_new_connection(tmp_path):
         "d.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
         "(a, name), (b, _) = default_store_connect(1.0), default_store_connect(1.0)\n"
         "a().set('k', 'v')\n"
-        "base = d.distributed_c10d._get_default_store()\n"
         "print(name.startswith('127.0.0.1:'), b().check(['k']), a().get('k') == b'v')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -211,8 +211,6 @@ def test_the_store_is_the_process_groups_own_over_a_new_connection(tmp_path):
 def test_a_request_that_never_returns_is_given_up():
     """Over a cut link a TCPStore ``get`` waits for its reply forever: the watchdog abandons it,
     makes no new request while it hangs, and judges the store on the clock."""
-    import threading
-
     release = threading.Event()
 
     class Silent:
