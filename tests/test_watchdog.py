@@ -85,6 +85,7 @@ def test_judge_names_a_silent_node_and_its_ranks(store):
 
 def test_judge_names_one_stuck_rank_when_its_node_mate_lives(store):
     judge = dog(store)
+    judge.interval = TIMEOUT / 3  # a node-mate silent less than 3 intervals is alive (a loaded machine hiccups)
     for n in range(8):
         beat(store, 1, judge.host, n)
         beat(store, 3, OTHER, n)
@@ -171,7 +172,7 @@ def test_a_store_that_stops_answering_names_the_masters_node(tmp_path):
         waited = time.monotonic() - killed
         assert problem.startswith(f"node {OTHER} (ranks 0-1) lost: the rendezvous store at x:{port} has not answered "
                                   "for "), problem
-        assert 1.0 <= waited < 2.5, waited
+        assert 1.0 <= waited < 4.0, waited
     finally:
         server.kill()
 
