@@ -146,9 +146,11 @@ def guard(rt: Runtime, checkpoints: bool = False, heartbeats: bool = False) -> I
                         checkpoints and cfg.checkpoint.every > 0)
     watchdog = None
     if heartbeats and info.world_size > 1 and cfg.train.heartbeat_timeout_s > 0:
-        watchdog = Watchdog(cfg.run_dir, info.rank, info.world_size, cfg.train.heartbeat_timeout_s).start()
+        watchdog = Watchdog(info.rank, info.world_size, cfg.train.heartbeat_timeout_s).start()
+    finished = False
     try:
         yield
+        finished = True
     except (RuntimeError, OSError) as exc:
         problem = watchdog.wait_for_dead_rank() if watchdog else None
         if problem:
@@ -156,7 +158,7 @@ def guard(rt: Runtime, checkpoints: bool = False, heartbeats: bool = False) -> I
         raise
     finally:
         if watchdog:
-            watchdog.stop()
+            watchdog.stop(finished)
         if lock:
             lock.release()
 
