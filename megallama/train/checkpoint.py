@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megallama.errors import UserError
 from megallama.train.distributed import on_rank0_then_share
+from megallama.train.ckpt_writes import recorded_writes, write_errors, write_failure
 from megallama.train.hooks import NO_HOOKS, Hooks
 from megallama.train.manifest import MANIFEST, atomic_write, coverage_problem, digest, fsync_dir, held_on, merge
 from megallama.train.manifest import EVERY_NODE, assemble, verify, write_manifest  # noqa: F401 - the API tools use
@@ -109,61 +110,6 @@ def prune(ckpt_dir: Path, keep: int, current: Path) -> None:
             shutil.rmtree(tag, ignore_errors=True)
 
 
-def _write_failure(exc: BaseException, path: Path) -> str:
-    """One line naming the file a write failed on and why. torch.save reports a full disk only as
-    "unexpected pos N vs M", so an almost empty filesystem is named as the likely cause."""
-    path = Path(getattr(exc, "filename", None) or path)
-    text = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, OSError) and exc.strerror:
-        why = exc.strerror
-    elif "No space left" in text or "os error 28" in text:
-        why = "No space left on device"
-    else:
-        try:
-            free = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free
-        except OSError:
-            free = None
-        why = f"No space left on device ({free} bytes free there)" if free is not None and free < 2**20 \
-            else f"{type(exc).__name__}: {text[:160]}"
-    return f"{path}: could not write it ({why})"
-
-
-def _write_errors():
-    from safetensors import SafetensorError
-
-    return OSError, RuntimeError, SafetensorError
-
-
-def _recorded_writes(engine, failures: List[str], written: List[Path]):
-    """Records in ``written`` every file DeepSpeed's ``save_checkpoint`` writes on this rank (this
-    rank hashes exactly those), and turns a failed write into a recorded message, so the failing
-    rank still reaches DeepSpeed's closing barrier (raising would leave its peers waiting there
-    until the watchdog called it dead) and later writes on that rank are skipped."""
-    from megallama.train.deepspeed_patches import wrapped_checkpoint_writes
-
-    def wrap_save(real_save):
-        def save(state_dict, path, *args, **kwargs):
-            if failures:
-                return None
-            try:
-                written.append(Path(path))
-                return real_save(state_dict, path, *args, **kwargs)
-            except _write_errors() as exc:
-                failures.append(_write_failure(exc, Path(path)))
-        return save
-
-    def wrap_copy(real_copy):
-        def copy_recovery_script(save_path):
-            if not failures:
-                try:
-                    real_copy(save_path)  # into the checkpoint directory, beside the tags: no tag file
-                except OSError as exc:
-                    failures.append(_write_failure(exc, Path(save_path)))
-        return copy_recovery_script
-
-    return wrapped_checkpoint_writes(engine, wrap_save, wrap_copy)
-
-
 def _abandon(ckpt_dir: Path, tag_dir: Path, step: int, problems: List[Optional[str]],
              storage: Storage = Storage()) -> None:
     """Every rank: stop with the first failure, named; the leaders remove the partial checkpoint
@@ -206,24 +152,34 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
             shutil.rmtree(tag_dir, ignore_errors=True)
             tag_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            failures.append(_write_failure(exc, tag_dir))
+            failures.append(write_failure(exc, tag_dir))
     problems = _gather(_first(failures))  # doubles as the barrier before writing
     if any(problems):
         _abandon(ckpt_dir, tag_dir, step, problems, storage)
-    with _recorded_writes(engine, failures, written):
+    with recorded_writes(engine, failures, written):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     try:  # collectives first, then this rank's writes: every rank calls it even after a failure
         written += save_universal(engine, module, state, tag_dir / "universal", meta)
-    except _write_errors() as exc:
-        failures.append(_write_failure(exc, tag_dir / "universal"))
+    except write_errors() as exc:
+        failures.append(write_failure(exc, tag_dir / "universal"))
     rng_path = tag_dir / f"rng_rank{rank:05d}.pt"
     if not failures:
         try:
             written.append(rng_path)
             torch.save(rng_state(state.rng), rng_path)
-        except _write_errors() as exc:
-            failures.append(_write_failure(exc, rng_path))
+        except write_errors() as exc:
+            failures.append(write_failure(exc, rng_path))
     hooks.before_commit(step)
+    commit(ckpt_dir, tag_dir, step, written, failures, keep, {**meta, "step": step, **client_state}, storage)
+    return tag_dir
+
+
+def commit(ckpt_dir: Path, tag_dir: Path, step: int, written: List[Path], failures: List[str], keep: int,
+           meta: Dict, storage: Storage = Storage()) -> None:
+    """Collective, once every rank has written (``written``: this rank's files): each rank hashes
+    its own files, rank 0 assembles the manifest from the gathered digests, the leaders write
+    ``meta.json``, the manifest and ``latest``. Any failure anywhere abandons the save on every rank."""
+    rank = dist.get_rank()
     files = {}
     if not failures:  # this rank's files only: every rank hashes at once
         try:
@@ -239,7 +195,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
         problems = _gather(replicate_layout_free(tag_dir, files, storage))
         if any(problems):
             _abandon(ckpt_dir, tag_dir, step, problems, storage)
-    meta_text = json.dumps({**meta, "step": step, **client_state}, indent=1)
+    meta_text = json.dumps(meta, indent=1)
     files["meta.json"] = {**_text_entry(meta_text), "rank": 0, "host": files_host(files, 0)}
     if storage.node_local:
         files["meta.json"]["copies"] = EVERY_NODE
@@ -248,7 +204,6 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
                            else None)
         if any(problems):
             _abandon(ckpt_dir, tag_dir, step, problems, storage)
-    return tag_dir
 
 
 def _text_entry(text: str) -> Dict:
@@ -272,7 +227,7 @@ def _prepare(ckpt_dir: Path, tag_dir: Path, keep: int, meta_text: str, files: Di
             if d.is_dir():
                 fsync_dir(d)
     except OSError as exc:
-        return _write_failure(exc, current)
+        return write_failure(exc, current)
     expected = [rel for rel, _ in held_on(list(files.items()), storage.host(dist.get_rank()))]
     return coverage_problem(tag_dir, files, expected)
 
@@ -287,7 +242,7 @@ def _publish(ckpt_dir: Path, tag_dir: Path, keep: int, meta_text: str, files: Di
         current = ckpt_dir / LATEST
         atomic_write(current, tag_dir.name)
     except OSError as exc:
-        return _write_failure(exc, current)
+        return write_failure(exc, current)
     prune(ckpt_dir, keep, tag_dir)
     log.info("checkpoint %s written (latest)", tag_dir)
     return None
