@@ -3,7 +3,6 @@ nodes (``MEGALLAMA_HOSTNAME``) each with its own checkpoint directory. ``node_lo
 node's own files plus a full copy of the layout-free part and resumes from it (falling back past
 a damaged copy on one node); ``shared`` and ``auto`` refuse to start in one line."""
 import json
-from pathlib import Path
 
 import pytest
 

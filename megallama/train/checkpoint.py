@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import UserError
-from megallama.train.distributed import on_rank0_then_share
 from megallama.train.ckpt_writes import recorded_writes, write_errors, write_failure
+from megallama.train.distributed import on_rank0_then_share
 from megallama.train.hooks import NO_HOOKS, Hooks
-from megallama.train.manifest import MANIFEST, atomic_write, coverage_problem, digest, fsync_dir, held_on, merge
+from megallama.train.manifest import MANIFEST, atomic_write, coverage_problem, digest, fsync_dir, held_on, merge, \
+    text_entry
 from megallama.train.manifest import EVERY_NODE, assemble, verify, write_manifest  # noqa: F401 - the API tools use
 from megallama.train.storage import Storage, host_id, replicate_layout_free
 from megallama.train.verify_dist import verify_all
@@ -177,8 +178,8 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
 def commit(ckpt_dir: Path, tag_dir: Path, step: int, written: List[Path], failures: List[str], keep: int,
            meta: Dict, storage: Storage = Storage()) -> None:
     """Collective, once every rank has written (``written``: this rank's files): each rank hashes
-    its own files, rank 0 assembles the manifest from the gathered digests, the leaders write
-    ``meta.json``, the manifest and ``latest``. Any failure anywhere abandons the save on every rank."""
+    its own files; the leaders (rank 0, or each node's first rank under node-local storage) build
+    the manifest from the gathered digests and write ``meta.json``, the manifest and ``latest``. Any failure anywhere abandons the save on every rank."""
     rank = dist.get_rank()
     files = {}
     if not failures:  # this rank's files only: every rank hashes at once
@@ -196,7 +197,7 @@ def commit(ckpt_dir: Path, tag_dir: Path, step: int, written: List[Path], failur
         if any(problems):
             _abandon(ckpt_dir, tag_dir, step, problems, storage)
     meta_text = json.dumps(meta, indent=1)
-    files["meta.json"] = {**_text_entry(meta_text), "rank": 0, "host": files_host(files, 0)}
+    files["meta.json"] = {**text_entry(meta_text), "rank": 0, "host": files_host(files, 0)}
     if storage.node_local:
         files["meta.json"]["copies"] = EVERY_NODE
     for publish in (_prepare, _publish):
@@ -204,13 +205,6 @@ def commit(ckpt_dir: Path, tag_dir: Path, step: int, written: List[Path], failur
                            else None)
         if any(problems):
             _abandon(ckpt_dir, tag_dir, step, problems, storage)
-
-
-def _text_entry(text: str) -> Dict:
-    import hashlib
-
-    data = text.encode()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def files_host(files: Dict, rank: int) -> str:

@@ -74,6 +74,12 @@ def digest(tag_dir: Path, paths: Iterable[Path], rank: int, host: str) -> Dict[s
     return out
 
 
+def text_entry(text: str) -> Entry:
+    """The entry of a file about to be written with ``text`` (the same bytes on every node)."""
+    data = text.encode()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def on_disk(tag_dir: Path) -> List[str]:
     """Every file under ``tag_dir`` but the manifest (and our own temporary files)."""
     return sorted(relative(tag_dir, p) for p in tag_dir.rglob("*")
