@@ -105,7 +105,7 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     (tag / "mp_rank_00_model_states.pt").touch()
     layout = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical"}
     meta = {**{k: layout[k] for k in resume.LAYOUT}, "step": 2, "consumed_samples": 8, "model": {}}
-    monkeypatch.setattr(resume, "find_start", lambda cfg, ckpt_dir: tag)
+    monkeypatch.setattr(resume, "find_start", lambda cfg, ckpt_dir, storage: tag)
     monkeypatch.setattr(resume.ckpt, "read_meta", lambda path: dict(meta))
     monkeypatch.setattr(resume, "check_same_model", lambda *a: None)
     monkeypatch.setattr(resume, "schedule_changed", lambda *a: False)

@@ -284,6 +284,10 @@ class CheckpointConfig(_Strict):
     dir: Optional[str] = None  # default: RUN_DIR/checkpoints
     resume: bool = True  # continue from the newest complete checkpoint in dir
     load: Optional[str] = None  # else start from this checkpoint (any layout, e.g. `megallama convert` output)
+    # where checkpoint files live over nodes (megallama/train/storage.py): "shared" (one directory every
+    # node sees; refused at start if not), "node_local" (each node keeps its ranks' files plus a copy of
+    # the layout-free part), "auto" (shared when the start-up probe finds it shared, else refused)
+    storage: Literal["auto", "shared", "node_local"] = "auto"
 
 
 class RunConfig(_Strict):

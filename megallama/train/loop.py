@@ -21,6 +21,7 @@ from megallama.train.progress import Progress, skipped_steps
 from megallama.train.resume import SCHEDULE, plan_resume
 from megallama.train.runtime import Runtime, guard, on_device, open_datasets, start
 from megallama.train.step import train_step
+from megallama.train.storage import resolve as resolve_storage
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def _train(rt: Runtime) -> Dict[str, Any]:
         log.info("launcher=%s world=%d tp=%d pp=%d dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
                  rt.info.launcher, rt.info.world_size, state.tp, state.pp, state.dp, zero_stage(ds), precision(ds),
                  batch.global_, batch.micro, batch.accum, state.dp)
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+    storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
     train_ds, valid_ds, _ = open_datasets(cfg)
     if rt.rank0:  # only once the data is known good: a failed start leaves no config behind
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
@@ -75,8 +78,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               # files of an older pipeline run do not load as they are: resume those layout-free)
               "stage_names": "canonical",
               "schedule": {k: getattr(t, k) for k in SCHEDULE}}
-    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
-    resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0)
+    resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)
     rt.build(universal=resume.universal, step=resume.step)
     if resume.native:
@@ -105,7 +107,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
                 began = time.perf_counter()
                 ckpt.save(rt.engine, rt.module, state, ckpt_dir, step,
                           {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
-                          layout, hooks=hooks)
+                          layout, hooks=hooks, storage=storage)
                 preempt.saved(time.perf_counter() - began)
                 progress.restart_window(step)  # keep save time out of the throughput window
             if stopped:

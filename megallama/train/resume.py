@@ -1,5 +1,6 @@
-"""Where a run starts: the checkpoint rank 0 chooses (verified, gated) and what every rank then
-needs to continue from it (step, data position, layout-free state when the layout changed)."""
+"""Where a run starts: the checkpoint every rank verifies a share of and agrees on (gated), and what
+every rank then needs to continue from it (step, data position, layout-free state when the layout
+changed, and always under node-local storage: DeepSpeed's loader reads other nodes' files)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,9 @@ from megallama.config import RunConfig
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
 from megallama.train.distributed import on_rank0_then_share
+from megallama.train.storage import Storage
 from megallama.train.unpickle_gate import check_safe_to_unpickle
+from megallama.train.verify_dist import verify_all
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +40,38 @@ def has_native(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*model_states.pt"))
 
 
-def _choose(cfg: RunConfig, ckpt_dir: Path) -> Optional[str]:
-    found = ckpt.find_resumable(ckpt_dir) if cfg.checkpoint.resume and ckpt_dir.is_dir() else None
+def find_start(cfg: RunConfig, ckpt_dir: Path, storage: Storage = Storage()) -> Optional[Path]:
+    """Collective: the checkpoint to start from, verified by every rank (each a share of its
+    files); every rank gets the same answer or the same one-line error."""
+    found = None
+    if cfg.checkpoint.resume and on_rank0_then_share(ckpt_dir.is_dir):
+        found = ckpt.find_resumable(ckpt_dir, storage)
     if found is None and cfg.checkpoint.load:
         found = Path(cfg.checkpoint.load)
-        if (found / ckpt.LATEST).is_file():
-            found = ckpt.find_resumable(found)
+        if on_rank0_then_share((found / ckpt.LATEST).is_file):
+            found = ckpt.find_resumable(found, storage)
         else:
-            problem = ckpt.verify(found)
+            problem = verify_all(found, storage)
             if problem:
-                raise UserError(f"checkpoint.load: {problem}")
-    if found is not None and has_native(found):
-        check_safe_to_unpickle(found)
-    return str(found) if found else None
+                err = UserError(f"checkpoint.load: {problem}")
+                err.same_on_every_rank = True
+                raise err
+    if found is not None and not storage.node_local and has_native(found):
+        on_rank0_then_share(lambda: check_safe_to_unpickle(found))
+    return found
 
 
-def find_start(cfg: RunConfig, ckpt_dir: Path) -> Optional[Path]:
-    """Rank 0 picks (and verifies) the checkpoint to start from; everyone gets the same answer."""
-    found = on_rank0_then_share(lambda: _choose(cfg, ckpt_dir))
-    return Path(found) if found else None
-
-
-def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: bool) -> Resume:
+def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: bool,
+                storage: Storage = Storage()) -> Resume:
     """The checkpoint this run continues (none: a fresh start), checked against ``cfg``."""
-    path = find_start(cfg, ckpt_dir)
+    path = find_start(cfg, ckpt_dir, storage)
     if path is None:
         return Resume()
     meta = ckpt.read_meta(path)
     check_same_model(meta, cfg, path)
     refit = schedule_changed(meta, cfg, path)
     same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path) \
-        and (layout["pp"] == 1 or meta.get("stage_names") == layout["stage_names"])
+        and (layout["pp"] == 1 or meta.get("stage_names") == layout["stage_names"]) and not storage.node_local
     universal = None
     if not same_layout:
         from megallama.train.universal import UniversalReader
@@ -75,7 +79,8 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
         universal = UniversalReader(path / "universal")
     if rank0:
         log.info("resuming from %s at step %d (%s)", path, int(meta["step"]),
-                 "same layout: DeepSpeed checkpoint" if same_layout else "new layout: layout-free state")
+                 "same layout: DeepSpeed checkpoint" if same_layout else
+                 "node-local storage: layout-free state" if storage.node_local else "new layout: layout-free state")
     return Resume(path, int(meta["step"]), int(meta["consumed_samples"]), universal, refit)
 
 
