@@ -495,3 +495,35 @@ def test_deepspeeds_universal_loader_is_refused(training_checkpoints):
         with pytest.raises(ConfigError, match="deepspeed.checkpoint.load_universal: .* is refused"):
             build_ds_config(cfg, 1)
     build_ds_config(load_run_config(training_checkpoints[0], ["deepspeed.checkpoint.load_universal=false"]), 1)
+
+
+def _gate_two_ranks(rank, world, tag):
+    from megallama.train.resume import _gate_on_every_rank
+
+    try:
+        _gate_on_every_rank(Path(tag))
+    except UserError as exc:
+        return str(exc), getattr(exc, "same_on_every_rank", False)
+    return None, False
+
+
+def test_the_unpickle_gate_is_shared_by_the_ranks_and_refuses_on_every_one(tmp_path):
+    """Each rank opens a disjoint share of the files (no rank opens every file while the others
+    wait), and a crafted file in any share is every rank's one-line refusal, nothing executed."""
+    from megallama.train.unpickle_gate import _files_under, check_safe_to_unpickle
+    from tests.dist_utils import run_distributed
+
+    marker = tmp_path / "pwned"
+    tag = tmp_path / "step00000001"
+    tag.mkdir()
+    for i in range(5):
+        torch.save({"w": torch.zeros(2)}, tag / f"layer_{i:02d}-model_states.pt")
+    files = _files_under(tag)
+    shares = [files[r::2] for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == files and not set(shares[0]) & set(shares[1])
+    check_safe_to_unpickle(tag, 1, 2)
+    torch.save({"w": Payload(marker)}, shares[1][0])   # a crafted file in rank 1's share only
+    check_safe_to_unpickle(tag, 0, 2)                   # rank 0 never opens it...
+    out = run_distributed(_gate_two_ranks, 2, str(tag))
+    assert out[1] and f"{shares[1][0]}: refusing to unpickle it" in out[0]   # ...yet refuses with rank 1
+    assert not marker.exists()

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch.distributed as dist
+
 from megallama.config import RunConfig
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
 from megallama.train.distributed import on_rank0_then_share
 from megallama.train.storage import Storage
 from megallama.train.unpickle_gate import check_safe_to_unpickle
-from megallama.train.verify_dist import verify_all
+from megallama.train.verify_dist import collective, first_of_all, verify_all
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,24 @@ def find_start(cfg: RunConfig, ckpt_dir: Path, storage: Storage = Storage()) -> 
                 err.same_on_every_rank = True
                 raise err
     if found is not None and not storage.node_local and has_native(found):
-        on_rank0_then_share(lambda: check_safe_to_unpickle(found))
+        _gate_on_every_rank(found)
     return found
+
+
+def _gate_on_every_rank(tag_dir: Path) -> None:
+    """Collective: each rank opens (weights-only, mapped) its share of the files DeepSpeed will
+    unpickle; the first refusal in rank order is every rank's error."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective() else (0, 1)
+    try:
+        check_safe_to_unpickle(tag_dir, rank, world)
+        problem = None
+    except UserError as exc:
+        problem = str(exc)
+    problem = first_of_all(problem)
+    if problem:
+        err = UserError(problem)
+        err.same_on_every_rank = True
+        raise err
 
 
 def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: bool,

@@ -45,12 +45,14 @@ def _files_under(tag_dir: Path) -> List[Path]:
 NEVER_UNPICKLED = (".json", ".safetensors")  # parsed as data by their readers, never unpickled
 
 
-def check_safe_to_unpickle(tag_dir: Path) -> None:
-    """Every file under ``tag_dir`` that a loader could unpickle loads weights-only, or one line."""
+def check_safe_to_unpickle(tag_dir: Path, rank: int = 0, world: int = 1) -> None:
+    """Every file under ``tag_dir`` that a loader could unpickle loads weights-only, or one line.
+    ``rank`` of ``world`` checks every ``world``-th file (in sorted order), so the ranks of a job
+    share the check instead of one rank opening every file while the others wait."""
     from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 
     allowed = deepspeed_record_types()
-    for path in _files_under(tag_dir):
+    for path in _files_under(tag_dir)[rank::world]:
         if path.suffix in NEVER_UNPICKLED:
             continue
         try:

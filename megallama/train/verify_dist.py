@@ -27,6 +27,13 @@ def _all(value):
     return every
 
 
+def first_of_all(problem: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem in rank order, the same answer on every rank."""
+    if not collective():
+        return problem
+    return next((p for p in _all(problem) if p), None)
+
+
 def verify_all(tag_dir: Path, storage: Optional[Storage] = None, checksums: bool = True) -> Optional[str]:
     """Collective (every rank must call; one process: :func:`manifest.verify`)."""
     if not collective():
