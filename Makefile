@@ -30,7 +30,7 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 test: system-deps $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash examples/demo.sh
