@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import VirtualCluster
-from tests.cluster.fixtures import skip_unless_cluster
+from tests.cluster.fixtures import skip_unless_cluster, warm_comm_op
 from tests.layout_design import TOLERANCE, rel_diff
 from tests.train_utils import BIN, ROOT, env, run_train, tiny_run_config
 
@@ -26,9 +26,7 @@ TIMEOUT = 480  # generous: a DeepSpeed comm-op rebuild by another user of ~/.cac
 def cluster():
     skip_unless_cluster(ssh=True)
     # DeepSpeed's comm op built once here, not by four ranks at once (a rank killed mid-build leaves a lock)
-    warm = subprocess.run([sys.executable, "-m", "megallama.train.warmup_ops"], env=env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert warm.returncode == 0, warm.stderr[-2000:]
+    warm_comm_op()
     with VirtualCluster(n=NODES) as c:
         c.start_sshd()
         yield c

@@ -3,16 +3,14 @@ cut, mid-run. The other node's ranks exit within the heartbeat timeout plus a ma
 lost node and its ranks; relaunching resumes from the last verified checkpoint and the per-step
 losses are those of an uninterrupted run. The sequence is tests/node_faults.py; the recorded
 times are in benchmarks/results/node_loss.json (benchmarks/node_loss.py)."""
-import subprocess
-import sys
 
 import pytest
 
 from tests.cluster import VirtualCluster
-from tests.cluster.fixtures import skip_unless_cluster
+from tests.cluster.fixtures import skip_unless_cluster, warm_comm_op
 from tests.layout_design import rel_diff
 from tests.node_faults import HEARTBEAT_S, REFERENCE, STEPS, node_loss_sequence
-from tests.train_utils import ROOT, env, run_train, tiny_run_config
+from tests.train_utils import run_train, tiny_run_config
 
 MARGIN_S = 8  # a poll interval, the judge's wait for the others to read its verdict, process exit; 2 busy cores
 LOST = "node vnode2 (ranks 2-3) lost: no heartbeat for "
@@ -21,9 +19,7 @@ LOST = "node vnode2 (ranks 2-3) lost: no heartbeat for "
 @pytest.fixture(scope="module")
 def cluster():
     skip_unless_cluster()
-    warm = subprocess.run([sys.executable, "-m", "megallama.train.warmup_ops"], env=env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert warm.returncode == 0, warm.stderr[-2000:]
+    warm_comm_op()
     with VirtualCluster(n=2) as c:
         yield c
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.cluster.fixtures import skip_unless_cluster, virtual_cluster  # noqa: F401 (fixture)
+from tests.cluster.fixtures import skip_unless_cluster, virtual_cluster, warm_comm_op  # noqa: F401 (fixture)
 from tests.train_utils import ROOT, env, tiny_run_config
 
 NODES = 2
@@ -42,9 +42,7 @@ def _launch(c, tmp, cfg, overrides, tag):
 @pytest.fixture(scope="module")
 def warm_ops():
     skip_unless_cluster()
-    warm = subprocess.run([sys.executable, "-m", "megallama.train.warmup_ops"], env=env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert warm.returncode == 0, warm.stderr[-2000:]
+    warm_comm_op()
 
 
 def test_node_local_checkpoints_on_two_nodes(warm_ops, virtual_cluster, tmp_path, data_cache):

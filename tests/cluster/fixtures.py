@@ -9,6 +9,18 @@ import pytest
 from tests.cluster.cluster import VirtualCluster, unavailable_reason
 
 
+def warm_comm_op() -> None:
+    """Build DeepSpeed's comm op once, here, before ranks on several nodes race to build it."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import ROOT, env
+
+    warm = subprocess.run([sys.executable, "-m", "megallama.train.warmup_ops"], env=env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+
+
 def skip_unless_cluster(ssh: bool = False) -> None:
     """Skip the calling test, with the one-line reason, where no virtual cluster can be made."""
     reason = unavailable_reason(ssh=ssh)
