@@ -28,6 +28,16 @@ PUBLISHED = {  # name: (dim, layers, heads, kv heads, ffn, norm_eps, max_seq_len
     "llama2-13b": (5120, 40, 40, 40, 13824, 1e-5, 4096, 13_015_864_320, 13.0),
     "llama2-70b": (8192, 80, 64, 8, 28672, 1e-5, 4096, 68_976_648_192, 68.9),
 }
+# Llama 3.x (Meta's params.json; parameter counts as transformers counts the released checkpoints,
+# e.g. meta-llama/Meta-Llama-3-8B: 8,030,261,248): vocabulary 128,256, RoPE theta 500,000, GQA 8.
+# name: (dim, layers, heads, kv heads, ffn, max_seq_len, rope scaling factor, tied, parameters)
+LLAMA3 = {
+    "llama3-8b": (4096, 32, 32, 8, 14336, 8192, None, False, 8_030_261_248),
+    "llama3-70b": (8192, 80, 64, 8, 28672, 8192, None, False, 70_553_706_496),
+    "llama3-405b": (16384, 126, 128, 8, 53248, 131072, 8.0, False, 405_853_388_800),
+    "llama3.2-1b": (2048, 16, 32, 8, 8192, 131072, 32.0, True, 1_235_814_400),
+    "llama3.2-3b": (3072, 28, 24, 8, 8192, 131072, 32.0, True, 3_212_749_824),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -44,10 +54,22 @@ def test_presets_match_metas_published_configs(name):
     assert math.floor(info["parameters"] / 1e8) / 10 == params_b
 
 
+@pytest.mark.parametrize("name", sorted(n for n in LLAMA3 if not LLAMA3[n][7]))
+def test_llama3_presets_match_metas_params(name):
+    from megallama.model.describe import describe
+
+    dim, layers, heads, kv, ffn, max_seq, factor, tied, params = LLAMA3[name]
+    cfg = ModelConfig.preset(name)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.ffn_hidden_size) == (dim, layers, heads, kv, ffn)
+    assert (cfg.vocab_size, cfg.norm_eps, cfg.rope_theta, cfg.max_seq_len) == (128256, 1e-5, 500000.0, max_seq)
+    assert (cfg.rope_scaling.factor if cfg.rope_scaling else None, cfg.tie_embeddings) == (factor, tied)
+    assert describe(cfg)["parameters"] == params
+
+
 def test_every_llama_preset_is_checked():
     from megallama.config import preset_names
 
-    assert {n for n in preset_names() if n.startswith("llama")} == set(PUBLISHED)
+    assert {n for n in preset_names() if n.startswith("llama")} == set(PUBLISHED) | set(LLAMA3)
 
 
 def test_overrides_reach_presets_lists_and_deepspeed(tmp_path):
@@ -71,7 +93,14 @@ def test_overrides_reach_presets_lists_and_deepspeed(tmp_path):
     ({"model": {"preset": "tiny-gqa", "n_kv_heads": 2}, "parallel": {"tp": 4}}, None, "model.n_kv_heads"),
     ({"model": {"preset": "tiny", "vocab_size": 2050}, "parallel": {"tp": 4}}, None, "model.vocab_size"),
     ({"model": {"preset": "tiny", "multiple_of": 1, "dim": 128}, "parallel": {"tp": 2}}, None, "ffn_hidden_size"),
-    ({"model": "tiny", "parallel": {"pp": 3}}, None, "model.n_layers: 4 is not divisible by parallel.pp=3"),
+    ({"model": "tiny", "parallel": {"pp": 5}}, None,
+     "parallel.pp: 5 stages need at least one layer each, model.n_layers is 4"),
+    ({"model": "tiny", "parallel": {"pp": 3, "pipeline_layers": [2, 1]}}, None,
+     "parallel.pipeline_layers: lists 2 stages, expected parallel.pp=3"),
+    ({"model": "tiny", "parallel": {"pp": 2, "pipeline_layers": [2, 1]}}, None,
+     "parallel.pipeline_layers: adds up to 3 layers, expected model.n_layers=4"),
+    ({"model": "tiny", "parallel": {"pp": 2, "pipeline_layers": [4, 0]}}, None,
+     "parallel.pipeline_layers: every stage needs at least one layer, got [4, 0]"),
     ({"model": "tiny", "parallel": {"tp": 2, "pp": 2}}, 6, "world size 6 is not a multiple of tp x pp"),
     ({"model": "tiny", "train": {"micro_batch_size": 4, "global_batch_size": 10}}, 2, "train.global_batch_size"),
     ({"model": "nope"}, None, "model.preset: unknown preset 'nope'"),

@@ -35,9 +35,10 @@ def test_tp_divides_every_split_dimension():
     assert rules.tp_problem(odd_ffn, 4) == "model.ffn_hidden_size: 350 is not divisible by parallel.tp=4"
 
 
-def test_pp_divides_layers_and_stages_only_the_decoder():
+def test_pp_gives_every_stage_a_layer_and_stages_only_the_decoder():
     assert rules.pp_problem(TINY, 4) is None and rules.pp_problem(ENCDEC, 1) is None
-    assert rules.pp_problem(TINY, 3) == "model.n_layers: 4 is not divisible by parallel.pp=3"
+    assert rules.pp_problem(TINY, 3) is None  # uneven stages (pipeline_split)
+    assert rules.pp_problem(TINY, 5) == "parallel.pp: 5 stages need at least one layer each, model.n_layers is 4"
     assert rules.pp_problem(TINY, 2, interleave=4, words=FLAGS) == \
         "--pp 2: model n_layers=4 is not divisible by pp x interleave 4"
     assert rules.pp_problem(ENCDEC, 2) == ("parallel.pp: pipeline parallelism supports arch 'decoder' only, got "
@@ -141,7 +142,7 @@ AGREEMENT = [  # preset, tp, pp, dp, sp, seq, zero, offload, accepted
     ("tiny", 4, 1, 1, False, 256, 1, False, True),
     ("tiny", 2, 2, 1, True, 256, 1, False, True),
     ("tiny", 3, 1, 1, False, 256, 1, False, False),
-    ("tiny", 1, 3, 1, False, 256, 0, False, False),
+    ("tiny", 1, 5, 1, False, 256, 0, False, False),
     ("tiny", 1, 1, 2, True, 256, 1, False, False),
     ("tiny", 2, 1, 1, True, 255, 1, False, False),
     ("tiny", 1, 2, 2, False, 256, 2, False, False),

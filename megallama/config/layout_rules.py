@@ -18,6 +18,7 @@ CONFIG: Words = {
     "positive": "parallel.{name}: expected a positive integer, got {value}",
     "tp_divides": "model.{field}: {value} is not divisible by parallel.tp={tp}",
     "pp_divides": "model.n_layers: {n_layers} is not divisible by parallel.pp={pp}{interleave}",
+    "pp_fills": "parallel.pp: {pp} stages need at least one layer each, model.n_layers is {n_layers}",
     "pipeline_arch": "parallel.pp: pipeline parallelism supports arch 'decoder' only, got '{arch}' (use pp: 1)",
     "sp_needs_tp": ("parallel.sequence_parallel: needs parallel.tp > 1 (it shards activations over the "
                     "tensor-parallel group; with tp: 1 set it to false)"),
@@ -34,6 +35,7 @@ FLAGS: Words = {
     "positive": "--{flag}: expected a positive integer, got {value}",
     "tp_divides": "--tp {tp}: model {field}={value} is not divisible by tp",
     "pp_divides": "--pp {pp}: model n_layers={n_layers} is not divisible by pp{interleave}",
+    "pp_fills": "--pp {pp}: more stages than the model's {n_layers} layers",
     "pipeline_arch": "--pp: pipeline parallelism supports decoder-only models (use --pp 1)",
     "sp_needs_tp": "--sp: sequence parallelism needs --tp > 1",
     "sp_seq": "--seq {seq}: not divisible by tp={tp} (required with sequence parallelism)",
@@ -77,8 +79,11 @@ def tp_problem(shape: ModelShape, tp: int, words: Words = CONFIG) -> Optional[st
 
 
 def pp_problem(shape: ModelShape, pp: int, interleave: int = 1, words: Words = CONFIG) -> Optional[str]:
-    """Every stage (every virtual chunk) holds as many layers; only the decoder-only model is staged."""
-    if shape.n_layers % (pp * interleave):
+    """Every stage holds at least one layer (stages may differ: ``pipeline_split``); interleaved
+    virtual chunks hold as many layers each; only the decoder-only model is staged."""
+    if shape.n_layers < pp:
+        return words["pp_fills"].format(n_layers=shape.n_layers, pp=pp)
+    if interleave > 1 and shape.n_layers % (pp * interleave):
         return words["pp_divides"].format(n_layers=shape.n_layers, pp=pp,
                                           interleave=f" x interleave {interleave}" if interleave > 1 else "")
     if pp > 1 and shape.arch != "decoder":

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, fiel
 
 from megallama.config import layout_rules as rules
 from megallama.config.layout_rules import ModelShape
+from megallama.config.pipeline_split import StageWeights, explicit_problem, stage_layers
 from megallama.config.swiglu import swiglu_hidden
 from megallama.errors import UserError, did_you_mean
 
@@ -54,6 +55,24 @@ def _num(default, ge: float = None, gt: float = None, lt: float = None, le: floa
 
 
 # --------------------------------------------------------------------------------------- model
+class RopeScaling(_Strict):
+    """Llama 3.1's RoPE frequency scaling (HF ``rope_scaling`` with ``rope_type: llama3``): long
+    wavelengths divided by ``factor``, short ones kept, the band between interpolated."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: Float = _num(8.0, gt=0)
+    low_freq_factor: Float = _num(1.0, gt=0)
+    high_freq_factor: Float = _num(4.0, gt=0)
+    original_max_seq_len: Int = _int(8192)
+
+    @model_validator(mode="after")
+    def _band(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor: {self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor}")
+        return self
+
+
 class ModelConfig(_Strict):
     """Architecture, named after Meta's ``ModelArgs`` plus ``arch``."""
 
@@ -72,6 +91,8 @@ class ModelConfig(_Strict):
     dropout: Float = 0.0
     init_std: Float = 0.02
     num_labels: Int = 2  # classification head (fine-tuning) only
+    rope_scaling: Optional[RopeScaling] = None  # Llama 3.1's long-context frequency scaling
+    tie_embeddings: bool = False  # the output head reuses the token embedding (Llama 3.2 1B/3B)
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +112,13 @@ class ModelConfig(_Strict):
         """The dimensions the layout rules read."""
         return ModelShape(n_heads=self.n_heads, n_kv_heads=self.kv_heads, vocab_size=self.vocab_size,
                           ffn_hidden_size=self.ffn_hidden_size, n_layers=self.n_layers, arch=self.arch)
+
+    def pipeline_weights(self) -> StageWeights:
+        """Parameters of one block, and of what the first and last pipeline stages hold besides."""
+        d, hd = self.dim, self.head_dim
+        block = d * hd * (self.n_heads + 2 * self.kv_heads) + d * d + 3 * d * self.ffn_hidden_size + 2 * d
+        embed = self.vocab_size * d
+        return StageWeights(block=block, first=embed, last=embed + d)
 
     @property
     def encoder_layers(self) -> int:
@@ -154,7 +182,10 @@ class ParallelConfig(_Strict):
     tp: Int = _int(1, ge=-MAX_SIZE)  # below 1: check_layout says so by name
     pp: Int = _int(1, ge=-MAX_SIZE)
     sequence_parallel: bool = False
+    # blocks per stage (megallama/config/pipeline_split.py): balanced by parameters with the embedding
+    # and head counted, or uniform; an explicit list (one count per stage) overrides both
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    pipeline_layers: Optional[List[Int]] = None
 
 
 class ActivationCheckpointing(_Strict):
@@ -311,7 +342,15 @@ class RunConfig(_Strict):
                                               ac.partition_activations)
                    or rules.positions_problem(t.seq_len, m.max_seq_len)
                    or (None if world_size is None else rules.world_problem(world_size, {"tp": p.tp, "pp": p.pp})))
+        if problem is None and p.pipeline_layers is not None:
+            problem = explicit_problem(p.pipeline_layers, m.n_layers, p.pp)
         if problem:
             raise ConfigError(problem)
         if world_size is not None:
             t.batch_layout(world_size // (p.tp * p.pp))
+
+    def stage_layers(self) -> List[int]:
+        """Blocks on each pipeline stage of this run (one entry at pp 1)."""
+        p = self.parallel
+        return stage_layers(self.model.n_layers, p.pp, p.pipeline_partition, p.pipeline_layers,
+                            self.model.pipeline_weights())
