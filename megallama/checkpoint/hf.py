@@ -274,8 +274,10 @@ def save_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
-        if tokenizer is not None and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        if tokenizer is not None:
+            from megallama.checkpoint.hf_tokenizer import write_hf_tokenizer
+
+            write_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

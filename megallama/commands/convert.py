@@ -26,6 +26,9 @@ def add_arguments(p) -> None:
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree of a training-checkpoint output")
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
                    help="cast the weights of a Hugging Face or consolidated output (default: keep the input's)")
+    p.add_argument("--tokenizer", help="tokenizer file written with the output (default: --input's tokenizer.model "
+                   "or tokenizer.json, if any); with --to hf also tokenizer_config.json, special_tokens_map.json "
+                   "and generation_config.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
@@ -77,13 +80,19 @@ def run(args) -> int:
         from megallama.checkpoint.reshard import convert_training_checkpoint
 
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
+    from megallama.data.tokenizer import find_tokenizer
+
+    tokenizer = args.tokenizer or find_tokenizer(inp)
     cfg, state = _load(args.from_format, inp, training_input)
+    if tokenizer is not None:  # read and checked before anything is written
+        from megallama.checkpoint.hf_tokenizer import load_for_export
+
+        tokenizer = load_for_export(tokenizer, cfg.vocab_size)
     if args.dtype != "keep":
         from megallama.checkpoint.pretrained import resolve_dtype
 
         dtype = resolve_dtype(args.dtype)
         state = {k: v.to(dtype) for k, v in state.items()}
-    tokenizer = inp / "tokenizer.model"
     if kind == "hf":
         from megallama.checkpoint.hf import save_hf
 
@@ -95,8 +104,8 @@ def run(args) -> int:
 
         save_consolidated(state, cfg, out, overwrite=True,
                           extra={"converted_from": {"format": args.from_format, "path": str(inp)}})
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, out / "tokenizer.model")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.path, out / tokenizer.FILE_NAME)
     n = sum(t.numel() for t in state.values())
     dtype = next(iter(state.values())).dtype
     print(f"{out}: {args.to_format} checkpoint, {n:,} parameters ({str(dtype).replace('torch.', '')}), "

@@ -12,7 +12,7 @@ HELP = "check a Megatron .bin/.idx pair and print its documents, tokens, dtype"
 def add_arguments(parser) -> None:
     parser.add_argument("prefix", metavar="PREFIX", help="PREFIX.bin + PREFIX.idx (a .bin/.idx name works too)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--tokenizer", metavar="MODEL", help="check ids against this SentencePiece model")
+    parser.add_argument("--tokenizer", metavar="MODEL", help="check ids against this tokenizer file")
 
 
 def stats(prefix: str, tokenizer: str = None) -> dict:

@@ -14,7 +14,8 @@ HELP = "generate text from a checkpoint (greedy or seeded temperature/top-p samp
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="consolidated, Hugging Face, Meta or training checkpoint dir")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--tokenizer", help="tokenizer file: SentencePiece or tiktoken tokenizer.model, or tokenizer.json "
+                   "(default: the one in CHECKPOINT)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -63,7 +64,7 @@ def run(args) -> int:
 
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, resolve_dtype
     from megallama.commands._stdout import logs_to_stderr
-    from megallama.data.tokenizer import Tokenizer
+    from megallama.data.tokenizer import Tokenizer, find_tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate, generate_seq2seq
     from megallama.train.distributed import detect_launcher
@@ -72,7 +73,7 @@ def run(args) -> int:
 
     _check_args(args)
     checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
-    tok_path = args.tokenizer or Path(args.checkpoint) / "tokenizer.model"
+    tok_path = args.tokenizer or find_tokenizer(args.checkpoint) or Path(args.checkpoint) / "tokenizer.model"
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))

@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or text files")
     parser.add_argument("--output-prefix", metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", "--tokenizer-model", metavar="MODEL", required=True,
-                        help="SentencePiece model to use (or to write, with --train-tokenizer)")
+                        help="tokenizer file to use: SentencePiece or tiktoken tokenizer.model, or tokenizer.json "
+                        "(or the SentencePiece model to write, with --train-tokenizer)")
     parser.add_argument("--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"], metavar="KEY",
                         help="JSONL field holding the document text (default: text); two keys (source "
                              "target) write aligned PREFIX_source and PREFIX_target files for an encoder-decoder")

@@ -1,4 +1,4 @@
-"""Data: SentencePiece tokenizer, Megatron indexed token files, packing, blending, sampling.
+"""Data: tokenizers (SentencePiece, tiktoken, tokenizer.json), Megatron indexed token files, packing, blending, sampling.
 
 Names resolve lazily so that preprocessing workers (spawned processes) import only what they
 use - no torch - and start fast.

@@ -52,7 +52,7 @@ def prepare_data(cfg) -> DataArtifacts:
         m = build_embedded(cache_dir(cfg), vocab, data.embedded_max_files)
         return DataArtifacts([m["prefix"]], [1.0], m["tokenizer"], vocab, True, [m["tokens"]])
     if not data.tokenizer:
-        raise UserError("data.tokenizer: required with data.prefixes (the SentencePiece model the files were "
+        raise UserError("data.tokenizer: required with data.prefixes (the tokenizer file the files were "
                         "tokenized with)")
     if data.weights is not None and len(data.weights) != len(data.prefixes):
         raise UserError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")

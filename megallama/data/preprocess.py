@@ -45,15 +45,11 @@ class PreprocessStats:
 
 
 class _Encoder:
-    """Per-process state: the tokenizer (from its serialized bytes) and the input spec."""
+    """Per-process state: the tokenizer (pickled as its file's bytes) and the input spec."""
 
-    def __init__(self, proto: bytes, spec: InputSpec, dtype: str, bos: bool):
-        import sentencepiece as spm
-
-        self.sp = spm.SentencePieceProcessor()
-        self.sp.LoadFromSerializedProto(proto)
-        self.spec, self.dtype, self.bos = spec, np.dtype(dtype), bos
-        self.eod = self.sp.eos_id()
+    def __init__(self, tokenizer, spec: InputSpec, dtype: str, bos: bool):
+        self.tok, self.spec, self.dtype, self.bos = tokenizer, spec, np.dtype(dtype), bos
+        self.eod = tokenizer.eod_id
 
     def __call__(self, batch: List[RawRecord]):
         """(flat tokens, lengths, skipped) or, for a bad record, ``("error", message)``."""
@@ -62,8 +58,8 @@ class _Encoder:
         except UserError as exc:
             return "error", str(exc)
         kept = [t for t in texts if t is not None]
-        ids = self.sp.encode(kept, num_threads=1) if kept else []  # one core per worker, as asked
-        head = [self.sp.bos_id()] if self.bos else []
+        ids = self.tok.encode_batch(kept)  # one core per worker, as asked
+        head = [self.tok.bos_id] if self.bos else []
         docs = [head + d + [self.eod] for d in ids]
         lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
         flat = np.fromiter(itertools.chain.from_iterable(docs), self.dtype, int(lengths.sum()))
@@ -73,10 +69,10 @@ class _Encoder:
 _WORKER: Optional[_Encoder] = None
 
 
-def _init_worker(proto: bytes, spec: InputSpec, dtype: str, bos: bool) -> None:
+def _init_worker(tokenizer, spec: InputSpec, dtype: str, bos: bool) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one message, cleanup
-    _WORKER = _Encoder(proto, spec, dtype, bos)
+    _WORKER = _Encoder(tokenizer, spec, dtype, bos)
 
 
 def _work(batch: List[RawRecord]):
@@ -97,7 +93,7 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     ``progress``: True/False forces the bar on/off; None shows it when stderr is a terminal.
     """
     spec.check()
-    tokenizer.eod_id  # fails early, naming the model, when it has no </s>
+    tokenizer.encode("", bos=bos, eos=True)  # fails early, naming the model, when it has no EOS (or BOS, asked)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     start = time.perf_counter()
     docs = tokens = skipped = 0
@@ -111,10 +107,10 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     try:  # from here on any exit, a signal's included, removes the temporary files
         if workers > 1:
             pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker,
-                                       (tokenizer.proto, spec, dtype.name, bos))
+                                       (tokenizer, spec, dtype.name, bos))
             results = _ordered(pool, batches(spec), 2 * workers)
         else:
-            encoder = _Encoder(tokenizer.proto, spec, dtype.name, bos)
+            encoder = _Encoder(tokenizer, spec, dtype.name, bos)
             results = ((encoder(b), used) for b, used in batches(spec))
         for result, used in results:
             if isinstance(result[0], str):  # ("error", message) from a worker

@@ -28,8 +28,8 @@ UNUSED_UTF8_BYTES = [0xFF, 0xFE, 0xFD, 0xFC, 0xFB, 0xFA, 0xF9, 0xF8, 0xF7, 0xF6,
 
 def sentinel_ids(tokenizer) -> List[int]:
     """The byte-fallback pieces of never-valid UTF-8 bytes, in sentinel order."""
-    ids = [tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in UNUSED_UTF8_BYTES]
-    if any(i == tokenizer.unk_id or i < 0 for i in ids):
+    ids = [tokenizer.piece_id(f"<0x{b:02X}>") for b in UNUSED_UTF8_BYTES]
+    if any(i is None or i < 0 for i in ids):
         raise UserError(f"{tokenizer.path}: span corruption needs the byte-fallback pieces <0xF5>..<0xFF> as "
                         "sentinels and this tokenizer has none (train it with byte_fallback, as "
                         "`megallama preprocess --train-tokenizer` does)")

@@ -94,7 +94,7 @@ def accuracy(model, ids, mask, labels, micro: int, state) -> Tuple[float, int]:
 def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optional[str], holdout: float,
              text_key: str = "text", label_key: str = "label") -> Dict[str, Any]:
     from megallama.checkpoint.pretrained import load_checkpoint
-    from megallama.data import Tokenizer
+    from megallama.data.tokenizer import Tokenizer, find_tokenizer
     from megallama.train.runtime import guard, start
 
     if cfg.parallel.pp != 1:
@@ -104,9 +104,9 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     texts, raw_labels = read_examples(data, text_key, label_key)
     names = sorted(set(map(str, raw_labels)))
     labels = torch.tensor([names.index(str(x)) for x in raw_labels])
-    tok_file = tokenizer_path or str(Path(pretrained) / "tokenizer.model")
+    tok_file = str(tokenizer_path or find_tokenizer(pretrained) or Path(pretrained) / "tokenizer.model")
     if not Path(tok_file).is_file():
-        raise UserError(f"--tokenizer: {tok_file} not found (pass the SentencePiece model of the trunk)")
+        raise UserError(f"--tokenizer: {tok_file} not found (pass the tokenizer file of the trunk)")
     model_cfg, state_dict, _ = load_checkpoint(pretrained)
     if "score.weight" in state_dict and _saved_labels(pretrained) != names:  # another task's head: start afresh
         state_dict = {k: v for k, v in state_dict.items() if k != "score.weight"}
@@ -185,6 +185,7 @@ def save_classifier(module, model_cfg, out: Path, labels: List[str], pretrained:
     import deepspeed
 
     from megallama.checkpoint.consolidated import CLASSIFIER_HEAD, save_consolidated
+    from megallama.data.tokenizer import tokenizer_class
     from megallama.parallel.layers import gather_tp_tensor
 
     params = dict(module.named_parameters())
@@ -194,7 +195,7 @@ def save_classifier(module, model_cfg, out: Path, labels: List[str], pretrained:
     if rank == 0:
         save_consolidated(full, model_cfg, out, overwrite=True,
                           extra={"head": CLASSIFIER_HEAD, "labels": labels, "finetuned_from": str(pretrained)})
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        shutil.copyfile(tokenizer, out / tokenizer_class(tokenizer).FILE_NAME)
         log.info("fine-tuned classifier saved to %s", out)
     if dist.is_initialized():
         dist.barrier()
