@@ -14,6 +14,7 @@ setup(
         "torch>=2.1",
         "deepspeed>=0.14",
         "sentencepiece>=0.1.99",
+        "tokenizers>=0.19",  # tokenizer.json and tiktoken-format (Llama 3) tokenizer files
         "pyyaml>=6",
         "pydantic>=2",
         "tqdm",
@@ -26,6 +27,7 @@ setup(
             "pytest-timeout",
             "hypothesis>=6",
             "transformers>=4.40",
+            "tiktoken>=0.6",  # the tiktoken-format tokenizer is checked against tiktoken itself
             "safetensors>=0.4",
             "megatron-core>=0.8",
         ],

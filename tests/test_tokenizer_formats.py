@@ -124,16 +124,31 @@ def test_preprocess_with_each_kind(files, corpus, tmp_path, capsys):
             assert np.asarray(docs[i]).tolist() == tok.encode(text, bos=True, eos=True)
 
 
-def _tiny_model(tmp_path, vocab: int) -> Path:
+def _export(tokenizer: Path, tmp_path, capsys):
+    """(tokenizer, a tiny random consolidated model) and its ``convert --to hf`` in tmp_path/hf."""
     from megallama import ModelConfig
     from megallama.checkpoint import save_consolidated
     from megallama.model import LlamaForCausalLM
     from megallama.parallel import ParallelState
 
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=vocab, multiple_of=16, max_seq_len=512)
-    out = tmp_path / "ours"
-    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=1).state_dict(), cfg, out)
-    return out
+    tok = Tokenizer(tokenizer)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size + 8,  # more rows: fine
+                      multiple_of=16, max_seq_len=512)
+    save_consolidated(LlamaForCausalLM(cfg, ParallelState(), seed=1).state_dict(), cfg, tmp_path / "ours")
+    rc, _, err = cli(capsys, "convert", "--to", "hf", "--input", tmp_path / "ours", "--output", tmp_path / "hf",
+                     "--tokenizer", tokenizer)
+    assert rc == 0, err
+    return tok, tmp_path / "ours"
+
+
+def _loglikelihood(model_dir: Path, ids: list, n_context: int) -> float:
+    """megallama's log-probability of ids[n_context:] after ids[:n_context]."""
+    from megallama import from_pretrained
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(from_pretrained(model_dir)(x)[0, :-1].float(), -1)
+    return logp[n_context - 1:].gather(1, x[0, n_context:, None]).sum().item()
 
 
 @pytest.mark.parametrize("kind", ["sp", "json", "tiktoken"])
@@ -143,13 +158,7 @@ def test_hf_export_tokenizes_and_scores_as_megallama(files, corpus, tmp_path, ca
     AutoModelForCausalLM), equals megallama's on its own tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from megallama import from_pretrained
-
-    tok = Tokenizer(files[kind])
-    ours_dir = _tiny_model(tmp_path, tok.vocab_size + 8)  # the model may have more rows than tokens
-    rc, out, err = cli(capsys, "convert", "--to", "hf", "--input", ours_dir, "--output", tmp_path / "hf",
-                       "--tokenizer", files[kind])
-    assert rc == 0, err
+    tok, ours_dir = _export(files[kind], tmp_path, capsys)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in corpus[:-1] + ["", "x"]:
         assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)
@@ -163,9 +172,24 @@ def test_hf_export_tokenizes_and_scores_as_megallama(files, corpus, tmp_path, ca
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     x = torch.tensor([whole])
     with torch.no_grad():
-        theirs = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
-        ours = torch.log_softmax(from_pretrained(ours_dir)(x)[0, :-1].float(), -1)
-    target = x[0, len(ctx):]
-    ll = [lp[len(ctx) - 1:].gather(1, target[:, None]).sum().item() for lp in (theirs, ours)]
-    assert abs(ll[0] - ll[1]) < 1e-4 and ll[0] < 0
+        logp = torch.log_softmax(model(x).logits[0, :-1].float(), -1)
+    theirs = logp[len(ctx) - 1:].gather(1, x[0, len(ctx):, None]).sum().item()
+    assert abs(theirs - _loglikelihood(ours_dir, whole, len(ctx))) < 1e-4 and theirs < 0
     assert "tokenizer.json" in os.listdir(tmp_path / "hf") or kind == "sp"
+
+
+def test_lm_eval_hf_model_reads_the_export(files, tmp_path, capsys):
+    """lm-evaluation-harness's own ``hf`` model (HFLM), default settings, on a Llama 3-style export:
+    its loglikelihoods are megallama's. Runs where lm_eval is installed (not a test dependency:
+    it pulls in datasets, pandas, scikit-learn, ...)."""
+    pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    tok, ours_dir = _export(files["tiktoken"], tmp_path, capsys)
+    requests = [("def loads(s, *, cls=None", "):\n    return decoder.decode(s)"), ("The quick brown", " fox jumps")]
+    lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1, dtype="float32")
+    results = lm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    for (context, continuation), (ll, _) in zip(requests, results):
+        ids = tok.encode(context + continuation, bos=True)
+        assert abs(ll - _loglikelihood(ours_dir, ids, len(tok.encode(context, bos=True)))) < 1e-4
