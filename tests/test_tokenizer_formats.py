@@ -193,3 +193,26 @@ def test_lm_eval_hf_model_reads_the_export(files, tmp_path, capsys):
     for (context, continuation), (ll, _) in zip(requests, results):
         ids = tok.encode(context + continuation, bos=True)
         assert abs(ll - _loglikelihood(ours_dir, ids, len(tok.encode(context, bos=True)))) < 1e-4
+
+
+def test_convert_and_generate_find_the_tokenizer(files, tmp_path, capsys, monkeypatch):
+    """A consolidated copy keeps the tokenizer under its kind's name, ``generate`` finds it there;
+    a tokenizer convert cannot honour is refused in one line with nothing written."""
+    tok, ours = _export(files["json"], tmp_path, capsys)
+    rc, _, err = cli(capsys, "convert", "--input", ours, "--output", tmp_path / "copy", "--tokenizer", files["json"])
+    assert rc == 0, err
+    assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == files["json"].read_bytes()
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)  # a single process, whatever launched pytest
+    for where in ("copy", "hf"):
+        rc, out, err = cli(capsys, "generate", "--checkpoint", tmp_path / where, "--prompt", "def f(",
+                           "--max-new-tokens", 3, "--json")
+        assert rc == 0, err
+        assert json.loads(out)["results"][0]["completion"] == tok.decode(json.loads(out)["results"][0]["new_tokens"])
+    too_big = files["tiktoken"]  # 854 tokens for a 608-row model
+    for argv, message in ((["--to", "hf", "--tokenizer", too_big], "854 tokens but the model's vocab_size is 608"),
+                          (["--tp", 1, "--tokenizer", files["json"]], "--tokenizer: a training checkpoint"),
+                          (["--tokenizer", tmp_path / "nope.json"], "nope.json: tokenizer model not found")):
+        rc, out, err = cli(capsys, "convert", "--input", ours, "--output", tmp_path / "refused", *argv)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()

@@ -77,6 +77,9 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     if kind == "training":
+        if args.tokenizer:
+            raise UserError("--tokenizer: a training checkpoint carries no tokenizer; it goes with --to hf or a "
+                            "consolidated output")
         from megallama.checkpoint.reshard import convert_training_checkpoint
 
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
