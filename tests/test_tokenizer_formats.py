@@ -70,6 +70,13 @@ def test_tokenizer_json_agrees_with_transformers(files, corpus):
     assert tok.encode("a</s>", bos=True, eos=True)[0] == 0 and tok.encode("a</s>", eos=True).count(1) == 1
 
 
+def test_tokenizer_config_beside_the_json_names_the_special_tokens(files, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(files["json"].read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<s>"}, "pad_token": "</s>"}))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 0, 1)
+
+
 def test_tiktoken_file_encodes_as_its_bpe_and_as_tiktoken(files, corpus):
     bpe, tik = Tokenizer(files["json"]), Tokenizer(files["tiktoken"])
     n = len(files["ranks"])
@@ -165,6 +172,8 @@ def test_hf_export_tokenizes_and_scores_as_megallama(files, corpus, tmp_path, ca
     gen = GenerationConfig.from_pretrained(tmp_path / "hf")
     assert (gen.bos_token_id, gen.eos_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id) * 2
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] == tok.bos_id
+    again = Tokenizer(tmp_path / "hf" / ("tokenizer.model" if kind == "sp" else "tokenizer.json"))  # read back
+    assert (again.bos_id, again.eos_id, again.encode(corpus[0])) == (tok.bos_id, tok.eos_id, tok.encode(corpus[0]))
 
     context, continuation = "def loads(s, *, cls=None", "):\n    return decoder.decode(s)"
     whole, ctx = hf_tok(context + continuation)["input_ids"], hf_tok(context)["input_ids"]

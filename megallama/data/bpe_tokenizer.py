@@ -137,17 +137,14 @@ class TiktokenTokenizer(_BPETokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         ranks = self._ranks(data)
-        char = _bytes_to_unicode()
-
-        def text(b: bytes) -> str:
-            return "".join(char[x] for x in b)
-
+        table = str.maketrans({chr(b): c for b, c in _bytes_to_unicode().items()})
+        name = {t: t.decode("latin-1").translate(table) for t in ranks}  # vocabulary entries as GPT-2 writes them
         merges = []
         for token, rank in ranks.items():
             merges += [(rank, ranks[token[:i]], ranks[token[i:]], token[:i], token[i:]) for i in range(1, len(token))
                        if token[:i] in ranks and token[i:] in ranks]
         merges.sort(key=lambda m: m[:3])
-        tk = HFTokenizer(models.BPE({text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for *_, a, b in merges],
+        tk = HFTokenizer(models.BPE({name[t]: r for t, r in ranks.items()}, [(name[a], name[b]) for *_, a, b in merges],
                                     ignore_merges=True))
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
