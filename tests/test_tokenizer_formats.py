@@ -170,7 +170,8 @@ def test_hf_export_tokenizes_and_scores_as_megallama(files, corpus, tmp_path, ca
     for text in corpus[:-1] + ["", "x"]:
         assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)
     gen = GenerationConfig.from_pretrained(tmp_path / "hf")
-    assert (gen.bos_token_id, gen.eos_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id) * 2
+    ids = (tok.bos_id, tok.eos_id)
+    assert (gen.bos_token_id, gen.eos_token_id) == ids == (hf_tok.bos_token_id, hf_tok.eos_token_id)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["bos_token_id"] == tok.bos_id
     again = Tokenizer(tmp_path / "hf" / ("tokenizer.model" if kind == "sp" else "tokenizer.json"))  # read back
     assert (again.bos_id, again.eos_id, again.encode(corpus[0])) == (tok.bos_id, tok.eos_id, tok.encode(corpus[0]))
