@@ -1,11 +1,12 @@
 """Shapes and counts of a model at a TP degree, read off a meta-device build (nothing allocated)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from megallama.config import ModelConfig
+from megallama.config.pipeline_split import describe_split
 from megallama.model.llama import build_model
 from megallama.model.norm import RMSNorm
 from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
@@ -33,16 +34,37 @@ def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]
     return rows
 
 
-def describe(cfg: ModelConfig, tp: int = 1) -> Dict[str, Any]:
-    """Per-layer weight table (math convention: ``x @ W`` with W as in x out) and totals."""
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _stages(model: torch.nn.Module, cfg: ModelConfig, stage_layers: Sequence[int]) -> List[Dict[str, int]]:
+    """Parameters per rank of each pipeline stage: its blocks, the embedding on the first, the rest
+    (final norm, head) on the last; a tied embedding is held by both ends (their gradients are tied)."""
+    embed, block = _count(model.tok_embeddings), _count(model.layers[0])
+    rest = _count(model) - embed - block * cfg.n_layers
+    last = len(stage_layers) - 1
+    return [dict(stage=i, layers=n, parameters_per_rank=n * block + (embed if i == 0 else 0)
+                 + (rest + (embed if cfg.tie_embeddings and last else 0) if i == last else 0))
+            for i, n in enumerate(stage_layers)]
+
+
+def describe(cfg: ModelConfig, tp: int = 1, stage_layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Per-layer weight table (math convention: ``x @ W`` with W as in x out), totals, and with
+    ``stage_layers`` (blocks per pipeline stage) each stage's share and the heaviest stage."""
     with torch.device("meta"):
         model = build_model(cfg, ParallelState(tp=tp))
         total = sum(p.numel() for p in build_model(cfg, ParallelState()).parameters())
     per_rank = sum(p.numel() for p in model.parameters())  # built at tp: local shapes already
-    return dict(
+    info = dict(
         arch=cfg.arch, tp=tp, parameters=total, parameters_per_rank=per_rank,
         ffn_hidden_size=cfg.ffn_hidden_size, head_dim=cfg.head_dim, n_layers=cfg.n_layers,
         layer=_rows(model.layers[0], "layers.0", tp),
         other=_rows(model.tok_embeddings, "tok_embeddings", tp) + _rows(model.norm, "norm", tp)
         + (_rows(model.output, "output", tp) if hasattr(model, "output") else []),
     )
+    if stage_layers is not None:
+        stages = _stages(model, cfg, stage_layers)
+        heaviest = max(stages, key=lambda s: s["parameters_per_rank"])
+        info.update(pp=len(stages), stage_split=describe_split(stage_layers), stages=stages, heaviest_stage=heaviest)
+    return info

@@ -77,6 +77,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               # pipeline stages name their parameters as the model does (DeepSpeed's per-layer
               # files of an older pipeline run do not load as they are: resume those layout-free)
               "stage_names": "canonical",
+              "stage_layers": cfg.stage_layers(),  # DeepSpeed's per-stage optimizer files fit this split only
               "schedule": {k: getattr(t, k) for k in SCHEDULE}}
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)
