@@ -34,19 +34,12 @@ def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]
     return rows
 
 
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _stages(model: torch.nn.Module, stage_layers: Sequence[int]) -> List[Dict[str, int]]:
+    """Blocks and parameters per rank of each pipeline stage, as training's pipeline places them."""
+    from megallama.train.pipeline import stage_parameters
 
-
-def _stages(model: torch.nn.Module, cfg: ModelConfig, stage_layers: Sequence[int]) -> List[Dict[str, int]]:
-    """Parameters per rank of each pipeline stage: its blocks, the embedding on the first, the rest
-    (final norm, head) on the last; a tied embedding is held by both ends (their gradients are tied)."""
-    embed, block = _count(model.tok_embeddings), _count(model.layers[0])
-    rest = _count(model) - embed - block * cfg.n_layers
-    last = len(stage_layers) - 1
-    return [dict(stage=i, layers=n, parameters_per_rank=n * block + (embed if i == 0 else 0)
-                 + (rest + (embed if cfg.tie_embeddings and last else 0) if i == last else 0))
-            for i, n in enumerate(stage_layers)]
+    return [dict(stage=i, layers=n, parameters_per_rank=sum(p.numel() for p in params.values()))
+            for i, (n, params) in enumerate(zip(stage_layers, stage_parameters(model, stage_layers)))]
 
 
 def describe(cfg: ModelConfig, tp: int = 1, stage_layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
@@ -64,7 +57,7 @@ def describe(cfg: ModelConfig, tp: int = 1, stage_layers: Optional[Sequence[int]
         + (_rows(model.output, "output", tp) if hasattr(model, "output") else []),
     )
     if stage_layers is not None:
-        stages = _stages(model, cfg, stage_layers)
+        stages = _stages(model, stage_layers)
         heaviest = max(stages, key=lambda s: s["parameters_per_rank"])
         info.update(pp=len(stages), stage_split=describe_split(stage_layers), stages=stages, heaviest_stage=heaviest)
     return info

@@ -151,13 +151,19 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, sta
                                      topology=topology)
 
 
-def stage_of_parameters(cfg: ModelConfig, stage_layers: Sequence[int]) -> Dict[str, int]:
-    """Canonical name -> the pipeline stage that holds it, with ``stage_layers`` blocks per stage
-    (the bounds training uses)."""
-    layers = _layers(_meta_model(cfg, ParallelState()))
+def stage_parameters(model: nn.Module, stage_layers: Sequence[int]) -> List[Dict[str, nn.Parameter]]:
+    """Each stage's parameters by canonical name, as a pipeline cut from ``model`` with
+    ``stage_layers`` blocks per stage holds them (the bounds training uses)."""
+    layers = _layers(model)
     bounds = _stage_bounds(layers, stage_layers)
+    return [{name: p for cls, args in layers[bounds[s]:bounds[s + 1]] for name, p in cls(**args).named_parameters()}
+            for s in range(len(stage_layers))]
+
+
+def stage_of_parameters(cfg: ModelConfig, stage_layers: Sequence[int]) -> Dict[str, int]:
+    """Canonical name -> the first pipeline stage that holds it."""
     out: Dict[str, int] = {}
-    for stage in range(len(stage_layers)):
-        for cls, args in layers[bounds[stage]:bounds[stage + 1]]:
-            out.update({name: stage for name, _ in cls(**args).named_parameters()})
+    for stage, params in enumerate(stage_parameters(_meta_model(cfg, ParallelState()), stage_layers)):
+        for name in params:
+            out.setdefault(name, stage)
     return out
