@@ -52,12 +52,14 @@ def test_uneven_stages_match_the_single_process_run(runs):
     _, _, (ref, ref_norms), (uneven, norms), _ = runs
     assert ref["losses"][-1] < ref["losses"][0]
     _close((uneven["losses"], norms), (ref["losses"][:SAVE_AT], ref_norms[:SAVE_AT]), "pp3 [1,2,1]")
+    assert "pipeline stages hold 1/2/1 of 4 layers" in uneven["stderr"]
 
 
 def test_an_explicit_split_resumes_the_uneven_checkpoint_and_matches(runs):
     """Another split at the same degree cannot take DeepSpeed's per-stage files: layout-free."""
     _, _, (ref, ref_norms), _, (explicit, norms) = runs
     assert explicit["start_step"] == SAVE_AT and "new layout: layout-free state" in explicit["stderr"]
+    assert "pipeline stages hold 2/1x2 of 4 layers" in explicit["stderr"]
     _close((explicit["losses"], norms), (ref["losses"][SAVE_AT:], ref_norms[SAVE_AT:]), "pp3 [2,1,1] resumed")
 
 
