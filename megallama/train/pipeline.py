@@ -6,11 +6,13 @@ canonical name (``tok_embeddings``, ``layers.N.…``, ``norm``, ``output``), and
 shares the model's one RoPE table. A layer is allocated and initialised from the part's keyed
 seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 weights.
 DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
-the names under that index are the model's own.
+the names under that index are the model's own. Each stage holds the blocks the run's split gives
+it (``RunConfig.stage_layers()``, any sizes); checkpoints group parameters by the same bounds.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -115,7 +117,9 @@ def _stage_bounds(layers: List[Layer], stage_layers: Sequence[int]) -> List[int]
     return bounds + [len(layers)]
 
 
+@functools.lru_cache(maxsize=None)
 def _staged_pipeline_module():
+    """The class, defined once DeepSpeed is imported (the module itself does not import it)."""
     from deepspeed.pipe import PipelineModule
 
     class StagedPipelineModule(PipelineModule):
