@@ -260,8 +260,8 @@ def test_set_overrides_pass_or_fail_in_one_line(sets, junk):
 def _batch_ok(mbs, gbs, acc, tp, pp, world, stage) -> bool:
     if mbs < 1 or (gbs is not None and gbs < 1) or (acc is not None and acc < 1) or world < 1:
         return False
-    if 4 % tp or 4 % pp or world % (tp * pp) or (pp > 1 and stage >= 2):
-        return False  # tiny: 4 heads, 4 layers; DeepSpeed's pipeline engine takes ZeRO 0/1
+    if 4 % tp or pp > 4 or world % (tp * pp) or (pp > 1 and stage >= 2):
+        return False  # tiny: 4 heads, 4 layers (a stage needs one); DeepSpeed's pipeline engine takes ZeRO 0/1
     dp = world // (tp * pp)
     if gbs is None:
         return True

@@ -103,8 +103,10 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     tag = tmp_path / "step_2"
     tag.mkdir()
     (tag / "mp_rank_00_model_states.pt").touch()
-    layout = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical"}
-    meta = {**{k: layout[k] for k in resume.LAYOUT}, "step": 2, "consumed_samples": 8, "model": {}}
+    layout = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical",
+              "stage_layers": [2, 2]}
+    meta = {**{k: layout[k] for k in resume.LAYOUT}, "step": 2, "consumed_samples": 8, "model": {},
+            "stage_layers": [2, 2]}
     monkeypatch.setattr(resume, "find_start", lambda cfg, ckpt_dir, storage: tag)
     monkeypatch.setattr(resume.ckpt, "read_meta", lambda path: dict(meta))
     monkeypatch.setattr(resume, "check_same_model", lambda *a: None)
@@ -113,6 +115,8 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     assert not resume.plan_resume(None, tmp_path, layout, False).native
     meta["stage_names"] = "canonical"
     assert resume.plan_resume(None, tmp_path, layout, False).native
-    del meta["stage_names"]
+    # the same degree split otherwise: DeepSpeed's per-stage optimizer files do not fit
+    assert not resume.plan_resume(None, tmp_path, dict(layout, stage_layers=[3, 1]), False).native
+    del meta["stage_names"], meta["stage_layers"]
     meta["pp"] = 1
     assert resume.plan_resume(None, tmp_path, dict(layout, pp=1), False).native

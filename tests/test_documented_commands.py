@@ -87,6 +87,7 @@ RUNS: Dict[str, Run] = {
     "megallama estimate --config examples/llama-7b.yaml --dp 32": Run(),
     "megallama plan --model llama-65b --gpus 2048 --gpu a100-80gb": Run(),
     "megallama describe --model llama-7b --tp 2 '[--json]'": Run(),
+    "megallama describe --model llama3-405b --pp 16": Run(),
     "python tools/plot_metrics.py RUN_DIR": Run(),
     "megallama validate examples/llama-7b.yaml --world-size 32": Run(),
     "megallama validate examples/llama-13b.yaml --world-size 64": Run(),

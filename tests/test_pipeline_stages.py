@@ -6,7 +6,7 @@ import torch
 from tests.dist_utils import run_distributed
 
 
-def _stage(rank, world, preset):
+def _stage(rank, world, preset, split):
     import deepspeed
 
     from megallama.config import ModelConfig
@@ -20,7 +20,7 @@ def _stage(rank, world, preset):
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     cfg = ModelConfig.preset(preset)
     state = initialize(tp=1, pp=world)
-    stage = build_pipeline_module(cfg, state, seed=11, partition="parameters")
+    stage = build_pipeline_module(cfg, state, seed=11, stage_layers=split)
     ref = dict(build_model(cfg, ParallelState(), seed=11).named_parameters())
     names = []
     for name, p in canonical_params(stage):
@@ -37,6 +37,15 @@ def _stage(rank, world, preset):
 
 
 def test_stages_hold_the_models_parts_under_canonical_names():
-    names, every = run_distributed(_stage, 2, "tiny")
+    """An uneven split: the first stage holds the embedding and exactly the blocks it is given."""
+    from megallama.config import ModelConfig
+    from megallama.train.pipeline import stage_of_parameters
+
+    names, every = run_distributed(_stage, 2, "tiny", [3, 1])
     assert names[0] == "tok_embeddings.weight" and all(n in every for n in names)
+    assert {n.split(".")[1] for n in names if n.startswith("layers.")} == {"0", "1", "2"}
     assert "output.weight" not in names  # the head lives on the last stage
+    # checkpoints group files by the same bounds
+    stage_of = stage_of_parameters(ModelConfig.preset("tiny"), [3, 1])
+    assert sorted(n for n, s in stage_of.items() if s == 0) == sorted(names)
+    assert set(stage_of) == set(every)

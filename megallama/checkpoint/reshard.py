@@ -19,6 +19,7 @@ from typing import Dict, Tuple
 import torch
 
 from megallama.config import ModelConfig, layout_rules
+from megallama.config.pipeline_split import stage_layers
 from megallama.errors import UserError
 from megallama.parallel.layers import split_for_rank
 
@@ -68,7 +69,9 @@ def consolidate_training_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.
 
 
 def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
-    """Write a checkpoint directory at ``tp`` x ``pp`` from any training checkpoint."""
+    """Write a checkpoint directory at ``tp`` x ``pp`` from any training checkpoint. Files are
+    grouped by stage as training's default split (``parameters``) places blocks; a run of any
+    split resumes from them, since it reads every file (names are unpipelined)."""
     from safetensors.torch import save_file
 
     from megallama.train import checkpoint as ckpt
@@ -82,6 +85,7 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
                or layout_rules.layout_problem(cfg.shape, tp, pp))
     if problem:
         raise UserError(f"--tp/--pp: {problem}")
+    split = stage_layers(cfg.n_layers, pp, "parameters", None, cfg.pipeline_weights())
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")
@@ -92,7 +96,7 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
         dst.mkdir(parents=True)
         files: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
         index: Dict[Tuple[int, int], Dict] = {}
-        stage_of = stage_of_parameters(cfg, pp) if pp > 1 else {}  # only a decoder is pipelined
+        stage_of = stage_of_parameters(cfg, split) if pp > 1 else {}  # only a decoder is pipelined
         for name in reader.names():
             info = reader.index[name]
             stage = stage_of.get(name, 0)
@@ -112,10 +116,11 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
             stem = f"pp{stage:02d}-tp{r:02d}"
             save_file(tensors, str(dst / f"{stem}.safetensors"))
             (dst / f"{stem}.index.json").write_text(json.dumps(index[(stage, r)]))
-        layout = {**reader.layout, "tp": tp, "pp": pp, "dp": None, "zero": None, "resharded_from": str(tag)}
+        layout = {**reader.layout, "tp": tp, "pp": pp, "dp": None, "zero": None, "stage_layers": split,
+                  "resharded_from": str(tag)}
         (dst / "layout.json").write_text(json.dumps(layout))
         meta = ckpt.read_meta(tag)  # checked: a damaged meta.json is one line, not a traceback
-        meta.update(tp=tp, pp=pp, dp=None, zero=None)
+        meta.update(tp=tp, pp=pp, dp=None, zero=None, stage_layers=split)
         (tmp / tag.name / "meta.json").write_text(json.dumps(meta, indent=1))
         ckpt.write_manifest(tmp / tag.name)
         (tmp / ckpt.LATEST).write_text(tag.name)

@@ -1,11 +1,12 @@
 """Shapes and counts of a model at a TP degree, read off a meta-device build (nothing allocated)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from megallama.config import ModelConfig
+from megallama.config.pipeline_split import describe_split
 from megallama.model.llama import build_model
 from megallama.model.norm import RMSNorm
 from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear, VocabParallelEmbedding
@@ -33,16 +34,30 @@ def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]
     return rows
 
 
-def describe(cfg: ModelConfig, tp: int = 1) -> Dict[str, Any]:
-    """Per-layer weight table (math convention: ``x @ W`` with W as in x out) and totals."""
+def _stages(model: torch.nn.Module, stage_layers: Sequence[int]) -> List[Dict[str, int]]:
+    """Blocks and parameters per rank of each pipeline stage, as training's pipeline places them."""
+    from megallama.train.pipeline import stage_parameters
+
+    return [dict(stage=i, layers=n, parameters_per_rank=sum(p.numel() for p in params.values()))
+            for i, (n, params) in enumerate(zip(stage_layers, stage_parameters(model, stage_layers)))]
+
+
+def describe(cfg: ModelConfig, tp: int = 1, stage_layers: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Per-layer weight table (math convention: ``x @ W`` with W as in x out), totals, and with
+    ``stage_layers`` (blocks per pipeline stage) each stage's share and the heaviest stage."""
     with torch.device("meta"):
         model = build_model(cfg, ParallelState(tp=tp))
         total = sum(p.numel() for p in build_model(cfg, ParallelState()).parameters())
     per_rank = sum(p.numel() for p in model.parameters())  # built at tp: local shapes already
-    return dict(
+    info = dict(
         arch=cfg.arch, tp=tp, parameters=total, parameters_per_rank=per_rank,
         ffn_hidden_size=cfg.ffn_hidden_size, head_dim=cfg.head_dim, n_layers=cfg.n_layers,
         layer=_rows(model.layers[0], "layers.0", tp),
         other=_rows(model.tok_embeddings, "tok_embeddings", tp) + _rows(model.norm, "norm", tp)
         + (_rows(model.output, "output", tp) if hasattr(model, "output") else []),
     )
+    if stage_layers is not None:
+        stages = _stages(model, stage_layers)
+        heaviest = max(stages, key=lambda s: s["parameters_per_rank"])
+        info.update(pp=len(stages), stage_split=describe_split(stage_layers), stages=stages, heaviest_stage=heaviest)
+    return info

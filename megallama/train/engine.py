@@ -39,7 +39,7 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
 
     seed = cfg.train.seed
     if state.pp > 1:
-        return build_pipeline_module(cfg.model, state, seed, cfg.parallel.pipeline_partition).to(device)
+        return build_pipeline_module(cfg.model, state, seed, cfg.stage_layers()).to(device)
     if DeepSpeedSettings.of(ds).zero_stage == 3:
         # partition over the data-parallel group only: each TP rank's shard is its own tensor
         with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from megallama.config import RunConfig
+from megallama.config.pipeline_split import describe_split
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
 from megallama.train.distributed import on_rank0_then_share
@@ -67,6 +68,8 @@ def _train(rt: Runtime) -> Dict[str, Any]:
         log.info("launcher=%s world=%d tp=%d pp=%d dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
                  rt.info.launcher, rt.info.world_size, state.tp, state.pp, state.dp, zero_stage(ds), precision(ds),
                  batch.global_, batch.micro, batch.accum, state.dp)
+        if state.pp > 1:
+            log.info("pipeline stages hold %s of %d layers", describe_split(cfg.stage_layers()), cfg.model.n_layers)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
     train_ds, valid_ds, _ = open_datasets(cfg)
@@ -77,6 +80,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               # pipeline stages name their parameters as the model does (DeepSpeed's per-layer
               # files of an older pipeline run do not load as they are: resume those layout-free)
               "stage_names": "canonical",
+              "stage_layers": cfg.stage_layers(),  # DeepSpeed's per-stage optimizer files fit this split only
               "schedule": {k: getattr(t, k) for k in SCHEDULE}}
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)

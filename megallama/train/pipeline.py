@@ -6,12 +6,14 @@ canonical name (``tok_embeddings``, ``layers.N.…``, ``norm``, ``output``), and
 shares the model's one RoPE table. A layer is allocated and initialised from the part's keyed
 seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 weights.
 DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
-the names under that index are the model's own.
+the names under that index are the model's own. Each stage holds the blocks the run's split gives
+it (``RunConfig.stage_layers()``, any sizes); checkpoints group parameters by the same bounds.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Tuple
+import functools
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -101,28 +103,71 @@ def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, st
     return spec
 
 
-def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, partition: str):
-    """This rank's stage of the decoder; ``partition``: ``parameters`` or ``uniform`` (blocks)."""
+def _stage_bounds(layers: List[Layer], stage_layers: Sequence[int]) -> List[int]:
+    """DeepSpeed's ``parts`` (stage ``s`` runs layers ``parts[s]:parts[s + 1]``) for
+    ``stage_layers`` blocks per stage: what precedes the first block (the embedding) joins the
+    first stage, what follows the last (the head) joins the last."""
+    blocks = [i for i, (stage, _) in enumerate(layers) if stage is BlockStage]
+    if sum(stage_layers) != len(blocks) or min(stage_layers, default=0) < 1:
+        raise ValueError(f"stage layers {list(stage_layers)} do not split the model's {len(blocks)} blocks")
+    bounds, seen = [0], 0
+    for count in stage_layers[:-1]:
+        seen += count
+        bounds.append(blocks[seen])
+    return bounds + [len(layers)]
+
+
+@functools.lru_cache(maxsize=None)
+def _staged_pipeline_module():
+    """The class, defined once DeepSpeed is imported (the module itself does not import it)."""
     from deepspeed.pipe import PipelineModule
+
+    class StagedPipelineModule(PipelineModule):
+        """DeepSpeed's pipeline with the stage boundaries given (``pipeline_split``'s rule), not
+        found by one of its own partition methods, which balance differently or not at all."""
+
+        def __init__(self, layers, bounds: List[int], **kwargs):
+            self._megallama_bounds = list(bounds)  # read by _partition_layers during __init__
+            super().__init__(layers=layers, **kwargs)
+
+        def _partition_layers(self, method=None):
+            self.parts = list(self._megallama_bounds)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return StagedPipelineModule
+
+
+def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, stage_layers: Sequence[int]):
+    """This rank's stage of the decoder; ``stage_layers``: blocks per stage (``RunConfig.stage_layers()``)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    if len(stage_layers) != state.pp:
+        raise ValueError(f"stage layers {list(stage_layers)} name {len(stage_layers)} stages, the layout has {state.pp}")
     model = _meta_model(cfg, state)
     keys = {id(part): key for part, key in model.init_parts()}
-    specs = [_spec(stage, args, keys, seed, state) for stage, args in _layers(model)]
+    layers = _layers(model)
+    specs = [_spec(stage, args, keys, seed, state) for stage, args in layers]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
-    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
-                          topology=topology,
-                          partition_method="parameters" if partition == "parameters" else "type:BlockStage")
+    return _staged_pipeline_module()(layers=specs, bounds=_stage_bounds(layers, stage_layers),
+                                     loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
+                                     topology=topology)
 
 
-def stage_of_parameters(cfg: ModelConfig, pp: int) -> Dict[str, int]:
-    """Canonical name -> the stage of ``pp`` that holds it when blocks are spread evenly (the
-    ``uniform`` partition: the embedding rides with the first blocks, the head with the last)."""
-    layers = [stage(**args) for stage, args in _layers(_meta_model(cfg, ParallelState()))]
-    blocks = sum(isinstance(layer, BlockStage) for layer in layers)
-    out, seen = {}, 0
-    for layer in layers:
-        out.update({name: min(seen * pp // blocks, pp - 1) for name, _ in layer.named_parameters()})
-        seen += isinstance(layer, BlockStage)
+def stage_parameters(model: nn.Module, stage_layers: Sequence[int]) -> List[Dict[str, nn.Parameter]]:
+    """Each stage's parameters by canonical name, as a pipeline cut from ``model`` with
+    ``stage_layers`` blocks per stage holds them (the bounds training uses)."""
+    layers = _layers(model)
+    bounds = _stage_bounds(layers, stage_layers)
+    return [{name: p for cls, args in layers[bounds[s]:bounds[s + 1]] for name, p in cls(**args).named_parameters()}
+            for s in range(len(stage_layers))]
+
+
+def stage_of_parameters(cfg: ModelConfig, stage_layers: Sequence[int]) -> Dict[str, int]:
+    """Canonical name -> the first pipeline stage that holds it."""
+    out: Dict[str, int] = {}
+    for stage, params in enumerate(stage_parameters(_meta_model(cfg, ParallelState()), stage_layers)):
+        for name in params:
+            out.setdefault(name, stage)
     return out

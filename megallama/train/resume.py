@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio")
 LAYOUT = ("tp", "pp", "dp", "zero", "precision")  # what DeepSpeed's own files are tied to
+PIPELINE = ("stage_names", "stage_layers")  # and with a pipeline: parameter names, blocks per stage
 
 
 @dataclass
@@ -89,7 +90,7 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
     check_same_model(meta, cfg, path)
     refit = schedule_changed(meta, cfg, path)
     same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path) \
-        and (layout["pp"] == 1 or meta.get("stage_names") == layout["stage_names"]) and not storage.node_local
+        and (layout["pp"] == 1 or all(meta.get(k) == layout[k] for k in PIPELINE)) and not storage.node_local
     universal = None
     if not same_layout:
         from megallama.train.universal import UniversalReader
