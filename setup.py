@@ -28,7 +28,7 @@ setup(
             "transformers>=4.40",
             "safetensors>=0.4",
             "megatron-core>=0.8",
-            "wandb>=0.16",  # the wandb tracker's test (offline, no network)
+            "wandb>=0.19",  # the wandb tracker's test (offline, no network)
         ],
         "tools": ["matplotlib>=3.7", "tensorboard>=2.14"],
     },

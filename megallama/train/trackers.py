@@ -142,10 +142,15 @@ class WandbSink:
         import wandb
 
         w = cfg.train.wandb
-        self._run = wandb.init(project=w.project, name=w.name or Path(cfg.run_dir).name, dir=w.dir or cfg.run_dir,
-                               mode=w.mode, config=cfg.model_dump(mode="json"),
-                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
-                                                       disable_git=True))
+        try:
+            self._run = wandb.init(project=w.project, name=w.name or Path(cfg.run_dir).name,
+                                   dir=w.dir or cfg.run_dir, mode=w.mode, config=cfg.model_dump(mode="json"),
+                                   settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                                           disable_git=True))
+        except Exception as exc:  # no API key online, an unwritable dir: wandb's own words, in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"train.trackers: wandb did not start ({first}); set WANDB_MODE=offline or "
+                            "train.wandb.mode=offline to log without a network") from None
 
     def write(self, record: Dict[str, Any]) -> None:
         self._run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
