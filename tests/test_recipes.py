@@ -55,9 +55,9 @@ def wandb_history(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
-    """A: six ramped steps straight through (every tracker, evaluation at steps 3 and 6). B: the
-    same stopped at step 2 (mid-ramp, with a checkpoint), then resumed. C: step 0 again from B's
-    checkpoint's weights alone, at LR 0 so its one step leaves them as they were."""
+    """A: six ramped steps straight through (JSONL, CSV, offline wandb; evaluation at steps 3 and
+    6). B: the same stopped at step 2 (mid-ramp, with a checkpoint), then resumed. C: step 0 again
+    from B's checkpoint's weights alone, at LR 0 so its one step leaves them as they were."""
     tmp = tmp_path_factory.mktemp("recipes")
     cfg = tiny_run_config(tmp, data_cache)
     saved = {k: os.environ.get(k) for k in WANDB_ENV}
@@ -67,7 +67,10 @@ def runs(tmp_path_factory, data_cache):
                                    f"run_dir={tmp / 'a'}"])
     finally:
         for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     b1 = run_train(cfg, RAMP + [FILES_ONLY, "train.exit_at_step=2", "checkpoint.every=2", f"run_dir={tmp / 'b'}"])
     b2 = run_train(cfg, RAMP + [FILES_ONLY, f"run_dir={tmp / 'b'}"])
     c = run_train(cfg, [FILES_ONLY, "train.steps=1", "train.warmup_steps=0", "train.lr=0", "checkpoint.every=1",

@@ -67,7 +67,8 @@ class Progress(Hooks):
         if self.logs_at(step):
             gn = engine.get_global_grad_norm()
             elapsed = time.perf_counter() - self.last_log
-            window, tps = elapsed / max(1, step - self.last_logged), self.window_tokens / elapsed if elapsed > 0 else 0.0
+            window = elapsed / max(1, step - self.last_logged)
+            tps = self.window_tokens / elapsed if elapsed > 0 else 0.0
             self.restart_window(step)
             self.metrics.log(step, value, self.lr, float(gn) if gn is not None else None, window, tps,
                              step - self.start_step,
