@@ -30,6 +30,7 @@ setup(
             "tiktoken>=0.6",  # the tiktoken-format tokenizer is checked against tiktoken itself
             "safetensors>=0.4",
             "megatron-core>=0.8",
+            "wandb>=0.19",  # the wandb tracker's test (offline, no network)
         ],
         "tools": ["matplotlib>=3.7", "tensorboard>=2.14"],
     },

@@ -98,6 +98,7 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     pipeline run from before that do not load as they are, so such a checkpoint is resumed from
     its layout-free state even at the same layout (a run without a pipeline is unaffected)."""
     import megallama.train.universal as universal
+    from megallama.config import RunConfig
     from megallama.train import resume
 
     tag = tmp_path / "step_2"
@@ -112,11 +113,11 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     monkeypatch.setattr(resume, "check_same_model", lambda *a: None)
     monkeypatch.setattr(resume, "schedule_changed", lambda *a: False)
     monkeypatch.setattr(universal, "UniversalReader", lambda src: ("layout-free", src))
-    assert not resume.plan_resume(None, tmp_path, layout, False).native
+    assert not resume.plan_resume(RunConfig(), tmp_path, layout, False).native
     meta["stage_names"] = "canonical"
-    assert resume.plan_resume(None, tmp_path, layout, False).native
+    assert resume.plan_resume(RunConfig(), tmp_path, layout, False).native
     # the same degree split otherwise: DeepSpeed's per-stage optimizer files do not fit
-    assert not resume.plan_resume(None, tmp_path, dict(layout, stage_layers=[3, 1]), False).native
+    assert not resume.plan_resume(RunConfig(), tmp_path, dict(layout, stage_layers=[3, 1]), False).native
     del meta["stage_names"], meta["stage_layers"]
     meta["pp"] = 1
-    assert resume.plan_resume(None, tmp_path, dict(layout, pp=1), False).native
+    assert resume.plan_resume(RunConfig(), tmp_path, dict(layout, pp=1), False).native

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, fiel
 from megallama.config import layout_rules as rules
 from megallama.config.layout_rules import ModelShape
 from megallama.config.pipeline_split import StageWeights, explicit_problem, stage_layers
+from megallama.config.rampup import BatchRamp, ceil_div, ramp_problem, samples_to_steps
 from megallama.config.swiglu import swiglu_hidden
 from megallama.errors import UserError, did_you_mean
 
@@ -195,8 +196,25 @@ class ActivationCheckpointing(_Strict):
     cpu_checkpointing: bool = False
 
 
+LR_SCHEDULES = ("cosine", "linear", "constant", "wsd", "inverse_sqrt")  # megallama/train/optim.py
+TRACKERS = ("jsonl", "csv", "tensorboard", "wandb")  # megallama/train/trackers.py
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases sink (``train.trackers`` lists ``wandb``); offline/online is wandb's own
+    ``WANDB_MODE`` unless ``mode`` is set."""
+
+    project: str = "megallama"
+    name: Optional[str] = None  # default: the run directory's name
+    dir: Optional[str] = None  # default: RUN_DIR (wandb writes RUN_DIR/wandb/...)
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+
+
 class TrainConfig(_Strict):
     steps: Int = _int(300)
+    # the run's length in tokens instead: steps = the fewest whose global batches (ramp-up included) of
+    # seq_len tokens cover it; needs global_batch_size, so the count does not depend on the rank count
+    tokens: Optional[Int] = _int(None, le=2**62)
     seed: Int = _int(1234, ge=0, le=MAX_SEED)
     seq_len: Int = _int(256)
     micro_batch_size: Int = _int(4, ge=-MAX_SIZE)  # below 1: batch_layout says so by name
@@ -205,6 +223,14 @@ class TrainConfig(_Strict):
     lr: Float = _num(3.0e-4, ge=0)
     min_lr_ratio: Float = _num(0.1, ge=0, le=1)
     warmup_steps: Int = _int(30, ge=0)
+    # after the linear warm-up: cosine or linear decay to min_lr_ratio, constant, wsd (warmup-stable-decay:
+    # the peak until the last lr_decay_fraction of the steps, then linear to min_lr_ratio), or inverse_sqrt
+    # (peak x sqrt(warmup_steps / step), floored at min_lr_ratio)
+    lr_schedule: Literal[LR_SCHEDULES] = "cosine"
+    lr_decay_fraction: Float = _num(0.2, gt=0, le=1)
+    # Megatron's --rampup-batch-size [start, increment, samples]: the global batch grows from start by
+    # increment over that many consumed samples to global_batch_size
+    rampup_batch_size: Optional[List[Int]] = None
     weight_decay: Float = _num(0.1, ge=0)
     beta1: Float = _num(0.9, ge=0, lt=1)
     beta2: Float = _num(0.95, ge=0, lt=1)
@@ -225,6 +251,38 @@ class TrainConfig(_Strict):
     # a resume whose steps/warmup_steps/lr/min_lr_ratio differ from the checkpoint's is refused (as
     # Megatron does) unless this re-fits the schedule (Megatron's --override-opt_param-scheduler)
     allow_schedule_change: bool = False
+    trackers: List[Literal[TRACKERS]] = ["jsonl", "csv", "tensorboard"]  # where each step's record goes
+    wandb: WandbConfig = WandbConfig()
+
+    @property
+    def ramp(self) -> Optional[BatchRamp]:
+        r = self.rampup_batch_size
+        return None if r is None else BatchRamp(r[0], r[1], r[2], self.global_batch_size)
+
+    @property
+    def decay_steps(self) -> int:
+        """WSD's decay phase: the last ``lr_decay_fraction`` of the steps (at least one)."""
+        return max(1, round(self.lr_decay_fraction * self.steps))
+
+    @model_validator(mode="after")
+    def _steps_from_tokens(self) -> "TrainConfig":
+        problem = ramp_problem(self.rampup_batch_size, self.global_batch_size)
+        if problem:
+            raise ConfigError(problem)
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"train.trackers: {self.trackers} names a tracker twice")
+        if self.tokens is None:
+            return self
+        if "steps" in self.model_fields_set:
+            raise ConfigError("train.tokens: give train.steps or train.tokens, not both")
+        if self.global_batch_size is None:
+            raise ConfigError("train.tokens: needs train.global_batch_size (steps = tokens / (global batch x "
+                              "seq_len), independent of the rank count)")
+        steps = samples_to_steps(ceil_div(self.tokens, self.seq_len), self.global_batch_size, self.ramp)
+        if steps > MAX_SIZE:
+            raise ConfigError(f"train.tokens: {self.tokens} tokens make {steps} steps, above {MAX_SIZE}")
+        self.__dict__["steps"] = steps  # not via assignment: that would validate this model again
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> "TrainConfig":
@@ -239,6 +297,13 @@ class TrainConfig(_Strict):
         logging.getLogger(__name__).info("train.warmup_steps: the default %d is not fewer than train.steps=%d; "
                                          "using %d", self.warmup_steps, self.steps, short)
         self.__dict__["warmup_steps"] = short  # not via assignment: that would validate this model again
+        return self
+
+    @model_validator(mode="after")
+    def _decay_after_warmup(self) -> "TrainConfig":
+        if self.lr_schedule == "wsd" and self.warmup_steps + self.decay_steps > self.steps:
+            raise ConfigError(f"train.lr_decay_fraction: {self.lr_decay_fraction} of train.steps={self.steps} is "
+                              f"{self.decay_steps} decay steps, which overlap the {self.warmup_steps} warm-up steps")
         return self
 
     def batch_layout(self, dp: int) -> "BatchLayout":
@@ -263,6 +328,11 @@ class TrainConfig(_Strict):
                 f" size = {mbs} x {acc} x {dp} = {mbs * acc * dp}")
         if acc <= 0:
             raise ConfigError(f"train.grad_accum_steps: expected a positive integer, got {acc}")
+        if self.rampup_batch_size is not None:
+            for name, size in zip(("start", "increment"), self.rampup_batch_size):
+                if size % (mbs * dp):
+                    raise ConfigError(f"train.rampup_batch_size: {name} {size} is not divisible by micro_batch_size "
+                                      f"x data-parallel size = {mbs} x {dp}")
         return BatchLayout(micro=mbs, accum=acc, dp=dp, global_=gbs)
 
 
@@ -319,6 +389,16 @@ class CheckpointConfig(_Strict):
     # node sees; refused at start if not), "node_local" (each node keeps its ranks' files plus a copy of
     # the layout-free part), "auto" (shared when the start-up probe finds it shared, else refused)
     storage: Literal["auto", "shared", "node_local"] = "auto"
+    # start from checkpoint.load's weights alone, at step 0 with a fresh optimizer, LR schedule and data
+    # position (Megatron's --finetune); a restart of this run still resumes from its own checkpoints
+    load_weights_only: bool = False
+
+    @model_validator(mode="after")
+    def _weights_need_load(self) -> "CheckpointConfig":
+        if self.load_weights_only and not self.load:
+            raise ConfigError("checkpoint.load_weights_only: needs checkpoint.load (the checkpoint whose weights "
+                              "start the run)")
+        return self
 
 
 class RunConfig(_Strict):

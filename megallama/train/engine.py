@@ -54,9 +54,10 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
 
 
 def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], device: torch.device,
-                 universal=None, step: int = 0, module: torch.nn.Module = None) -> Built:
-    """``universal``: a :class:`UniversalReader` to start from (a checkpoint of another layout);
-    ``module``: a model built by the caller (e.g. a classifier for fine-tuning) instead of the LM."""
+                 universal=None, step: int = 0, module: torch.nn.Module = None, weights_only: bool = False) -> Built:
+    """``universal``: a :class:`UniversalReader` to start from (a checkpoint of another layout;
+    ``weights_only``: its weights alone, with a fresh optimizer); ``module``: a model built by the
+    caller (e.g. a classifier for fine-tuning) instead of the LM."""
     import deepspeed
 
     from megallama.train import deepspeed_patches as patches
@@ -92,7 +93,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
     _apply_patches(engine, traits)
     _warn_zero_without_dp(state, settings)
     if universal is not None:
-        uni.load_optimizer_state(universal, engine, module, state, step)
+        uni.load_optimizer_state(universal, engine, module, state, step, moments=not weights_only)
         set_schedule_position(engine.lr_scheduler, step)
     return Built(engine=engine, module=module, pipeline=pipeline, traits=traits)
 

@@ -55,7 +55,8 @@ def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, 
                 yield t[:, :-1], t[:, 1:]
 
     it = micro_batches()
-    losses = [engine.eval_batch(it).item() for _ in range(usable)]
+    # the count said outright: under train.rampup_batch_size the engine's own is the ramp's of the moment
+    losses = [engine.eval_batch(it, num_micro_batches=accum).item() for _ in range(usable)]
     loss = sum(losses) / len(losses)
     seq = len(dataset[0]) - 1
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": usable * per_batch * seq,

@@ -68,9 +68,10 @@ def _refuse(blame: str, what: str, need: float, parts: str, where: str, advice: 
                     f"{parts}) but {where}; {advice}")
 
 
-def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
+def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float:
     """``train``/``profile`` start-up: the worst pipeline stage's peak (model states, activations,
-    buffers) against this rank's share of the device."""
+    buffers) against this rank's share of the device; returns that prediction (bytes per rank),
+    which the run's records set beside the measured peak."""
     from megallama.profiling.arch import ArchSpec
     from megallama.profiling.compare import impl_of, layout_of
     from megallama.profiling.memory import memory_breakdown, params_per_rank
@@ -94,7 +95,7 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> None:
     mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), buckets=buckets)
     need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
     if need <= cap:
-        return
+        return need
     acts = mem.activations
     parts = f"activations {fmt_bytes(acts)}, model states and buffers {fmt_bytes(need - acts)}"
     if acts > need - acts:
@@ -125,7 +126,7 @@ def check_inference_fits(cfg: Any, tp: int, batch: int, seq: int, dtype: Optiona
     need = weights + block + logits + cache
     cap, where = capacity(world_size, local_rank)
     if need <= cap:
-        return
+        return need
     parts = (f"weights {fmt_bytes(weights)}, forward {fmt_bytes(block + logits)}"
              + (f", KV cache {fmt_bytes(cache)}" if kv_cache else ""))
     if weights >= need / 2:

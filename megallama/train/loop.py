@@ -23,6 +23,7 @@ from megallama.train.resume import SCHEDULE, plan_resume
 from megallama.train.runtime import Runtime, guard, on_device, open_datasets, start
 from megallama.train.step import train_step
 from megallama.train.storage import resolve as resolve_storage
+from megallama.train.trackers import check_trackers
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def _metrics(rt: Runtime, start_step: int) -> MetricsLogger:
     peak, peak_source = on_rank0_then_share(lambda: device_peak_flops(precision(rt.ds)))
     if rt.rank0:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
-    return MetricsLogger(rt.cfg.run_dir, rt.rank0, t.steps, rt.tokens_per_step, rt.info.world_size,
-                         flops.model, flops.hardware, peak, start_step=start_step)
+    return MetricsLogger(rt.cfg, rt.rank0, rt.info.world_size, flops.model, flops.hardware, peak,
+                         start_step=start_step, mem_predicted=rt.mem_predicted)
 
 
 def _train(rt: Runtime) -> Dict[str, Any]:
@@ -72,6 +73,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
             log.info("pipeline stages hold %s of %d layers", describe_split(cfg.stage_layers()), cfg.model.n_layers)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
+    check_trackers(t.trackers)
     train_ds, valid_ds, _ = open_datasets(cfg)
     if rt.rank0:  # only once the data is known good: a failed start leaves no config behind
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
@@ -84,7 +86,8 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               "schedule": {k: getattr(t, k) for k in SCHEDULE}}
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)
-    rt.build(universal=resume.universal, step=resume.step)
+    rt.build(universal=resume.universal, step=resume.step, weights_only=resume.weights_only)
+    rt.consumed_samples = resume.consumed_samples
     if resume.native:
         rt.engine.load_checkpoint(str(resume.path.parent), tag=resume.path.name)
         ckpt.load_rng(resume.path, state.rng)
@@ -93,7 +96,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
 
     start_step, last_step = resume.step, min(t.steps, t.exit_at_step or t.steps)
     metrics = _metrics(rt, start_step)
-    progress = Progress(metrics, start_step, last_step, t.max_bad_steps, t.log_every)
+    progress = Progress(metrics, start_step, last_step, t.max_bad_steps, t.log_every, t.eval_every)
     hooks = HookList(installed() + [progress])
     batches = on_device(it, rt.device)
     run_start = time.perf_counter()
@@ -101,16 +104,19 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     with preempt:  # from here a SIGTERM/SIGINT stops every rank at a step boundary, with a checkpoint
         for step in range(start_step + 1, last_step + 1):
             began = time.perf_counter()
+            rt.ramp_batch(it)
             train_step(rt, batches, hooks)
+            rt.consumed_samples += rt.global_batch
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
                 metrics.log_eval(step, _evaluate(rt, valid_ds, t.eval_iters))
                 progress.restart_window(step)
+            metrics.commit()
             # collective: every rank stops after the same step (on the last one, the run is simply done)
             stopped = preempt.should_stop(time.perf_counter() - began) if step < last_step else None
             if stopped or cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or step == last_step):
                 began = time.perf_counter()
                 ckpt.save(rt.engine, rt.module, state, ckpt_dir, step,
-                          {"consumed_samples": it.consumed_samples, "step": step}, cfg.checkpoint.keep,
+                          {"consumed_samples": rt.consumed_samples, "step": step}, cfg.checkpoint.keep,
                           layout, hooks=hooks, storage=storage)
                 preempt.saved(time.perf_counter() - began)
                 progress.restart_window(step)  # keep save time out of the throughput window
@@ -156,7 +162,8 @@ def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: fl
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
         "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),
         "skipped_steps": skipped_steps(rt.engine), "hosts": _rank_hosts(),
-        "metrics": str(Path(cfg.run_dir) / "metrics.jsonl"), "preempted": None, **extra,
+        "metrics": str(Path(cfg.run_dir) / ("metrics.jsonl" if "jsonl" in t.trackers else "")),
+        "preempted": None, **extra,
     }
     metrics.close()
     if rt.rank0:

@@ -1,4 +1,5 @@
-"""What a user watches: a progress line on rank 0, ``RUN_DIR/metrics.jsonl``, TensorBoard.
+"""What a user watches: a progress line on rank 0 and one record per logged step, written by the
+sinks of ``train.trackers`` (``megallama/train/trackers.py``).
 
 FLOPs are counted as Megatron counts them (matmuls of forward and backward, attention
 included): ``tflops_per_rank`` and ``mfu`` use model FLOPs, ``hfu`` adds recomputation.
@@ -107,32 +108,6 @@ def cpu_peak_flops(precision: str) -> tuple:
     return flops, f"CPU {precision} GEMM peak measured now, {date}, cached in {path} [{key}]"
 
 
-def keep_records_through(path: Path, step: int) -> int:
-    """Drop records past ``step`` (a resume from an older checkpoint replays them) and any torn last
-    line, by writing a new file and renaming it over the old. Returns how many were dropped."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
-    if len(kept) == len(lines):
-        return 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
-
-
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -141,53 +116,45 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, enabled: bool, total_steps: int, tokens_per_step: int, world_size: int,
-                 flops_model_per_token: float, flops_hw_per_token: float, peak_flops: float, start_step: int = 0):
-        """``start_step``: where this run starts; earlier runs' records past it are replaced, in
-        ``metrics.jsonl`` and TensorBoard alike, so a resume never doubles a step."""
+    """One record per logged step: the training figures, the evaluation merged in when the step
+    evaluated, handed to every sink of ``train.trackers`` (rank 0) once the step is over."""
+
+    def __init__(self, cfg, enabled: bool, world_size: int, flops_model_per_token: float,
+                 flops_hw_per_token: float, peak_flops: float, start_step: int = 0,
+                 mem_predicted: Optional[float] = None):
+        """``start_step``: where this run starts; earlier runs' records past it are replaced in every
+        file sink, so a resume never doubles a step. ``mem_predicted``: the fit check's peak memory
+        per rank, recorded beside the measured one."""
+        from megallama.train.trackers import open_sinks
+
         self.enabled = enabled
-        self.total_steps = total_steps
-        self.tokens_per_step = tokens_per_step
+        self.total_steps = cfg.train.steps
         self.world = world_size
         self.fm, self.fh, self.peak = flops_model_per_token, flops_hw_per_token, peak_flops
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = None
-        self._tb = None
+        self.mem_predicted = mem_predicted
+        self.path = Path(cfg.run_dir) / "metrics.jsonl"
+        self.sinks = open_sinks(cfg, start_step) if enabled else []
+        self.pending: Optional[Dict[str, Any]] = None
         self.last: Dict[str, Any] = {}
         self._start = time.perf_counter()
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            dropped = keep_records_through(self.path, start_step)
-            if dropped:
-                log.info("%s: dropped %d records past step %d (this run replays those steps)", self.path, dropped,
-                         start_step)
-            self._file = open(self.path, "a", buffering=1)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
-            except Exception:  # tensorboard not installed
-                self._tb = None
 
     def log(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time: float,
-            steps_done_this_run: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        tps = self.tokens_per_step / step_time if step_time > 0 else 0.0
+            tokens_per_s: float, steps_done_this_run: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        tps = tokens_per_s
         tflops = tps * self.fm / self.world / 1e12
-        record = {
+        values = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
             "tokens_per_s": tps, "tflops_per_rank": tflops, "mfu": tps * self.fm / self.world / self.peak,
             "hfu": tps * self.fh / self.world / self.peak, "mem_bytes": peak_memory_bytes(),
-            "rss_bytes": current_rss_bytes(), "open_fds": open_fds(),
+            "mem_predicted_bytes": self.mem_predicted, "rss_bytes": current_rss_bytes(), "open_fds": open_fds(),
             "time": time.time(), **(extra or {}),
         }
-        self.last = record
+        from megallama.train.trackers import FIELDS
+
+        record = {k: values.get(k) for k in FIELDS if not k.startswith("eval_")}
+        self.last = self.pending = record
         if not self.enabled:
             return record
-        self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_rank", "mfu", "mem_bytes"):
-                if record.get(key) is not None:
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
         elapsed = time.perf_counter() - self._start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
@@ -199,19 +166,26 @@ class MetricsLogger:
         return record
 
     def log_eval(self, step: int, result: Dict[str, Any]) -> None:
+        """Merged into the step's record (every evaluating step is a logged step)."""
+        record = self.pending if self.pending is not None and self.pending["step"] == step else \
+            {"step": step, "time": time.time()}
+        record.update(eval_loss=result["loss"], eval_ppl=result["perplexity"], eval_tokens=result["tokens"])
+        self.pending = record
         if not self.enabled:
             return
-        record = {"step": step, "eval_loss": result["loss"], "eval_ppl": result["perplexity"],
-                  "eval_tokens": result["tokens"], "time": time.time()}
-        self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            self._tb.add_scalar("eval/loss", result["loss"], step)
         sys.stdout.write(f"eval at step {step}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} "
                          f"over {result['tokens']:,} tokens\n")
         sys.stdout.flush()
 
+    def commit(self) -> None:
+        """The step is over: its record (if it logged one) goes to every sink."""
+        if self.pending is not None:
+            for sink in self.sinks:
+                sink.write(self.pending)
+        self.pending = None
+
     def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        self.commit()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 
-from megallama.config import RunConfig
+from megallama.config import RunConfig, TrainConfig
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
 from megallama.train.distributed import on_rank0_then_share
@@ -20,7 +20,8 @@ from megallama.train.verify_dist import collective, first_of_all, verify_all
 
 log = logging.getLogger(__name__)
 
-SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+# what a checkpoint's LR schedule and batch sizes are tied to; checkpoints older than a field had its default
+SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio", "lr_schedule", "lr_decay_fraction", "rampup_batch_size")
 LAYOUT = ("tp", "pp", "dp", "zero", "precision")  # what DeepSpeed's own files are tied to
 PIPELINE = ("stage_names", "stage_layers")  # and with a pipeline: parameter names, blocks per stage
 
@@ -32,6 +33,7 @@ class Resume:
     consumed_samples: int = 0
     universal: Any = None  # a UniversalReader when the layout changed (DeepSpeed's files do not fit)
     refit: bool = False  # the LR schedule changed (train.allow_schedule_change)
+    weights_only: bool = False  # checkpoint.load_weights_only: its weights at step 0, fresh optimizer and schedule
 
     @property
     def native(self) -> bool:
@@ -88,6 +90,13 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
         return Resume()
     meta = ckpt.read_meta(path)
     check_same_model(meta, cfg, path)
+    if cfg.checkpoint.load_weights_only and path.parent.resolve() != ckpt_dir.resolve():
+        from megallama.train.universal import UniversalReader
+
+        if rank0:
+            log.info("starting from the weights of %s (step %d) at step 0: fresh optimizer, LR schedule and data "
+                     "position (checkpoint.load_weights_only)", path, int(meta["step"]))
+        return Resume(path, universal=UniversalReader(path / "universal"), weights_only=True)
     refit = schedule_changed(meta, cfg, path)
     same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path) \
         and (layout["pp"] == 1 or all(meta.get(k) == layout[k] for k in PIPELINE)) and not storage.node_local
@@ -120,7 +129,9 @@ def schedule_changed(meta, cfg: RunConfig, path: Path) -> bool:
     (--override-opt_param-scheduler): the cosine would silently re-stretch from the resume step.
     ``train.allow_schedule_change`` opts in; True then (the caller re-fits the schedule)."""
     saved, t = meta.get("schedule"), cfg.train
-    diff = [k for k in SCHEDULE if saved and saved.get(k) != getattr(t, k)]
+    if saved:
+        saved = {k: saved.get(k, TrainConfig.model_fields[k].default) for k in SCHEDULE}
+    diff = [k for k in SCHEDULE if saved and saved[k] != getattr(t, k)]
     if not diff:
         return False
     k = diff[0]

@@ -38,6 +38,9 @@ class Runtime:
     built: Any = None  # train.engine.Built, once ``build`` ran
     batches: Optional[Iterator] = None  # this rank's micro-batches on the device, when the command keeps them here
     step: int = 0  # the last optimizer step taken (a resumed run starts at its checkpoint's)
+    consumed_samples: int = 0  # samples of the steps taken, every rank alike (the loop advances it)
+    global_now: Optional[int] = None  # this step's global batch while train.rampup_batch_size ramps it
+    mem_predicted: Optional[float] = None  # the fit check's peak bytes per rank (train and profile)
 
     @property
     def rank0(self) -> bool:
@@ -61,19 +64,45 @@ class Runtime:
         return self.cfg.train.batch_layout(self.state.dp)
 
     @property
+    def global_batch(self) -> int:
+        """This step's global batch: ``train``'s, or the ramp's while it ramps."""
+        return self.global_now or self.batch.global_
+
+    @property
     def accum(self) -> int:
-        return self.batch.accum
+        b = self.batch
+        return b.accum if self.global_now is None else self.global_now // (b.micro * b.dp)
+
+    def ramp_batch(self, sampler=None) -> int:
+        """Before each step under ``train.rampup_batch_size``: the global batch for the samples
+        consumed so far, set in DeepSpeed's engine (its gradient accumulation steps; the pipeline
+        engine's micro-batch count), in the sampler and here. Keyed to consumed samples, so a
+        resume mid-ramp takes the same sizes."""
+        ramp = self.cfg.train.ramp
+        if ramp is None:
+            return self.global_batch
+        size = ramp.global_batch(self.consumed_samples)
+        if size != self.global_now:
+            self.engine.set_train_batch_size(size)
+            self.global_now = size
+            opt = self.engine.optimizer  # ZeRO reads its own copy (CPU offload's gradient buffers)
+            if isinstance(getattr(opt, "gradient_accumulation_steps", None), int):
+                opt.gradient_accumulation_steps = self.accum
+            if sampler is not None:
+                sampler.accum = self.accum
+        return size
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch.global_ * self.cfg.train.seq_len
 
-    def build(self, universal=None, step: int = 0, module: Optional[torch.nn.Module] = None):
+    def build(self, universal=None, step: int = 0, module: Optional[torch.nn.Module] = None,
+              weights_only: bool = False):
         """The engine over this rank's shard (``module``: a model the command built itself)."""
         from megallama.train.engine import build_engine
 
         self.built = build_engine(self.cfg, self.state, self.ds, self.device, universal=universal, step=step,
-                                  module=module)
+                                  module=module, weights_only=weights_only)
         self.step = step
         return self.built
 
@@ -92,7 +121,7 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
     this machine cannot hold, before anything is allocated."""
     info = info or detect_launcher()
     cfg.check_layout(info.world_size)  # every layout error surfaces before any process group exists
-    ds = None
+    ds, mem_predicted = None, None
     if training:
         from megallama.train.ds_config import build_ds_config, check_device_supports
 
@@ -101,7 +130,7 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
     if fits:
         from megallama.train.fits import check_training_fits
 
-        check_training_fits(cfg, info.world_size, info.local_rank)
+        mem_predicted = check_training_fits(cfg, info.world_size, info.local_rank)
     init_distributed(cfg.train.dist_timeout_s, info)  # joins an initialised group as it is
     if training and not torch.cuda.is_available():  # the engine loads DeepSpeed's comm op: never on a stale lock
         from megallama.train.warmup_ops import check_comm_op_lock
@@ -110,7 +139,7 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
     p = cfg.parallel
     state = initialize(p.tp, p.pp, p.sequence_parallel)
     loss_fn = make_loss_fn(cfg.model.arch, cfg.train.seq_len) if training else None
-    return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn)
+    return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn, mem_predicted=mem_predicted)
 
 
 def inference_config(model: ModelConfig, tp: int, dist_timeout_s: Optional[int] = None) -> RunConfig:

@@ -56,7 +56,10 @@ def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     else:
         losses = []
         with hooks.phase("step"):
-            for _ in range(rt.accum):
+            for i in range(rt.accum):
+                # the boundary said outright: DeepSpeed's own count (micro-steps modulo accumulation
+                # steps) goes astray once train.rampup_batch_size changes the accumulation steps
+                engine.set_gradient_accumulation_boundary(i == rt.accum - 1)
                 batch = next(batches)
                 with hooks.phase("forward"):
                     loss, _ = rt.loss_fn(engine, batch)

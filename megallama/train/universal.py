@@ -204,24 +204,28 @@ def load_weights_into_module(reader: UniversalReader, module, state: ParallelSta
                 p.data.copy_(local_shard(reader, name, p, state).to(p.dtype))
 
 
-def load_optimizer_state(reader: UniversalReader, engine, module, state: ParallelState, step: int) -> None:
-    """After ``deepspeed.initialize``: exact fp32 masters and Adam moments for this rank."""
+def load_optimizer_state(reader: UniversalReader, engine, module, state: ParallelState, step: int,
+                         moments: bool = True) -> None:
+    """After ``deepspeed.initialize``: exact fp32 masters and (``moments``) Adam moments for this
+    rank; without moments the optimizer stays fresh (``checkpoint.load_weights_only``) but its
+    masters are the checkpoint's fp32 weights, not their bf16/fp16 rounding."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from megallama.train.deepspeed_patches import holds_fp32_state, relink_optimizer_fragments
 
-    _ensure_optimizer_state(engine, step)
+    if moments:
+        _ensure_optimizer_state(engine, step)
     relink_optimizer_fragments(engine)
     opt = engine.optimizer
     for name, p in canonical_params(module):
         master = local_shard(reader, name, p, state)
-        moments = {k: local_shard(reader, name, p, state, k) for k in MOMENTS}
+        adam = {k: local_shard(reader, name, p, state, k) for k in MOMENTS} if moments else {}
         if holds_fp32_state(p):
             safe_set_full_fp32_param(p, master.to(p.device))
-            for k, v in moments.items():
+            for k, v in adam.items():
                 safe_set_full_optimizer_state(p, v.to(p.device), k)
         else:  # ZeRO-0 fp32: torch's AdamW holds the state of the parameter itself
-            for k, v in moments.items():
+            for k, v in adam.items():
                 opt.state[p][k].copy_(v)
     if dist.is_initialized():
         dist.barrier()
