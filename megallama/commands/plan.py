@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     for i, c in enumerate(result.candidates[:args.top], 1):
         flag = "" if c.fits else "  (does not fit)"
         print(f"{i:>3} {c.layout.describe():58s} {c.tokens_per_s_per_gpu:9.0f} {c.tflops_per_gpu:7.1f} "
-              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}  {describe_split(c.stage_layers)}{flag}")
+              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}  "
+              f"{describe_split(c.stage_layers)}{flag}")
     t = best.time
     print(f"best: compute {t['compute']:.2f} s, TP/PP comm {t['tp_and_pp_comm']:.2f} s, bubble "
           f"{t['pipeline_bubble']:.2f} s, DP comm {t['dp_comm_exposed']:.2f} s, optimizer {t['optimizer']:.3f} s; "

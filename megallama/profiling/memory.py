@@ -28,6 +28,9 @@ stage 3 one bucket plus the parameters gathered at the end of forward: those kep
 storage against DeepSpeed engines (tests/test_profiling_measured.py).
 ``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
+Each pipeline stage holds its own blocks (``Layout.stage_layers``: unequal when ``pp`` does not
+divide the layers) and, under 1F1B, ``min(pp - stage, m)`` micro-batches in flight; a run needs
+the peak over its stages.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ the memory model says fit, predict each one's step time, rank by tokens/s.
 
 Any layout field can be pinned (``fixed``); pinning all of them evaluates that one layout,
 fitting or not. ``pp`` need not divide the layers: stages split by the rule training uses
-(:mod:`megallama.config.pipeline_split`), or by a pinned ``pipeline_layers`` list. The global batch is given in tokens (LLaMA: 4M); a layout runs
-``m = round(batch / (dp * mbs))`` micro-batches and is kept only if that lands within 10% of it.
+(:mod:`megallama.config.pipeline_split`), or by a pinned ``pipeline_layers`` list. The global
+batch is given in tokens (LLaMA: 4M); a layout runs ``m = round(batch / (dp * mbs))``
+micro-batches and is kept only if that lands within 10% of it.
 """
 from __future__ import annotations
 
@@ -99,8 +100,9 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
          batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
          eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, **fixed: Any) -> Plan:
     """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, pp, dp, zero, mbs,
-    recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``: which implementation's activations to count (default: ours
-    on the profile's device). Raises ``UserError`` when nothing fits."""
+    recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``:
+    which implementation's activations to count (default: ours on the profile's device). Raises
+    ``UserError`` when nothing fits."""
     impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
     seq = spec.max_seq_len if seq is None else seq
     gpn = hw.gpus_per_node if gpus_per_node is None else gpus_per_node

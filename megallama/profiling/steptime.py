@@ -10,11 +10,11 @@ where the elementwise traffic is ``traffic * saved-activation bytes`` per pass (
 backward ~ 2 passes, recomputed forward), since every saved tensor is written once and read
 back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved chunks, 1F1B takes
 ``m * t_max + (sum_s t_s - t_max) / v`` -- for equal stages ``(m + (pp-1)/v) t``, a bubble of
-``(pp-1)/(v m)``; stages of unequal size (``Layout.stage_layers``) each take their own ``t_s``, and
-the slowest sets the steady state. Then the data-parallel traffic after the last backward (all of it for ZeRO
-0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched gathers hide behind
-``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU Adam + PCIe when
-offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
+``(pp-1)/(v m)``; stages of unequal size (``Layout.stage_layers``) each take their own ``t_s``,
+and the slowest sets the steady state. Then the data-parallel traffic after the last backward
+(all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched
+gathers hide behind ``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU
+Adam + PCIe when offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
 (:mod:`megallama.profiling.published`); the rest are physical constants of the profile.
 """
 from __future__ import annotations
@@ -77,8 +77,8 @@ class StepPrediction:
                 "memory_capacity_bytes": self.memory_capacity_bytes, "fits": self.fits,
                 "memory_breakdown_bytes": dict(self.memory.components), "host_memory_bytes": self.memory.host_bytes,
                 "pipeline_stage_of_peak_memory": self.memory.stage, "time_breakdown_s": dict(self.time),
-                "pipeline_stage_layers": list(self.stage_layers), "pipeline_split": describe_split(self.stage_layers),
-                "pipeline_slowest_stage": self.slowest_stage}
+                "pipeline_stage_layers": list(self.stage_layers),
+                "pipeline_split": describe_split(self.stage_layers), "pipeline_slowest_stage": self.slowest_stage}
 
 
 def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
