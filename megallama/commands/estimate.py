@@ -41,12 +41,12 @@ def _pick(args, defaults, name, fallback):
 
 
 def run(args: argparse.Namespace) -> int:
+    from megallama.config.pipeline_split import describe_split
     from megallama.profiling import activations as act
     from megallama.profiling.arch import resolve_model
     from megallama.profiling.comm import collective_bytes_per_step
     from megallama.profiling.flops import flops_per_token, parameter_breakdown, parameter_count
     from megallama.profiling.hardware import load_hardware
-    from megallama.config.pipeline_split import describe_split
     from megallama.profiling.layout import Layout, parse_pipeline_layers
     from megallama.profiling.memory import memory_breakdown, params_per_rank
     from megallama.profiling.steptime import predict

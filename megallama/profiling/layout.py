@@ -143,6 +143,8 @@ def split(spec: ArchSpec, pp: int, partition: str = "parameters", explicit: Opti
     """Blocks per stage: :func:`megallama.config.pipeline_split.stage_layers` with this model's
     parameter counts (:func:`megallama.profiling.flops.stage_weights`); interleaved chunks are
     equal (the layout rules require it)."""
+    if pp == 1 and explicit is None:   # nothing to balance (what-if models may have 10**9 layers)
+        return [spec.n_layers]
     return list(_split(spec, pp, "uniform" if interleave > 1 else partition,
                        None if explicit is None else tuple(explicit)))
 
