@@ -191,3 +191,49 @@ def test_estimate_costs_a_run_config_with_its_own_split(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["pipeline_layers"] == [2, 1, 1]
     assert main(["estimate", "--config", str(path), "--pp", "2", "--json"]) == 0   # another pp: the rule's split
     assert json.loads(capsys.readouterr().out)["pipeline_layers"] == [2, 2]
+
+
+def _reference_balanced_split(n_layers, pp, w):
+    """The first version of ``balanced_split``: every candidate bound listed and bisected."""
+    extras = [w.first if i == 0 else 0.0 for i in range(pp)]
+    extras[-1] += w.last
+
+    def caps(bound):
+        return [int((bound - e) // w.block + 1e-9) for e in extras]
+
+    candidates = sorted({c * w.block + e for e in set(extras) for c in range(1, n_layers + 1)})
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cap = caps(candidates[mid])
+        if min(cap) >= 1 and sum(cap) >= n_layers:
+            hi = mid
+        else:
+            lo = mid + 1
+    counts = caps(candidates[lo])
+    surplus = sum(counts) - n_layers
+    while surplus > 0:
+        order = sorted((i for i in range(pp) if counts[i] > 1),
+                       key=lambda i: (-(counts[i] * w.block + extras[i]), -min(i, pp - 1 - i), i))
+        counts[order[0]] -= 1
+        surplus -= 1
+    return counts
+
+
+def test_the_split_bisects_per_stage_extra_as_the_listed_candidates_did():
+    """Same answers as listing every candidate bound, without a list as long as the model."""
+    import random
+    import time
+
+    from megallama.config.pipeline_split import StageWeights, balanced_split
+
+    rng = random.Random(15)
+    for _ in range(400):
+        n = rng.randint(1, 60)
+        pp = rng.randint(1, n)
+        w = StageWeights(block=rng.choice([1.0, 3.0, rng.uniform(0.1, 5)]), first=rng.choice([0.0, rng.uniform(0, 12)]),
+                         last=rng.choice([0.0, rng.uniform(0, 12)]))
+        assert balanced_split(n, pp, w) == _reference_balanced_split(n, pp, w), (n, pp, w)
+    start = time.perf_counter()
+    assert balanced_split(10 ** 9, 2, StageWeights(block=1.0, first=0.5, last=0.5)) == [5 * 10 ** 8] * 2
+    assert time.perf_counter() - start < 1.0
