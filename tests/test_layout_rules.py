@@ -143,6 +143,7 @@ AGREEMENT = [  # preset, tp, pp, dp, sp, seq, zero, offload, accepted
     ("tiny", 2, 2, 1, True, 256, 1, False, True),
     ("tiny", 3, 1, 1, False, 256, 1, False, False),
     ("tiny", 1, 5, 1, False, 256, 0, False, False),
+    ("tiny", 1, 3, 1, False, 256, 0, False, True),   # 4 layers on 3 stages: uneven, accepted
     ("tiny", 1, 1, 2, True, 256, 1, False, False),
     ("tiny", 2, 1, 1, True, 255, 1, False, False),
     ("tiny", 1, 2, 2, False, 256, 2, False, False),

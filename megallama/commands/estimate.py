@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
+                   help="blocks on each pipeline stage (default: balanced by parameters, as training does)")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
     p.add_argument("--mbs", type=int, default=None, help="micro-batch size (sequences)")
     p.add_argument("--grad-accum", type=int, default=None,
@@ -39,24 +41,29 @@ def _pick(args, defaults, name, fallback):
 
 
 def run(args: argparse.Namespace) -> int:
+    from megallama.config.pipeline_split import describe_split
     from megallama.profiling import activations as act
     from megallama.profiling.arch import resolve_model
     from megallama.profiling.comm import collective_bytes_per_step
     from megallama.profiling.flops import flops_per_token, parameter_breakdown, parameter_count
     from megallama.profiling.hardware import load_hardware
-    from megallama.profiling.layout import Layout
+    from megallama.profiling.layout import Layout, parse_pipeline_layers
     from megallama.profiling.memory import memory_breakdown, params_per_rank
     from megallama.profiling.steptime import predict
 
     spec, d = resolve_model(args.model, args.config)
     hw = load_hardware(args.gpu) if args.gpu else None
-    pp = _pick(args, d, "pp", 1)
+    layers = parse_pipeline_layers(args.pipeline_layers)
+    pp = _pick(args, d, "pp", len(layers) if layers else 1)
+    if layers is None and d.get("pipeline_layers") and pp == d.get("pp"):
+        layers = tuple(d["pipeline_layers"])   # the run config's own split, for its own pp
     layout = Layout(tp=_pick(args, d, "tp", 1), pp=pp, dp=_pick(args, d, "dp", 1), zero=_pick(args, d, "zero", 0),
                     mbs=_pick(args, d, "mbs", 1), grad_accum=args.grad_accum or pp,
                     recompute=_pick(args, d, "recompute", "none"), sp=bool(_pick(args, d, "sp", False)),
                     offload=bool(_pick(args, d, "offload", False)), dtype=_pick(args, d, "dtype", "bf16"),
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else
-                    (hw.gpus_per_node if hw else 8))
+                    (hw.gpus_per_node if hw else 8), pipeline_layers=layers,
+                    pipeline_partition=d.get("pipeline_partition", "parameters"))
     seq = _pick(args, d, "seq", spec.max_seq_len)
     layout.check(spec, seq)
     impl = act.ActivationImpl.for_device("cpu" if hw is not None and hw.measured else "cuda")
@@ -65,16 +72,21 @@ def run(args: argparse.Namespace) -> int:
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.layer_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp, layout.recompute,
                                     layout.dtype_bytes, impl, kind)
-    per_stage = {s: memory_breakdown(spec, layout, seq, s, impl) for s in sorted({0, layout.pp - 1})}
+    counts = layout.stage_layers(spec)
+    groups = layout.stage_groups(spec)
+    per_stage = {s: memory_breakdown(spec, layout, seq, s, impl) for s in groups}
+    worst = max(per_stage, key=lambda s: per_stage[s].total)
     out = {
         "model": spec.name, "layout": layout.as_dict(), "seq": seq,
         "parameters": parameter_count(spec), "parameter_breakdown": parameter_breakdown(spec),
-        "parameters_per_gpu": params_per_rank(spec, layout.tp, layout.pp),
+        "parameters_per_gpu": params_per_rank(spec, layout.tp, layout.pp, split=counts),
+        "pipeline_layers": counts, "pipeline_split": describe_split(counts), "worst_memory_stage": worst,
         "flops_per_token": {"model": flops.model, "hardware": flops.hardware, "forward": flops.forward},
         "activation_bytes_per_layer": sum(x.bytes for x in saved),
         "saved_tensors_per_layer": [{"name": x.name, "bytes": x.bytes} for x in saved],
-        "memory_per_gpu_bytes": max(m.total for m in per_stage.values()),
-        "stages": {str(s): {"total_bytes": m.total, "host_bytes": m.host_bytes, **m.components}
+        "memory_per_gpu_bytes": per_stage[worst].total,
+        "stages": {str(s): {"layers": counts[s], "in_flight": layout.in_flight(s), "stands_for": groups[s],
+                            "total_bytes": m.total, "host_bytes": m.host_bytes, **m.components}
                    for s, m in per_stage.items()},
         "communication_per_step": collective_bytes_per_step(spec, layout, seq, 0, impl),
     }
@@ -94,11 +106,16 @@ def _print_text(out, layout) -> None:
     f = out["flops_per_token"]
     print(f"  FLOPs per token         model {f['model'] / 1e9:.2f} G (MFU), hardware {f['hardware'] / 1e9:.2f} G (HFU)")
     print(f"  activations per layer   {out['activation_bytes_per_layer'] / GiB:10.3f} GiB per micro-batch")
+    if layout.pp > 1:
+        print(f"  pipeline: {layout.pp} stages of {out['pipeline_split']} layers; the most memory on stage "
+              f"{out['worst_memory_stage']}")
     for s, st in out["stages"].items():
-        print(f"  stage {s}: total {st['total_bytes'] / GiB:.2f} GiB per GPU"
+        like = f", like {st['stands_for'] - 1} more" if st["stands_for"] > 1 else ""
+        print(f"  stage {s} ({st['layers']} layers, micro-batches in flight: {st['in_flight']}{like}): "
+              f"total {st['total_bytes'] / GiB:.2f} GiB per GPU"
               + (f" (+{st['host_bytes'] / GiB:.2f} GiB on host)" if st["host_bytes"] else ""))
         for k, v in st.items():
-            if k not in ("total_bytes", "host_bytes") and v:
+            if k not in ("total_bytes", "host_bytes", "layers", "in_flight", "stands_for") and v:
                 print(f"      {k:32s} {v / GiB:9.3f} GiB")
     comm = {g: row for g, row in out["communication_per_step"].items() if row["calls"]}
     print("  communication per step (payload per GPU):" + ("" if comm else " none (one GPU)"))
@@ -109,4 +126,5 @@ def _print_text(out, layout) -> None:
         fit = "fits" if p["fits"] else "DOES NOT FIT"
         print(f"  on {layout.world} GPUs: step {p['step_time_s']:.3f} s, {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
               f"{p['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {p['mfu']:.1%}, {fit} "
-              f"({p['memory_per_gpu_bytes'] / GiB:.1f} of {p['memory_capacity_bytes'] / GiB:.1f} GiB)")
+              f"({p['memory_per_gpu_bytes'] / GiB:.1f} of {p['memory_capacity_bytes'] / GiB:.1f} GiB)"
+              + (f"; slowest stage {p['pipeline_slowest_stage']}" if layout.pp > 1 else ""))

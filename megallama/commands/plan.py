@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
+                   help="pin the blocks on each pipeline stage (and pp to their count)")
     p.add_argument("--zero", type=int, default=None)
     p.add_argument("--mbs", type=int, default=None)
     p.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
@@ -36,7 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megallama.errors import UserError
     from megallama.profiling.arch import resolve_model
+    from megallama.config.pipeline_split import describe_split
     from megallama.profiling.hardware import load_hardware
+    from megallama.profiling.layout import parse_pipeline_layers
     from megallama.profiling.planner import plan
 
     if not 1 <= args.top <= MAX_TOP:
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.gpu)
     fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "mbs": args.mbs,
              "recompute": args.recompute, "sp": None if args.sp is None else args.sp == "on",
-             "offload": args.offload}
+             "offload": args.offload, "pipeline_layers": parse_pipeline_layers(args.pipeline_layers)}
     result = plan(spec, args.gpus, hw, seq=args.seq, batch_tokens=args.global_batch_tokens,
                   gpus_per_node=args.gpus_per_node, dtype=args.dtype, **fixed)
     if args.json:
@@ -55,13 +59,18 @@ def run(args: argparse.Namespace) -> int:
     fit = sum(c.fits for c in result.candidates)
     print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, {result.batch_tokens:,} tokens per step: "
           f"{fit} of {result.evaluated} layouts fit")
-    print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'step s':>7}")
+    print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'step s':>7}"
+          f"  layers per stage")
     for i, c in enumerate(result.candidates[:args.top], 1):
         flag = "" if c.fits else "  (does not fit)"
         print(f"{i:>3} {c.layout.describe():58s} {c.tokens_per_s_per_gpu:9.0f} {c.tflops_per_gpu:7.1f} "
-              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}{flag}")
+              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}  "
+              f"{describe_split(c.stage_layers)}{flag}")
     t = best.time
     print(f"best: compute {t['compute']:.2f} s, TP/PP comm {t['tp_and_pp_comm']:.2f} s, bubble "
           f"{t['pipeline_bubble']:.2f} s, DP comm {t['dp_comm_exposed']:.2f} s, optimizer {t['optimizer']:.3f} s; "
           f"HFU {best.hfu:.1%}")
+    if best.layout.pp > 1:
+        print(f"best pipeline: {best.layout.pp} stages of {describe_split(best.stage_layers)} layers; most memory "
+              f"on stage {best.memory.stage}, slowest stage {best.slowest_stage}")
     return 0

@@ -57,17 +57,26 @@ def balanced_split(n_layers: int, pp: int, w: StageWeights) -> List[int]:
     def caps(bound: float) -> List[int]:
         return [int((bound - e) // w.block + 1e-9) for e in extras]
 
-    # the optimal bound is some stage's weight at some block count: try them in increasing order
-    candidates = sorted({c * w.block + e for e in set(extras) for c in range(1, n_layers + 1)})
-    lo, hi = 0, len(candidates) - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        cap = caps(candidates[mid])
-        if min(cap) >= 1 and sum(cap) >= n_layers:
-            hi = mid
-        else:
-            lo = mid + 1
-    counts = caps(candidates[lo])
+    def feasible(bound: float) -> bool:
+        cap = caps(bound)
+        return min(cap) >= 1 and sum(cap) >= n_layers
+
+    # the optimal bound is some stage's weight at some block count; feasibility grows with the
+    # bound, so per stage extra a bisection over the count finds its least feasible bound, in
+    # O(log n_layers) checks (a what-if model may have 10**9 layers)
+    bounds = []
+    for e in sorted(set(extras)):
+        lo, hi = 1, n_layers
+        if not feasible(hi * w.block + e):
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if feasible(mid * w.block + e):
+                hi = mid
+            else:
+                lo = mid + 1
+        bounds.append(lo * w.block + e)
+    counts = caps(min(bounds) if bounds else n_layers * w.block + max(extras))
     surplus = sum(counts) - n_layers
     while surplus > 0:  # trim the heaviest stage that can spare a block; middle ones first on ties
         order = sorted((i for i in range(pp) if counts[i] > 1),

@@ -2,7 +2,8 @@
 
 Derivation, following Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", sec. 4.1), then adapted. Units: elements per micro-batch of ``N = s*b``
-tokens on one TP rank (``t``); ``h`` hidden, ``a`` heads, ``kd`` the K/V width (GQA), ``f`` the FFN
+tokens on one TP rank (``t``); ``h`` hidden, ``a`` heads, ``kd`` the K/V width (GQA; with fewer KV
+heads than ranks each rank holds one replicated head, ``kd = t * head_dim``), ``f`` the FFN
 width, ``p`` bytes of the compute dtype (2 in the paper). ``r = t`` with sequence parallelism
 (SP), else 1: only with SP are the residual stream and the norms sharded along the sequence.
 
@@ -167,7 +168,7 @@ def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bo
     ``kind``: ``decoder``/``encoder`` (self-attention + MLP) or ``cross`` (decoder block of an
     encoder-decoder model, with a cross-attention sub-layer over a source of length ``seq``).
     """
-    spec = as_spec(model)
+    spec = as_spec(model).tp_view(tp)
     n, t, p = seq * mbs, tp, dtype_bytes
     r = tp if sp else 1
     if recompute == "full":

@@ -60,6 +60,13 @@ class ArchSpec:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def tp_view(self, tp: int) -> "ArchSpec":
+        """The model as its TP ranks hold it: with fewer KV heads than ranks each head is
+        replicated on the ranks whose queries use it (one KV head per rank, as Megatron does), so
+        per rank the K/V width is ``max(1, kv_heads / tp)`` heads: counted here as ``max(kv, tp)``
+        heads split ``tp`` ways. Parameters, saved tensors and FLOPs per rank read this view."""
+        return self if self.kv_heads >= tp else replace(self, kv_heads=tp)
+
     @property
     def glu(self) -> bool:
         """SwiGLU (three matrices) for LLaMA, a plain 2-matrix GeLU MLP for GPT."""
@@ -89,7 +96,8 @@ class ArchSpec:
         return cls(name=name or "custom", family="llama", arch=cfg.arch, dim=cfg.dim, n_layers=cfg.n_layers,
                    n_encoder_layers=cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0,
                    n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, ffn_hidden=cfg.ffn_hidden_size,
-                   vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout)
+                   vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout,
+                   tied_embeddings=bool(getattr(cfg, "tie_embeddings", False)))
 
 
 SpecLike = Union[ArchSpec, Any]
@@ -182,8 +190,8 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     """``--model NAME`` or ``--config FILE`` -> (spec, layout defaults read from a run config).
 
     A run config (``model: {preset: ...}``, ``parallel:``, ``train:``, ``deepspeed:``) also supplies
-    tp/pp/sequence_parallel/seq/mbs/recompute/zero/dtype defaults, so ``estimate --config run.yaml``
-    costs the run as configured; command-line flags override them.
+    tp/pp/sequence_parallel/seq/mbs/recompute/zero/dtype and pipeline-split defaults, so
+    ``estimate --config run.yaml`` costs the run as configured; command-line flags override them.
     """
     if (model is None) == (config is None):
         raise UserError("give exactly one of --model NAME or --config FILE")
@@ -201,5 +209,7 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     defaults = dict(tp=run.parallel.tp, pp=run.parallel.pp, sp=run.parallel.sequence_parallel,
                     seq=run.train.seq_len, mbs=run.train.micro_batch_size,
                     recompute=run.train.activation_checkpointing.mode, zero=ds.zero_stage,
-                    dtype=ds.precision, offload=ds.offload_optimizer is not None)
+                    dtype=ds.precision, offload=ds.offload_optimizer is not None,
+                    pipeline_partition=run.parallel.pipeline_partition,
+                    pipeline_layers=run.parallel.pipeline_layers)
     return ArchSpec.from_model_config(run.model, name=Path(config).stem), defaults

@@ -8,7 +8,8 @@ a measured step can be compared group by group with :func:`collective_bytes_per_
 ``(n-1)/n`` for all-gather and reduce-scatter, all of it for a send.
 
 Counted per step, on one rank of pipeline stage ``stage`` (``m`` micro-batches, ``N = s*b``
-tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on the rank):
+tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on the rank; the
+stage's own blocks, ``Layout.stage_layers``):
 
 * tp, per block and micro-batch: without SP 2 all-reduces forward (after Wo, W2) and 2 backward
   (the inputs of QKV and W1|W3), +2 forward with full recomputation; with SP the same points
@@ -18,8 +19,10 @@ tokens each, ``h`` hidden, ``w`` bytes of the model dtype, ``P`` parameters on t
   RMSNorm routes the gain through copy-to-TP). Checked call for call against a gloo TP=2 run.
 * pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
   Megatron's scatter/gather; DeepSpeed's pipeline engine also sends ``1/t`` under TP and adds
-  TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. GPT's tied embedding adds one
-  all-reduce of its gradient between the first and last stage per step.
+  TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. A tied embedding (GPT,
+  Llama 3.2) adds one all-reduce of its gradient between the first and last stage per step.
+* kv: with fewer KV heads than TP ranks, one all-reduce per step of the replicated heads'
+  gradients among the ``tp / kv`` ranks holding each head.
 * dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
   the updated params; ZeRO-2 reduces every micro-batch (DeepSpeed 0.19 all-reduces each
   partition's slice of a bucket, so the wire carries an all-reduce's bytes, not a
@@ -50,20 +53,21 @@ from megallama.profiling.layout import Layout, members_per_node, spans_nodes
 from megallama.profiling.memory import params_per_rank, zero3_backward_gather
 from megallama.train.ds_settings import Buckets
 
-GROUPS = ("tp", "pp", "dp", "embedding")
+GROUPS = ("tp", "pp", "dp", "embedding", "kv")
 REDUCE_BUCKET = 5e8      # DeepSpeed reduce_bucket_size / allgather_bucket_size (elements)
 PREFETCH_BUCKET = 5e7    # DeepSpeed stage3_prefetch_bucket_size (elements)
 
 
 @dataclass(frozen=True)
 class Collective:
-    group: str            # tp | pp | dp | embedding
+    group: str            # tp | pp | dp | embedding | kv (the TP ranks sharing a replicated KV head)
     op: str               # all_reduce | all_gather | reduce_scatter | send | recv
     payload_bytes: float  # per call (see module docstring)
     calls: float          # per step
     phase: str            # "microbatch": on each micro-batch's critical path; "step": after the
     #                       last backward; "overlap": may hide behind compute (ZeRO-3 prefetch)
     what: str = ""
+    members: int = 0      # ranks in the group, where not the layout's (``kv``: tp / kv_heads)
 
 
 def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: ActivationImpl) -> List[Collective]:
@@ -73,7 +77,7 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
     act = seq * layout.mbs * spec.dim * w
     out: List[Collective] = []
     encdec = spec.arch == "encoder_decoder"
-    blocks = spec.n_layers // layout.pp + (spec.n_encoder_layers if encdec and stage == 0 else 0)
+    blocks = layout.stage_layers(spec)[stage] + (spec.n_encoder_layers if encdec and stage == 0 else 0)
     fwd = 2 * blocks * (2 if layout.recompute == "full" else 1)
     bwd = 2 * blocks
     cross_f = spec.n_layers * (2 if layout.recompute == "full" else 1) if encdec else 0
@@ -105,7 +109,7 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
         if encdec:   # decoder blocks have 3 norms, encoder blocks 2, plus both final norms
             norms = 3 * spec.n_layers + 2 * spec.n_encoder_layers + 2
         else:
-            norms = 2 * spec.n_layers // layout.pp + (1 if stage == layout.pp - 1 else 0)
+            norms = 2 * blocks + (1 if stage == layout.pp - 1 else 0)
         out.append(Collective("tp", "all_reduce", spec.norm_params * w, m * norms, "microbatch",
                               "sequence-parallel norm gain grads"))
     return out
@@ -154,6 +158,17 @@ def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) 
     return out
 
 
+def _kv_collectives(spec, layout: Layout, stage: int) -> List[Collective]:
+    """With fewer KV heads than TP ranks each head's weights sit on ``tp / kv`` ranks, and each
+    copy's gradient holds only its own ranks' queries' share: the copies are summed once per step."""
+    if spec.kv_heads >= layout.tp:
+        return []
+    per_block = 2 * spec.head_dim * (spec.dim + (1 if spec.bias else 0))   # one K and one V head per rank
+    size = layout.stage_layers(spec)[stage] * per_block * layout.dtype_bytes
+    return [Collective("kv", "all_reduce", size, 1, "step", "replicated KV head grads",
+                       members=layout.tp // spec.kv_heads)]
+
+
 def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: float, times: float,
               phase: str, what: str, min_calls: int = 1) -> Collective:
     """DeepSpeed issues one call per bucket of ``bucket`` elements (ZeRO-3: at least one per block)."""
@@ -166,7 +181,8 @@ def _dp_collectives(spec, layout: Layout, stage: int,
     if layout.dp == 1:
         return []
     m, w = layout.grad_accum, layout.dtype_bytes
-    n_params = params_per_rank(spec, layout.tp, layout.pp, stage)
+    split = layout.stage_layers(spec)
+    n_params = params_per_rank(spec, layout.tp, layout.pp, stage, split)
     size = n_params * w
     z = layout.effective_zero
 
@@ -182,10 +198,10 @@ def _dp_collectives(spec, layout: Layout, stage: int,
         return [reduce("all_reduce", 1, "grads"), gather_params]
     if z == 2:
         return [reduce("all_reduce", m, "grads, every micro-batch"), gather_params]
-    blocks = spec.n_layers // layout.pp
+    blocks = split[stage]
     out = [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, m, "overlap", "params, forward",
                      min_calls=blocks)]
-    again = zero3_backward_gather(spec, layout.tp, layout.pp, stage, reuse_distance)
+    again = zero3_backward_gather(spec, layout.tp, layout.pp, stage, reuse_distance, split)
     if again:
         out.append(_bucketed("dp", "all_gather", again * w, again, PREFETCH_BUCKET, m, "overlap",
                              "params, again in backward", min_calls=max(1, round(blocks * again / n_params))))
@@ -202,12 +218,16 @@ def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl:
     ``reuse_distance``: DeepSpeed's ``stage3_max_reuse_distance``)."""
     spec = as_spec(model)
     return (_tp_collectives(spec, layout, seq, stage, impl) + _pipe_tp_gathers(spec, layout, seq, stage, scatter_gather)
-            + _pp_collectives(spec, layout, seq, stage, scatter_gather) + _dp_collectives(spec, layout, stage,
-                                                                                         reuse_distance))
+            + _pp_collectives(spec, layout, seq, stage, scatter_gather) + _kv_collectives(spec, layout, stage)
+            + _dp_collectives(spec, layout, stage, reuse_distance))
 
 
 def group_size(layout: Layout, group: str) -> int:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "embedding": 2}[group]
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "embedding": 2, "kv": layout.tp}[group]
+
+
+def members(c: Collective, layout: Layout) -> int:
+    return c.members or group_size(layout, c.group)
 
 
 def wire_bytes(c: Collective, n: int) -> float:
@@ -226,13 +246,13 @@ def collective_bytes_per_step(model: SpecLike, layout: Layout, seq: int, stage: 
         row = out[c.group]
         row["calls"] += c.calls
         row["payload_bytes"] += c.calls * c.payload_bytes
-        row["wire_bytes"] += c.calls * wire_bytes(c, group_size(layout, c.group))
+        row["wire_bytes"] += c.calls * wire_bytes(c, members(c, layout))
     return out
 
 
 def link(layout: Layout, hw: HardwareProfile, group: str):
     """(bandwidth bytes/s, latency s) of a group's ring, from where its members sit."""
-    kind = "pp" if group == "embedding" else group
+    kind = {"embedding": "pp", "kv": "tp"}.get(group, group)
     if not spans_nodes(layout, kind):
         return hw.intra_node_bandwidth, hw.intra_node_latency_s
     if kind == "pp":   # neighbours on different nodes: one GPU's NIC
@@ -243,7 +263,7 @@ def link(layout: Layout, hw: HardwareProfile, group: str):
 
 def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_efficiency: float = 0.8) -> float:
     """Seconds for all ``c.calls`` calls of one collective."""
-    n = group_size(layout, c.group)
+    n = members(c, layout)
     if n == 1:
         return 0.0
     bw, alpha = link(layout, hw, c.group)

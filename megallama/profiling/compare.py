@@ -20,12 +20,14 @@ GROUPS = ("tp", "dp", "pp")
 
 
 def layout_of(cfg: Any, state: Any, ds: Dict[str, Any], gpus_per_node: Optional[int] = None) -> Layout:
-    """The :class:`Layout` a run config runs as on ``state``'s groups with DeepSpeed config ``ds``."""
+    """The :class:`Layout` a run config runs as on ``state``'s groups with DeepSpeed config ``ds``
+    (with the blocks per stage the run builds)."""
     settings = DeepSpeedSettings.of(ds)
     return Layout(tp=state.tp, pp=state.pp, dp=state.dp, zero=settings.zero_stage, mbs=cfg.train.micro_batch_size,
                   grad_accum=cfg.train.batch_layout(state.dp).accum, recompute=cfg.train.activation_checkpointing.mode,
                   sp=bool(state.sequence_parallel), offload=settings.offload_optimizer is not None,
-                  dtype=settings.precision, gpus_per_node=gpus_per_node or state.world_size)
+                  dtype=settings.precision, gpus_per_node=gpus_per_node or state.world_size,
+                  pipeline_layers=tuple(cfg.stage_layers()) if state.pp > 1 else None)
 
 
 def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Literal
 
+from megallama.config.pipeline_split import StageWeights
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
 
 Recompute = Literal["none", "full", "selective"]
@@ -67,6 +68,18 @@ def parameter_breakdown(model: SpecLike) -> Dict[str, int]:
     if encdec and not spec.shared_enc_dec_embedding:
         parts["embedding"] *= 2
     return parts
+
+
+def stage_weights(model: SpecLike) -> StageWeights:
+    """What :mod:`megallama.config.pipeline_split` balances, from this module's counting: one
+    block; the embedding (and learned positions) on the first stage; the final norm and the head
+    on the last (a tied head too: across stages the last one keeps its own copy). For our LLaMA
+    presets this equals ``ModelConfig.pipeline_weights``, so the cost model splits as training does."""
+    spec = as_spec(model)
+    parts = parameter_breakdown(spec)
+    block = layer_params(spec, "cross" if spec.arch == "encoder_decoder" else "decoder")
+    return StageWeights(block=block, first=parts["embedding"] + parts["positions"],
+                        last=spec.norm_params + spec.vocab_size * spec.dim)
 
 
 def parameter_count(model: SpecLike) -> int:

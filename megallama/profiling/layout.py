@@ -7,13 +7,15 @@ Which layouts are valid is :mod:`megallama.config.layout_rules`'s to say, and ra
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megallama.config import layout_rules as rules
+from megallama.config.pipeline_split import explicit_problem, stage_layers
 from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 from megallama.profiling.arch import ArchSpec
-from megallama.profiling.flops import RECOMPUTE_MODES
+from megallama.profiling.flops import RECOMPUTE_MODES, stage_weights
 from megallama.train.ds_settings import EngineTraits
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -28,7 +30,8 @@ MAX_ACCUM = 2 ** 24
 class Layout:
     """One way to run a step. ``grad_accum`` is the number of micro-batches per replica per step
     (``m``); ``interleave`` the virtual pipeline chunks per rank (Megatron's interleaved 1F1B;
-    DeepSpeed's pipeline engine runs plain 1F1B, i.e. 1)."""
+    DeepSpeed's pipeline engine runs plain 1F1B, i.e. 1). ``pipeline_layers`` gives the blocks of
+    each stage; without it ``pipeline_partition`` splits them (:func:`split`)."""
 
     tp: int = 1
     pp: int = 1
@@ -42,6 +45,8 @@ class Layout:
     dtype: str = "bf16"
     interleave: int = 1
     gpus_per_node: int = 8
+    pipeline_layers: Optional[Tuple[int, ...]] = None
+    pipeline_partition: str = "parameters"
 
     @property
     def world(self) -> int:
@@ -74,6 +79,23 @@ class Layout:
     def in_flight(self, stage: int) -> int:
         """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""
         return min(self.pp - stage, self.grad_accum)
+
+    def stage_layers(self, spec: ArchSpec) -> List[int]:
+        """Blocks on each pipeline stage, by the rule training uses (:func:`split`)."""
+        return split(spec, self.pp, self.pipeline_partition, self.pipeline_layers, self.interleave)
+
+    def stage_groups(self, spec: ArchSpec) -> Dict[int, int]:
+        """Stage -> how many stages it stands for. The first and last stages stand alone; of the
+        middle stages holding equally many blocks the earliest stands for the rest, since their
+        states and step times are equal and it holds the most micro-batches in flight."""
+        counts = self.stage_layers(spec)
+        groups: Dict[int, int] = {0: 1}
+        first_with: Dict[int, int] = {}
+        for s in range(1, self.pp - 1):
+            rep = first_with.setdefault(counts[s], s)
+            groups[rep] = groups.get(rep, 0) + 1
+        groups[self.pp - 1] = groups.get(self.pp - 1, 0) + (1 if self.pp > 1 else 0)
+        return groups
 
     def with_(self, **changes: Any) -> "Layout":
         return replace(self, **changes)
@@ -113,6 +135,44 @@ class Layout:
         _refuse(rules.layout_problem(spec.shape, self.tp, self.pp, self.sp, seq, self.zero, self.offload,
                                      self.interleave, rules.FLAGS)
                 or (rules.positions_problem(seq, spec.max_seq_len, rules.FLAGS) if spec.learned_positions else None))
+        _refuse(pipeline_layers_problem(self.pipeline_layers, spec.n_layers, self.pp, self.interleave))
+
+
+def split(spec: ArchSpec, pp: int, partition: str = "parameters", explicit: Optional[Sequence[int]] = None,
+          interleave: int = 1) -> List[int]:
+    """Blocks per stage: :func:`megallama.config.pipeline_split.stage_layers` with this model's
+    parameter counts (:func:`megallama.profiling.flops.stage_weights`); interleaved chunks are
+    equal (the layout rules require it)."""
+    if pp == 1 and explicit is None:   # nothing to balance (what-if models may have 10**9 layers)
+        return [spec.n_layers]
+    return list(_split(spec, pp, "uniform" if interleave > 1 else partition,
+                       None if explicit is None else tuple(explicit)))
+
+
+@lru_cache(maxsize=4096)   # the planner asks for the same few splits for thousands of layouts
+def _split(spec: ArchSpec, pp: int, method: str, explicit: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    return tuple(stage_layers(spec.n_layers, pp, method, explicit, stage_weights(spec)))
+
+
+def pipeline_layers_problem(counts: Optional[Sequence[int]], n_layers: int, pp: int, interleave: int = 1,
+                            field: str = "--pipeline-layers") -> Optional[str]:
+    """A given per-stage list must fit the model and ``--pp`` (and plain 1F1B: one chunk per stage)."""
+    if counts is None:
+        return None
+    if interleave > 1:
+        return f"{field}: a per-stage list needs one chunk per stage, got --interleave {interleave}"
+    return explicit_problem(list(counts), n_layers, pp, field)
+
+
+def parse_pipeline_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """``--pipeline-layers 7,8,8,7`` -> (7, 8, 8, 7); the sums are :func:`pipeline_layers_problem`'s."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--pipeline-layers: expected comma-separated layer counts, one per stage "
+                        f"(e.g. 7,8,8,7), got '{text}'") from None
 
 
 def _refuse(problem: Optional[str]) -> None:

@@ -28,16 +28,19 @@ stage 3 one bucket plus the parameters gathered at the end of forward: those kep
 storage against DeepSpeed engines (tests/test_profiling_measured.py).
 ``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
+Each pipeline stage holds its own blocks (``Layout.stage_layers``: unequal when ``pp`` does not
+divide the layers) and, under 1F1B, ``min(pp - stage, m)`` micro-batches in flight; a run needs
+the peak over its stages.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from megallama.profiling import activations as act
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
 from megallama.profiling.flops import layer_params
-from megallama.profiling.layout import DTYPE_BYTES, Layout
+from megallama.profiling.layout import DTYPE_BYTES, Layout, split as pipeline_split
 from megallama.train.ds_settings import Buckets, EngineTraits
 
 ALLREDUCE_BUCKET = int(5e8)   # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (ZeRO-0, BF16_Optimizer)
@@ -45,20 +48,27 @@ ALLREDUCE_BUCKET = int(5e8)   # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (ZeRO-0, B
 
 # ------------------------------------------------------------------------------ parameters
 def layer_params_per_rank(spec: ArchSpec, tp: int, kind: str) -> float:
-    """One block on one TP rank: split matrices and column biases / tp; norms, row biases whole."""
+    """One block on one TP rank: split matrices and column biases / tp; norms, row biases whole;
+    KV heads replicated when fewer than the ranks (:meth:`ArchSpec.tp_view`)."""
     n_attn = 2 if kind == "cross" else 1
     replicated = (3 if kind == "cross" else 2) * spec.norm_params
     if spec.bias:
         replicated += (n_attn + 1) * spec.dim        # output-projection and W2 biases
-    return (layer_params(spec, kind) - replicated) / tp + replicated
+    return (layer_params(spec.tp_view(tp), kind) - replicated) / tp + replicated
 
 
-def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0) -> float:
-    """Parameters held by one rank of pipeline stage ``stage``."""
+def _blocks(spec: ArchSpec, pp: int, split: Optional[Sequence[int]]) -> Sequence[int]:
+    """Blocks per stage: the given split, else the rule training uses (``Layout.stage_layers``)."""
+    return split if split is not None else pipeline_split(spec, pp)
+
+
+def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0,
+                 split: Optional[Sequence[int]] = None) -> float:
+    """Parameters held by one rank of pipeline stage ``stage`` (``split``: blocks per stage)."""
     spec = as_spec(model)
     encdec = spec.arch == "encoder_decoder"
     d, v = spec.dim, spec.vocab_size
-    n = spec.n_layers // pp * layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
+    n = _blocks(spec, pp, split)[stage] * layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
     if stage == 0:
         n += v * d / tp * (2 if encdec and not spec.shared_enc_dec_embedding else 1)
         n += spec.max_seq_len * d if spec.learned_positions else 0
@@ -71,14 +81,18 @@ def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0) -> f
     return n
 
 
-def params_per_rank(model: SpecLike, tp: int = 1, pp: int = 1, stage: Optional[int] = None) -> float:
+def params_per_rank(model: SpecLike, tp: int = 1, pp: int = 1, stage: Optional[int] = None,
+                    split: Optional[Sequence[int]] = None) -> float:
     """Parameters on one rank of ``stage``, or of the largest stage when ``stage`` is None."""
+    spec = as_spec(model)
+    counts = _blocks(spec, pp, split)
     stages = range(pp) if stage is None else [stage]
-    return max(stage_params(model, tp, pp, s) for s in stages)
+    return max(stage_params(spec, tp, pp, s, counts) for s in stages)
 
 
 def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0,
-                          reuse_distance: float = Buckets.reuse_distance) -> float:
+                          reuse_distance: float = Buckets.reuse_distance,
+                          split: Optional[Sequence[int]] = None) -> float:
     """Parameters (elements, this rank) ZeRO-3 gathers again for backward.
 
     DeepSpeed keeps a gathered parameter for its backward use when fewer than
@@ -94,7 +108,7 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
         parts.append(spec.vocab_size * spec.dim / tp)
         if encdec:
             parts += [layer_params_per_rank(spec, tp, "encoder")] * spec.n_encoder_layers
-    parts += [layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")] * (spec.n_layers // pp)
+    parts += [layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")] * _blocks(spec, pp, split)[stage]
     if stage == pp - 1:
         parts.append(spec.norm_params + spec.vocab_size * spec.dim / tp)
     after, total = 0.0, 0.0
@@ -108,15 +122,17 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
 # ---------------------------------------------------------------------------- model states
 def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
                       offload: bool = False, stage: Optional[int] = None, buckets: Buckets = Buckets(),
-                      grad_accum: int = 1) -> Dict[str, float]:
+                      grad_accum: int = 1, split: Optional[Sequence[int]] = None) -> Dict[str, float]:
     """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
     module docstring for the table. ``stage`` None: the stage holding the most parameters;
     ``buckets``: the run's ZeRO bucket settings (DeepSpeed's defaults when not given);
-    ``grad_accum``: micro-batches per step (ZeRO-2 keeps the accumulated partition apart)."""
+    ``grad_accum``: micro-batches per step (ZeRO-2 keeps the accumulated partition apart);
+    ``split``: blocks per stage (default: the rule training uses)."""
     spec = as_spec(model)
+    split = _blocks(spec, pp, split)
     traits = EngineTraits.predict(zero, dtype, dp, pp)
     z, w, mixed = traits.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
-    p = params_per_rank(spec, tp, pp, stage)
+    p = params_per_rank(spec, tp, pp, stage, split)
     n = float(dp)
     master = 4 if (mixed or z >= 1) else 0         # ZeRO 1-3 always clone an fp32 master partition
     params = w * p / (n if z == 3 else 1)
@@ -142,8 +158,8 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         # except where megallama skips the all-reduce with itself
         buffers = 0.0 if traits.skips_dp_allreduce else min(p, ALLREDUCE_BUCKET) * w
     else:   # one reduction bucket (per dtype) + the parameters gathered at the end of forward
-        st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s))
-        kept = p - zero3_backward_gather(spec, tp, pp, st, buckets.reuse_distance)
+        st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s, split))
+        kept = p - zero3_backward_gather(spec, tp, pp, st, buckets.reuse_distance, split)
         gathered = min(p, kept + layer_params_per_rank(spec, tp, "decoder"))
         buffers = (buckets.reduce + gathered) * w
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": float(buffers),
@@ -159,7 +175,7 @@ def stage_activation_bytes(model: SpecLike, layout: Layout, seq: int, stage: int
     t, sp, rc, w, mbs = layout.tp, layout.sp, layout.recompute, layout.dtype_bytes, layout.mbs
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     per_layer = act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, kind)
-    layers = spec.n_layers // layout.pp * per_layer
+    layers = layout.stage_layers(spec)[stage] * per_layer
     if spec.arch == "encoder_decoder":
         layers += spec.n_encoder_layers * act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, "encoder")
     first = sum(x.bytes for x in act.first_stage_saved_tensors(spec, seq, mbs, t, sp, w, impl)) if stage == 0 else 0.0
@@ -195,19 +211,16 @@ class MemoryBreakdown:
 
 def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[int] = None,
                      impl: act.ActivationImpl = act.ActivationImpl(), buckets: Buckets = Buckets()) -> MemoryBreakdown:
-    """Everything on one rank at its peak; ``stage`` None: the stage with the largest total.
-    ``buckets`` default to DeepSpeed's own defaults."""
+    """Everything on one rank at its peak; ``stage`` None: the stage with the largest total (each
+    stage with its own blocks and its own 1F1B micro-batches in flight). ``buckets`` default to
+    DeepSpeed's own defaults."""
+    spec = as_spec(model)
     if stage is None:
-        per_stage = [memory_breakdown(model, layout, seq, s, impl, buckets) for s in _stages(layout)]
+        per_stage = [memory_breakdown(spec, layout, seq, s, impl, buckets) for s in layout.stage_groups(spec)]
         return max(per_stage, key=lambda m: m.total)
-    states = model_state_bytes(model, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
-                               stage, buckets, layout.grad_accum)
-    acts = stage_activation_bytes(model, layout, seq, stage, impl)
+    states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
+                               stage, buckets, layout.grad_accum, layout.stage_layers(spec))
+    acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     host = states.pop("host")
     comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}
     return MemoryBreakdown(stage=stage, components=comps, host_bytes=host)
-
-
-def _stages(layout: Layout) -> List[int]:
-    """First and last stages differ; a middle stage stands for the rest."""
-    return sorted({0, min(1, layout.pp - 1), layout.pp - 1})

@@ -2,8 +2,10 @@
 the memory model says fit, predict each one's step time, rank by tokens/s.
 
 Any layout field can be pinned (``fixed``); pinning all of them evaluates that one layout,
-fitting or not. The global batch is given in tokens (LLaMA: 4M); a layout runs
-``m = round(batch / (dp * mbs))`` micro-batches and is kept only if that lands within 10% of it.
+fitting or not. ``pp`` need not divide the layers: stages split by the rule training uses
+(:mod:`megallama.config.pipeline_split`), or by a pinned ``pipeline_layers`` list. The global
+batch is given in tokens (LLaMA: 4M); a layout runs ``m = round(batch / (dp * mbs))``
+micro-batches and is kept only if that lands within 10% of it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import MAX_GPUS, Layout, divisors
+from megallama.profiling.layout import MAX_GPUS, Layout, divisors, pipeline_layers_problem
 from megallama.profiling.memory import memory_breakdown
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
@@ -55,7 +57,7 @@ class Plan:
 def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
     shape = spec.shape
     tps = [t for t in divisors(gpn) if gpus % t == 0 and rules.tp_problem(shape, t) is None]
-    pps = [p for p in divisors(spec.n_layers) if rules.pp_problem(shape, p) is None]
+    pps = [p for p in divisors(gpus) if rules.pp_problem(shape, p) is None]   # uneven stages too
     space = {"tp": tps, "pp": pps, "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES),
              "recompute": list(RECOMPUTE_MODES), "sp": [False, True], "offload": [False]}
     for key, value in fixed.items():
@@ -82,6 +84,9 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     given = {k: fixed[k] for k in ("tp", "pp", "dp", "mbs") if fixed.get(k) is not None}
     degrees = {k: v for k, v in given.items() if k != "mbs"}
     problems = [rules.positive_problem(k, v, rules.FLAGS) for k, v in given.items()]
+    layers = fixed.get("pipeline_layers")
+    if layers is not None:
+        problems.append(pipeline_layers_problem(layers, spec.n_layers, degrees.get("pp", len(layers))))
     problem = next((p for p in problems if p), None) or rules.world_problem(gpus, degrees, rules.FLAGS)
     if problem:
         raise UserError(problem)
@@ -95,8 +100,9 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
          batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
          eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, **fixed: Any) -> Plan:
     """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, pp, dp, zero, mbs,
-    recompute, sp, offload. ``impl``: which implementation's activations to count (default: ours
-    on the profile's device). Raises ``UserError`` when nothing fits."""
+    recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``:
+    which implementation's activations to count (default: ours on the profile's device). Raises
+    ``UserError`` when nothing fits."""
     impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
     seq = spec.max_seq_len if seq is None else seq
     gpn = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
@@ -107,7 +113,11 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
             raise UserError(f"{flag}: expected a positive integer, got {value}")
         if value > top:
             raise UserError(f"{flag}: expected at most {top:,}, got {value}")
-    check_request(spec, gpus, seq, {**fixed, "dtype": dtype})
+    layers = fixed.pop("pipeline_layers", None)
+    if layers is not None:
+        layers = tuple(layers)
+        fixed["pp"] = len(layers) if fixed.get("pp") is None else fixed["pp"]
+    check_request(spec, gpus, seq, {**fixed, "dtype": dtype, "pipeline_layers": layers})
     batch = max(1, round(batch_tokens / seq))
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
     single = all(fixed.get(k) is not None for k in ("tp", "pp", "zero", "mbs", "recompute"))
@@ -120,7 +130,7 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
             if not single:
                 continue
             m = max(1, m)
-        layout = Layout(**opt, grad_accum=m, dtype=dtype, gpus_per_node=gpn)
+        layout = Layout(**opt, grad_accum=m, dtype=dtype, gpus_per_node=gpn, pipeline_layers=layers)
         mem = memory_breakdown(spec, layout, seq, impl=impl)
         result.evaluated += 1
         if mem.total > cap and not single:

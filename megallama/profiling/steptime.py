@@ -10,17 +10,19 @@ where the elementwise traffic is ``traffic * saved-activation bytes`` per pass (
 backward ~ 2 passes, recomputed forward), since every saved tensor is written once and read
 back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved chunks, 1F1B takes
 ``m * t_max + (sum_s t_s - t_max) / v`` -- for equal stages ``(m + (pp-1)/v) t``, a bubble of
-``(pp-1)/(v m)``. Then the data-parallel traffic after the last backward (all of it for ZeRO
-0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched gathers hide behind
-``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU Adam + PCIe when
-offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
+``(pp-1)/(v m)``; stages of unequal size (``Layout.stage_layers``) each take their own ``t_s``,
+and the slowest sets the steady state. Then the data-parallel traffic after the last backward
+(all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched
+gathers hide behind ``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU
+Adam + PCIe when offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
 (:mod:`megallama.profiling.published`); the rest are physical constants of the profile.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.comm import comm_time_by_phase
@@ -59,6 +61,8 @@ class StepPrediction:
     fits: bool
     memory_capacity_bytes: float
     time: Dict[str, float] = field(default_factory=dict)
+    stage_layers: List[int] = field(default_factory=list)   # blocks per pipeline stage
+    slowest_stage: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -72,23 +76,27 @@ class StepPrediction:
                 "mfu": self.mfu, "hfu": self.hfu, "memory_per_gpu_bytes": self.memory.total,
                 "memory_capacity_bytes": self.memory_capacity_bytes, "fits": self.fits,
                 "memory_breakdown_bytes": dict(self.memory.components), "host_memory_bytes": self.memory.host_bytes,
-                "pipeline_stage_of_peak_memory": self.memory.stage, "time_breakdown_s": dict(self.time)}
+                "pipeline_stage_of_peak_memory": self.memory.stage, "time_breakdown_s": dict(self.time),
+                "pipeline_stage_layers": list(self.stage_layers),
+                "pipeline_split": describe_split(self.stage_layers), "pipeline_slowest_stage": self.slowest_stage}
 
 
 def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
                    stage: int, impl: act.ActivationImpl) -> float:
-    """Seconds of compute for one micro-batch on one rank of ``stage``."""
+    """Seconds of compute for one micro-batch on one rank of ``stage``; ``fc``: the FLOPs the TP
+    ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`)."""
     tokens = seq * layout.mbs
     head = 3.0 * fc.terms["lm_head"]
     blocks = fc.hardware - head
-    flops = tokens * (blocks / layout.pp + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
+    count = layout.stage_layers(spec)[stage]
+    flops = tokens * (blocks * count / spec.n_layers + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
     t, sp, w = layout.tp, layout.sp, layout.dtype_bytes
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind)
     redo = {"none": 0.0, "full": saved,
             "selective": saved - act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "selective", w,
                                                                 impl, kind)}[layout.recompute]
-    layers = spec.n_layers // layout.pp + (spec.n_encoder_layers if stage == 0 else 0)
+    layers = count + (spec.n_encoder_layers if stage == 0 else 0)
     traffic = layers * (3 * saved + redo)
     if stage == layout.pp - 1:
         traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, layout.mbs, t, sp, w, impl))
@@ -102,22 +110,22 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     breakdown already computed for this layout, to save recomputing it)."""
     spec = as_spec(model)
     fc = flops_per_token(spec, seq, layout.recompute)
-    m, pp = layout.grad_accum, layout.pp
-    stages = sorted({0, min(1, pp - 1), pp - 1})
+    fc_ranks = flops_per_token(spec.tp_view(layout.tp), seq, layout.recompute)
+    m = layout.grad_accum
+    groups = layout.stage_groups(spec)   # stage -> how many stages it stands for
     per_stage, step_comm = {}, {}
-    for s in stages:
+    for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
-        compute = _stage_compute(spec, layout, seq, hw, eff, fc, s, impl)
+        compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
         per_stage[s] = (compute, (comm.get("tp.microbatch", 0.0) + comm.get("pp.microbatch", 0.0)) / m)
         hidden = eff.overlap * m * compute
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
-                        + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
-    totals = {s: sum(per_stage[s]) for s in stages}
+                        + comm.get("kv.step", 0.0) + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
+    totals = {s: sum(per_stage[s]) for s in groups}
     t_max = max(totals.values())
-    middle = totals[min(1, pp - 1)]
-    t_sum = totals[0] + (totals[pp - 1] if pp > 1 else 0.0) + max(0, pp - 2) * middle
+    t_sum = sum(totals[s] * n for s, n in groups.items())
     pipeline = m * t_max + (t_sum - t_max) / layout.interleave
-    slowest = max(stages, key=lambda s: totals[s])
+    slowest = max(groups, key=lambda s: totals[s])
     compute_part = m * per_stage[slowest][0]
     comm_part = m * per_stage[slowest][1]
     dp_exposed = max(step_comm.values())
@@ -134,11 +142,13 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
         mfu=tps_gpu * fc.model / peak, hfu=tps_gpu * fc.hardware / peak, memory=mem, fits=mem.total <= cap,
         memory_capacity_bytes=cap,
         time={"compute": compute_part, "tp_and_pp_comm": comm_part, "pipeline_bubble": pipeline - compute_part - comm_part,
-              "dp_comm_exposed": dp_exposed, "optimizer": optimizer})
+              "dp_comm_exposed": dp_exposed, "optimizer": optimizer},
+        stage_layers=layout.stage_layers(spec), slowest_stage=slowest)
 
 
 def _optimizer_time(spec, layout: Layout, hw: HardwareProfile, eff: Efficiency) -> float:
-    shard = params_per_rank(spec, layout.tp, layout.pp) / (layout.dp if layout.effective_zero >= 1 else 1)
+    shard = (params_per_rank(spec, layout.tp, layout.pp, split=layout.stage_layers(spec))
+             / (layout.dp if layout.effective_zero >= 1 else 1))
     if layout.offload:   # grads down (fp32 after DeepSpeed's copy), updated params back up
         return shard / eff.cpu_adam_params_per_s + shard * (4 + layout.dtype_bytes) / hw.host_bandwidth
     return shard * eff.optimizer_bytes_per_param / hw.memory_bandwidth
