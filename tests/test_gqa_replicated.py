@@ -1,0 +1,80 @@
+"""Fewer KV heads than TP ranks: each KV head is replicated on the ranks whose query heads read it.
+
+TP=4 with 2 KV heads, MQA at TP=4 (also with sequence parallelism) and an encoder-decoder's
+replicated cross-attention K/V give TP=1's logits, loss and full gradients (fp32), and the same
+ranks without the replicas' gradient sum do not: the check can fail.
+"""
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.test_tp_parity import _forward_backward, _full_grads
+
+SEQ, BATCH = 16, 2
+CASES = [("tiny-gqa", 2, False), ("tiny-gqa", 1, True), ("tiny-encdec", 1, False)]
+
+
+def _errors(cfg, state, tokens, labels, rank):
+    from megallama.model import build_model
+    from megallama.parallel import ParallelState
+
+    model = build_model(cfg, state, seed=7)
+    logits, loss = _forward_backward(model, cfg, tokens, labels)
+    grads = _full_grads(model)
+    copies = _kv_copies(model, cfg, state)
+    if rank:
+        return None
+    ref = build_model(cfg, ParallelState(), seed=7)
+    ref_logits, ref_loss = _forward_backward(ref, cfg, tokens, labels)
+    worst = max((grads[n] - p.grad).abs().max().item() / (p.grad.abs().max().item() + 1e-12)
+                for n, p in ref.named_parameters())
+    return dict(logit_err=(logits - ref_logits).abs().max().item(), loss_err=abs(loss.item() - ref_loss.item()),
+                grad_rel_err=worst, kv_local=model.layers[0].attention.n_local_kv_heads,
+                replica_grads_differ=max((copies[r] - copies[r - r % (4 // cfg.kv_heads)]).abs().max().item()
+                                         for r in range(len(copies))))
+
+
+def _kv_copies(model, cfg, state):
+    """Every TP rank's gradient of its K/V rows in the first layer's fused projection."""
+    import torch.distributed as dist
+
+    attn = model.layers[0].attention
+    lin = attn.wkv if attn.cross else attn.wqkv
+    kv = lin.weight.grad[sum(lin.local_sizes) - 2 * cfg.head_dim:].contiguous()
+    every = [torch.empty_like(kv) for _ in range(state.tp)]
+    dist.all_gather(every, kv, group=state.tp_group)
+    return every
+
+
+def _parity(rank, world):
+    from dataclasses import replace
+
+    from megallama.config import ModelConfig
+    from megallama.parallel import ColumnParallelLinear, initialize
+
+    state = initialize(tp=world)
+    out = []
+    for preset, kv, sp in CASES:
+        cfg = ModelConfig.preset(preset, n_kv_heads=kv)
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
+        labels = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
+        labels[0, :3] = -100
+        run = replace(state, sequence_parallel=sp)
+        summed = _errors(cfg, run, tokens, labels, rank)
+        shared = ColumnParallelLinear._shared
+        ColumnParallelLinear._shared = lambda self, t: t  # the replicas' gradients left unsummed
+        try:
+            unsummed = _errors(cfg, run, tokens, labels, rank)
+        finally:
+            ColumnParallelLinear._shared = shared
+        out.append(dict(case=(preset, kv, sp), summed=summed, unsummed=unsummed))
+    return out
+
+
+def test_replicated_kv_heads_match_single_process_and_need_the_gradient_sum():
+    for r in run_distributed(_parity, 4):
+        ok, broken = r["summed"], r["unsummed"]
+        assert ok["kv_local"] == 1, r
+        assert ok["logit_err"] < 1e-5 and ok["loss_err"] < 1e-5 and ok["grad_rel_err"] < 1e-4, r
+        assert ok["replica_grads_differ"] == 0.0, r  # the copies take the same step
+        assert broken["logit_err"] < 1e-5 and broken["grad_rel_err"] > 1e-2, r
