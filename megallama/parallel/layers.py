@@ -28,7 +28,7 @@ def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int],
         param.tp_fused_heads = tuple(fused_heads)
 
 
-def _pieces(fused_sizes: Sequence[int], fused_heads: Optional[Sequence[int]], tp: int) -> List[Tuple[int, int]]:
+def tp_pieces(fused_sizes: Sequence[int], fused_heads: Optional[Sequence[int]], tp: int) -> List[Tuple[int, int]]:
     """``(rows of one rank's piece, ranks holding each piece)`` per fused block: a block of fewer
     heads than ranks is cut per head, each head held by ``tp / heads`` consecutive ranks."""
     reps = [kv_replicas(h, tp) for h in fused_heads] if fused_heads else [1] * len(fused_sizes)
@@ -41,7 +41,7 @@ def split_for_rank(full: torch.Tensor, split_dim: int, fused_sizes: Sequence[int
     whose piece another rank holds first (the layout-free form stores each replicated head once)."""
     parts = torch.split(full, list(fused_sizes), dim=split_dim)
     keep = [p.narrow(split_dim, (rank // rep) * piece, piece)
-            for p, (piece, rep) in zip(parts, _pieces(fused_sizes, fused_heads, tp)) if not (owned and rank % rep)]
+            for p, (piece, rep) in zip(parts, tp_pieces(fused_sizes, fused_heads, tp)) if not (owned and rank % rep)]
     return torch.cat(keep, dim=split_dim) if keep else full.narrow(split_dim, 0, 0)
 
 
@@ -50,7 +50,7 @@ def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes:
     """Inverse of :func:`split_for_rank`: rebuild the full weight from every rank's shard (of a
     replicated block, the copy of the first rank holding each piece)."""
     tp = len(shards)
-    pieces = _pieces(fused_sizes, fused_heads, tp)
+    pieces = tp_pieces(fused_sizes, fused_heads, tp)
     per_rank = []
     for r, shard in enumerate(shards):
         held = [i for i, (_, rep) in enumerate(pieces) if not (owned and r % rep)]
@@ -107,9 +107,11 @@ class ColumnParallelLinear(_ParallelLinearBase):
     ``out_features`` may be a list: several logical matrices fused into one GEMM (Q/K/V, W1/W3),
     each split across ranks so every rank holds its own slice of each. ``fused_heads`` (heads per
     block) lets a block of fewer heads than ranks be replicated instead: each head on the
-    ``tp / heads`` consecutive ranks that read it (GQA's KV heads, as Megatron and vLLM place
-    them). Each copy's gradient then holds only its rank's share, so the copies' gradients are
-    summed over exactly those ranks in backward, and the copies stay equal.
+    ``tp / heads`` consecutive ranks that read it (GQA's KV heads, placed as Megatron and vLLM
+    place them). The first of those ranks owns the head: the others use its value, broadcast in
+    forward, and its gradient is the sum of all of theirs (reduced onto it in backward). Their own
+    copy gets no gradient, so DeepSpeed's gradient norm, which counts a TP-split parameter on
+    every rank, counts each head once, as at TP=1; that copy is never read (nor checkpointed).
     """
 
     split_dim = 0
@@ -124,7 +126,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.fused_heads = list(fused_heads) if fused_heads else None
         self.in_features = in_features
         self.out_features = sum(self.fused_sizes)
-        pieces = _pieces(self.fused_sizes, self.fused_heads, self.tp.size)
+        pieces = tp_pieces(self.fused_sizes, self.fused_heads, self.tp.size)
         self.local_sizes = [piece for piece, _ in pieces]
         # runs of adjacent blocks held by as many ranks each: [rows, ranks holding them]
         self.row_runs: List[List[int]] = []
@@ -150,12 +152,11 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
 
     def _shared(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``t`` with each replicated run's gradient summed over the ranks holding it (identity
-        forward, all-reduce backward: the copy-to-TP mapping over that group)."""
+        """``t`` with each replicated run taken from the first rank holding it."""
         if t is None or not self.replica_groups:
             return t
         runs = torch.split(t, [rows for rows, _ in self.row_runs], dim=0)
-        return torch.cat([r if rep == 1 else mappings.copy_to_tp_region(r, self.replica_groups[rep])
+        return torch.cat([r if rep == 1 else mappings.from_first_rank(r, self.replica_groups[rep])
                           for r, (_, rep) in zip(runs, self.row_runs)], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +168,7 @@ class ColumnParallelLinear(_ParallelLinearBase):
         return mappings.gather_from_tp_region(y, self.tp) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        shared = [rep for _, rep in _pieces(self.fused_sizes, self.fused_heads, self.tp.size)]
+        shared = [rep for _, rep in tp_pieces(self.fused_sizes, self.fused_heads, self.tp.size)]
         extra = f", replicas={shared}" if any(r > 1 for r in shared) else ""
         return f"in={self.in_features}, out={self.fused_sizes}, local_out={self.local_sizes}{extra}"
 
