@@ -49,7 +49,7 @@ def _parity(rank, world):
     from dataclasses import replace
 
     from megallama.config import ModelConfig
-    from megallama.parallel import ColumnParallelLinear, initialize
+    from megallama.parallel import initialize, mappings
 
     state = initialize(tp=world)
     out = []
@@ -61,12 +61,12 @@ def _parity(rank, world):
         labels[0, :3] = -100
         run = replace(state, sequence_parallel=sp)
         summed = _errors(cfg, run, tokens, labels, rank)
-        shared = ColumnParallelLinear._shared
-        ColumnParallelLinear._shared = lambda self, t: t  # the replicas' gradients left unsummed
+        owned = mappings.from_first_rank
+        mappings.from_first_rank = lambda x, tp: x  # each rank uses and trains its own copy
         try:
             unsummed = _errors(cfg, run, tokens, labels, rank)
         finally:
-            ColumnParallelLinear._shared = shared
+            mappings.from_first_rank = owned
         out.append(dict(case=(preset, kv, sp), summed=summed, unsummed=unsummed))
     return out
 
@@ -79,3 +79,21 @@ def test_replicated_kv_heads_match_single_process_and_need_the_gradient_sum():
         # the first rank holding a head owns its whole gradient; the others' copies get none
         assert ok["copies_with_grad"] == list(range(0, 4, 4 // r["case"][1])), r
         assert broken["logit_err"] < 1e-5 and broken["grad_rel_err"] > 1e-2, r
+
+
+def test_split_and_merge_round_trip_with_replicated_heads():
+    from megallama.parallel.layers import merge_tp_shards, split_for_rank
+
+    hd, heads = 4, [8, 2, 2]  # Q, K, V of 8 query heads over 2 KV heads
+    sizes = [h * hd for h in heads]
+    full = torch.randn(sum(sizes), 3)
+    for tp in (1, 2, 4, 8):
+        held = [split_for_rank(full, 0, sizes, tp, r, heads) for r in range(tp)]
+        assert all(h.shape[0] == (8 // tp + 2 * max(2 // tp, 1)) * hd for h in held)
+        assert torch.equal(merge_tp_shards(held, 0, sizes, heads), full)
+        stored = [split_for_rank(full, 0, sizes, tp, r, heads, owned=True) for r in range(tp)]
+        assert sum(s.shape[0] for s in stored) == full.shape[0]  # each head once
+        assert torch.equal(merge_tp_shards(stored, 0, sizes, heads, owned=True), full)
+    # rank 3 of 4 holds query heads 6-7 and their KV head, 1
+    k_rows = full[sizes[0]:sizes[0] + sizes[1]]
+    assert torch.equal(split_for_rank(full, 0, sizes, 4, 3, heads)[2 * hd:3 * hd], k_rows[hd:])

@@ -151,20 +151,26 @@ class ColumnParallelLinear(_ParallelLinearBase):
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
 
-    def _shared(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``t`` with each replicated run taken from the first rank holding it."""
-        if t is None or not self.replica_groups:
-            return t
-        runs = torch.split(t, [rows for rows, _ in self.row_runs], dim=0)
-        return torch.cat([r if rep == 1 else mappings.from_first_rank(r, self.replica_groups[rep])
-                          for r, (_, rep) in zip(runs, self.row_runs)], dim=0)
+    def _runs(self):
+        """``(weight, bias)`` rows of each run; a replicated run's as its first rank holds them."""
+        sizes = [rows for rows, _ in self.row_runs]
+        weights = torch.split(self.weight, sizes)
+        biases = torch.split(self.bias, sizes) if self.bias is not None else [None] * len(sizes)
+        for w, b, (_, rep) in zip(weights, biases, self.row_runs):
+            if rep > 1:
+                w = mappings.from_first_rank(w, self.replica_groups[rep])
+                b = None if b is None else mappings.from_first_rank(b, self.replica_groups[rep])
+            yield w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.tp)
         else:
             x = mappings.copy_to_tp_region(x, self.tp)
-        y = F.linear(x, self._shared(self.weight), self._shared(self.bias))
+        if self.replica_groups:  # one GEMM per run: backward keeps views of the weight, not a copy
+            y = torch.cat([F.linear(x, w, b) for w, b in self._runs()], dim=-1)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.tp) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -58,8 +58,8 @@ class ParallelState:
         return TPGroup(self.tp, self.tp_rank, self.tp_group)
 
     def tp_replicas(self, size: int) -> TPGroup:
-        """The ``size`` consecutive TP ranks holding this one: where a head too few to split over
-        the TP ranks is replicated, the copies' gradients are summed over this group."""
+        """The ``size`` consecutive TP ranks holding this one: a head replicated over them (fewer
+        heads than TP ranks) is broadcast from, and its gradient reduced onto, the first."""
         if size < 1 or self.tp % size:
             raise ValueError(f"{size} ranks do not divide tensor-parallel size {self.tp}")
         if size == self.tp:
@@ -166,8 +166,8 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
     state.tp_group, state.tp_ranks = make(dims.groups("tp"))
     state.dp_group, state.dp_ranks = make(dims.groups("dp"))
     state.pp_group, state.pp_ranks = make(dims.groups("pp"))
-    # every proper divisor's sub-groups, for whatever model is built on this layout (few; a
-    # communicator is set up at its first use)
+    # the sub-groups of every proper divisor of tp, for whatever model is built on this layout
+    # (every rank must make every group; there are few: tp 16 makes three sets)
     for size in (d for d in range(2, tp) if tp % d == 0):
         state.tp_subgroups[size] = make([ranks[i:i + size] for ranks in dims.groups("tp")
                                          for i in range(0, tp, size)])[0]
