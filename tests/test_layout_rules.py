@@ -28,11 +28,22 @@ def test_positive():
 def test_tp_divides_every_split_dimension():
     assert rules.tp_problem(TINY, 4) is None
     assert rules.tp_problem(TINY, 3) == "model.n_heads: 4 is not divisible by parallel.tp=3"
-    assert rules.tp_problem(GQA, 4, FLAGS) == "--tp 4: model n_kv_heads=2 is not divisible by tp"
+    assert rules.tp_problem(GQA, 2) is None and rules.tp_problem(GQA, 8) is None  # 2 KV heads, 4 copies each
+    odd_kv = ModelShape(n_heads=12, n_kv_heads=4, vocab_size=2048, ffn_hidden_size=352, n_layers=4)
+    assert rules.tp_problem(odd_kv, 3, FLAGS) == "--tp 3: model n_kv_heads=4 is not divisible by tp"
+    assert rules.tp_problem(odd_kv, 6) == ("model.n_kv_heads: 4 neither divides nor is divisible by parallel.tp=6 "
+                                           "(fewer KV heads than ranks are each shared by an equal group of ranks)")
+    assert rules.tp_problem(odd_kv, 6, FLAGS) == "--tp 6: model n_kv_heads=4 neither divides nor is divisible by tp"
     wide_vocab = ModelShape(n_heads=4, n_kv_heads=4, vocab_size=2049, ffn_hidden_size=352, n_layers=4)
     assert rules.tp_problem(wide_vocab, 2) == "model.vocab_size: 2049 is not divisible by parallel.tp=2"
     odd_ffn = ModelShape(n_heads=4, n_kv_heads=4, vocab_size=2048, ffn_hidden_size=350, n_layers=4)
     assert rules.tp_problem(odd_ffn, 4) == "model.ffn_hidden_size: 350 is not divisible by parallel.tp=4"
+
+
+def test_kv_replicas_counts_the_ranks_sharing_a_head():
+    assert [rules.kv_replicas(h, 8) for h in (16, 8, 4, 2, 1)] == [1, 1, 2, 4, 8]
+    with pytest.raises(ValueError):
+        rules.kv_replicas(4, 6)
 
 
 def test_pp_gives_every_stage_a_layer_and_stages_only_the_decoder():
@@ -149,7 +160,8 @@ AGREEMENT = [  # preset, tp, pp, dp, sp, seq, zero, offload, accepted
     ("tiny", 1, 2, 2, False, 256, 2, False, False),
     ("tiny", 1, 1, 2, False, 256, 0, True, False),
     ("tiny", 1, 1, 2, False, 256, 1, True, True),
-    ("tiny-gqa", 8, 1, 1, False, 256, 1, False, False),
+    ("tiny-gqa", 8, 1, 1, False, 256, 1, False, True),   # 4 KV heads, each on 2 of the 8 ranks
+    ("tiny-gqa", 16, 1, 1, False, 256, 1, False, False),  # more ranks than query heads
     ("tiny-encdec", 1, 2, 1, False, 256, 0, False, False),
 ]
 

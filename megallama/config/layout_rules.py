@@ -17,6 +17,8 @@ Words = Mapping[str, str]
 CONFIG: Words = {
     "positive": "parallel.{name}: expected a positive integer, got {value}",
     "tp_divides": "model.{field}: {value} is not divisible by parallel.tp={tp}",
+    "kv_shared": ("model.n_kv_heads: {value} neither divides nor is divisible by parallel.tp={tp} (fewer KV heads "
+                  "than ranks are each shared by an equal group of ranks)"),
     "pp_divides": "model.n_layers: {n_layers} is not divisible by parallel.pp={pp}{interleave}",
     "pp_fills": "parallel.pp: {pp} stages need at least one layer each, model.n_layers is {n_layers}",
     "pipeline_arch": "parallel.pp: pipeline parallelism supports arch 'decoder' only, got '{arch}' (use pp: 1)",
@@ -34,6 +36,7 @@ CONFIG: Words = {
 FLAGS: Words = {
     "positive": "--{flag}: expected a positive integer, got {value}",
     "tp_divides": "--tp {tp}: model {field}={value} is not divisible by tp",
+    "kv_shared": "--tp {tp}: model n_kv_heads={value} neither divides nor is divisible by tp",
     "pp_divides": "--pp {pp}: model n_layers={n_layers} is not divisible by pp{interleave}",
     "pp_fills": "--pp {pp}: more stages than the model's {n_layers} layers",
     "pipeline_arch": "--pp: pipeline parallelism supports decoder-only models (use --pp 1)",
@@ -70,12 +73,27 @@ def positive_problem(name: str, value: int, words: Words = CONFIG) -> Optional[s
 
 
 def tp_problem(shape: ModelShape, tp: int, words: Words = CONFIG) -> Optional[str]:
-    """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks."""
+    """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks; KV
+    heads fewer than the ranks are replicated instead, each on ``tp / n_kv_heads`` of them
+    (:func:`kv_replicas`)."""
     for field in TP_SPLIT:
         value = getattr(shape, field)
-        if value % tp:
+        if field == "n_kv_heads" and value < tp:
+            if tp % value:
+                return words["kv_shared"].format(value=value, tp=tp)
+        elif value % tp:
             return words["tp_divides"].format(field=field, value=value, tp=tp)
     return None
+
+
+def kv_replicas(heads: int, tp: int) -> int:
+    """How many TP ranks hold a copy of each of ``heads`` heads: 1 when the ranks split them, else
+    ``tp / heads`` consecutive ranks share one (those whose query heads read it)."""
+    if heads >= tp:
+        return 1
+    if tp % heads:
+        raise ValueError(f"{heads} heads cannot be shared evenly by tensor-parallel size {tp}")
+    return tp // heads
 
 
 def pp_problem(shape: ModelShape, pp: int, interleave: int = 1, words: Words = CONFIG) -> Optional[str]:

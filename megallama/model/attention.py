@@ -1,7 +1,9 @@
 """Multi-head / grouped-query attention on column-parallel Q/K/V and a row-parallel output.
 
 Each TP rank owns ``n_heads/tp`` query heads and ``n_kv_heads/tp`` kv heads, so the attention
-core runs locally with no communication; only Wo's partial sums are reduced.
+core runs locally with no communication; only Wo's partial sums are reduced. With fewer KV heads
+than ranks each rank holds a copy of the one KV head its query heads read (the projection layer
+keeps the copies equal: ``fused_heads``).
 """
 from __future__ import annotations
 
@@ -47,15 +49,16 @@ class Attention(nn.Module):
         self.causal, self.cross = causal, cross
         self.head_dim = cfg.head_dim
         self.n_local_heads = cfg.n_heads // tp
-        self.n_local_kv_heads = cfg.kv_heads // tp
+        self.n_local_kv_heads = max(cfg.kv_heads // tp, 1)
         q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         kw = dict(init_std=cfg.init_std, device=device, dtype=dtype)
         if cross:
             self.wq = ColumnParallelLinear(state, cfg.dim, [q_out], part_names=["wq"], **kw)
-            self.wkv = ColumnParallelLinear(state, cfg.dim, [kv_out, kv_out], part_names=["wk", "wv"], **kw)
+            self.wkv = ColumnParallelLinear(state, cfg.dim, [kv_out, kv_out], part_names=["wk", "wv"],
+                                            fused_heads=[cfg.kv_heads] * 2, **kw)
         else:
             self.wqkv = ColumnParallelLinear(state, cfg.dim, [q_out, kv_out, kv_out], part_names=["wq", "wk", "wv"],
-                                             **kw)
+                                             fused_heads=[cfg.n_heads, cfg.kv_heads, cfg.kv_heads], **kw)
         n_layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
         self.wo = RowParallelLinear(state, q_out, cfg.dim, init_std=cfg.init_std / math.sqrt(2 * n_layers),
                                     device=device, dtype=dtype)

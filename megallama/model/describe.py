@@ -18,9 +18,10 @@ def _rows(module: torch.nn.Module, prefix: str, tp: int) -> List[Dict[str, Any]]
         if isinstance(m, ColumnParallelLinear):
             parent = name.rsplit(".", 1)[0]
             names = [f"{parent}.{part}" for part in m.part_names] if m.part_names else [name]
-            for part, size in zip(names, m.fused_sizes):
-                rows.append(dict(name=part, parallel="column",
-                                 full_shape=[m.in_features, size], rank_shape=[m.in_features, size // tp],
+            for part, size, local in zip(names, m.fused_sizes, m.local_sizes):
+                shared = "" if local * tp == size else f" (each head on {local * tp // size} ranks)"
+                rows.append(dict(name=part, parallel="column" + shared,
+                                 full_shape=[m.in_features, size], rank_shape=[m.in_features, local],
                                  fused_into=name if len(m.fused_sizes) > 1 else None))
         elif isinstance(m, RowParallelLinear):
             rows.append(dict(name=name, parallel="row", full_shape=[m.in_features, m.out_features],

@@ -8,42 +8,65 @@ Each layer is given the :class:`ParallelState` it is built for and keeps its :cl
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megallama.config.layout_rules import tp_shard
+from megallama.config.layout_rules import kv_replicas, tp_shard
 from megallama.parallel import mappings
 from megallama.parallel.state import ParallelState, TPGroup
 
 
-def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int]) -> None:
+def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int],
+          fused_heads: Optional[Sequence[int]] = None) -> None:
     param.tensor_model_parallel = True
     param.tp_split_dim = split_dim
     param.tp_fused_sizes = tuple(fused_sizes)
+    if fused_heads is not None:  # blocks of heads: fewer heads than ranks are replicated, not split
+        param.tp_fused_heads = tuple(fused_heads)
 
 
-def _rank_slice(full: torch.Tensor, dim: int, fused_sizes: Sequence[int], tp: int, rank: int) -> torch.Tensor:
-    """This rank's part of each fused logical block along ``dim``, concatenated."""
-    parts = torch.split(full, list(fused_sizes), dim=dim)
-    return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim)
+def tp_pieces(fused_sizes: Sequence[int], fused_heads: Optional[Sequence[int]], tp: int) -> List[Tuple[int, int]]:
+    """``(rows of one rank's piece, ranks holding each piece)`` per fused block: a block of fewer
+    heads than ranks is cut per head, each head held by ``tp / heads`` consecutive ranks."""
+    reps = [kv_replicas(h, tp) for h in fused_heads] if fused_heads else [1] * len(fused_sizes)
+    return [(tp_shard(n, tp // rep, "fused block"), rep) for n, rep in zip(fused_sizes, reps)]
 
 
-def split_for_rank(full: torch.Tensor, split_dim: int, fused_sizes: Sequence[int], tp: int,
-                   rank: int) -> torch.Tensor:
-    """The shard ``rank`` of ``tp`` holds of a full (logical) weight."""
-    return _rank_slice(full, split_dim, fused_sizes, tp, rank)
+def split_for_rank(full: torch.Tensor, split_dim: int, fused_sizes: Sequence[int], tp: int, rank: int,
+                   fused_heads: Optional[Sequence[int]] = None, owned: bool = False) -> torch.Tensor:
+    """The shard ``rank`` of ``tp`` holds of a full (logical) weight; ``owned``: without the blocks
+    whose piece another rank holds first (the layout-free form stores each replicated head once)."""
+    parts = torch.split(full, list(fused_sizes), dim=split_dim)
+    keep = [p.narrow(split_dim, (rank // rep) * piece, piece)
+            for p, (piece, rep) in zip(parts, tp_pieces(fused_sizes, fused_heads, tp)) if not (owned and rank % rep)]
+    return torch.cat(keep, dim=split_dim) if keep else full.narrow(split_dim, 0, 0)
 
 
-def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`split_for_rank`: rebuild the full weight from every rank's shard."""
+def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes: Sequence[int],
+                    fused_heads: Optional[Sequence[int]] = None, owned: bool = False) -> torch.Tensor:
+    """Inverse of :func:`split_for_rank`: rebuild the full weight from every rank's shard (of a
+    replicated block, the copy of the first rank holding each piece)."""
     tp = len(shards)
-    local = [n // tp for n in fused_sizes]
-    per_rank = [torch.split(s, local, dim=split_dim) for s in shards]
-    blocks = [torch.cat([per_rank[r][i] for r in range(tp)], dim=split_dim) for i in range(len(local))]
+    pieces = tp_pieces(fused_sizes, fused_heads, tp)
+    per_rank = []
+    for r, shard in enumerate(shards):
+        held = [i for i, (_, rep) in enumerate(pieces) if not (owned and r % rep)]
+        per_rank.append(dict(zip(held, torch.split(shard, [pieces[i][0] for i in held], dim=split_dim))))
+    blocks = [torch.cat([per_rank[r][i] for r in range(0, tp, rep)], dim=split_dim)
+              for i, (_, rep) in enumerate(pieces)]
     return torch.cat(blocks, dim=split_dim)
+
+
+def param_shard(full: torch.Tensor, param: nn.Parameter, tp: int, rank: int) -> torch.Tensor:
+    """This rank's part of ``param``'s full tensor, as its layer holds it (the tensor itself when
+    TP replicates the parameter)."""
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    return split_for_rank(full, param.tp_split_dim, param.tp_fused_sizes, tp, rank,
+                          getattr(param, "tp_fused_heads", None))
 
 
 def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
@@ -54,7 +77,7 @@ def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> t
 
     parts = [torch.empty_like(local) for _ in range(tp.size)]
     dist.all_gather(parts, local.contiguous(), group=tp.group)
-    return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes)
+    return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes, getattr(param, "tp_fused_heads", None))
 
 
 class _ParallelLinearBase(nn.Module):
@@ -71,7 +94,8 @@ class _ParallelLinearBase(nn.Module):
         with torch.no_grad():
             full = torch.empty(full_shape, dtype=torch.float32)
             full.normal_(0.0, self.init_std, generator=generator)
-            local = _rank_slice(full, self.split_dim, fused_sizes, self.tp.size, self.tp.rank)
+            local = split_for_rank(full, self.split_dim, fused_sizes, self.tp.size, self.tp.rank,
+                                   getattr(self, "fused_heads", None))
             self.weight.copy_(local.to(self.weight.dtype))
             if getattr(self, "bias", None) is not None:
                 self.bias.zero_()
@@ -81,44 +105,78 @@ class ColumnParallelLinear(_ParallelLinearBase):
     """``y = x W^T`` with W's output rows split across TP ranks.
 
     ``out_features`` may be a list: several logical matrices fused into one GEMM (Q/K/V, W1/W3),
-    each split across ranks so every rank holds its own slice of each.
+    each split across ranks so every rank holds its own slice of each. ``fused_heads`` (heads per
+    block) lets a block of fewer heads than ranks be replicated instead: each head on the
+    ``tp / heads`` consecutive ranks that read it (GQA's KV heads, placed as Megatron and vLLM
+    place them). The first of those ranks owns the head: the others use its value, broadcast in
+    forward, and its gradient is the sum of all of theirs (reduced onto it in backward). Their own
+    copy gets no gradient, so DeepSpeed's gradient norm, which counts a TP-split parameter on
+    every rank, counts each head once, as at TP=1; that copy is never read (nor checkpointed).
     """
 
     split_dim = 0
 
     def __init__(self, state: ParallelState, in_features: int, out_features, bias: bool = False,
                  gather_output: bool = False, init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
-                 part_names: Optional[Sequence[str]] = None, device=None, dtype=None):
+                 part_names: Optional[Sequence[str]] = None, fused_heads: Optional[Sequence[int]] = None,
+                 device=None, dtype=None):
         super().__init__(state, sequence_parallel)
         self.part_names = list(part_names) if part_names else None
         self.fused_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self.fused_heads = list(fused_heads) if fused_heads else None
         self.in_features = in_features
         self.out_features = sum(self.fused_sizes)
-        self.local_sizes = [tp_shard(n, self.tp.size, "out_features") for n in self.fused_sizes]
+        pieces = tp_pieces(self.fused_sizes, self.fused_heads, self.tp.size)
+        self.local_sizes = [piece for piece, _ in pieces]
+        # runs of adjacent blocks held by as many ranks each: [rows, ranks holding them]
+        self.row_runs: List[List[int]] = []
+        for piece, rep in pieces:
+            if self.row_runs and self.row_runs[-1][1] == rep:
+                self.row_runs[-1][0] += piece
+            else:
+                self.row_runs.append([piece, rep])
+        self.replica_groups: Dict[int, TPGroup] = {rep: state.tp_replicas(rep) for _, rep in self.row_runs
+                                                   if rep > 1}
         if gather_output and len(self.fused_sizes) > 1:
             raise ValueError("gather_output is not supported for fused outputs")
         self.gather_output = gather_output
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, device=device, dtype=dtype))
-        _mark(self.weight, 0, self.fused_sizes)
+        _mark(self.weight, 0, self.fused_sizes, self.fused_heads)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), device=device, dtype=dtype))
-            _mark(self.bias, 0, self.fused_sizes)
+            _mark(self.bias, 0, self.fused_sizes, self.fused_heads)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
+
+    def _runs(self):
+        """``(weight, bias)`` rows of each run; a replicated run's as its first rank holds them."""
+        sizes = [rows for rows, _ in self.row_runs]
+        weights = torch.split(self.weight, sizes)
+        biases = torch.split(self.bias, sizes) if self.bias is not None else [None] * len(sizes)
+        for w, b, (_, rep) in zip(weights, biases, self.row_runs):
+            if rep > 1:
+                w = mappings.from_first_rank(w, self.replica_groups[rep])
+                b = None if b is None else mappings.from_first_rank(b, self.replica_groups[rep])
+            yield w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.tp)
         else:
             x = mappings.copy_to_tp_region(x, self.tp)
-        y = F.linear(x, self.weight, self.bias)
+        if self.replica_groups:  # one GEMM per run: backward keeps views of the weight, not a copy
+            y = torch.cat([F.linear(x, w, b) for w, b in self._runs()], dim=-1)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.tp) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.fused_sizes}, local_out={self.local_sizes}"
+        shared = [rep for _, rep in tp_pieces(self.fused_sizes, self.fused_heads, self.tp.size)]
+        extra = f", replicas={shared}" if any(r > 1 for r in shared) else ""
+        return f"in={self.in_features}, out={self.fused_sizes}, local_out={self.local_sizes}{extra}"
 
 
 class RowParallelLinear(_ParallelLinearBase):

@@ -131,6 +131,24 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _gather(g, SEQ_DIM, ctx.tp), None
 
 
+class _FromFirstRank(torch.autograd.Function):
+    """Broadcast the group's first rank's tensor forward; sum the gradients onto that rank backward
+    (the others' copies get none: they are never read)."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        x = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.broadcast(x, group=tp.group, group_src=0)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.reduce(g, group=ctx.tp.group, group_dst=0)
+        return (g if ctx.tp.rank == 0 else torch.zeros_like(g)), None
+
+
 def copy_to_tp_region(x, tp: TPGroup):
     return _CopyToTP.apply(x, tp)
 
@@ -141,6 +159,12 @@ def reduce_from_tp_region(x, tp: TPGroup):
 
 def scatter_to_tp_region(x, tp: TPGroup):
     return _ScatterToTP.apply(x, tp)
+
+
+def from_first_rank(x, tp: TPGroup):
+    """A weight replicated over ``tp``'s ranks, used as its first rank holds it: one rank owns its
+    value and whole gradient, so a gradient norm counting every rank's copy counts it once."""
+    return x if tp.size == 1 else _FromFirstRank.apply(x, tp)
 
 
 def gather_from_tp_region(x, tp: TPGroup):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -40,6 +40,8 @@ class ParallelState:
     pp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
     sequence_parallel: bool = False
+    # size -> the group of that many consecutive TP ranks holding this rank (KV heads shared by them)
+    tp_subgroups: Dict[int, object] = field(default_factory=dict, repr=False)
     # the dropout streams of this layout; DeepSpeed's tracker replaces it under its recomputation
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker, repr=False, compare=False)
 
@@ -54,6 +56,15 @@ class ParallelState:
     @property
     def tensor_parallel(self) -> TPGroup:
         return TPGroup(self.tp, self.tp_rank, self.tp_group)
+
+    def tp_replicas(self, size: int) -> TPGroup:
+        """The ``size`` consecutive TP ranks holding this one: a head replicated over them (fewer
+        heads than TP ranks) is broadcast from, and its gradient reduced onto, the first."""
+        if size < 1 or self.tp % size:
+            raise ValueError(f"{size} ranks do not divide tensor-parallel size {self.tp}")
+        if size == self.tp:
+            return self.tensor_parallel
+        return TPGroup(size, self.tp_rank % size, self.tp_subgroups.get(size))
 
     @property
     def sp_group(self) -> Optional[TPGroup]:
@@ -155,4 +166,9 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
     state.tp_group, state.tp_ranks = make(dims.groups("tp"))
     state.dp_group, state.dp_ranks = make(dims.groups("dp"))
     state.pp_group, state.pp_ranks = make(dims.groups("pp"))
+    # the sub-groups of every proper divisor of tp, for whatever model is built on this layout
+    # (every rank must make every group; there are few: tp 16 makes three sets)
+    for size in (d for d in range(2, tp) if tp % d == 0):
+        state.tp_subgroups[size] = make([ranks[i:i + size] for ranks in dims.groups("tp")
+                                         for i in range(0, tp, size)])[0]
     return state

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megallama.errors import UserError
 from megallama.parallel import ParallelState
-from megallama.parallel.layers import merge_tp_shards, split_for_rank
+from megallama.parallel.layers import merge_tp_shards, param_shard, tp_pieces
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -37,8 +37,20 @@ def canonical_params(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Parame
 
 def _split_info(p) -> Dict:
     if getattr(p, "tensor_model_parallel", False):
-        return {"split_dim": p.tp_split_dim, "fused_sizes": list(p.tp_fused_sizes)}
-    return {"split_dim": None, "fused_sizes": None}
+        heads = getattr(p, "tp_fused_heads", None)
+        return {"split_dim": p.tp_split_dim, "fused_sizes": list(p.tp_fused_sizes),
+                "fused_heads": list(heads) if heads else None}
+    return {"split_dim": None, "fused_sizes": None, "fused_heads": None}
+
+
+def _stored(local: torch.Tensor, info: Dict, tp: int, rank: int) -> torch.Tensor:
+    """What this TP rank writes of its shard: the blocks of heads it is the first to hold."""
+    if info["split_dim"] is None or not info["fused_heads"]:
+        return local
+    pieces = tp_pieces(info["fused_sizes"], info["fused_heads"], tp)
+    blocks = torch.split(local, [piece for piece, _ in pieces], dim=info["split_dim"])
+    kept = [b for b, (_, rep) in zip(blocks, pieces) if rank % rep == 0]
+    return torch.cat(kept, dim=info["split_dim"]) if kept else local.narrow(info["split_dim"], 0, 0)
 
 
 def _full_over_dp(engine, p, key=None) -> torch.Tensor:
@@ -68,10 +80,11 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, meta: Di
     relink_optimizer_fragments(engine)
     tensors, index = {}, {}
     for name, p in canonical_params(module):
-        tensors[name] = _full_over_dp(engine, p)
+        info = _split_info(p)
+        tensors[name] = _stored(_full_over_dp(engine, p), info, state.tp, state.tp_rank)
         for key in MOMENTS:
-            tensors[f"{name}::{key}"] = _full_over_dp(engine, p, key)
-        index[name] = _split_info(p)
+            tensors[f"{name}::{key}"] = _stored(_full_over_dp(engine, p, key), info, state.tp, state.tp_rank)
+        index[name] = info
     written = []
     if state.dp_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,14 +113,16 @@ def _expected(cfg) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Dict]]:
     return {n: tuple(p.shape) for n, p in params.items()}, {n: _split_info(p) for n, p in params.items()}
 
 
-def _shard_shape(full: Tuple[int, ...], info: Dict, tp: int) -> Optional[Tuple[int, ...]]:
+def _shard_shape(full: Tuple[int, ...], info: Dict, tp: int, rank: int) -> Optional[Tuple[int, ...]]:
+    """The shape TP rank ``rank`` stores (:func:`_stored`), or None if ``tp`` cannot split it."""
     if info["split_dim"] is None:
         return full
     dim = info["split_dim"]
-    parts = info["fused_sizes"] or [full[dim]]
-    if any(n % tp for n in parts):
+    try:
+        pieces = tp_pieces(info["fused_sizes"] or [full[dim]], info["fused_heads"], tp)
+    except ValueError:
         return None
-    return full[:dim] + (full[dim] // tp,) + full[dim + 1:]
+    return full[:dim] + (sum(piece for piece, rep in pieces if rank % rep == 0),) + full[dim + 1:]
 
 
 class UniversalReader:
@@ -149,10 +164,12 @@ class UniversalReader:
             for name, info in read_json(idx_file).items():
                 if name not in shapes:
                     raise UserError(f"{idx_file}: parameter {name[:100]!r} is not in the layout's model")
+                if isinstance(info, dict) and "fused_heads" not in info:  # written before heads were recorded
+                    info = {**info, "fused_heads": splits[name]["fused_heads"]}
                 if info != splits[name]:
                     raise UserError(f"{idx_file}: parameter '{name}' has split {info!r}, the model's is "
                                     f"{splits[name]!r}"[:300])
-                shard = _shard_shape(shapes[name], info, tp)
+                shard = _shard_shape(shapes[name], info, tp, tp_rank)
                 if shard is None:
                     raise UserError(f"{layout_file}: tp={tp} does not divide parameter '{name}'")
                 for key in (None,) + MOMENTS:
@@ -184,14 +201,12 @@ class UniversalReader:
         info, paths = self.index[name], self.files[name]
         if info["split_dim"] is None:
             return self._get(paths[0], tensor_name)
-        return merge_tp_shards([self._get(p, tensor_name) for p in paths], info["split_dim"], info["fused_sizes"])
+        return merge_tp_shards([self._get(p, tensor_name) for p in paths], info["split_dim"], info["fused_sizes"],
+                               info["fused_heads"], owned=True)
 
 
 def local_shard(reader: UniversalReader, name: str, p, state: ParallelState, key: str = None) -> torch.Tensor:
-    full = reader.full(name, key)
-    if getattr(p, "tensor_model_parallel", False):
-        return split_for_rank(full, p.tp_split_dim, p.tp_fused_sizes, state.tp, state.tp_rank)
-    return full
+    return param_shard(reader.full(name, key), p, state.tp, state.tp_rank)
 
 
 def load_weights_into_module(reader: UniversalReader, module, state: ParallelState) -> None:
