@@ -4,7 +4,8 @@ A :class:`Lazy` tensor knows its shape and dtype up front and reads its rows fro
 files (safetensors' ``safe_open``; a row range through ``get_slice``) only when asked. Name
 mappings fuse (:func:`cat`) and split (``Lazy.split``) them without reading anything, so a
 safetensors header and a shard plan can be written first and each tensor's bytes streamed in
-turn: peak memory stays near the largest tensor, not the model. Plain tensors pass through the
+turn, a block of rows at a time: peak memory is bounded by that block, not the model (nor even
+the largest tensor). Plain tensors pass through the
 same functions, so one mapping serves in-memory state dicts too.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megallama.errors import UserError
 
 Reader = Callable[[int, int], torch.Tensor]  # rows start:stop of dim 0, in the source's dtype
 _ST_NAME = {getattr(torch, t): s for s, t in TORCH_NAME.items() if hasattr(torch, t)}
+CHUNK_BYTES = 64 << 20  # rows written per read: bounds peak memory below even the largest tensor
 DEFAULT_SHARD_SIZE = "5GB"  # the Hub's Llama shards (transformers 4's default; 5 raised it to 50GB)
 
 
@@ -157,10 +159,17 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensorish], metadata: Op
 
 
 def write_tensor(fh, name: str, t: Tensorish) -> None:
-    data = materialize(t).detach().to(device="cpu", dtype=t.dtype).contiguous()
-    if tuple(data.shape) != tuple(t.shape):
-        raise UserError(f"tensor '{name}': read shape {tuple(data.shape)}, expected {tuple(t.shape)}")
-    fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    """``t``'s bytes, a block of rows (about ``CHUNK_BYTES``) at a time, so not even one whole
+    tensor need be resident (nor its source and its cast copy together)."""
+    rows = t.shape[0] if t.shape else 1
+    step = max(1, CHUNK_BYTES // max(1, nbytes(t) // max(rows, 1)))
+    lazy = _as_lazy(t) if t.shape else Lazy((1,), t.dtype, lambda a, b: t.reshape(1))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        data = lazy.rows(start, stop).load().detach().to(device="cpu", dtype=t.dtype).contiguous()
+        if tuple(data.shape) != (stop - start,) + tuple(t.shape[1:]):
+            raise UserError(f"tensor '{name}': read shape {tuple(data.shape)}, expected {tuple(t.shape)}")
+        fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
 
 def plan_shards(tensors: Mapping[str, Tensorish], max_bytes: int) -> List[List[str]]:
