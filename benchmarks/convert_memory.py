@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,9 +67,11 @@ def random_checkpoint(out: Path, layers: int) -> dict:
     state = {k: Lazy(v, torch.bfloat16, generator(k, v)) for k, v in expected_shapes(cfg, "benchmark").items()}
     save_hf(state, cfg, out, max_shard_bytes=2 * 10**9)
     largest = max(state.values(), key=lambda t: t.numel())
-    return {"preset": "llama3.2-1b (untied)", "n_layers": layers, "parameters": sum(t.numel() for t in state.values()),
+    return {"preset": "llama3.2-1b (untied)", "n_layers": layers,
+            "parameters": sum(t.numel() for t in state.values()),
             "bytes_bf16": sum(t.numel() * 2 for t in state.values()), "largest_tensor": list(largest.shape),
-            "largest_tensor_mb_bf16": largest.numel() * 2 / 2**20, "largest_tensor_mb_fp32": largest.numel() * 4 / 2**20}
+            "largest_tensor_mb_bf16": largest.numel() * 2 / 2**20,
+            "largest_tensor_mb_fp32": largest.numel() * 4 / 2**20}
 
 
 def measure(*argv) -> dict:
@@ -105,19 +108,13 @@ def main() -> None:
             print(f"{what}: peak RSS {runs[what]['peak_rss_mb']:,.0f} MB in {runs[what]['seconds']:.1f} s", flush=True)
             for out in ("ours32", "whole"):
                 shutil.rmtree(work / out, ignore_errors=True)
-        result = {"model": model, "runs": runs, "host": socket_name(), "cpus": os.cpu_count(),
+        result = {"model": model, "runs": runs, "host": socket.gethostname(), "cpus": os.cpu_count(),
                   "load_average": os.getloadavg(), "python": platform.python_version()}
         out = ROOT / "benchmarks" / "results" / "convert_memory.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def socket_name() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ Llama 3.1-style model (scaled RoPE, GQA) gives transformers' logits after conver
 (fp32, <= 1e-4), sharded safetensors and bf16 checkpoints included; Meta's ``use_scaled_rope``
 imports; conversion streams tensor by tensor; bad inputs are one line."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -28,10 +28,10 @@ from megallama.config.swiglu import swiglu_base, swiglu_hidden
 from megallama.errors import UserError
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 # megallama's RopeScaling field -> the key in HF's rope_scaling (rope_type "llama3")
 _ROPE_KEY = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
              "original_max_seq_len": "original_max_position_embeddings"}
-SINGLE = "model.safetensors"
 _HF_KEY = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
            "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
            "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings", "init_std": "initializer_range",
@@ -159,8 +159,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
         "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": _rope_scaling_to_hf(cfg), "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
+        "rope_theta": cfg.rope_theta, "rope_scaling": _rope_scaling_to_hf(cfg), "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
         "bos_token_id": 1, "eos_token_id": 2, "dtype": str(dtype).replace("torch.", ""),
         "torch_dtype": str(dtype).replace("torch.", ""),  # the key transformers < 4.56 reads
     }

@@ -1,12 +1,12 @@
-"""Tensors read only when written, so a conversion holds one output tensor at a time.
+"""Tensors read only when written, so a conversion never holds the model in memory.
 
 A :class:`Lazy` tensor knows its shape and dtype up front and reads its rows from the input
 files (safetensors' ``safe_open``; a row range through ``get_slice``) only when asked. Name
 mappings fuse (:func:`cat`) and split (``Lazy.split``) them without reading anything, so a
 safetensors header and a shard plan can be written first and each tensor's bytes streamed in
-turn, a block of rows at a time: peak memory is bounded by that block, not the model (nor even
-the largest tensor). Plain tensors pass through the
-same functions, so one mapping serves in-memory state dicts too.
+turn, a block of rows at a time: peak memory is bounded by that block, not by the model (nor
+even by its largest tensor). Plain tensors pass through the same functions, so one mapping
+serves in-memory state dicts too.
 """
 from __future__ import annotations
 
@@ -53,9 +53,6 @@ class Lazy:
         return Lazy(self.shape, dtype, self._read)
 
     def contiguous(self) -> "Lazy":
-        return self
-
-    def detach(self) -> "Lazy":
         return self
 
     def numel(self) -> int:
@@ -124,7 +121,7 @@ def _file_reader(path: Path, name: str, shape: Tuple[int, ...]) -> Reader:
     def read(start: int, stop: int) -> torch.Tensor:
         from safetensors import safe_open
 
-        try:  # opened per read: the mapping (and its resident pages) goes when the tensor is read
+        try:  # opened per read: the mapping (and its resident pages) goes once these rows are read
             with safe_open(str(path), framework="pt") as f:
                 if not shape or (start, stop) == (0, shape[0]):
                     return f.get_tensor(name)
@@ -145,8 +142,9 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensorish], metadata: Op
         raise UserError("writing safetensors needs a little-endian machine")
     entries, offset = {}, 0
     for name, t in tensors.items():
-        entries[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes(t)]}
-        offset += nbytes(t)
+        size = nbytes(t)
+        entries[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     header = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries},
                         separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # tensor data 8-byte aligned, as safetensors writes it
@@ -168,7 +166,8 @@ def write_tensor(fh, name: str, t: Tensorish) -> None:
         stop = min(start + step, rows)
         data = lazy.rows(start, stop).load().detach().to(device="cpu", dtype=t.dtype).contiguous()
         if tuple(data.shape) != (stop - start,) + tuple(t.shape[1:]):
-            raise UserError(f"tensor '{name}': read shape {tuple(data.shape)}, expected {tuple(t.shape)}")
+            raise UserError(f"{fh.name}: tensor '{name}' read with shape {tuple(data.shape)}, expected rows "
+                            f"{start}:{stop} of {tuple(t.shape)}")
         fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
 
