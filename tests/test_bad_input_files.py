@@ -303,8 +303,7 @@ def test_eval_of_data_from_another_tokenizer_is_one_line(files, capsys, monkeypa
 def test_an_interrupted_checkpoint_write_leaves_the_old_output_and_no_debris(files, tmp_path, monkeypatch, writer):
     """``convert`` writes into a temporary directory renamed into place: Ctrl-C (or any error)
     mid-write leaves the existing output as it was and no partial directory behind."""
-    import safetensors.torch
-
+    from megallama.checkpoint import streaming
     from megallama.checkpoint.consolidated import load_consolidated, save_consolidated
     from megallama.checkpoint.hf import save_hf
 
@@ -313,10 +312,16 @@ def test_an_interrupted_checkpoint_write_leaves_the_old_output_and_no_debris(fil
     out.mkdir()
     (out / "config.json").write_text("the previous output")
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    written = []
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    def interrupted(fh, name, t):  # Ctrl-C after the first tensor's bytes: a partial file exists
+        if written:
+            raise KeyboardInterrupt
+        written.append(name)
+        write_tensor(fh, name, t)
+
+    write_tensor = streaming.write_tensor
+    monkeypatch.setattr(streaming, "write_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):
         (save_consolidated if writer == "consolidated" else save_hf)(state, cfg, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
@@ -39,10 +39,11 @@ def is_consolidated(path) -> bool:
         return False
 
 
-def save_consolidated(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite: bool = False,
+def save_consolidated(state: Mapping[str, Any], cfg: ModelConfig, out_dir, overwrite: bool = False,
                       extra: Dict = None) -> Path:
-    """Write ``state`` (full tensors) and ``cfg`` atomically to ``out_dir``."""
-    from safetensors.torch import save_file
+    """Write ``state`` (full tensors, plain or :class:`~megallama.checkpoint.streaming.Lazy`:
+    streamed one by one) and ``cfg`` atomically to ``out_dir``."""
+    from megallama.checkpoint.streaming import write_safetensors
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -50,8 +51,7 @@ def save_consolidated(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        write_safetensors(tmp / WEIGHTS, state, metadata={"format": FORMAT})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.model_dump(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
@@ -68,6 +68,15 @@ def save_consolidated(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir,
 
 def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """``(config, full state dict)`` of a consolidated checkpoint; errors name the file."""
+    from megallama.checkpoint.streaming import materialize
+
+    cfg, lazy = open_consolidated(path, fits_memory=True)
+    return cfg, {k: materialize(v) for k, v in lazy.items()}
+
+
+def open_consolidated(path, fits_memory: bool = False):
+    """``(config, lazy state dict)``: every check made, no tensor read (``convert`` streams it);
+    ``fits_memory`` also requires the model to fit this machine, as loading it whole does."""
     p = Path(path)
     cfg_file, weights = p / CONFIG, p / WEIGHTS
     if not cfg_file.is_file():
@@ -90,14 +99,16 @@ def load_consolidated(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         raise ConfigError(f"{cfg_file}: {exc}") from None
     if not weights.is_file():
         raise UserError(f"{weights}: not found")
-    from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, load_tensors
+    from megallama.checkpoint.safe_read import check_fits_memory, check_shipped
+    from megallama.checkpoint.streaming import open_safetensors
 
     if meta.get("head", "lm") not in ("lm", CLASSIFIER_HEAD):
         raise UserError(f"{cfg_file}: head is {meta.get('head')!r}, expected 'lm' or {CLASSIFIER_HEAD!r}")
     classifier = meta.get("head") == CLASSIFIER_HEAD
     check_shipped(cfg, [weights], str(p))
-    check_fits_memory(cfg, str(cfg_file))
-    state = load_tensors(weights, expected=expected_shapes(cfg, str(weights), classifier))  # header checked first
+    if fits_memory:
+        check_fits_memory(cfg, str(cfg_file))
+    state = open_safetensors(weights, expected=expected_shapes(cfg, str(weights), classifier))  # headers only
     _check_tensors(state, cfg, str(weights), classifier=classifier)  # none missing
     return cfg, state
 

@@ -2,7 +2,9 @@
 
 HF and megallama share RoPE's rotate-half layout, so weights map by name only: Q/K/V are
 concatenated into ``wqkv`` and gate/up into ``w13``; nothing is permuted. Only safetensors are
-read (a ``pytorch_model.bin`` is a pickle and is refused), so loading runs no code.
+read (a ``pytorch_model.bin`` is a pickle and is refused), so loading runs no code. The mapping
+works on :mod:`~megallama.checkpoint.streaming` lazy tensors as well as plain ones, so
+``convert`` streams a checkpoint of any size tensor by tensor (:func:`open_hf`, :func:`save_hf`).
 """
 from __future__ import annotations
 
@@ -12,18 +14,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from pydantic import ValidationError
 
-from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, load_tensors, read_json
+from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, read_json
+from megallama.checkpoint.streaming import (DEFAULT_SHARD_SIZE, Lazy, Tensorish, cat, materialize, nbytes,
+                                            open_safetensors, parse_size, plan_shards, write_safetensors)
 from megallama.config import ConfigError, ModelConfig
+from megallama.config.schema import RopeScaling
 from megallama.config.swiglu import swiglu_base, swiglu_hidden
 from megallama.errors import UserError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# megallama's RopeScaling field -> the key in HF's rope_scaling (rope_type "llama3")
+_ROPE_KEY = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+             "original_max_seq_len": "original_max_position_embeddings"}
 _HF_KEY = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
            "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
            "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings", "init_std": "initializer_range",
@@ -82,14 +90,8 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
         if (value is not None or key in required) and (isinstance(value, bool) or not isinstance(value, int)
                                                        or value <= 0):
             raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
-    for key in ("rope_parameters", "rope_scaling"):
-        if not isinstance(hf.get(key) or {}, dict):
-            raise ConfigError(f"{where}: {key} must be an object or null, got {hf[key]!r}")
+    rope_scaling = _rope_scaling_from_hf(hf, where)
     rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-    for scaling in (rope, hf.get("rope_scaling") or {}):
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind != "default":
-            raise ConfigError(f"{where}: rope scaling {kind!r} is not supported (plain RoPE only)")
     dim, heads = need("hidden_size"), need("num_attention_heads")
     if hf.get("head_dim") not in (None, dim // heads):
         raise ConfigError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
@@ -98,7 +100,7 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
                   norm_eps=hf.get("rms_norm_eps", 1e-6),
                   rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
                   max_seq_len=hf.get("max_position_embeddings", 2048), init_std=hf.get("initializer_range", 0.02),
-                  **_ffn_fields(dim, need("intermediate_size")))
+                  rope_scaling=rope_scaling, **_ffn_fields(dim, need("intermediate_size")))
     try:
         cfg = ModelConfig(**fields)
     except ValidationError as exc:  # one line naming the HF key and its value
@@ -111,8 +113,44 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
         cfg.check()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    check_fits_memory(cfg, where)
     return cfg
+
+
+def _rope_scaling_from_hf(hf: Dict, where: str) -> Optional[RopeScaling]:
+    """Llama 3.1's scaling from ``rope_scaling`` (transformers < 5) or ``rope_parameters`` (>= 5);
+    any other rope type is refused, and the two keys may not disagree."""
+    found = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key) or {}
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{where}: {key} must be an object or null, got {scaling!r:.80}")
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            continue
+        if kind != "llama3":
+            raise ConfigError(f"{where}: {key}: rope type {kind!r:.40} is not supported (plain RoPE or 'llama3')")
+        for theirs in _ROPE_KEY.values():
+            if theirs not in scaling:
+                raise ConfigError(f"{where}: {key}.{theirs}: missing (rope_type 'llama3' needs it)")
+        try:
+            found[key] = RopeScaling(**{ours: scaling[theirs] for ours, theirs in _ROPE_KEY.items()})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = _ROPE_KEY.get(str(err["loc"][0]) if err["loc"] else "", "?")
+            raise ConfigError(f"{where}: {key}.{field}: {err['msg'][:1].lower() + err['msg'][1:]} "
+                              f"(got {repr(err.get('input'))[:80]})") from None
+        except ConfigError as exc:  # the band check names our field
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    if len(found) == 2 and found["rope_scaling"] != found["rope_parameters"]:
+        raise ConfigError(f"{where}: rope_scaling and rope_parameters describe different RoPE scalings")
+    return next(iter(found.values()), None)
+
+
+def _rope_scaling_to_hf(cfg: ModelConfig) -> Optional[Dict]:
+    if cfg.rope_scaling is None:
+        return None
+    return {"rope_type": cfg.rope_scaling.type,
+            **{theirs: getattr(cfg.rope_scaling, ours) for ours, theirs in _ROPE_KEY.items()}}
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
@@ -121,16 +159,15 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
         "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
+        "rope_theta": cfg.rope_theta, "rope_scaling": _rope_scaling_to_hf(cfg), "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
         "bos_token_id": 1, "eos_token_id": 2, "dtype": str(dtype).replace("torch.", ""),
         "torch_dtype": str(dtype).replace("torch.", ""),  # the key transformers < 4.56 reads
     }
 
 
 # -------------------------------------------------------------------------------- weights
-def _read_json(path: Path) -> Dict:
-    return read_json(path)
+State = Mapping[str, Tensorish]
 
 
 def hf_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
@@ -144,10 +181,10 @@ def hf_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _hf_tensors(p: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Every shard's header is checked against the config's shapes before any tensor is read."""
+def _hf_tensors(p: Path, cfg: ModelConfig) -> Dict[str, Lazy]:
+    """Every shard's header is checked against the config's shapes; no tensor is read yet."""
     if (p / INDEX).is_file():
-        weight_map = _read_json(p / INDEX).get("weight_map")
+        weight_map = read_json(p / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{p / INDEX}: no 'weight_map' object of tensor name -> shard file")
         shards = sorted(set(weight_map.values()))
@@ -166,9 +203,9 @@ def _hf_tensors(p: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
         raise UserError(f"{p}: no {SINGLE} or {INDEX}")
     check_shipped(cfg, [p / s for s in shards], str(p))
     expected = hf_shapes(cfg, str(p))
-    tensors: Dict[str, torch.Tensor] = {}
+    tensors: Dict[str, Lazy] = {}
     for shard in shards:
-        tensors.update(load_tensors(p / shard, expected=expected))
+        tensors.update(open_safetensors(p / shard, expected=expected))
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
@@ -176,8 +213,8 @@ def _hf_tensors(p: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def state_from_hf(tensors: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> Dict[str, torch.Tensor]:
-    """HF names -> megallama's TP=1 state dict (fusing Q/K/V and gate/up)."""
+def state_from_hf(tensors: State, cfg: ModelConfig, where: str) -> Dict[str, Tensorish]:
+    """HF names -> megallama's TP=1 state dict (fusing Q/K/V and gate/up); lazy in, lazy out."""
     src = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
     def take(name):
@@ -189,8 +226,8 @@ def state_from_hf(tensors: Dict[str, torch.Tensor], cfg: ModelConfig, where: str
            "output.weight": take("lm_head.weight")}
     for i in range(cfg.n_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
-        out[me + "attention.wqkv.weight"] = torch.cat([take(hf + f"self_attn.{x}_proj.weight") for x in "qkv"])
-        out[me + "feed_forward.w13.weight"] = torch.cat([take(hf + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
+        out[me + "attention.wqkv.weight"] = cat([take(hf + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        out[me + "feed_forward.w13.weight"] = cat([take(hf + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
         for hf_name, me_name in _LAYER.items():
             out[me + me_name] = take(hf + hf_name)
     if src:
@@ -199,7 +236,8 @@ def state_from_hf(tensors: Dict[str, torch.Tensor], cfg: ModelConfig, where: str
     return out
 
 
-def state_to_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def state_to_hf(state: State, cfg: ModelConfig) -> Dict[str, Tensorish]:
+    """megallama's TP=1 names -> HF's (Q/K/V and gate/up split again); lazy in, lazy out."""
     q, kv, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["output.weight"]}
@@ -214,7 +252,7 @@ def state_to_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, t
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def check_shapes(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+def check_shapes(state: State, cfg: ModelConfig, where: str) -> None:
     """Every tensor has the shape the config implies (a mismatch names the tensor)."""
     from megallama.checkpoint.consolidated import expected_shapes
 
@@ -227,51 +265,53 @@ def check_shapes(state: Dict[str, torch.Tensor], cfg: ModelConfig, where: str) -
                             "expected a floating-point type")
 
 
-def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """``(config, TP=1 state dict)`` from an HF Llama directory (safetensors only)."""
+def open_hf(path, fits_memory: bool = False) -> Tuple[ModelConfig, Dict[str, Lazy]]:
+    """``(config, lazy TP=1 state dict)`` of an HF Llama directory (safetensors only): every header
+    checked, no tensor read. ``convert`` streams it, so only a model loaded whole (:func:`load_hf`,
+    ``fits_memory``) must fit this machine's memory."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"{p}: not a directory")
     if not (p / "config.json").is_file():
         raise UserError(f"{p / 'config.json'}: not found (not a Hugging Face checkpoint)")
-    cfg = config_from_hf(_read_json(p / "config.json"), str(p / "config.json"))
+    cfg = config_from_hf(read_json(p / "config.json"), str(p / "config.json"))
+    if fits_memory:
+        check_fits_memory(cfg, str(p / "config.json"))
     return cfg, state_from_hf(_hf_tensors(p, cfg), cfg, str(p))
 
 
-def save_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite: bool = False,
-            max_shard_bytes: int = 5 * 2**30, tokenizer: Optional[Path] = None) -> Path:
-    """Write an HF Llama directory ``transformers.LlamaForCausalLM.from_pretrained`` reads,
-    sharded with an index beyond ``max_shard_bytes``; atomic like :func:`save_consolidated`."""
-    from safetensors.torch import save_file
+def load_hf(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """``(config, TP=1 state dict)`` of an HF Llama directory, read whole into memory."""
+    cfg, lazy = open_hf(path, fits_memory=True)
+    return cfg, {k: materialize(v) for k, v in lazy.items()}
 
+
+def save_hf(state: State, cfg: ModelConfig, out_dir, overwrite: bool = False,
+            max_shard_bytes: Optional[int] = None, tokenizer: Optional[Path] = None) -> Path:
+    """Write an HF Llama directory ``transformers.LlamaForCausalLM.from_pretrained`` reads, sharded
+    with an index beyond ``max_shard_bytes`` (default 5GB), tensor by tensor from a lazy or plain
+    ``state``; atomic like :func:`save_consolidated` (a temporary directory renamed into place)."""
     if cfg.arch != "decoder":
         raise UserError(f"model arch '{cfg.arch}' has no Hugging Face Llama equivalent (decoder only)")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_to_hf(state, cfg).items()}
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    tensors = state_to_hf(state, cfg)
+    shards = plan_shards(tensors, max_shard_bytes or parse_size(DEFAULT_SHARD_SIZE))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         dtype = next(iter(tensors.values())).dtype
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+            write_safetensors(tmp / SINGLE, tensors, metadata={"format": "pt"})
         else:
             weight_map = {}
-            for i, shard in enumerate(shards, 1):
+            for i, names in enumerate(shards, 1):
                 fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({name: fname for name in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+                write_safetensors(tmp / fname, {n: tensors[n] for n in names}, metadata={"format": "pt"})
+                weight_map.update({name: fname for name in names})
+            total = sum(nbytes(t) for t in tensors.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
         if tokenizer is not None:
@@ -287,5 +327,5 @@ def save_hf(state: Dict[str, torch.Tensor], cfg: ModelConfig, out_dir, overwrite
     return out
 
 
-def n_params(state: Dict[str, torch.Tensor]) -> int:
+def n_params(state: State) -> int:
     return sum(math.prod(t.shape) for t in state.values())

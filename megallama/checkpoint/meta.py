@@ -5,18 +5,24 @@ model-parallel rank of Meta's own training layout.
 plain containers only; anything else (a crafted ``__reduce__``) is refused before it runs.
 Meta's RoPE pairs adjacent channels; our rotate-half layout needs Wq/Wk rows permuted per head
 (the permutation Hugging Face's converter applies).
+
+Llama 3.1+ says only ``use_scaled_rope: true``; Meta's code supplies the numbers (factor 8 over an
+original 8192-token context for 3.1, 32 for 3.2 1B/3B). They are taken from ``params.json``'s
+``rope_scaling_factor`` when present, else from the shipped preset of the same shape
+(``llama3.2-1b``...), else Llama 3.1's defaults (:func:`meta_rope_scaling`).
 """
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from pydantic import ValidationError
 
 from megallama.checkpoint.safe_pickle import load_weights_only, refusal_reason
 from megallama.config import ConfigError, ModelConfig
+from megallama.config.schema import RopeScaling, load_preset, preset_names
 from megallama.errors import UserError
 
 # Meta's split dimension across its model-parallel files (None: replicated in every file)
@@ -64,16 +70,17 @@ def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
 def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
     from megallama.checkpoint.safe_read import check_fits_memory
 
-    if params.get("use_scaled_rope"):
-        raise ConfigError(f"{where}: use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     fields = dict(dim=params.get("dim"), n_layers=params.get("n_layers"), n_heads=params.get("n_heads"),
                   n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
                   multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                  norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
-                  max_seq_len=params.get("max_seq_len", 2048))
+                  norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0))
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(fields[key], int) or isinstance(fields[key], bool):
             raise ConfigError(f"{where}: missing or non-integer '{key}'")
+    preset = _scaled_preset(fields)
+    fields["rope_scaling"] = meta_rope_scaling(params, preset, where)
+    long_context = preset["max_seq_len"] if preset else _LLAMA31_CONTEXT
+    fields["max_seq_len"] = params.get("max_seq_len", long_context if fields["rope_scaling"] else 2048)
     try:
         cfg = ModelConfig(**fields)
     except ValidationError as exc:  # one line naming the key and its value
@@ -87,6 +94,36 @@ def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
         raise ConfigError(f"{where}: {exc}") from None
     check_fits_memory(cfg, where)
     return cfg
+
+
+_LLAMA31_CONTEXT = 131072  # what Llama 3.1+ models are published with (HF max_position_embeddings)
+_SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+
+
+def _scaled_preset(fields: Dict) -> Optional[Dict]:
+    """The shipped preset with RoPE scaling whose shape ``fields`` has, if any."""
+    for name in preset_names():
+        preset = load_preset(name)
+        if preset.get("rope_scaling") and all(preset.get(k) == fields.get(k) for k in _SHAPE):
+            return preset
+    return None
+
+
+def meta_rope_scaling(params: Dict, preset: Optional[Dict], where: str) -> Optional[RopeScaling]:
+    """RoPE scaling of a Meta release: none unless ``use_scaled_rope``; then ``rope_scaling_factor``
+    from params.json, else the same-shape preset's scaling, else Llama 3.1's (factor 8)."""
+    scaled = params.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise ConfigError(f"{where}: use_scaled_rope must be true or false, got {scaled!r:.40}")
+    if not scaled:
+        return None
+    if "rope_scaling_factor" in params:
+        try:
+            return RopeScaling(factor=params["rope_scaling_factor"])
+        except ValidationError:
+            raise ConfigError(f"{where}: rope_scaling_factor must be a positive number, "
+                              f"got {params['rope_scaling_factor']!r:.40}") from None
+    return RopeScaling(**preset["rope_scaling"]) if preset else RopeScaling()
 
 
 def meta_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:

@@ -5,8 +5,10 @@
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
-master weights and Adam moments (no --dtype), and a Hugging Face or consolidated output is
-unsharded (no --tp/--pp).
+master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
+unsharded (no --tp/--pp), and only a Hugging Face output is split into files (--shard-size).
+Hugging Face and consolidated inputs stream tensor by tensor (megallama.checkpoint.streaming):
+peak memory stays near the largest tensor, not the model.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer file written with the output (default: --input's tokenizer.model "
                    "or tokenizer.json, if any); with --to hf also tokenizer_config.json, special_tokens_map.json "
                    "and generation_config.json")
+    p.add_argument("--shard-size", default=None, help="largest safetensors file of a Hugging Face output, e.g. 5GB, "
+                   "500MB, 2GiB (default 5GB, the Hub's Llama shards); a larger single tensor gets its own file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
@@ -37,6 +41,8 @@ def _output_kind(args, training_input: bool) -> str:
     from megallama.errors import UserError
 
     layout = args.tp is not None or args.pp is not None
+    if args.shard_size is not None and args.to_format != "hf":
+        raise UserError("--shard-size: only a Hugging Face output (--to hf) is split into files")
     if args.to_format == "hf":
         if layout:
             raise UserError("--tp/--pp: a Hugging Face export is unsharded; they set the layout of a training "
@@ -71,6 +77,9 @@ def run(args) -> int:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
     training_input = args.from_format == "megallama" and not is_consolidated(inp)
     kind = _output_kind(args, training_input)
+    from megallama.checkpoint.streaming import parse_size
+
+    shard_bytes = parse_size(args.shard_size) if args.shard_size is not None else None
     if kind != "consolidated" and _is_classifier(inp):
         raise UserError(f"{inp}: a fine-tuned classifier converts only to a consolidated copy (--dtype); Hugging "
                         "Face and training checkpoints hold language models")
@@ -99,7 +108,8 @@ def run(args) -> int:
     if kind == "hf":
         from megallama.checkpoint.hf import save_hf
 
-        save_hf(state, cfg, out, overwrite=True, tokenizer=tokenizer)
+        save_hf(state, cfg, out, overwrite=True, tokenizer=tokenizer,
+                max_shard_bytes=shard_bytes)
     else:
         import shutil
 
@@ -125,10 +135,11 @@ def _is_classifier(path) -> bool:
 
 
 def _load(fmt: str, path, training: bool):
+    """``(config, state)``; lazy (read while writing) for Hugging Face and consolidated inputs."""
     if fmt == "hf":
-        from megallama.checkpoint.hf import load_hf
+        from megallama.checkpoint.hf import open_hf
 
-        return load_hf(path)
+        return open_hf(path)
     if fmt == "meta":
         from megallama.checkpoint.meta import load_meta
 
@@ -137,6 +148,6 @@ def _load(fmt: str, path, training: bool):
         from megallama.checkpoint.reshard import consolidate_training_checkpoint
 
         return consolidate_training_checkpoint(path)
-    from megallama.checkpoint.consolidated import load_consolidated
+    from megallama.checkpoint.consolidated import open_consolidated
 
-    return load_consolidated(path)
+    return open_consolidated(path)

@@ -40,7 +40,7 @@ class LlamaDecoder(nn.Module):
         self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std, **kw)
         self.layers = nn.ModuleList(self._make_layers(cfg, kw))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group, **kw)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self._build_head(cfg, kw)
         self.init_weights(seed)
 

@@ -11,10 +11,13 @@ Queries and keys, adjacent in the fused QKV output, are rotated by one call on t
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from megallama.config.schema import RopeScaling
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -54,10 +57,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _rotate(x, cos, sin, inverse=False)
 
 
+def inverse_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> torch.Tensor:
+    """RoPE's ``head_dim/2`` angular frequencies (float64), with Llama 3.1's scaling when given.
+
+    Llama 3.1 extends its context by band of wavelength ``2*pi/f`` against the original context
+    ``L``: wavelengths under ``L/high_freq_factor`` (local detail) are kept, those over
+    ``L/low_freq_factor`` are slowed by ``factor``, and the band between blends the two linearly
+    in ``L/wavelength``, so the frequency is continuous at both edges.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    ctx = scaling.original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen > ctx / scaling.low_freq_factor, inv_freq / scaling.factor, blended)
+    return torch.where(wavelen < ctx / scaling.high_freq_factor, inv_freq, out)
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0,
+                 scaling: Optional[RopeScaling] = None):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self._cache: Dict[Tuple[torch.dtype, torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tables(self, dtype: torch.dtype, device: torch.device):
@@ -65,7 +88,7 @@ class RotaryEmbedding(nn.Module):
         rotate-half table repeats the first)."""
         key = (dtype, device)
         if key not in self._cache:
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+            inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
             freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
             self._cache[key] = (freqs.cos().to(device=device, dtype=dtype), freqs.sin().to(device=device, dtype=dtype))
         return self._cache[key]
