@@ -76,7 +76,7 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Copy full weights into ``model``, each rank the slice of the layout it was built for."""
-    from megallama.parallel.layers import split_for_rank
+    from megallama.parallel.layers import split_param
 
     ps = model.parallel_state
     params = dict(model.named_parameters())
@@ -88,8 +88,7 @@ def load_state_for_rank(model: torch.nn.Module, state: Dict[str, torch.Tensor], 
     with torch.no_grad():
         for name, param in params.items():
             full = state[name]
-            if getattr(param, "tensor_model_parallel", False) and ps.tp > 1:
-                full = split_for_rank(full, param.tp_split_dim, param.tp_fused_sizes, ps.tp, ps.tp_rank)
+            full = split_param(full, param, ps.tp, ps.tp_rank)
             if tuple(full.shape) != tuple(param.shape):
                 raise UserError(f"{where}: tensor '{name}' has shape {tuple(full.shape)}, expected "
                                 f"{tuple(param.shape)}")

@@ -105,7 +105,8 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
                             continue
                         part = full
                     else:
-                        part = split_for_rank(full, info["split_dim"], info["fused_sizes"], tp, r)
+                        part = split_for_rank(full, info["split_dim"], info["fused_sizes"], tp, r,
+                                              info.get("pad_multiple"))
                     files.setdefault((stage, r), {})[tname] = part.contiguous()
                     index.setdefault((stage, r), {})[name] = info
         for (stage, r), tensors in files.items():

@@ -17,6 +17,8 @@ Words = Mapping[str, str]
 CONFIG: Words = {
     "positive": "parallel.{name}: expected a positive integer, got {value}",
     "tp_divides": "model.{field}: {value} is not divisible by parallel.tp={tp}",
+    "vocab_divides": ("model.vocab_size: {value} is not divisible by parallel.tp={tp} (set "
+                      "model.pad_vocab_to_multiple_of, e.g. 128, to pad it as Megatron does)"),
     "pp_divides": "model.n_layers: {n_layers} is not divisible by parallel.pp={pp}{interleave}",
     "pp_fills": "parallel.pp: {pp} stages need at least one layer each, model.n_layers is {n_layers}",
     "pipeline_arch": "parallel.pp: pipeline parallelism supports arch 'decoder' only, got '{arch}' (use pp: 1)",
@@ -34,6 +36,8 @@ CONFIG: Words = {
 FLAGS: Words = {
     "positive": "--{flag}: expected a positive integer, got {value}",
     "tp_divides": "--tp {tp}: model {field}={value} is not divisible by tp",
+    "vocab_divides": ("--tp {tp}: model vocab_size={value} is not divisible by tp "
+                      "(model.pad_vocab_to_multiple_of would pad it)"),
     "pp_divides": "--pp {pp}: model n_layers={n_layers} is not divisible by pp{interleave}",
     "pp_fills": "--pp {pp}: more stages than the model's {n_layers} layers",
     "pipeline_arch": "--pp: pipeline parallelism supports decoder-only models (use --pp 1)",
@@ -58,6 +62,7 @@ class ModelShape:
     ffn_hidden_size: int
     n_layers: int
     arch: str = "decoder"
+    pad_vocab_to_multiple_of: Optional[int] = None  # set: the vocabulary is padded, never refused
 
 
 TP_SPLIT = ("n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size")   # what TP shards, in the order checked
@@ -70,12 +75,26 @@ def positive_problem(name: str, value: int, words: Words = CONFIG) -> Optional[s
 
 
 def tp_problem(shape: ModelShape, tp: int, words: Words = CONFIG) -> Optional[str]:
-    """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks."""
+    """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks (a
+    vocabulary with ``pad_vocab_to_multiple_of`` set is padded to fit: :func:`padded_vocab`)."""
     for field in TP_SPLIT:
         value = getattr(shape, field)
+        if field == "vocab_size" and shape.pad_vocab_to_multiple_of:
+            continue
         if value % tp:
-            return words["tp_divides"].format(field=field, value=value, tp=tp)
+            key = "vocab_divides" if field == "vocab_size" else "tp_divides"
+            return words[key].format(field=field, value=value, tp=tp)
     return None
+
+
+def padded_vocab(vocab_size: int, tp: int, multiple: Optional[int]) -> int:
+    """Megatron's ``make-vocab-size-divisible-by``: the next multiple of ``multiple x tp`` (the
+    vocabulary itself when ``multiple`` is unset). Padded rows are zero and their logits masked,
+    so they change neither the loss nor sampling; layout-free checkpoints and exports omit them."""
+    if not multiple:
+        return vocab_size
+    step = multiple * tp
+    return -(-vocab_size // step) * step
 
 
 def pp_problem(shape: ModelShape, pp: int, interleave: int = 1, words: Words = CONFIG) -> Optional[str]:

@@ -2,8 +2,10 @@
 
 Each rank holds a slice of one logical weight. Initialisation draws the *full* master weight
 from a generator and keeps this rank's slice, so a seed gives the same model at any TP degree.
-Split parameters carry ``tensor_model_parallel``, ``tp_split_dim`` and ``tp_fused_sizes`` so
-DeepSpeed counts them once per TP group and checkpoint tools can reassemble them.
+Split parameters carry ``tensor_model_parallel``, ``tp_split_dim``, ``tp_fused_sizes`` and
+``tp_pad_multiple`` so DeepSpeed counts them once per TP group and checkpoint tools can
+reassemble them. A vocabulary padded for TP (``padded_vocab``) holds zero rows past the real
+vocabulary on the last rank(s); the full (logical) weight never includes them.
 Each layer is given the :class:`ParallelState` it is built for and keeps its :class:`TPGroup`.
 """
 from __future__ import annotations
@@ -14,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megallama.config.layout_rules import tp_shard
+from megallama.config.layout_rules import padded_vocab, tp_shard
 from megallama.parallel import mappings
 from megallama.parallel.state import ParallelState, TPGroup
 
 
-def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int]) -> None:
+def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int], pad_multiple: Optional[int] = None) -> None:
     param.tensor_model_parallel = True
     param.tp_split_dim = split_dim
     param.tp_fused_sizes = tuple(fused_sizes)
+    param.tp_pad_multiple = pad_multiple
 
 
 def _rank_slice(full: torch.Tensor, dim: int, fused_sizes: Sequence[int], tp: int, rank: int) -> torch.Tensor:
@@ -32,13 +35,22 @@ def _rank_slice(full: torch.Tensor, dim: int, fused_sizes: Sequence[int], tp: in
 
 
 def split_for_rank(full: torch.Tensor, split_dim: int, fused_sizes: Sequence[int], tp: int,
-                   rank: int) -> torch.Tensor:
-    """The shard ``rank`` of ``tp`` holds of a full (logical) weight."""
+                   rank: int, pad_multiple: Optional[int] = None) -> torch.Tensor:
+    """The shard ``rank`` of ``tp`` holds of a full (logical) weight; a padded vocabulary gets its
+    zero rows first (one logical block only)."""
+    if pad_multiple:
+        (n,) = fused_sizes
+        pad = [0] * (2 * full.dim())
+        pad[2 * (full.dim() - 1 - split_dim) + 1] = padded_vocab(n, tp, pad_multiple) - n
+        return F.pad(full, pad).chunk(tp, dim=split_dim)[rank]
     return _rank_slice(full, split_dim, fused_sizes, tp, rank)
 
 
-def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes: Sequence[int]) -> torch.Tensor:
+def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes: Sequence[int],
+                    pad_multiple: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`split_for_rank`: rebuild the full weight from every rank's shard."""
+    if pad_multiple:
+        return torch.cat(list(shards), dim=split_dim).narrow(split_dim, 0, fused_sizes[0])
     tp = len(shards)
     local = [n // tp for n in fused_sizes]
     per_rank = [torch.split(s, local, dim=split_dim) for s in shards]
@@ -46,15 +58,44 @@ def merge_tp_shards(shards: Sequence[torch.Tensor], split_dim: int, fused_sizes:
     return torch.cat(blocks, dim=split_dim)
 
 
-def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
-    """All-gather a TP-split tensor (a weight or its gradient) back to its full shape."""
-    if tp.size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return local
-    import torch.distributed as dist
+def split_param(full: torch.Tensor, param: nn.Parameter, tp: int, rank: int) -> torch.Tensor:
+    """:func:`split_for_rank` as ``param`` is split (the full tensor itself when it is not)."""
+    if not getattr(param, "tensor_model_parallel", False) or (tp == 1 and not param.tp_pad_multiple):
+        return full
+    return split_for_rank(full, param.tp_split_dim, param.tp_fused_sizes, tp, rank, param.tp_pad_multiple)
 
-    parts = [torch.empty_like(local) for _ in range(tp.size)]
-    dist.all_gather(parts, local.contiguous(), group=tp.group)
-    return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes)
+
+def logical_shape(param: nn.Parameter) -> tuple:
+    """The full weight's shape at TP=1 without vocabulary padding (what checkpoints hold)."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.tp_split_dim] = sum(param.tp_fused_sizes)
+    return tuple(shape)
+
+
+def gather_tp_tensor(local: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
+    """All-gather a TP-split tensor (a weight or its gradient) back to its full logical shape."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return local
+    parts = [local]
+    if tp.size > 1:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(tp.size)]
+        dist.all_gather(parts, local.contiguous(), group=tp.group)
+    return merge_tp_shards(parts, param.tp_split_dim, param.tp_fused_sizes, param.tp_pad_multiple)
+
+
+def mask_padded_logits(logits: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """This rank's vocab slice of the logits with padded columns at the lowest finite value: no
+    probability in the loss (exactly the unpadded model's) and no gradient to the padded rows.
+    (Finite, not -inf: the vocab-parallel loss multiplies a non-owned target's logit by zero.)"""
+    local = logits.size(-1)
+    real = min(max(vocab_size - tp.rank * local, 0), local)
+    if real == local:
+        return logits
+    padded = torch.arange(local, device=logits.device) >= real
+    return logits.masked_fill(padded, torch.finfo(logits.dtype).min)
 
 
 class _ParallelLinearBase(nn.Module):
@@ -71,7 +112,8 @@ class _ParallelLinearBase(nn.Module):
         with torch.no_grad():
             full = torch.empty(full_shape, dtype=torch.float32)
             full.normal_(0.0, self.init_std, generator=generator)
-            local = _rank_slice(full, self.split_dim, fused_sizes, self.tp.size, self.tp.rank)
+            local = split_for_rank(full, self.split_dim, fused_sizes, self.tp.size, self.tp.rank,
+                                   getattr(self, "pad_multiple", None))
             self.weight.copy_(local.to(self.weight.dtype))
             if getattr(self, "bias", None) is not None:
                 self.bias.zero_()
@@ -88,23 +130,28 @@ class ColumnParallelLinear(_ParallelLinearBase):
 
     def __init__(self, state: ParallelState, in_features: int, out_features, bias: bool = False,
                  gather_output: bool = False, init_std: float = 0.02, sequence_parallel: Optional[bool] = None,
-                 part_names: Optional[Sequence[str]] = None, device=None, dtype=None):
+                 part_names: Optional[Sequence[str]] = None, pad_multiple: Optional[int] = None, device=None,
+                 dtype=None):
         super().__init__(state, sequence_parallel)
         self.part_names = list(part_names) if part_names else None
         self.fused_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
         self.in_features = in_features
         self.out_features = sum(self.fused_sizes)
-        self.local_sizes = [tp_shard(n, self.tp.size, "out_features") for n in self.fused_sizes]
+        if pad_multiple and len(self.fused_sizes) > 1:
+            raise ValueError("pad_multiple (a padded vocabulary) is for a single output block")
+        self.pad_multiple = pad_multiple
+        self.local_sizes = [tp_shard(padded_vocab(n, self.tp.size, pad_multiple), self.tp.size, "out_features")
+                            for n in self.fused_sizes]
         if gather_output and len(self.fused_sizes) > 1:
             raise ValueError("gather_output is not supported for fused outputs")
         self.gather_output = gather_output
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, device=device, dtype=dtype))
-        _mark(self.weight, 0, self.fused_sizes)
+        _mark(self.weight, 0, self.fused_sizes, pad_multiple)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), device=device, dtype=dtype))
-            _mark(self.bias, 0, self.fused_sizes)
+            _mark(self.bias, 0, self.fused_sizes, pad_multiple)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
@@ -156,19 +203,23 @@ class RowParallelLinear(_ParallelLinearBase):
 
 
 class VocabParallelEmbedding(_ParallelLinearBase):
-    """Embedding table split along the vocabulary; each rank embeds the ids it owns."""
+    """Embedding table split along the vocabulary; each rank embeds the ids it owns. Its shard is
+    exactly an output layer's column shard, so a tied head reuses it (:meth:`lm_logits`)."""
 
     split_dim = 0
 
     def __init__(self, state: ParallelState, num_embeddings: int, embedding_dim: int, init_std: float = 0.02,
-                 sequence_parallel: Optional[bool] = None, device=None, dtype=None):
+                 sequence_parallel: Optional[bool] = None, pad_multiple: Optional[int] = None, device=None,
+                 dtype=None):
         super().__init__(state, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.local_vocab = tp_shard(num_embeddings, self.tp.size, "num_embeddings")
+        self.pad_multiple = pad_multiple
+        self.local_vocab = tp_shard(padded_vocab(num_embeddings, self.tp.size, pad_multiple), self.tp.size,
+                                    "num_embeddings")
         self.vocab_start = self.tp.rank * self.local_vocab
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(self.local_vocab, embedding_dim, device=device, dtype=dtype))
-        _mark(self.weight, 0, [num_embeddings])
+        _mark(self.weight, 0, [num_embeddings], pad_multiple)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.num_embeddings, self.embedding_dim), [self.num_embeddings])
@@ -182,6 +233,15 @@ class VocabParallelEmbedding(_ParallelLinearBase):
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(out, self.tp)
         return mappings.reduce_from_tp_region(out, self.tp)
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied output layer: this rank's vocab slice of ``h @ W^T`` (input handled as a
+        column-parallel layer does). Autograd sums both uses' gradients into the one shard."""
+        if self.sequence_parallel:
+            h = mappings.gather_from_sequence_parallel_region(h, self.tp)
+        else:
+            h = mappings.copy_to_tp_region(h, self.tp)
+        return F.linear(h, self.weight)
 
     def extra_repr(self) -> str:
         return f"vocab={self.num_embeddings}, local_vocab={self.local_vocab}, dim={self.embedding_dim}"

@@ -53,7 +53,7 @@ def encode(tokenizer, texts: List[str], seq_len: int) -> Tuple[torch.Tensor, tor
 
 def _load_trunk(model, state: Dict[str, torch.Tensor], ps) -> List[str]:
     """Copy every matching tensor (each rank its TP slice of ``ps``); returns what the trunk lacked."""
-    from megallama.parallel.layers import split_for_rank
+    from megallama.parallel.layers import split_param
 
     missing = []
     with torch.no_grad():
@@ -62,8 +62,7 @@ def _load_trunk(model, state: Dict[str, torch.Tensor], ps) -> List[str]:
                 missing.append(name)
                 continue
             full = state[name]
-            if getattr(p, "tensor_model_parallel", False) and ps.tp > 1:
-                full = split_for_rank(full, p.tp_split_dim, p.tp_fused_sizes, ps.tp, ps.tp_rank)
+            full = split_param(full, p, ps.tp, ps.tp_rank)
             p.copy_(full.to(p.dtype))
     return missing
 

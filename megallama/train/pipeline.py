@@ -6,7 +6,10 @@ canonical name (``tok_embeddings``, ``layers.N.…``, ``norm``, ``output``), and
 shares the model's one RoPE table. A layer is allocated and initialised from the part's keyed
 seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 weights.
 DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
-the names under that index are the model's own.
+the names under that index are the model's own. A tied model's first and last stages each hold
+the token embedding as DeepSpeed tied layers (one key), so DeepSpeed broadcasts it from the first
+stage at start and all-reduces its gradients between the two; layout-free checkpoints keep the
+first stage's (the last stage's is marked ``ds_pipe_replicated``).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from torch import nn
 from megallama.config import ModelConfig
 from megallama.model import build_model, causal_lm_loss
 from megallama.model.blocks import init_module, residual_dropout
-from megallama.parallel import ParallelState
+from megallama.model.llama import lm_head_logits
+from megallama.parallel import ParallelState, VocabParallelEmbedding
 
 
 class EmbeddingStage(nn.Module):
@@ -47,15 +51,18 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """The model's final norm and output head: this rank's vocab slice of the logits (the loss
-    never gathers it)."""
+    """The model's final norm and LM head (``output``, or tied: ``tok_embeddings``): this rank's
+    vocab slice of the logits, padding masked (the loss never gathers it)."""
 
-    def __init__(self, norm: nn.Module, output: nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module, vocab_size: int, state: ParallelState):
         super().__init__()
-        self.norm, self.output = norm, output
+        self.norm, self.vocab_size, self.tp = norm, vocab_size, state.tensor_parallel
+        self.tied = isinstance(head, VocabParallelEmbedding)
+        setattr(self, "tok_embeddings" if self.tied else "output", head)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+        head = self.tok_embeddings if self.tied else self.output
+        return lm_head_logits(head, self.norm(h), self.vocab_size, self.tp)
 
 
 Layer = Tuple[type, Dict[str, Any]]
@@ -66,8 +73,12 @@ def _layers(model: nn.Module) -> List[Layer]:
     out: List[Layer] = [(EmbeddingStage, dict(tok_embeddings=model.tok_embeddings, dropout=model.config.dropout,
                                          state=model.parallel_state))]
     out += [(BlockStage, dict(block=block, rope=model.rope)) for block in model.layers]
-    out.append((HeadStage, dict(norm=model.norm, output=model.output)))
+    out.append((HeadStage, dict(norm=model.norm, head=model.lm_head, vocab_size=model.config.vocab_size,
+                                state=model.parallel_state)))
     return out
+
+
+TIED_KEY = "tok_embeddings"  # DeepSpeed's key for the embedding the first and last stages share
 
 
 def _meta_model(cfg: ModelConfig, state: ParallelState) -> nn.Module:
@@ -87,16 +98,18 @@ def _materialise(part: nn.Module, seed: int, key: str, state: ParallelState) -> 
     return real
 
 
-def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, state: ParallelState):
+def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, state: ParallelState,
+          tied: bool = False):
     """A DeepSpeed layer spec whose parts are allocated and initialised only when DeepSpeed builds
-    it: on the stage that owns it (and, to balance stages by parameters, one at a time to count)."""
-    from deepspeed.pipe import LayerSpec
+    it: on the stage that owns it (and, to balance stages by parameters, one at a time to count).
+    ``tied``: a layer holding the shared token embedding (see the module docstring)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     def build(log=False):
         return stage(**{k: _materialise(v, seed, keys[id(v)], state) if id(v) in keys else v
                         for k, v in args.items()})
 
-    spec = LayerSpec(stage)
+    spec = TiedLayerSpec(TIED_KEY, stage, tied_weight_attr=["tok_embeddings.weight"]) if tied else LayerSpec(stage)
     spec.build = build
     return spec
 
@@ -108,7 +121,10 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, par
 
     model = _meta_model(cfg, state)
     keys = {id(part): key for part, key in model.init_parts()}
-    specs = [_spec(stage, args, keys, seed, state) for stage, args in _layers(model)]
+    layers = _layers(model)
+    tied = cfg.tie_embeddings
+    specs = [_spec(stage, args, keys, seed, state, tied=tied and i in (0, len(layers) - 1))
+             for i, (stage, args) in enumerate(layers)]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
     return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
@@ -123,6 +139,7 @@ def stage_of_parameters(cfg: ModelConfig, pp: int) -> Dict[str, int]:
     blocks = sum(isinstance(layer, BlockStage) for layer in layers)
     out, seen = {}, 0
     for layer in layers:
-        out.update({name: min(seen * pp // blocks, pp - 1) for name, _ in layer.named_parameters()})
+        for name, _ in layer.named_parameters():  # a tied embedding belongs to the first stage
+            out.setdefault(name, min(seen * pp // blocks, pp - 1))
         seen += isinstance(layer, BlockStage)
     return out
