@@ -191,7 +191,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "exists").mkdir()
     cases = [
         (["--from", "hf", "--input", tmp_path / "empty", "--output", tmp_path / "o1"], ["config.json", "not found"]),
-        (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "o2"], ["tie_word_embeddings", "lm_head.weight differs"]),
+        (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "o2"],
+         ["tie_word_embeddings", "lm_head.weight differs"]),
         (["--from", "gguf", "--input", tmp_path / "tied", "--output", tmp_path / "o3"], ["--from", "gguf"]),
         (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "exists"], ["exists", "--overwrite"]),
         (["--from", "meta", "--input", tmp_path / "empty", "--output", tmp_path / "o4"], ["params.json"]),

@@ -127,9 +127,22 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, par
              for i, (stage, args) in enumerate(layers)]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
-    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
-                          topology=topology,
-                          partition_method="parameters" if partition == "parameters" else "type:BlockStage")
+    module = PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
+                            topology=topology,
+                            partition_method="parameters" if partition == "parameters" else "type:BlockStage")
+    _only_tied_weights_replicated(module)
+    return module
+
+
+def _only_tied_weights_replicated(module) -> None:
+    """DeepSpeed marks every parameter of a later stage's tied layer ``ds_pipe_replicated`` (left
+    out of the gradient norm, and of our layout-free save); the last stage's head layer also holds
+    the final norm, which is its own: only the tied weight is a copy."""
+    for comm in module.tied_comms.values():
+        tied = {id(module._recursive_getattr(comm["module"], attr)) for attr in comm["weight_attr"]}
+        for p in comm["module"].parameters():
+            if getattr(p, "ds_pipe_replicated", False) and id(p) not in tied:
+                p.ds_pipe_replicated = False
 
 
 def stage_of_parameters(cfg: ModelConfig, pp: int) -> Dict[str, int]:
