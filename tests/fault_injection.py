@@ -5,7 +5,8 @@ FAULTS: ``--nonfinite-steps 2,3`` makes those steps' losses infinite (the skip a
 ``--slow-save-s 30`` holds every checkpoint save open after its files are written and before its
 manifest and ``latest`` (a window to kill it in); ``--slow-steps-s 0.5`` makes every step that much
 longer (a window to signal a run mid-way); ``--signal-at 4:1`` has rank 1 alone send itself SIGTERM
-as step 4 begins (a signal that reached only some ranks).
+as step 4 begins (a signal that reached only some ranks); ``--untie-pipeline-grads 1`` stops
+DeepSpeed all-reducing tied weights' gradients between pipeline stages (a broken tie).
 """
 from __future__ import annotations
 
@@ -53,9 +54,17 @@ class SignalAt(Hooks):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class UntiePipelineGrads(Hooks):
+    def __init__(self):
+        from deepspeed.runtime.pipe.module import PipelineModule
+
+        PipelineModule.get_tied_weights_and_groups = lambda module: []
+
+
 FAULTS = {"--nonfinite-steps": lambda v: NonFiniteLoss(int(x) for x in v.split(",") if x.strip()),
           "--slow-save-s": lambda v: SlowSave(float(v)), "--slow-steps-s": lambda v: SlowSteps(float(v)),
-          "--signal-at": lambda v: SignalAt(*(int(x) for x in v.split(":")))}
+          "--signal-at": lambda v: SignalAt(*(int(x) for x in v.split(":"))),
+          "--untie-pipeline-grads": lambda v: UntiePipelineGrads()}
 
 
 def install_faults(argv: List[str]) -> List[str]:

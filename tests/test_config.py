@@ -54,7 +54,7 @@ def test_presets_match_metas_published_configs(name):
     assert math.floor(info["parameters"] / 1e8) / 10 == params_b
 
 
-@pytest.mark.parametrize("name", sorted(n for n in LLAMA3 if not LLAMA3[n][7]))
+@pytest.mark.parametrize("name", sorted(LLAMA3))
 def test_llama3_presets_match_metas_params(name):
     from megallama.model.describe import describe
 

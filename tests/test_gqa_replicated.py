@@ -88,16 +88,16 @@ def test_split_and_merge_round_trip_with_replicated_heads():
     sizes = [h * hd for h in heads]
     full = torch.randn(sum(sizes), 3)
     for tp in (1, 2, 4, 8):
-        held = [split_for_rank(full, 0, sizes, tp, r, heads) for r in range(tp)]
+        held = [split_for_rank(full, 0, sizes, tp, r, fused_heads=heads) for r in range(tp)]
         assert all(h.shape[0] == (8 // tp + 2 * max(2 // tp, 1)) * hd for h in held)
-        assert torch.equal(merge_tp_shards(held, 0, sizes, heads), full)
-        stored = [split_for_rank(full, 0, sizes, tp, r, heads, owned=True) for r in range(tp)]
+        assert torch.equal(merge_tp_shards(held, 0, sizes, fused_heads=heads), full)
+        stored = [split_for_rank(full, 0, sizes, tp, r, fused_heads=heads, owned=True) for r in range(tp)]
         assert sum(s.shape[0] for s in stored) == full.shape[0]  # each head once
-        assert torch.equal(merge_tp_shards(stored, 0, sizes, heads, owned=True), full)
+        assert torch.equal(merge_tp_shards(stored, 0, sizes, fused_heads=heads, owned=True), full)
     kv = torch.randn(2 * 2 * hd, 3)  # a cross-attention K/V pair alone: ranks 1 and 3 store nothing
-    stored = [split_for_rank(kv, 0, [2 * hd] * 2, 4, r, [2, 2], owned=True) for r in range(4)]
+    stored = [split_for_rank(kv, 0, [2 * hd] * 2, 4, r, fused_heads=[2, 2], owned=True) for r in range(4)]
     assert [s.shape[0] for s in stored] == [2 * hd, 0, 2 * hd, 0]
-    assert torch.equal(merge_tp_shards(stored, 0, [2 * hd] * 2, [2, 2], owned=True), kv)
+    assert torch.equal(merge_tp_shards(stored, 0, [2 * hd] * 2, fused_heads=[2, 2], owned=True), kv)
     # rank 3 of 4 holds query heads 6-7 and their KV head, 1
     k_rows = full[sizes[0]:sizes[0] + sizes[1]]
-    assert torch.equal(split_for_rank(full, 0, sizes, 4, 3, heads)[2 * hd:3 * hd], k_rows[hd:])
+    assert torch.equal(split_for_rank(full, 0, sizes, 4, 3, fused_heads=heads)[2 * hd:3 * hd], k_rows[hd:])

@@ -182,12 +182,15 @@ def _assert_one_line(proc, *needles):
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    hf_model(False, tie=True).save_pretrained(tmp_path / "tied", safe_serialization=True)
+    hf_model(False).save_pretrained(tmp_path / "tied", safe_serialization=True)  # then claimed tied:
+    hf_cfg = json.loads((tmp_path / "tied" / "config.json").read_text())  # its separate lm_head contradicts it
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**hf_cfg, "tie_word_embeddings": True}))
     (tmp_path / "empty").mkdir()
     (tmp_path / "exists").mkdir()
     cases = [
         (["--from", "hf", "--input", tmp_path / "empty", "--output", tmp_path / "o1"], ["config.json", "not found"]),
-        (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "o2"], ["tie_word_embeddings"]),
+        (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "o2"],
+         ["tie_word_embeddings", "lm_head.weight differs"]),
         (["--from", "gguf", "--input", tmp_path / "tied", "--output", tmp_path / "o3"], ["--from", "gguf"]),
         (["--from", "hf", "--input", tmp_path / "tied", "--output", tmp_path / "exists"], ["exists", "--overwrite"]),
         (["--from", "meta", "--input", tmp_path / "empty", "--output", tmp_path / "o4"], ["params.json"]),

@@ -35,7 +35,13 @@ def test_tp_divides_every_split_dimension():
                                            "(fewer KV heads than ranks are each shared by an equal group of ranks)")
     assert rules.tp_problem(odd_kv, 6, FLAGS) == "--tp 6: model n_kv_heads=4 neither divides nor is divisible by tp"
     wide_vocab = ModelShape(n_heads=4, n_kv_heads=4, vocab_size=2049, ffn_hidden_size=352, n_layers=4)
-    assert rules.tp_problem(wide_vocab, 2) == "model.vocab_size: 2049 is not divisible by parallel.tp=2"
+    assert rules.tp_problem(wide_vocab, 2).startswith("model.vocab_size: 2049 is not divisible by parallel.tp=2 (set "
+                                                      "model.pad_vocab_to_multiple_of")
+    padded = ModelShape(n_heads=4, n_kv_heads=4, vocab_size=2050, ffn_hidden_size=352, n_layers=4,
+                        pad_vocab_to_multiple_of=1)
+    assert rules.tp_problem(padded, 4) is None
+    assert [rules.padded_vocab(2050, tp, m) for tp, m in ((4, 1), (4, 128), (1, 128), (4, None))] == [
+        2052, 2560, 2176, 2050]
     odd_ffn = ModelShape(n_heads=4, n_kv_heads=4, vocab_size=2048, ffn_hidden_size=350, n_layers=4)
     assert rules.tp_problem(odd_ffn, 4) == "model.ffn_hidden_size: 350 is not divisible by parallel.tp=4"
 

@@ -118,12 +118,15 @@ def expected_shapes(cfg: ModelConfig, where: str, classifier: bool = False) -> D
     (nothing allocated); a config no model can have is one line naming ``where``."""
     from megallama.model import LlamaForSequenceClassification, build_model
     from megallama.parallel import ParallelState
+    from megallama.parallel.layers import logical_shape
 
     try:
         with torch.device("meta"):
             build = LlamaForSequenceClassification if classifier else build_model
             model = build(cfg, ParallelState(), seed=None)
-            return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            params = dict(model.named_parameters())  # unpadded: a padded vocabulary is stored without it
+            return {k: logical_shape(params[k]) if k in params else tuple(v.shape)
+                    for k, v in model.state_dict().items()}
     except (RuntimeError, ValueError, OverflowError, TypeError) as exc:  # sizes no tensor can have
         raise UserError(f"{where}: the config's model cannot be built ({str(exc).splitlines()[0]})") from None
 

@@ -77,8 +77,8 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
 
     if hf.get("model_type", "llama") != "llama":
         raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}; only 'llama' checkpoints convert")
-    if hf.get("tie_word_embeddings", False):
-        raise ConfigError(f"{where}: tie_word_embeddings is true; megallama keeps an untied output layer")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise ConfigError(f"{where}: tie_word_embeddings must be true or false, got {hf['tie_word_embeddings']!r}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{where}: hidden_act is {hf['hidden_act']!r}; LLaMA's SwiGLU needs 'silu'")
     for key in ("attention_bias", "mlp_bias"):
@@ -100,7 +100,8 @@ def config_from_hf(hf: Dict, where: str = "config.json") -> ModelConfig:
                   norm_eps=hf.get("rms_norm_eps", 1e-6),
                   rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
                   max_seq_len=hf.get("max_position_embeddings", 2048), init_std=hf.get("initializer_range", 0.02),
-                  rope_scaling=rope_scaling, **_ffn_fields(dim, need("intermediate_size")))
+                  rope_scaling=rope_scaling, tie_embeddings=hf.get("tie_word_embeddings", False),
+                  **_ffn_fields(dim, need("intermediate_size")))
     try:
         cfg = ModelConfig(**fields)
     except ValidationError as exc:  # one line naming the HF key and its value
@@ -160,7 +161,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> Dict:
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": _rope_scaling_to_hf(cfg), "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "initializer_range": cfg.init_std,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
         "bos_token_id": 1, "eos_token_id": 2, "dtype": str(dtype).replace("torch.", ""),
         "torch_dtype": str(dtype).replace("torch.", ""),  # the key transformers < 4.56 reads
     }
@@ -178,6 +180,8 @@ def hf_shapes(cfg: ModelConfig, where: str) -> Dict[str, Tuple[int, ...]]:
     shapes = {k: tuple(v.shape) for k, v in state_to_hf(meta, cfg).items()}
     shapes.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (cfg.head_dim // 2,)
                    for i in range(cfg.n_layers)})
+    if cfg.tie_embeddings:  # some tied exports still carry the head: accepted when it equals the embedding
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     return shapes
 
 
@@ -222,8 +226,12 @@ def state_from_hf(tensors: State, cfg: ModelConfig, where: str) -> Dict[str, Ten
             raise UserError(f"{where}: missing tensor '{name}'")
         return src.pop(name)
 
-    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight"),
-           "output.weight": take("lm_head.weight")}
+    out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = take("lm_head.weight")
+    elif "lm_head.weight" in src and not torch.equal(src.pop("lm_head.weight"), out["tok_embeddings.weight"]):
+        raise UserError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                        "model.embed_tokens.weight")
     for i in range(cfg.n_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
         out[me + "attention.wqkv.weight"] = cat([take(hf + f"self_attn.{x}_proj.weight") for x in "qkv"])
@@ -239,8 +247,9 @@ def state_from_hf(tensors: State, cfg: ModelConfig, where: str) -> Dict[str, Ten
 def state_to_hf(state: State, cfg: ModelConfig) -> Dict[str, Tensorish]:
     """megallama's TP=1 names -> HF's (Q/K/V and gate/up split again); lazy in, lazy out."""
     q, kv, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:  # tied: transformers re-ties lm_head to the embedding on load
+        out["lm_head.weight"] = state["output.weight"]
     for i in range(cfg.n_layers):
         hf, me = f"model.layers.{i}.", f"layers.{i}."
         for x, t in zip("qkv", state[me + "attention.wqkv.weight"].split([q, kv, kv])):

@@ -67,13 +67,14 @@ def safe_torch_load(path: Path) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def _config(params: Dict, vocab_size: int, where: str) -> ModelConfig:
+def _config(params: Dict, vocab_size: int, where: str, tied: bool = False) -> ModelConfig:
     from megallama.checkpoint.safe_read import check_fits_memory
 
     fields = dict(dim=params.get("dim"), n_layers=params.get("n_layers"), n_heads=params.get("n_heads"),
                   n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab_size,
                   multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                  norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0))
+                  norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                  tie_embeddings=tied)
     for key in ("dim", "n_layers", "n_heads"):
         if not isinstance(fields[key], int) or isinstance(fields[key], bool):
             raise ConfigError(f"{where}: missing or non-integer '{key}'")
@@ -130,6 +131,8 @@ def meta_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Meta name -> full shape of each tensor the config implies."""
     d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
     out = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,), "output.weight": (cfg.vocab_size, d)}
+    if cfg.tie_embeddings:
+        del out["output.weight"]
     per_layer = {"attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
                  "attention.wo.weight": (d, q), "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d),
                  "feed_forward.w2.weight": (d, f), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
@@ -196,7 +199,8 @@ def load_meta(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
         emb = shards[0].get("tok_embeddings.weight")
         vocab = emb.shape[0] * (len(files) if emb.dim() == 2 and emb.shape[1] * len(files) != dim else 1) \
             if emb is not None and emb.dim() == 2 else -1
-    cfg = _config(params, vocab, str(params_file))
+    # params.json has no tie flag: a release without an output layer (Llama 3.2 1B/3B) is tied
+    cfg = _config(params, vocab, str(params_file), tied="output.weight" not in names)
     check_shipped(cfg, files, str(p))
     expected = meta_shapes(cfg)
     merged = {}
@@ -223,7 +227,7 @@ def state_from_meta(merged: Dict[str, torch.Tensor], cfg: ModelConfig, where: st
             raise UserError(f"{where}: missing tensor '{name}'")
         return src.pop(name)
 
-    out = {k: take(k + ".weight") for k in ("tok_embeddings", "norm", "output")}
+    out = {k: take(k + ".weight") for k in ("tok_embeddings", "norm") + (() if cfg.tie_embeddings else ("output",))}
     out = {k + ".weight": v for k, v in out.items()}
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."

@@ -110,7 +110,8 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
                         part = full
                     else:
                         part = split_for_rank(full, info["split_dim"], info["fused_sizes"], tp, r,
-                                              info["fused_heads"], owned=True)
+                                              fused_heads=info.get("fused_heads"), owned=True,
+                                              pad_multiple=info.get("pad_multiple"))
                     files.setdefault((stage, r), {})[tname] = part.contiguous()
                     index.setdefault((stage, r), {})[name] = info
         for (stage, r), tensors in files.items():

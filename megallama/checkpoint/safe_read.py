@@ -154,7 +154,8 @@ def n_params(cfg: ModelConfig) -> int:
     """A lower bound on the parameter count, from sizes alone (nothing built, so any size is cheap)."""
     attn = cfg.dim * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
     layers = cfg.n_layers + (cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0)
-    return layers * (attn + 3 * cfg.dim * cfg.ffn_hidden_size + 2 * cfg.dim) + 2 * cfg.vocab_size * cfg.dim
+    vocab = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.dim  # embedding and head, or one tied
+    return layers * (attn + 3 * cfg.dim * cfg.ffn_hidden_size + 2 * cfg.dim) + vocab
 
 
 def physical_memory() -> int:

@@ -19,6 +19,8 @@ CONFIG: Words = {
     "tp_divides": "model.{field}: {value} is not divisible by parallel.tp={tp}",
     "kv_shared": ("model.n_kv_heads: {value} neither divides nor is divisible by parallel.tp={tp} (fewer KV heads "
                   "than ranks are each shared by an equal group of ranks)"),
+    "vocab_divides": ("model.vocab_size: {value} is not divisible by parallel.tp={tp} (set "
+                      "model.pad_vocab_to_multiple_of, e.g. 128, to pad it as Megatron does)"),
     "pp_divides": "model.n_layers: {n_layers} is not divisible by parallel.pp={pp}{interleave}",
     "pp_fills": "parallel.pp: {pp} stages need at least one layer each, model.n_layers is {n_layers}",
     "pipeline_arch": "parallel.pp: pipeline parallelism supports arch 'decoder' only, got '{arch}' (use pp: 1)",
@@ -37,6 +39,8 @@ FLAGS: Words = {
     "positive": "--{flag}: expected a positive integer, got {value}",
     "tp_divides": "--tp {tp}: model {field}={value} is not divisible by tp",
     "kv_shared": "--tp {tp}: model n_kv_heads={value} neither divides nor is divisible by tp",
+    "vocab_divides": ("--tp {tp}: model vocab_size={value} is not divisible by tp "
+                      "(model.pad_vocab_to_multiple_of would pad it)"),
     "pp_divides": "--pp {pp}: model n_layers={n_layers} is not divisible by pp{interleave}",
     "pp_fills": "--pp {pp}: more stages than the model's {n_layers} layers",
     "pipeline_arch": "--pp: pipeline parallelism supports decoder-only models (use --pp 1)",
@@ -61,6 +65,7 @@ class ModelShape:
     ffn_hidden_size: int
     n_layers: int
     arch: str = "decoder"
+    pad_vocab_to_multiple_of: Optional[int] = None  # set: the vocabulary is padded, never refused
 
 
 TP_SPLIT = ("n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_size")   # what TP shards, in the order checked
@@ -75,14 +80,18 @@ def positive_problem(name: str, value: int, words: Words = CONFIG) -> Optional[s
 def tp_problem(shape: ModelShape, tp: int, words: Words = CONFIG) -> Optional[str]:
     """Heads, KV heads, the vocabulary and the FFN width are split evenly over the TP ranks; KV
     heads fewer than the ranks are replicated instead, each on ``tp / n_kv_heads`` of them
-    (:func:`kv_replicas`)."""
+    (:func:`kv_replicas`); a vocabulary with ``pad_vocab_to_multiple_of`` set is padded to fit
+    (:func:`padded_vocab`)."""
     for field in TP_SPLIT:
         value = getattr(shape, field)
+        if field == "vocab_size" and shape.pad_vocab_to_multiple_of:
+            continue
         if field == "n_kv_heads" and value < tp:
             if tp % value:
                 return words["kv_shared"].format(value=value, tp=tp)
         elif value % tp:
-            return words["tp_divides"].format(field=field, value=value, tp=tp)
+            key = "vocab_divides" if field == "vocab_size" else "tp_divides"
+            return words[key].format(field=field, value=value, tp=tp)
     return None
 
 
@@ -94,6 +103,16 @@ def kv_replicas(heads: int, tp: int) -> int:
     if tp % heads:
         raise ValueError(f"{heads} heads cannot be shared evenly by tensor-parallel size {tp}")
     return tp // heads
+
+
+def padded_vocab(vocab_size: int, tp: int, multiple: Optional[int]) -> int:
+    """Megatron's ``make-vocab-size-divisible-by``: the next multiple of ``multiple x tp`` (the
+    vocabulary itself when ``multiple`` is unset). Padded rows are zero and their logits masked,
+    so they change neither the loss nor sampling; layout-free checkpoints and exports omit them."""
+    if not multiple:
+        return vocab_size
+    step = multiple * tp
+    return -(-vocab_size // step) * step
 
 
 def pp_problem(shape: ModelShape, pp: int, interleave: int = 1, words: Words = CONFIG) -> Optional[str]:

@@ -94,6 +94,9 @@ class ModelConfig(_Strict):
     num_labels: Int = 2  # classification head (fine-tuning) only
     rope_scaling: Optional[RopeScaling] = None  # Llama 3.1's long-context frequency scaling
     tie_embeddings: bool = False  # the output head reuses the token embedding (Llama 3.2 1B/3B)
+    # Megatron's make-vocab-size-divisible-by: at TP t the vocabulary is padded to the next multiple
+    # of (this x t); the padding never reaches the loss, sampling, layout-free checkpoints or exports
+    pad_vocab_to_multiple_of: Optional[Int] = None
 
     @property
     def kv_heads(self) -> int:
@@ -112,7 +115,8 @@ class ModelConfig(_Strict):
     def shape(self) -> ModelShape:
         """The dimensions the layout rules read."""
         return ModelShape(n_heads=self.n_heads, n_kv_heads=self.kv_heads, vocab_size=self.vocab_size,
-                          ffn_hidden_size=self.ffn_hidden_size, n_layers=self.n_layers, arch=self.arch)
+                          ffn_hidden_size=self.ffn_hidden_size, n_layers=self.n_layers, arch=self.arch,
+                          pad_vocab_to_multiple_of=self.pad_vocab_to_multiple_of)
 
     def pipeline_weights(self) -> StageWeights:
         """Parameters of one block, and of what the first and last pipeline stages hold besides."""
@@ -155,6 +159,9 @@ class ModelConfig(_Strict):
         if self.n_encoder_layers is not None and not 0 < self.n_encoder_layers <= MAX_SIZE:
             raise ConfigError(f"model.n_encoder_layers: expected a positive integer up to {MAX_SIZE}, "
                               f"got {self.n_encoder_layers}")
+        if self.pad_vocab_to_multiple_of is not None and not 0 < self.pad_vocab_to_multiple_of <= 65536:
+            raise ConfigError(f"model.pad_vocab_to_multiple_of: expected a positive integer up to 65536 or null, "
+                              f"got {self.pad_vocab_to_multiple_of}")
         if not 0 < self.num_labels <= MAX_SIZE:
             raise ConfigError(f"model.num_labels: expected a positive integer up to {MAX_SIZE}, got {self.num_labels}")
 

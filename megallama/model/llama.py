@@ -1,7 +1,8 @@
 """LLaMA models on parallel layers: causal LM, encoder-decoder, and sequence classification.
 
 Parameter names follow Meta's release (``tok_embeddings``, ``layers.N.attention.*``, ``norm``,
-``output``) with Q/K/V fused as ``wqkv`` and W1/W3 as ``w13``. The model holds no parallelism
+``output``) with Q/K/V fused as ``wqkv`` and W1/W3 as ``w13``; with ``tie_embeddings`` there is no
+``output``: the token embedding's one weight is also the LM head. The model holds no parallelism
 plan: it is built for the :class:`ParallelState` it is given (kept as ``parallel_state``), and
 :func:`build_model` is the one place a single-process layout is assumed when none is given.
 """
@@ -20,12 +21,26 @@ from megallama.model.rope import RotaryEmbedding
 from megallama.parallel import (ColumnParallelLinear, ParallelState, TPGroup, VocabParallelEmbedding,
                                 gather_from_sequence_parallel_region, gather_from_tp_region,
                                 vocab_parallel_cross_entropy)
+from megallama.parallel.layers import mask_padded_logits
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice of ``tp``."""
     per_token = vocab_parallel_cross_entropy(logits, labels, tp, ignore_index)
     return per_token.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
+def lm_head_logits(head: nn.Module, h: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """This rank's vocab slice of the logits from the output layer or, tied, the token embedding,
+    with any vocabulary padding masked out."""
+    logits = head.lm_logits(h) if isinstance(head, VocabParallelEmbedding) else head(h)
+    return mask_padded_logits(logits, vocab_size, tp)
+
+
+def full_logits(local: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
+    """``[..., vocab]`` logits from every rank's slice (vocabulary padding dropped)."""
+    logits = gather_from_tp_region(local, tp)
+    return logits if logits.size(-1) == vocab_size else logits[..., :vocab_size]
 
 
 class LlamaDecoder(nn.Module):
@@ -37,7 +52,8 @@ class LlamaDecoder(nn.Module):
         self.config = cfg
         self.parallel_state = state
         kw = dict(device=device, dtype=dtype)
-        self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std, **kw)
+        self.tok_embeddings = VocabParallelEmbedding(state, cfg.vocab_size, cfg.dim, init_std=cfg.init_std,
+                                                     pad_multiple=cfg.pad_vocab_to_multiple_of, **kw)
         self.layers = nn.ModuleList(self._make_layers(cfg, kw))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, sp_group=state.sp_group, **kw)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
@@ -49,6 +65,19 @@ class LlamaDecoder(nn.Module):
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
         pass
+
+    def _build_lm_head(self, cfg: ModelConfig, kw) -> None:
+        """An ``output`` layer, unless tied: then the token embedding serves (:meth:`lm_logits`)."""
+        if not cfg.tie_embeddings:
+            self.output = ColumnParallelLinear(self.parallel_state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std,
+                                               pad_multiple=cfg.pad_vocab_to_multiple_of, **kw)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.tok_embeddings if self.config.tie_embeddings else self.output
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return lm_head_logits(self.lm_head, h, self.config.vocab_size, self.parallel_state.tensor_parallel)
 
     def init_parts(self):
         """``(module, key)`` pairs, each initialised from its own keyed generator, so weights do
@@ -81,14 +110,15 @@ class LlamaForCausalLM(LlamaDecoder):
     computed on vocab-parallel logits without gathering them."""
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
-        self.output = ColumnParallelLinear(self.parallel_state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+        self._build_lm_head(cfg, kw)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, start_pos: int = 0, kv_caches=None):
-        logits = self.output(self.hidden_states(tokens, attention_mask, start_pos, kv_caches))
+        logits = self.lm_logits(self.hidden_states(tokens, attention_mask, start_pos, kv_caches))
+        tp = self.parallel_state.tensor_parallel
         if labels is not None:
-            return causal_lm_loss(logits, labels, self.output.tp)
-        return gather_from_tp_region(logits, self.output.tp)
+            return causal_lm_loss(logits, labels, tp)
+        return full_logits(logits, self.config.vocab_size, tp)
 
 
 class LlamaForSequenceClassification(LlamaDecoder):
@@ -114,7 +144,7 @@ class LlamaForSequenceClassification(LlamaDecoder):
 
 class LlamaEncoderDecoder(LlamaDecoder):
     """The seed's encoder-decoder: bidirectional encoder, decoder with cross-attention to it,
-    one shared token embedding, untied LM head.
+    one shared token embedding, an LM head (tied to that embedding with ``tie_embeddings``).
 
     ``model(src, tgt, labels, src_mask)`` trains; inference encodes once (:meth:`encode`) and
     then calls :meth:`decode` per step with self-attention K/V caches and cross-attention
@@ -130,7 +160,7 @@ class LlamaEncoderDecoder(LlamaDecoder):
         return [TransformerBlock(cfg, state, i, causal=True, cross_attention=True, **kw) for i in range(cfg.n_layers)]
 
     def _build_head(self, cfg: ModelConfig, kw) -> None:
-        self.output = ColumnParallelLinear(self.parallel_state, cfg.dim, cfg.vocab_size, init_std=cfg.init_std, **kw)
+        self._build_lm_head(cfg, kw)
 
     def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encoder memory ``[b, s_src, dim]`` (sequence-sharded under sequence parallelism)."""
@@ -152,23 +182,24 @@ class LlamaEncoderDecoder(LlamaDecoder):
             h = layer(h, self.rope, self_mask, memory=memory, memory_mask=cross_mask, start_pos=start_pos,
                       kv_cache=kv_caches[i] if kv_caches else None,
                       cross_cache=cross_caches[i] if cross_caches else None)
-        return self.output(self.norm(h))
+        return self.lm_logits(self.norm(h))
 
     def decode(self, tgt: torch.Tensor, memory: Optional[torch.Tensor], src_mask: Optional[torch.Tensor] = None,
                start_pos: int = 0, kv_caches=None, cross_caches=None) -> torch.Tensor:
         """Full logits ``[b, s_tgt, vocab]`` of decoder tokens at ``start_pos``; ``memory`` may be
         None once ``cross_caches`` are filled."""
-        return gather_from_tp_region(self._decode(tgt, memory, src_mask, start_pos, kv_caches, cross_caches),
-                                     self.output.tp)
+        return full_logits(self._decode(tgt, memory, src_mask, start_pos, kv_caches, cross_caches),
+                           self.config.vocab_size, self.parallel_state.tensor_parallel)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 src_mask: Optional[torch.Tensor] = None):
         """Targets are right-padded, so the causal mask alone keeps padding out of every real
         position; ``labels`` carry -100 there."""
         logits = self._decode(tgt, self.encode(src, src_mask), src_mask)
+        tp = self.parallel_state.tensor_parallel
         if labels is not None:
-            return causal_lm_loss(logits, labels, self.output.tp)
-        return gather_from_tp_region(logits, self.output.tp)
+            return causal_lm_loss(logits, labels, tp)
+        return full_logits(logits, self.config.vocab_size, tp)
 
 
 def build_model(cfg: ModelConfig, state: Optional[ParallelState] = None, seed: Optional[int] = 0, device=None,

@@ -122,9 +122,18 @@ def record_fp32_grad_norm(engine) -> None:
     mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
 
     def clip_and_record():
-        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=mpu)
+        # a later pipeline stage's copy of a tied weight (``ds_pipe_replicated``) holds the same
+        # all-reduced gradient as the first stage's: counted once (DeepSpeed's clip_grad_norm_
+        # counts it again), clipped alike
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        copies = [p for p in params if getattr(p, "ds_pipe_replicated", False)]
+        norm = clip_grad_norm_(parameters=[p for p in params if not getattr(p, "ds_pipe_replicated", False)],
+                               max_norm=engine.gradient_clipping(), mpu=mpu)
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
+        coef = min(1.0, engine.gradient_clipping() / (float(norm) + 1e-6))
+        for p in copies:
+            p.grad.data.mul_(coef)
 
     real_step = opt.step  # the LR scheduler's call-counting wrapper of AdamW.step: kept inside ours
 

@@ -8,6 +8,10 @@ seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 
 DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
 the names under that index are the model's own. Each stage holds the blocks the run's split gives
 it (``RunConfig.stage_layers()``, any sizes); checkpoints group parameters by the same bounds.
+A tied model's first and last stages each hold the token embedding as DeepSpeed tied layers (one
+key), so DeepSpeed broadcasts it from the first stage at start and all-reduces its gradients
+between the two; layout-free checkpoints keep the first stage's (the last stage's is marked
+``ds_pipe_replicated``).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from torch import nn
 from megallama.config import ModelConfig
 from megallama.model import build_model, causal_lm_loss
 from megallama.model.blocks import init_module, residual_dropout
-from megallama.parallel import ParallelState
+from megallama.model.llama import lm_head_logits
+from megallama.parallel import ParallelState, VocabParallelEmbedding
 
 
 class EmbeddingStage(nn.Module):
@@ -49,15 +54,18 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """The model's final norm and output head: this rank's vocab slice of the logits (the loss
-    never gathers it)."""
+    """The model's final norm and LM head (``output``, or tied: ``tok_embeddings``): this rank's
+    vocab slice of the logits, padding masked (the loss never gathers it)."""
 
-    def __init__(self, norm: nn.Module, output: nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module, vocab_size: int, state: ParallelState):
         super().__init__()
-        self.norm, self.output = norm, output
+        self.norm, self.vocab_size, self.tp = norm, vocab_size, state.tensor_parallel
+        self.tied = isinstance(head, VocabParallelEmbedding)
+        setattr(self, "tok_embeddings" if self.tied else "output", head)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(h))
+        head = self.tok_embeddings if self.tied else self.output
+        return lm_head_logits(head, self.norm(h), self.vocab_size, self.tp)
 
 
 Layer = Tuple[type, Dict[str, Any]]
@@ -68,8 +76,12 @@ def _layers(model: nn.Module) -> List[Layer]:
     out: List[Layer] = [(EmbeddingStage, dict(tok_embeddings=model.tok_embeddings, dropout=model.config.dropout,
                                          state=model.parallel_state))]
     out += [(BlockStage, dict(block=block, rope=model.rope)) for block in model.layers]
-    out.append((HeadStage, dict(norm=model.norm, output=model.output)))
+    out.append((HeadStage, dict(norm=model.norm, head=model.lm_head, vocab_size=model.config.vocab_size,
+                                state=model.parallel_state)))
     return out
+
+
+TIED_KEY = "tok_embeddings"  # DeepSpeed's key for the embedding the first and last stages share
 
 
 def _meta_model(cfg: ModelConfig, state: ParallelState) -> nn.Module:
@@ -89,16 +101,18 @@ def _materialise(part: nn.Module, seed: int, key: str, state: ParallelState) -> 
     return real
 
 
-def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, state: ParallelState):
+def _spec(stage: type, args: Dict[str, Any], keys: Dict[int, str], seed: int, state: ParallelState,
+          tied: bool = False):
     """A DeepSpeed layer spec whose parts are allocated and initialised only when DeepSpeed builds
-    it: on the stage that owns it (and, to balance stages by parameters, one at a time to count)."""
-    from deepspeed.pipe import LayerSpec
+    it: on the stage that owns it (and, to balance stages by parameters, one at a time to count).
+    ``tied``: a layer holding the shared token embedding (see the module docstring)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     def build(log=False):
         return stage(**{k: _materialise(v, seed, keys[id(v)], state) if id(v) in keys else v
                         for k, v in args.items()})
 
-    spec = LayerSpec(stage)
+    spec = TiedLayerSpec(TIED_KEY, stage, tied_weight_attr=["tok_embeddings.weight"]) if tied else LayerSpec(stage)
     spec.build = build
     return spec
 
@@ -147,12 +161,27 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, sta
     model = _meta_model(cfg, state)
     keys = {id(part): key for part, key in model.init_parts()}
     layers = _layers(model)
-    specs = [_spec(stage, args, keys, seed, state) for stage, args in layers]
+    tied = cfg.tie_embeddings
+    specs = [_spec(stage, args, keys, seed, state, tied=tied and i in (0, len(layers) - 1))
+             for i, (stage, args) in enumerate(layers)]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
-    return _staged_pipeline_module()(layers=specs, bounds=_stage_bounds(layers, stage_layers),
-                                     loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
-                                     topology=topology)
+    module = _staged_pipeline_module()(layers=specs, bounds=_stage_bounds(layers, stage_layers),
+                                       loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
+                                       topology=topology)
+    _only_tied_weights_replicated(module)
+    return module
+
+
+def _only_tied_weights_replicated(module) -> None:
+    """DeepSpeed marks every parameter of a later stage's tied layer ``ds_pipe_replicated`` (left
+    out of the gradient norm, and of our layout-free save); the last stage's head layer also holds
+    the final norm, which is its own: only the tied weight is a copy."""
+    for comm in module.tied_comms.values():
+        tied = {id(module._recursive_getattr(comm["module"], attr)) for attr in comm["weight_attr"]}
+        for p in comm["module"].parameters():
+            if getattr(p, "ds_pipe_replicated", False) and id(p) not in tied:
+                p.ds_pipe_replicated = False
 
 
 def stage_parameters(model: nn.Module, stage_layers: Sequence[int]) -> List[Dict[str, nn.Parameter]]:
@@ -165,7 +194,7 @@ def stage_parameters(model: nn.Module, stage_layers: Sequence[int]) -> List[Dict
 
 
 def stage_of_parameters(cfg: ModelConfig, stage_layers: Sequence[int]) -> Dict[str, int]:
-    """Canonical name -> the first pipeline stage that holds it."""
+    """Canonical name -> the first pipeline stage that holds it (a tied embedding: the first)."""
     out: Dict[str, int] = {}
     for stage, params in enumerate(stage_parameters(_meta_model(cfg, ParallelState()), stage_layers)):
         for name in params:

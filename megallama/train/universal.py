@@ -5,7 +5,9 @@ ranks). Beside it every save writes this form: each (pipeline stage, TP rank) pa
 rank 0 writes its TP shard of every parameter, un-partitioned over ZeRO (DeepSpeed's
 ``safe_get_full_*`` collectives), under the name the TP=1 unpipelined model uses, with each
 parameter's TP split recorded. Any other layout rebuilds its own shards from these files, so
-training resumes at a new TP/PP/DP/ZeRO layout with optimizer state intact.
+training resumes at a new TP/PP/DP/ZeRO layout with optimizer state intact. A vocabulary padded
+for TP is stored without its padding (``pad_multiple`` in the split: re-padded for the reader's
+TP); a tied embedding is stored once, by the first pipeline stage.
 """
 from __future__ import annotations
 
@@ -19,33 +21,39 @@ import torch.distributed as dist
 
 from megallama.errors import UserError
 from megallama.parallel import ParallelState
-from megallama.parallel.layers import merge_tp_shards, param_shard, tp_pieces
+from megallama.config.layout_rules import padded_vocab
+from megallama.parallel.layers import logical_shape, merge_tp_shards, param_shard, tp_pieces
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def canonical_params(module: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+def canonical_params(module: torch.nn.Module, saving: bool = False) -> List[Tuple[str, torch.nn.Parameter]]:
     """``(name in the TP=1 unpipelined model, parameter)`` for this rank's parameters. A pipeline
     stage's layers hold the model's parts under their canonical names (``train/pipeline.py``);
-    only DeepSpeed's layer index sits above them."""
+    only DeepSpeed's layer index sits above them. ``saving``: without a later stage's copy of a
+    tied weight (DeepSpeed marks it ``ds_pipe_replicated``), so it is written once."""
     from deepspeed.pipe import PipelineModule
 
     if isinstance(module, PipelineModule):
-        return [(name, p) for layer in module.forward_funcs for name, p in layer.named_parameters()]
+        return [(name, p) for layer in module.forward_funcs for name, p in layer.named_parameters()
+                if not (saving and getattr(p, "ds_pipe_replicated", False))]
     return list(module.named_parameters())
 
 
 def _split_info(p) -> Dict:
     if getattr(p, "tensor_model_parallel", False):
         heads = getattr(p, "tp_fused_heads", None)
-        return {"split_dim": p.tp_split_dim, "fused_sizes": list(p.tp_fused_sizes),
+        info = {"split_dim": p.tp_split_dim, "fused_sizes": list(p.tp_fused_sizes),
                 "fused_heads": list(heads) if heads else None}
+        if getattr(p, "tp_pad_multiple", None):  # absent unless padded: older indexes stay valid
+            info["pad_multiple"] = p.tp_pad_multiple
+        return info
     return {"split_dim": None, "fused_sizes": None, "fused_heads": None}
 
 
 def _stored(local: torch.Tensor, info: Dict, tp: int, rank: int) -> torch.Tensor:
     """What this TP rank writes of its shard: the blocks of heads it is the first to hold."""
-    if info["split_dim"] is None or not info["fused_heads"]:
+    if info["split_dim"] is None or not info.get("fused_heads"):
         return local
     pieces = tp_pieces(info["fused_sizes"], info["fused_heads"], tp)
     blocks = torch.split(local, [piece for piece, _ in pieces], dim=info["split_dim"])
@@ -79,7 +87,7 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, meta: Di
 
     relink_optimizer_fragments(engine)
     tensors, index = {}, {}
-    for name, p in canonical_params(module):
+    for name, p in canonical_params(module, saving=True):
         info = _split_info(p)
         tensors[name] = _stored(_full_over_dp(engine, p), info, state.tp, state.tp_rank)
         for key in MOMENTS:
@@ -110,7 +118,7 @@ def _expected(cfg) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Dict]]:
     with torch.device("meta"):
         model = build_model(cfg, ParallelState(), seed=None)
     params = dict(model.named_parameters())
-    return {n: tuple(p.shape) for n, p in params.items()}, {n: _split_info(p) for n, p in params.items()}
+    return {n: logical_shape(p) for n, p in params.items()}, {n: _split_info(p) for n, p in params.items()}
 
 
 def _shard_shape(full: Tuple[int, ...], info: Dict, tp: int, rank: int) -> Optional[Tuple[int, ...]]:
@@ -118,8 +126,13 @@ def _shard_shape(full: Tuple[int, ...], info: Dict, tp: int, rank: int) -> Optio
     if info["split_dim"] is None:
         return full
     dim = info["split_dim"]
+    if info.get("pad_multiple"):
+        parts = [padded_vocab(n, tp, info["pad_multiple"]) for n in info["fused_sizes"] or [full[dim]]]
+        if any(n % tp for n in parts):
+            return None
+        return full[:dim] + (sum(parts) // tp,) + full[dim + 1:]
     try:
-        pieces = tp_pieces(info["fused_sizes"] or [full[dim]], info["fused_heads"], tp)
+        pieces = tp_pieces(info["fused_sizes"] or [full[dim]], info.get("fused_heads"), tp)
     except ValueError:
         return None
     return full[:dim] + (sum(piece for piece, rep in pieces if rank % rep == 0),) + full[dim + 1:]
@@ -202,7 +215,7 @@ class UniversalReader:
         if info["split_dim"] is None:
             return self._get(paths[0], tensor_name)
         return merge_tp_shards([self._get(p, tensor_name) for p in paths], info["split_dim"], info["fused_sizes"],
-                               info["fused_heads"], owned=True)
+                               fused_heads=info.get("fused_heads"), owned=True, pad_multiple=info.get("pad_multiple"))
 
 
 def local_shard(reader: UniversalReader, name: str, p, state: ParallelState, key: str = None) -> torch.Tensor:
