@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 
 from megallama.checkpoint.safe_read import check_fits_memory, check_shipped, read_json
-from megallama.checkpoint.streaming import (DEFAULT_SHARD_SIZE, Lazy, Tensorish, cat, materialize, nbytes,
+from megallama.checkpoint.streaming import (DEFAULT_SHARD_SIZE, Lazy, Tensorish, cat, equal, materialize, nbytes,
                                             open_safetensors, parse_size, plan_shards, write_safetensors)
 from megallama.config import ConfigError, ModelConfig
 from megallama.config.schema import RopeScaling
@@ -229,7 +229,7 @@ def state_from_hf(tensors: State, cfg: ModelConfig, where: str) -> Dict[str, Ten
     out = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
     if not cfg.tie_embeddings:
         out["output.weight"] = take("lm_head.weight")
-    elif "lm_head.weight" in src and not torch.equal(src.pop("lm_head.weight"), out["tok_embeddings.weight"]):
+    elif "lm_head.weight" in src and not equal(src.pop("lm_head.weight"), out["tok_embeddings.weight"]):
         raise UserError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
                         "model.embed_tokens.weight")
     for i in range(cfg.n_layers):

@@ -72,6 +72,16 @@ def materialize(t: Tensorish) -> torch.Tensor:
     return t.load() if isinstance(t, Lazy) else t
 
 
+def equal(a: Tensorish, b: Tensorish, block_rows: int = 4096) -> bool:
+    """``torch.equal`` a block of rows at a time (two lazy tensors are never both read whole)."""
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    a, b = _as_lazy(a), _as_lazy(b)
+    rows = a.shape[0] if a.shape else 1
+    return all(torch.equal(a.rows(i, min(i + block_rows, rows)).load(), b.rows(i, min(i + block_rows, rows)).load())
+               for i in range(0, rows, block_rows))
+
+
 def _as_lazy(t: Tensorish) -> Lazy:
     return t if isinstance(t, Lazy) else Lazy(t.shape, t.dtype, lambda a, b: t[a:b])
 
