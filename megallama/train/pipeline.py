@@ -7,6 +7,10 @@ shares the model's one RoPE table. A layer is allocated and initialised from the
 seed only on the stage that owns it, so a PP=2 run starts from exactly the PP=1 weights.
 DeepSpeed files each layer under its index (``N.`` in parameter names, ``layer_NN`` files);
 the names under that index are the model's own.
+
+Packed documents (``data.document_mask``) enter as ``(tokens, document ids[, positions])`` and
+every stage passes the integer tensors on beside the activations (DeepSpeed sends tuples; only
+floating-point members carry gradients), so each block builds its document mask where it runs.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from torch import nn
 
 from megallama.config import ModelConfig
 from megallama.model import build_model, causal_lm_loss
+from megallama.model.attention import build_mask
 from megallama.model.blocks import init_module, residual_dropout
 from megallama.parallel import ParallelState
 
@@ -29,8 +34,10 @@ class EmbeddingStage(nn.Module):
         super().__init__()
         self.tok_embeddings, self.dropout, self.parallel_state = tok_embeddings, dropout, state
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
+    def forward(self, tokens):
+        tokens, *documents = tokens if isinstance(tokens, tuple) else (tokens,)
+        h = residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
+        return (h, *documents) if documents else h
 
 
 class BlockStage(nn.Module):
@@ -41,9 +48,14 @@ class BlockStage(nn.Module):
         self.layers = nn.ModuleDict({str(block.layer_id): block})
         self.rope = rope  # the model's table, shared by every block (it holds no state)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h):
         (block,) = self.layers.values()
-        return block(h, self.rope)
+        if not isinstance(h, tuple):
+            return block(h, self.rope)
+        h, docs, *positions = h  # a mask per block: O(s^2) compares, small beside the attention itself
+        mask = build_mask(h.size(1), h.size(1), True, None, h.device, document_ids=docs)
+        rope = self.rope.at(positions[0]) if positions else self.rope
+        return (block(h, rope, mask), docs, *positions)
 
 
 class HeadStage(nn.Module):
@@ -54,8 +66,22 @@ class HeadStage(nn.Module):
         super().__init__()
         self.norm, self.output = norm, output
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h) -> torch.Tensor:
+        h = h[0] if isinstance(h, tuple) else h  # packed documents' ids end here
         return self.output(self.norm(h))
+
+
+class PipelineLoss:
+    """The last stage's loss: a micro-batch's token mean or, while a training step sets ``scale``
+    (:func:`megallama.train.step.token_weighting`), that mean times the micro-batch's valid labels
+    times ``scale``, so DeepSpeed's mean over micro-batches and DP is the global batch's token mean."""
+
+    def __init__(self, tp):
+        self.tp, self.scale = tp, None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = causal_lm_loss(logits, labels, self.tp)
+        return loss if self.scale is None else loss * ((labels != -100).sum() * self.scale)
 
 
 Layer = Tuple[type, Dict[str, Any]]
@@ -111,7 +137,7 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, par
     specs = [_spec(stage, args, keys, seed, state) for stage, args in _layers(model)]
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
-    return PipelineModule(layers=specs, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
+    return PipelineModule(layers=specs, loss_fn=PipelineLoss(tp),
                           topology=topology,
                           partition_method="parameters" if partition == "parameters" else "type:BlockStage")
 
