@@ -103,8 +103,6 @@ def _tp_documents(rank, world):
         grads = {n: gather_tp_tensor(p.grad, p, tp) for n, p in model.named_parameters()}
         with torch.no_grad():
             out[sp] = (model(tokens, document_ids=ids, position_ids=pos), model(tokens), loss.detach(), grads)
-    if rank:
-        return None
     ref = build_model(cfg, ParallelState(), seed=7)
     ref_loss, _ = fn(ref, rows)
     ref_loss.backward()
@@ -120,8 +118,18 @@ def _tp_documents(rank, world):
     return res
 
 
-def test_document_mask_under_tensor_and_sequence_parallelism():
-    for sp, r in run_distributed(_tp_documents, 2).items():
+def _all_layouts(rank, world):
+    """One pair of processes for the three multi-rank checks (the spawn and imports cost the most)."""
+    return {"tp": _tp_documents(rank, world), "dp": _dp_step(rank, world), "pp": _pipeline_step(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    return run_distributed(_all_layouts, 2)
+
+
+def test_document_mask_under_tensor_and_sequence_parallelism(layouts):
+    for sp, r in layouts["tp"].items():
         assert r["logit_err"] < 1e-5 and r["loss_err"] < 1e-5 and r["grad_err"] < 1e-4, (sp, r)
         assert r["unmasked_err"] > 1e-2, (sp, r)  # the comparison can fail
 
@@ -191,7 +199,60 @@ def _dp_step(rank, world):
     return out
 
 
-def test_the_step_takes_the_token_mean_of_the_global_batch():
-    r = run_distributed(_dp_step, 2)
+def test_the_step_takes_the_token_mean_of_the_global_batch(layouts):
+    r = layouts["dp"]
     assert r["global"]["grad_err"] < 1e-5 and r["global"]["loss_err"] < 1e-5, r
     assert r["per_micro_batch"]["grad_err"] > 1e-1 and r["per_micro_batch"]["loss_err"] > 1e-3, r
+
+
+def _pipeline_step(rank, world):
+    import tempfile
+
+    import torch.distributed as dist
+
+    from megallama.config import ModelConfig, RunConfig
+    from megallama.model import build_model
+    from megallama.parallel import ParallelState
+    from megallama.train.runtime import start
+    from megallama.train.step import train_step
+    from megallama.train.universal import canonical_params
+
+    seq, micro = 16, 2
+    cfg = RunConfig(run_dir=tempfile.mkdtemp(), model=ModelConfig.preset("tiny"), parallel={"pp": world},
+                    deepspeed={"zero_optimization": {"stage": 0}},
+                    data={"document_mask": True, "reset_position_ids": True},
+                    train={"seq_len": seq, "micro_batch_size": micro, "global_batch_size": 8, "seed": 3,
+                           "lr": 0.0})  # weights stay put: both weightings meet the same reference
+    rt = start(cfg)
+    rt.build()
+    rows = _global_rows(cfg.model.vocab_size, seq)
+    ref = build_model(cfg.model, ParallelState(), seed=3)  # each stage checks its own parameters
+    tokens, labels, ids, pos = rt.loss_fn.parts(torch.stack(rows))
+    ref_loss = ref(tokens, labels=labels, document_ids=ids, position_ids=pos)
+    ref_loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    grads, take_step = {}, rt.engine._take_model_step
+
+    def snapshot(*args, **kwargs):  # the stage's gradients, before the optimizer consumes them
+        grads.update({n: p.grad.clone() for n, p in canonical_params(rt.module)})
+        return take_step(*args, **kwargs)
+
+    rt.engine._take_model_step = snapshot
+    mine = [torch.stack(rows[m * micro:][:micro]) for m in range(rt.accum)]
+    out = {}
+    for mode in ("global", "per_micro_batch"):
+        if mode == "per_micro_batch":  # the old weighting: a loss without counts, each micro-batch's mean
+            fn = rt.loss_fn
+            rt.loss_fn = type("Uncounted", (), {"pipeline_inputs": staticmethod(fn.pipeline_inputs)})()
+        loss = train_step(rt, iter(mine)).item()
+        err = torch.tensor(max(((g - ref_grads[n].grad).abs().max() / ref_grads[n].grad.abs().max()).item()
+                               for n, g in grads.items()))
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)  # over both stages
+        out[mode] = dict(loss_err=abs(loss - ref_loss.item()), grad_err=err.item(), names=len(grads))
+    return out
+
+
+def test_document_rows_travel_through_the_pipeline_stages(layouts):
+    r = layouts["pp"]
+    assert r["global"]["loss_err"] < 1e-5 and r["global"]["grad_err"] < 1e-5 and r["global"]["names"] > 3, r
+    assert r["per_micro_batch"]["loss_err"] > 1e-3 and r["per_micro_batch"]["grad_err"] > 1e-1, r
