@@ -256,3 +256,18 @@ def test_document_rows_travel_through_the_pipeline_stages(layouts):
     r = layouts["pp"]
     assert r["global"]["loss_err"] < 1e-5 and r["global"]["grad_err"] < 1e-5 and r["global"]["names"] > 3, r
     assert r["per_micro_batch"]["loss_err"] > 1e-3 and r["per_micro_batch"]["grad_err"] > 1e-1, r
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["data.reset_position_ids=true"], "data.reset_position_ids"),
+    (["data.document_mask=true", "model.arch=encoder_decoder"], "data.document_mask"),
+])
+def test_document_settings_that_cannot_work_are_one_line(overrides, field):
+    from megallama.config import load_run_config
+    from megallama.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_run_config(data={"model": {"preset": "tiny-encdec"} if "encoder" in overrides[-1] else {"preset": "tiny"},
+                              "train": {"seq_len": 32}}, overrides=overrides).check_layout(1)
+    msg = str(err.value)
+    assert msg.startswith(field + ":") and "\n" not in msg, msg

@@ -53,7 +53,8 @@ class BlockStage(nn.Module):
         if not isinstance(h, tuple):
             return block(h, self.rope)
         h, docs, *positions = h  # a mask per block: O(s^2) compares, small beside the attention itself
-        mask = build_mask(h.size(1), h.size(1), True, None, h.device, document_ids=docs)
+        seq = docs.size(1)  # the whole sequence (h holds 1/tp of it under sequence parallelism)
+        mask = build_mask(seq, seq, True, None, h.device, document_ids=docs)
         rope = self.rope.at(positions[0]) if positions else self.rope
         return (block(h, rope, mask), docs, *positions)
 

@@ -108,27 +108,29 @@ def token_weighting(rt, rows: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor
 
 def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
     """One optimizer step of ``rt.engine`` over ``rt.accum`` micro-batches from ``batches`` (on
-    the device; a pipeline's first and last stages take them inside DeepSpeed's schedule), its
-    loss the token mean of the whole global batch (:func:`token_weighting`). Returns this rank's
+    the device; every pipeline stage draws them, so ranks agree on the data position, and
+    DeepSpeed's schedule feeds them to the first and last), its loss the token mean of the whole
+    global batch (:func:`token_weighting`). Returns this rank's
     loss, whose mean over DP is the global batch's (the pipeline's is already that mean, on
     every stage)."""
     rt.step += 1
     hooks.step_begin(rt)
     engine = rt.engine
-    rows = [next(batches) for _ in range(rt.accum)]
     if rt.pipeline:
         loss_fn = rt.module.loss_fn  # the last stage's: weights each micro-batch by its count x scale
-        weighting = token_weighting(rt, rows) if engine.is_last_stage() else None
-        loss_fn.scale = weighting[1] if weighting else None
-        try:
-            with hooks.pipeline(engine), hooks.phase("step"):
+        with hooks.pipeline(engine), hooks.phase("step"):
+            rows = [next(batches) for _ in range(rt.accum)]
+            weighting = token_weighting(rt, rows) if engine.is_last_stage() else None
+            loss_fn.scale = weighting[1] if weighting else None
+            try:
                 loss = engine.train_batch(data_iter=map(rt.loss_fn.pipeline_inputs, rows))
-        finally:
-            loss_fn.scale = None  # evaluation takes plain micro-batch means
+            finally:
+                loss_fn.scale = None  # evaluation takes plain micro-batch means
     else:
-        weighting = token_weighting(rt, rows)
         losses = []
         with hooks.phase("step"):
+            rows = [next(batches) for _ in range(rt.accum)]  # every count is needed before the first backward
+            weighting = token_weighting(rt, rows)
             for m, batch in enumerate(rows):
                 with hooks.phase("forward"):
                     loss, _ = rt.loss_fn(engine, batch)
@@ -146,8 +148,8 @@ def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
 
 
 def step_loss(rt, loss: torch.Tensor) -> float:
-    """A step's loss as every rank reports it: the mean over data-parallel ranks (the pipeline
-    engine has already taken it)."""
+    """A step's loss as every rank reports it: the mean over data-parallel ranks, which is the
+    global batch's token mean (the pipeline engine has already taken it)."""
     if rt.pipeline or rt.state.dp == 1:
         return loss.item()
     loss = loss.detach().float().clone()
