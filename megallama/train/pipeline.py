@@ -25,6 +25,7 @@ from megallama.model import build_model, causal_lm_loss
 from megallama.model.attention import build_mask
 from megallama.model.blocks import init_module, residual_dropout
 from megallama.parallel import ParallelState
+from megallama.train.step import IGNORE
 
 
 class EmbeddingStage(nn.Module):
@@ -82,7 +83,7 @@ class PipelineLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = causal_lm_loss(logits, labels, self.tp)
-        return loss if self.scale is None else loss * ((labels != -100).sum() * self.scale)
+        return loss if self.scale is None else loss * ((labels != IGNORE).sum() * self.scale)
 
 
 Layer = Tuple[type, Dict[str, Any]]

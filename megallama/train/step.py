@@ -29,10 +29,17 @@ class DecoderLoss:
     document_mask: bool = False
     reset_positions: bool = False
 
+    @property
+    def counts_vary(self) -> bool:
+        """Whether micro-batches may count different labels (plain rows ignore none)."""
+        return self.document_mask
+
     def parts(self, rows: torch.Tensor):
         """``(tokens, labels, document ids or None, positions or None)``."""
         if rows.dim() == 2:
             return rows[:, :-1], rows[:, 1:], None, None
+        if not self.document_mask:  # the weighting trusts counts_vary
+            raise ValueError("rows with document ids need DecoderLoss(document_mask=True)")
         tokens, docs = rows[:, 0], rows[:, 1]
         labels = tokens[:, 1:].masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE)
         docs = docs[:, :-1]
@@ -66,6 +73,7 @@ class DecoderLoss:
 @dataclass(frozen=True)
 class Seq2SeqLoss:
     seq_len: int  # the encoder length
+    counts_vary = True  # targets are padded with ignored labels
 
     def _batch(self, rows: torch.Tensor):
         from megallama.data.seq2seq import split_batch
@@ -94,12 +102,12 @@ def token_weighting(rt, rows: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor
     the whole global batch (summed here and over DP). DeepSpeed divides each backward by ``accum``
     and averages gradients over DP, so a micro-batch's mean loss times ``count x scale`` makes the
     step's gradient, and the DP mean of the loss it reports, those of the global batch's token
-    mean: a micro-batch of mostly ignored labels no longer weighs as much as a full one. None for
-    a loss without counts (one label per example, e.g. classification): equal weights."""
-    count = getattr(rt.loss_fn, "count", None)
-    if count is None:
+    mean: a micro-batch of mostly ignored labels no longer weighs as much as a full one. None
+    (equal weights, no collective) where every micro-batch counts the same: plain packed rows, or
+    one label per example (classification)."""
+    if not getattr(rt.loss_fn, "counts_vary", False):
         return None
-    counts = torch.stack([count(r) for r in rows]).float()
+    counts = torch.stack([rt.loss_fn.count(r) for r in rows]).float()
     total = counts.sum()
     if rt.state.dp > 1:
         dist.all_reduce(total, group=rt.state.dp_group)
