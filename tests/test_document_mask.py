@@ -172,8 +172,8 @@ def _dp_step(rank, world):
     from megallama.train.step import step_loss, train_step
 
     seq, micro, accum = 16, 2, 2
-    cfg = RunConfig(run_dir=tempfile.mkdtemp(), model=ModelConfig.preset("tiny"), deepspeed={"zero_optimization": {"stage": 0}},
-                    data={"document_mask": True},
+    cfg = RunConfig(run_dir=tempfile.mkdtemp(), model=ModelConfig.preset("tiny"),
+                    deepspeed={"zero_optimization": {"stage": 0}}, data={"document_mask": True},
                     train={"seq_len": seq, "micro_batch_size": micro, "global_batch_size": micro * accum * world,
                            "seed": 3, "lr": 1e-3})
     rt = start(cfg)
