@@ -358,6 +358,10 @@ class DataConfig(_Strict):
     embedded_max_files: Int = _int(400, ge=-MAX_SIZE)  # stdlib files taken for the embedded corpus
     cache_dir: Optional[str] = None  # tokenizer/corpus/validation caches; None: RUN_DIR/data
     shuffle: bool = True  # seeded per-epoch document order and sample order (Megatron's), from train.seed
+    # packed documents attend only within themselves (block-diagonal causal mask; a document's last
+    # token is not trained to predict the next document's first), as Llama 3 trained
+    document_mask: bool = False
+    reset_position_ids: bool = False  # RoPE positions restart at each document (needs document_mask)
 
     @field_validator("split")
     @classmethod
@@ -384,6 +388,13 @@ class DataConfig(_Strict):
         if value < 1:
             raise ValueError("expected a positive number of files")
         return value
+
+    @model_validator(mode="after")
+    def _documents(self) -> "DataConfig":
+        if self.reset_position_ids and not self.document_mask:
+            raise ConfigError("data.reset_position_ids: needs data.document_mask: true (positions restart "
+                              "where attention is cut, at each document)")
+        return self
 
 
 class CheckpointConfig(_Strict):
@@ -422,6 +433,9 @@ class RunConfig(_Strict):
         :mod:`megallama.config.layout_rules`; its ZeRO ones run where the DeepSpeed section is read."""
         m, p, t = self.model, self.parallel, self.train
         m.check()
+        if self.data.document_mask and m.arch == "encoder_decoder":
+            raise ConfigError("data.document_mask: packs decoder-only samples; an encoder-decoder's rows are "
+                              "one source and one target each (set it false)")
         ac = t.activation_checkpointing
         problem = (rules.positive_problem("tp", p.tp) or rules.positive_problem("pp", p.pp)
                    or rules.layout_problem(m.shape, p.tp, p.pp, p.sequence_parallel, t.seq_len)

@@ -7,6 +7,10 @@ With a seed, each epoch lays the documents out in its own order and then serves 
 samples in a shuffled order (Megatron's document and shuffle indices), so the dataset's order is
 final: samplers read it front to back, which keeps every cache here sequential. Indices past
 ``len()`` continue into later epochs: ``ds[e * len(ds) + i]`` is sample i of epoch e.
+
+With ``documents=True`` a sample is ``[2, seq_len + 1]``: its tokens and, under them, which
+document of the sample each token comes from (0, 1, ... in order), read off the index's
+document boundaries, for document-aware attention (``data.document_mask``).
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ class PackedDataset:
     final_order = True  # already in training order: samplers must not shuffle it again
 
     def __init__(self, tokens: IndexedTokens, docs: Tuple[int, int], seq_len: int,
-                 seed: Optional[Sequence[int]] = None, name: str = ""):
-        self.tokens, self.seq_len, self.seed = tokens, int(seq_len), seed
+                 seed: Optional[Sequence[int]] = None, name: str = "", documents: bool = False):
+        self.tokens, self.seq_len, self.seed, self.documents = tokens, int(seq_len), seed, documents
         self.first, self.last = docs
         self.name = name or f"{tokens.prefix}[{self.first}:{self.last}]"
         starts = tokens.doc_offsets[self.first:self.last]
@@ -90,18 +94,20 @@ class PackedDataset:
         order, cum, samples = self._layout(epoch)
         if samples is not None:
             i = int(samples[i])
-        out = np.empty(self.seq_len + 1, np.int64)
+        out = np.zeros((1 + self.documents, self.seq_len + 1), np.int64)  # tokens; the document of each
         pos, end = i * self.seq_len, i * self.seq_len + self.seq_len + 1
         k = int(np.searchsorted(cum, pos, side="right")) - 1
-        filled = 0
-        while filled < len(out):
+        filled, part = 0, 0
+        while filled < out.shape[1]:
             doc = order[k]
             lo = pos - cum[k]
             take = min(int(self._doc_len[doc] - lo), end - pos)
             start = self._doc_start[doc] + lo
-            out[filled:filled + take] = self.tokens.tokens[start:start + take]
-            filled, pos, k = filled + take, pos + take, k + 1
-        return out
+            out[0, filled:filled + take] = self.tokens.tokens[start:start + take]
+            if self.documents:
+                out[1, filled:filled + take] = part
+            filled, pos, k, part = filled + take, pos + take, k + 1, part + (take > 0)
+        return out if self.documents else out[0]
 
     def __iter__(self):
         """One epoch (indexing alone never ends)."""

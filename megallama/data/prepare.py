@@ -99,8 +99,9 @@ def _file_id(path: str) -> List[int]:
 
 
 def build_datasets(cfg, art: DataArtifacts) -> Tuple[object, object, object]:
-    """(train, valid, test): packed, blended datasets of ``seq_len + 1``-token samples (an
-    encoder-decoder's rows instead: :mod:`megallama.data.seq2seq`).
+    """(train, valid, test): packed, blended datasets of ``seq_len + 1``-token samples, with their
+    document ids under ``data.document_mask`` (an encoder-decoder's rows instead:
+    :mod:`megallama.data.seq2seq`).
 
     Valid or test may be empty (``len() == 0``) when the split gives them too few tokens; train
     may not. Every prefix is split by documents with ``data.split``, then the prefixes blend.
@@ -116,7 +117,8 @@ def build_datasets(cfg, art: DataArtifacts) -> Tuple[object, object, object]:
         ids = IndexedTokens(prefix)
         for s, docs in enumerate(split_ranges(len(ids), cfg.data.split)):
             ds = PackedDataset(ids, docs, seq_len, seed=(seed, p, s) if shuffle else None,
-                               name=f"{prefix} ({SPLITS[s]} split, documents {docs[0]}:{docs[1]})")
+                               name=f"{prefix} ({SPLITS[s]} split, documents {docs[0]}:{docs[1]})",
+                               documents=cfg.data.document_mask)
             parts[s].append((ds, weight))
     return _combine(parts, cfg)
 

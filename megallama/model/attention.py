@@ -21,15 +21,22 @@ from megallama.parallel.random import checkpoint
 
 
 def build_mask(q_len: int, k_len: int, causal: bool, key_padding: Optional[torch.Tensor],
-               device, self_attention: bool = True) -> Optional[torch.Tensor]:
-    """Boolean ``[b|1, 1, q, k]`` mask (True = attend), or None when plain causal suffices."""
-    if key_padding is None:
+               device, self_attention: bool = True,
+               document_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Boolean ``[b|1, 1, q, k]`` mask (True = attend), or None when plain causal suffices.
+    ``document_ids [b, s]`` (self-attention over a whole packed sequence): each query sees only
+    its own document, so the mask is block-diagonal."""
+    if key_padding is None and document_ids is None:
         if not causal or q_len == k_len:
             return None
     keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         keep = keep.tril(k_len - q_len)
     keep = keep[None, None]
+    if document_ids is not None:
+        if document_ids.shape[1:] != (q_len,) or q_len != k_len:
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must cover all {q_len} queries and keys")
+        keep = keep & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     if key_padding is not None:
         keep = keep & key_padding.bool()[:, None, None, :]
     if key_padding is not None and self_attention:

@@ -96,12 +96,16 @@ class LlamaDecoder(nn.Module):
             init_module(part, seed, key)
 
     def hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                      start_pos: int = 0, kv_caches=None) -> torch.Tensor:
+                      start_pos: int = 0, kv_caches=None, document_ids: Optional[torch.Tensor] = None,
+                      position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``document_ids``/``position_ids [b, s]``: packed documents attend within themselves, at
+        the given RoPE positions (training rows: no ``start_pos``, no caches)."""
         h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training, self.parallel_state)
         seq = tokens.size(1)
-        mask = build_mask(seq, start_pos + seq, True, attention_mask, tokens.device)
+        mask = build_mask(seq, start_pos + seq, True, attention_mask, tokens.device, document_ids=document_ids)
+        rope = self.rope if position_ids is None else self.rope.at(position_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope, mask, start_pos=start_pos, kv_cache=kv_caches[i] if kv_caches else None)
+            h = layer(h, rope, mask, start_pos=start_pos, kv_cache=kv_caches[i] if kv_caches else None)
         return self.norm(h)
 
 
@@ -113,8 +117,10 @@ class LlamaForCausalLM(LlamaDecoder):
         self._build_lm_head(cfg, kw)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, start_pos: int = 0, kv_caches=None):
-        logits = self.lm_logits(self.hidden_states(tokens, attention_mask, start_pos, kv_caches))
+                attention_mask: Optional[torch.Tensor] = None, start_pos: int = 0, kv_caches=None,
+                document_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None):
+        logits = self.lm_logits(self.hidden_states(tokens, attention_mask, start_pos, kv_caches, document_ids,
+                                                   position_ids))
         tp = self.parallel_state.tensor_parallel
         if labels is not None:
             return causal_lm_loss(logits, labels, tp)

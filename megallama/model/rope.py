@@ -101,3 +101,33 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"sequence end {start_pos + seq} exceeds max_seq_len={self.max_seq_len}")
         cos, sin = self._tables(x.dtype, x.device)
         return apply_rotary(x, cos[start_pos:start_pos + seq, None], sin[start_pos:start_pos + seq, None])
+
+    def at(self, positions: torch.Tensor) -> "PositionedRotary":
+        """This table at explicit per-token ``positions [b, s]`` (packed documents restarting at 0),
+        called as the table is; the default path (``start_pos``) stays a slice."""
+        return PositionedRotary(self, positions)
+
+
+class PositionedRotary:
+    """``rope(x)`` at given positions: gathered table rows instead of a slice."""
+
+    def __init__(self, rope: RotaryEmbedding, positions: torch.Tensor):
+        self.rope, self.positions = rope, positions
+
+    def __call__(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        if start_pos or self.positions.shape != x.shape[:2]:
+            raise ValueError(f"positions {tuple(self.positions.shape)} must cover x {tuple(x.shape[:2])} from 0")
+        if x.size(1) > self.rope.max_seq_len:  # positions within a sequence stay below its length
+            raise ValueError(f"sequence length {x.size(1)} exceeds max_seq_len={self.rope.max_seq_len}")
+        cos, sin = self.rope._tables(x.dtype, x.device)
+        return apply_rotary(x, cos[self.positions].unsqueeze(2), sin[self.positions].unsqueeze(2))
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's offset from the start of its document in ``document_ids [b, s]`` (ids change
+    exactly where a new document starts)."""
+    b, s = document_ids.shape
+    index = torch.arange(s, device=document_ids.device).expand(b, s)
+    starts = torch.zeros_like(index)
+    starts[:, 1:] = torch.where(document_ids[:, 1:] != document_ids[:, :-1], index[:, 1:], 0)
+    return index - starts.cummax(dim=1).values

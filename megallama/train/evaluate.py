@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from megallama.train.step import LossFn, decoder_loss
+from megallama.train.step import DecoderLoss, LossFn
 
 
 def _batches(indices, size):
@@ -17,7 +18,7 @@ def _batches(indices, size):
 
 @torch.no_grad()
 def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Optional[int] = None,
-               loss_fn: LossFn = decoder_loss) -> Dict:
+               loss_fn: LossFn = DecoderLoss()) -> Dict:
     """Token-weighted mean loss and its exponential. Each DP rank takes every dp-th sample, so
     the result is the same at any layout (up to float summation order)."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
@@ -40,8 +41,10 @@ def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Opt
 
 
 @torch.no_grad()
-def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, batches: int) -> Dict:
-    """Mean loss of ``batches`` pipeline eval batches (DeepSpeed's ``eval_batch``)."""
+def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, batches: int,
+                  loss_fn: DecoderLoss = DecoderLoss()) -> Dict:
+    """Mean loss of ``batches`` pipeline eval batches (DeepSpeed's ``eval_batch``: the mean of
+    micro-batch means); ``loss_fn`` turns rows into the pipeline's inputs."""
     per_batch = micro_batch * accum * state.dp
     usable = min(batches, len(dataset) // per_batch)
     if usable == 0:
@@ -52,12 +55,12 @@ def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, 
             for m in range(accum):
                 start = b * per_batch + (m * state.dp + state.dp_rank) * micro_batch
                 t = torch.stack([torch.as_tensor(dataset[i]) for i in range(start, start + micro_batch)]).to(device)
-                yield t[:, :-1], t[:, 1:]
+                yield loss_fn.pipeline_inputs(t)
 
     it = micro_batches()
     # the count said outright: under train.rampup_batch_size the engine's own is the ramp's of the moment
     losses = [engine.eval_batch(it, num_micro_batches=accum).item() for _ in range(usable)]
     loss = sum(losses) / len(losses)
-    seq = len(dataset[0]) - 1
+    seq = np.shape(dataset[0])[-1] - 1
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": usable * per_batch * seq,
             "samples": usable * per_batch}

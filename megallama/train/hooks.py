@@ -32,7 +32,7 @@ class Hooks:
         return loss
 
     def step_end(self, rt, loss: torch.Tensor) -> None:
-        """After the optimizer step; ``loss``: this rank's mean over its micro-batches."""
+        """After the optimizer step; ``loss``: this rank's, whose DP mean is the step's loss."""
 
     def before_commit(self, step: int) -> None:
         """A checkpoint's files are written; its manifest and the ``latest`` pointer are not yet."""

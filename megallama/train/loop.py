@@ -44,7 +44,7 @@ def _evaluate(rt: Runtime, dataset, iters: int) -> Dict[str, Any]:
 
     b = rt.batch
     if rt.pipeline:
-        return pipeline_loss(rt.engine, dataset, b.micro, b.accum, rt.state, rt.device, iters)
+        return pipeline_loss(rt.engine, dataset, b.micro, b.accum, rt.state, rt.device, iters, rt.loss_fn)
     return perplexity(rt.engine.module, dataset, b.micro, rt.device, rt.state, max_samples=iters * b.global_,
                       loss_fn=rt.loss_fn)
 

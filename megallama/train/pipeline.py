@@ -12,6 +12,10 @@ A tied model's first and last stages each hold the token embedding as DeepSpeed 
 key), so DeepSpeed broadcasts it from the first stage at start and all-reduces its gradients
 between the two; layout-free checkpoints keep the first stage's (the last stage's is marked
 ``ds_pipe_replicated``).
+
+Packed documents (``data.document_mask``) enter as ``(tokens, document ids[, positions])`` and
+every stage passes the integer tensors on beside the activations (DeepSpeed sends tuples; only
+floating-point members carry gradients), so each block builds its document mask where it runs.
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from torch import nn
 
 from megallama.config import ModelConfig
 from megallama.model import build_model, causal_lm_loss
+from megallama.model.attention import build_mask
 from megallama.model.blocks import init_module, residual_dropout
 from megallama.model.llama import lm_head_logits
 from megallama.parallel import ParallelState, VocabParallelEmbedding
+from megallama.train.step import IGNORE
 
 
 class EmbeddingStage(nn.Module):
@@ -36,8 +42,10 @@ class EmbeddingStage(nn.Module):
         super().__init__()
         self.tok_embeddings, self.dropout, self.parallel_state = tok_embeddings, dropout, state
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
+    def forward(self, tokens):
+        tokens, *documents = tokens if isinstance(tokens, tuple) else (tokens,)
+        h = residual_dropout(self.tok_embeddings(tokens), self.dropout, self.training, self.parallel_state)
+        return (h, *documents) if documents else h
 
 
 class BlockStage(nn.Module):
@@ -48,9 +56,15 @@ class BlockStage(nn.Module):
         self.layers = nn.ModuleDict({str(block.layer_id): block})
         self.rope = rope  # the model's table, shared by every block (it holds no state)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h):
         (block,) = self.layers.values()
-        return block(h, self.rope)
+        if not isinstance(h, tuple):
+            return block(h, self.rope)
+        h, docs, *positions = h  # a mask per block: O(s^2) compares, small beside the attention itself
+        seq = docs.size(1)  # the whole sequence (h holds 1/tp of it under sequence parallelism)
+        mask = build_mask(seq, seq, True, None, h.device, document_ids=docs)
+        rope = self.rope.at(positions[0]) if positions else self.rope
+        return (block(h, rope, mask), docs, *positions)
 
 
 class HeadStage(nn.Module):
@@ -63,9 +77,23 @@ class HeadStage(nn.Module):
         self.tied = isinstance(head, VocabParallelEmbedding)
         setattr(self, "tok_embeddings" if self.tied else "output", head)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h) -> torch.Tensor:
+        h = h[0] if isinstance(h, tuple) else h  # packed documents' ids end here
         head = self.tok_embeddings if self.tied else self.output
         return lm_head_logits(head, self.norm(h), self.vocab_size, self.tp)
+
+
+class PipelineLoss:
+    """The last stage's loss: a micro-batch's token mean or, while a training step sets ``scale``
+    (:func:`megallama.train.step.token_weighting`), that mean times the micro-batch's valid labels
+    times ``scale``, so DeepSpeed's mean over micro-batches and DP is the global batch's token mean."""
+
+    def __init__(self, tp):
+        self.tp, self.scale = tp, None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = causal_lm_loss(logits, labels, self.tp)
+        return loss if self.scale is None else loss * ((labels != IGNORE).sum() * self.scale)
 
 
 Layer = Tuple[type, Dict[str, Any]]
@@ -167,8 +195,7 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, seed: int, sta
     topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
     tp = state.tensor_parallel
     module = _staged_pipeline_module()(layers=specs, bounds=_stage_bounds(layers, stage_layers),
-                                       loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, tp),
-                                       topology=topology)
+                                       loss_fn=PipelineLoss(tp), topology=topology)
     _only_tied_weights_replicated(module)
     return module
 
