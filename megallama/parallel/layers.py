@@ -22,7 +22,7 @@ from megallama.parallel import mappings
 from megallama.parallel.state import ParallelState, TPGroup
 
 
-def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int],
+def _mark(param: nn.Parameter, split_dim: int, fused_sizes: Sequence[int], *,
           fused_heads: Optional[Sequence[int]] = None, pad_multiple: Optional[int] = None) -> None:
     param.tensor_model_parallel = True
     param.tp_split_dim = split_dim
@@ -198,11 +198,11 @@ class ColumnParallelLinear(_ParallelLinearBase):
         self.gather_output = gather_output
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, device=device, dtype=dtype))
-        _mark(self.weight, 0, self.fused_sizes, self.fused_heads, pad_multiple)
+        _mark(self.weight, 0, self.fused_sizes, fused_heads=self.fused_heads, pad_multiple=pad_multiple)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), device=device, dtype=dtype))
-            _mark(self.bias, 0, self.fused_sizes, self.fused_heads, pad_multiple)
+            _mark(self.bias, 0, self.fused_sizes, fused_heads=self.fused_heads, pad_multiple=pad_multiple)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.out_features, self.in_features), self.fused_sizes)
@@ -286,7 +286,7 @@ class VocabParallelEmbedding(_ParallelLinearBase):
         self.vocab_start = self.tp.rank * self.local_vocab
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(self.local_vocab, embedding_dim, device=device, dtype=dtype))
-        _mark(self.weight, 0, [num_embeddings], pad_multiple)
+        _mark(self.weight, 0, [num_embeddings], pad_multiple=pad_multiple)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         self._init_weight(generator, (self.num_embeddings, self.embedding_dim), [self.num_embeddings])
