@@ -125,12 +125,12 @@ def _numeric_fields(cls=RunConfig, prefix=""):
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from _numeric_fields(ann, f"{prefix}{name}.")
         elif "int" in str(ann) or "float" in str(ann):
-            yield f"{prefix}{name}", "int" in str(ann)
+            yield f"{prefix}{name}", "int" in str(ann), "List" in str(ann)
 
 
-@pytest.mark.parametrize("path,is_int", list(_numeric_fields()))
-def test_booleans_are_not_numbers_anywhere(path, is_int):
-    listed = path == "data.weights"   # a list of floats: its items are the numbers
+@pytest.mark.parametrize("path,is_int,listed", list(_numeric_fields()))
+def test_booleans_are_not_numbers_anywhere(path, is_int, listed):
+    # a list of numbers (data.weights, parallel.pipeline_layers): its items are the numbers
     msg = refused(data={"model": {"preset": "tiny"}}, overrides=[f"{path}={'[true]' if listed else 'true'}"])
     assert msg.startswith(f"{path}{'.0' if listed else ''}: "), msg
     assert ("valid integer" if is_int else "not a boolean") in msg and "(got True)" in msg, msg
