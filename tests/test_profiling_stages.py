@@ -165,8 +165,9 @@ def test_fewer_kv_heads_than_tp_ranks_replicate_one_head_per_rank():
     k = {t.name: t for t in layer_saved_tensors(spec, 1024, 1, 16)}["attn.k_rope"]
     assert k.numel == 1024 * hd                 # one whole head per rank, not half of one
     lay = Layout(tp=16, pp=1, dp=1)
-    kv = [c for c in collectives(spec, lay, 1024, 0) if c.group == "kv"]
-    assert len(kv) == 1 and kv[0].members == 2 and kv[0].payload_bytes == 126 * 2 * hd * d * 2
+    kv = {c.op: c for c in collectives(spec, lay, 1024, 0) if c.group == "kv"}  # per block and micro-batch
+    assert set(kv) == {"broadcast", "reduce"} and kv["reduce"].members == 2
+    assert kv["reduce"].payload_bytes == 2 * hd * d * 2 and kv["reduce"].calls == 126 * lay.grad_accum
     assert not [c for c in collectives(spec, lay.with_(tp=8), 1024, 0) if c.group == "kv"]
     # per rank the same states and FLOPs as a 16-KV-head model; but fewer of them are model FLOPs, and
     # the copies' gradients are summed
@@ -237,3 +238,17 @@ def test_the_split_bisects_per_stage_extra_as_the_listed_candidates_did():
     start = time.perf_counter()
     assert balanced_split(10 ** 9, 2, StageWeights(block=1.0, first=0.5, last=0.5)) == [5 * 10 ** 8] * 2
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_padded_vocabulary_is_costed_as_the_trainer_pads_it():
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.memory import params_per_rank
+
+    odd = ModelConfig.preset("tiny", vocab_size=2049)
+    with pytest.raises(Exception, match="pad_vocab_to_multiple_of"):
+        Layout(tp=2, pp=1, dp=1).check(ArchSpec.from_model_config(odd), 64)
+    spec = ArchSpec.from_model_config(ModelConfig.preset("tiny", vocab_size=2049, pad_vocab_to_multiple_of=8))
+    Layout(tp=2, pp=1, dp=1).check(spec, 64)                   # 2049 rows padded to 2064 over 2 ranks
+    assert spec.tp_view(2).vocab_size == 2064 and spec.tp_view(1).vocab_size == 2056
+    unpadded = spec.with_(pad_vocab_to_multiple_of=None, vocab_size=2064)
+    assert params_per_rank(spec, 2, 1) == params_per_rank(unpadded, 2, 1)

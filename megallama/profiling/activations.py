@@ -247,7 +247,7 @@ def last_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, s
     spec, n, t = as_spec(model), seq * mbs, tp
     r = tp if sp else 1
     lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
-    local_v = spec.vocab_size / t
+    local_v = spec.tp_view(t).vocab_size / t  # a padded vocabulary as TP pads it
     return _norm(spec, "final_norm", n, r, dtype_bytes, impl) + [
         SavedTensor("lm_head.input", lin_in, dtype_bytes),
         SavedTensor("loss.softmax (fp32)", n * local_v, STAT_BYTES),

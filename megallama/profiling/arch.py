@@ -26,7 +26,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from megallama.config.layout_rules import ModelShape
+from megallama.config.layout_rules import ModelShape, padded_vocab
 from megallama.config.swiglu import swiglu_hidden
 from megallama.errors import UserError, did_you_mean
 
@@ -49,6 +49,7 @@ class ArchSpec:
     dropout: float = 0.0
     bias: bool = False
     tied_embeddings: bool = False
+    pad_vocab_to_multiple_of: Optional[int] = None  # Megatron's make-vocab-size-divisible-by
     # encoder-decoder: one token embedding serves encoder and decoder inputs (T5-style)
     shared_enc_dec_embedding: bool = True
 
@@ -64,8 +65,11 @@ class ArchSpec:
         """The model as its TP ranks hold it: with fewer KV heads than ranks each head is
         replicated on the ranks whose queries use it (one KV head per rank, as Megatron does), so
         per rank the K/V width is ``max(1, kv_heads / tp)`` heads: counted here as ``max(kv, tp)``
-        heads split ``tp`` ways. Parameters, saved tensors and FLOPs per rank read this view."""
-        return self if self.kv_heads >= tp else replace(self, kv_heads=tp)
+        heads split ``tp`` ways; a padded vocabulary counts its padding. Parameters, saved tensors
+        and FLOPs per rank read this view."""
+        view = self if self.kv_heads >= tp else replace(self, kv_heads=tp)
+        vocab = padded_vocab(self.vocab_size, tp, self.pad_vocab_to_multiple_of)
+        return view if vocab == self.vocab_size else replace(view, vocab_size=vocab)
 
     @property
     def glu(self) -> bool:
@@ -85,7 +89,8 @@ class ArchSpec:
     def shape(self) -> ModelShape:
         """The dimensions the layout rules read."""
         return ModelShape(n_heads=self.n_heads, n_kv_heads=self.kv_heads, vocab_size=self.vocab_size,
-                          ffn_hidden_size=self.ffn_hidden, n_layers=self.n_layers, arch=self.arch)
+                          ffn_hidden_size=self.ffn_hidden, n_layers=self.n_layers, arch=self.arch,
+                          pad_vocab_to_multiple_of=self.pad_vocab_to_multiple_of)
 
     def with_(self, **changes: Any) -> "ArchSpec":
         return replace(self, **changes)
@@ -97,7 +102,8 @@ class ArchSpec:
                    n_encoder_layers=cfg.encoder_layers if cfg.arch == "encoder_decoder" else 0,
                    n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, ffn_hidden=cfg.ffn_hidden_size,
                    vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout,
-                   tied_embeddings=bool(getattr(cfg, "tie_embeddings", False)))
+                   tied_embeddings=bool(getattr(cfg, "tie_embeddings", False)),
+                   pad_vocab_to_multiple_of=getattr(cfg, "pad_vocab_to_multiple_of", None))
 
 
 SpecLike = Union[ArchSpec, Any]

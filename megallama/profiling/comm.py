@@ -21,8 +21,9 @@ stage's own blocks, ``Layout.stage_layers``):
   Megatron's scatter/gather; DeepSpeed's pipeline engine also sends ``1/t`` under TP and adds
   TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. A tied embedding (GPT,
   Llama 3.2) adds one all-reduce of its gradient between the first and last stage per step.
-* kv: with fewer KV heads than TP ranks, one all-reduce per step of the replicated heads'
-  gradients among the ``tp / kv`` ranks holding each head.
+* kv: with fewer KV heads than TP ranks, per block and micro-batch the owner of each replicated
+  head broadcasts it to the ``tp / kv`` ranks holding it (forward, again in a full recompute)
+  and their gradients are reduced onto it (backward), as ``parallel.mappings.from_first_rank`` does.
 * dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
   the updated params; ZeRO-2 reduces every micro-batch (DeepSpeed 0.19 all-reduces each
   partition's slice of a bucket, so the wire carries an all-reduce's bytes, not a
@@ -61,7 +62,7 @@ PREFETCH_BUCKET = 5e7    # DeepSpeed stage3_prefetch_bucket_size (elements)
 @dataclass(frozen=True)
 class Collective:
     group: str            # tp | pp | dp | embedding | kv (the TP ranks sharing a replicated KV head)
-    op: str               # all_reduce | all_gather | reduce_scatter | send | recv
+    op: str               # all_reduce | all_gather | reduce_scatter | broadcast | reduce | send | recv
     payload_bytes: float  # per call (see module docstring)
     calls: float          # per step
     phase: str            # "microbatch": on each micro-batch's critical path; "step": after the
@@ -159,14 +160,19 @@ def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) 
 
 
 def _kv_collectives(spec, layout: Layout, stage: int) -> List[Collective]:
-    """With fewer KV heads than TP ranks each head's weights sit on ``tp / kv`` ranks, and each
-    copy's gradient holds only its own ranks' queries' share: the copies are summed once per step."""
+    """With fewer KV heads than TP ranks each head's weights sit on ``tp / kv`` ranks; the first
+    owns it: every forward takes its value (a broadcast) and every backward sums the copies'
+    gradients onto it (a reduce), per block and micro-batch."""
     if spec.kv_heads >= layout.tp:
         return []
     per_block = 2 * spec.head_dim * (spec.dim + (1 if spec.bias else 0))   # one K and one V head per rank
-    size = layout.stage_layers(spec)[stage] * per_block * layout.dtype_bytes
-    return [Collective("kv", "all_reduce", size, 1, "step", "replicated KV head grads",
-                       members=layout.tp // spec.kv_heads)]
+    calls = layout.stage_layers(spec)[stage] * layout.grad_accum
+    size, n = per_block * layout.dtype_bytes, layout.tp // spec.kv_heads
+    forwards = 2 if layout.recompute == "full" else 1
+    return [Collective("kv", "broadcast", size, calls * forwards, "microbatch", "replicated KV heads from their owner",
+                       members=n),
+            Collective("kv", "reduce", size, calls, "microbatch", "replicated KV head grads onto their owner",
+                       members=n)]
 
 
 def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: float, times: float,

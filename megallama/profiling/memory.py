@@ -67,7 +67,7 @@ def stage_params(model: SpecLike, tp: int = 1, pp: int = 1, stage: int = 0,
     """Parameters held by one rank of pipeline stage ``stage`` (``split``: blocks per stage)."""
     spec = as_spec(model)
     encdec = spec.arch == "encoder_decoder"
-    d, v = spec.dim, spec.vocab_size
+    d, v = spec.dim, spec.tp_view(tp).vocab_size   # a padded vocabulary as TP pads it
     n = _blocks(spec, pp, split)[stage] * layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")
     if stage == 0:
         n += v * d / tp * (2 if encdec and not spec.shared_enc_dec_embedding else 1)
@@ -104,13 +104,14 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
     spec = as_spec(model)
     encdec = spec.arch == "encoder_decoder"
     parts: List[float] = []
+    v = spec.tp_view(tp).vocab_size
     if stage == 0:
-        parts.append(spec.vocab_size * spec.dim / tp)
+        parts.append(v * spec.dim / tp)
         if encdec:
             parts += [layer_params_per_rank(spec, tp, "encoder")] * spec.n_encoder_layers
     parts += [layer_params_per_rank(spec, tp, "cross" if encdec else "decoder")] * _blocks(spec, pp, split)[stage]
     if stage == pp - 1:
-        parts.append(spec.norm_params + spec.vocab_size * spec.dim / tp)
+        parts.append(spec.norm_params + v * spec.dim / tp)
     after, total = 0.0, 0.0
     for n in reversed(parts):
         if 2 * after >= reuse_distance:

@@ -117,10 +117,10 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
-        per_stage[s] = (compute, (comm.get("tp.microbatch", 0.0) + comm.get("pp.microbatch", 0.0)) / m)
+        per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv")) / m)
         hidden = eff.overlap * m * compute
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
-                        + comm.get("kv.step", 0.0) + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
+                        + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
     totals = {s: sum(per_stage[s]) for s in groups}
     t_max = max(totals.values())
     t_sum = sum(totals[s] * n for s, n in groups.items())
