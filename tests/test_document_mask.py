@@ -239,6 +239,7 @@ def _pipeline_step(rank, world):
 
     rt.engine._take_model_step = snapshot
     mine = [torch.stack(rows[m * micro:][:micro]) for m in range(rt.accum)]
+    counted = rt.loss_fn
     out = {}
     for mode in ("global", "per_micro_batch"):
         if mode == "per_micro_batch":  # the old weighting: a loss without counts, each micro-batch's mean
@@ -249,6 +250,11 @@ def _pipeline_step(rank, world):
                                for n, g in grads.items()))
         dist.all_reduce(err, op=dist.ReduceOp.MAX)  # over both stages
         out[mode] = dict(loss_err=abs(loss - ref_loss.item()), grad_err=err.item(), names=len(grads))
+    # evaluation of the same rows (lr 0: the same weights) takes the same token mean
+    from megallama.train.evaluate import pipeline_loss
+
+    out["eval_err"] = abs(pipeline_loss(rt.engine, rows, micro, rt.accum, rt.state, rt.device, 1, counted)["loss"]
+                          - ref_loss.item())
     return out
 
 
@@ -256,6 +262,7 @@ def test_document_rows_travel_through_the_pipeline_stages(layouts):
     r = layouts["pp"]
     assert r["global"]["loss_err"] < 1e-5 and r["global"]["grad_err"] < 1e-5 and r["global"]["names"] > 3, r
     assert r["per_micro_batch"]["loss_err"] > 1e-3 and r["per_micro_batch"]["grad_err"] > 1e-1, r
+    assert r["eval_err"] < 1e-5, r  # the mean of micro-batch means misses by as much as per_micro_batch
 
 
 @pytest.mark.parametrize("overrides, field", [

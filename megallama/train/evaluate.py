@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megallama.train.step import DecoderLoss, LossFn
+from megallama.train.step import DecoderLoss, LossFn, token_weighting
 
 
 def _batches(indices, size):
@@ -43,24 +43,31 @@ def perplexity(model, dataset, micro_batch: int, device, state, max_samples: Opt
 @torch.no_grad()
 def pipeline_loss(engine, dataset, micro_batch: int, accum: int, state, device, batches: int,
                   loss_fn: DecoderLoss = DecoderLoss()) -> Dict:
-    """Mean loss of ``batches`` pipeline eval batches (DeepSpeed's ``eval_batch``: the mean of
-    micro-batch means); ``loss_fn`` turns rows into the pipeline's inputs."""
+    """Token-weighted mean loss of ``batches`` pipeline eval batches, as :func:`perplexity` gives
+    it: DeepSpeed's ``eval_batch`` averages micro-batch means, so where label counts differ
+    (document boundaries) the last stage's loss weights each micro-batch as the training step does
+    (:func:`token_weighting`), and batches are weighted by their counts."""
     per_batch = micro_batch * accum * state.dp
     usable = min(batches, len(dataset) // per_batch)
     if usable == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "samples": 0}
-
-    def micro_batches():
-        for b in range(usable):
-            for m in range(accum):
-                start = b * per_batch + (m * state.dp + state.dp_rank) * micro_batch
-                t = torch.stack([torch.as_tensor(dataset[i]) for i in range(start, start + micro_batch)]).to(device)
-                yield loss_fn.pipeline_inputs(t)
-
-    it = micro_batches()
-    # the count said outright: under train.rampup_batch_size the engine's own is the ramp's of the moment
-    losses = [engine.eval_batch(it, num_micro_batches=accum).item() for _ in range(usable)]
-    loss = sum(losses) / len(losses)
     seq = np.shape(dataset[0])[-1] - 1
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": usable * per_batch * seq,
+    head = engine.module.loss_fn  # the last stage's PipelineLoss
+    weighted, tokens = 0.0, 0.0
+    for b in range(usable):
+        rows = []
+        for m in range(accum):
+            start = b * per_batch + (m * state.dp + state.dp_rank) * micro_batch
+            rows.append(torch.stack([torch.as_tensor(dataset[i]) for i in range(start, start + micro_batch)]).to(device))
+        weighting = token_weighting(loss_fn, state, rows)  # every stage: each learns the batch's count
+        head.scale = weighting[1] if weighting is not None else None
+        try:
+            # the count said outright: under train.rampup_batch_size the engine's own is the ramp's of the moment
+            loss = engine.eval_batch(iter([loss_fn.pipeline_inputs(r) for r in rows]), num_micro_batches=accum).item()
+        finally:
+            head.scale = None
+        count = state.dp * accum / weighting[1].item() if weighting is not None else per_batch * seq
+        weighted, tokens = weighted + loss * count, tokens + count
+    loss = weighted / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(round(tokens)),
             "samples": usable * per_batch}

@@ -97,7 +97,7 @@ def make_loss_fn(arch: str, seq_len: int, document_mask: bool = False, reset_pos
     return DecoderLoss(document_mask, reset_positions)
 
 
-def token_weighting(rt, rows: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def token_weighting(loss_fn: LossFn, state, rows: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(counts, scale)``: each micro-batch's valid labels, and ``dp x accum / N`` with N those of
     the whole global batch (summed here and over DP). DeepSpeed divides each backward by ``accum``
     and averages gradients over DP, so a micro-batch's mean loss times ``count x scale`` makes the
@@ -105,13 +105,13 @@ def token_weighting(rt, rows: List[torch.Tensor]) -> Optional[Tuple[torch.Tensor
     mean: a micro-batch of mostly ignored labels no longer weighs as much as a full one. None
     (equal weights, no collective) where every micro-batch counts the same: plain packed rows, or
     one label per example (classification)."""
-    if not getattr(rt.loss_fn, "counts_vary", False):
+    if not getattr(loss_fn, "counts_vary", False):
         return None
-    counts = torch.stack([rt.loss_fn.count(r) for r in rows]).float()
+    counts = torch.stack([loss_fn.count(r) for r in rows]).float()
     total = counts.sum()
-    if rt.state.dp > 1:
-        dist.all_reduce(total, group=rt.state.dp_group)
-    return counts, (rt.state.dp * len(rows)) / total.clamp(min=1)
+    if state.dp > 1:
+        dist.all_reduce(total, group=state.dp_group)
+    return counts, (state.dp * len(rows)) / total.clamp(min=1)
 
 
 def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
@@ -128,7 +128,7 @@ def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         loss_fn = rt.module.loss_fn  # the last stage's: weights each micro-batch by its count x scale
         with hooks.pipeline(engine), hooks.phase("step"):
             rows = [next(batches) for _ in range(rt.accum)]
-            weighting = token_weighting(rt, rows) if engine.is_last_stage() else None
+            weighting = token_weighting(rt.loss_fn, rt.state, rows) if engine.is_last_stage() else None
             loss_fn.scale = weighting[1] if weighting else None
             try:
                 loss = engine.train_batch(data_iter=map(rt.loss_fn.pipeline_inputs, rows))
@@ -138,7 +138,7 @@ def train_step(rt, batches: Iterator, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         losses = []
         with hooks.phase("step"):
             rows = [next(batches) for _ in range(rt.accum)]  # every count is needed before the first backward
-            weighting = token_weighting(rt, rows)
+            weighting = token_weighting(rt.loss_fn, rt.state, rows)
             for m, batch in enumerate(rows):
                 # the boundary said outright: DeepSpeed's own count (micro-steps modulo accumulation
                 # steps) goes astray once train.rampup_batch_size changes the accumulation steps
