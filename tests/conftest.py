@@ -10,6 +10,13 @@ import time
 import pytest
 from hypothesis import settings
 
+from megallama.train.warmup_ops import use_this_interpreters_ninja
+
+# Every process the tests start (spawned ranks that call deepspeed.init_distributed directly, too)
+# builds DeepSpeed's comm op with the venv's ninja, as `make`'s warm-up and megallama's own ranks
+# do; a rank finding the system's ninja first would rebuild the shared op (tens of seconds, twice).
+use_this_interpreters_ninja()
+
 settings.register_profile("ci", derandomize=True, deadline=None)  # a gate on results, not on speed
 settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
