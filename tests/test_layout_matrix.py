@@ -142,3 +142,27 @@ def test_refusal_through_the_cli(command, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "deepspeed.pipeline.pipe_partitioned:" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# Issue 15's model features together, at layouts beyond the matrix's axes: MQA with fewer KV heads
+# than TP ranks, tied embeddings over a vocabulary padded for TP, packed documents with positions
+# reset; once on uneven pipeline stages with sequence parallelism, once at ZeRO-3 data parallelism.
+LLAMA3_FEATURES = ["model.preset=tiny-gqa", "model.n_kv_heads=1", "model.tie_embeddings=true",
+                   "model.vocab_size=2049", "model.pad_vocab_to_multiple_of=8", "data.document_mask=true",
+                   "data.reset_position_ids=true"]
+
+
+@pytest.mark.parametrize("zero,layout,world", [
+    (1, ["parallel.tp=2", "parallel.pp=2", "parallel.pipeline_layers=[3,1]", "parallel.sequence_parallel=true"], 4),
+    (3, ["parallel.tp=2"], 4),
+], ids=["tp2-pp2uneven-sp-z1", "tp2-dp2-z3"])
+def test_llama3_features_together_match_single_process(zero, layout, world, matrix_base, tmp_path):
+    base, _ = matrix_base
+    stage = [f"deepspeed.zero_optimization.stage={zero}"]
+    ref = design.run_case(base, LLAMA3_FEATURES + stage + [f"train.micro_batch_size={design.GLOBAL_BATCH}"], 1,
+                          tmp_path / "ref")
+    dp = world // 4 if "parallel.pp=2" in layout else world // 2
+    got = design.run_case(base, LLAMA3_FEATURES + stage + layout
+                          + [f"train.micro_batch_size={design.GLOBAL_BATCH // dp}"], world, tmp_path / "run")
+    dloss, dgnorm = design.rel_diff(got["losses"], ref["losses"]), design.rel_diff(got["grad_norms"], ref["grad_norms"])
+    assert max(dloss, dgnorm) <= design.TOLERANCE["fp32"], (dloss, dgnorm, got, ref)
