@@ -25,18 +25,22 @@ def run(args) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     cfg.check_layout(args.world_size)
-    build_ds_config(cfg, args.world_size or cfg.parallel.tp * cfg.parallel.pp)  # what train hands DeepSpeed
+    build_ds_config(cfg, args.world_size or cfg.parallel.model_ranks)  # what train hands DeepSpeed
     if args.fits_here:  # only when asked: a 7B config validates on a laptop
         from megallama.train.fits import check_training_fits
 
-        check_training_fits(cfg, args.world_size or cfg.parallel.tp * cfg.parallel.pp)
+        check_training_fits(cfg, args.world_size or cfg.parallel.model_ranks)
     if args.json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:
-        world = args.world_size or cfg.parallel.tp * cfg.parallel.pp
-        dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+        world = args.world_size or cfg.parallel.model_ranks
+        dp = world // cfg.parallel.model_ranks
         b = cfg.train.batch_layout(dp)
         print(f"ok: {cfg.model.arch} dim={cfg.model.dim} layers={cfg.model.n_layers} at world={world} "
-              f"(tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={dp}); global batch {b.global_} = "
+              f"(tp={cfg.parallel.tp} pp={cfg.parallel.pp}{_ulysses(cfg)} dp={dp}); global batch {b.global_} = "
               f"{b.micro} x {b.accum} x {dp}")
     return 0
+
+
+def _ulysses(cfg) -> str:
+    return f" ulysses={cfg.parallel.ulysses}" if cfg.parallel.ulysses > 1 else ""

@@ -31,6 +31,12 @@ CONFIG: Words = {
                       "got {zero} with parallel.pp={pp}"),
     "offload_zero": "deepspeed.zero_optimization.offload_optimizer: needs ZeRO stage 1, 2 or 3",
     "positions": "train.seq_len: {seq} exceeds model.max_seq_len={max_seq_len}",
+    "ulysses_pipeline": ("parallel.ulysses: not combined with pipeline parallelism (parallel.pp={pp}); set one "
+                         "of them to 1"),
+    "ulysses_arch": "parallel.ulysses: shards decoder-only sequences, got model.arch '{arch}' (use ulysses: 1)",
+    "ulysses_heads": ("model.{field}: {value} over parallel.tp={tp} leaves {local} per rank, which parallel.ulysses="
+                      "{u} must divide{kv}"),
+    "ulysses_seq": "train.seq_len: {seq} is not divisible by parallel.ulysses={u}{sp} (each rank holds an equal shard)",
     "world_positive": "parallel: world size must be a positive integer, got {world}",
     "world_divides": "parallel: world size {world} is not a multiple of {names} = {sizes}",
     "world_exact": "parallel: world size {world} is not {names} = {sizes}",
@@ -49,6 +55,10 @@ FLAGS: Words = {
     "pipeline_zero": "--zero {zero}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 with --pp > 1",
     "offload_zero": "--offload: DeepSpeed offloads the optimizer only with ZeRO stage 1, 2 or 3",
     "positions": "--seq {seq}: exceeds the model's {max_seq_len} learned positions",
+    "ulysses_pipeline": "--ulysses: not combined with pipeline parallelism (--pp {pp}); set one of them to 1",
+    "ulysses_arch": "--ulysses: shards decoder-only sequences (model arch '{arch}')",
+    "ulysses_heads": "--ulysses {u}: model {field}={value} over tp={tp} leaves {local} per rank, not divisible{kv}",
+    "ulysses_seq": "--seq {seq}: not divisible by ulysses={u}{sp}",
     "world_positive": "--gpus: expected a positive integer, got {world}",
     "world_divides": "{flags} = {product} does not divide --gpus {world}",
     "world_exact": "{flags} = {product}, not --gpus {world}",
@@ -137,6 +147,32 @@ def sp_problem(tp: int, sp: bool, seq: int, words: Words = CONFIG) -> Optional[s
     return None
 
 
+def ulysses_problem(shape: ModelShape, tp: int, pp: int, sp: bool, seq: int, ulysses: int,
+                    words: Words = CONFIG) -> Optional[str]:
+    """Ulysses splits each sequence evenly over its ranks and, around attention, each TP rank's
+    query heads; KV heads fewer than its degree are replicated (:func:`kv_replicas`), so either
+    count divides the other. The pipeline engine passes one activation shape between stages,
+    which these shards do not change, but it is not combined here: a refusal beats an untested path."""
+    if ulysses == 1:
+        return None
+    if pp > 1:
+        return words["ulysses_pipeline"].format(pp=pp)
+    if shape.arch != "decoder":
+        return words["ulysses_arch"].format(arch=shape.arch)
+    q_local = shape.n_heads // tp
+    kv_local = max(shape.n_kv_heads // tp, 1)
+    if q_local % ulysses:
+        return words["ulysses_heads"].format(field="n_heads", value=shape.n_heads, tp=tp, local=q_local, u=ulysses,
+                                             kv="")
+    if kv_local % ulysses and ulysses % kv_local:
+        return words["ulysses_heads"].format(field="n_kv_heads", value=shape.n_kv_heads, tp=tp, local=kv_local,
+                                             u=ulysses, kv=" (or divide it: fewer KV heads are replicated)")
+    shards = ulysses * (tp if sp else 1)
+    if seq % shards:
+        return words["ulysses_seq"].format(seq=seq, u=ulysses, sp=f" x tp={tp} (sequence_parallel)" if sp else "")
+    return None
+
+
 def pipeline_zero_problem(pp: int, zero: int, words: Words = CONFIG) -> Optional[str]:
     """DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only."""
     if pp > 1 and zero >= 2:
@@ -153,11 +189,11 @@ def offload_problem(zero: int, offload: bool, words: Words = CONFIG) -> Optional
 
 def layout_problem(shape: ModelShape, tp: int = 1, pp: int = 1, sp: bool = False, seq: int = 1,
                    zero: Optional[int] = None, offload: bool = False, interleave: int = 1,
-                   words: Words = CONFIG) -> Optional[str]:
+                   words: Words = CONFIG, ulysses: int = 1) -> Optional[str]:
     """The first rule a layout of positive degrees breaks; ZeRO rules only when ``zero`` is known
     (the config's stage is DeepSpeed's, checked where that section is read)."""
     problem = (tp_problem(shape, tp, words) or pp_problem(shape, pp, interleave, words)
-               or sp_problem(tp, sp, seq, words))
+               or sp_problem(tp, sp, seq, words) or ulysses_problem(shape, tp, pp, sp, seq, ulysses, words))
     if problem is None and zero is not None:
         problem = pipeline_zero_problem(pp, zero, words) or offload_problem(zero, offload, words)
     return problem

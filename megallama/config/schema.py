@@ -33,6 +33,18 @@ class ParallelConfig(_Strict):
     # and head counted, or uniform; an explicit list (one count per stage) overrides both
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
     pipeline_layers: Optional[List[Int]] = None
+    # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block, swapped to heads around
+    # attention by all-to-alls (megallama/parallel/ulysses.py); 1 = off
+    ulysses: Int = _int(1, ge=-MAX_SIZE)
+
+    @property
+    def model_ranks(self) -> int:
+        """Ranks one model replica spans: the data-parallel degree is the world over this."""
+        return self.tp * self.pp * self.ulysses
+
+    def degrees(self) -> Dict[str, int]:
+        """The set degrees, as the world-size rule names them (Ulysses only when on)."""
+        return {"tp": self.tp, "pp": self.pp, **({"ulysses": self.ulysses} if self.ulysses != 1 else {})}
 
 
 class ActivationCheckpointing(_Strict):
@@ -277,17 +289,18 @@ class RunConfig(_Strict):
                               "one source and one target each (set it false)")
         ac = t.activation_checkpointing
         problem = (rules.positive_problem("tp", p.tp) or rules.positive_problem("pp", p.pp)
-                   or rules.layout_problem(m.shape, p.tp, p.pp, p.sequence_parallel, t.seq_len)
+                   or rules.positive_problem("ulysses", p.ulysses)
+                   or rules.layout_problem(m.shape, p.tp, p.pp, p.sequence_parallel, t.seq_len, ulysses=p.ulysses)
                    or rules.partition_problem(m.arch, p.tp, p.sequence_parallel, ac.mode == "full",
                                               ac.partition_activations)
                    or rules.positions_problem(t.seq_len, m.max_seq_len)
-                   or (None if world_size is None else rules.world_problem(world_size, {"tp": p.tp, "pp": p.pp})))
+                   or (None if world_size is None else rules.world_problem(world_size, p.degrees())))
         if problem is None and p.pipeline_layers is not None:
             problem = explicit_problem(p.pipeline_layers, m.n_layers, p.pp)
         if problem:
             raise ConfigError(problem)
         if world_size is not None:
-            t.batch_layout(world_size // (p.tp * p.pp))
+            t.batch_layout(world_size // p.model_ranks)
 
     def stage_layers(self) -> List[int]:
         """Blocks on each pipeline stage of this run (one entry at pp 1)."""

@@ -1,7 +1,8 @@
 """The one source of truth for parallel layout: TP, PP and DP groups carved from the world.
 
-Rank order is :mod:`megallama.config.topology`'s (TP innermost, then DP, then PP), the order of
-DeepSpeed's ``PipeModelDataParallelTopology`` so its pipeline grid and our groups agree.
+Rank order is :mod:`megallama.config.topology`'s (TP innermost, then Ulysses, then DP, then PP),
+without Ulysses the order of DeepSpeed's ``PipeModelDataParallelTopology``, so its pipeline grid
+and our groups agree.
 The :class:`ParallelState` object doubles as the ``mpu`` DeepSpeed asks for. There is no global
 copy: whoever builds a model passes it the state, and each layer keeps what it needs.
 """
@@ -40,18 +41,35 @@ class ParallelState:
     pp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
     sequence_parallel: bool = False
+    ulysses: int = 1
+    ulysses_group: Optional[object] = field(default=None, repr=False)
+    # data x Ulysses ranks: ZeRO partitions over them and DeepSpeed reduces gradients over them
+    seq_dp_group: Optional[object] = field(default=None, repr=False)
     # size -> the group of that many consecutive TP ranks holding this rank (KV heads shared by them)
     tp_subgroups: Dict[int, object] = field(default_factory=dict, repr=False)
     # the dropout streams of this layout; DeepSpeed's tracker replaces it under its recomputation
     rng: RNGStatesTracker = field(default_factory=RNGStatesTracker, repr=False, compare=False)
 
     @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp, ulysses=self.ulysses)
+
+    @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.dims.world_size
 
     @property
     def tp_rank(self) -> int:
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[0]
+        return self.dims.coords(self.rank)[0]
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.dims.ulysses_rank(self.rank)
+
+    @property
+    def ulysses_parallel(self) -> TPGroup:
+        """The group one sequence is split over (DeepSpeed-Ulysses); size 1 when off."""
+        return TPGroup(self.ulysses, self.ulysses_rank, self.ulysses_group)
 
     @property
     def tensor_parallel(self) -> TPGroup:
@@ -73,11 +91,11 @@ class ParallelState:
 
     @property
     def dp_rank(self) -> int:
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[1]
+        return self.dims.coords(self.rank)[1]
 
     @property
     def pp_rank(self) -> int:
-        return ParallelDims(tp=self.tp, pp=self.pp, dp=self.dp).coords(self.rank)[2]
+        return self.dims.coords(self.rank)[2]
 
     @property
     def is_first_stage(self) -> bool:
@@ -122,6 +140,27 @@ class ParallelState:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self.rank - self.tp_rank
 
+    # DeepSpeed's sequence-parallel hooks: with them it partitions ZeRO state over, and reduces
+    # gradients over, data x Ulysses ranks, summing (not averaging) over the Ulysses ones; each
+    # Ulysses rank's loss is therefore the whole sequence's (megallama.parallel.ulysses)
+    def get_sequence_parallel_group(self):
+        return self.ulysses_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.ulysses
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.ulysses_rank
+
+    def get_sequence_data_parallel_group(self):
+        return self.seq_dp_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.dp * self.ulysses
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.dp_rank * self.ulysses + self.ulysses_rank
+
 
 _GROUP_TIMEOUT: Optional[timedelta] = None
 
@@ -141,15 +180,16 @@ def set_group_timeout(seconds: float) -> None:
         c10d.default_pg_nccl_timeout = _GROUP_TIMEOUT
 
 
-def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> ParallelState:
+def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False, ulysses: int = 1) -> ParallelState:
     """Build every group from the initialised default process group (all ranks must call)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    problem = world_problem(world, {"tp": tp, "pp": pp})
+    problem = world_problem(world, {"tp": tp, "pp": pp, "ulysses": ulysses})
     if problem:
         raise ValueError(problem)
-    dp = world // (tp * pp)
-    state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=sequence_parallel and tp > 1)
+    dp = world // (tp * pp * ulysses)
+    state = ParallelState(tp=tp, pp=pp, dp=dp, rank=rank, sequence_parallel=sequence_parallel and tp > 1,
+                          ulysses=ulysses)
     if not dist.is_initialized():
         return state
 
@@ -162,10 +202,15 @@ def initialize(tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> Par
                 mine_group, mine_ranks = g, ranks
         return mine_group, mine_ranks
 
-    dims = ParallelDims(tp=tp, pp=pp, dp=dp)
+    dims = state.dims
     state.tp_group, state.tp_ranks = make(dims.groups("tp"))
     state.dp_group, state.dp_ranks = make(dims.groups("dp"))
     state.pp_group, state.pp_ranks = make(dims.groups("pp"))
+    if ulysses > 1:
+        state.ulysses_group = make(dims.groups("ulysses"))[0]
+        state.seq_dp_group = make(dims.groups("dp", "ulysses"))[0]
+    else:
+        state.seq_dp_group = state.dp_group
     # the sub-groups of every proper divisor of tp, for whatever model is built on this layout
     # (every rank must make every group; there are few: tp 16 makes three sets)
     for size in (d for d in range(2, tp) if tp % d == 0):

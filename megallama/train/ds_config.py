@@ -126,7 +126,7 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError("deepspeed.optimizer: megallama builds AdamW and the LR schedule from train.*; "
                           "remove the optimizer/scheduler sections")
     p = cfg.parallel
-    dp = world_size // (p.tp * p.pp)
+    dp = world_size // p.model_ranks
     layout: BatchLayout = cfg.train.batch_layout(dp)
     _agree(ds, "train_micro_batch_size_per_gpu", layout.micro, "train.micro_batch_size")
     _agree(ds, "gradient_accumulation_steps", layout.accum, "train.grad_accum_steps (derived)")

@@ -80,7 +80,8 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     ds = build_ds_config(cfg, world_size)
-    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // (p.tp * p.pp), sequence_parallel=p.sequence_parallel)
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // p.model_ranks, sequence_parallel=p.sequence_parallel,
+                        ulysses=p.ulysses)
     layout = layout_of(cfg, dims, ds)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     spec = ArchSpec.from_model_config(m)

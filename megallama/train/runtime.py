@@ -137,7 +137,7 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
 
         check_comm_op_lock()
     p = cfg.parallel
-    state = initialize(p.tp, p.pp, p.sequence_parallel)
+    state = initialize(p.tp, p.pp, p.sequence_parallel, ulysses=p.ulysses)
     loss_fn = (make_loss_fn(cfg.model.arch, cfg.train.seq_len, cfg.data.document_mask, cfg.data.reset_position_ids)
                if training else None)
     return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn, mem_predicted=mem_predicted)
