@@ -3,7 +3,8 @@
 Each TP rank owns ``n_heads/tp`` query heads and ``n_kv_heads/tp`` kv heads, so the attention
 core runs locally with no communication; only Wo's partial sums are reduced. With fewer KV heads
 than ranks each rank holds a copy of the one KV head its query heads read (the projection layer
-keeps the copies equal: ``fused_heads``).
+keeps the copies equal: ``fused_heads``). Under Ulysses the block's sequence shard is swapped for
+a head shard of the whole sequence around the core (:mod:`megallama.parallel.ulysses`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from megallama.config import ModelConfig
 from megallama.parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
+from megallama.parallel import ulysses
 from megallama.parallel.random import checkpoint
 
 
@@ -53,6 +55,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = state.tp
         self.parallel_state = state
+        self.ulysses = state.ulysses_parallel
         self.causal, self.cross = causal, cross
         self.head_dim = cfg.head_dim
         self.n_local_heads = cfg.n_heads // tp
@@ -79,7 +82,7 @@ class Attention(nn.Module):
         with ctx:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=drop, is_causal=self.causal and mask is None and not self.cross,
-                enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+                enable_gqa=q.size(1) != k.size(1))
 
     def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
                 memory: Optional[torch.Tensor] = None, start_pos: int = 0, kv_cache=None) -> torch.Tensor:
@@ -99,9 +102,11 @@ class Attention(nn.Module):
             q, k = rope(qk, start_pos).split([hq, hkv], dim=2)
             if kv_cache is not None:
                 k, v = kv_cache.update(k, v, start_pos)
+            q, k, v = ulysses.to_heads(q, k, v, self.ulysses)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.recompute_core and self.training and torch.is_grad_enabled():
             out = checkpoint(self.parallel_state.rng, self._core, q, k, v, mask)
         else:
             out = self._core(q, k, v, mask)
-        return self.wo(out.transpose(1, 2).reshape(b, -1, hq * hd))
+        out = ulysses.to_sequence(out.transpose(1, 2), self.ulysses)
+        return self.wo(out.reshape(b, -1, hq * hd))

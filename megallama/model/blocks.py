@@ -40,10 +40,10 @@ def init_module(module: nn.Module, seed: int, key: str) -> None:
 
 
 def residual_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelState) -> torch.Tensor:
-    """Dropout on the residual stream; shards of a sequence-parallel stream draw per rank."""
+    """Dropout on the residual stream; shards of a sequence-parallel (or Ulysses) stream draw per rank."""
     if p == 0.0 or not training:
         return x
-    ctx = state.rng.fork() if state.sequence_parallel else contextlib.nullcontext()
+    ctx = state.rng.fork() if state.sequence_parallel or state.ulysses > 1 else contextlib.nullcontext()
     with ctx:
         return F.dropout(x, p, training=True)
 

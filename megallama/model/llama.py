@@ -21,13 +21,17 @@ from megallama.model.rope import RotaryEmbedding
 from megallama.parallel import (ColumnParallelLinear, ParallelState, TPGroup, VocabParallelEmbedding,
                                 gather_from_sequence_parallel_region, gather_from_tp_region,
                                 vocab_parallel_cross_entropy)
+from megallama.parallel import ulysses
 from megallama.parallel.layers import mask_padded_logits
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice of ``tp``."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup, ignore_index: int = -100,
+                   sequence: TPGroup = TPGroup()) -> torch.Tensor:
+    """Mean next-token loss over non-ignored labels; ``logits`` may be this rank's vocab slice of
+    ``tp`` and, under Ulysses, this rank's shard of the whole ``labels`` (``sequence``)."""
+    labels = ulysses.shard(labels, sequence)
     per_token = vocab_parallel_cross_entropy(logits, labels, tp, ignore_index)
-    return per_token.sum() / (labels != ignore_index).sum().clamp(min=1)
+    return ulysses.sequence_mean(per_token.sum(), (labels != ignore_index).sum(), sequence)
 
 
 def lm_head_logits(head: nn.Module, h: torch.Tensor, vocab_size: int, tp: TPGroup) -> torch.Tensor:
@@ -99,10 +103,17 @@ class LlamaDecoder(nn.Module):
                       start_pos: int = 0, kv_caches=None, document_ids: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``document_ids``/``position_ids [b, s]``: packed documents attend within themselves, at
-        the given RoPE positions (training rows: no ``start_pos``, no caches)."""
-        h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training, self.parallel_state)
+        the given RoPE positions (training rows: no ``start_pos``, no caches). Under Ulysses every
+        argument covers the whole sequence and the result is this rank's shard of it."""
+        group = self.parallel_state.ulysses_parallel
         seq = tokens.size(1)
         mask = build_mask(seq, start_pos + seq, True, attention_mask, tokens.device, document_ids=document_ids)
+        if group.size > 1:
+            if start_pos or kv_caches:
+                raise ValueError("Ulysses sequence parallelism trains and scores whole sequences (no KV cache)")
+            position_ids = ulysses.positions(tokens, group, position_ids)
+            tokens = ulysses.shard(tokens, group)
+        h = residual_dropout(self.tok_embeddings(tokens), self.config.dropout, self.training, self.parallel_state)
         rope = self.rope if position_ids is None else self.rope.at(position_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask, start_pos=start_pos, kv_cache=kv_caches[i] if kv_caches else None)
@@ -121,10 +132,11 @@ class LlamaForCausalLM(LlamaDecoder):
                 document_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None):
         logits = self.lm_logits(self.hidden_states(tokens, attention_mask, start_pos, kv_caches, document_ids,
                                                    position_ids))
-        tp = self.parallel_state.tensor_parallel
+        state = self.parallel_state
         if labels is not None:
-            return causal_lm_loss(logits, labels, tp)
-        return full_logits(logits, self.config.vocab_size, tp)
+            return causal_lm_loss(logits, labels, state.tensor_parallel, sequence=state.ulysses_parallel)
+        logits = full_logits(logits, self.config.vocab_size, state.tensor_parallel)
+        return ulysses.gather_sequence(logits, state.ulysses_parallel) if state.ulysses > 1 else logits
 
 
 class LlamaForSequenceClassification(LlamaDecoder):
@@ -135,6 +147,8 @@ class LlamaForSequenceClassification(LlamaDecoder):
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None):
+        if self.parallel_state.ulysses > 1:
+            raise ValueError("sequence classification reads the last token of the whole sequence: no Ulysses")
         h = self.hidden_states(tokens, attention_mask)
         if self.parallel_state.sequence_parallel:
             h = gather_from_sequence_parallel_region(h, self.parallel_state.tensor_parallel, reduce_grads=False)

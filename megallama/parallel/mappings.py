@@ -131,6 +131,33 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return _gather(g, SEQ_DIM, ctx.tp), None
 
 
+class _AllToAll(torch.autograd.Function):
+    """Split ``scatter_dim`` into one chunk per rank, send chunk ``i`` to rank ``i``, and concatenate
+    what arrives along ``gather_dim``; backward is the same exchange with the two dims swapped."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(g, ctx.group, gather_dim, scatter_dim), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, group: TPGroup, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    n = group.size
+    if x.size(scatter_dim) % n:
+        raise ValueError(f"dimension {scatter_dim} of size {x.size(scatter_dim)} is not divisible by {n} ranks")
+    # chunk i (along scatter_dim) leads, so one flat exchange sends it to rank i
+    send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group.group)
+    # recv[i] is rank i's chunk: rank order is position order along gather_dim
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
 class _FromFirstRank(torch.autograd.Function):
     """Broadcast the group's first rank's tensor forward; sum the gradients onto that rank backward
     (the others' copies get none: they are never read)."""
@@ -147,6 +174,11 @@ class _FromFirstRank(torch.autograd.Function):
         g = g.contiguous().clone()
         dist.reduce(g, group=ctx.tp.group, group_dst=0)
         return (g if ctx.tp.rank == 0 else torch.zeros_like(g)), None
+
+
+def all_to_all(x, group: TPGroup, scatter_dim: int, gather_dim: int):
+    """DeepSpeed-Ulysses' exchange: e.g. sequence-sharded, all heads -> whole sequence, 1/n of the heads."""
+    return x if group.size == 1 else _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
 def copy_to_tp_region(x, tp: TPGroup):

@@ -63,13 +63,13 @@ class RNGStatesTracker:
 
 def model_parallel_seed(state: "ParallelState", seed: int) -> None:
     """Seed the default stream (same on TP ranks, distinct per pipeline stage) and the TP stream
-    (``state.rng``)."""
+    (``state.rng``), distinct per TP and per Ulysses rank: each holds other heads or positions."""
     default_seed = seed + 100 * state.pp_rank
     torch.manual_seed(default_seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(default_seed)
     state.rng.reset()
-    state.rng.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tp_rank)
+    state.rng.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.tp_rank + state.tp * state.ulysses_rank)
 
 
 class _Recompute(torch.autograd.Function):

@@ -110,6 +110,23 @@ def skip_self_allreduce(engine) -> None:
     engine.enable_backward_allreduce = False
 
 
+def sum_zero3_sequence_grads(engine) -> None:
+    """DeepSpeed sums gradients over sequence-parallel (Ulysses) ranks and averages them over data
+    ranks; ZeRO-3's reduce-scatter path (``__avg_scatter_grads``, taken with ``reduce_scatter`` or
+    a bucket larger than ``reduce_bucket_size``) averages over both, unlike its all-reduce path
+    and ZeRO-1/2, so gradients came out divided by the Ulysses degree. Scale that path's
+    partitions back."""
+    opt = engine.optimizer
+    name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
+    scatter, sp = getattr(opt, name), opt.sequence_parallel_size
+
+    @functools.wraps(scatter)
+    def summed(params, communication_data_type):
+        return [g.mul_(sp) for g in scatter(params, communication_data_type)]
+
+    setattr(opt, name, summed)
+
+
 def record_fp32_grad_norm(engine) -> None:
     """DeepSpeed's ZeRO-0 fp32 path clips but drops the norm it computed, and applies a step with
     NaN/inf gradients (its ZeRO and fp16 optimizers skip those). Replace ``clip_fp32_gradients``

@@ -81,8 +81,9 @@ class EngineTraits:
     zero_stage: int
     precision: str
     optimizer: str      # see predicted_optimizer
-    dp: int
+    dp: int             # ranks gradients are reduced and ZeRO state partitioned over: data x Ulysses
     pipeline: bool
+    ulysses: int = 1
 
     @classmethod
     def predict(cls, zero_stage: int, precision: str, dp: int, pp: int) -> "EngineTraits":
@@ -99,6 +100,11 @@ class EngineTraits:
         """One DP rank at ZeRO-0: DeepSpeed would all-reduce every gradient with itself; skipped
         (ZeRO-1+ and the bf16 optimizer move gradients into their own buffers on that path)."""
         return self.dp == 1 and not self.pipeline and self.zero_stage == 0 and self.optimizer != "bf16"
+
+    @property
+    def sums_zero3_sequence_grads(self) -> bool:
+        """ZeRO-3's reduce-scatter path averages over the Ulysses ranks it should sum over."""
+        return self.zero_stage == 3 and self.ulysses > 1
 
     @property
     def clips_fp32(self) -> bool:

@@ -41,8 +41,9 @@ def _build_module(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devi
     if state.pp > 1:
         return build_pipeline_module(cfg.model, state, seed, cfg.stage_layers()).to(device)
     if DeepSpeedSettings.of(ds).zero_stage == 3:
-        # partition over the data-parallel group only: each TP rank's shard is its own tensor
-        with deepspeed.zero.Init(data_parallel_group=state.dp_group, mpu=state, config_dict_or_path=ds):
+        # partition over data x Ulysses ranks only (they hold the same weights): each TP rank's shard
+        # is its own tensor
+        with deepspeed.zero.Init(data_parallel_group=state.seq_dp_group, mpu=state, config_dict_or_path=ds):
             module = build_model(cfg.model, state, seed=None)
         for part, key in module.init_parts():
             params = list(part.parameters())
@@ -89,7 +90,7 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
                                            mpu=None if state.pp > 1 else state, dist_init_required=False)
     settings = DeepSpeedSettings.of(ds)
     traits = EngineTraits(settings.zero_stage, settings.precision, patches.optimizer_kind(engine.optimizer),
-                          state.dp, pipeline)
+                          state.dp * state.ulysses, pipeline, state.ulysses)
     _apply_patches(engine, traits)
     _warn_zero_without_dp(state, settings)
     if universal is not None:
@@ -121,13 +122,15 @@ def _apply_patches(engine, traits: EngineTraits) -> None:
         patches.record_fp32_grad_norm(engine)
     if traits.skips_dp_allreduce:
         patches.skip_self_allreduce(engine)
+    if traits.sums_zero3_sequence_grads:
+        patches.sum_zero3_sequence_grads(engine)
 
 
 def _warn_zero_without_dp(state: ParallelState, settings: DeepSpeedSettings) -> None:
     """ZeRO with one data-parallel rank and no offload is a configuration slip worth a line."""
     import torch.distributed as dist
 
-    if state.dp == 1 and settings.zero_stage > 0 and not settings.offloaded and \
+    if state.dp * state.ulysses == 1 and settings.zero_stage > 0 and not settings.offloaded and \
             (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning("ZeRO stage %d with one data-parallel rank partitions nothing but still copies every gradient "
                     "and parameter through its flat buffers (~16%% of a bf16 CPU step in benchmarks/peer_step.py); "

@@ -96,6 +96,8 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
 
     if cfg.parallel.pp != 1:
         raise UserError("parallel.pp: fine-tuning runs without pipeline stages (use pp: 1)")
+    if cfg.parallel.ulysses != 1:
+        raise UserError("parallel.ulysses: a classifier reads each text's last token whole; fine-tune with ulysses: 1")
     if not 0.0 < holdout < 1.0:
         raise UserError(f"--holdout: expected a fraction in (0, 1), got {holdout}")
     texts, raw_labels = read_examples(data, text_key, label_key)

@@ -66,8 +66,9 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     cfg, state, ds, t = rt.cfg, rt.state, rt.ds, rt.cfg.train
     batch = rt.batch
     if rt.rank0:
-        log.info("launcher=%s world=%d tp=%d pp=%d dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
-                 rt.info.launcher, rt.info.world_size, state.tp, state.pp, state.dp, zero_stage(ds), precision(ds),
+        log.info("launcher=%s world=%d tp=%d pp=%d%s dp=%d zero=%d precision=%s global_batch=%d (%d x %d x %d)",
+                 rt.info.launcher, rt.info.world_size, state.tp, state.pp,
+                 f" ulysses={state.ulysses}" if state.ulysses > 1 else "", state.dp, zero_stage(ds), precision(ds),
                  batch.global_, batch.micro, batch.accum, state.dp)
         if state.pp > 1:
             log.info("pipeline stages hold %s of %d layers", describe_split(cfg.stage_layers()), cfg.model.n_layers)
@@ -77,7 +78,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     train_ds, valid_ds, _ = open_datasets(cfg)
     if rt.rank0:  # only once the data is known good: a failed start leaves no config behind
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp,
+    layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp, "ulysses": state.ulysses,
               "zero": zero_stage(ds), "precision": precision(ds), "world_size": rt.info.world_size,
               # pipeline stages name their parameters as the model does (DeepSpeed's per-layer
               # files of an older pipeline run do not load as they are: resume those layout-free)
@@ -158,6 +159,7 @@ def _report(rt: Runtime, progress: Progress, metrics: MetricsLogger, elapsed: fl
         "steps": t.steps, "start_step": progress.start_step, "end_step": last_step,
         "first_loss": losses[0], "final_loss": losses[-1], "losses": losses,
         "elapsed_s": elapsed, "world_size": rt.info.world_size, "tp": state.tp, "pp": state.pp, "dp": state.dp,
+        "ulysses": state.ulysses,
         "zero_stage": zero_stage(rt.ds), "precision": precision(rt.ds), "launcher": rt.info.launcher,
         "tokens_per_s": metrics.last.get("tokens_per_s"), "tflops_per_rank": metrics.last.get("tflops_per_rank"),
         "mfu": metrics.last.get("mfu"), "mem_bytes": metrics.last.get("mem_bytes"),

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # what a checkpoint's LR schedule and batch sizes are tied to; checkpoints older than a field had its default
 SCHEDULE = ("steps", "warmup_steps", "lr", "min_lr_ratio", "lr_schedule", "lr_decay_fraction", "rampup_batch_size")
-LAYOUT = ("tp", "pp", "dp", "zero", "precision")  # what DeepSpeed's own files are tied to
+LAYOUT = ("tp", "pp", "dp", "ulysses", "zero", "precision")  # what DeepSpeed's own files are tied to
+LAYOUT_DEFAULTS = {"ulysses": 1}  # what a checkpoint written before a layout field had
 PIPELINE = ("stage_names", "stage_layers")  # and with a pipeline: parameter names, blocks per stage
 
 
@@ -98,7 +99,7 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
                      "position (checkpoint.load_weights_only)", path, int(meta["step"]))
         return Resume(path, universal=UniversalReader(path / "universal"), weights_only=True)
     refit = schedule_changed(meta, cfg, path)
-    same_layout = all(meta.get(k) == layout[k] for k in LAYOUT) and has_native(path) \
+    same_layout = all(meta.get(k, LAYOUT_DEFAULTS.get(k)) == layout[k] for k in LAYOUT) and has_native(path) \
         and (layout["pp"] == 1 or all(meta.get(k) == layout[k] for k in PIPELINE)) and not storage.node_local
     universal = None
     if not same_layout:

@@ -94,7 +94,7 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, meta: Di
             tensors[f"{name}::{key}"] = _stored(_full_over_dp(engine, p, key), info, state.tp, state.tp_rank)
         index[name] = info
     written = []
-    if state.dp_rank == 0:
+    if state.dp_rank == 0 and state.ulysses_rank == 0:  # Ulysses ranks hold the same weights too
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"pp{state.pp_rank:02d}-tp{state.tp_rank:02d}"
         path = out_dir / f"{stem}.safetensors"
@@ -102,7 +102,8 @@ def save_universal(engine, module, state: ParallelState, out_dir: Path, meta: Di
         (out_dir / f"{stem}.index.json").write_text(json.dumps(index))
         written += [path, out_dir / f"{stem}.index.json"]
         if state.rank == 0:
-            (out_dir / "layout.json").write_text(json.dumps({**meta, "tp": state.tp, "pp": state.pp, "dp": state.dp}))
+            (out_dir / "layout.json").write_text(json.dumps({**meta, "tp": state.tp, "pp": state.pp, "dp": state.dp,
+                                                                "ulysses": state.ulysses}))
             written.append(out_dir / "layout.json")
     return written
 
