@@ -34,8 +34,8 @@ CONFIG: Words = {
     "ulysses_pipeline": ("parallel.ulysses: not combined with pipeline parallelism (parallel.pp={pp}); set one "
                          "of them to 1"),
     "ulysses_arch": "parallel.ulysses: shards decoder-only sequences, got model.arch '{arch}' (use ulysses: 1)",
-    "ulysses_heads": ("model.{field}: {value} over parallel.tp={tp} leaves {local} per rank, which parallel.ulysses="
-                      "{u} must divide{kv}"),
+    "ulysses_heads": ("model.{field}: {value} over parallel.tp={tp} leaves {local} per rank, not divisible by "
+                      "parallel.ulysses={u}{kv}"),
     "ulysses_seq": "train.seq_len: {seq} is not divisible by parallel.ulysses={u}{sp} (each rank holds an equal shard)",
     "world_positive": "parallel: world size must be a positive integer, got {world}",
     "world_divides": "parallel: world size {world} is not a multiple of {names} = {sizes}",
@@ -166,7 +166,7 @@ def ulysses_problem(shape: ModelShape, tp: int, pp: int, sp: bool, seq: int, uly
                                              kv="")
     if kv_local % ulysses and ulysses % kv_local:
         return words["ulysses_heads"].format(field="n_kv_heads", value=shape.n_kv_heads, tp=tp, local=kv_local,
-                                             u=ulysses, kv=" (or divide it: fewer KV heads are replicated)")
+                                             u=ulysses, kv=" (nor a divisor of it: fewer KV heads are replicated)")
     shards = ulysses * (tp if sp else 1)
     if seq % shards:
         return words["ulysses_seq"].format(seq=seq, u=ulysses, sp=f" x tp={tp} (sequence_parallel)" if sp else "")
