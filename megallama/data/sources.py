@@ -2,10 +2,9 @@
 
 Line sources (JSONL or text; plain, gzip or zstandard; ``-`` for standard input) give bytes a line
 at a time. Table sources (parquet, arrow, a ``datasets`` ``save_to_disk`` directory) give rows
-through pyarrow, a batch at a time and only the columns asked for: parquet is read row group by
-row group, arrow memory-mapped (zero-copy, as ``datasets`` itself maps it), so memory stays flat on
-any input size. A ``save_to_disk`` directory is read as the files its ``state.json`` lists, the
-ones ``load_from_disk`` maps, without importing ``datasets`` (2 s) or anything that reaches a hub.
+through pyarrow, only the columns asked for, parquet a row group and arrow a record batch at a
+time, so memory stays flat on any input size. A ``save_to_disk`` directory is read as the files
+its ``state.json`` lists, the ones ``load_from_disk`` maps, without importing ``datasets`` (2 s) or anything that reaches a hub.
 Nothing here downloads: a URL or hub name is refused, so preprocessing never depends on the network.
 """
 from __future__ import annotations
@@ -179,31 +178,47 @@ def iter_rows(path: str, fmt: str, text_column: str, columns: Sequence[str]
 
 
 def _file_rows(pa, file: str, fmt: str, text_column: str, columns: List[str]) -> Iterator[Tuple[list, int]]:
-    """Chunks of rows as dicts with the file bytes each chunk stands for (by rows, summing to the size)."""
+    """Chunks of rows as dicts, each with the file bytes it accounts for (summing to the file's size)."""
+    total, credited, pending = os.path.getsize(file), 0, None
+    for rows, done in _chunks(pa, file, fmt, text_column, columns):
+        if pending is not None:
+            yield pending
+        used = min(done, total) - credited
+        credited += used
+        pending = (rows, used)
+    if pending is not None:  # the last chunk carries what is left (an arrow stream's end marker)
+        yield pending[0], pending[1] + total - credited
+
+
+def _chunks(pa, file: str, fmt: str, text_column: str, columns: List[str]) -> Iterator[Tuple[list, int]]:
+    """(at most ROWS_PER_CHUNK rows as dicts, bytes of the file read so far). Arrow is read a record
+    batch at a time (not memory-mapped, so resident memory stays one batch, not the file)."""
     total = os.path.getsize(file)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(file)
-        schema, n_rows = pf.schema_arrow, pf.metadata.num_rows
-        _check_columns(pa, file, schema, text_column, columns)
-        chunks = pf.iter_batches(batch_size=ROWS_PER_CHUNK, columns=columns)
-    else:
-        source = pa.memory_map(file)
+        _check_columns(pa, file, pf.schema_arrow, text_column, columns)
+        n_rows, done = max(pf.metadata.num_rows, 1), 0
+        for group in range(pf.metadata.num_row_groups):  # not iter_batches: it reads ~20 groups ahead
+            for batch in pf.read_row_group(group, columns=columns, use_threads=False).to_batches(ROWS_PER_CHUNK):
+                done += batch.num_rows
+                yield batch.to_pylist(), total * done // n_rows
+        return
+    with pa.OSFile(file) as source:
         try:
-            table = pa.ipc.open_file(source).read_all()  # arrow's file form (feather v2)
+            reader = pa.ipc.open_file(source)  # arrow's file form (feather v2)
+            n = max(reader.num_record_batches, 1)
+            numbered = ((reader.get_batch(i), total * (i + 1) // n) for i in range(reader.num_record_batches))
         except pa.ArrowInvalid:
             source.seek(0)
-            table = pa.ipc.open_stream(source).read_all()  # its stream form (what save_to_disk writes)
-        schema, n_rows = table.schema, table.num_rows
-        _check_columns(pa, file, schema, text_column, columns)
-        chunks = table.select(columns).to_batches(max_chunksize=ROWS_PER_CHUNK)
-    done = credited = 0
-    for chunk in chunks:
-        done += chunk.num_rows
-        used = total * done // max(n_rows, 1) - credited
-        credited += used
-        yield chunk.to_pylist(), used
+            reader = pa.ipc.open_stream(source)  # its stream form (what save_to_disk writes)
+            numbered = ((batch, source.tell()) for batch in reader)
+        _check_columns(pa, file, reader.schema, text_column, columns)
+        for batch, done in numbered:
+            batch = batch.select(columns)
+            for start in range(0, batch.num_rows, ROWS_PER_CHUNK):
+                yield batch.slice(start, ROWS_PER_CHUNK).to_pylist(), done
 
 
 def _check_columns(pa, file: str, schema, text_column: str, columns: Sequence[str]) -> None:
