@@ -100,6 +100,8 @@ def check(path: str, fmt: str) -> None:
     if not os.path.exists(path):
         looks_like_hub = path.count("/") == 1 and not path.startswith((".", "/")) and "." not in path
         raise UserError(f"{path}: input file not found" + (f" (a hub dataset? {HUB_HINT})" if looks_like_hub else ""))
+    if kind in TABLE_FORMATS or compression_of(path) == "zstd":
+        _optional("pyarrow" if kind in TABLE_FORMATS else "zstandard", path)  # missing: fail before any work
     if kind == "datasets":
         _saved_dataset_files(path)
     elif not os.path.isfile(path):
@@ -113,11 +115,18 @@ def check(path: str, fmt: str) -> None:
 
 def _refuse_binary(path: str) -> None:
     """A file taken for text by its name that is plainly something else fails here, not as garbage."""
+    import codecs
+
     with open(path, "rb") as fh:
         head = fh.read(4096)
-    what = next((name for magic, name in MAGIC if head.startswith(magic)), "binary" if b"\0" in head else None)
-    if what:
-        raise UserError(f"{path}: unknown input format ({what} data); {ACCEPTED}")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 bytes is fine
+        text = b"\0" not in head
+    except UnicodeDecodeError:
+        text = False
+    what = next((name for magic, name in MAGIC if head.startswith(magic)), None)
+    if not text and (what or b"\0" in head):  # else invalid UTF-8 is reported at its line, as in any text
+        raise UserError(f"{path}: unknown input format ({what or 'binary'} data); {ACCEPTED}")
 
 
 def size(path: str, fmt: str = "auto") -> Optional[int]:
