@@ -235,3 +235,52 @@ def test_bad_source_one_line_no_output(tmp_path, capsys, tok_path, kind):
                      else tok_path, "--output-prefix", out_dir / "c", "--workers", 1)
     assert_one_line_error(rc, err, needle)
     assert rc == 2 and listing(out_dir) == []
+
+
+def run_cfg(tmp_path, **data):
+    from megallama.config import load_run_config
+
+    return load_run_config(data={"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "vocab_size": 320},
+                                 "train": {"seq_len": 32, "seed": 3},
+                                 "data": {"tokenizer": tokenizer_path(), "split": "80,10,10", **data}})
+
+
+def test_data_sources_are_the_indexed_path(tmp_path, capsys, reference):
+    """data.sources (tokenized at start) gives the same token files, hence the same samples in the same
+    order, as data.prefixes on the JSONL path's output; later starts reuse the cache, a changed file is retokenized."""
+    from megallama.data.prepare import build_datasets, prepare_data
+
+    expect, _ = reference()
+    src = write_source(tmp_path, "datasets", RECORDS)
+    cfg = run_cfg(tmp_path, sources=[src])
+    art = prepare_data(cfg)
+    assert outputs(art.prefixes[0]) == expect and art.tokens == [len(Path(art.prefixes[0] + ".bin").read_bytes()) // 2]
+    ref = prepare_data(run_cfg(tmp_path / "r", prefixes=[str(tmp_path / "ref")]))
+    for ours, theirs in zip(build_datasets(cfg, art), build_datasets(cfg, ref)):
+        assert len(ours) == len(theirs) > 0
+        assert all((ours[i] == theirs[i]).all() for i in range(len(ours)))
+    manifest = Path(art.prefixes[0]).parent / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert prepare_data(cfg) == art and manifest.stat().st_mtime_ns == stamp  # cached
+    jsonl = write_source(tmp_path, "jsonl", RECORDS[:40])
+    cfg2 = run_cfg(tmp_path, sources=[jsonl], text_field="text")
+    first = prepare_data(cfg2).prefixes[0]
+    Path(jsonl).write_bytes(jsonl_bytes(RECORDS[:30]))
+    second = prepare_data(cfg2).prefixes[0]
+    assert second != first and len(IndexedTokens(second)) == 30
+
+
+def test_data_sources_bad_input_one_line(tmp_path):
+    from megallama.config.schema import ConfigError
+    from megallama.data.prepare import prepare_data
+    from megallama.errors import UserError
+
+    src = write_source(tmp_path, "parquet", RECORDS)
+    with pytest.raises(UserError, match=r"^data\.sources: .*c\.parquet: no column 'body'"):
+        prepare_data(run_cfg(tmp_path, sources=[src], text_field="body"))
+    with pytest.raises(UserError, match=r"^data\.weights: 2 weights for 0 prefixes and 1 sources$"):
+        prepare_data(run_cfg(tmp_path, sources=[src], weights=[1, 2]))
+    with pytest.raises(ConfigError, match="standard input"):
+        run_cfg(tmp_path, sources=["-"])
+    assert not (tmp_path / "run" / "data" / "sources").exists() or \
+        all(not list(d.glob("tokens.*")) for d in (tmp_path / "run" / "data" / "sources").iterdir())

@@ -129,13 +129,14 @@ def _refuse_binary(path: str) -> None:
         raise UserError(f"{path}: unknown input format ({what or 'binary'} data); {ACCEPTED}")
 
 
+def files_of(path: str, fmt: str = "auto") -> List[str]:
+    """The files behind one input: a ``save_to_disk`` directory's arrow files, else itself."""
+    return _saved_dataset_files(path) if format_of(path, fmt) == "datasets" else [path]
+
+
 def size(path: str, fmt: str = "auto") -> Optional[int]:
     """Bytes the progress bar counts for ``path``: None for standard input (unknown)."""
-    if path == STDIN:
-        return None
-    if format_of(path, fmt) == "datasets":
-        return sum(os.path.getsize(f) for f in _saved_dataset_files(path))
-    return os.path.getsize(path)
+    return None if path == STDIN else sum(os.path.getsize(f) for f in files_of(path, fmt))
 
 
 @contextlib.contextmanager
@@ -173,9 +174,8 @@ def iter_rows(path: str, fmt: str, text_column: str, columns: Sequence[str]
               ) -> Iterator[Tuple[int, dict, int]]:
     """(row number from 0, {column: value} of ``columns``, source bytes consumed) for a table source."""
     pa = _optional("pyarrow", path)
-    files = _saved_dataset_files(path) if fmt == "datasets" else [path]
     row = 0
-    for file in files:
+    for file in files_of(path, fmt):
         try:
             for values, used in _file_rows(pa, file, fmt, text_column, list(columns)):
                 for i, value in enumerate(values):
