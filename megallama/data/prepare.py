@@ -61,11 +61,10 @@ def prepare_data(cfg) -> DataArtifacts:
     tok.check_vocab(vocab)
     prefixes = [os.path.abspath(normalize_prefix(p)) for p in data.prefixes]
     if data.sources:
-        from megallama.data.source_cache import tokenize_sources
-
         if cfg.model.arch == "encoder_decoder":
             raise UserError("data.sources: for decoder-only models; an encoder-decoder's aligned files come from "
                             "`megallama preprocess --json-keys source target`")
+        from megallama.data.source_cache import tokenize_sources
 
         prefixes += tokenize_sources(cache_dir(cfg), data.sources, data.text_field, tok)
     tokens = [sum(_checked_tokens(cfg, q, tok) for q in _token_files(cfg, p)) for p in prefixes]

@@ -127,9 +127,10 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s {tokens / elapsed:,.0f} tok/s", refresh=False)
         if docs == 0:
-            dropped = [f"{skipped} empty ones skipped"] * bool(skipped) + [f"{filtered} filtered out"] * bool(filtered)
+            dropped = ", ".join(f"{n} {what}" for n, what in ((skipped, "empty ones skipped"),
+                                                              (filtered, "filtered out")) if n)
             raise UserError(f"{display(spec.paths[0])}: no documents found in the input"
-                            + (f" ({', '.join(dropped)})" if dropped else ""))
+                            + (f" ({dropped})" if dropped else ""))
     except BaseException:
         writer.abort()
         if pool is not None:

@@ -9,6 +9,7 @@ filters) so parsing can run in worker processes and still name the file and line
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
@@ -40,7 +41,7 @@ class InputSpec:
     filter: RecordFilter = RecordFilter()
 
     def format_of(self, i: int) -> str:
-        return sources.format_of(self.paths[i], self.fmt)
+        return _formats(self)[i]
 
     def check(self) -> None:
         if not self.paths:
@@ -52,6 +53,12 @@ class InputSpec:
             if self.filter.equals and self.format_of(i) == "text":
                 raise UserError(f"{path}: --filter needs records with fields (JSONL, parquet, arrow, datasets), "
                                 "not plain text")
+
+
+@functools.lru_cache(maxsize=16)
+def _formats(spec: InputSpec) -> Tuple[str, ...]:
+    """Each input's format, found once (workers ask per record; a name may need a ``stat``)."""
+    return tuple(sources.format_of(p, spec.fmt) for p in spec.paths)
 
 
 def iter_raw(spec: InputSpec, i: int) -> Iterator[Tuple[int, Union[bytes, dict], int]]:
