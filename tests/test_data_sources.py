@@ -147,8 +147,8 @@ def test_table_filters_in_workers_equal_jsonl(tmp_path, capsys, tok_path, refere
     assert outputs(tmp_path / "out") == expect and "filtered out" in out
 
 
-@pytest.mark.parametrize("kind", ["parquet", "datasets", "arrow-file"])
-def test_progress_counts_every_table_byte(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["parquet", "datasets", "arrow-file", "arrow-stream", "gz", "zst"])
+def test_progress_counts_every_source_byte(tmp_path, kind):
     src = write_source(tmp_path, kind, RECORDS)
     spec = InputSpec((src,))
     spec.check()
