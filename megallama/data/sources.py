@@ -4,8 +4,9 @@ Line sources (JSONL or text; plain, gzip or zstandard; ``-`` for standard input)
 at a time. Table sources (parquet, arrow, a ``datasets`` ``save_to_disk`` directory) give rows
 through pyarrow, only the columns asked for, parquet a row group and arrow a record batch at a
 time, so memory stays flat on any input size. A ``save_to_disk`` directory is read as the files
-its ``state.json`` lists, the ones ``load_from_disk`` maps, without importing ``datasets`` (2 s) or anything that reaches a hub.
-Nothing here downloads: a URL or hub name is refused, so preprocessing never depends on the network.
+its ``state.json`` lists, the ones ``load_from_disk`` maps, without importing ``datasets`` (2 s)
+or anything that reaches a hub. Nothing here downloads: a URL or hub name is refused, so
+preprocessing never depends on the network.
 """
 from __future__ import annotations
 
@@ -237,8 +238,10 @@ def _check_columns(pa, file: str, schema, text_column: str, columns: Sequence[st
             flag = "--text-field" if name == text_column else "--filter"
             raise UserError(f"{file}: no column '{name}' (columns: {', '.join(names[:12])}); check {flag}")
     t = schema.field(text_column).type
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)):
-        raise UserError(f"{file}: column '{text_column}' is {t}, expected a string column; choose one with --text-field")
+    string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or string_view(t)):
+        raise UserError(f"{file}: column '{text_column}' is {t}, expected a string column; "
+                        "choose one with --text-field")
 
 
 def _saved_dataset_files(directory: str) -> List[str]:
