@@ -31,6 +31,8 @@ setup(
             "safetensors>=0.4",
             "megatron-core>=0.8",
             "wandb>=0.19",  # the wandb tracker's test (offline, no network)
+            "datasets>=2.14",  # preprocess from save_to_disk directories, parquet and arrow (brings pyarrow)
+            "zstandard>=0.21",  # preprocess from .jsonl.zst
         ],
         "tools": ["matplotlib>=3.7", "tensorboard>=2.14"],
     },

@@ -1,4 +1,8 @@
-"""``megallama preprocess``: text or JSONL in, Megatron ``.bin``/``.idx`` token files out.
+"""``megallama preprocess``: text, JSONL or tables in, Megatron ``.bin``/``.idx`` token files out.
+
+Inputs are local files or directories (:mod:`megallama.data.sources`: JSONL or text, plain, ``.gz``
+or ``.zst``; parquet; arrow; a ``datasets`` ``save_to_disk`` directory) or ``-`` for standard
+input; ``--filter FIELD=VALUE`` and ``--min-chars`` choose records (:mod:`megallama.data.filters`).
 
 With ``--train-tokenizer`` it first trains a LLaMA-style SentencePiece model on the same inputs
 and writes it to ``--tokenizer``; ``--output-prefix`` is then optional. Megatron's own flag
@@ -10,22 +14,35 @@ from __future__ import annotations
 
 import os
 
+from megallama.data.sources import FORMATS
+
 NAME = "preprocess"
-HELP = "tokenize text/JSONL into Megatron .bin/.idx files (optionally train the tokenizer first)"
+HELP = ("tokenize text/JSONL/parquet/arrow/datasets into Megatron .bin/.idx files (optionally train the "
+        "tokenizer first)")
 MAX_TOKENIZER_VOCAB = 2 ** 24  # 16.7M pieces: far past any LLaMA-family tokenizer (Llama 3: 128,256)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL or text files")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="local JSONL or text files (also .gz/.zst), parquet or arrow files, directories of "
+                             "them, a datasets save_to_disk directory, or - for standard input (JSONL unless "
+                             "--input-format text); never a hub name or URL")
     parser.add_argument("--output-prefix", metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", "--tokenizer-model", metavar="MODEL", required=True,
                         help="tokenizer file to use: SentencePiece or tiktoken tokenizer.model, or tokenizer.json "
                         "(or the SentencePiece model to write, with --train-tokenizer)")
-    parser.add_argument("--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"], metavar="KEY",
-                        help="JSONL field holding the document text (default: text); two keys (source "
-                             "target) write aligned PREFIX_source and PREFIX_target files for an encoder-decoder")
-    parser.add_argument("--input-format", choices=("auto", "jsonl", "text"), default="auto",
-                        help="auto: .jsonl/.json/.ndjson are JSONL, other files plain text")
+    parser.add_argument("--text-field", "--json-key", "--json-keys", dest="json_key", nargs="+", default=["text"],
+                        metavar="KEY", help="field (JSONL key or table column) holding the document text "
+                        "(default: text); two keys (source target) write aligned PREFIX_source and "
+                        "PREFIX_target files for an encoder-decoder")
+    parser.add_argument("--input-format", choices=FORMATS, default="auto",
+                        help="auto: by name (.jsonl/.json/.ndjson JSONL, .parquet, .arrow, a directory with a "
+                             "state.json a datasets one, other files plain text; .gz/.zst looked through)")
+    parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE",
+                        help="keep only records whose FIELD equals VALUE (repeatable: all must hold; numbers "
+                             "and booleans as JSON writes them)")
+    parser.add_argument("--min-chars", type=int, default=0, metavar="N",
+                        help="drop documents whose text has fewer than N characters")
     parser.add_argument("--text-doc", choices=("line", "paragraph", "file"), default="line",
                         help="plain text: one document per non-blank line, blank-line paragraph, or file")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="encoding processes")
@@ -78,6 +95,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    from megallama.data import sources
+    from megallama.data.filters import parse_filters
     from megallama.data.indexed import normalize_prefix
     from megallama.data.records import InputSpec, iter_texts
     from megallama.data.tokenizer import Tokenizer, train_tokenizer
@@ -87,12 +106,18 @@ def _run(args) -> int:
         raise UserError(f"--workers: expected a positive integer, got {args.workers}")
     keys = list(args.json_key)
     paired = len(keys) > 1
+    record_filter = parse_filters(args.filter, args.min_chars)
+    paths = sources.expand(args.input, args.input_format)
     if paired:
         from megallama.data.paired import check_keys
 
         check_keys(keys, args.skip_empty)
-    spec = InputSpec(tuple(args.input), "jsonl" if paired else args.input_format, keys[0], args.text_doc,
-                     args.skip_empty)
+        _check_paired_inputs(paths, args.input_format, args.min_chars)
+    if sources.STDIN in paths and args.train_tokenizer:
+        raise UserError("--input -: standard input can be read once; not with --train-tokenizer (which reads the "
+                        "inputs twice): save it to a file first")
+    spec = InputSpec(paths, "jsonl" if paired else args.input_format, keys[0], args.text_doc, args.skip_empty,
+                     record_filter)
     spec.check()
     if args.output_prefix:
         from megallama.data.files import refuse_existing
@@ -127,10 +152,26 @@ def _run(args) -> int:
 
     stats = preprocess(spec, tok, args.output_prefix, workers=args.workers, bos=args.prepend_bos,
                        overwrite=args.overwrite, progress=False if args.no_progress else None)
-    skipped = f", {stats.skipped} empty skipped" if stats.skipped else ""
+    skipped = (f", {stats.skipped} empty skipped" if stats.skipped else "") + \
+        (f", {stats.filtered} filtered out" if stats.filtered else "")
     print(f"wrote {prefix}.bin/.idx: {stats.documents} documents, {stats.tokens} tokens ({stats.dtype}){skipped}"
           f" in {stats.seconds:.1f}s: {stats.docs_per_s:,.0f} docs/s, {stats.tokens_per_s:,.0f} tokens/s")
     return 0
+
+
+def _check_paired_inputs(paths, fmt: str, min_chars: int) -> None:
+    """Two keys read the records once per key: JSONL files only, and no filter that differs per key."""
+    from megallama.data import sources
+    from megallama.errors import UserError
+
+    for path in paths:
+        kind = sources.format_of(path, fmt)
+        if path == sources.STDIN or kind != "jsonl":
+            what = "standard input" if path == sources.STDIN else kind
+            raise UserError(f"{sources.display(path)}: two --json-keys read JSONL files (each twice), not {what}")
+    if min_chars:
+        raise UserError("--min-chars: not with two --json-keys (it would drop a record from one side only and "
+                        "misalign the pairs)")
 
 
 def _run_paired(args, spec, keys, tok, prefix) -> int:

@@ -202,7 +202,11 @@ class BatchLayout(BaseModel):
 
 
 class DataConfig(_Strict):
-    prefixes: List[str] = []  # Megatron .bin/.idx prefixes; empty: the embedded corpus
+    prefixes: List[str] = []  # Megatron .bin/.idx prefixes; empty (and no sources): the embedded corpus
+    # raw documents (what `megallama preprocess --input` reads: JSONL, .gz/.zst, parquet, arrow, a datasets
+    # directory) tokenized at start with data.tokenizer and cached; each joins the blend after the prefixes
+    sources: List[str] = []
+    text_field: str = "text"  # the JSONL key or table column holding data.sources' text
     weights: Optional[List[Float]] = None  # blend weights; None: proportional to each prefix's tokens
     tokenizer: Optional[str] = None  # sentencepiece model; required with prefixes
     split: str = "98,1,1"  # train,valid,test shares of the documents of every prefix
@@ -238,6 +242,13 @@ class DataConfig(_Strict):
     def _max_files(cls, value: int) -> int:
         if value < 1:
             raise ValueError("expected a positive number of files")
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: List[str]) -> List[str]:
+        if "-" in value:
+            raise ValueError("standard input ('-') cannot feed a run (read it with `megallama preprocess --input -`)")
         return value
 
     @model_validator(mode="after")

@@ -42,23 +42,31 @@ def cache_dir(cfg) -> Path:
 def prepare_data(cfg) -> DataArtifacts:
     """Build (embedded corpus) or validate (configured prefixes) the run's data. Idempotent."""
     data, vocab = cfg.data, cfg.model.vocab_size
-    if not data.prefixes:
+    if not data.prefixes and not data.sources:
         for name in ("tokenizer", "weights"):
             if getattr(data, name) is not None:
-                raise UserError(f"data.{name}: set without data.prefixes; the embedded corpus trains its own "
-                                "tokenizer (remove it, or list data.prefixes)")
+                raise UserError(f"data.{name}: set without data.prefixes or data.sources; the embedded corpus "
+                                "trains its own tokenizer (remove it, or list data.prefixes)")
         from megallama.data.embedded import build_embedded
 
         m = build_embedded(cache_dir(cfg), vocab, data.embedded_max_files)
         return DataArtifacts([m["prefix"]], [1.0], m["tokenizer"], vocab, True, [m["tokens"]])
     if not data.tokenizer:
-        raise UserError("data.tokenizer: required with data.prefixes (the tokenizer file the files were "
-                        "tokenized with)")
-    if data.weights is not None and len(data.weights) != len(data.prefixes):
-        raise UserError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes")
+        raise UserError("data.tokenizer: required with data.prefixes or data.sources (the tokenizer file the "
+                        "files were, or are to be, tokenized with)")
+    if data.weights is not None and len(data.weights) != len(data.prefixes) + len(data.sources):
+        raise UserError(f"data.weights: {len(data.weights)} weights for {len(data.prefixes)} prefixes and "
+                        f"{len(data.sources)} sources")
     tok = Tokenizer(data.tokenizer)
     tok.check_vocab(vocab)
     prefixes = [os.path.abspath(normalize_prefix(p)) for p in data.prefixes]
+    if data.sources:
+        if cfg.model.arch == "encoder_decoder":
+            raise UserError("data.sources: for decoder-only models; an encoder-decoder's aligned files come from "
+                            "`megallama preprocess --json-keys source target`")
+        from megallama.data.source_cache import tokenize_sources
+
+        prefixes += tokenize_sources(cache_dir(cfg), data.sources, data.text_field, tok)
     tokens = [sum(_checked_tokens(cfg, q, tok) for q in _token_files(cfg, p)) for p in prefixes]
     weights = list(data.weights) if data.weights is not None else [float(n) for n in tokens]
     if sum(weights) <= 0:

@@ -23,7 +23,8 @@ from typing import List, Optional
 import numpy as np
 
 from megallama.data.indexed import IndexedWriter, dtype_for_vocab
-from megallama.data.records import InputSpec, RawRecord, batches, parse, total_bytes
+from megallama.data.records import Drop, InputSpec, RawRecord, batches, parse, total_bytes
+from megallama.data.sources import display
 from megallama.errors import UserError
 
 
@@ -34,6 +35,7 @@ class PreprocessStats:
     skipped: int
     seconds: float
     dtype: str
+    filtered: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,18 +54,18 @@ class _Encoder:
         self.eod = tokenizer.eod_id
 
     def __call__(self, batch: List[RawRecord]):
-        """(flat tokens, lengths, skipped) or, for a bad record, ``("error", message)``."""
+        """(flat tokens, lengths, skipped, filtered) or, for a bad record, ``("error", message)``."""
         try:
             texts = [parse(self.spec, i, line, raw) for i, line, raw in batch]
         except UserError as exc:
             return "error", str(exc)
-        kept = [t for t in texts if t is not None]
+        kept = [t for t in texts if isinstance(t, str)]
         ids = self.tok.encode_batch(kept)  # one core per worker, as asked
         head = [self.tok.bos_id] if self.bos else []
         docs = [head + d + [self.eod] for d in ids]
         lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
         flat = np.fromiter(itertools.chain.from_iterable(docs), self.dtype, int(lengths.sum()))
-        return flat, lengths, len(texts) - len(kept)
+        return flat, lengths, texts.count(Drop.EMPTY), texts.count(Drop.FILTERED)
 
 
 _WORKER: Optional[_Encoder] = None
@@ -79,7 +81,7 @@ def _work(batch: List[RawRecord]):
     return _WORKER(batch)
 
 
-def _progress(total: int, enabled: Optional[bool]):
+def _progress(total: Optional[int], enabled: Optional[bool]):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
@@ -96,9 +98,9 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
     tokenizer.encode("", bos=bos, eos=True)  # fails early, naming the model, when it has no EOS (or BOS, asked)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     start = time.perf_counter()
-    docs = tokens = skipped = 0
+    docs = tokens = skipped = filtered = 0
     pool = None
-    bar = _progress(total_bytes(spec.paths), progress)  # first: a signal while tqdm imports leaves nothing
+    bar = _progress(total_bytes(spec), progress)  # first: a signal while tqdm imports leaves nothing
     try:
         writer = IndexedWriter(output_prefix, dtype, overwrite=overwrite)
     except BaseException:
@@ -115,17 +117,20 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
         for result, used in results:
             if isinstance(result[0], str):  # ("error", message) from a worker
                 raise UserError(result[1])
-            flat, lengths, n_skipped = result
+            flat, lengths, n_skipped, n_filtered = result
             writer.add_documents(flat, lengths)
             docs += len(lengths)
             tokens += int(lengths.sum())
             skipped += n_skipped
+            filtered += n_filtered
             bar.update(used)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s {tokens / elapsed:,.0f} tok/s", refresh=False)
         if docs == 0:
-            raise UserError(f"{spec.paths[0]}: no documents found in the input"
-                            + (f" ({skipped} empty ones skipped)" if skipped else ""))
+            dropped = ", ".join(f"{n} {what}" for n, what in ((skipped, "empty ones skipped"),
+                                                              (filtered, "filtered out")) if n)
+            raise UserError(f"{display(spec.paths[0])}: no documents found in the input"
+                            + (f" ({dropped})" if dropped else ""))
     except BaseException:
         writer.abort()
         if pool is not None:
@@ -136,7 +141,7 @@ def preprocess(spec: InputSpec, tokenizer, output_prefix: str, *, workers: int =
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)  # running batches are small: a short wait
     writer.finalize()
-    return PreprocessStats(docs, tokens, skipped, time.perf_counter() - start, dtype.name)
+    return PreprocessStats(docs, tokens, skipped, time.perf_counter() - start, dtype.name, filtered)
 
 
 def _kill_workers(pool) -> None:
