@@ -19,6 +19,7 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
@@ -133,10 +134,11 @@ class SafeDcpReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
                 dcp.load(state, storage_reader=self._reader, planner=_Planner())
-        except Exception as exc:  # CheckpointException wraps each rank's error: its first line
-            text = str(exc).replace("\n", " ")
-            reason = refusal_reason(exc) if "Weights only" in text or "Unsupported" in text else text[:200]
-            raise UserError(f"{self.path}: '{fqn}' could not be read ({reason})") from None
+        except (Exception, CheckpointException) as exc:  # the latter wraps the first rank's error
+            if isinstance(exc, CheckpointException) and exc.failures:
+                exc = next(iter(exc.failures.values()))[0]
+            raise UserError(f"{self.path}: '{fqn}' could not be read ({refusal_reason(exc)}); nothing in it was "
+                            "run") from None
         return state[fqn]
 
     def load(self, fqn: str) -> torch.Tensor:
