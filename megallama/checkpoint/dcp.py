@@ -176,8 +176,11 @@ class TitanCheckpoint:
             got = names.get(name)
             if got is None:
                 raise UserError(f"{self.path}: missing tensor '{name}' (the model {pfile.name} describes)")
-            if tuple(got[0]) != shape:
-                raise UserError(f"{self.path}: tensor '{name}' has shape {tuple(got[0])}, expected {shape} from "
+            moments = [self.reader.tensors.get(OPT + self._fqn[name] + "." + m, got) for m in MOMENTS]
+            bad = next((t for t in [got] + moments if tuple(t[0]) != shape or not t[1].is_floating_point), None)
+            if bad is not None:
+                raise UserError(f"{self.path}: tensor '{name}' (or its Adam state) is {tuple(bad[0])} of "
+                                f"{str(bad[1]).replace('torch.', '')}, expected a float tensor of {shape} from "
                                 f"{pfile.name}")
         extra = sorted(set(names) - set(expected))
         if extra:

@@ -121,6 +121,12 @@ def import_(inp: Path, out: Path, args) -> int:
     if training and (args.dtype != "keep" or args.tokenizer):
         raise UserError("--dtype/--tokenizer: the DCP holds Adam state, so the output is a training checkpoint "
                         "(fp32, no tokenizer); convert that one to hf or a consolidated copy")
+    if training and (args.tp or args.pp):
+        from megallama.config import layout_rules
+
+        problem = layout_rules.layout_problem(ck.cfg.shape, args.tp or 1, args.pp or 1)
+        if problem:
+            raise UserError(f"--tp/--pp: {problem}")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     try:
@@ -156,7 +162,8 @@ def _write_weights(ck: TitanCheckpoint, out: Path, args, to_hf: bool) -> None:
         return
     from megallama.checkpoint.consolidated import save_consolidated
 
-    save_consolidated(state, ck.cfg, out, overwrite=True, extra={"converted_from": {"format": "dcp", "path": str(ck.path)}})
+    save_consolidated(state, ck.cfg, out, overwrite=True,
+                      extra={"converted_from": {"format": "dcp", "path": str(ck.path)}})
     if tokenizer is not None:
         shutil.copyfile(tokenizer.path, out / tokenizer.FILE_NAME)
 
@@ -188,7 +195,8 @@ def write_training(ck: TitanCheckpoint, out: Path, tp: int, pp: int) -> None:
         (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(_split_index(cfg)))
         layout = {"model": cfg.model_dump(), "tp": 1, "pp": 1, "dp": None, "zero": None}
         (tag / "universal" / "layout.json").write_text(json.dumps(layout))
-        meta = {**layout, "step": step, "consumed_samples": consumed, "converted_from": {"format": "dcp", "path": str(ck.path)}}
+        meta = {**layout, "step": step, "consumed_samples": consumed,
+                "converted_from": {"format": "dcp", "path": str(ck.path)}}
         (tag / "meta.json").write_text(json.dumps(meta, indent=1))
         tc.write_manifest(tag)
         (tmp / tc.LATEST).write_text(tag.name)
