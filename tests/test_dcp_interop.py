@@ -169,6 +169,11 @@ def test_torchtitan_checkpoint_imports_with_transformers_logits_and_resumes_ther
     cfg, ours = consolidate_training_checkpoint(tmp_path / "ours")  # Adam state: a training checkpoint
     assert (cfg.n_kv_heads, cfg.rope_scaling.factor, cfg.rope_scaling.original_max_seq_len) == (2, 4.0, 32)
     assert (megallama_logits(ours, cfg, x) - expected).abs().max() <= TOL
+    assert cli("convert", "--from", "dcp", "--params", tmp_path / "params.json", "--input", tmp_path / "titan",
+               "--output", tmp_path / "ours_tp2", "--tp", "2") == 0  # straight to another layout
+    assert json.loads((resolve_checkpoint(tmp_path / "ours_tp2") / "meta.json").read_text())["tp"] == 2
+    _, ours_tp2 = consolidate_training_checkpoint(tmp_path / "ours_tp2")
+    assert (megallama_logits(ours_tp2, cfg, x) - expected).abs().max() <= TOL
     tag = resolve_checkpoint(tmp_path / "ours")
     assert json.loads((tag / "meta.json").read_text())["step"] == 2
     reader = UniversalReader(tag / "universal")
