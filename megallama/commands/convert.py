@@ -14,7 +14,7 @@ peak memory stays near the largest tensor, not the model.
 from __future__ import annotations
 
 NAME = "convert"
-HELP = "convert checkpoints: Hugging Face / Meta / torchtitan DCP <-> megallama, and training-checkpoint resharding"
+HELP = "convert checkpoints: Hugging Face / Meta <-> megallama, and training-checkpoint resharding"
 
 
 def add_arguments(p) -> None:
