@@ -200,7 +200,7 @@ def test_torchtitan_checkpoint_imports_with_transformers_logits_and_resumes_ther
 def test_export_reads_in_transformers_through_torchtitans_mapping(tmp_path):
     """An export is in torchtitan's layout: mapped to transformers the way torchtitan's adapter
     does (its RoPE row order undone), it gives our logits."""
-    from megallama.checkpoint.consolidated import save_consolidated
+    from megallama.checkpoint.consolidated import load_consolidated, save_consolidated
     from megallama.config import ModelConfig
     from megallama.config.schema import RopeScaling
 
@@ -223,6 +223,9 @@ def test_export_reads_in_transformers_through_torchtitans_mapping(tmp_path):
         assert (hf(x).logits - megallama_logits(model.state_dict(), cfg, x)).abs().max() <= TOL
     params = json.loads((tmp_path / "titan" / "params.json").read_text())
     assert params["rope_scaling_args"]["scaling_factor"] == 4.0 and params["n_kv_heads"] == 2
+    assert cli("convert", "--from", "dcp", "--input", tmp_path / "titan", "--output", tmp_path / "back") == 0
+    cfg2, back = load_consolidated(tmp_path / "back")  # weights alone: a consolidated checkpoint, unchanged
+    assert cfg2 == cfg and all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.fixture(scope="module")
