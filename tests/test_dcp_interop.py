@@ -309,6 +309,41 @@ def test_hostile_pickles_are_refused_without_running(tmp_path, monkeypatch, caps
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
+def test_tied_model_and_torchtitan_main_names(tmp_path):
+    """A tied model round-trips (torchtitan v0.2 gets the head as its own tensor); a checkpoint
+    under torchtitan main's names (``qkv_linear.wq``, ``lm_head``) reads as v0.2's."""
+    from megallama.checkpoint.consolidated import load_consolidated, save_consolidated
+    from megallama.config import ModelConfig
+
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32,
+                      tie_embeddings=True)
+    state = build_model(cfg, ParallelState(), seed=0).state_dict()
+    save_consolidated(state, cfg, tmp_path / "ours")
+    assert cli("convert", "--input", tmp_path / "ours", "--output", tmp_path / "titan", "--to", "dcp") == 0
+    assert cli("convert", "--from", "dcp", "--input", tmp_path / "titan", "--output", tmp_path / "back") == 0
+    cfg2, back = load_consolidated(tmp_path / "back")
+    assert cfg2.tie_embeddings and back.keys() <= state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in back.items())
+    names = {"tok_embeddings.weight": (64, 32), "norm.weight": (32,), "output.weight": (64, 32)}
+    names.update({f"layers.0.{n}.weight": s for n, s in [("attention.wq", (32, 32)), ("attention.wk", (32, 32)),
+                  ("attention.wv", (32, 32)), ("attention.wo", (32, 32)), ("feed_forward.w1", (96, 32)),
+                  ("feed_forward.w2", (32, 96)), ("feed_forward.w3", (96, 32)), ("attention_norm", (32,)),
+                  ("ffn_norm", (32,))]})
+    v02 = {n: torch.randn(s) for n, s in names.items()}
+    renamed = {n.replace("attention.w", "attention.qkv_linear.w").replace("qkv_linear.wo", "wo")
+               .replace("output.", "lm_head."): t for n, t in v02.items()}
+    dcp.save(v02, checkpoint_id=str(tmp_path / "v02"))
+    dcp.save(renamed, checkpoint_id=str(tmp_path / "main"))
+    params = {"dim": 32, "n_layers": 1, "n_heads": 2, "multiple_of": 16}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    for src in ("v02", "main"):
+        assert cli("convert", "--from", "dcp", "--params", tmp_path / "params.json", "--input", tmp_path / src,
+                   "--output", tmp_path / f"{src}_ours") == 0
+    _, a = load_consolidated(tmp_path / "v02_ours")
+    _, b = load_consolidated(tmp_path / "main_ours")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_inputs_are_one_line(tmp_path, capsys):
     from megallama.checkpoint.consolidated import save_consolidated
     from megallama.config import ModelConfig

@@ -170,6 +170,13 @@ class TitanCheckpoint:
             raise UserError(f"{self.path}: no 2-D tensor 'tok_embeddings.weight' (not a torchtitan LLaMA checkpoint)")
         tied = "output.weight" not in self._names()
         self.cfg = config_from_params(read_json(pfile), emb[0][0], tied, str(pfile))
+        if self.cfg.tie_embeddings and not tied:  # our export of a tied model wrote the head for torchtitan
+            from megallama.checkpoint.streaming import equal
+
+            if not equal(self._lazy(self._fqn["output.weight"]), self._lazy("tok_embeddings.weight")):
+                raise UserError(f"{self.path}: {pfile.name} says the head is tied, but output.weight differs from "
+                                "tok_embeddings.weight (trained untied since?): drop its 'megallama' record")
+            del self._fqn["output.weight"]
         expected = meta_shapes(self.cfg)
         names = self._names()
         for name, shape in expected.items():
