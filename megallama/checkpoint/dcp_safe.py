@@ -39,11 +39,15 @@ _ALLOWED |= {(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath"
                                                                      "PureWindowsPath")}
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(importlib.import_module(module), name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, not a DCP metadata record")
+        raise _Refused(f"it names {module}.{name}, not a DCP metadata record")
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -56,9 +60,11 @@ def read_metadata(path: Path) -> Metadata:
     try:
         with open(f, "rb") as fh:
             meta = _MetadataUnpickler(fh).load()
-    except Exception as exc:  # UnpicklingError, EOFError, a record built with bad fields ...
-        raise UserError(f"{f}: refused: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}; "
-                        "it was not unpickled freely because that could run code") from None
+    except _Refused as exc:
+        raise UserError(f"{f}: refused: {exc}; it was not unpickled because that could run code") from None
+    except Exception as exc:  # truncated, a record built with bad fields ...
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{f}: not readable DCP metadata ({reason})") from None
     if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "state_dict_metadata", None), dict) \
             or not isinstance(getattr(meta, "storage_data", None), dict):
         raise UserError(f"{f}: not DCP metadata (got a {type(meta).__name__})")
