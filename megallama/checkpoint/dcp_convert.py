@@ -78,6 +78,10 @@ def export(inp: Path, out: Path, args, load) -> int:
             from megallama.checkpoint.pretrained import resolve_dtype
 
             state = {k: v.to(resolve_dtype(args.dtype)) for k, v in state.items()}
+        if cfg.arch != "decoder" or not ({"output.weight", "tok_embeddings.weight"} <= set(state)
+                                         or cfg.tie_embeddings):
+            raise UserError(f"{inp}: not a LLaMA language model (an encoder-decoder or a classifier); torchtitan's "
+                            "LLaMA names have no place for it")
         tensors, values = to_titan(state, cfg), {}
     else:
         from megallama.checkpoint.reshard import resolve_checkpoint
@@ -87,6 +91,8 @@ def export(inp: Path, out: Path, args, load) -> int:
         tag = resolve_checkpoint(inp)
         reader, meta = UniversalReader(tag / "universal"), read_meta(tag)
         cfg = reader.cfg
+        if cfg.arch != "decoder":
+            raise UserError(f"{inp}: an encoder-decoder model; torchtitan's LLaMA names have no place for it")
         shapes = expected_shapes(cfg, str(tag))
 
         def full(name: str, key: Optional[str] = None) -> Lazy:
@@ -107,7 +113,6 @@ def export(inp: Path, out: Path, args, load) -> int:
     return 0
 
 
-
 def import_(inp: Path, out: Path, args) -> int:
     """``convert --from dcp``: a training checkpoint (``checkpoint.load`` resumes it at its step)
     when the DCP holds Adam state or --tp/--pp asks for one; else consolidated or Hugging Face weights."""
@@ -119,8 +124,8 @@ def import_(inp: Path, out: Path, args) -> int:
     if args.shard_size is not None and not to_hf:
         raise UserError("--shard-size: only a Hugging Face output (--to hf) is split into files")
     if training and (args.dtype != "keep" or args.tokenizer):
-        raise UserError("--dtype/--tokenizer: the DCP holds Adam state, so the output is a training checkpoint "
-                        "(fp32, no tokenizer); convert that one to hf or a consolidated copy")
+        raise UserError("--dtype/--tokenizer: the output is a training checkpoint (the DCP holds Adam state, or "
+                        "--tp/--pp): fp32, no tokenizer; convert that one to hf or a consolidated copy")
     if training and (args.tp or args.pp):
         from megallama.config import layout_rules
 
