@@ -3,6 +3,7 @@
   --from hf|meta --to megallama     import (Hugging Face safetensors / Meta's original release)
   --from megallama --to hf          export a consolidated or training checkpoint for transformers
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
+  --from dcp / --to dcp             torchtitan's torch.distributed.checkpoint, Adam state included
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
@@ -20,9 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--input", required=True, help="checkpoint directory to read (a run's checkpoints/ dir uses the "
                    "step 'latest' names, and refuses to fall back to another; pass a stepNNNNNNNN dir to pick one)")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
-    p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta"],
+    p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta", "dcp"],
                    help="input format (default: megallama: a consolidated or training checkpoint)")
-    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf"],
+    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf", "dcp"],
                    help="output format (default: megallama)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree of a training-checkpoint output")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree of a training-checkpoint output")
@@ -33,6 +34,8 @@ def add_arguments(p) -> None:
                    "and generation_config.json")
     p.add_argument("--shard-size", default=None, help="largest safetensors file of a Hugging Face output, e.g. 5GB, "
                    "500MB, 2GiB (default 5GB, the Hub's Llama shards); a larger single tensor gets its own file")
+    p.add_argument("--params", help="model args of a --from dcp input as JSON (torchtitan's: dim, n_layers, n_heads, "
+                   "n_kv_heads, ...; default: INPUT/params.json, which --to dcp writes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
@@ -75,6 +78,12 @@ def run(args) -> int:
             raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
+    if "dcp" in (args.from_format, args.to_format):  # torchtitan's format: megallama.checkpoint.dcp
+        from megallama.checkpoint.dcp_convert import convert
+
+        return convert(args, _load)
+    if args.params:
+        raise UserError("--params: only for a --from dcp input")
     training_input = args.from_format == "megallama" and not is_consolidated(inp)
     kind = _output_kind(args, training_input)
     from megallama.checkpoint.streaming import parse_size
