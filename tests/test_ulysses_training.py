@@ -52,6 +52,7 @@ def runs(tmp_path_factory, data_cache):
     saved = tmp / "u2-dp2-z3-full" / "checkpoints" / tag_for(SAVE_AT)
     for name, (extra, world) in RESUMES.items():
         out["resume-" + name] = _run(cfg, extra + [f"checkpoint.load={saved}"], world, tmp / ("resume-" + name))
+    out["saved"] = saved
     return out
 
 
@@ -73,6 +74,8 @@ def test_ulysses_matches_the_single_process_run(runs, name):
 @pytest.mark.parametrize("name", list(RESUMES))
 def test_a_ulysses_checkpoint_resumes_at_another_layout(runs, name):
     got = runs["resume-" + name]
+    meta = json.loads((runs["saved"] / "meta.json").read_text())
+    assert (meta["ulysses"], meta["dp"], meta["zero"]) == (2, 2, 3)
     assert got["start_step"] == SAVE_AT and got["ulysses"] == 1
     assert "new layout: layout-free state" in got["stderr"]
     _close(got, runs["ref"], f"U2 checkpoint resumed at {name}", first=SAVE_AT)
