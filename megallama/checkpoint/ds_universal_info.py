@@ -34,12 +34,12 @@ def _kind(name: str, info: Dict, shape: Tuple[int, ...], tp: int) -> Tuple[str, 
     if info["split_dim"] is None:
         return "replicated", None
     sizes = info["fused_sizes"] or [shape[info["split_dim"]]]
+    if info.get("pad_multiple"):  # one block, cut evenly once padded
+        return "vocab", sizes[0]
     pieces = tp_pieces(sizes, info.get("fused_heads"), tp)
     if any(rep > 1 for _, rep in pieces):
         return "unsupported", (f"{name} holds blocks of heads replicated over TP ranks (fewer heads than "
                                f"tp={tp}); convert with megallama's own universal/ instead")
-    if info.get("pad_multiple"):
-        return "vocab", sizes[0]
     if len(sizes) == 1:
         return ("row", None) if info["split_dim"] == 1 else ("column", None)
     if info["split_dim"] != 0:
@@ -47,8 +47,10 @@ def _kind(name: str, info: Dict, shape: Tuple[int, ...], tp: int) -> Tuple[str, 
     return "sub", ((tuple(sizes),) + tuple(shape[1:]), [[piece] * tp for piece, _ in pieces])
 
 
-def build_info(params: Iterable[Tuple[str, Dict, Tuple[int, ...]]], tp: int, meta: Dict) -> Dict:
-    """The info for ``(canonical name, split info, logical shape)`` of every parameter at ``tp``."""
+def build_info(params: Iterable[Tuple[str, Dict, Tuple[int, ...]]], tp: int, meta: Dict,
+               tied: Iterable[str] = ()) -> Dict:
+    """The info for ``(canonical name, split info, logical shape)`` of every parameter at ``tp``;
+    ``tied``: DeepSpeed's names of weights a later pipeline stage holds a copy of (read once)."""
     from deepspeed.checkpoint import constants as c
 
     kinds: Dict[str, list] = {}
@@ -57,7 +59,7 @@ def build_info(params: Iterable[Tuple[str, Dict, Tuple[int, ...]]], tp: int, met
     out = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
            c.TP_REPLICATED_PARAMETER_PATTERNS: [], c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [],
            c.VOCABULARY_PARAMETER_PATTERNS: [], c.PARAMETER_WITH_SUB_PARAMS: [], c.SUB_PARAM_SHARD_WIDTHS: {},
-           c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [r"^tied_modules\."],
+           c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: ["^" + re.escape(n) + "$" for n in tied],
            c.AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS: {}, MEGALLAMA: meta}
     lists = {"replicated": c.TP_REPLICATED_PARAMETER_PATTERNS, "row": c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
              "vocab": c.VOCABULARY_PARAMETER_PATTERNS}
@@ -85,16 +87,22 @@ def attach(engine, module, meta: Dict, tp: int) -> None:
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.pipe import PipelineModule
 
-    from megallama.parallel.layers import logical_shape
     from megallama.train.universal import _split_info, canonical_params
 
     if getattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, None) is not None:
         return
-    params = [(n, _split_info(p), logical_shape(p)) for n, p in canonical_params(module)]
+    params = []
+    for name, p in canonical_params(module):
+        info, shape = _split_info(p), list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 holds a partition
+        if info["split_dim"] is not None:
+            shape[info["split_dim"]] = sum(info["fused_sizes"])
+        params.append((name, info, tuple(shape)))
     if isinstance(module, PipelineModule):  # this stage's parameters are not all of them
         from megallama.checkpoint.safe_read import model_config
         from megallama.train.universal import _expected
 
         shapes, splits = _expected(model_config(meta["model"], "checkpoint meta"))
         params = [(n, splits[n], shapes[n]) for n in shapes]
-    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, build_info(params, tp, meta))
+    tied = [f"tied_modules.{key}.{attr}" for key, attrs in getattr(module, "tied_weight_attrs", {}).items()
+            for attr in attrs]  # only the weight: the rest of the last stage's tied layer is its own
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, build_info(params, tp, meta, tied))
