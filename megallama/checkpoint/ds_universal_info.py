@@ -28,7 +28,7 @@ def pattern(name: str) -> str:
     return PREFIX + r"\.".join(parts) + "$"
 
 
-def _kind(name: str, info: Dict, shape: Tuple[int, ...], tp: int) -> Tuple[str, object]:
+def _kind(info: Dict, shape: Tuple[int, ...], tp: int) -> Tuple[str, object]:
     from megallama.parallel.layers import tp_pieces
 
     if info["split_dim"] is None:
@@ -38,12 +38,12 @@ def _kind(name: str, info: Dict, shape: Tuple[int, ...], tp: int) -> Tuple[str, 
         return "vocab", sizes[0]
     pieces = tp_pieces(sizes, info.get("fused_heads"), tp)
     if any(rep > 1 for _, rep in pieces):
-        return "unsupported", (f"{name} holds blocks of heads replicated over TP ranks (fewer heads than "
-                               f"tp={tp}); convert with megallama's own universal/ instead")
+        return "unsupported", (f"heads replicated over TP ranks (fewer KV heads than tp={tp}) train only their "
+                               "first copy; megallama's own universal/ holds them (megallama convert)")
     if len(sizes) == 1:
         return ("row", None) if info["split_dim"] == 1 else ("column", None)
     if info["split_dim"] != 0:
-        return "unsupported", f"{name} fuses blocks along dim {info['split_dim']}"
+        return "unsupported", f"fused blocks along dim {info['split_dim']}"
     return "sub", ((tuple(sizes),) + tuple(shape[1:]), [[piece] * tp for piece, _ in pieces])
 
 
@@ -55,7 +55,7 @@ def build_info(params: Iterable[Tuple[str, Dict, Tuple[int, ...]]], tp: int, met
 
     kinds: Dict[str, list] = {}
     for name, info, shape in params:
-        kinds.setdefault(pattern(name), []).append((name, _kind(name, info, shape, tp)))
+        kinds.setdefault(pattern(name), []).append((name, _kind(info, shape, tp)))
     out = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
            c.TP_REPLICATED_PARAMETER_PATTERNS: [], c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [],
            c.VOCABULARY_PARAMETER_PATTERNS: [], c.PARAMETER_WITH_SUB_PARAMS: [], c.SUB_PARAM_SHARD_WIDTHS: {},
@@ -66,7 +66,7 @@ def build_info(params: Iterable[Tuple[str, Dict, Tuple[int, ...]]], tp: int, met
     for pat, named in kinds.items():
         # names the pattern joins must merge alike; otherwise each gets its own exact pattern
         groups = [(pat, named[0][1])] if all(k == named[0][1] for _, k in named) else \
-            [("^" + re.escape(n) + "$", k) for n, k in named]
+            [(PREFIX + re.escape(n) + "$", k) for n, k in named]
         for p, (kind, detail) in groups:
             if kind in lists:
                 out[lists[kind]].append(p)
