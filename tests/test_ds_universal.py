@@ -118,8 +118,8 @@ def test_resume_from_deepspeed_universal_continues_exactly(universal):
 def test_convert_writes_our_training_checkpoint(universal, tmp_path):
     _, _, saved, uni, _ = universal
     proc = subprocess.run([sys.executable, "-m", "megallama", "convert", "--from", "ds-universal", "--input",
-                           str(uni), "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env(),
-                          cwd=ROOT)
+                           str(uni.parent), "--output", str(tmp_path / "out")],  # the dir its latest_universal names
+                          capture_output=True, text=True, env=env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     tag = tmp_path / "out" / "step00000003"
     ours, converted = UniversalReader(saved / "universal"), UniversalReader(tag / "universal")

@@ -36,6 +36,20 @@ def is_ds_universal(path) -> bool:
     return (p / "zero").is_dir() and any((p / f).is_file() for f in MODEL_STATES)
 
 
+def find_ds_universal(path) -> Optional[Path]:
+    """``path`` if it is a DeepSpeed universal directory, or the one its ``latest_universal`` names
+    (ds_to_universal writes that pointer beside its output); else None."""
+    p = Path(path)
+    if is_ds_universal(p):
+        return p
+    pointer = p / "latest_universal"
+    if pointer.is_file() and pointer.stat().st_size < 256:
+        name = pointer.read_text(errors="replace").strip()
+        if name and not any(c in name for c in "/\\") and name not in (".", "..") and is_ds_universal(p / name):
+            return p / name
+    return None
+
+
 def _load(path: Path):
     """``torch.load`` weights-only and memory-mapped; DeepSpeed's plain records allowed."""
     from deepspeed.checkpoint import SubparamShape
@@ -91,6 +105,8 @@ class DsUniversalReader:
         self.shapes, self.index = _expected(self.cfg)
         self.dirs: Dict[str, Path] = {}
         for d in sorted(p for p in (self.src / "zero").iterdir() if p.is_dir()):
+            if d.is_symlink():  # a loader would follow it out of the checkpoint
+                raise UserError(f"{d}: a linked directory inside a checkpoint; refusing to load it")
             name = _PREFIX.sub("", d.name)
             if name not in self.shapes or name in self.dirs:
                 raise UserError(f"{d}: parameter {d.name[:100]!r} is " + ("stored twice" if name in self.dirs
@@ -131,7 +147,7 @@ class DsUniversalReader:
 
 def open_ds_universal(path):
     """``(config, lazy fp32 weights)``: every file checked, each tensor read when written."""
-    reader = DsUniversalReader(path)
+    reader = DsUniversalReader(find_ds_universal(path) or path)
     return reader.cfg, {n: _lazy(reader, n, None) for n in reader.names()}
 
 
@@ -149,7 +165,7 @@ def convert(src, out, overwrite: bool = False) -> Path:
     from megallama.config.pipeline_split import stage_layers
     from megallama.train import checkpoint as ckpt
 
-    reader = DsUniversalReader(src)
+    reader = DsUniversalReader(find_ds_universal(src) or src)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")

@@ -1,7 +1,8 @@
 """Crash-safe checkpoints: DeepSpeed's native files, the layout-free form, RNG and data position.
 
 A save writes into ``CKPT_DIR/TAG/``: DeepSpeed's engine checkpoint (model, optimizer, LR
-schedule, loss scaler), ``universal/`` (layout-free weights and Adam moments), one RNG file per
+schedule, loss scaler; with the ``universal_checkpoint_info`` its ``ds_to_universal`` tool needs,
+:mod:`megallama.checkpoint.ds_universal_info`), ``universal/`` (layout-free weights and Adam moments), one RNG file per
 rank, and ``meta.json``. Every rank records the paths its own writes went through, then hashes and
 fsyncs exactly those, in parallel (:mod:`megallama.train.manifest`); rank 0 assembles
 ``manifest.json`` from the gathered digests (a file no rank claims fails the save, named) and only

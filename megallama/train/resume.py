@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 
-from megallama.checkpoint.ds_universal import is_ds_universal
+from megallama.checkpoint.ds_universal import find_ds_universal, is_ds_universal
 from megallama.config import RunConfig, TrainConfig
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
@@ -54,8 +54,9 @@ def find_start(cfg: RunConfig, ckpt_dir: Path, storage: Storage = Storage()) -> 
         found = ckpt.find_resumable(ckpt_dir, storage)
     if found is None and cfg.checkpoint.load:
         found = Path(cfg.checkpoint.load)
-        if on_rank0_then_share(lambda: is_ds_universal(found)):  # no manifest: its reader checks every file
-            return found
+        universal = on_rank0_then_share(lambda: find_ds_universal(found))
+        if universal is not None:  # DeepSpeed's ds_to_universal output: no manifest, its reader checks every file
+            return universal
         if on_rank0_then_share((found / ckpt.LATEST).is_file):
             found = ckpt.find_resumable(found, storage)
         else:
