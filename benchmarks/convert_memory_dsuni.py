@@ -5,9 +5,10 @@ written by DeepSpeed's own ``ds_to_universal``.
 The directory is real, not synthesized: ``megallama train`` runs one ZeRO-1 step of the ``small``
 preset at 12 layers and a 16,000-token vocabulary (the embedded corpus trains no larger one):
 110 M parameters, fp32 weights plus two Adam moments = 1.3 GB under ``zero/`` (1.75 GB with the
-model-states file the tool copies); it saves, and DeepSpeed's tool converts that save. Each measurement is a fresh process reporting its
-own peak resident set (``VmHWM``, mapped file pages included), beside a process that only imported
-what convert imports, and DeepSpeed's tool measured the same way.
+model-states file the tool copies); it saves, and DeepSpeed's tool converts that save. Each
+measurement is a fresh process reporting its own peak resident set (``VmHWM``, mapped file pages
+included), beside a process that only imported what convert imports; DeepSpeed's tool is
+measured the same way.
 
 usage: python benchmarks/convert_memory_dsuni.py [--layers 12] [--vocab 16000] [--workdir /tmp]
 Writes benchmarks/results/convert_memory_dsuni.json.
@@ -107,7 +108,8 @@ def main() -> None:
 
         reader = DsUniversalReader(work / "uni" / "step1")
         largest = max(reader.shapes.values(), key=math.prod)
-        model = {"preset": "small", "n_layers": args.layers, "vocab_size": args.vocab, "parameters": sum(math.prod(s) for s in reader.shapes.values()),
+        model = {"preset": "small", "n_layers": args.layers, "vocab_size": args.vocab,
+                 "parameters": sum(math.prod(s) for s in reader.shapes.values()),
                  "ds_universal_bytes": size_of(work / "uni" / "step1"), "output_bytes": size_of(work / "ours"),
                  "largest_tensor": list(largest)}
         result = {"model": model, "runs": runs, "host": socket.gethostname(), "cpus": os.cpu_count(),
