@@ -99,6 +99,8 @@ class DsUniversalReader:
             raise UserError(f"{states}: its universal_checkpoint_info has no megallama run record (a checkpoint "
                             "saved by megallama carries one; this one was made elsewhere)")
         self.cfg = model_config(meta.get("model"), str(states))
+        if not isinstance(meta.get("schedule", {}), dict):
+            raise UserError(f"{states}: the megallama run record's 'schedule' must be an object")
         self.meta = {**meta, "step": _count(sd.get("step"), "step", states),
                      "consumed_samples": _count(sd.get("consumed_samples"), "consumed_samples", states)}
         self.layout = {**meta, "tp": 1, "pp": 1}  # every tensor whole: as our form written at TP=1
