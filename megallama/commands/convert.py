@@ -4,6 +4,7 @@
   --from megallama --to hf          export a consolidated or training checkpoint for transformers
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
   --from dcp / --to dcp             torchtitan's torch.distributed.checkpoint, Adam state included
+  --from ds-universal               DeepSpeed's ds_to_universal output -> a training checkpoint (Adam moments too)
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
@@ -21,7 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--input", required=True, help="checkpoint directory to read (a run's checkpoints/ dir uses the "
                    "step 'latest' names, and refuses to fall back to another; pass a stepNNNNNNNN dir to pick one)")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
-    p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta", "dcp"],
+    p.add_argument("--from", dest="from_format", default="megallama",
+                   choices=["megallama", "hf", "meta", "dcp", "ds-universal"],
                    help="input format (default: megallama: a consolidated or training checkpoint)")
     p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf", "dcp"],
                    help="output format (default: megallama)")
@@ -84,7 +86,8 @@ def run(args) -> int:
         return convert(args, _load)
     if args.params:
         raise UserError("--params: only for a --from dcp input")
-    training_input = args.from_format == "megallama" and not is_consolidated(inp)
+    training_input = args.from_format == "ds-universal" or (args.from_format == "megallama"
+                                                            and not is_consolidated(inp))
     kind = _output_kind(args, training_input)
     from megallama.checkpoint.streaming import parse_size
 
@@ -98,6 +101,11 @@ def run(args) -> int:
         if args.tokenizer:
             raise UserError("--tokenizer: a training checkpoint carries no tokenizer; it goes with --to hf or a "
                             "consolidated output")
+        if args.from_format == "ds-universal":  # DeepSpeed's ds_to_universal output: weights and Adam moments
+            from megallama.checkpoint.ds_universal import convert
+
+            convert(inp, out, args.overwrite)
+            return 0
         from megallama.checkpoint.reshard import convert_training_checkpoint
 
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
@@ -149,6 +157,10 @@ def _load(fmt: str, path, training: bool):
         from megallama.checkpoint.hf import open_hf
 
         return open_hf(path)
+    if fmt == "ds-universal":
+        from megallama.checkpoint.ds_universal import open_ds_universal
+
+        return open_ds_universal(path)
     if fmt == "meta":
         from megallama.checkpoint.meta import load_meta
 

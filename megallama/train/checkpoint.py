@@ -1,7 +1,8 @@
 """Crash-safe checkpoints: DeepSpeed's native files, the layout-free form, RNG and data position.
 
 A save writes into ``CKPT_DIR/TAG/``: DeepSpeed's engine checkpoint (model, optimizer, LR
-schedule, loss scaler), ``universal/`` (layout-free weights and Adam moments), one RNG file per
+schedule, loss scaler; with the ``universal_checkpoint_info`` its ``ds_to_universal`` tool needs,
+:mod:`megallama.checkpoint.ds_universal_info`), ``universal/`` (layout-free weights and Adam moments), one RNG file per
 rank, and ``meta.json``. Every rank records the paths its own writes went through, then hashes and
 fsyncs exactly those, in parallel (:mod:`megallama.train.manifest`); rank 0 assembles
 ``manifest.json`` from the gathered digests (a file no rank claims fails the save, named) and only
@@ -141,6 +142,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
          hooks: Hooks = NO_HOOKS, storage: Storage = Storage()) -> Path:
     """Collective: every rank must call. Returns the checkpoint directory. A failed write (a full
     disk) on any rank stops every rank within seconds with one line naming the file."""
+    from megallama.checkpoint.ds_universal_info import attach as attach_universal_info
     from megallama.train.universal import save_universal
 
     tag = tag_for(step)
@@ -157,6 +159,7 @@ def save(engine, module, state, ckpt_dir: Path, step: int, client_state: Dict, k
     problems = _gather(_first(failures))  # doubles as the barrier before writing
     if any(problems):
         _abandon(ckpt_dir, tag_dir, step, problems, storage)
+    attach_universal_info(engine, module, meta, state.tp)  # what DeepSpeed's ds_to_universal reads
     with recorded_writes(engine, failures, written):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     try:  # collectives first, then this rank's writes: every rank calls it even after a failure

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as dist
 
+from megallama.checkpoint.ds_universal import find_ds_universal, is_ds_universal
 from megallama.config import RunConfig, TrainConfig
 from megallama.errors import UserError
 from megallama.train import checkpoint as ckpt
@@ -54,6 +55,9 @@ def find_start(cfg: RunConfig, ckpt_dir: Path, storage: Storage = Storage()) -> 
         found = ckpt.find_resumable(ckpt_dir, storage)
     if found is None and cfg.checkpoint.load:
         found = Path(cfg.checkpoint.load)
+        universal = on_rank0_then_share(lambda: find_ds_universal(found))
+        if universal is not None:  # DeepSpeed's ds_to_universal output: no manifest, its reader checks every file
+            return universal
         if on_rank0_then_share((found / ckpt.LATEST).is_file):
             found = ckpt.find_resumable(found, storage)
         else:
@@ -89,7 +93,12 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
     path = find_start(cfg, ckpt_dir, storage)
     if path is None:
         return Resume()
-    meta = ckpt.read_meta(path)
+    universal = None
+    if is_ds_universal(path):  # DeepSpeed's ds_to_universal output: its reader stands in for our universal/
+        from megallama.checkpoint.ds_universal import DsUniversalReader
+
+        universal = DsUniversalReader(path)
+    meta = universal.meta if universal else ckpt.read_meta(path)
     check_same_model(meta, cfg, path)
     if cfg.checkpoint.load_weights_only and path.parent.resolve() != ckpt_dir.resolve():
         from megallama.train.universal import UniversalReader
@@ -97,18 +106,19 @@ def plan_resume(cfg: RunConfig, ckpt_dir: Path, layout: Dict[str, Any], rank0: b
         if rank0:
             log.info("starting from the weights of %s (step %d) at step 0: fresh optimizer, LR schedule and data "
                      "position (checkpoint.load_weights_only)", path, int(meta["step"]))
-        return Resume(path, universal=UniversalReader(path / "universal"), weights_only=True)
+        return Resume(path, universal=universal or UniversalReader(path / "universal"), weights_only=True)
     refit = schedule_changed(meta, cfg, path)
-    same_layout = all(meta.get(k, LAYOUT_DEFAULTS.get(k)) == layout[k] for k in LAYOUT) and has_native(path) \
-        and (layout["pp"] == 1 or all(meta.get(k) == layout[k] for k in PIPELINE)) and not storage.node_local
-    universal = None
-    if not same_layout:
+    same_layout = (universal is None and has_native(path) and not storage.node_local
+                   and all(meta.get(k, LAYOUT_DEFAULTS.get(k)) == layout[k] for k in LAYOUT)
+                   and (layout["pp"] == 1 or all(meta.get(k) == layout[k] for k in PIPELINE)))
+    if not same_layout and universal is None:
         from megallama.train.universal import UniversalReader
 
         universal = UniversalReader(path / "universal")
     if rank0:
         log.info("resuming from %s at step %d (%s)", path, int(meta["step"]),
                  "same layout: DeepSpeed checkpoint" if same_layout else
+                 "DeepSpeed universal checkpoint" if is_ds_universal(path) else
                  "node-local storage: layout-free state" if storage.node_local else "new layout: layout-free state")
     return Resume(path, int(meta["step"]), int(meta["consumed_samples"]), universal, refit)
 
