@@ -104,7 +104,7 @@ def test_an_older_pipeline_checkpoint_resumes_layout_free(tmp_path, monkeypatch)
     tag = tmp_path / "step_2"
     tag.mkdir()
     (tag / "mp_rank_00_model_states.pt").touch()
-    layout = {"tp": 1, "pp": 2, "dp": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical",
+    layout = {"tp": 1, "pp": 2, "dp": 1, "ulysses": 1, "zero": 0, "precision": "fp32", "stage_names": "canonical",
               "stage_layers": [2, 2]}
     meta = {**{k: layout[k] for k in resume.LAYOUT}, "step": 2, "consumed_samples": 8, "model": {},
             "stage_layers": [2, 2]}
