@@ -91,7 +91,8 @@ def _contenders(args, world: int, device) -> dict:
 
 def worker(args) -> None:
     """One rank of one launch: every contender's first loss, then ``args.steps`` timed rounds after
-    3 of warm-up; each step's time is the slowest rank's (barrier before, max-reduced after)."""
+    3 of warm-up. A step's wall time is the slowest rank's (barrier before, max-reduced after);
+    its CPU time is summed over ranks (on a shared machine the steadier figure of work done)."""
     import torch
     import torch.distributed as dist
 
@@ -102,22 +103,25 @@ def worker(args) -> None:
     steps = _contenders(args, info.world_size, torch.device("cpu"))
     first = {k: float(fn()) for k, fn in steps.items()}
     names, warm = list(steps), 3
-    times = {k: [] for k in names}
+    wall, cpu = {k: [] for k in names}, {k: [] for k in names}
     for i in range(warm + args.steps):
         order = names[i % len(names):] + names[:i % len(names)]
         for name in order if (i // len(names)) % 2 == 0 else order[::-1]:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps[name]()
             if i >= warm:
-                times[name].append(time.perf_counter() - t0)
-    flat = torch.tensor([times[k] for k in names], dtype=torch.float64)
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    reduced = {}
+    for key, d, op in (("wall", wall, dist.ReduceOp.MAX), ("cpu", cpu, dist.ReduceOp.SUM)):
+        flat = torch.tensor([d[k] for k in names], dtype=torch.float64)
+        dist.all_reduce(flat, op=op)
+        reduced[key] = dict(zip(names, flat.tolist()))
     if args.profile_zero0 and "zero0" in steps:
         _profile(steps, args.profile_zero0)
     if dist.get_rank() == 0:
-        Path(args.worker_out).write_text(json.dumps({"first_loss": first, "times": dict(zip(names, flat.tolist())),
-                                                     "world": info.world_size}))
+        Path(args.worker_out).write_text(json.dumps({"first_loss": first, **reduced, "world": info.world_size}))
 
 
 def _profile(steps: dict, path: str, rounds: int = 5) -> None:
@@ -158,12 +162,15 @@ def launch(args, world: int) -> dict:
     for name, loss in r["first_loss"].items():
         if abs(loss - r["first_loss"][base]) > tol * abs(r["first_loss"][base]):
             sys.exit(f"ds_overhead: DP={world} first losses differ beyond {tol}: {r['first_loss']}")
-    t = r["times"]
+    t, c = r["wall"], r["cpu"]
     med = {k: statistics.median(v) for k, v in t.items()}
+    cpu = {k: statistics.median(v) for k, v in c.items()}
     return {"first_loss": r["first_loss"], "median_step_s": med, "all_step_s": t,
+            "median_cpu_s": cpu, "all_cpu_s": c,
             "ratio_to_" + base: {k: med[k] / med[base] for k in t if k != base},
             "median_of_paired_ratios": {k: statistics.median(a / b for a, b in zip(t[k], t[base]))
-                                        for k in t if k != base}}
+                                        for k in t if k != base},
+            "cpu_ratio_to_" + base: {k: cpu[k] / cpu[base] for k in c if k != base}}
 
 
 def scaling(args) -> dict:
@@ -200,10 +207,13 @@ def parse_args(argv=None):
 
 
 def summary(res: dict) -> str:
-    d1, d2 = res["dp1"]["ratio_to_plain"], res["dp2"]["ratio_to_ddp"]
-    return (f"DP=1: ZeRO-0 / plain {d1['zero0']:.3f}, ZeRO-1 / plain {d1['zero1']:.3f}; "
-            f"DP=2: ZeRO-1 / DDP {d2['zero1']:.3f}, ZeRO-2 / DDP {d2['zero2']:.3f} "
-            f"(step-time ratios, medians; target ZeRO-0 / plain <= 1.05)")
+    def pair(dp: int, stage: int, base: str) -> str:
+        r = res[f"dp{dp}"]
+        return (f"ZeRO-{stage} / {'DDP' if base == 'ddp' else base} {r['ratio_to_' + base][f'zero{stage}']:.3f} "
+                f"(cpu {r['cpu_ratio_to_' + base][f'zero{stage}']:.3f})")
+
+    return (f"DP=1: {pair(1, 0, 'plain')}, {pair(1, 1, 'plain')}; DP=2: {pair(2, 1, 'ddp')}, {pair(2, 2, 'ddp')} "
+            f"[median step-time ratios, wall (CPU); target ZeRO-0 / plain <= 1.05]")
 
 
 def main() -> int:
@@ -227,7 +237,7 @@ def main() -> int:
         print(f"DP={world}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["median_step_s"].items())
               + " per step; " + ", ".join(f"{k} / {base} {v:.3f}" for k, v in r["ratio_to_" + base].items())
               + " (median of paired rounds: " + ", ".join(f"{v:.3f}" for v in r["median_of_paired_ratios"].values())
-              + ")", flush=True)
+              + "; CPU time: " + ", ".join(f"{v:.3f}" for v in r["cpu_ratio_to_" + base].values()) + ")", flush=True)
     res["machine"]["loadavg_start"], res["machine"]["loadavg_end"] = load0, os.getloadavg()
     res["summary"] = summary(res)
     print(f"load avg {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}\n{res['summary']}")
