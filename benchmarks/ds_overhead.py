@@ -12,7 +12,7 @@ under bf16 autocast over fp32 weights (as ``peer_step.py`` does); otherwise fp32
 
 usage: python benchmarks/ds_overhead.py [--preset tiny] [--seq 256] [--mbs 8] [--steps 20] [--autocast]
        [--threads 1] [--scaling] [--profile-zero0 FILE]
-Filed by machine kind in benchmarks/results/ds_overhead.json (``--out FILE``: this run alone).
+Filed by machine kind and precision in benchmarks/results/ds_overhead.json (``--out FILE``: this run alone).
 """
 from __future__ import annotations
 
@@ -249,8 +249,9 @@ def main() -> int:
         args.out.write_text(json.dumps(res, indent=2))
         print(f"wrote {args.out}")
     else:
-        record(RESULTS, res, machine["kind"])
-        print(f"wrote {RESULTS} [{machine['kind']}]")
+        variant = "autocast-bf16" if args.autocast else "fp32"
+        record(RESULTS, res, machine["kind"], variant)
+        print(f"wrote {RESULTS} [{machine['kind']}][{variant}]")
     return 0
 
 

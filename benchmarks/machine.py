@@ -75,11 +75,15 @@ def banner(machine: Dict) -> str:
             f"{machine['torch_cpu_capability']}), {machine['torch_threads']} threads, device {machine['device']}")
 
 
-def record(path: Path, result: Dict, kind: str) -> None:
-    """File ``result`` under ``kind`` in the JSON object at ``path`` (other kinds kept), written
-    whole to a temporary file first so an interrupted run leaves the old file intact."""
+def record(path: Path, result: Dict, kind: str, variant: Optional[str] = None) -> None:
+    """File ``result`` under ``kind`` (and ``variant``, e.g. a precision, when given) in the JSON
+    object at ``path``, other entries kept; written whole to a temporary file first so an
+    interrupted run leaves the old file intact."""
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[kind] = result
+    if variant is None:
+        results[kind] = result
+    else:
+        results.setdefault(kind, {})[variant] = result
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
