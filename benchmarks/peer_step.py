@@ -228,7 +228,8 @@ def deepspeed_vs_plain(a, x, y, stage: int = 1) -> dict:
     first = {"deepspeed": float(ds_step()), "plain": float(train_step(plain, opt, x, y, False))}
     t = alternate({"deepspeed": ds_step, "plain": lambda: train_step(plain, opt, x, y, False)}, a.rounds, 1)
     return {"first_loss": first, "timing": t,
-            "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] / t["plain"]["median_s"]}
+            "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] / t["plain"]["median_s"],
+            "cpu_ratio_deepspeed_over_plain": t["deepspeed"]["cpu_median_s"] / t["plain"]["cpu_median_s"]}
 
 
 def parse_args(argv=None):
@@ -341,6 +342,7 @@ def main() -> int:
             res["deepspeed" if stage == 1 else "deepspeed_zero0"] = d = deepspeed_vs_plain(a, x, y, stage)
             gc.collect()
             print(f"DeepSpeed ZeRO-{stage} (world 1) / plain loop step time: {d['ratio_deepspeed_over_plain']:.3f} "
+                  f"(CPU time {d['cpu_ratio_deepspeed_over_plain']:.3f}) "
                   f"(first losses {d['first_loss']['deepspeed']:.4f} vs {d['first_loss']['plain']:.4f})")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
