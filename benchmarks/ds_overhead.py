@@ -138,7 +138,8 @@ def _profile(steps: dict, path: str, rounds: int = 5) -> None:
     med = {n: {k: statistics.median(v + [0.0] * (rounds - len(v))) for k, v in d.items()} for n, d in per.items()}
     keys = sorted(set(med["zero0"]) | set(med["plain"]),
                   key=lambda k: -abs(med["zero0"].get(k, 0.0) - med["plain"].get(k, 0.0)))
-    lines = [f"{'operator (self CPU ms per step, median of ' + str(rounds) + ')':<70}{'zero0':>10}{'plain':>10}{'diff':>10}",
+    title = f"operator (self CPU ms per step, median of {rounds})"
+    lines = [f"{title:<70}{'zero0':>10}{'plain':>10}{'diff':>10}",
              f"{'TOTAL':<70}" + "".join(f"{sum(med[n].values()):10.2f}" for n in ("zero0", "plain"))
              + f"{sum(med['zero0'].values()) - sum(med['plain'].values()):10.2f}"]
     lines += [f"{k[:69]:<70}{med['zero0'].get(k, 0.0):10.2f}{med['plain'].get(k, 0.0):10.2f}"
