@@ -12,7 +12,8 @@ DeepSpeed engine (ZeRO-1, world size 1) against our plain loop.
 usage: python benchmarks/peer_step.py [--dim 768] [--layers 8] [--seq 512] [--mbs 4] [--rounds 6]
        [--compile] [--no-deepspeed] [--no-rss] [--profile benchmarks/results/peer_step_profile_after.txt]
 ``--compile`` adds a third contender, our model with ``train.compile`` (compiled blocks).
-Writes benchmarks/results/peer_step.json (or --out).
+The result names the CPU (model, AMX / AVX-512-BF16) and is filed under its machine kind in
+benchmarks/results/peer_step.json, next to the other kinds' (``--out FILE``: this run alone).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +46,7 @@ def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
 OURS, COMPILED, HF = "megallama", "megallama+compile", "hf"
+RESULTS = ROOT / "benchmarks" / "results" / "peer_step.json"
 
 
 def model_config(a):
@@ -227,7 +228,8 @@ def deepspeed_vs_plain(a, x, y, stage: int = 1) -> dict:
     first = {"deepspeed": float(ds_step()), "plain": float(train_step(plain, opt, x, y, False))}
     t = alternate({"deepspeed": ds_step, "plain": lambda: train_step(plain, opt, x, y, False)}, a.rounds, 1)
     return {"first_loss": first, "timing": t,
-            "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] / t["plain"]["median_s"]}
+            "ratio_deepspeed_over_plain": t["deepspeed"]["median_s"] / t["plain"]["median_s"],
+            "cpu_ratio_deepspeed_over_plain": t["deepspeed"]["cpu_median_s"] / t["plain"]["cpu_median_s"]}
 
 
 def parse_args(argv=None):
@@ -248,7 +250,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--profile", type=Path, default=None, help="write a by-operator profile table here and stop")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_step.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"write this run's result alone here (default: filed by machine kind in {RESULTS.name})")
     return ap.parse_args(argv)
 
 
@@ -261,11 +264,15 @@ def _command() -> str:
 def main() -> int:
     from megallama.profiling.flops import flops_per_token
 
+    from benchmarks.machine import banner, describe, record
+
     a = parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     use_device(a.device)
     torch.manual_seed(0)
+    machine = describe(DEVICE.type)
+    print(banner(machine), flush=True)
     load0 = os.getloadavg()
     ours, opt = build_ours(a)
     hf, hf_opt = build_hf(a, ours)
@@ -283,7 +290,7 @@ def main() -> int:
     if a.profile:
         from benchmarks.step_profile import profile_table
 
-        profile_table(a.profile, steps, a.rounds, DEVICE, sync)
+        profile_table(a.profile, steps, a.rounds, DEVICE, sync, machine=banner(machine))
         return 0
     run = alternate(steps, a.rounds, a.warmup, peak_budget_s=0.5)
     t, peaks = run["steps"], run["peaks"]
@@ -300,10 +307,7 @@ def main() -> int:
                    "cpu_time_ratio": t[HF]["cpu_median_s"] / t[k]["cpu_median_s"]} for k in ours_keys}
     res = {
         "command": _command(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-                    "loadavg_start": load0, "loadavg_end": load1},
+        "machine": {**machine, "loadavg_start": load0, "loadavg_end": load1},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "loss_fp32": l32, "first_step_loss_bf16": first, "tokens_per_step": tokens, "model_flops_per_token": fl,
         "timing": t, "tokens_per_s": tps, "speedup_vs_hf": speedup,
@@ -316,9 +320,7 @@ def main() -> int:
                    "static_bytes": static, "step_peak_bytes": mem,
                    "total_peak_bytes": {k: static[k] + mem[k] for k in mem}},
     }
-    print(f"machine: {res['machine']['processor']} x{os.cpu_count()}, {torch.get_num_threads()} threads, device "
-          f"{res['machine']['device']}, "
-          f"load avg {load0[0]:.2f} -> {load1[0]:.2f}")
+    print(f"load avg {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"losses fp32 {l32[0]:.5f} vs {l32[1]:.5f}; first bf16 step "
           + ", ".join(f"{k} {v:.4f}" for k, v in first.items()))
     print(f"bf16 GEMM peak per round: median {statistics.median(peaks) / 1e12:.3f}, best {max(peaks) / 1e12:.3f} TFLOP/s")
@@ -340,10 +342,15 @@ def main() -> int:
             res["deepspeed" if stage == 1 else "deepspeed_zero0"] = d = deepspeed_vs_plain(a, x, y, stage)
             gc.collect()
             print(f"DeepSpeed ZeRO-{stage} (world 1) / plain loop step time: {d['ratio_deepspeed_over_plain']:.3f} "
+                  f"(CPU time {d['cpu_ratio_deepspeed_over_plain']:.3f}) "
                   f"(first losses {d['first_loss']['deepspeed']:.4f} vs {d['first_loss']['plain']:.4f})")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {a.out}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {a.out}")
+    else:
+        record(RESULTS, res, machine["kind"])
+        print(f"wrote {RESULTS} [{machine['kind']}]")
     return 0
 
 

@@ -32,7 +32,8 @@ def _ceiling(med: dict, totals: dict) -> str:
     return "\n".join(out)
 
 
-def profile_table(path: Path, steps: dict, rounds: int, device: torch.device, sync=lambda: None) -> None:
+def profile_table(path: Path, steps: dict, rounds: int, device: torch.device, sync=lambda: None,
+                  machine: str = "") -> None:
     """Self CPU time by operator per step (median over ``rounds`` steps, the models profiled in
     turn, so a load spike on the shared machine does not pick a side); then torch's own table for
     the last profiled step of each."""
@@ -61,6 +62,7 @@ def profile_table(path: Path, steps: dict, rounds: int, device: torch.device, sy
     lines += ["", _ceiling(med, totals)] if not gpu else []  # kernel names below are the CPU's
     parts = ["\n".join(lines)] + [f"==== {n}: last profiled step, by operator ====\n" + last[n].table(
         sort_by=key, row_limit=30, max_name_column_width=60) for n in names]
-    header = f"{' '.join(sys.argv)}\nthreads {torch.get_num_threads()}, load average {os.getloadavg()}\n\n"
+    head = [" ".join(sys.argv)] + ([machine] if machine else [])
+    header = "\n".join(head + [f"threads {torch.get_num_threads()}, load average {os.getloadavg()}"]) + "\n\n"
     path.write_text(header + "\n\n".join(parts))
     print(f"wrote {path}")

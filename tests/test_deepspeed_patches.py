@@ -83,6 +83,8 @@ def _engine(precision: str, stage: int):
 
 
 def _step(engine, nan: bool = False):
+    """One step; returns the gradient norm before the step (clipping) by hand where the
+    parameters hold their gradients (ZeRO-0), else None."""
     import torch
 
     tokens = torch.randint(0, 2048, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -90,7 +92,9 @@ def _step(engine, nan: bool = False):
     engine.backward(loss)
     if nan:
         next(engine.module.parameters()).grad.fill_(float("nan"))
+    norms = [p.grad.double().norm() for p in engine.module.parameters() if p.grad is not None]
     engine.step()
+    return float(torch.stack(norms).norm()) if norms else None
 
 
 def _fp32_zero0(rank, world):
@@ -102,9 +106,9 @@ def _fp32_zero0(rank, world):
     calls = []
     real = engine.allreduce_gradients
     engine.allreduce_gradients = lambda *a, **k: calls.append(1) or real(*a, **k)
-    _step(engine)
+    out["norm_by_hand"] = _step(engine)
     out["allreduce_calls"], out["hooks"] = len(calls), patches.gradients_final_at(engine)
-    out["norm"], out["clip_patched"] = engine.get_global_grad_norm(), "clip_fp32_gradients" in vars(engine)
+    out["norm"], out["clip_patched"] = float(engine.get_global_grad_norm()), "clip_fp32_gradients" in vars(engine)
     before = [p.detach().clone() for p in engine.module.parameters()]
     _step(engine, nan=True)
     out["skipped"] = engine.skipped_steps
@@ -118,7 +122,8 @@ def test_fp32_zero0_patches_take_effect():
     out = run_distributed(_fp32_zero0, 1)
     assert out["traits"] == EngineTraits.predict(0, "fp32", 1, 1)
     assert out["allreduce_calls"] == 0 and "step" in out["hooks"]               # skip_self_allreduce
-    assert out["clip_patched"] and out["norm"] is not None and out["norm"] > 0  # record_fp32_grad_norm
+    assert out["clip_patched"] and out["norm"] > 0  # record_fp32_grad_norm
+    assert out["norm"] == pytest.approx(out["norm_by_hand"], rel=1e-5)
     assert out["skipped"] == 1 and out["unchanged"]                             # ... and the step guard
     assert not out["holds"]
     assert ("all_gather_function", "all_gather_into_tensor") in out["comm"]

@@ -9,8 +9,13 @@ few kernels; eager runs keep the hand-written autograd functions.
 
 What pays: on a 2-core CPU with bf16 autocast the fused elementwise work saves roughly a tenth
 of a step once compiled; compiling costs tens of seconds at start-up (see
-benchmarks/README_speed.md). Not for ZeRO-3 (its parameter hooks inside each sub-module do not
-trace) nor for KV-cache generation (``start_pos`` changes every call).
+benchmarks/README_speed.md). Not for KV-cache generation (``start_pos`` changes every call).
+
+ZeRO-3 hooks every module it wraps with ``torch.compiler.disable``d functions, and each one met
+inside a compiled body breaks the graph there. So a compiled block is marked a ZeRO-3 leaf module
+(DeepSpeed then gathers all its parameters in the block's own hooks, around the compiled body, and
+hooks none of its sub-modules), and the model's shared rotary table, a hooked module holding no
+parameters, is passed into the body as its bound ``forward``: one graph per block, no breaks.
 """
 from __future__ import annotations
 
@@ -34,11 +39,20 @@ def compile_blocks(model: nn.Module, enabled: bool = True, mode: Optional[str] =
     count = 0
     for module in model.modules():
         if isinstance(module, TransformerBlock) and not getattr(module, "_compiled", False):
-            module._forward = torch.compile(module._forward, mode=mode, dynamic=dynamic)
+            module._forward = _past_hooks(torch.compile(module._forward, mode=mode, dynamic=dynamic))
             module._compiled = True
+            module._z3_leaf = True  # deepspeed.utils.set_z3_leaf_module's flag, set without importing DeepSpeed
             count += 1
     log.info("torch.compile: %d transformer blocks", count)
     return count
+
+
+def _past_hooks(body):
+    """``body`` called with a module ``rope`` replaced by its bound ``forward`` (no hooks run)."""
+    def run(x, rope, *args):
+        return body(x, rope.forward if isinstance(rope, nn.Module) else rope, *args)
+
+    return run
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:

@@ -15,6 +15,7 @@ import math
 from typing import Callable, Iterator, List, Tuple
 
 import torch
+import torch.distributed as dist
 
 SUPPORTED = "0.19"   # major.minor the patches were written against
 
@@ -137,6 +138,7 @@ def record_fp32_grad_norm(engine) -> None:
 
     opt = engine.optimizer
     mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
 
     def clip_and_record():
         # a later pipeline stage's copy of a tied weight (``ds_pipe_replicated``) holds the same
@@ -144,8 +146,11 @@ def record_fp32_grad_norm(engine) -> None:
         # counts it again), clipped alike
         params = [p for p in engine.module.parameters() if p.grad is not None]
         copies = [p for p in params if getattr(p, "ds_pipe_replicated", False)]
-        norm = clip_grad_norm_(parameters=[p for p in params if not getattr(p, "ds_pipe_replicated", False)],
-                               max_norm=engine.gradient_clipping(), mpu=mpu)
+        own = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        if alone:  # the same norm and clip; DeepSpeed's takes one norm per parameter and two 1-rank all-reduces
+            norm = torch.nn.utils.clip_grad_norm_(own, engine.gradient_clipping(), foreach=True)
+        else:
+            norm = clip_grad_norm_(parameters=own, max_norm=engine.gradient_clipping(), mpu=mpu)
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
         coef = min(1.0, engine.gradient_clipping() / (float(norm) + 1e-6))

@@ -157,9 +157,6 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> Dict[str, Any]:
         raise ConfigError(problem)
     offload = str(getattr(getattr(zero.offload_optimizer, "device", None), "value",
                           getattr(zero.offload_optimizer, "device", None)) or "none")
-    if cfg.train.compile and stage == 3:
-        raise ConfigError("train.compile: not supported with deepspeed.zero_optimization.stage=3 (its parameter "
-                          "hooks do not trace); use stage 0-2 or train.compile=false")
     problem = layout_rules.offload_problem(stage, offload not in ("none", None))
     if problem:
         raise ConfigError(problem)
