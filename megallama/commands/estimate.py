@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--ulysses", type=int, default=None,
+                   help="DeepSpeed-Ulysses degree: ranks each sequence is split over for the whole block")
+    p.add_argument("--cp", type=int, default=None,
+                   help="context (ring-attention) parallel degree, costed only: the trainer does not run it")
     p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
                    help="blocks on each pipeline stage (default: balanced by parameters, as training does)")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from megallama.profiling.hardware import load_hardware
     from megallama.profiling.layout import Layout, parse_pipeline_layers
     from megallama.profiling.memory import memory_breakdown, params_per_rank
+    from megallama.profiling.sequence_comm import TRAINER_NOTE
     from megallama.profiling.steptime import predict
 
     spec, d = resolve_model(args.model, args.config)
@@ -63,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                     offload=bool(_pick(args, d, "offload", False)), dtype=_pick(args, d, "dtype", "bf16"),
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else
                     (hw.gpus_per_node if hw else 8), pipeline_layers=layers,
-                    pipeline_partition=d.get("pipeline_partition", "parameters"))
+                    pipeline_partition=d.get("pipeline_partition", "parameters"),
+                    ulysses=_pick(args, d, "ulysses", 1), cp=args.cp if args.cp is not None else 1)
     seq = _pick(args, d, "seq", spec.max_seq_len)
     layout.check(spec, seq)
     impl = act.ActivationImpl.for_device("cpu" if hw is not None and hw.measured else "cuda")
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     flops = flops_per_token(spec, seq, layout.recompute)
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.layer_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp, layout.recompute,
-                                    layout.dtype_bytes, impl, kind)
+                                    layout.dtype_bytes, impl, kind, layout.ulysses, layout.cp)
     counts = layout.stage_layers(spec)
     groups = layout.stage_groups(spec)
     per_stage = {s: memory_breakdown(spec, layout, seq, s, impl) for s in groups}
@@ -90,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                    for s, m in per_stage.items()},
         "communication_per_step": collective_bytes_per_step(spec, layout, seq, 0, impl),
     }
+    if layout.cp > 1:
+        out["note"] = TRAINER_NOTE
     if hw is not None:
         pred = predict(spec, layout, seq, hw, impl=impl)
         out["prediction"] = {k: v for k, v in pred.as_dict().items() if k != "memory_breakdown_bytes"}
@@ -102,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_text(out, layout) -> None:
     print(f"{out['model']}: {out['parameters'] / 1e9:.3f}B parameters, seq {out['seq']}, {layout.describe()}")
+    if "note" in out:
+        print(f"  note: {out['note']}")
     print(f"  parameters per GPU      {out['parameters_per_gpu'] / 1e9:10.3f} B")
     f = out["flops_per_token"]
     print(f"  FLOPs per token         model {f['model'] / 1e9:.2f} G (MFU), hardware {f['hardware'] / 1e9:.2f} G (HFU)")

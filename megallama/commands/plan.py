@@ -5,7 +5,7 @@ import argparse
 import json
 
 NAME = "plan"
-HELP = "Choose TP/PP/DP/ZeRO/micro-batch/recompute for N GPUs: predicted tokens/s, MFU, memory."
+HELP = "Choose TP/Ulysses/PP/DP/ZeRO/micro-batch/recompute for N GPUs: predicted tokens/s, MFU, memory."
 
 GiB = 2 ** 30
 MAX_TOP = 1000
@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None)
     p.add_argument("--pp", type=int, default=None)
     p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--ulysses", type=int, default=None,
+                   help="pin the DeepSpeed-Ulysses degree (ranks each sequence is split over; default: searched)")
+    p.add_argument("--cp", type=int, default=None,
+                   help="context (ring-attention) parallel degree, costed only: the trainer does not run it")
     p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
                    help="pin the blocks on each pipeline stage (and pp to their count)")
     p.add_argument("--zero", type=int, default=None)
@@ -42,19 +46,24 @@ def run(args: argparse.Namespace) -> int:
     from megallama.profiling.hardware import load_hardware
     from megallama.profiling.layout import parse_pipeline_layers
     from megallama.profiling.planner import plan
+    from megallama.profiling.sequence_comm import TRAINER_NOTE
 
     if not 1 <= args.top <= MAX_TOP:
         raise UserError(f"--top: expected 1 to {MAX_TOP}, got {args.top}")
     spec, _ = resolve_model(args.model, args.config)
     hw = load_hardware(args.gpu)
-    fixed = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "zero": args.zero, "mbs": args.mbs,
+    fixed = {"tp": args.tp, "ulysses": args.ulysses, "cp": args.cp, "pp": args.pp, "dp": args.dp,
+             "zero": args.zero, "mbs": args.mbs,
              "recompute": args.recompute, "sp": None if args.sp is None else args.sp == "on",
              "offload": args.offload, "pipeline_layers": parse_pipeline_layers(args.pipeline_layers)}
     result = plan(spec, args.gpus, hw, seq=args.seq, batch_tokens=args.global_batch_tokens,
                   gpus_per_node=args.gpus_per_node, dtype=args.dtype, **fixed)
+    note = TRAINER_NOTE if (args.cp or 1) > 1 else None
     if args.json:
-        print(json.dumps(result.as_dict(top=args.top), indent=2))
+        print(json.dumps({**result.as_dict(top=args.top), **({"note": note} if note else {})}, indent=2))
         return 0
+    if note:
+        print(f"note: {note}")
     best = result.best
     fit = sum(c.fits for c in result.candidates)
     print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, {result.batch_tokens:,} tokens per step: "

@@ -46,6 +46,15 @@ are per distinct storage: a saved view keeps its whole base tensor alive and is 
 base's size. This list matches, byte for byte, the storages ``saved_tensors_hooks`` sees in
 ``megallama.model`` on CPU (fp32/bf16, TP 1-2, SP, selective and full recompute; see
 tests/test_profiling_activations.py).
+
+Ulysses (degree ``u``, :mod:`megallama.parallel.ulysses`): every tensor above holds ``N/u``
+tokens except around the core. RoPE runs at explicit shard positions, so each layer saves the
+gathered ``cos, sin`` rows (``N hd / u``). The rotated Q, K and V go through one all-to-all
+whose output (``[b, s, (a_t + 2 kv_t)/u, hd]``, KV heads repeated to ``u`` when fewer) SDPA saves
+through its three views; the fused QKV output is no longer kept by a V view. SDPA's output and
+logsumexp hold ``a_t/u`` heads of the whole sequence, and the second all-to-all makes Wo's input
+a separate ``N h / (t u)`` copy. Context parallelism (ring attention, cost model only) is the
+plain list at ``N/cp`` tokens per rank: Q, K, V, the output and logsumexp of this rank's chunks.
 """
 from __future__ import annotations
 
@@ -147,6 +156,33 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
     return out
 
 
+def _ulysses_attention(spec: ArchSpec, n: float, seq: int, t: int, r: int, u: int, lin_in: float, p: int,
+                       impl: ActivationImpl, recompute: str) -> List[SavedTensor]:
+    """Self-attention of one rank of a Ulysses group (module docstring); ``n``: the shard's tokens."""
+    h, a, hd = spec.dim, spec.n_heads, spec.head_dim
+    kv_t = max(spec.kv_dim / t, u * hd)        # per TP rank, KV heads repeated to u when fewer
+    whole = n * u                               # the whole sequence's tokens, around the core
+    out = _norm(spec, "attn_norm", n, r, p, impl) + [
+        SavedTensor("attn.qkv.input", lin_in, p),
+        SavedTensor("attn.rope.cos,sin (at the shard's positions)", n * hd, p),
+        SavedTensor("attn.q,k,v (all-to-all output, whole sequence)", whole * (h / t + 2 * kv_t) / u, p)]
+    if recompute != "selective":
+        if impl.attention == "flash":
+            out += [SavedTensor("attn.sdpa.output", whole * h / (t * u), p),
+                    SavedTensor("attn.sdpa.logsumexp", whole * a / (t * u), STAT_BYTES)]
+        else:
+            probs = whole * seq * a / (t * u)
+            out.append(SavedTensor("attn.softmax.output", probs, STAT_BYTES if impl.softmax_fp32 else p))
+            if spec.dropout > 0:
+                out += [SavedTensor("attn.attn_dropout.mask", probs, MASK_BYTES),
+                        SavedTensor("attn.attn_dropout.output", probs, p)]
+            out.append(SavedTensor("attn.pv.output", whole * h / (t * u), p))
+    out.append(SavedTensor("attn.o.input (all-to-all output)", n * h / t, p))
+    if spec.dropout > 0:
+        out.append(SavedTensor("attn.residual_dropout.mask", n * h / r, MASK_BYTES))
+    return out
+
+
 def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl) -> List[SavedTensor]:
     h, f = spec.dim, spec.ffn_hidden
     out = _norm(spec, "mlp_norm", n, r, p, impl) + [SavedTensor("mlp.input", lin_in, p)]
@@ -162,20 +198,26 @@ def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int, impl: Ac
 
 def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
                         recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
-                        kind: str = "decoder") -> List[SavedTensor]:
-    """The tensors one block keeps for backward, per TP rank and micro-batch.
+                        kind: str = "decoder", ulysses: int = 1, cp: int = 1) -> List[SavedTensor]:
+    """The tensors one block keeps for backward, per rank and micro-batch of ``seq`` tokens.
 
     ``kind``: ``decoder``/``encoder`` (self-attention + MLP) or ``cross`` (decoder block of an
     encoder-decoder model, with a cross-attention sub-layer over a source of length ``seq``).
+    ``ulysses``/``cp``: ranks each sequence is split over (decoder blocks only).
     """
+    if (ulysses > 1 or cp > 1) and kind == "cross":
+        raise ValueError("Ulysses and context parallelism shard decoder-only sequences")
     spec = as_spec(model).tp_view(tp)
-    n, t, p = seq * mbs, tp, dtype_bytes
+    n, t, p = seq * mbs / (ulysses * cp), tp, dtype_bytes   # this rank's tokens
     r = tp if sp else 1
     if recompute == "full":
         split = tp if (sp or impl.partition_activations) else 1
         return [SavedTensor("block.input (checkpoint)", n * spec.dim / split, p)]
     lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
-    out = _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "attn", cross=False)
+    if ulysses > 1:
+        out = _ulysses_attention(spec, n, seq, t, r, ulysses, lin_in, p, impl, recompute)
+    else:
+        out = _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "attn", cross=False)
     if kind == "cross":
         out += _attention(spec, n, seq, t, r, lin_in, p, impl, recompute, "cross", cross=True)
         if sp and impl.sp_saves_gathered_input:   # each cross K|V linear saves its own gathered copy
@@ -185,14 +227,16 @@ def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bo
 
 def activation_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
                                recompute: str = "none", dtype_bytes: int = 2,
-                               impl: ActivationImpl = ActivationImpl(), kind: str = "decoder") -> float:
+                               impl: ActivationImpl = ActivationImpl(), kind: str = "decoder",
+                               ulysses: int = 1, cp: int = 1) -> float:
     """Bytes one block saves for backward (sum of :func:`layer_saved_tensors`)."""
-    return sum(x.bytes for x in layer_saved_tensors(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind))
+    return sum(x.bytes for x in layer_saved_tensors(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind,
+                                                    ulysses, cp))
 
 
 def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
                             recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
-                            kind: str = "decoder") -> float:
+                            kind: str = "decoder", ulysses: int = 1, cp: int = 1) -> float:
     """New bytes alive while one recomputed block runs its backward (one block at a time).
 
     Selective: what the core re-creates (its dropped tensors) plus a second copy of its output,
@@ -205,11 +249,12 @@ def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp
     if recompute == "none":
         return 0.0
     spec = as_spec(model)
-    n, t, p = seq * mbs, tp, dtype_bytes
-    full = activation_bytes_per_layer(spec, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind)
+    n, t, p = seq * mbs / (ulysses * cp), tp, dtype_bytes
+    full = activation_bytes_per_layer(spec, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind, ulysses, cp)
     if recompute == "selective":
-        kept = activation_bytes_per_layer(spec, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind)
-        cores = 2 if kind == "cross" else 1
+        kept = activation_bytes_per_layer(spec, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind, ulysses, cp)
+        # under Ulysses the output is no longer Wo's input: full - kept already holds its copy
+        cores = 0 if ulysses > 1 else (2 if kind == "cross" else 1)
         return full - kept + cores * n * spec.dim / t * p
     shared = (impl.norm == "fused" or p == STAT_BYTES) and not impl.partition_activations
     return full - (n * spec.dim / (tp if sp else 1) * p if shared else 0.0)

@@ -196,7 +196,7 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     """``--model NAME`` or ``--config FILE`` -> (spec, layout defaults read from a run config).
 
     A run config (``model: {preset: ...}``, ``parallel:``, ``train:``, ``deepspeed:``) also supplies
-    tp/pp/sequence_parallel/seq/mbs/recompute/zero/dtype and pipeline-split defaults, so
+    tp/pp/sequence_parallel/ulysses/seq/mbs/recompute/zero/dtype and pipeline-split defaults, so
     ``estimate --config run.yaml`` costs the run as configured; command-line flags override them.
     """
     if (model is None) == (config is None):
@@ -213,6 +213,7 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
 
     ds = DeepSpeedSettings.of(run.deepspeed)
     defaults = dict(tp=run.parallel.tp, pp=run.parallel.pp, sp=run.parallel.sequence_parallel,
+                    ulysses=run.parallel.ulysses,
                     seq=run.train.seq_len, mbs=run.train.micro_batch_size,
                     recompute=run.train.activation_checkpointing.mode, zero=ds.zero_stage,
                     dtype=ds.precision, offload=ds.offload_optimizer is not None,

@@ -24,7 +24,8 @@ stage's own blocks, ``Layout.stage_layers``):
 * kv: with fewer KV heads than TP ranks, per block and micro-batch the owner of each replicated
   head broadcasts it to the ``tp / kv`` ranks holding it (forward, again in a full recompute)
   and their gradients are reduced onto it (backward), as ``parallel.mappings.from_first_rank`` does.
-* dp: ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
+* ulysses, cp: :mod:`megallama.profiling.sequence_comm`.
+* dp (over DP x the Ulysses or CP ranks, ``Layout.zero_dp``): ZeRO-0 one all-reduce of the gradients; ZeRO-1 reduces them once per step and all-gathers
   the updated params; ZeRO-2 reduces every micro-batch (DeepSpeed 0.19 all-reduces each
   partition's slice of a bucket, so the wire carries an all-reduce's bytes, not a
   reduce-scatter's -- measured on a gloo run); ZeRO-3 all-gathers the
@@ -52,21 +53,23 @@ from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
 from megallama.profiling.memory import params_per_rank, zero3_backward_gather
+from megallama.profiling.sequence_comm import all_to_all_time, ring_collectives, ulysses_collectives
 from megallama.train.ds_settings import Buckets
 
-GROUPS = ("tp", "pp", "dp", "embedding", "kv")
+GROUPS = ("tp", "pp", "dp", "embedding", "kv", "ulysses", "cp")
 REDUCE_BUCKET = 5e8      # DeepSpeed reduce_bucket_size / allgather_bucket_size (elements)
 PREFETCH_BUCKET = 5e7    # DeepSpeed stage3_prefetch_bucket_size (elements)
 
 
 @dataclass(frozen=True)
 class Collective:
-    group: str            # tp | pp | dp | embedding | kv (the TP ranks sharing a replicated KV head)
-    op: str               # all_reduce | all_gather | reduce_scatter | broadcast | reduce | send | recv
+    group: str            # tp | pp | dp | embedding | kv (the TP ranks sharing a replicated KV head) | ulysses | cp
+    op: str               # all_reduce | all_gather | reduce_scatter | broadcast | reduce | send | recv | all_to_all
     payload_bytes: float  # per call (see module docstring)
     calls: float          # per step
     phase: str            # "microbatch": on each micro-batch's critical path; "step": after the
-    #                       last backward; "overlap": may hide behind compute (ZeRO-3 prefetch)
+    #                       last backward; "overlap": may hide behind compute (ZeRO-3 prefetch);
+    #                       "ring": ring attention's sends, hidden behind the attention core
     what: str = ""
     members: int = 0      # ranks in the group, where not the layout's (``kv``: tp / kv_heads)
 
@@ -75,7 +78,7 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
     if layout.tp == 1:
         return []
     m, w, sp = layout.grad_accum, layout.dtype_bytes, layout.sp
-    act = seq * layout.mbs * spec.dim * w
+    act = seq * layout.mbs * spec.dim * w / layout.seq_shards   # this rank's tokens
     out: List[Collective] = []
     encdec = spec.arch == "encoder_decoder"
     blocks = layout.stage_layers(spec)[stage] + (spec.n_encoder_layers if encdec and stage == 0 else 0)
@@ -102,7 +105,8 @@ def _tp_collectives(spec, layout: Layout, seq: int, stage: int, impl: Activation
                               "lm head input grad"))
         if sp:
             out.append(Collective("tp", "all_gather", act, m, "microbatch", "lm head input"))
-        out.append(Collective("tp", "all_reduce", seq * layout.mbs * 4, 3 * m, "microbatch", "loss max/target/sum"))
+        out.append(Collective("tp", "all_reduce", seq * layout.mbs * 4 / layout.seq_shards, 3 * m, "microbatch",
+                              "loss max/target/sum"))
     if layout.recompute == "full" and impl.partition_activations and not sp:
         # DeepSpeed keeps 1/t of each checkpointed block input and all-gathers it back in backward
         out.append(Collective("tp", "all_gather", act, m * blocks, "microbatch", "partitioned checkpoint inputs"))
@@ -133,7 +137,7 @@ def _pipe_tp_gathers(spec, layout: Layout, seq: int, stage: int, scatter_gather)
     if mode == "whole" or (mode == "megatron" and layout.sp):
         return []
     m = layout.grad_accum
-    boundary = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1)
+    boundary = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1) / layout.seq_shards
     per_mb = (1 if stage > 0 else 0) + (1 if stage < layout.pp - 1 else 0) * (2 if mode == "deepspeed" else 1)
     return [Collective("tp", "all_gather", boundary, m * per_mb, "microbatch", "partitioned pipeline exchange")]
 
@@ -142,7 +146,7 @@ def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) 
     if layout.pp == 1:
         return []
     m = layout.grad_accum
-    act = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1)
+    act = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1) / layout.seq_shards
     mode = pipe_exchange(layout, scatter_gather)
     if mode == "deepspeed" or (mode == "megatron" and not layout.sp):
         act /= layout.tp
@@ -184,7 +188,7 @@ def _bucketed(group: str, op: str, total_bytes: float, elements: float, bucket: 
 
 def _dp_collectives(spec, layout: Layout, stage: int,
                     reuse_distance: float = Buckets.reuse_distance) -> List[Collective]:
-    if layout.dp == 1:
+    if layout.zero_dp == 1:   # gradients are reduced over DP x the sequence shards
         return []
     m, w = layout.grad_accum, layout.dtype_bytes
     split = layout.stage_layers(spec)
@@ -225,11 +229,13 @@ def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl:
     spec = as_spec(model)
     return (_tp_collectives(spec, layout, seq, stage, impl) + _pipe_tp_gathers(spec, layout, seq, stage, scatter_gather)
             + _pp_collectives(spec, layout, seq, stage, scatter_gather) + _kv_collectives(spec, layout, stage)
+            + ulysses_collectives(spec, layout, seq, stage) + ring_collectives(spec, layout, seq, stage)
             + _dp_collectives(spec, layout, stage, reuse_distance))
 
 
 def group_size(layout: Layout, group: str) -> int:
-    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "embedding": 2, "kv": layout.tp}[group]
+    return {"tp": layout.tp, "pp": layout.pp, "dp": layout.zero_dp, "embedding": 2, "kv": layout.tp,
+            "ulysses": layout.ulysses, "cp": layout.cp}[group]
 
 
 def members(c: Collective, layout: Layout) -> int:
@@ -239,7 +245,7 @@ def members(c: Collective, layout: Layout) -> int:
 def wire_bytes(c: Collective, n: int) -> float:
     if c.op in ("send", "recv"):
         return c.payload_bytes
-    frac = (n - 1) / n
+    frac = (n - 1) / n   # all_to_all: each rank keeps its own 1/n
     return c.payload_bytes * (2 * frac if c.op == "all_reduce" else frac)
 
 
@@ -261,7 +267,7 @@ def link(layout: Layout, hw: HardwareProfile, group: str):
     kind = {"embedding": "pp", "kv": "tp"}.get(group, group)
     if not spans_nodes(layout, kind):
         return hw.intra_node_bandwidth, hw.intra_node_latency_s
-    if kind == "pp":   # neighbours on different nodes: one GPU's NIC
+    if kind in ("pp", "cp"):   # neighbours on different nodes: one GPU's NIC
         return hw.inter_node_bandwidth, hw.inter_node_latency_s
     per_node = members_per_node(layout, kind)
     return min(hw.intra_node_bandwidth, per_node * hw.inter_node_bandwidth), hw.inter_node_latency_s
@@ -272,6 +278,8 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
     n = members(c, layout)
     if n == 1:
         return 0.0
+    if c.op == "all_to_all":
+        return all_to_all_time(c, layout, hw, n, bus_efficiency)
     bw, alpha = link(layout, hw, c.group)
     if c.op in ("send", "recv"):
         steps = 1.0

@@ -27,7 +27,8 @@ def layout_of(cfg: Any, state: Any, ds: Dict[str, Any], gpus_per_node: Optional[
                   grad_accum=cfg.train.batch_layout(state.dp).accum, recompute=cfg.train.activation_checkpointing.mode,
                   sp=bool(state.sequence_parallel), offload=settings.offload_optimizer is not None,
                   dtype=settings.precision, gpus_per_node=gpus_per_node or state.world_size,
-                  pipeline_layers=tuple(cfg.stage_layers()) if state.pp > 1 else None)
+                  pipeline_layers=tuple(cfg.stage_layers()) if state.pp > 1 else None,
+                  ulysses=getattr(state, "ulysses", 1))
 
 
 def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
@@ -43,13 +44,14 @@ def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], d
     spec = ArchSpec.from_model_config(cfg.model)
     seq, impl = cfg.train.seq_len, impl_of(cfg, device_type)
     buckets = DeepSpeedSettings.of(ds).buckets
-    states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
+    states = model_state_bytes(spec, layout.tp, layout.pp, layout.zero_dp, layout.zero, layout.dtype, layout.offload,
                                stage, buckets, layout.grad_accum)
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     transient = 0.0
     if stage == layout.pp - 1:
-        transient = sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp,
-                                                                      layout.dtype_bytes, impl) if not x.saved)
+        transient = sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
+                                                                      layout.tp, layout.sp, layout.dtype_bytes, impl)
+                        if not x.saved)
     one = layout.with_(grad_accum=1)    # the saved set of one micro-batch, as at the end of its forward
     one_acts = stage_activation_bytes(spec, one, seq, stage, impl)
     comm = collective_bytes_per_step(spec, layout, seq, stage, impl, scatter_gather="deepspeed",

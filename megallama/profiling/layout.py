@@ -1,8 +1,11 @@
-"""A training layout (TP x PP x DP, ZeRO, micro-batching, recompute, precision) and its topology.
+"""A training layout (TP x Ulysses x DP x PP, ZeRO, micro-batching, recompute, precision) and its topology.
 
 Which layouts are valid is :mod:`megallama.config.layout_rules`'s to say, and rank order
 :mod:`megallama.config.topology`'s (the one the run uses): a TP group stays inside a node when
-``tp <= gpus_per_node`` and a DP group spans nodes once ``tp*dp > gpus_per_node``.
+``tp <= gpus_per_node``, then the Ulysses group, and a DP group spans nodes once
+``tp*ulysses*dp > gpus_per_node``. Context (ring) parallelism, ``cp``, is costed only (the
+trainer does not run it): its ranks take the Ulysses axis' place in the grid, as Megatron puts
+CP next to TP, and the two are not combined.
 """
 from __future__ import annotations
 
@@ -47,10 +50,23 @@ class Layout:
     gpus_per_node: int = 8
     pipeline_layers: Optional[Tuple[int, ...]] = None
     pipeline_partition: str = "parameters"
+    ulysses: int = 1   # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block
+    cp: int = 1        # context (ring-attention) parallelism, cost model only
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.ulysses * self.cp
+
+    @property
+    def seq_shards(self) -> int:
+        """Ranks one sequence is split over outside TP (Ulysses or CP): each holds ``1/seq_shards``."""
+        return self.ulysses * self.cp
+
+    @property
+    def zero_dp(self) -> int:
+        """Ranks gradients are reduced and ZeRO states partitioned over: DP x Ulysses (DeepSpeed's
+        sequence-data-parallel group), DP x CP (Megatron's)."""
+        return self.dp * self.seq_shards
 
     @property
     def dtype_bytes(self) -> int:
@@ -68,7 +84,7 @@ class Layout:
     @property
     def traits(self) -> EngineTraits:
         """The engine ``build_engine`` makes of this layout: DeepSpeed's optimizer, megallama's patches."""
-        return EngineTraits.predict(self.zero, self.dtype, self.dp, self.pp)
+        return EngineTraits.predict(self.zero, self.dtype, self.zero_dp, self.pp)
 
     @property
     def effective_zero(self) -> int:
@@ -103,7 +119,8 @@ class Layout:
     def describe(self) -> str:
         sp = "+sp" if self.sp else ""
         off = "+offload" if self.offload else ""
-        return (f"tp{self.tp}{sp} pp{self.pp} dp{self.dp} zero{self.zero}{off} mbs{self.mbs} "
+        seq = (f" u{self.ulysses}" if self.ulysses > 1 else "") + (f" cp{self.cp}" if self.cp > 1 else "")
+        return (f"tp{self.tp}{sp}{seq} pp{self.pp} dp{self.dp} zero{self.zero}{off} mbs{self.mbs} "
                 f"x{self.grad_accum} rc={self.recompute} {self.dtype}")
 
     def as_dict(self) -> Dict[str, Any]:
@@ -115,14 +132,15 @@ class Layout:
             raise UserError(f"--seq: expected a positive integer, got {seq}")
         if seq > MAX_SEQ:
             raise UserError(f"--seq: expected at most {MAX_SEQ:,} tokens, got {seq}")
-        for name in ("tp", "pp", "dp", "mbs", "grad_accum", "interleave", "gpus_per_node"):
+        for name in ("tp", "pp", "dp", "ulysses", "cp", "mbs", "grad_accum", "interleave", "gpus_per_node"):
             _refuse(rules.positive_problem(name, getattr(self, name), rules.FLAGS))
-        for name, top in (("tp", MAX_GPUS), ("pp", MAX_GPUS), ("dp", MAX_GPUS), ("gpus_per_node", MAX_GPUS),
-                          ("grad_accum", MAX_ACCUM), ("interleave", MAX_GPUS)):
+        for name, top in (("tp", MAX_GPUS), ("pp", MAX_GPUS), ("dp", MAX_GPUS), ("ulysses", MAX_GPUS),
+                          ("cp", MAX_GPUS), ("gpus_per_node", MAX_GPUS), ("grad_accum", MAX_ACCUM),
+                          ("interleave", MAX_GPUS)):
             if getattr(self, name) > top:
                 raise UserError(f"--{name.replace('_', '-')}: expected at most {top:,}, got {getattr(self, name)}")
         if self.world > MAX_GPUS:
-            raise UserError(f"--tp x --pp x --dp: {self.world:,} GPUs; expected at most {MAX_GPUS:,}")
+            raise UserError(f"--tp x --pp x --dp x --ulysses x --cp: {self.world:,} GPUs; expected at most {MAX_GPUS:,}")
         if self.mbs * seq > MAX_MICRO_TOKENS:
             raise UserError(f"--mbs: {self.mbs} sequences of {seq} tokens per micro-batch; expected at most "
                             f"{MAX_MICRO_TOKENS:,} tokens")
@@ -133,9 +151,26 @@ class Layout:
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"--dtype: expected one of {', '.join(DTYPE_BYTES)}, got '{self.dtype}'")
         _refuse(rules.layout_problem(spec.shape, self.tp, self.pp, self.sp, seq, self.zero, self.offload,
-                                     self.interleave, rules.FLAGS)
+                                     self.interleave, rules.FLAGS, ulysses=self.ulysses)
+                or cp_problem(spec, self.tp, self.sp, seq, self.cp, self.ulysses)
                 or (rules.positions_problem(seq, spec.max_seq_len, rules.FLAGS) if spec.learned_positions else None))
         _refuse(pipeline_layers_problem(self.pipeline_layers, spec.n_layers, self.pp, self.interleave))
+
+
+def cp_problem(spec: ArchSpec, tp: int, sp: bool, seq: int, cp: int, ulysses: int = 1) -> Optional[str]:
+    """Ring attention as Llama 3 and Megatron balance it: each sequence cut in ``2 cp`` chunks,
+    rank ``i`` holding chunks ``i`` and ``2cp-1-i`` (equal causal work), so ``2 cp`` (x TP under
+    SP) divides the sequence. Costed only; not combined with Ulysses (one sequence axis)."""
+    if cp == 1:
+        return None
+    if ulysses > 1:
+        return "--cp: not combined with --ulysses (one sequence-sharding axis); set one of them to 1"
+    if spec.arch != "decoder":
+        return f"--cp: shards decoder-only sequences (model arch '{spec.arch}')"
+    shards = 2 * cp * (tp if sp else 1)
+    if seq % shards:
+        return f"--seq {seq}: not divisible by 2 x cp={cp}{f' x tp={tp} (sequence parallelism)' if sp else ''}"
+    return None
 
 
 def split(spec: ArchSpec, pp: int, partition: str = "parameters", explicit: Optional[Sequence[int]] = None,
@@ -181,9 +216,14 @@ def _refuse(problem: Optional[str]) -> None:
 
 
 # ------------------------------------------------------------------------------- topology
+# the grid axes each group spans: gradients go over DP x the sequence shards (``Layout.zero_dp``)
+GROUP_AXES = {"tp": ("tp",), "pp": ("pp",), "dp": ("dp", "ulysses"), "ulysses": ("ulysses",), "cp": ("ulysses",)}
+
+
 def group_ranks(layout: Layout, kind: str) -> List[int]:
-    """The ranks of the ``tp``/``dp``/``pp`` group that contains rank 0."""
-    return ParallelDims(tp=layout.tp, pp=layout.pp, dp=layout.dp).group(0, kind)
+    """The ranks of the ``tp``/``dp``/``pp``/``ulysses``/``cp`` group that contains rank 0."""
+    dims = ParallelDims(tp=layout.tp, pp=layout.pp, dp=layout.dp, ulysses=layout.seq_shards)
+    return dims.group(0, *GROUP_AXES[kind])
 
 
 def members_per_node(layout: Layout, kind: str) -> int:

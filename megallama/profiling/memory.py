@@ -2,7 +2,8 @@
 
 Model states follow what DeepSpeed (0.19) allocates. With ``P`` the parameters this rank holds
 after TP/PP splitting, ``N`` the data-parallel size, ``w`` the model dtype's bytes (2 for
-bf16/fp16, 4 for fp32) and ``mixed = w < 4``:
+bf16/fp16, 4 for fp32) and ``mixed = w < 4``. Under Ulysses or context parallelism ``N`` counts their ranks too
+(``Layout.zero_dp``: DeepSpeed partitions over DP x its sequence-parallel group):
 
 | ZeRO | params  | grads   | optimizer (fp32 master if mixed or ZeRO >= 1, + Adam m, v) |
 |------|---------|---------|-------------------------------------------------------------|
@@ -174,17 +175,19 @@ def stage_activation_bytes(model: SpecLike, layout: Layout, seq: int, stage: int
     saved tensors, plus one block's recompute working set."""
     spec = as_spec(model)
     t, sp, rc, w, mbs = layout.tp, layout.sp, layout.recompute, layout.dtype_bytes, layout.mbs
+    u, cp = layout.ulysses, layout.cp
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
-    per_layer = act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, kind)
+    per_layer = act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, kind, u, cp)
     layers = layout.stage_layers(spec)[stage] * per_layer
     if spec.arch == "encoder_decoder":
         layers += spec.n_encoder_layers * act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, "encoder")
-    first = sum(x.bytes for x in act.first_stage_saved_tensors(spec, seq, mbs, t, sp, w, impl)) if stage == 0 else 0.0
-    last = (sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, mbs, t, sp, w, impl))
+    shard = seq // layout.seq_shards   # the embedding and the loss see this rank's tokens only
+    first = sum(x.bytes for x in act.first_stage_saved_tensors(spec, shard, mbs, t, sp, w, impl)) if stage == 0 else 0.0
+    last = (sum(x.bytes for x in act.last_stage_saved_tensors(spec, shard, mbs, t, sp, w, impl))
             if stage == layout.pp - 1 else 0.0)
     k = layout.in_flight(stage)
     return {"blocks": k * layers, "embedding": k * first, "head_and_loss": last,
-            "recompute_working": act.recompute_working_bytes(spec, seq, mbs, t, sp, rc, w, impl, kind)}
+            "recompute_working": act.recompute_working_bytes(spec, seq, mbs, t, sp, rc, w, impl, kind, u, cp)}
 
 
 @dataclass
@@ -219,7 +222,7 @@ def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[
     if stage is None:
         per_stage = [memory_breakdown(spec, layout, seq, s, impl, buckets) for s in layout.stage_groups(spec)]
         return max(per_stage, key=lambda m: m.total)
-    states = model_state_bytes(spec, layout.tp, layout.pp, layout.dp, layout.zero, layout.dtype, layout.offload,
+    states = model_state_bytes(spec, layout.tp, layout.pp, layout.zero_dp, layout.zero, layout.dtype, layout.offload,
                                stage, buckets, layout.grad_accum, layout.stage_layers(spec))
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     host = states.pop("host")

@@ -1,5 +1,10 @@
-"""Choose a layout: enumerate TP/PP/DP/ZeRO/micro-batch/recompute/SP for a GPU count, keep those
-the memory model says fit, predict each one's step time, rank by tokens/s.
+"""Choose a layout: enumerate TP/Ulysses/PP/DP/ZeRO/micro-batch/recompute/SP for a GPU count, keep
+those the memory model says fit, predict each one's step time, rank by tokens/s.
+
+Ulysses is searched like any degree, so at long sequences, where TP alone leaves too many
+activations per rank or pays more in its all-gathers than Ulysses in its all-to-alls, the
+plan proposes it. Context parallelism (``cp``) is evaluated only when pinned: the trainer does
+not run it.
 
 Any layout field can be pinned (``fixed``); pinning all of them evaluates that one layout,
 fitting or not. ``pp`` need not divide the layers: stages split by the rule training uses
@@ -19,7 +24,7 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import MAX_GPUS, Layout, divisors, pipeline_layers_problem
+from megallama.profiling.layout import MAX_GPUS, Layout, cp_problem, divisors, pipeline_layers_problem
 from megallama.profiling.memory import memory_breakdown
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
@@ -58,30 +63,31 @@ def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any
     shape = spec.shape
     tps = [t for t in divisors(gpn) if gpus % t == 0 and rules.tp_problem(shape, t) is None]
     pps = [p for p in divisors(gpus) if rules.pp_problem(shape, p) is None]   # uneven stages too
-    space = {"tp": tps, "pp": pps, "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES),
-             "recompute": list(RECOMPUTE_MODES), "sp": [False, True], "offload": [False]}
+    space = {"tp": tps, "ulysses": [u for u in divisors(gpus) if u <= spec.n_heads], "cp": [1], "pp": pps,
+             "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES), "recompute": list(RECOMPUTE_MODES),
+             "sp": [False, True], "offload": [False]}
     for key, value in fixed.items():
         if key in space and value is not None:
             space[key] = [value]
-    for tp, pp, zero, mbs, rc, sp, off in product(*(space[k] for k in
-                                                    ("tp", "pp", "zero", "mbs", "recompute", "sp", "offload"))):
-        if rules.world_problem(gpus, {"tp": tp, "pp": pp}):
+    keys = ("tp", "ulysses", "cp", "pp", "zero", "mbs", "recompute", "sp", "offload")
+    for tp, u, cp, pp, zero, mbs, rc, sp, off in product(*(space[k] for k in keys)):
+        if rules.world_problem(gpus, {"tp": tp, "ulysses": u, "cp": cp, "pp": pp}):
             continue
-        dp = gpus // (tp * pp)
+        dp = gpus // (tp * u * cp * pp)
         if fixed.get("dp") is not None and dp != fixed["dp"]:
             continue
-        if rules.layout_problem(shape, tp, pp, sp, seq, zero, off):
+        if rules.layout_problem(shape, tp, pp, sp, seq, zero, off, ulysses=u) or cp_problem(spec, tp, sp, seq, cp, u):
             continue
-        if dp == 1 and zero > 0 and fixed.get("zero") is None:
+        if dp * u * cp == 1 and zero > 0 and fixed.get("zero") is None:
             continue                       # nothing to shard over
-        yield dict(tp=tp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
+        yield dict(tp=tp, ulysses=u, cp=cp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
 
 
 def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) -> None:
     """One-line errors for arguments no layout can satisfy."""
     if not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus: expected 1 to {MAX_GPUS:,}, got {gpus}")
-    given = {k: fixed[k] for k in ("tp", "pp", "dp", "mbs") if fixed.get(k) is not None}
+    given = {k: fixed[k] for k in ("tp", "ulysses", "cp", "pp", "dp", "mbs") if fixed.get(k) is not None}
     degrees = {k: v for k, v in given.items() if k != "mbs"}
     problems = [rules.positive_problem(k, v, rules.FLAGS) for k, v in given.items()]
     layers = fixed.get("pipeline_layers")
@@ -91,7 +97,8 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     if problem:
         raise UserError(problem)
     zero = fixed.get("zero")
-    Layout(tp=degrees.get("tp", 1), pp=degrees.get("pp", 1), dp=1, zero=1 if zero is None else zero,
+    Layout(tp=degrees.get("tp", 1), pp=degrees.get("pp", 1), dp=1, ulysses=degrees.get("ulysses", 1),
+           cp=degrees.get("cp", 1), zero=1 if zero is None else zero,
            mbs=given.get("mbs", 1), recompute=fixed.get("recompute") or "none", sp=bool(fixed.get("sp")),
            offload=bool(fixed.get("offload")), dtype=fixed.get("dtype") or "bf16").check(spec, seq)
 
@@ -99,8 +106,8 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
 def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,
          batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
          eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, **fixed: Any) -> Plan:
-    """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, pp, dp, zero, mbs,
-    recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``:
+    """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, ulysses, cp, pp, dp,
+    zero, mbs, recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``:
     which implementation's activations to count (default: ours on the profile's device). Raises
     ``UserError`` when nothing fits."""
     impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
@@ -122,7 +129,8 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
     single = all(fixed.get(k) is not None for k in ("tp", "pp", "zero", "mbs", "recompute"))
     if single:   # a fully given layout: SP and offload are off unless asked for
-        fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload"))}
+        fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload")),
+                 "ulysses": fixed.get("ulysses") or 1, "cp": fixed.get("cp") or 1}
     cap = hw.memory_bytes * eff.usable_memory
     for opt in _options(spec, gpus, seq, gpn, fixed):
         m = round(batch / (opt["dp"] * opt["mbs"]))

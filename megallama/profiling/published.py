@@ -122,3 +122,96 @@ def calibrate(gemm_grid: Sequence[float] = tuple(x / 100 for x in range(50, 91, 
             if loss < best_loss:
                 best, best_loss = eff, loss
     return best
+
+
+# ---------------------------------------------------------------------- long sequences
+# DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv 2309.14509; DeepSpeed blog blogs/deepspeed-ulysses,
+# figures 3 and 4): dense-attention GPT on A100-40GB, TFLOP/s per GPU of Ulysses (ZeRO-3 over
+# all GPUs) and of Megatron-LM sequence parallelism, each at the degree and micro-batch size that
+# ran fastest. Only the bars are published: values read off the charts (+-2 TFLOP/s); the 128K
+# bars are hidden behind the legend and left out; ``None``: the run did not fit (OOM).
+@dataclass(frozen=True)
+class LongSeqRow:
+    model: str                   # "gpt-7b" (32 GPUs) or "gpt-30b" (64 GPUs)
+    system: str                  # "ulysses" | "megatron-sp"
+    seq: int
+    tflops_per_gpu: Optional[float]
+
+    @property
+    def gpus(self) -> int:
+        return ULYSSES_GPUS[self.model]
+
+
+ULYSSES_GPUS = {"gpt-7b": 32, "gpt-30b": 64}
+# shapes are not in the paper: GPT-3's 6.7B, and a 64-layer 6144-wide 29B (heads divide 64 ranks)
+ULYSSES_SHAPES = {"gpt-7b": (4096, 32, 32), "gpt-30b": (6144, 64, 64)}   # hidden, layers, heads
+K = 1024
+ULYSSES_FIGURES: List[LongSeqRow] = [
+    *(LongSeqRow("gpt-7b", "ulysses", s * K, v) for s, v in ((8, 159), (16, 175.5), (32, 178), (64, 181), (256, 174.5))),
+    *(LongSeqRow("gpt-7b", "megatron-sp", s * K, v) for s, v in ((8, 106), (16, 143), (32, 164.5), (64, 165),
+                                                                  (128, 158), (256, None))),
+    *(LongSeqRow("gpt-30b", "ulysses", s * K, v) for s, v in ((8, 165.5), (16, 157), (32, 152), (64, 147), (256, 134))),
+    *(LongSeqRow("gpt-30b", "megatron-sp", s * K, v) for s, v in ((8, 45), (16, 67.5), (32, 85.5), (64, 104.5),
+                                                                   (128, None), (256, None))),
+]
+LONG_IMPL = ActivationImpl(attention="flash")   # FlashAttention; Megatron re-gathers SP inputs:
+MEGATRON_LONG_IMPL = ActivationImpl(attention="flash", sp_saves_gathered_input=False)
+
+
+def long_spec(model: str) -> ArchSpec:
+    """GPT-shaped with rotary positions, as Megatron-DeepSpeed's long-sequence examples run it (our
+    ``gpt`` family means learned positions: a 2**18 x h table would dwarf the blocks); the MLP as
+    SwiGLU of ``8h/3``, equal in parameters and FLOPs to GPT's ``4h`` GeLU."""
+    h, layers, heads = ULYSSES_SHAPES[model]
+    return ArchSpec(name=model, family="llama", arch="decoder", dim=h, n_layers=layers, n_encoder_layers=0,
+                    n_heads=heads, kv_heads=heads, ffn_hidden=8 * h // 3, vocab_size=51200, max_seq_len=2 ** 20,
+                    tied_embeddings=True)
+
+
+def long_layouts(row: LongSeqRow, gpn: int = 8) -> List[Layout]:
+    """The layouts the row's system could have run: Ulysses at ZeRO-3 over all GPUs (degree 1 is
+    plain ZeRO-3); Megatron SP as TP with whole optimizer states per DP rank (the paper credits
+    ZeRO-3 for Ulysses' larger batches); any degree the shapes allow, full recompute
+    (Megatron-DeepSpeed's TFLOP/s count recomputed FLOPs), one micro-batch per step."""
+    spec, out = long_spec(row.model), []
+    for d in (x for x in range(1, row.gpus + 1) if row.gpus % x == 0 and spec.n_heads % x == 0
+              and row.seq % x == 0):
+        for mbs in (1, 2, 4, 8):
+            if row.system == "ulysses":
+                out.append(Layout(ulysses=d, dp=row.gpus // d, zero=3, mbs=mbs, recompute="full", gpus_per_node=gpn))
+            elif d > 1:
+                out.append(Layout(tp=d, sp=True, dp=row.gpus // d, zero=0, mbs=mbs, recompute="full",
+                                  gpus_per_node=gpn))
+    return out
+
+
+def predict_long_row(row: LongSeqRow, eff: Efficiency = Efficiency()) -> Optional[StepPrediction]:
+    """The fastest fitting layout of :func:`long_layouts` (None: none fits) on A100-40GB."""
+    hw, spec = load_hardware("a100-40gb"), long_spec(row.model)
+    impl = LONG_IMPL if row.system == "ulysses" else MEGATRON_LONG_IMPL
+    fitting = [p for p in (predict(spec, lay, row.seq, hw, eff, impl) for lay in long_layouts(row, hw.gpus_per_node))
+               if p.fits]
+    return max(fitting, key=lambda p: p.hardware_tflops_per_gpu, default=None)
+
+
+# Llama 3 405B's long-context stage (Llama Team 2024, "The Llama 3 Herd of Models", table 4):
+# 16,384 H100s, TP 8, CP 16, PP 16 (so DP 8), sequences of 131,072 tokens, 16M tokens per
+# batch, 380 TFLOP/s per GPU (38% BF16 MFU). One block fewer on the first and last stages.
+LLAMA3_CP_ROW = dict(gpus=16384, tp=8, cp=16, pp=16, dp=8, seq=131072, batch_tokens=16 * 2 ** 20,
+                     tflops_per_gpu=380.0, mfu=0.38)
+LLAMA3_405B_STAGES = (7,) + (8,) * 14 + (7,)
+
+
+def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
+    """The fastest fitting recompute mode for the published layout (SP on, ZeRO-1, mbs 1)."""
+    from megallama.profiling.arch import as_spec
+
+    r = LLAMA3_CP_ROW
+    hw, spec = load_hardware("h100-sxm"), as_spec("llama3-405b")
+    accum = r["batch_tokens"] // r["seq"] // r["dp"]
+    preds = [predict(spec, Layout(tp=r["tp"], cp=r["cp"], pp=r["pp"], dp=r["dp"], zero=1, mbs=1, grad_accum=accum,
+                                  recompute=rc, sp=True, gpus_per_node=hw.gpus_per_node,
+                                  pipeline_layers=LLAMA3_405B_STAGES), r["seq"], hw, eff)
+             for rc in ("none", "selective", "full")]
+    fitting = [p for p in preds if p.fits]
+    return max(fitting or preds, key=lambda p: (p.fits, p.tflops_per_gpu))

@@ -5,6 +5,7 @@ Per micro-batch, a pipeline stage takes
     matmul FLOPs (incl. recompute) / (peak * gemm)
   + elementwise HBM traffic / memory bandwidth        (norms, softmax, SwiGLU, dropout, loss)
   + its TP collectives + its pipeline sends            (synchronous: on the critical path)
+  + its Ulysses all-to-alls; ring attention's sends beyond the attention core they overlap
 
 where the elementwise traffic is ``traffic * saved-activation bytes`` per pass (forward,
 backward ~ 2 passes, recomputed forward), since every saved tensor is written once and read
@@ -30,6 +31,7 @@ from megallama.profiling.flops import FlopCount, flops_per_token
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
+from megallama.profiling.sequence_comm import attention_core_seconds, ring_exposed
 
 
 @dataclass(frozen=True)
@@ -85,21 +87,22 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
                    stage: int, impl: act.ActivationImpl) -> float:
     """Seconds of compute for one micro-batch on one rank of ``stage``; ``fc``: the FLOPs the TP
     ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`)."""
-    tokens = seq * layout.mbs
+    tokens = seq * layout.mbs / layout.seq_shards   # attention per token is the whole sequence's
     head = 3.0 * fc.terms["lm_head"]
     blocks = fc.hardware - head
     count = layout.stage_layers(spec)[stage]
     flops = tokens * (blocks * count / spec.n_layers + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
-    t, sp, w = layout.tp, layout.sp, layout.dtype_bytes
+    t, sp, w, u, cp = layout.tp, layout.sp, layout.dtype_bytes, layout.ulysses, layout.cp
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
-    saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind)
+    saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind, u, cp)
     redo = {"none": 0.0, "full": saved,
             "selective": saved - act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "selective", w,
-                                                                impl, kind)}[layout.recompute]
+                                                                impl, kind, u, cp)}[layout.recompute]
     layers = count + (spec.n_encoder_layers if stage == 0 else 0)
     traffic = layers * (3 * saved + redo)
     if stage == layout.pp - 1:
-        traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq, layout.mbs, t, sp, w, impl))
+        traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
+                                                                          t, sp, w, impl))
     return flops / (hw.peak(layout.dtype) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
 
 
@@ -117,7 +120,9 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
-        per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv")) / m)
+        ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, eff.gemm, s))
+        per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv", "ulysses")) / m
+                        + ring)
         hidden = eff.overlap * m * compute
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
                         + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
@@ -148,7 +153,7 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
 
 def _optimizer_time(spec, layout: Layout, hw: HardwareProfile, eff: Efficiency) -> float:
     shard = (params_per_rank(spec, layout.tp, layout.pp, split=layout.stage_layers(spec))
-             / (layout.dp if layout.effective_zero >= 1 else 1))
+             / (layout.zero_dp if layout.effective_zero >= 1 else 1))
     if layout.offload:   # grads down (fp32 after DeepSpeed's copy), updated params back up
         return shard / eff.cpu_adam_params_per_s + shard * (4 + layout.dtype_bytes) / hw.host_bandwidth
     return shard * eff.optimizer_bytes_per_param / hw.memory_bandwidth

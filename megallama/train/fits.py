@@ -86,7 +86,7 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     spec = ArchSpec.from_model_config(m)
     cap, where = capacity(world_size, local_rank)
-    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / dims.dp   # weights, fully sharded
+    floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / layout.zero_dp   # weights, fully sharded
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
