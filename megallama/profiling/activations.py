@@ -261,12 +261,16 @@ def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp
 
 
 def first_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
-                              dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl()) -> List[SavedTensor]:
-    """Embedding lookup: token ids (and the out-of-shard mask under TP); GPT adds positions."""
-    spec, n = as_spec(model), seq * mbs
+                              dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
+                              ulysses: int = 1) -> List[SavedTensor]:
+    """Embedding lookup: token ids (and the out-of-shard mask under TP); GPT adds positions.
+    Under Ulysses the ids are a slice of the whole rows: without TP (which masks them into a new
+    tensor) the embedding saves that view, keeping the whole ``[b, s]`` alive."""
+    spec, n = as_spec(model), seq * mbs / ulysses
     r = tp if sp else 1
+    ids = seq * mbs if ulysses > 1 and tp == 1 else n
     out = [SavedTensor("embedding.ids" + (" (source, target)" if spec.arch == "encoder_decoder" else ""),
-                       n * (2 if spec.arch == "encoder_decoder" else 1), INDEX_BYTES)]
+                       ids * (2 if spec.arch == "encoder_decoder" else 1), INDEX_BYTES)]
     if tp > 1:
         out.append(SavedTensor("embedding.out_of_shard_mask", n, MASK_BYTES))
     if spec.learned_positions:

@@ -182,7 +182,8 @@ def stage_activation_bytes(model: SpecLike, layout: Layout, seq: int, stage: int
     if spec.arch == "encoder_decoder":
         layers += spec.n_encoder_layers * act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, "encoder")
     shard = seq // layout.seq_shards   # the embedding and the loss see this rank's tokens only
-    first = sum(x.bytes for x in act.first_stage_saved_tensors(spec, shard, mbs, t, sp, w, impl)) if stage == 0 else 0.0
+    first = (sum(x.bytes for x in act.first_stage_saved_tensors(spec, seq // cp, mbs, t, sp, w, impl, u))
+             if stage == 0 else 0.0)
     last = (sum(x.bytes for x in act.last_stage_saved_tensors(spec, shard, mbs, t, sp, w, impl))
             if stage == layout.pp - 1 else 0.0)
     k = layout.in_flight(stage)

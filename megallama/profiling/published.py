@@ -1,5 +1,7 @@
 """Published runs the planner is checked against: Table 1 of Narayanan et al. 2021,
-"Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM" (SC21).
+"Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM" (SC21), and,
+at long sequences (end of the module), DeepSpeed-Ulysses' figures against Megatron-LM sequence
+parallelism and Llama 3 405B's context-parallel stage (benchmarks/README_ulysses.md).
 
 GPT models, vocabulary 51,200, sequence 2,048, on Selene (DGX A100 80GB, 8 GPUs and 8 HDR
 200 Gb/s NICs per node), mixed precision, full activation recomputation, Megatron's pipeline
