@@ -2,11 +2,11 @@
 saved-tensor meter, distinct storages) for one block and for the whole model at Ulysses 1, 2
 and 4 fall ~1/N and agree with the memory model (``profiling.activations``, ``ulysses=N``).
 
-One block is the meter's live bytes across ``layers[1]`` in the model's own forward. Blocks match
-the model exactly; the whole model within a few hundred bytes: the embedding saves this rank's
-token ids as a view of the whole ``[b, s]`` ids (which the batch holds anyway), so its storage is
-``b*s*8`` bytes, where the model counts the shard's ``b*s/N*8``. The same measurement against the
-model evaluated as if Ulysses were off is ~2x-4x out: the comparison can fail.
+One block is the meter's live bytes across ``layers[1]`` in the model's own forward; the whole
+model is the live bytes at the end of the forward (less the loss's logits, alive there but not
+saved). Both match the model byte for byte (the issue asks for 5%), including the embedding's ids,
+a view of the whole ``[b, s]`` rows that keeps their storage. The same measurement against the
+model evaluated as if Ulysses were off is 2x-4x out: the comparison can fail.
 """
 import pytest
 import torch
@@ -17,7 +17,6 @@ SEQ, MBS = 128, 2
 # (preset, n_kv_heads, dtype, recompute): MQA replicates its one KV head to every rank
 CASES = [("tiny", None, "fp32", "none"), ("tiny-gqa", 1, "fp32", "none"), ("tiny-gqa", None, "bf16", "none"),
          ("tiny", None, "fp32", "selective"), ("tiny-gqa", 1, "fp32", "full")]
-TOLERANCE = 0.05
 
 
 def _measure_case(state, preset, kv, dtype, recompute):
@@ -90,10 +89,7 @@ def measured():
 def test_measured_bytes_match_the_memory_model(measured, u):
     for case, got in zip(CASES, measured[u]):
         want = _predict(*case, u)
-        assert got["block"] == want["block"], (case, u, got, want)
-        assert abs(got["model"] - want["model"]) <= TOLERANCE * want["model"], (case, u, got, want)
-        # the embedding's ids keep the whole sequence's storage: the only difference
-        assert got["model"] - want["model"] == MBS * SEQ * 8 * (u - 1) // u, (case, u, got, want)
+        assert got == want, (case, u)
         if u > 1:  # the model as if Ulysses were off is far out: the check can fail
             assert abs(got["model"] - _predict(*case, 1)["model"]) > 0.4 * got["model"], (case, u)
 
