@@ -3,6 +3,7 @@
   --from hf|meta --to megallama     import (Hugging Face safetensors / Meta's original release)
   --from megallama --to hf          export a consolidated or training checkpoint for transformers
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
+  --from/--to megatron              Megatron-LM's legacy per-rank checkpoints (megallama.checkpoint.megatron*)
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
@@ -20,9 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--input", required=True, help="checkpoint directory to read (a run's checkpoints/ dir uses the "
                    "step 'latest' names, and refuses to fall back to another; pass a stepNNNNNNNN dir to pick one)")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
-    p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta"],
+    p.add_argument("--from", dest="from_format", default="megallama", choices=["megallama", "hf", "meta", "megatron"],
                    help="input format (default: megallama: a consolidated or training checkpoint)")
-    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf"],
+    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf", "megatron"],
                    help="output format (default: megallama)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree of a training-checkpoint output")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree of a training-checkpoint output")
@@ -75,6 +76,10 @@ def run(args) -> int:
             raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
+    if "megatron" in (args.from_format, args.to_format):  # Megatron's legacy per-rank checkpoints
+        from megallama.checkpoint.megatron_convert import run as run_megatron
+
+        return run_megatron(args, inp, out)
     training_input = args.from_format == "megallama" and not is_consolidated(inp)
     kind = _output_kind(args, training_input)
     from megallama.checkpoint.streaming import parse_size
