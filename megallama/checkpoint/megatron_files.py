@@ -259,7 +259,8 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
                   dtype: Optional[torch.dtype] = None, optimizer=None, betas=(0.9, 0.95), eps: float = 1e-8,
                   weight_decay: float = 0.1) -> Path:
     """Write a legacy Megatron checkpoint directory atomically, one rank file at a time.
-    ``optimizer``: ``(masters, {moment: state})`` in megallama's names (Float16Optimizer's form)."""
+    ``optimizer``: ``(masters, {moment: state})`` in megallama's names, in the form of Megatron's
+    FP32Optimizer for fp32 weights, of its Float16Optimizer (with fp32 masters) otherwise."""
     mg.check_layout(cfg, tp)
     counts = mg.even_layers(cfg, pp)
     dtype = dtype or next(iter(state.values())).dtype
@@ -272,7 +273,8 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
         for s in range(pp):
             for t in range(tp):
                 model = {k: v.to(dtype) for k, v in mg.from_megallama(state, cfg, tp, counts, s, t).items()}
-                entry = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "model": model}
+                entry = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
+                         "model": _with_extra_state(model, cfg.tie_embeddings and s == pp - 1)}
                 if optimizer is not None:
                     entry["optimizer"] = _optimizer_entry(optimizer, cfg, tp, counts, s, t, model, iteration,
                                                           dict(betas=betas, eps=eps, weight_decay=weight_decay))
@@ -290,6 +292,19 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
     return out
 
 
+def _with_extra_state(model: Dict[str, torch.Tensor], tied_last: bool) -> Dict[str, Any]:
+    """megatron-core's linear layers save an ``_extra_state`` entry (None here: no fp8 metadata)
+    and a strict load requires it; a tied output layer keeps that entry without a weight."""
+    out: Dict[str, Any] = {}
+    for name, value in model.items():
+        out[name] = value
+        if name.endswith(("linear_proj.weight", "linear_qkv.weight", "linear_fc1.weight", "linear_fc2.weight", mg.OUT)):
+            out[name[: -len("weight")] + "_extra_state"] = None
+    if tied_last and mg.OUT not in model:
+        out["output_layer._extra_state"] = None
+    return out
+
+
 def _optimizer_entry(optimizer, cfg, tp, counts, s, t, model, step, hyper) -> Dict:
     masters, moments = optimizer
     shard = {k: mg.from_megallama(v, cfg, tp, counts, s, t) for k, v in (("master", masters), *moments.items())}
@@ -304,5 +319,7 @@ def _optimizer_entry(optimizer, cfg, tp, counts, s, t, model, step, hyper) -> Di
                              "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False,
                              "wd_mult": float(gi == 0), "lr_mult": 1.0, "is_expert_parallel": False,
                              "is_decoupled_lr": False})
-    return {"optimizer": {"state": state, "param_groups": param_groups},
-            "fp32_from_fp16_params": [[shard["master"][n].float() for n in g] for g in groups]}
+    adam = {"state": state, "param_groups": param_groups}
+    if all(v.dtype == torch.float32 for v in model.values()):  # FP32Optimizer: the weights are the masters
+        return adam
+    return {"optimizer": adam, "fp32_from_fp16_params": [[shard["master"][n].float() for n in g] for g in groups]}
