@@ -187,38 +187,55 @@ def check_layout(cfg: ModelConfig, tp: int) -> None:
 
 def from_megallama(state: Dict[str, Tensorish], cfg: ModelConfig, tp: int, layer_counts: Sequence[int],
                    stage: int, rank: int, padded: int = None) -> Dict[str, torch.Tensor]:
-    """The Megatron shard (megatron-core local-spec names) of TP rank ``rank`` on ``stage``, the
-    vocabulary padded to ``padded`` rows (default: Megatron's multiple of 128 x TP)."""
+    """The Megatron shard (megatron-core local-spec names) of TP rank ``rank`` on ``stage``."""
+    return {k: make() for k, make in shard_makers(state, cfg, tp, layer_counts, stage, rank, padded).items()}
+
+
+def shard_makers(state: Dict[str, Tensorish], cfg: ModelConfig, tp: int, layer_counts: Sequence[int],
+                 stage: int, rank: int, padded: int = None) -> Dict[str, Callable[[], torch.Tensor]]:
+    """Name -> a function computing that tensor of the shard (so a writer holds one at a time);
+    the vocabulary is padded to ``padded`` rows (default: Megatron's multiple of 128 x TP)."""
     last = len(layer_counts) - 1
-    out: Dict[str, torch.Tensor] = {}
+    out: Dict[str, Callable[[], torch.Tensor]] = {}
     padded = padded or padded_vocab(cfg, tp)
 
-    def vocab_shard(name):
-        full = materialize(state[name])
-        full = torch.cat([full, full.new_zeros(padded - full.shape[0], full.shape[1])])
-        return full.chunk(tp)[rank].clone()
+    def vocab_shard(name):  # only this rank's rows are read; zero rows past the real vocabulary
+        per, full = padded // tp, state[name]
+        a, b = min(rank * per, full.shape[0]), min((rank + 1) * per, full.shape[0])
+        rows = materialize(_rows(full, a, b))
+        return torch.cat([rows, rows.new_zeros(per - (b - a), full.shape[1])])
+
+    def whole(name):
+        return lambda: materialize(state[name]).clone()
+
+    def cols(name):
+        return lambda: materialize(state[name]).chunk(tp, 1)[rank].clone()
+
+    def qkv(name):
+        q, k, v = materialize(state[name]).split([cfg.n_heads * hd, ng * hd, ng * hd])
+        fused = torch.cat([q.view(ng, qh * hd, -1), k.view(ng, hd, -1), v.view(ng, hd, -1)], dim=1).flatten(0, 1)
+        return fused.chunk(tp)[rank].clone()
+
+    def fc1(name):
+        gate, up = materialize(state[name]).split([cfg.ffn_hidden_size] * 2)
+        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
 
     if stage == 0:
-        out[EMB] = vocab_shard("tok_embeddings.weight")
+        out[EMB] = lambda: vocab_shard("tok_embeddings.weight")
     first = sum(layer_counts[:stage])
     qh, hd, ng = cfg.n_heads // cfg.kv_heads, cfg.head_dim, cfg.kv_heads
-    f = cfg.ffn_hidden_size
     for i in range(layer_counts[stage]):
         me, meg = f"layers.{first + i}.", LAYER.format(i)
-        wqkv = materialize(state[me + "attention.wqkv.weight"])
-        q, k, v = wqkv.split([cfg.n_heads * hd, ng * hd, ng * hd])
-        fused = torch.cat([q.view(ng, qh * hd, -1), k.view(ng, hd, -1), v.view(ng, hd, -1)], dim=1).flatten(0, 1)
-        gate, up = materialize(state[me + "feed_forward.w13.weight"]).split([f, f])
-        out[meg + "input_layernorm.weight"] = materialize(state[me + "attention_norm.weight"]).clone()
-        out[meg + "self_attention.linear_proj.weight"] = materialize(state[me + "attention.wo.weight"]).chunk(tp, 1)[rank].clone()
-        out[meg + "self_attention.linear_qkv.weight"] = fused.chunk(tp)[rank].clone()
-        out[meg + "pre_mlp_layernorm.weight"] = materialize(state[me + "ffn_norm.weight"]).clone()
-        out[meg + "mlp.linear_fc1.weight"] = torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
-        out[meg + "mlp.linear_fc2.weight"] = materialize(state[me + "feed_forward.w2.weight"]).chunk(tp, 1)[rank].clone()
+        out[meg + "input_layernorm.weight"] = whole(me + "attention_norm.weight")
+        out[meg + "self_attention.linear_proj.weight"] = cols(me + "attention.wo.weight")
+        out[meg + "self_attention.linear_qkv.weight"] = lambda n=me + "attention.wqkv.weight": qkv(n)
+        out[meg + "pre_mlp_layernorm.weight"] = whole(me + "ffn_norm.weight")
+        out[meg + "mlp.linear_fc1.weight"] = lambda n=me + "feed_forward.w13.weight": fc1(n)
+        out[meg + "mlp.linear_fc2.weight"] = cols(me + "feed_forward.w2.weight")
     if stage == last:
-        out[FINAL] = materialize(state["norm.weight"]).clone()
+        out[FINAL] = whole("norm.weight")
         if not cfg.tie_embeddings:
-            out[OUT] = vocab_shard("output.weight")
+            out[OUT] = lambda: vocab_shard("output.weight")
         elif last > 0:  # the last stage keeps its own copy of a tied embedding (Megatron syncs them)
-            out[OUT] = vocab_shard("tok_embeddings.weight")
+            out[OUT] = lambda: vocab_shard("tok_embeddings.weight")
     return out

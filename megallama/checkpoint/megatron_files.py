@@ -258,7 +258,7 @@ def _adam_state(data: Dict, names: Dict[str, Tuple[str, ...]], path: Path) -> Di
 def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteration: int = 0, consumed: int = 0,
                   dtype: Optional[torch.dtype] = None, optimizer=None, betas=(0.9, 0.95), eps: float = 1e-8,
                   weight_decay: float = 0.1) -> Path:
-    """Write a legacy Megatron checkpoint directory atomically, one rank file at a time.
+    """Write a legacy Megatron checkpoint directory atomically, tensor by tensor (:func:`save_streamed`).
     ``optimizer``: ``(masters, {moment: state})`` in megallama's names, in the form of Megatron's
     FP32Optimizer for fp32 weights, of its Float16Optimizer (with fp32 masters) otherwise."""
     mg.check_layout(cfg, tp)
@@ -272,16 +272,20 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
         args = mg.args_for(cfg, tp, pp, iteration, consumed, dtype)
         for s in range(pp):
             for t in range(tp):
-                model = {k: v.to(dtype) for k, v in mg.from_megallama(state, cfg, tp, counts, s, t).items()}
+                makers = mg.shard_makers(state, cfg, tp, counts, s, t)
+                shapes = _shapes(state, cfg, tp, counts, s, t)
+                fills = {("model", n): (lambda make=make: make().to(dtype)) for n, make in makers.items()}
+                model = {n: _placeholder(shapes[n], dtype) for n in makers}
                 entry = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
                          "model": _with_extra_state(model, cfg.tie_embeddings and s == pp - 1)}
                 if optimizer is not None:
-                    entry["optimizer"] = _optimizer_entry(optimizer, cfg, tp, counts, s, t, model, iteration,
-                                                          dict(betas=betas, eps=eps, weight_decay=weight_decay))
+                    entry["optimizer"], more = _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype,
+                                                                iteration, dict(betas=betas, eps=eps,
+                                                                                weight_decay=weight_decay))
+                    fills.update(more)
                 rank_dir = it_dir / (f"mp_rank_{t:02d}" + (f"_{s:03d}" if pp > 1 else ""))
                 rank_dir.mkdir(parents=True)
-                torch.save(entry, rank_dir / FILE)
-                del model, entry
+                save_streamed(rank_dir / FILE, entry, fills)
         (tmp / TRACKER).write_text(str(iteration))
         if out.exists():
             shutil.rmtree(out)
@@ -290,6 +294,45 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_FAKE = None
+
+
+def _placeholder(shape, dtype) -> torch.Tensor:
+    """A tensor with a shape and dtype but no data, for which ``torch.save`` reserves space."""
+    global _FAKE
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _FAKE = _FAKE or FakeTensorMode()
+    with _FAKE:
+        return torch.empty(shape, dtype=dtype)
+
+
+def _shapes(state, cfg, tp, counts, s, t) -> Dict[str, Tuple[int, ...]]:
+    meta = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in state.items()}
+    return {k: tuple(v.shape) for k, v in mg.from_megallama(meta, cfg, tp, counts, s, t).items()}
+
+
+def save_streamed(path: Path, entry: Dict, fills: Dict[Tuple, Any]) -> None:
+    """``torch.save(entry)`` holding one tensor at a time: the file is written with the space of
+    each placeholder reserved (``skip_data``), then each tensor at a ``fills`` key path is computed
+    and copied in place through a shared mapping of the file, which is dropped before the next."""
+    import mmap
+
+    from torch.serialization import set_default_mmap_options, skip_data
+
+    from megallama.checkpoint.safe_pickle import load_weights_only
+
+    with skip_data(materialize_fake_tensors=True):
+        torch.save(entry, path)
+    with set_default_mmap_options(mmap.MAP_SHARED):
+        for keys, make in fills.items():
+            data = load_weights_only(path, allowed_globals(), mmap=True)
+            _at(data, keys).copy_(make())
+            del data
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _with_extra_state(model: Dict[str, torch.Tensor], tied_last: bool) -> Dict[str, Any]:
@@ -305,21 +348,31 @@ def _with_extra_state(model: Dict[str, torch.Tensor], tied_last: bool) -> Dict[s
     return out
 
 
-def _optimizer_entry(optimizer, cfg, tp, counts, s, t, model, step, hyper) -> Dict:
+def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hyper) -> Tuple[Dict, Dict]:
+    """Megatron's optimizer entry for one rank (placeholders) and the fills of its tensors."""
     masters, moments = optimizer
-    shard = {k: mg.from_megallama(v, cfg, tp, counts, s, t) for k, v in (("master", masters), *moments.items())}
-    groups = param_order(list(model), lambda n: model[n].shape)
-    state, param_groups, idx = {}, [], 0
+    makers = {k: mg.shard_makers(v, cfg, tp, counts, s, t) for k, v in (("master", masters), *moments.items())}
+    groups = param_order(list(shapes), lambda n: shapes[n])
+    fp32 = dtype == torch.float32  # FP32Optimizer: the weights are the masters
+    base = ("optimizer",) if fp32 else ("optimizer", "optimizer")
+    state, param_groups, fills, idx = {}, [], {}, 0
     for gi, group in enumerate(groups):
         ids = list(range(idx, idx + len(group)))
         idx += len(group)
         for i, name in zip(ids, group):
-            state[i] = {"step": torch.tensor(float(step)), **{k: shard[k][name].float() for k in MOMENTS}}
+            state[i] = {"step": torch.tensor(float(step))}
+            for k in MOMENTS:
+                state[i][k] = _placeholder(shapes[name], torch.float32)
+                fills[base + ("state", i, k)] = lambda f=makers[k][name]: f().float()
         param_groups.append({"params": ids, "lr": 0.0, "betas": tuple(hyper["betas"]), "eps": hyper["eps"],
                              "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False,
                              "wd_mult": float(gi == 0), "lr_mult": 1.0, "is_expert_parallel": False,
                              "is_decoupled_lr": False})
     adam = {"state": state, "param_groups": param_groups}
-    if all(v.dtype == torch.float32 for v in model.values()):  # FP32Optimizer: the weights are the masters
-        return adam
-    return {"optimizer": adam, "fp32_from_fp16_params": [[shard["master"][n].float() for n in g] for g in groups]}
+    if fp32:
+        return adam, fills
+    for gi, group in enumerate(groups):
+        for j, name in enumerate(group):
+            fills[("optimizer", "fp32_from_fp16_params", gi, j)] = lambda f=makers["master"][name]: f().float()
+    return ({"optimizer": adam, "fp32_from_fp16_params": [[_placeholder(shapes[n], torch.float32) for n in g]
+                                                          for g in groups]}, fills)
