@@ -188,25 +188,27 @@ def check_layout(cfg: ModelConfig, tp: int) -> None:
 def from_megallama(state: Dict[str, Tensorish], cfg: ModelConfig, tp: int, layer_counts: Sequence[int],
                    stage: int, rank: int, padded: int = None) -> Dict[str, torch.Tensor]:
     """The Megatron shard (megatron-core local-spec names) of TP rank ``rank`` on ``stage``."""
-    return {k: make() for k, make in shard_makers(state, cfg, tp, layer_counts, stage, rank, padded).items()}
+    return {k: materialize(make()) for k, make in shard_makers(state, cfg, tp, layer_counts, stage, rank,
+                                                                 padded).items()}
 
 
 def shard_makers(state: Dict[str, Tensorish], cfg: ModelConfig, tp: int, layer_counts: Sequence[int],
-                 stage: int, rank: int, padded: int = None) -> Dict[str, Callable[[], torch.Tensor]]:
-    """Name -> a function computing that tensor of the shard (so a writer holds one at a time);
-    the vocabulary is padded to ``padded`` rows (default: Megatron's multiple of 128 x TP)."""
+                 stage: int, rank: int, padded: int = None) -> Dict[str, Callable[[], Tensorish]]:
+    """Name -> a function giving that tensor of the shard, lazy where it is a plain row range (so a
+    writer holds one block at a time); the vocabulary is padded to ``padded`` rows (default:
+    Megatron's multiple of 128 x TP)."""
     last = len(layer_counts) - 1
-    out: Dict[str, Callable[[], torch.Tensor]] = {}
+    out: Dict[str, Callable[[], Tensorish]] = {}
     padded = padded or padded_vocab(cfg, tp)
 
     def vocab_shard(name):  # only this rank's rows are read; zero rows past the real vocabulary
         per, full = padded // tp, state[name]
         a, b = min(rank * per, full.shape[0]), min((rank + 1) * per, full.shape[0])
-        rows = materialize(_rows(full, a, b))
-        return torch.cat([rows, rows.new_zeros(per - (b - a), full.shape[1])])
+        pad = torch.zeros(per - (b - a), full.shape[1], dtype=full.dtype, device=getattr(full, "device", "cpu"))
+        return cat([_rows(full, a, b), pad]) if b > a else pad
 
     def whole(name):
-        return lambda: materialize(state[name]).clone()
+        return lambda: state[name]
 
     def cols(name):
         return lambda: materialize(state[name]).chunk(tp, 1)[rank].clone()

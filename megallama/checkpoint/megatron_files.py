@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megallama.checkpoint import megatron as mg
-from megallama.checkpoint.streaming import Lazy
+from megallama.checkpoint.streaming import CHUNK_BYTES, Lazy, materialize, nbytes
 from megallama.config import ModelConfig
 from megallama.errors import UserError
 
@@ -328,9 +328,15 @@ def save_streamed(path: Path, entry: Dict, fills: Dict[Tuple, Any]) -> None:
         torch.save(entry, path)
     with set_default_mmap_options(mmap.MAP_SHARED):
         for keys, make in fills.items():
-            data = load_weights_only(path, allowed_globals(), mmap=True)
-            _at(data, keys).copy_(make())
-            del data
+            value = make()
+            rows = value.shape[0] if value.shape else 1
+            step = max(1, CHUNK_BYTES // max(1, nbytes(value) // max(rows, 1)))
+            for a in range(0, rows, step):  # a block of rows per mapping: its dirty pages leave with it
+                block = materialize(mg._rows(value, a, min(a + step, rows)) if value.shape else value)
+                data = load_weights_only(path, allowed_globals(), mmap=True)
+                target = _at(data, keys)
+                (target[a:a + step] if value.shape else target).copy_(block)
+                del data, target, block
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
@@ -363,7 +369,7 @@ def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hype
             state[i] = {"step": torch.tensor(float(step))}
             for k in MOMENTS:
                 state[i][k] = _placeholder(shapes[name], torch.float32)
-                fills[base + ("state", i, k)] = lambda f=makers[k][name]: f().float()
+                fills[base + ("state", i, k)] = lambda f=makers[k][name]: f().to(torch.float32)
         param_groups.append({"params": ids, "lr": 0.0, "betas": tuple(hyper["betas"]), "eps": hyper["eps"],
                              "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False,
                              "wd_mult": float(gi == 0), "lr_mult": 1.0, "is_expert_parallel": False,
@@ -373,6 +379,6 @@ def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hype
         return adam, fills
     for gi, group in enumerate(groups):
         for j, name in enumerate(group):
-            fills[("optimizer", "fp32_from_fp16_params", gi, j)] = lambda f=makers["master"][name]: f().float()
+            fills[("optimizer", "fp32_from_fp16_params", gi, j)] = lambda f=makers["master"][name]: f().to(torch.float32)
     return ({"optimizer": adam, "fp32_from_fp16_params": [[_placeholder(shapes[n], torch.float32) for n in g]
                                                           for g in groups]}, fills)
