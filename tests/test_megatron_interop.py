@@ -294,3 +294,36 @@ def test_bad_megatron_inputs_are_one_line(made, tmp_path, capsys, damage, expect
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_older_and_transformer_engine_names_read_the_same(made, tmp_path):
+    """Megatron-LM's pre-core models (nested ``language_model``, ``query_key_value``, ``dense_h_to_4h``)
+    and Transformer Engine's fused-norm names (``linear_qkv.layer_norm_weight``) give the same weights."""
+    tmp, _ = made
+    data = _file(tmp / "mcore", 0, 0, 1)
+    model = {k: v for k, v in data["model"].items() if isinstance(v, torch.Tensor)}
+    data.pop("optimizer")
+    legacy = {"embedding": {"word_embeddings": {"weight": model.pop("embedding.word_embeddings.weight")}},
+              "output_layer": {"weight": model.pop("output_layer.weight")}, "encoder": {}}
+    te = dict(data["model"])
+    for name, value in model.items():
+        old = (name.replace("decoder.", "").replace("self_attention.linear_qkv", "self_attention.query_key_value")
+               .replace("self_attention.linear_proj", "self_attention.dense").replace("pre_mlp_layernorm",
+                                                                                      "post_attention_layernorm")
+               .replace("linear_fc1", "dense_h_to_4h").replace("linear_fc2", "dense_4h_to_h"))
+        legacy["encoder"][old] = value
+        te_name = name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight").replace(
+            "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+        te[te_name] = te.pop(name)
+    outs = []
+    for kind, weights in (("legacy", {"language_model": legacy}), ("te", te)):
+        root = tmp_path / kind
+        (root / "iter_0000007" / "mp_rank_00").mkdir(parents=True)
+        (root / "latest_checkpointed_iteration.txt").write_text("7")
+        torch.save({**data, "model": weights}, root / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt")
+        assert cli("convert", "--from", "megatron", "--input", root, "--output", tmp_path / f"{kind}_out") == 0
+        outs.append(load_consolidated(tmp_path / f"{kind}_out")[1])
+    _, ref = consolidate_training_checkpoint(tmp / "ours")  # from the megatron-core names, Adam masters
+    for name, value in ref.items():
+        for got in outs:
+            assert torch.equal(got[name], value), name

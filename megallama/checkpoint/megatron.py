@@ -145,16 +145,18 @@ def to_megallama(get: Get, cfg: ModelConfig, tp: int, layer_counts: Sequence[int
         def shard(t, name, s=s, i=i):
             return get(s, t, LAYER.format(i) + name)
         qkv = [shard(t, "self_attention.linear_qkv.weight") for t in range(tp)]
-        per = (qh + 2) * hd
+        per = (qh + 2) * hd  # one group's rows: its q heads, then k, then v
+        bounds = {"q": (0, qh * hd), "k": (qh * hd, (qh + 1) * hd), "v": ((qh + 1) * hd, per)}
         pieces = {part: [_rows(q, j * per + a, j * per + b) for q in qkv for j in range(ng)]
-                  for part, (a, b) in {"q": (0, qh * hd), "k": (qh * hd, (qh + 1) * hd), "v": ((qh + 1) * hd, per)}.items()}
+                  for part, (a, b) in bounds.items()}
         fc1 = [shard(t, "mlp.linear_fc1.weight") for t in range(tp)]
         me = f"layers.{g}."
         out[me + "attention_norm.weight"] = shard(0, "input_layernorm.weight")
         out[me + "attention.wqkv.weight"] = cat(pieces["q"] + pieces["k"] + pieces["v"])
         out[me + "attention.wo.weight"] = cat_cols([shard(t, "self_attention.linear_proj.weight") for t in range(tp)])
         out[me + "ffn_norm.weight"] = shard(0, "pre_mlp_layernorm.weight")
-        out[me + "feed_forward.w13.weight"] = cat([_rows(f, 0, ffn) for f in fc1] + [_rows(f, ffn, 2 * ffn) for f in fc1])
+        out[me + "feed_forward.w13.weight"] = cat([_rows(f, 0, ffn) for f in fc1]  # every rank's gate, then up
+                                                  + [_rows(f, ffn, 2 * ffn) for f in fc1])
         out[me + "feed_forward.w2.weight"] = cat_cols([shard(t, "mlp.linear_fc2.weight") for t in range(tp)])
     return out
 

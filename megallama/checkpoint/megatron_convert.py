@@ -32,6 +32,11 @@ def _read(args, inp: Path):
         from megallama.checkpoint.megatron_files import MegatronCheckpoint
 
         ck = MegatronCheckpoint(inp)
+        if vars(ck.args).get("use_distributed_optimizer"):
+            import sys
+
+            print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
+                  "not read; converting the weights only", file=sys.stderr)
         return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed
     from megallama.checkpoint.consolidated import is_consolidated, open_consolidated
 

@@ -379,6 +379,7 @@ def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hype
         return adam, fills
     for gi, group in enumerate(groups):
         for j, name in enumerate(group):
-            fills[("optimizer", "fp32_from_fp16_params", gi, j)] = lambda f=makers["master"][name]: f().to(torch.float32)
+            fills[("optimizer", "fp32_from_fp16_params", gi, j)] = \
+                lambda f=makers["master"][name]: f().to(torch.float32)
     return ({"optimizer": adam, "fp32_from_fp16_params": [[_placeholder(shapes[n], torch.float32) for n in g]
                                                           for g in groups]}, fills)
