@@ -88,7 +88,8 @@ def iteration_dir(path: Path) -> Path:
     p = Path(path)
     tracker = p / TRACKER
     if tracker.is_file():
-        text = tracker.read_text(errors="replace")[:64].strip()
+        with open(tracker, "rb") as fh:
+            text = fh.read(64).decode(errors="replace").strip()
         if text != "release" and not text.isdigit():
             raise UserError(f"{tracker}: expected an iteration number or 'release', got {text[:40]!r}")
         p = p / ("release" if text == "release" else f"iter_{int(text):07d}")
