@@ -132,6 +132,7 @@ class MegatronCheckpoint:
             raise UserError(f"{self.dir}: rank directory for pipeline stage {missing[0][0]}, TP rank "
                             f"{missing[0][1]} is missing (found a {self.tp} x {self.pp} grid)")
         self.files = grid
+        self._mapped = _Mapped()
         first = load_file(grid[(0, 0)])
         where = str(grid[(0, 0)])
         if "model" not in first:
@@ -192,8 +193,10 @@ class MegatronCheckpoint:
         shape, dtype = self.meta[(s, t, name)]
         path, keys = self.files[(s, t)], self.names[(s, t)][name]
 
-        def read(a: int, b: int) -> torch.Tensor:  # mapped per read: resident pages go with the mapping
-            return _at(load_file(path), keys)[a:b].clone()
+        def read(a: int, b: int) -> torch.Tensor:
+            rows = self._mapped.tensor(path, keys)[a:b].clone()
+            self._mapped.read_bytes += nbytes(rows)
+            return rows
         return Lazy(shape, dtype, read)
 
     def weights(self) -> Dict[str, Lazy]:
@@ -211,6 +214,20 @@ class MegatronCheckpoint:
         parts = {key: mg.to_megallama(lambda s, t, n, key=key: shards[(s, t, n)][key], self.cfg, self.tp,
                                       self.layer_counts) for key in ("master",) + MOMENTS}
         return parts["master"], {k: parts[k] for k in MOMENTS}
+
+
+class _Mapped:
+    """One rank file mapped at a time, mapped afresh once ``CHUNK_BYTES`` have been read from it:
+    the pages a read touched stay resident only while their mapping lives, so this bounds them."""
+
+    def __init__(self):
+        self.path, self.data, self.read_bytes = None, None, 0
+
+    def tensor(self, path: Path, keys: Tuple[str, ...]) -> torch.Tensor:
+        if path != self.path or self.read_bytes >= CHUNK_BYTES:
+            self.data = None  # the old mapping goes before the new one is made
+            self.path, self.data, self.read_bytes = path, load_file(path), 0
+        return _at(self.data, keys)
 
 
 def _at(data: Dict, keys: Tuple[str, ...]):
