@@ -8,7 +8,8 @@ RoPE's rotate-half layout, so no rows are permuted within a head. The mapping is
 a ``get(stage, tp_rank, name)`` accessor, so weights and Adam moments share it, and lazy tensors
 (:mod:`~megallama.checkpoint.streaming`) pass through it: reading streams row blocks out of
 memory-mapped files. Files are unpickled weights-only with an explicit allow-list
-(:mod:`~megallama.checkpoint.megatron_files`).
+(:mod:`~megallama.checkpoint.megatron_files`) and written tensor by tensor
+(:mod:`~megallama.checkpoint.megatron_write`).
 """
 from __future__ import annotations
 

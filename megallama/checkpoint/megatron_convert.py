@@ -64,7 +64,7 @@ def run(args, inp: Path, out: Path) -> int:
     dtype = resolve_dtype(args.dtype) if args.dtype != "keep" else None
     cfg, state, optimizer, step, consumed = _read(args, inp)
     if args.to_format == "megatron":
-        from megallama.checkpoint.megatron_files import save_megatron
+        from megallama.checkpoint.megatron_write import save_megatron
 
         tp, pp = args.tp or 1, args.pp or 1
         save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
