@@ -326,3 +326,17 @@ def test_older_and_transformer_engine_names_read_the_same(made, tmp_path):
     for name, value in ref.items():
         for got in outs:
             assert torch.equal(got[name], value), name
+
+
+def test_bf16_export_keeps_fp32_masters_in_megatrons_float16_optimizer_form(made, tmp_path):
+    tmp, _ = made
+    assert cli("convert", "--to", "megatron", "--dtype", "bfloat16", "--input", tmp / "ours",
+               "--output", tmp_path / "meg") == 0
+    data = _file(tmp_path / "meg", 0, 0, 1)
+    assert data["model"]["output_layer.weight"].dtype == torch.bfloat16 and data["args"].bf16
+    assert set(data["optimizer"]) == {"optimizer", "fp32_from_fp16_params"}
+    assert cli("convert", "--from", "megatron", "--input", tmp_path / "meg", "--output", tmp_path / "back") == 0
+    a, b = (UniversalReader(resolve_checkpoint(p) / "universal") for p in (tmp / "ours", tmp_path / "back"))
+    for name in a.names():  # masters from fp32_from_fp16_params, not the bf16 weights
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.full(name, key), b.full(name, key)), (name, key)
