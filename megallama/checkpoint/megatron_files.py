@@ -55,7 +55,9 @@ def allowed_globals() -> list:
     core = getattr(np, "_core", None) or np.core
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 and 2 name it differently
         found.append((core.multiarray._reconstruct, f"{module}._reconstruct"))
-    found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")]
+    numeric = ("Int", "UInt", "Float", "Bool")  # RNG states hold uint32/float64 arrays; never object arrays
+    found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None))
+              if n.endswith("DType") and n.startswith(numeric)]
     return found
 
 
