@@ -75,7 +75,7 @@ def load_file(path: Path) -> Dict:
     except FileNotFoundError:
         raise UserError(f"{path}: not found") from None
     except Exception as exc:  # UnpicklingError and friends: report, never execute
-        raise UserError(f"{path}: refusing to unpickle it: it holds objects beyond tensors, plain data and "
+        raise UserError(f"{path}: refusing to unpickle it: not a torch file of only tensors, plain data and "
                         f"Megatron's args ({refusal_reason(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a dict of Megatron checkpoint entries, got {type(data).__name__}")
