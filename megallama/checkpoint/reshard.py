@@ -161,27 +161,37 @@ def convert_training_checkpoint(src, out, tp: int, pp: int, overwrite: bool = Fa
 
 def from_consolidated(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     """A step-0 training checkpoint (zero Adam moments) holding consolidated weights."""
+    from megallama.checkpoint.consolidated import load_consolidated
+
+    cfg, state = load_consolidated(src)
+    return from_state(cfg, state, out, tp, pp, overwrite=overwrite)
+
+
+def from_state(cfg: ModelConfig, state, out, tp: int, pp: int, overwrite: bool = False, moments=None,
+               step: int = 0, consumed_samples: int = 0) -> Path:
+    """A training checkpoint at ``step`` from full weights and (else zero) Adam ``moments``
+    (``{"exp_avg": state, "exp_avg_sq": state}``), e.g. another harness's run to continue."""
     from safetensors.torch import save_file
 
-    from megallama.checkpoint.consolidated import load_consolidated
+    from megallama.checkpoint.streaming import materialize
     from megallama.train import checkpoint as ckpt
     from megallama.train.universal import MOMENTS
 
-    cfg, state = load_consolidated(src)
     tmp = Path(tempfile.mkdtemp(prefix=".consolidated-as-training-"))
     try:
-        tag = tmp / ckpt.tag_for(0)
+        tag = tmp / ckpt.tag_for(step)
         (tag / "universal").mkdir(parents=True)
         tensors = {}
         for name, value in state.items():
-            tensors[name] = value.float()
+            tensors[name] = materialize(value).float()
             for key in MOMENTS:
-                tensors[f"{name}::{key}"] = torch.zeros_like(value, dtype=torch.float32)
+                tensors[f"{name}::{key}"] = (materialize(moments[key][name]).float() if moments
+                                             else torch.zeros(tuple(value.shape), dtype=torch.float32))
         save_file(tensors, str(tag / "universal" / "pp00-tp00.safetensors"))
         (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(_split_index(cfg)))
         layout = {"model": cfg.model_dump(), "tp": 1, "pp": 1, "dp": None, "zero": None}
         (tag / "universal" / "layout.json").write_text(json.dumps(layout))
-        (tag / "meta.json").write_text(json.dumps({**layout, "step": 0, "consumed_samples": 0}))
+        (tag / "meta.json").write_text(json.dumps({**layout, "step": step, "consumed_samples": consumed_samples}))
         ckpt.write_manifest(tag)
         (tmp / ckpt.LATEST).write_text(tag.name)
         return reshard(tmp, out, tp, pp, overwrite=overwrite)

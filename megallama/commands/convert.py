@@ -5,6 +5,7 @@
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
   --from dcp / --to dcp             torchtitan's torch.distributed.checkpoint, Adam state included
   --from ds-universal               DeepSpeed's ds_to_universal output -> a training checkpoint (Adam moments too)
+  --from/--to megatron              Megatron-LM's legacy per-rank checkpoints (megallama.checkpoint.megatron*)
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
@@ -23,9 +24,9 @@ def add_arguments(p) -> None:
                    "step 'latest' names, and refuses to fall back to another; pass a stepNNNNNNNN dir to pick one)")
     p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
     p.add_argument("--from", dest="from_format", default="megallama",
-                   choices=["megallama", "hf", "meta", "dcp", "ds-universal"],
+                   choices=["megallama", "hf", "meta", "dcp", "ds-universal", "megatron"],
                    help="input format (default: megallama: a consolidated or training checkpoint)")
-    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf", "dcp"],
+    p.add_argument("--to", dest="to_format", default="megallama", choices=["megallama", "hf", "dcp", "megatron"],
                    help="output format (default: megallama)")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree of a training-checkpoint output")
     p.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree of a training-checkpoint output")
@@ -80,12 +81,20 @@ def run(args) -> int:
             raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
-    if "dcp" in (args.from_format, args.to_format):  # torchtitan's format: megallama.checkpoint.dcp
+    formats = {args.from_format, args.to_format}
+    if {"dcp", "megatron"} <= formats or (args.to_format == "megatron"
+                                           and args.from_format not in ("megallama", "megatron")):
+        raise UserError(f"--from {args.from_format} --to {args.to_format}: convert to megallama first, then from it")
+    if "dcp" in formats:  # torchtitan's format: megallama.checkpoint.dcp
         from megallama.checkpoint.dcp_convert import convert
 
         return convert(args, _load)
     if args.params:
         raise UserError("--params: only for a --from dcp input")
+    if "megatron" in formats:  # Megatron's legacy per-rank checkpoints
+        from megallama.checkpoint.megatron_convert import run as run_megatron
+
+        return run_megatron(args, inp, out)
     training_input = args.from_format == "ds-universal" or (args.from_format == "megallama"
                                                             and not is_consolidated(inp))
     kind = _output_kind(args, training_input)

@@ -1,0 +1,98 @@
+"""``megallama convert --from megatron`` / ``--to megatron``.
+
+From Megatron: weights alone become a consolidated checkpoint; with Adam state in the files, a
+training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
+resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
+loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
+converted. A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from megallama.errors import UserError
+
+
+def _refuse_flags(args) -> None:
+    if args.shard_size is not None:
+        raise UserError("--shard-size: only a Hugging Face output (--to hf) is split into files")
+    if args.to_format not in ("megatron", "megallama"):
+        raise UserError(f"--to {args.to_format}: a Megatron checkpoint converts to megallama (or megatron); convert "
+                        "the consolidated result onwards")
+    if args.to_format != "megatron" and (args.tp is not None or args.pp is not None):
+        raise UserError("--tp/--pp: only for megallama checkpoints; import with --to megallama first, then "
+                        "reshard the consolidated result")
+    if args.to_format == "megatron" and args.tokenizer:
+        raise UserError("--tokenizer: a Megatron checkpoint carries no tokenizer file")
+
+
+def _read(args, inp: Path):
+    """``(cfg, weights, optimizer or None, iteration, consumed samples)`` of the input."""
+    if args.from_format == "megatron":
+        from megallama.checkpoint.megatron_files import MegatronCheckpoint
+
+        ck = MegatronCheckpoint(inp)
+        if vars(ck.args).get("use_distributed_optimizer"):
+            import sys
+
+            print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
+                  "not read; converting the weights only", file=sys.stderr)
+        return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed
+    from megallama.checkpoint.consolidated import is_consolidated, open_consolidated
+
+    if is_consolidated(inp):
+        cfg, state = open_consolidated(inp)
+        return cfg, state, None, 0, 0
+    from megallama.checkpoint.reshard import resolve_checkpoint
+    from megallama.train import checkpoint as ckpt
+    from megallama.train.universal import MOMENTS, UniversalReader
+
+    tag = resolve_checkpoint(inp)
+    reader = UniversalReader(tag / "universal")
+    masters = {n: reader.full(n) for n in reader.names()}
+    moments = {k: {n: reader.full(n, k) for n in reader.names()} for k in MOMENTS}
+    meta = ckpt.read_meta(tag)
+    return reader.cfg, masters, (masters, moments), int(meta["step"]), int(meta.get("consumed_samples", 0))
+
+
+def run(args, inp: Path, out: Path) -> int:
+    _refuse_flags(args)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: already exists; pass --overwrite to replace it")
+    from megallama.checkpoint.pretrained import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype) if args.dtype != "keep" else None
+    cfg, state, optimizer, step, consumed = _read(args, inp)
+    if args.to_format == "megatron":
+        from megallama.checkpoint.megatron_write import save_megatron
+
+        tp, pp = args.tp or 1, args.pp or 1
+        save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
+        what = f"Megatron checkpoint at tp={tp} pp={pp}, iteration {step}" + (" with Adam state" if optimizer else "")
+    elif optimizer is not None:
+        if dtype is not None:
+            raise UserError("--dtype: a checkpoint with Adam state becomes a training checkpoint, which keeps fp32 "
+                            "master weights and moments")
+        from megallama.checkpoint.reshard import from_state
+
+        masters, moments = optimizer
+        from_state(cfg, masters, out, 1, 1, overwrite=True, moments=moments, step=step, consumed_samples=consumed)
+        what = f"training checkpoint at step {step} with Adam state; train from it with --set checkpoint.load={out}"
+    else:
+        from megallama.checkpoint.consolidated import save_consolidated
+
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_consolidated(state, cfg, out, overwrite=True, extra={"converted_from": {"format": "megatron",
+                                                                                      "path": str(inp)}})
+        if args.tokenizer:
+            import shutil
+
+            from megallama.checkpoint.hf_tokenizer import load_for_export
+
+            tok = load_for_export(args.tokenizer, cfg.vocab_size)
+            shutil.copyfile(tok.path, out / tok.FILE_NAME)
+        what = "consolidated checkpoint"
+    n = sum(t.numel() for t in state.values())
+    print(f"{out}: {what}, {n:,} parameters, from {args.from_format} {inp}")
+    return 0
