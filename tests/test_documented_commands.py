@@ -71,6 +71,10 @@ RUNS: Dict[str, Run] = {
     "megallama convert --input runs/x/checkpoints --output hf_out --to hf --dtype bfloat16": Run(),
     "megallama convert --from hf --input hf_out --output ours": Run(),
     "megallama convert --input ours --output ours_tp2 --tp 2": Run(),
+    "megallama convert --input runs/x/checkpoints --output mg_tp2 --to megatron --tp 2": Run(),
+    "megallama convert --from megatron --input mg_tp2 --output ours_mg": Run(),
+    "megallama convert --input runs/x/checkpoints --output titan_dcp --to dcp": Run(),
+    "megallama convert --from dcp --input titan_dcp --output ours_dcp": Run(),
     "megallama convert --from meta --input llama-7b/ --output ours_7b": Run(
         why="llama-7b/ is a tiny release in Meta's layout written by the test"),
     "megallama eval --checkpoint DIR --config cfg.yaml '[--split' 'valid]'": Run(
