@@ -1,7 +1,7 @@
 """Reading a DCP directory someone else wrote without running code from it.
 
 torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load`` and its default
-planner loads every non-tensor entry with ``torch.load(weights_only=False)``: either runs
+planner loads every non-tensor entry with an unrestricted ``torch.load``: either runs
 whatever a crafted file names. Here ``.metadata`` is unpickled through an allow-list of the record
 types DCP writes (its metadata dataclasses, ``torch.Size``, dtypes, paths), non-tensor entries
 through ``torch.load(weights_only=True)`` (tensor entries already are), and the result checked
