@@ -1,6 +1,6 @@
 """``megallama convert --from megatron`` / ``--to megatron``.
 
-From Megatron: weights alone become a consolidated checkpoint; with Adam state in the files, a
+From Megatron (legacy per-rank files or megatron-core's ``torch_dist`` directory): weights alone become a consolidated checkpoint; with Adam state in the files, a
 training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
 resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
 loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
@@ -29,12 +29,15 @@ def _refuse_flags(args) -> None:
 def _read(args, inp: Path):
     """``(cfg, weights, optimizer or None, iteration, consumed samples)`` of the input."""
     if args.from_format == "megatron":
-        from megallama.checkpoint.megatron_files import MegatronCheckpoint
+        import sys
 
-        ck = MegatronCheckpoint(inp)
-        if vars(ck.args).get("use_distributed_optimizer"):
-            import sys
+        from megallama.checkpoint.megatron_dist import TorchDistCheckpoint, open_megatron
 
+        ck = open_megatron(inp)
+        if isinstance(ck, TorchDistCheckpoint):
+            if ck.not_read:
+                print(ck.not_read, file=sys.stderr)
+        elif vars(ck.args).get("use_distributed_optimizer"):
             print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
                   "not read; converting the weights only", file=sys.stderr)
         return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed

@@ -1,0 +1,163 @@
+"""megatron-core ``torch_dist`` checkpoints: a directory written by megatron-core's own
+``dist_checkpointing.save`` of its GPTModel's ``sharded_state_dict`` and Adam's model-space state
+(on CPU, gloo) converts to megallama with its logits (fp32, <= 1e-4) and Adam moments; the per-layer
+key form reads the same; a crafted ``common.pt`` or ``.metadata`` is refused without running."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from megallama.checkpoint.dcp_safe import SafeDcpReader
+from megallama.checkpoint.reshard import consolidate_training_checkpoint, resolve_checkpoint
+from megallama.cli import main
+from megallama.train.universal import UniversalReader
+from tests.dist_utils import free_port
+from tests.test_megatron_interop import GQA, REFERENCE, TOKENS, TOL, _Runs, cli, megallama_logits
+from tests.train_utils import ROOT, env
+
+# The legacy test's megatron-core model (with its CPU stand-ins) and args, saved in torch_dist form.
+_HEAD = REFERENCE[:REFERENCE.index("    path = os.path.join(")]
+_ARGS = REFERENCE[REFERENCE.index("        args = Namespace("):REFERENCE.index("        os.makedirs(")]
+TORCH_DIST = _HEAD + textwrap.indent(textwrap.dedent(r'''
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model(tokens, pos, None).square().mean().backward()
+    opt.step()
+    for p, st in opt.state.items():  # moments tied to their own parameter: a misplaced one shows
+        st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+    torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
+    sharded = model.sharded_state_dict()
+    osd = opt.state_dict()  # as megatron-core's FP32Optimizer.sharded_state_dict builds it
+    params = [p for g in opt.param_groups for p in g["params"]]
+    optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(sharded, params), exclude_keys="step")
+''') + textwrap.dedent(_ARGS) + textwrap.dedent(r'''
+    it = os.path.join(job["dir"], "iter_%07d" % job["iteration"])
+    os.makedirs(it)
+    dist_checkpointing.save({**sharded, "optimizer": osd, "args": args, "iteration": job["iteration"],
+                             "checkpoint_version": 3.0}, it)
+    with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
+        fh.write(str(job["iteration"]))
+    model.eval()
+    with torch.no_grad():
+        results.append({"logits": model(tokens, pos, None)[..., : m["vocab"]].tolist()})
+'''), "    ") + 'print("RESULT" + json.dumps(results))\n'
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A torch_dist checkpoint megatron-core wrote (GQA, untied, vocabulary 96 padded to 128, after an Adam step)."""
+    tmp = tmp_path_factory.mktemp("torch_dist")
+    job = dict(model=GQA, seed=0, dir=str(tmp / "mcore"), iteration=7, tokens=TOKENS.tolist())
+    r = subprocess.run([sys.executable, "-c", TORCH_DIST, json.dumps([job]), str(free_port())], capture_output=True,
+                       text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, torch.tensor(json.loads(r.stdout.split("RESULT", 1)[1])[0]["logits"])
+
+
+def test_torch_dist_checkpoint_converts_with_logits_and_adam_state(made, tmp_path):
+    tmp, ref = made
+    it = tmp / "mcore" / "iter_0000007"
+    assert {".metadata", "common.pt", "metadata.json"} <= {p.name for p in it.iterdir()}
+    stored = SafeDcpReader(it).tensors  # megatron-core stacked its layers on a leading axis
+    assert stored["decoder.layers.self_attention.linear_qkv.weight"][0] == (4, 128, 64)
+    assert "optimizer.state.exp_avg.decoder.layers.mlp.linear_fc1.weight" in stored
+    assert cli("convert", "--from", "megatron", "--input", tmp / "mcore", "--output", tmp_path / "ours") == 0
+    cfg, state = consolidate_training_checkpoint(tmp_path / "ours")
+    assert (cfg.n_heads, cfg.kv_heads, cfg.vocab_size, cfg.ffn_hidden_size, cfg.n_layers) == (4, 2, 96, 96, 4)
+    assert (megallama_logits(state, cfg, TOKENS) - ref).abs().max().item() <= TOL
+    # the parity check can fail: gate and up of one layer swapped moves the logits well past it
+    gate, up = state["layers.1.feed_forward.w13.weight"].chunk(2)
+    swapped = {**state, "layers.1.feed_forward.w13.weight": torch.cat([up, gate])}
+    assert (megallama_logits(swapped, cfg, TOKENS) - ref).abs().max().item() > 10 * TOL
+    tag = resolve_checkpoint(tmp_path / "ours")
+    meta = json.loads((tag / "meta.json").read_text())
+    assert (meta["step"], meta["consumed_samples"]) == (7, 448)
+    reader = UniversalReader(tag / "universal")
+    for name in reader.names():  # each moment landed on its own parameter, in megallama's layout
+        master = reader.full(name)
+        assert torch.equal(reader.full(name, "exp_avg"), 3 * master), name
+        assert torch.equal(reader.full(name, "exp_avg_sq"), master ** 2), name
+
+
+def test_per_layer_keys_read_the_same(made, tmp_path):
+    """Non-homogeneous blocks key each layer (``decoder.layers.3.…``): written here with DCP from the
+    stacked file, they convert to the same weights and moments."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp, _ = made
+    src = tmp / "mcore" / "iter_0000007"
+    reader = SafeDcpReader(src)
+    flat = {}
+    for fqn, (shape, _) in reader.tensors.items():
+        head, sep, rest = fqn.partition("decoder.layers.")
+        value = reader.load(fqn)
+        if sep:
+            flat.update({f"{head}decoder.layers.{i}.{rest}": value[i].clone() for i in range(shape[0])})
+        else:
+            flat[fqn] = value
+    dst = tmp_path / "per_layer" / "iter_0000007"
+    dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(dst)), no_dist=True)
+    for f in ("common.pt", "metadata.json"):
+        shutil.copy(src / f, dst / f)
+    (tmp_path / "per_layer" / "latest_checkpointed_iteration.txt").write_text("7")
+    for name in ("stacked", "per_layer"):
+        root = tmp / "mcore" if name == "stacked" else tmp_path / name
+        assert cli("convert", "--from", "megatron", "--input", root, "--output", tmp_path / f"{name}_out") == 0
+    a, b = (UniversalReader(resolve_checkpoint(tmp_path / f"{n}_out") / "universal") for n in ("stacked", "per_layer"))
+    for name in a.names():
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.full(name, key), b.full(name, key)), (name, key)
+
+
+@pytest.mark.parametrize("target", ["common.pt", ".metadata"])
+def test_a_crafted_common_pt_or_metadata_is_refused_unrun(made, tmp_path, monkeypatch, capsys, target):
+    tmp, _ = made
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp / "mcore", bad)
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("MEGATRON_MARKER", str(marker))
+    f = bad / "iter_0000007" / target
+    if target == "common.pt":
+        torch.save({"args": _Runs(), "iteration": 7}, f)
+    else:
+        f.write_bytes(pickle.dumps(_Runs()))
+    assert main(["convert", "--from", "megatron", "--input", str(bad), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and target in err and "system" in err, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,expected", [("backend", "sharded_backend"), ("no_json", "metadata.json"),
+                                             ("layers", "num_layers")])
+def test_bad_torch_dist_inputs_are_one_line(made, tmp_path, capsys, damage, expected):
+    tmp, _ = made
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp / "mcore", bad)
+    it = bad / "iter_0000007"
+    if damage == "backend":
+        (it / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    elif damage == "no_json":
+        os.remove(it / "metadata.json")
+    else:
+        from megallama.checkpoint.megatron_files import load_file
+
+        data = load_file(it / "common.pt")
+        data["args"].num_layers = 3
+        data["args"].attention_backend = "auto"
+        torch.save(data, it / "common.pt")
+    assert main(["convert", "--from", "megatron", "--input", str(bad), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
