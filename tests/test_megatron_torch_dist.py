@@ -22,10 +22,15 @@ from tests.dist_utils import free_port
 from tests.test_megatron_interop import GQA, REFERENCE, TOKENS, TOL, _Runs, cli, megallama_logits
 from tests.train_utils import ROOT, env
 
-# The legacy test's megatron-core model (with its CPU stand-ins) and args, saved in torch_dist form.
+# The legacy test's megatron-core model (with its CPU stand-ins) and args, saved in torch_dist form
+# ("make") or loaded from a torch_dist directory megallama wrote ("load", after running "convert").
 _HEAD = REFERENCE[:REFERENCE.index("    path = os.path.join(")]
 _ARGS = REFERENCE[REFERENCE.index("        args = Namespace("):REFERENCE.index("        os.makedirs(")]
-TORCH_DIST = _HEAD + textwrap.indent(textwrap.dedent(r'''
+TORCH_DIST = _HEAD + textwrap.indent(textwrap.dedent(r"""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+    torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -34,40 +39,58 @@ TORCH_DIST = _HEAD + textwrap.indent(textwrap.dedent(r'''
     opt.step()
     for p, st in opt.state.items():  # moments tied to their own parameter: a misplaced one shows
         st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
-    torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
     sharded = model.sharded_state_dict()
     osd = opt.state_dict()  # as megatron-core's FP32Optimizer.sharded_state_dict builds it
     params = [p for g in opt.param_groups for p in g["params"]]
     optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(sharded, params), exclude_keys="step")
-''') + textwrap.dedent(_ARGS) + textwrap.dedent(r'''
     it = os.path.join(job["dir"], "iter_%07d" % job["iteration"])
-    os.makedirs(it)
-    dist_checkpointing.save({**sharded, "optimizer": osd, "args": args, "iteration": job["iteration"],
-                             "checkpoint_version": 3.0}, it)
-    with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
-        fh.write(str(job["iteration"]))
+    out = {}
+""") + textwrap.dedent(_ARGS) + textwrap.dedent(r"""
+    if job["mode"] == "make":
+        os.makedirs(it)
+        dist_checkpointing.save({**sharded, "optimizer": osd, "args": args, "iteration": job["iteration"],
+                                 "checkpoint_version": 3.0}, it)
+        with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
+            fh.write(str(job["iteration"]))
+    else:
+        from megallama.cli import main
+        for argv in job["convert"]:
+            assert main(argv) == 0, argv
+        with torch.serialization.safe_globals([Namespace]):  # as Megatron's training loader allows it
+            loaded = dist_checkpointing.load({**sharded, "optimizer": osd}, it)
+        opt_state = loaded.pop("optimizer")["state"]
+        out["common"] = [loaded.pop(k) is not None for k in ("args", "iteration", "checkpoint_version")]
+        model.load_state_dict(loaded, strict=True)
+        out["moment_error"] = max(max((opt_state[i]["exp_avg"] - 3 * p.detach()).abs().max().item(),
+                                      (opt_state[i]["exp_avg_sq"] - p.detach() ** 2).abs().max().item())
+                                  for i, p in enumerate(params))
     model.eval()
     with torch.no_grad():
-        results.append({"logits": model(tokens, pos, None)[..., : m["vocab"]].tolist()})
-'''), "    ") + 'print("RESULT" + json.dumps(results))\n'
+        out["logits"] = model(tokens, pos, None)[..., : m["vocab"]].tolist()
+    results.append(out)
+"""), "    ") + 'print("RESULT" + json.dumps(results))\n'
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A torch_dist checkpoint megatron-core wrote (GQA, untied, vocabulary 96 padded to 128, after an Adam step)."""
+    """A torch_dist checkpoint megatron-core wrote (GQA, untied, vocabulary 96 padded to 128, after an Adam
+    step), then converted to megallama and back to torch_dist and loaded by megatron-core into a fresh
+    model and optimizer (one process: megatron-core's import is the slow part)."""
     tmp = tmp_path_factory.mktemp("torch_dist")
-    job = dict(model=GQA, seed=0, dir=str(tmp / "mcore"), iteration=7, tokens=TOKENS.tolist())
-    r = subprocess.run([sys.executable, "-c", TORCH_DIST, json.dumps([job]), str(free_port())], capture_output=True,
+    src, ours, back = (str(tmp / n) for n in ("mcore", "ours", "back"))
+    convert = [["convert", "--from", "megatron", "--input", src, "--output", ours],
+               ["convert", "--to", "megatron", "--format", "torch_dist", "--input", ours, "--output", back]]
+    jobs = [dict(mode="make", model=GQA, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist()),
+            dict(mode="load", model=GQA, seed=1, dir=back, iteration=7, tokens=TOKENS.tolist(), convert=convert)]
+    r = subprocess.run([sys.executable, "-c", TORCH_DIST, json.dumps(jobs), str(free_port())], capture_output=True,
                        text=True, env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, torch.tensor(json.loads(r.stdout.split("RESULT", 1)[1])[0]["logits"])
+    made, loaded = json.loads(r.stdout.split("RESULT", 1)[1])
+    return tmp, torch.tensor(made["logits"]), loaded
 
 
 def test_torch_dist_checkpoint_converts_with_logits_and_adam_state(made, tmp_path):
-    tmp, ref = made
+    tmp, ref, _ = made
     it = tmp / "mcore" / "iter_0000007"
     assert {".metadata", "common.pt", "metadata.json"} <= {p.name for p in it.iterdir()}
     stored = SafeDcpReader(it).tensors  # megatron-core stacked its layers on a leading axis
@@ -96,7 +119,7 @@ def test_per_layer_keys_read_the_same(made, tmp_path):
     stacked file, they convert to the same weights and moments."""
     import torch.distributed.checkpoint as dcp
 
-    tmp, _ = made
+    tmp, _, _ = made
     src = tmp / "mcore" / "iter_0000007"
     reader = SafeDcpReader(src)
     flat = {}
@@ -121,9 +144,19 @@ def test_per_layer_keys_read_the_same(made, tmp_path):
             assert torch.equal(a.full(name, key), b.full(name, key)), (name, key)
 
 
+def test_torch_dist_export_loads_in_megatron_core_with_logits_and_adam_state(made):
+    """megallama -> torch_dist: megatron-core's own dist_checkpointing.load fills its model and Adam
+    state (strictly: every sharded key present), with the logits of the original checkpoint."""
+    tmp, ref, loaded = made
+    assert (torch.tensor(loaded["logits"]) - ref).abs().max().item() <= TOL
+    assert loaded["moment_error"] == 0.0 and all(loaded["common"])
+    stored = SafeDcpReader(tmp / "back" / "iter_0000007").tensors
+    assert stored["decoder.layers.mlp.linear_fc1.weight"][0] == (4, 192, 64)  # stacked, as megatron-core writes
+
+
 @pytest.mark.parametrize("target", ["common.pt", ".metadata"])
 def test_a_crafted_common_pt_or_metadata_is_refused_unrun(made, tmp_path, monkeypatch, capsys, target):
-    tmp, _ = made
+    tmp, _, _ = made
     bad = tmp_path / "bad"
     shutil.copytree(tmp / "mcore", bad)
     marker = tmp_path / "ran"
@@ -142,7 +175,7 @@ def test_a_crafted_common_pt_or_metadata_is_refused_unrun(made, tmp_path, monkey
 @pytest.mark.parametrize("damage,expected", [("backend", "sharded_backend"), ("no_json", "metadata.json"),
                                              ("layers", "num_layers")])
 def test_bad_torch_dist_inputs_are_one_line(made, tmp_path, capsys, damage, expected):
-    tmp, _ = made
+    tmp, _, _ = made
     bad = tmp_path / "bad"
     shutil.copytree(tmp / "mcore", bad)
     it = bad / "iter_0000007"

@@ -67,11 +67,21 @@ def run(args, inp: Path, out: Path) -> int:
     dtype = resolve_dtype(args.dtype) if args.dtype != "keep" else None
     cfg, state, optimizer, step, consumed = _read(args, inp)
     if args.to_format == "megatron":
-        from megallama.checkpoint.megatron_write import save_megatron
-
         tp, pp = args.tp or 1, args.pp or 1
-        save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
-        what = f"Megatron checkpoint at tp={tp} pp={pp}, iteration {step}" + (" with Adam state" if optimizer else "")
+        if args.megatron_format == "torch_dist":
+            from megallama.checkpoint.megatron_dist_write import save_torch_dist
+
+            if args.pp is not None:
+                raise UserError("--pp: a torch_dist checkpoint holds global tensors; megatron-core loads it at any "
+                                "pipeline split (--tp sets its vocabulary padding)")
+            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
+        else:
+            from megallama.checkpoint.megatron_write import save_megatron
+
+            save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype,
+                          optimizer=optimizer)
+        what = (f"Megatron {args.megatron_format or 'legacy'} checkpoint at tp={tp} pp={pp}, iteration {step}"
+                + (" with Adam state" if optimizer else ""))
     elif optimizer is not None:
         if dtype is not None:
             raise UserError("--dtype: a checkpoint with Adam state becomes a training checkpoint, which keeps fp32 "
