@@ -118,7 +118,7 @@ def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: 
         it = tmp / f"iter_{iteration:07d}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
-            dcp.save(state_dict, storage_writer=FileSystemWriter(str(it)), planner=_planner(chunks),
+            dcp.save(state_dict, storage_writer=FileSystemWriter(str(it), single_file_per_rank=False), planner=_planner(chunks),
                      no_dist=True)
         torch.save(common, it / "common.pt")
         (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
