@@ -154,6 +154,23 @@ def test_torch_dist_export_loads_in_megatron_core_with_logits_and_adam_state(mad
     assert stored["decoder.layers.mlp.linear_fc1.weight"][0] == (4, 192, 64)  # stacked, as megatron-core writes
 
 
+def test_row_block_chunks_read_back_the_same(made, tmp_path, monkeypatch):
+    """A tensor larger than a block is written as several chunks per layer; DCP reassembles them."""
+    from megallama.checkpoint import megatron_dist_write
+
+    tmp, _, _ = made
+    monkeypatch.setattr(megatron_dist_write, "CHUNK_BYTES", 4096)
+    assert cli("convert", "--to", "megatron", "--format", "torch_dist", "--input", tmp / "ours",
+               "--output", tmp_path / "td") == 0
+    meta = SafeDcpReader(tmp_path / "td" / "iter_0000007").meta.state_dict_metadata
+    assert len(meta["decoder.layers.mlp.linear_fc1.weight"].chunks) == 4 * 12  # 192 rows of 256 B, 16 a block
+    assert cli("convert", "--from", "megatron", "--input", tmp_path / "td", "--output", tmp_path / "back") == 0
+    a, b = (UniversalReader(resolve_checkpoint(p) / "universal") for p in (tmp / "ours", tmp_path / "back"))
+    for name in a.names():
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.full(name, key), b.full(name, key)), (name, key)
+
+
 @pytest.mark.parametrize("target", ["common.pt", ".metadata"])
 def test_a_crafted_common_pt_or_metadata_is_refused_unrun(made, tmp_path, monkeypatch, capsys, target):
     tmp, _, _ = made

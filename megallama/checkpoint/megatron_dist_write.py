@@ -1,17 +1,19 @@
 """Writing megatron-core's ``torch_dist`` form (``convert --to megatron --format torch_dist``).
 
 The layout is the one :mod:`~megallama.checkpoint.megatron_dist` reads: global tensors under
-megatron-core's local-spec keys, layers stacked on a leading axis with one DCP chunk per layer
-(as megatron-core's per-layer ShardedTensors write them), the linear layers' ``_extra_state``
+megatron-core's local-spec keys, layers stacked on a leading axis (each layer its own chunks, as
+megatron-core's per-layer ShardedTensors write them), the linear layers' ``_extra_state``
 objects, model-space Adam state (``optimizer.state.exp_avg.<key>``; fp32 masters in
 ``fp32_param`` when the weights are not fp32), ``common.pt`` (args, iteration, param groups) and
-``metadata.json``. Each chunk is produced only when DCP writes it, so peak memory is about one
-layer's tensor. Written beside the output and renamed into place.
+``metadata.json``. Chunks are row blocks of at most ``CHUNK_BYTES`` (DCP reassembles any chunking on
+load), each produced only when DCP writes it, so peak memory is about one layer's tensor and a
+block. Written beside the output and renamed into place.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,7 +26,7 @@ import torch
 from megallama.checkpoint import megatron as mg
 from megallama.checkpoint.megatron_dist import OPT, STACKED
 from megallama.checkpoint.megatron_files import TRACKER, param_order
-from megallama.checkpoint.streaming import materialize
+from megallama.checkpoint.streaming import CHUNK_BYTES, materialize
 from megallama.config import ModelConfig
 
 # megatron-core's sharded keys for the two norms its local spec folds into the next linear layer
@@ -53,8 +55,18 @@ def _planner(chunks: Chunks):
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+    def blocks(shape, dtype, stacked):
+        """Row ranges of one chunk each: a layer's (or a tensor's) rows, at most ``CHUNK_BYTES`` a chunk."""
+        inner = shape[1:] if stacked else shape
+        row = max(1, math.prod(inner[1:]) * torch.empty((), dtype=dtype).element_size())
+        step = max(1, CHUNK_BYTES // row)
+        return [(a, min(a + step, inner[0])) for a in range(0, inner[0], step)]
+
+    last: list = [None, None]  # the part whose row blocks are being written, computed once
+
     class StackedPlanner(DefaultSavePlanner):
-        """Plans a chunk per layer of each stacked tensor; each is produced only when DCP writes it."""
+        """Plans a chunk per row block of each layer (or unstacked tensor); each is produced only when
+        DCP writes it."""
 
         def create_local_plan(self):
             plan = super().create_local_plan()  # the byte entries (extra state) as DCP plans them
@@ -62,20 +74,28 @@ def _planner(chunks: Chunks):
             for fqn, (shape, dtype, parts) in chunks.items():
                 props = TensorProperties(dtype=dtype)
                 for layer in sorted(parts):
-                    offsets = (layer,) + (0,) * (len(shape) - 1) if layer >= 0 else (0,) * len(shape)
-                    sizes = (1,) + shape[1:] if layer >= 0 else shape
-                    items.append(WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
-                                           tensor_data=TensorWriteData(ChunkStorageMetadata(
-                                               torch.Size(offsets), torch.Size(sizes)), props, torch.Size(shape))))
+                    lead = () if layer < 0 else (layer,)
+                    for a, b in blocks(shape, dtype, layer >= 0):
+                        offsets = lead + (a,) + (0,) * (len(shape) - len(lead) - 1)
+                        sizes = (1,) * len(lead) + (b - a,) + shape[len(lead) + 1:]
+                        items.append(WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)),
+                                               type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                                                   ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+                                                   props, torch.Size(shape))))
             self.plan = dataclasses.replace(plan, items=items)
             return self.plan
 
         def lookup_object(self, index):
             if index.fqn not in chunks:
                 return super().lookup_object(index)
-            parts = chunks[index.fqn][2]
+            shape, dtype, parts = chunks[index.fqn]
             layer = -1 if -1 in parts else int(index.offset[0])
-            t = materialize(parts[layer]()).to(chunks[index.fqn][1])
+            a = int(index.offset[0 if layer < 0 else 1])
+            b = next(stop for start, stop in blocks(shape, dtype, layer >= 0) if start == a)
+            if last[0] != (index.fqn, layer):
+                last[:] = [None, None]  # the previous part goes before the next is computed
+                last[:] = [(index.fqn, layer), parts[layer]()]
+            t = materialize(mg._rows(last[1], a, b)).to(dtype)
             return (t.unsqueeze(0) if layer >= 0 else t).detach().contiguous()
 
     return StackedPlanner(dedup_save_to_lowest_rank=False)
