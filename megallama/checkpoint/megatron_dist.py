@@ -71,6 +71,12 @@ class TorchDistCheckpoint:
                      {n: (self._shape(n), self.reader.tensors[f][1]) for n, (f, _) in self.keys.items()}, self.dir)
         stored = {f for f, _ in self.keys.values()}
         self.has_optimizer = all(f"{OPT}{k}.{f}" in self.reader.tensors for f in stored for k in MOMENTS)
+        for f in stored:  # every state held is a float tensor of its parameter's shape
+            for k in MOMENTS + MASTERS:
+                got = self.reader.tensors.get(f"{OPT}{k}.{f}")
+                if got is not None and (got[0] != self.reader.tensors[f][0] or not got[1].is_floating_point):
+                    raise UserError(f"{self.dir}: '{OPT}{k}.{f}' is {got[1]} {got[0]}, expected a float tensor of "
+                                    f"its parameter's shape {self.reader.tensors[f][0]}")
         self.not_read = None
         if not self.has_optimizer and any(f.startswith("optimizer.") for f in self.reader.tensors):
             self.not_read = (f"{self.dir}: its Adam state is not in model space (optimizer.state.exp_avg.<key>), e.g. "
@@ -97,9 +103,7 @@ class TorchDistCheckpoint:
         def get(s: int, t: int, name: str) -> Lazy:
             fqn, layer = self.keys[name]
             fqn = prefix + fqn
-            shape, dtype = self.reader.tensors[fqn]
-            if layer is not None and shape[1:] != self._shape(name) or layer is None and shape != self._shape(name):
-                raise UserError(f"{self.dir}: '{fqn}' is of shape {shape}, not that of its parameter")
+            shape, dtype = self.reader.tensors[fqn]  # checked against its parameter's above
             lead = () if layer is None else (layer,)
             inner = shape[len(lead):]
 
