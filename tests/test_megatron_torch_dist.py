@@ -113,6 +113,7 @@ def test_torch_dist_checkpoint_converts_with_logits_and_adam_state(made, tmp_pat
         assert torch.equal(reader.full(name, "exp_avg_sq"), master ** 2), name
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_per_layer_keys_read_the_same(made, tmp_path):
     """Non-homogeneous blocks key each layer (``decoder.layers.3.…``): written here with DCP from the
     stacked file, they convert to the same weights and moments."""
