@@ -22,7 +22,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megallama.checkpoint.safe_pickle import refusal_reason
 from megallama.errors import UserError
@@ -35,6 +38,8 @@ _ALLOWED = {(_DCP + "metadata", n) for n in ("Metadata", "MetadataIndex", "Stora
                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")}
 _ALLOWED |= {(_DCP + "filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
              ("collections", "OrderedDict")}
+# megatron-core's planner keeps each rank's save plan in the metadata (inert dataclasses and an enum)
+_ALLOWED |= {(_DCP + "planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")}
 _ALLOWED |= {(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath", "WindowsPath",
                                                                      "PureWindowsPath")}
 
@@ -123,6 +128,22 @@ class _Planner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+class _BoxPlanner(_Planner):
+    """Reads one box of a tensor (a stacked layer, a row block): only the chunks it overlaps."""
+
+    def __init__(self, offsets: Tuple[int, ...]):
+        super().__init__()
+        self._offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        ((fqn, dest),) = self.state_dict.items()
+        box = ChunkStorageMetadata(offsets=torch.Size(self._offsets), sizes=dest.size())
+        return LoadPlan(create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [box]))
+
+    def lookup_tensor(self, index) -> torch.Tensor:  # the box's own tensor; read offsets are relative to it
+        return self.state_dict[index.fqn]
+
+
 class SafeDcpReader:
     """Tensors and values of one DCP directory, each read on demand through DCP's planner."""
 
@@ -134,12 +155,12 @@ class SafeDcpReader:
         self.tensors = _check(self.path, self.meta)
         self._reader = _Reader(self.path, self.meta)
 
-    def _load(self, fqn: str, dest: Any) -> Any:
+    def _load(self, fqn: str, dest: Any, planner: DefaultLoadPlanner = None) -> Any:
         state = {fqn: dest}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
-                dcp.load(state, storage_reader=self._reader, planner=_Planner())
+                dcp.load(state, storage_reader=self._reader, planner=planner or _Planner())
         except (Exception, CheckpointException) as exc:  # the latter wraps the first rank's error
             if isinstance(exc, CheckpointException) and exc.failures:
                 exc = next(iter(exc.failures.values()))[0]
@@ -150,6 +171,13 @@ class SafeDcpReader:
     def load(self, fqn: str) -> torch.Tensor:
         shape, dtype = self.tensors[fqn]
         return self._load(fqn, torch.zeros(shape, dtype=dtype))
+
+    def load_box(self, fqn: str, offsets: Tuple[int, ...], sizes: Tuple[int, ...]) -> torch.Tensor:
+        """``tensor[o0:o0+s0, o1:o1+s1, ...]`` read without the rest of the tensor."""
+        shape, dtype = self.tensors[fqn]
+        if len(offsets) != len(shape) or any(o < 0 or o + n > m for o, n, m in zip(offsets, sizes, shape)):
+            raise ValueError(f"box {offsets}+{sizes} outside '{fqn}' of shape {shape}")
+        return self._load(fqn, torch.zeros(tuple(sizes), dtype=dtype), _BoxPlanner(tuple(offsets)))
 
     def load_value(self, fqn: str) -> Any:
         """A non-tensor entry (``train_state.step``) as plain data, or None if absent."""

@@ -1,6 +1,6 @@
 """``megallama convert --from megatron`` / ``--to megatron``.
 
-From Megatron: weights alone become a consolidated checkpoint; with Adam state in the files, a
+From Megatron (legacy per-rank files or megatron-core's ``torch_dist`` directory): weights alone become a consolidated checkpoint; with Adam state in the files, a
 training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
 resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
 loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
@@ -29,12 +29,15 @@ def _refuse_flags(args) -> None:
 def _read(args, inp: Path):
     """``(cfg, weights, optimizer or None, iteration, consumed samples)`` of the input."""
     if args.from_format == "megatron":
-        from megallama.checkpoint.megatron_files import MegatronCheckpoint
+        import sys
 
-        ck = MegatronCheckpoint(inp)
-        if vars(ck.args).get("use_distributed_optimizer"):
-            import sys
+        from megallama.checkpoint.megatron_dist import TorchDistCheckpoint, open_megatron
 
+        ck = open_megatron(inp)
+        if isinstance(ck, TorchDistCheckpoint):
+            if ck.not_read:
+                print(ck.not_read, file=sys.stderr)
+        elif vars(ck.args).get("use_distributed_optimizer"):
             print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
                   "not read; converting the weights only", file=sys.stderr)
         return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed
@@ -64,11 +67,21 @@ def run(args, inp: Path, out: Path) -> int:
     dtype = resolve_dtype(args.dtype) if args.dtype != "keep" else None
     cfg, state, optimizer, step, consumed = _read(args, inp)
     if args.to_format == "megatron":
-        from megallama.checkpoint.megatron_write import save_megatron
-
         tp, pp = args.tp or 1, args.pp or 1
-        save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
-        what = f"Megatron checkpoint at tp={tp} pp={pp}, iteration {step}" + (" with Adam state" if optimizer else "")
+        if args.megatron_format == "torch_dist":
+            from megallama.checkpoint.megatron_dist_write import save_torch_dist
+
+            if args.pp is not None:
+                raise UserError("--pp: a torch_dist checkpoint holds global tensors; megatron-core loads it at any "
+                                "pipeline split (--tp sets its vocabulary padding)")
+            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
+        else:
+            from megallama.checkpoint.megatron_write import save_megatron
+
+            save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype,
+                          optimizer=optimizer)
+        what = (f"Megatron {args.megatron_format or 'legacy'} checkpoint at tp={tp} pp={pp}, iteration {step}"
+                + (" with Adam state" if optimizer else ""))
     elif optimizer is not None:
         if dtype is not None:
             raise UserError("--dtype: a checkpoint with Adam state becomes a training checkpoint, which keeps fp32 "

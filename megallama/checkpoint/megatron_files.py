@@ -94,12 +94,36 @@ def iteration_dir(path: Path) -> Path:
         p = p / ("release" if text == "release" else f"iter_{int(text):07d}")
         if not p.is_dir():
             raise UserError(f"{p}: not found (named by {tracker})")
-    elif not any(_RANK_DIR.match(d.name) for d in p.iterdir()):
-        raise UserError(f"{path}: no {TRACKER} and no mp_rank_XX directories (not a Megatron checkpoint)")
-    if (p / ".metadata").is_file() or (p / "common.pt").is_file():
-        raise UserError(f"{p}: a megatron-core torch_dist checkpoint; only the legacy per-rank form is read: "
-                        "convert it with Megatron's --ckpt-convert-format torch first")
+    elif not is_torch_dist(p) and not any(_RANK_DIR.match(d.name) for d in p.iterdir()):
+        raise UserError(f"{path}: no {TRACKER}, no mp_rank_XX directories and no torch_dist files (not a Megatron "
+                        "checkpoint)")
     return p
+
+
+def is_torch_dist(p: Path) -> bool:
+    """megatron-core's ``torch_dist`` form (read by :mod:`~megallama.checkpoint.megatron_dist`)."""
+    return any((p / f).is_file() for f in (".metadata", "common.pt", "metadata.json"))
+
+
+def check_shapes(cfg: ModelConfig, tp: int, layer_counts: List[int], padded: int, s: int, t: int,
+                 got: Dict[str, Tuple[Tuple[int, ...], torch.dtype]], where) -> None:
+    """Every tensor of stage ``s``, TP rank ``t`` is one Megatron's LLaMA holds there, of its shape."""
+    from megallama.checkpoint.consolidated import expected_shapes
+
+    meta_state = {k: torch.empty(v, device="meta") for k, v in expected_shapes(cfg, str(where)).items()}
+    want = {k: tuple(v.shape) for k, v in mg.from_megallama(meta_state, cfg, tp, layer_counts, s, t,
+                                                            padded=padded).items()}
+    if cfg.tie_embeddings and s == len(layer_counts) - 1:
+        want.setdefault(mg.OUT, want.get(mg.EMB, (padded // tp, cfg.dim)))
+    for name, (shape, dtype) in got.items():
+        if name not in want:
+            raise UserError(f"{where}: unexpected tensor '{name}' (not a LLaMA GPT layer)")
+        if tuple(shape) != want[name] or not dtype.is_floating_point:
+            raise UserError(f"{where}: tensor '{name}' is {dtype} {tuple(shape)}, expected a float tensor of shape "
+                            f"{want[name]}")
+    absent = sorted(set(want) - set(got) - ({mg.OUT} if cfg.tie_embeddings else set()))
+    if absent:
+        raise UserError(f"{where}: missing tensor '{absent[0]}'")
 
 
 def _flatten(tree: Dict, prefix: str = "") -> Dict[str, Tuple[str, ...]]:
@@ -169,24 +193,9 @@ class MegatronCheckpoint:
         return max(layers) + 1 if layers else 0
 
     def _check_shapes(self) -> None:
-        from megallama.checkpoint.consolidated import expected_shapes
-
-        meta_state = {k: torch.empty(v, device="meta") for k, v in expected_shapes(self.cfg, str(self.dir)).items()}
         for (s, t), names in self.names.items():
-            want = {k: tuple(v.shape) for k, v in mg.from_megallama(
-                meta_state, self.cfg, self.tp, self.layer_counts, s, t, padded=self.padded).items()}
-            if self.cfg.tie_embeddings and s == self.pp - 1:
-                want.setdefault(mg.OUT, want.get(mg.EMB, (self.padded // self.tp, self.cfg.dim)))
-            for name in names:
-                got = self.meta[(s, t, name)]
-                if name not in want:
-                    raise UserError(f"{self.files[(s, t)]}: unexpected tensor '{name}' (not a LLaMA GPT layer)")
-                if got[0] != want[name] or not got[1].is_floating_point:
-                    raise UserError(f"{self.files[(s, t)]}: tensor '{name}' is {got[1]} {got[0]}, expected a "
-                                    f"float tensor of shape {want[name]}")
-            absent = sorted(set(want) - set(names) - ({mg.OUT} if self.cfg.tie_embeddings else set()))
-            if absent:
-                raise UserError(f"{self.files[(s, t)]}: missing tensor '{absent[0]}'")
+            check_shapes(self.cfg, self.tp, self.layer_counts, self.padded, s, t,
+                         {n: self.meta[(s, t, n)] for n in names}, self.files[(s, t)])
 
     def get(self, s: int, t: int, name: str) -> Lazy:
         shape, dtype = self.meta[(s, t, name)]

@@ -5,7 +5,8 @@
   --from megallama --tp N --pp M    a training checkpoint at a new layout (megallama.checkpoint.reshard)
   --from dcp / --to dcp             torchtitan's torch.distributed.checkpoint, Adam state included
   --from ds-universal               DeepSpeed's ds_to_universal output -> a training checkpoint (Adam moments too)
-  --from/--to megatron              Megatron-LM's legacy per-rank checkpoints (megallama.checkpoint.megatron*)
+  --from/--to megatron              Megatron-LM's legacy per-rank and megatron-core's torch_dist checkpoints
+                                    (--format torch_dist; megallama.checkpoint.megatron*)
 
 Every flag either takes effect or is refused in one line: a training-checkpoint output keeps fp32
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
@@ -39,6 +40,9 @@ def add_arguments(p) -> None:
                    "500MB, 2GiB (default 5GB, the Hub's Llama shards); a larger single tensor gets its own file")
     p.add_argument("--params", help="model args of a --from dcp input as JSON (torchtitan's: dim, n_layers, n_heads, "
                    "n_kv_heads, ...; default: INPUT/params.json, which --to dcp writes)")
+    p.add_argument("--format", dest="megatron_format", default=None, choices=["legacy", "torch_dist"],
+                   help="form of a --to megatron output: legacy per-rank files (default) or megatron-core's "
+                   "torch_dist directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
@@ -81,6 +85,8 @@ def run(args) -> int:
             raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
+    if args.megatron_format and args.to_format != "megatron":
+        raise UserError("--format: only for a --to megatron output")
     formats = {args.from_format, args.to_format}
     if {"dcp", "megatron"} <= formats or (args.to_format == "megatron"
                                            and args.from_format not in ("megallama", "megatron")):
