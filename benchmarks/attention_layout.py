@@ -13,7 +13,7 @@ Two tables, every candidate timed in each round in a rotated order (paired), rat
   so a layout that is faster in the kernel but costs a copy is charged for it.
 Results are filed by machine kind in ``results/attention_layout.json`` (``benchmarks/machine.py``).
 
-usage: python benchmarks/attention_layout.py [--rounds 7] [--dtypes bf16,fp32] [--shapes mha,gqa]
+usage: python benchmarks/attention_layout.py [--rounds 11] [--dtypes bf16,fp32] [--shapes mha,gqa] [--path-only V,..]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import machine  # noqa: E402
-from megallama.model.rope import RotaryEmbedding  # noqa: E402
+from megallama.model.rope import RotaryEmbedding, apply_rotary  # noqa: E402
 
 SHAPES = {"mha": dict(b=4, s=512, hq=12, hkv=12, hd=64), "gqa": dict(b=4, s=512, hq=12, hkv=4, hd=64)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -55,6 +55,10 @@ def kernel_inputs(layout: str, b, s, hq, hkv, hd, dt) -> Tuple[torch.Tensor, ...
     if layout == "bhsd":              # contiguous [b, h, s, d] everywhere, grad_out too
         mk = lambda h: torch.randn(b, h, s, hd, dtype=dt)  # noqa: E731
         return mk(hq), mk(hkv), mk(hkv), mk(hq)
+    if layout == "bhsd_qk":           # RoPE writing q, k as [b, h, s, d]; v and grad_out as now
+        fused = torch.randn(b, s, hq + 2 * hkv, hd, dtype=dt)
+        q, k = torch.randn(b, hq, s, hd, dtype=dt), torch.randn(b, hkv, s, hd, dtype=dt)
+        return q, k, fused[:, :, hq + hkv:].transpose(1, 2), g
     if layout == "bhsd_qkv":          # inputs contiguous [b, h, s, d], grad_out as Wo gives it
         mk = lambda h: torch.randn(b, h, s, hd, dtype=dt)  # noqa: E731
         return mk(hq), mk(hkv), mk(hkv), g
@@ -87,14 +91,21 @@ def path_case(variant: str, shape: Dict, dt) -> Callable:
     grad = torch.randn(b, s, hq * hd, dtype=dt)
 
     def step():
+        fused.grad = None
         qkv = fused.view(b, s, hq + 2 * hkv, hd)
         if variant == "hf":  # separate projections: one buffer each, RoPE as HF writes it
             q, k, v = (t.contiguous() for t in qkv.split([hq, hkv, hkv], dim=2))
             q, k = rope(q), rope(k)
+        elif variant == "rope_bhsd":  # RoPE writes q, k straight into [b, h, s, d]
+            qk, v = qkv.split([hq + hkv, hkv], dim=2)
+            cos, sin = rope._tables(dt, fused.device)
+            q, k = apply_rotary(qk.transpose(1, 2), cos[:s], sin[:s]).split([hq, hkv], dim=1)
+            v = v.transpose(1, 2)
         else:
             qk, v = qkv.split([hq + hkv, hkv], dim=2)
             q, k = rope(qk).split([hq, hkv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if variant != "rope_bhsd":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if variant in ("v_contig", "qkv_contig"):
             v = v.contiguous()
         if variant == "qkv_contig":
@@ -102,12 +113,14 @@ def path_case(variant: str, shape: Dict, dt) -> Callable:
         if variant == "expand_kv" and hkv != hq:
             k, v = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-        out.transpose(1, 2).reshape(b, s, hq * hd).backward(grad)
-        fused.grad = None
+        out = out.transpose(1, 2).reshape(b, s, hq * hd)
+        out.backward(grad)
+        return out.detach(), fused.grad
     return step
 
 
-def timed_rounds(cases: Dict[str, Callable], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
+def timed_rounds(cases: Dict[str, Callable], rounds: int, warmup: int = 1) -> Dict[str, List[Tuple[float, float]]]:
+    """(wall, process CPU) seconds per round and case; CPU time is the steadier figure on a shared box."""
     names = list(cases)
     for _ in range(warmup):
         for fn in cases.values():
@@ -116,23 +129,28 @@ def timed_rounds(cases: Dict[str, Callable], rounds: int, warmup: int = 1) -> Di
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]   # rotate who goes first
         for n in order:
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             cases[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append((time.perf_counter() - w0, time.process_time() - c0))
     return times
 
 
-def paired_ratios(times: Dict[str, List[float]], base: str) -> Dict[str, Dict[str, float]]:
-    """Per candidate: median ms, and the median over rounds of (candidate / base) in that round."""
-    return {n: {"median_ms": 1e3 * statistics.median(t),
-                "ratio_to_" + base: statistics.median(a / c for a, c in zip(t, times[base]))}
-            for n, t in times.items()}
+def paired_ratios(times: Dict[str, List[Tuple[float, float]]], base: str) -> Dict[str, Dict[str, float]]:
+    """Per candidate: median wall ms, and the median over rounds of (candidate / base) in that
+    round, of wall and of CPU time."""
+    out = {}
+    for n, t in times.items():
+        b = times[base]
+        out[n] = {"median_ms": 1e3 * statistics.median(w for w, _ in t),
+                  "ratio": statistics.median(w / bw for (w, _), (bw, _) in zip(t, b)),
+                  "cpu_ratio": statistics.median(c / bc for (_, c), (_, bc) in zip(t, b))}
+    return out
 
 
 def run_kernel(shape_name: str, dt_name: str, rounds: int) -> Dict:
     shape, dt = SHAPES[shape_name], DTYPES[dt_name]
     gqa = shape["hq"] != shape["hkv"]
-    layouts = ["ours", "bshd", "bhsd", "bhsd_qkv"]
+    layouts = ["ours", "bshd", "bhsd", "bhsd_qkv", "bhsd_qk"]
     cases = {}
     for lay in layouts:
         for expand in ([False, True] if gqa else [False]):
@@ -147,19 +165,37 @@ def run_kernel(shape_name: str, dt_name: str, rounds: int) -> Dict:
     return out
 
 
-def run_path(shape_name: str, dt_name: str, rounds: int) -> Dict:
+PATH_VARIANTS = ["ours", "v_contig", "qkv_contig", "rope_bhsd", "hf", "expand_kv"]
+
+
+def run_path(shape_name: str, dt_name: str, rounds: int, only: List[str] = PATH_VARIANTS) -> Dict:
     shape, dt = SHAPES[shape_name], DTYPES[dt_name]
-    variants = ["ours", "v_contig", "qkv_contig", "hf"] + (["expand_kv"] if shape["hq"] != shape["hkv"] else [])
-    return paired_ratios(timed_rounds({v: path_case(v, shape, dt) for v in variants}, rounds), "ours")
+    variants = [v for v in PATH_VARIANTS if v in only and (v != "expand_kv" or shape["hq"] != shape["hkv"])]
+    cases = {}
+    for v in variants:  # same seed: every variant must compute ours' output and gradient
+        torch.manual_seed(1)
+        cases[v] = path_case(v, shape, dt)
+    want = cases["ours"]()
+    for v, fn in cases.items():
+        got, tol = fn(), 1e-2 if dt == torch.bfloat16 else 1e-5
+        if not all(((g.float() - w.float()).norm() / w.float().norm()).item() < tol for g, w in zip(got, want)):
+            raise SystemExit(f"layout {v} computes something else than ours ({shape_name}/{dt_name})")
+    return paired_ratios(timed_rounds(cases, rounds), "ours")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--shapes", default="mha,gqa")
+    ap.add_argument("--path-only", default=None, metavar="V1,V2",
+                    help=f"time only these core-path variants (ours is always included) and no kernel table: "
+                         f"{','.join(PATH_VARIANTS)}")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_layout.json")
     a = ap.parse_args(argv)
+    unknown = set((a.path_only or "").split(",")) - set(PATH_VARIANTS) - {""}
+    if unknown or not set(a.shapes.split(",")) <= set(SHAPES) or not set(a.dtypes.split(",")) <= set(DTYPES):
+        ap.error(f"--path-only takes {','.join(PATH_VARIANTS)}; --shapes {','.join(SHAPES)}; --dtypes {','.join(DTYPES)}")
     torch.manual_seed(0)
     desc = machine.describe("cpu")
     print(machine.banner(desc))
@@ -168,16 +204,17 @@ def main(argv=None) -> int:
     for shape_name in a.shapes.split(","):
         for dt_name in a.dtypes.split(","):
             key = f"{shape_name}/{dt_name}"
-            k = result["kernel"][key] = run_kernel(shape_name, dt_name, a.rounds)
-            p = result["path"][key] = run_path(shape_name, dt_name, a.rounds)
-            print(f"== {key} {SHAPES[shape_name]}  (ms median; ratio = median of paired rounds vs ours)")
-            for part in ("fwd", "bwd"):
-                print(f"  kernel {part}: " + "  ".join(f"{n} {v['median_ms']:.1f} ({v['ratio_to_ours']:.3f})"
-                                                      for n, v in k[part].items()))
-            print("  path fwd+bwd: " + "  ".join(f"{n} {v['median_ms']:.1f} ({v['ratio_to_ours']:.3f})"
-                                                 for n, v in p.items()))
+            only = PATH_VARIANTS if a.path_only is None else ["ours", *a.path_only.split(",")]
+            k = result["kernel"][key] = run_kernel(shape_name, dt_name, a.rounds) if a.path_only is None else {}
+            p = result["path"][key] = run_path(shape_name, dt_name, a.rounds, only)
+            print(f"== {key} {SHAPES[shape_name]}: median ms (median of paired ratios to ours: wall / CPU time)")
+            for label, rows in (("kernel fwd", k.get("fwd", {})), ("kernel bwd", k.get("bwd", {})), ("path fwd+bwd", p)):
+                if not rows:
+                    continue
+                print(f"  {label}: " + "  ".join(f"{n} {v['median_ms']:.1f} ({v['ratio']:.3f}/{v['cpu_ratio']:.3f})"
+                                              for n, v in rows.items()))
             sys.stdout.flush()
-    machine.record(a.out, result, desc["kind"])
+    machine.record(a.out, result, desc["kind"], None if a.path_only is None else "path_only:" + a.path_only)
     print(f"recorded under {desc['kind']} in {a.out}")
     return 0
 
