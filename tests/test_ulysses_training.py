@@ -92,8 +92,8 @@ def test_a_ulysses_checkpoint_resumes_at_another_layout(runs, name):
      "parallel.ulysses: not combined with pipeline parallelism (parallel.pp=2); set one of them to 1"),
     (["parallel.ulysses=2", "train.seq_len=33"],
      "train.seq_len: 33 is not divisible by parallel.ulysses=2 (each rank holds an equal shard)"),
-    (["parallel.ulysses=8"], "model.n_heads: 4 over parallel.tp=1 leaves 4 per rank, which parallel.ulysses=8 "
-                             "must divide"),
+    (["parallel.ulysses=8"], "model.n_heads: 4 over parallel.tp=1 leaves 4 per rank, not divisible by "
+                             "parallel.ulysses=8"),
 ], ids=["pipeline", "seq", "heads"])
 def test_validate_refuses_a_bad_ulysses_layout_in_one_line(overrides, message, tmp_path, data_cache):
     cfg = tiny_run_config(tmp_path, data_cache)
