@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple
 
@@ -20,6 +18,7 @@ from pydantic import ValidationError
 
 from megallama.config import ConfigError, ModelConfig
 from megallama.errors import UserError
+from megallama.checkpoint.staging import staged_dir
 
 FORMAT = "megallama-consolidated"
 FORMAT_VERSION = 1
@@ -48,21 +47,13 @@ def save_consolidated(state: Mapping[str, Any], cfg: ModelConfig, out_dir, overw
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (refusing to overwrite; choose another --output)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         write_safetensors(tmp / WEIGHTS, state, metadata={"format": FORMAT})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.model_dump(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

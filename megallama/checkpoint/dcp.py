@@ -18,9 +18,6 @@ largest tensor in both directions.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
@@ -33,6 +30,7 @@ from megallama.checkpoint.streaming import Lazy, Tensorish, cat, materialize
 from megallama.config import ModelConfig
 from megallama.config.schema import RopeScaling
 from megallama.errors import UserError
+from megallama.checkpoint.staging import staged_dir
 
 PARAMS = "params.json"
 OPT = "optimizer.state."
@@ -255,20 +253,13 @@ def save_titan(out: Path, tensors: Mapping[str, Tensorish], values: Dict, cfg: M
     for fqn, v in values.items():
         head, _, rest = fqn.partition(".")
         state.setdefault(head, {})[rest] = v
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
-            dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False),
-                     planner=_planner(tensors))
-        (tmp / PARAMS).write_text(json.dumps(params_for(cfg), indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out) as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
+                dcp.save(state, storage_writer=FileSystemWriter(str(tmp), single_file_per_rank=False),
+                         planner=_planner(tensors))
+            (tmp / PARAMS).write_text(json.dumps(params_for(cfg), indent=1))
     finally:
         _LAST[:] = [None, None]
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import torch
 
 from megallama.errors import UserError
+from megallama.checkpoint.staging import staged_dir
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, 3
 FILES = {None: "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
@@ -171,9 +169,7 @@ def convert(src, out, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         tag = tmp / ckpt.tag_for(reader.meta["step"])
         (tag / "universal").mkdir(parents=True)
         tensors = {(n if k is None else f"{n}::{k}"): _lazy(reader, n, k) for n in reader.names() for k in FILES}
@@ -186,12 +182,6 @@ def convert(src, out, overwrite: bool = False) -> Path:
         (tag / "meta.json").write_text(json.dumps({**reader.meta, **layout}, indent=1))
         ckpt.write_manifest(tag)
         (tmp / ckpt.LATEST).write_text(tag.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n = sum(math.prod(s) for s in reader.shapes.values())
     print(f"{out}: megallama training checkpoint at step {reader.meta['step']}, {n:,} parameters with Adam moments, "
           f"from ds-universal {src}; train from it with --set checkpoint.load={out}")

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -26,6 +23,7 @@ from megallama.config import ConfigError, ModelConfig
 from megallama.config.schema import RopeScaling
 from megallama.config.swiglu import swiglu_base, swiglu_hidden
 from megallama.errors import UserError
+from megallama.checkpoint.staging import staged_dir
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -307,9 +305,7 @@ def save_hf(state: State, cfg: ModelConfig, out_dir, overwrite: bool = False,
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
     tensors = state_to_hf(state, cfg)
     shards = plan_shards(tensors, max_shard_bytes or parse_size(DEFAULT_SHARD_SIZE))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         dtype = next(iter(tensors.values())).dtype
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
         if len(shards) == 1:
@@ -327,12 +323,6 @@ def save_hf(state: State, cfg: ModelConfig, out_dir, overwrite: bool = False,
             from megallama.checkpoint.hf_tokenizer import write_hf_tokenizer
 
             write_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

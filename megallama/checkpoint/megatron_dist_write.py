@@ -14,9 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -28,6 +25,7 @@ from megallama.checkpoint.megatron_dist import OPT, STACKED
 from megallama.checkpoint.megatron_files import TRACKER, param_order
 from megallama.checkpoint.streaming import CHUNK_BYTES, materialize
 from megallama.config import ModelConfig
+from megallama.checkpoint.staging import staged_dir
 
 # megatron-core's sharded keys for the two norms its local spec folds into the next linear layer
 _KEYS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
@@ -132,9 +130,7 @@ def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: 
         for i in range(n):
             state_dict[f"{STACKED}{linear}._extra_state/shard_{i}_{n}"] = [None]  # no fp8 metadata
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         it = tmp / f"iter_{iteration:07d}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
@@ -144,11 +140,5 @@ def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: 
         (it / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                                                       "common_backend": "torch", "common_backend_version": 1}))
         (tmp / TRACKER).write_text(str(iteration))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 

@@ -11,8 +11,6 @@ megatron-core (local-spec names, ``_extra_state`` entries) and in
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +20,7 @@ from megallama.checkpoint import megatron as mg
 from megallama.checkpoint.megatron_files import FILE, MOMENTS, TRACKER, _at, allowed_globals, param_order
 from megallama.checkpoint.streaming import CHUNK_BYTES, materialize, nbytes
 from megallama.config import ModelConfig
+from megallama.checkpoint.staging import staged_dir
 
 
 def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteration: int = 0, consumed: int = 0,
@@ -34,9 +33,7 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
     counts = mg.even_layers(cfg, pp)
     dtype = dtype or next(iter(state.values())).dtype
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         it_dir = tmp / f"iter_{iteration:07d}"
         args = mg.args_for(cfg, tp, pp, iteration, consumed, dtype)
         for s in range(pp):
@@ -56,12 +53,6 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
                 rank_dir.mkdir(parents=True)
                 save_streamed(rank_dir / FILE, entry, fills)
         (tmp / TRACKER).write_text(str(iteration))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -10,7 +10,6 @@ the new layout (set ``checkpoint.load`` to it), optimizer state and data positio
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from megallama.config import ModelConfig, layout_rules
 from megallama.config.pipeline_split import stage_layers
 from megallama.errors import UserError
 from megallama.parallel.layers import split_for_rank
+from megallama.checkpoint.staging import staged_dir
 
 
 def resolve_checkpoint(path) -> Path:
@@ -89,9 +89,7 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         dst = tmp / tag.name / "universal"
         dst.mkdir(parents=True)
         files: Dict[Tuple[int, int], Dict[str, torch.Tensor]] = {}
@@ -126,12 +124,6 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
         (tmp / tag.name / "meta.json").write_text(json.dumps(meta, indent=1))
         ckpt.write_manifest(tmp / tag.name)
         (tmp / ckpt.LATEST).write_text(tag.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
