@@ -1,24 +1,30 @@
 """Hardware profiles: peak FLOP/s, memory, bandwidths. GPUs from the makers' datasheets (YAML in
-``megallama/configs/hardware``, sources in their comments); ``cpu`` measured on this machine.
+``megallama/configs/hardware``, sources in their comments), any other machine from a profile file
+of the same schema (``--gpu FILE.yaml``, documented in ``examples/gpu-custom.yaml``); ``cpu``
+measured on this machine.
 
-Bandwidths are bytes/s *per GPU per direction*: NVLink inside a node, the GPU's InfiniBand NIC
-between nodes, PCIe to the host. Peaks are dense (no 2:4 sparsity), the denominator of MFU/HFU.
+Bandwidths are bytes/s *per GPU per direction*: the intra-node link (NVLink, xGMI, or PCIe where
+the GPUs have nothing better), the node's NICs between nodes, PCIe to the host. Peaks are dense (no
+2:4 sparsity), the denominator of MFU/HFU.
 """
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import yaml
 
 from megallama.errors import UserError
 
 HARDWARE_DIR = Path(__file__).resolve().parent.parent / "configs" / "hardware"
+EXAMPLE = "examples/gpu-custom.yaml"
+PEAK_DTYPES = ("fp8", "bf16", "fp16", "tf32", "fp32")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class HardwareProfile:
     gpus_per_node: int = 8
     aliases: Tuple[str, ...] = field(default_factory=tuple)
     measured: bool = False
+    nics_per_node: int = 0
+    nic_bandwidth: float = 0.0
+    device_names: Tuple[str, ...] = field(default_factory=tuple)
 
     def peak(self, dtype: str = "bf16") -> float:
         """Dense peak for a compute dtype (fp32 training on GPUs runs on TF32 tensor cores only
@@ -45,42 +54,159 @@ class HardwareProfile:
         return self.peak_flops[dtype]
 
 
-def _profiles() -> Dict[str, Path]:
-    return {p.stem: p for p in sorted(HARDWARE_DIR.glob("*.yaml"))}
+# ------------------------------------------------------------------------------ profile files
+# key -> (kind, required, what a value must be). One table for the shipped profiles and custom files.
+SCHEMA: Dict[str, Tuple[str, bool, str]] = {
+    "name": ("text", False, "a profile name (default: the file's name)"),
+    "description": ("text", False, "one line of text"),
+    "aliases": ("names", False, "a list of other names for the profile"),
+    "device_names": ("names", False, "a list of exact device names the driver reports"),
+    "peak_flops": ("peaks", True, f"a mapping of dtype ({', '.join(PEAK_DTYPES)}; bf16 required) to dense FLOP/s"),
+    "memory_bytes": ("number", True, "a positive number (bytes of device memory)"),
+    "memory_bandwidth": ("number", True, "a positive number (device memory bytes/s)"),
+    "intra_node_bandwidth": ("number", True, "a positive number (bytes/s per GPU per direction inside a node)"),
+    "inter_node_bandwidth": ("number", False, "a positive number (bytes/s per GPU per direction between nodes)"),
+    "nics_per_node": ("count", False, "a positive integer (network adapters per node)"),
+    "nic_bandwidth": ("number", False, "a positive number (bytes/s per NIC per direction)"),
+    "host_bandwidth": ("number", True, "a positive number (bytes/s per GPU per direction to the host)"),
+    "intra_node_latency_s": ("number", False, "a positive number (seconds per hop inside a node)"),
+    "inter_node_latency_s": ("number", False, "a positive number (seconds per hop between nodes)"),
+    "gpus_per_node": ("count", True, "a positive integer"),
+}
+
+
+def _number(value: Any) -> float:
+    """A positive finite number, or NaN. YAML 1.1 reads ``3.35e12`` (no dot before the exponent's
+    sign) as a string, so numeric strings count as numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return math.nan
+    try:
+        out = float(value)
+    except ValueError:
+        return math.nan
+    return out if math.isfinite(out) and out > 0 else math.nan
+
+
+def _value(origin: str, key: str, kind: str, what: str, value: Any) -> Any:
+    def bad() -> UserError:
+        return UserError(f"GPU profile {origin}: '{key}': expected {what}, got {value!r}")
+
+    if kind == "text":
+        if not isinstance(value, str) or not value.strip():
+            raise bad()
+        return value.strip()
+    if kind == "names":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise bad()
+        return tuple(v.strip() for v in value)
+    if kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad()
+        return value
+    if kind == "number":
+        out = _number(value)
+        if math.isnan(out):
+            raise bad()
+        return out
+    if not isinstance(value, dict):   # peaks
+        raise bad()
+    peaks = {}
+    for dtype, flops in value.items():
+        if dtype not in PEAK_DTYPES:
+            raise UserError(f"GPU profile {origin}: 'peak_flops': unknown dtype {dtype!r}{_hint(dtype, PEAK_DTYPES)} "
+                            f"(expected some of {', '.join(PEAK_DTYPES)})")
+        peaks[dtype] = _value(origin, f"peak_flops.{dtype}", "number", "a positive number (dense FLOP/s)", flops)
+    if "bf16" not in peaks:
+        raise UserError(f"GPU profile {origin}: 'peak_flops.bf16': missing (expected the dense bf16 FLOP/s)")
+    return peaks
+
+
+def _hint(word: Any, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def profile_from_dict(data: Any, origin: str, default_name: str) -> HardwareProfile:
+    """A validated profile; every fault is one line naming ``origin``, the field and what it expects.
+    ``inter_node_bandwidth``, when not given, is the GPU's share of the node's NICs."""
+    if not isinstance(data, dict):
+        raise UserError(f"GPU profile {origin}: expected a mapping of profile fields (see {EXAMPLE}), "
+                        f"got {type(data).__name__}")
+    for key in data:
+        if key not in SCHEMA:
+            raise UserError(f"GPU profile {origin}: unknown field {key!r}{_hint(key, SCHEMA)} (see {EXAMPLE})")
+    missing = [k for k, (_, required, _) in SCHEMA.items() if required and k not in data]
+    if missing:
+        raise UserError(f"GPU profile {origin}: missing {', '.join(repr(k) for k in missing)} (see {EXAMPLE})")
+    out = {k: _value(origin, k, SCHEMA[k][0], SCHEMA[k][2], v) for k, v in data.items()}
+    nics = [k for k in ("nics_per_node", "nic_bandwidth") if k in out]
+    if len(nics) == 1:
+        other = "nic_bandwidth" if nics == ["nics_per_node"] else "nics_per_node"
+        raise UserError(f"GPU profile {origin}: {other!r}: missing (expected {SCHEMA[other][2]}, with {nics[0]!r})")
+    if "inter_node_bandwidth" not in out:
+        if not nics:
+            raise UserError(f"GPU profile {origin}: missing 'nics_per_node' and 'nic_bandwidth' "
+                            f"(or 'inter_node_bandwidth', bytes/s per GPU per direction)")
+        out["inter_node_bandwidth"] = out["nics_per_node"] * out["nic_bandwidth"] / out["gpus_per_node"]
+    out.setdefault("name", default_name)
+    out.setdefault("description", out["name"])
+    return HardwareProfile(**out)
+
+
+def load_profile_file(path: Path) -> HardwareProfile:
+    """A profile YAML, read with ``yaml.safe_load`` (no code runs)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"GPU profile {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"GPU profile {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"GPU profile {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"GPU profile {path}: not valid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
+    return profile_from_dict(data, str(path), path.stem)
+
+
+def _is_file(name: str) -> bool:
+    return name.lower().endswith((".yaml", ".yml")) or os.sep in name or bool(os.altsep and os.altsep in name)
+
+
+@lru_cache(maxsize=None)
+def shipped_profiles() -> Dict[str, HardwareProfile]:
+    """The profiles under ``configs/hardware``, by name (each file's stem)."""
+    return {p.stem: load_profile_file(p) for p in sorted(HARDWARE_DIR.glob("*.yaml"))}
 
 
 def hardware_names() -> List[str]:
-    return sorted(list(_profiles()) + ["cpu"])
+    return sorted(list(shipped_profiles()) + ["cpu"])
 
 
 def _aliases() -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    for name, path in _profiles().items():
-        for alias in (yaml.safe_load(path.read_text()) or {}).get("aliases", []):
-            out[str(alias).lower()] = name
-    return out
+    return {a.lower(): name for name, hw in shipped_profiles().items() for a in hw.aliases}
 
 
 def load_hardware(name: str) -> HardwareProfile:
-    """A profile by name or alias (``h100`` -> ``h100-sxm``); ``cpu`` is measured in-process."""
+    """A profile by name or alias (``h100`` -> ``h100-sxm``), or from a profile file (``*.yaml`` or
+    a path); ``cpu`` is measured in-process."""
+    if _is_file(name):
+        return load_profile_file(Path(name))
     key = name.lower()
     if key == "cpu":
         return cpu_profile()
-    profiles = _profiles()
+    profiles = shipped_profiles()
     key = _aliases().get(key, key)
     if key not in profiles:
         choices = hardware_names() + sorted(_aliases())
         close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown GPU type '{name}'{hint} (available: {', '.join(hardware_names())})")
-    data = yaml.safe_load(profiles[key].read_text())
-    data["aliases"] = tuple(data.get("aliases", []))
-    data["peak_flops"] = {k: float(v) for k, v in data["peak_flops"].items()}
-    for key in ("memory_bytes", "memory_bandwidth", "intra_node_bandwidth", "inter_node_bandwidth",
-                "host_bandwidth", "intra_node_latency_s", "inter_node_latency_s"):
-        if key in data:
-            data[key] = float(data[key])    # YAML reads 3.35e12 (no sign in the exponent) as a string
-    return HardwareProfile(**data)
+        raise UserError(f"unknown GPU type '{name}'{hint} (available: {', '.join(hardware_names())}, "
+                        f"or a profile file such as {EXAMPLE})")
+    return replace(profiles[key], peak_flops=dict(profiles[key].peak_flops))   # the cached one stays as read
 
 
 # ------------------------------------------------------------------------------------- CPU
@@ -138,4 +264,4 @@ def cpu_profile() -> HardwareProfile:
                            peak_flops=peaks, memory_bytes=float(mem), memory_bandwidth=bw,
                            intra_node_bandwidth=bw / 2, inter_node_bandwidth=1.25e9, host_bandwidth=bw,
                            intra_node_latency_s=20e-6, inter_node_latency_s=50e-6,
-                           gpus_per_node=os.cpu_count() or 1, measured=True)
+                           gpus_per_node=os.cpu_count() or 1, measured=True, nics_per_node=1, nic_bandwidth=1.25e9)

@@ -46,17 +46,18 @@ def open_fds() -> int:
 
 
 def device_peak_flops(precision: str) -> tuple:
-    """Dense peak FLOP/s of one rank's device and where the figure came from."""
-    from megallama.profiling import hardware
+    """Dense peak FLOP/s of one rank's device and the hardware profile it came from (detected by
+    the device's exact name, ``profiling/detect.py``); on a device no profile lists, NaN and why."""
+    from megallama.profiling import detect, hardware
 
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        big = torch.cuda.get_device_properties(0).total_memory > 50 * 2**30
-        for marker, key in (("h200", "h200"), ("h100", "h100-sxm"), ("a100", "a100-80gb" if big else "a100-40gb")):
-            if marker in name:
-                return hardware.load_hardware(key).peak(precision), key
-        return float("nan"), name
-    return cpu_peak_flops(precision)
+    found = detect.detect()
+    if found is None:
+        return cpu_peak_flops(precision)
+    if found.profile is None:
+        log.warning("%s", found.reason)
+        return float("nan"), found.reason
+    log.info("%s", found.reason)
+    return hardware.load_hardware(found.profile).peak(precision), found.profile
 
 
 def peak_cache_path() -> Path:
