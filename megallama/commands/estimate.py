@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=["flash", "eager"], default="flash",
                    help="attention implementation whose saved tensors are counted")
     p.add_argument("--gpu", default=None,
-                   help="hardware profile name or file (examples/gpu-custom.yaml): also predict step time and check the fit")
+                   help="hardware profile name or file (examples/gpu-custom.yaml): "
+                        "also predict step time and check the fit")
     p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

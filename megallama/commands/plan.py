@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="run config YAML, or an architecture YAML with 'arch_family:'")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
     p.add_argument("--gpu", required=True,
-                   help="hardware profile: a name (h100-sxm, h100-pcie, b200, mi300x, ..., cpu) or a file (examples/gpu-custom.yaml)")
+                   help="hardware profile: a name (h100-sxm, h100-pcie, b200, mi300x, ..., cpu) "
+                        "or a file (examples/gpu-custom.yaml)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max)")
     p.add_argument("--global-batch-tokens", type=int, default=None, help="tokens per step (default 4M)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the profile's (8)")
