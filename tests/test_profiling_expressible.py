@@ -1,15 +1,15 @@
 """What published runs use, expressible from the CLI and costed when pinned (issue 17 parts 3 and 5):
-the embeddings-counted pipeline partition (BLOOM), interleaved 1F1B, FP8, Megatron's
+interleaved 1F1B, FP8, Megatron's
 implementation, torchtitan's op-level recomputation, fewer KV heads than TP ranks; and no
-silent reinterpretation of the batch asked for."""
+silent reinterpretation of the batch asked for. (The embeddings-counted pipeline partition, BLOOM's,
+is in tests/test_profiling_stages.py.)"""
 import json
 
 import pytest
 
 from megallama.cli import main
-from megallama.config.pipeline_split import stage_layers
 from megallama.profiling import activations as act
-from megallama.profiling.arch import as_spec, load_arch_file
+from megallama.profiling.arch import as_spec
 from megallama.profiling.flops import block_matmuls, flops_per_token, gemm_peak, op_sac_recomputed
 from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
@@ -19,10 +19,6 @@ from megallama.profiling.published import MEGATRON_IMPL, MEGATRON_TABLE1, predic
 from megallama.profiling.steptime import predict
 
 H100, A100 = load_hardware("h100-sxm"), load_hardware("a100-80gb")
-# BLOOM-176B (bigscience-workshop/bigscience, train/tr11-176B-ml/README.md, "Architecture"):
-# 70 layers, hidden 14336, 112 heads, 250k vocabulary, TP 4 x PP 12 x DP 8 on 384 A100-80GB
-BLOOM = ("arch_family: gpt\nname: bloom-176b\ndim: 14336\nn_layers: 70\nn_heads: 112\n"
-         "vocab_size: 250880\nmax_seq_len: 2048\n")
 
 
 def _cli(capsys, *argv):
@@ -35,37 +31,6 @@ def _arch(tmp_path, text, name="arch.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-# ------------------------------------------------------------------ embeddings counted as layers
-def test_bloom_splits_5_6x10_5_with_the_embedding_and_head_counted(tmp_path, capsys):
-    path = _arch(tmp_path, BLOOM)
-    spec = load_arch_file(path)
-    assert Layout(pp=12, pipeline_partition="embeddings").stage_layers(spec) == [5] + [6] * 10 + [5]
-    # Llama 3 8B's 128k vocabulary weighs more than a block: balancing parameters splits otherwise
-    llama3 = as_spec("llama3-8b")
-    assert Layout(pp=4).stage_layers(llama3) == [7, 9, 9, 7]
-    assert Layout(pp=4, pipeline_partition="embeddings").stage_layers(llama3) == [8, 8, 8, 8]
-    rc, out, _ = _cli(capsys, "estimate", "--model", "llama3-8b", "--pp", "4", "--pipeline-partition", "embeddings")
-    assert rc == 0 and "pipeline: 4 stages of 8x4 layers" in out
-    rc, out, _ = _cli(capsys, "plan", "--config", str(path), "--gpus", "384", "--gpu", "a100-80gb", "--tp", "4",
-                      "--pp", "12", "--zero", "1", "--mbs", "2", "--recompute", "full",
-                      "--pipeline-partition", "embeddings", "--global-batch-tokens", str(2048 * 2048))
-    assert rc == 0 and "best pipeline: 12 stages of 5/6x10/5 layers" in out
-    assert "give it as parallel.pipeline_layers" in out
-
-
-@pytest.mark.parametrize("n_layers, pp", [(70, 12), (126, 16), (30, 4), (31, 4), (24, 5), (9, 8)])
-def test_embeddings_partition_is_as_balanced_as_deepspeeds_type_regex(n_layers, pp):
-    """DeepSpeed's ``type:`` partition balances binary weights (blocks and the two embeddings) with
-    ``partition_balanced``; ours must reach the same heaviest stage."""
-    from deepspeed.runtime.utils import partition_balanced
-
-    bounds = partition_balanced([1] * (n_layers + 2), pp)
-    theirs = max(b - a for a, b in zip(bounds, bounds[1:]))
-    counts = stage_layers(n_layers, pp, "embeddings")
-    loads = [c + (i == 0) + (i == pp - 1) for i, c in enumerate(counts)]
-    assert sum(counts) == n_layers and min(counts) >= 1 and max(loads) == theirs
 
 
 # ---------------------------------------------------------------------------- interleaved 1F1B

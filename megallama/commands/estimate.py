@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how blocks are split over stages (embeddings: the embedding and head counted as one "
                         "block each, as Megatron-DeepSpeed's type:transformer|embedding)")
     p.add_argument("--interleave", type=int, default=1, metavar="V",
-                   help="virtual pipeline chunks per stage (interleaved 1F1B), costed only: the trainer runs plain 1F1B")
+                   help="virtual pipeline chunks per stage (interleaved 1F1B), costed only: the trainer runs "
+                        "plain 1F1B")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
     p.add_argument("--mbs", type=int, default=None, help="micro-batch size (sequences)")
     p.add_argument("--grad-accum", type=int, default=None,

@@ -123,8 +123,8 @@ def batch_problem(layout: Layout, seq: int, batch_tokens: int, given: bool) -> O
         return None
     flag = f"--global-batch-tokens {batch_tokens:,}" + ("" if given else " (the default)")
     return (f"{flag}: the pinned layout runs dp {layout.dp} x mbs {layout.mbs} x seq {seq} = {step:,} tokens per "
-            f"micro-batch step; expected a multiple of that within {BATCH_TOLERANCE:.0%} (nearest: {m * step:,}), "
-            f"or a smaller --dp/--mbs")
+            f"micro-batch step, no whole number of which is within {BATCH_TOLERANCE:.0%} of it; expected a multiple "
+            f"of {step:,} (e.g. {m * step:,}) or a smaller --dp/--mbs")
 
 
 def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,
