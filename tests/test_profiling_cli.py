@@ -35,6 +35,11 @@ def _stderr_lines(proc):
     (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--gpus-per-node", "0"], "--gpus-per-node"),
     (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100", "--global-batch-tokens", "-1"],
      "--global-batch-tokens: expected a positive integer, got -1"),
+    (["plan", "--model", "llama-7b", "--gpus", "8", "--gpu", "a100-80gb", "--dtype", "fp8"],
+     "--dtype fp8: GPU profile 'a100-80gb' has no fp8 peak"),
+    (["plan", "--model", "llama-7b", "--gpus", "64", "--gpu", "h100", "--tp", "1", "--pp", "1", "--zero", "1",
+      "--mbs", "4", "--recompute", "full", "--global-batch-tokens", "8192"],
+     "--global-batch-tokens 8,192: the pinned layout runs dp 64 x mbs 4 x seq 2048 = 524,288 tokens"),
 ])
 def test_bad_arguments_are_one_clear_line(args, needle):
     proc = _run(*args)

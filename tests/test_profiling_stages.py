@@ -9,7 +9,7 @@ import pytest
 from megallama.config import ModelConfig
 from megallama.config.pipeline_split import stage_layers
 from megallama.profiling import layout as layout_mod
-from megallama.profiling.arch import as_spec
+from megallama.profiling.arch import as_spec, load_arch_file
 from megallama.profiling.comm import collectives
 from megallama.profiling.flops import layer_params, parameter_count, stage_weights
 from megallama.profiling.hardware import load_hardware
@@ -252,3 +252,48 @@ def test_a_padded_vocabulary_is_costed_as_the_trainer_pads_it():
     assert spec.tp_view(2).vocab_size == 2064 and spec.tp_view(1).vocab_size == 2056
     unpadded = spec.with_(pad_vocab_to_multiple_of=None, vocab_size=2064)
     assert params_per_rank(spec, 2, 1) == params_per_rank(unpadded, 2, 1)
+
+
+# --------------------------------------------------------------- embeddings counted as layers
+# BLOOM-176B (bigscience-workshop/bigscience, train/tr11-176B-ml/README.md, "Architecture"):
+# 70 layers, hidden 14336, 112 heads, 250k vocabulary, TP 4 x PP 12 x DP 8 on 384 A100-80GB
+BLOOM = ("arch_family: gpt\nname: bloom-176b\ndim: 14336\nn_layers: 70\nn_heads: 112\n"
+         "vocab_size: 250880\nmax_seq_len: 2048\n")
+
+
+def _main(capsys, *argv):
+    from megallama.cli import main
+
+    rc = main(list(argv))
+    return rc, capsys.readouterr().out
+
+
+def test_bloom_splits_5_6x10_5_with_the_embedding_and_head_counted(tmp_path, capsys):
+    path = tmp_path / "bloom.yaml"
+    path.write_text(BLOOM)
+    spec = load_arch_file(path)
+    assert Layout(pp=12, pipeline_partition="embeddings").stage_layers(spec) == [5] + [6] * 10 + [5]
+    # Llama 3 8B's 128k vocabulary weighs more than a block: balancing parameters splits otherwise
+    llama3 = as_spec("llama3-8b")
+    assert Layout(pp=4).stage_layers(llama3) == [7, 9, 9, 7]
+    assert Layout(pp=4, pipeline_partition="embeddings").stage_layers(llama3) == [8, 8, 8, 8]
+    rc, out = _main(capsys, "estimate", "--model", "llama3-8b", "--pp", "4", "--pipeline-partition", "embeddings")
+    assert rc == 0 and "pipeline: 4 stages of 8x4 layers" in out
+    rc, out = _main(capsys, "plan", "--config", str(path), "--gpus", "384", "--gpu", "a100-80gb", "--tp", "4",
+                   "--pp", "12", "--zero", "1", "--mbs", "2", "--recompute", "full",
+                   "--pipeline-partition", "embeddings", "--global-batch-tokens", str(2048 * 2048))
+    assert rc == 0 and "best pipeline: 12 stages of 5/6x10/5 layers" in out
+    assert "give it as parallel.pipeline_layers" in out
+
+
+@pytest.mark.parametrize("n_layers, pp", [(70, 12), (126, 16), (30, 4), (31, 4), (24, 5), (9, 8)])
+def test_embeddings_partition_is_as_balanced_as_deepspeeds_type_regex(n_layers, pp):
+    """DeepSpeed's ``type:`` partition balances binary weights (blocks and the two embeddings) with
+    ``partition_balanced``; ours must reach the same heaviest stage."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    bounds = partition_balanced([1] * (n_layers + 2), pp)
+    theirs = max(b - a for a, b in zip(bounds, bounds[1:]))
+    counts = stage_layers(n_layers, pp, "embeddings")
+    loads = [c + (i == 0) + (i == pp - 1) for i, c in enumerate(counts)]
+    assert sum(counts) == n_layers and min(counts) >= 1 and max(loads) == theirs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 NAME = "estimate"
 HELP = "Print parameters, FLOPs, per-GPU memory and communication of one layout (analytic)."
@@ -23,17 +24,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context (ring-attention) parallel degree, costed only: the trainer does not run it")
     p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
                    help="blocks on each pipeline stage (default: balanced by parameters, as training does)")
+    p.add_argument("--pipeline-partition", choices=["parameters", "uniform", "embeddings"], default=None,
+                   help="how blocks are split over stages (embeddings: the embedding and head counted as one "
+                        "block each, as Megatron-DeepSpeed's type:transformer|embedding)")
+    p.add_argument("--interleave", type=int, default=1, metavar="V",
+                   help="virtual pipeline chunks per stage (interleaved 1F1B), costed only: the trainer runs "
+                        "plain 1F1B")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3")
     p.add_argument("--mbs", type=int, default=None, help="micro-batch size (sequences)")
     p.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per step (default: pp, which fills the pipeline)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max)")
-    p.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
+    p.add_argument("--recompute", choices=["none", "selective", "full", "op"], default=None,
+                   help="op: torchtitan's op-level selective recomputation, costed only")
     p.add_argument("--sp", action="store_true", default=None, help="sequence parallelism")
     p.add_argument("--offload", action="store_true", default=None, help="ZeRO optimizer offload to CPU")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--attention", choices=["flash", "eager"], default="flash",
-                   help="attention implementation whose saved tensors are counted")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], default=None,
+                   help="fp8: costed only (GEMMs at the profile's FP8 peak)")
+    p.add_argument("--impl", choices=["megallama", "megatron"], default="megallama",
+                   help="whose implementation to cost: megallama's, or Megatron-LM's (eager attention, SP inputs "
+                        "re-gathered in backward, scatter-gather pipeline exchange)")
+    p.add_argument("--attention", choices=["flash", "eager"], default=None,
+                   help="attention implementation whose saved tensors are counted (default: the --impl's)")
     p.add_argument("--gpu", default=None,
                    help="hardware profile name or file (examples/gpu-custom.yaml): "
                         "also predict step time and check the fit")
@@ -53,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from megallama.profiling.comm import collective_bytes_per_step
     from megallama.profiling.flops import flops_per_token, parameter_breakdown, parameter_count
     from megallama.profiling.hardware import load_hardware
-    from megallama.profiling.layout import Layout, parse_pipeline_layers
+    from megallama.errors import UserError
+    from megallama.profiling.layout import Layout, dtype_problem, parse_pipeline_layers, trainer_notes
     from megallama.profiling.memory import memory_breakdown, params_per_rank
-    from megallama.profiling.sequence_comm import TRAINER_NOTE
     from megallama.profiling.steptime import predict
 
     spec, d = resolve_model(args.model, args.config)
@@ -64,18 +76,24 @@ def run(args: argparse.Namespace) -> int:
     pp = _pick(args, d, "pp", len(layers) if layers else 1)
     if layers is None and d.get("pipeline_layers") and pp == d.get("pp"):
         layers = tuple(d["pipeline_layers"])   # the run config's own split, for its own pp
+    accum = args.grad_accum if args.grad_accum is not None else pp
+    accum_source = "--grad-accum" if args.grad_accum is not None else "default: pp, which fills the pipeline"
     layout = Layout(tp=_pick(args, d, "tp", 1), pp=pp, dp=_pick(args, d, "dp", 1), zero=_pick(args, d, "zero", 0),
-                    mbs=_pick(args, d, "mbs", 1), grad_accum=args.grad_accum or pp,
+                    mbs=_pick(args, d, "mbs", 1), grad_accum=accum, interleave=args.interleave,
                     recompute=_pick(args, d, "recompute", "none"), sp=bool(_pick(args, d, "sp", False)),
                     offload=bool(_pick(args, d, "offload", False)), dtype=_pick(args, d, "dtype", "bf16"),
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else
                     (hw.gpus_per_node if hw else 8), pipeline_layers=layers,
-                    pipeline_partition=d.get("pipeline_partition", "parameters"),
+                    pipeline_partition=args.pipeline_partition or d.get("pipeline_partition", "parameters"),
                     ulysses=_pick(args, d, "ulysses", 1), cp=args.cp if args.cp is not None else 1)
     seq = _pick(args, d, "seq", spec.max_seq_len)
     layout.check(spec, seq)
-    impl = act.ActivationImpl.for_device("cpu" if hw is not None and hw.measured else "cuda")
-    impl = act.ActivationImpl(attention=args.attention, norm=impl.norm)
+    if hw is not None and dtype_problem(layout.dtype, hw.peak_flops, hw.name):
+        raise UserError(dtype_problem(layout.dtype, hw.peak_flops, hw.name))
+    impl = act.ActivationImpl.named(args.impl, "cpu" if hw is not None and hw.measured else "cuda")
+    if args.attention is not None:
+        impl = replace(impl, attention=args.attention)
+    scatter_gather = args.impl == "megatron"
     flops = flops_per_token(spec, seq, layout.recompute)
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.layer_saved_tensors(spec, seq, layout.mbs, layout.tp, layout.sp, layout.recompute,
@@ -85,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     per_stage = {s: memory_breakdown(spec, layout, seq, s, impl) for s in groups}
     worst = max(per_stage, key=lambda s: per_stage[s].total)
     out = {
-        "model": spec.name, "layout": layout.as_dict(), "seq": seq,
+        "model": spec.name, "layout": layout.as_dict(), "seq": seq, "impl": args.impl,
+        "grad_accum": layout.grad_accum, "grad_accum_source": accum_source,
         "parameters": parameter_count(spec), "parameter_breakdown": parameter_breakdown(spec),
         "parameters_per_gpu": params_per_rank(spec, layout.tp, layout.pp, split=counts),
         "pipeline_layers": counts, "pipeline_split": describe_split(counts), "worst_memory_stage": worst,
@@ -96,12 +115,11 @@ def run(args: argparse.Namespace) -> int:
         "stages": {str(s): {"layers": counts[s], "in_flight": layout.in_flight(s), "stands_for": groups[s],
                             "total_bytes": m.total, "host_bytes": m.host_bytes, **m.components}
                    for s, m in per_stage.items()},
-        "communication_per_step": collective_bytes_per_step(spec, layout, seq, 0, impl),
+        "communication_per_step": collective_bytes_per_step(spec, layout, seq, 0, impl, scatter_gather),
+        "notes": trainer_notes(layout, args.impl),
     }
-    if layout.cp > 1:
-        out["note"] = TRAINER_NOTE
     if hw is not None:
-        pred = predict(spec, layout, seq, hw, impl=impl)
+        pred = predict(spec, layout, seq, hw, impl=impl, scatter_gather=scatter_gather)
         out["prediction"] = {k: v for k, v in pred.as_dict().items() if k != "memory_breakdown_bytes"}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -112,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_text(out, layout) -> None:
     print(f"{out['model']}: {out['parameters'] / 1e9:.3f}B parameters, seq {out['seq']}, {layout.describe()}")
-    if "note" in out:
-        print(f"  note: {out['note']}")
+    print(f"  micro-batches per step  {out['grad_accum']:10d} ({out['grad_accum_source']})")
+    for note in out["notes"]:
+        print(f"  note: {note}")
     print(f"  parameters per GPU      {out['parameters_per_gpu'] / 1e9:10.3f} B")
     f = out["flops_per_token"]
     print(f"  FLOPs per token         model {f['model'] / 1e9:.2f} G (MFU), hardware {f['hardware'] / 1e9:.2f} G (HFU)")
@@ -123,7 +142,7 @@ def _print_text(out, layout) -> None:
               f"{out['worst_memory_stage']}")
     for s, st in out["stages"].items():
         like = f", like {st['stands_for'] - 1} more" if st["stands_for"] > 1 else ""
-        print(f"  stage {s} ({st['layers']} layers, micro-batches in flight: {st['in_flight']}{like}): "
+        print(f"  stage {s} ({st['layers']} layers, micro-batches in flight: {st['in_flight']:g}{like}): "
               f"total {st['total_bytes'] / GiB:.2f} GiB per GPU"
               + (f" (+{st['host_bytes'] / GiB:.2f} GiB on host)" if st["host_bytes"] else ""))
         for k, v in st.items():

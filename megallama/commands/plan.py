@@ -31,24 +31,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context (ring-attention) parallel degree, costed only: the trainer does not run it")
     p.add_argument("--pipeline-layers", default=None, metavar="N,N,...",
                    help="pin the blocks on each pipeline stage (and pp to their count)")
+    p.add_argument("--pipeline-partition", choices=["parameters", "uniform", "embeddings"], default="parameters",
+                   help="how blocks are split over stages: balance parameters (as training does), equal counts, "
+                        "or the embedding and head counted as one block each (Megatron-DeepSpeed, BLOOM)")
+    p.add_argument("--interleave", type=int, default=1, metavar="V",
+                   help="virtual pipeline chunks per stage (interleaved 1F1B), costed only: never searched, "
+                        "the trainer runs plain 1F1B")
     p.add_argument("--zero", type=int, default=None)
     p.add_argument("--mbs", type=int, default=None)
-    p.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
+    p.add_argument("--recompute", choices=["none", "selective", "full", "op"], default=None,
+                   help="op: torchtitan's op-level selective recomputation, costed only (never searched)")
     p.add_argument("--sp", choices=["on", "off"], default=None, help="pin sequence parallelism")
     p.add_argument("--offload", action="store_true", default=None, help="offload the optimizer (ZeRO >= 1)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], default="bf16",
+                   help="fp8: costed only (GEMMs at the profile's FP8 peak), on profiles that have one")
+    p.add_argument("--impl", choices=["megallama", "megatron"], default="megallama",
+                   help="whose implementation to cost: megallama's, or Megatron-LM's (eager attention, SP inputs "
+                        "re-gathered in backward, scatter-gather pipeline exchange)")
     p.add_argument("--top", type=int, default=10, help="candidates to list")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace) -> int:
     from megallama.errors import UserError
+    from megallama.profiling.activations import ActivationImpl
     from megallama.profiling.arch import resolve_model
     from megallama.config.pipeline_split import describe_split
     from megallama.profiling.hardware import load_hardware
-    from megallama.profiling.layout import parse_pipeline_layers
+    from megallama.profiling.layout import parse_pipeline_layers, trainer_notes
     from megallama.profiling.planner import plan
-    from megallama.profiling.sequence_comm import TRAINER_NOTE
 
     if not 1 <= args.top <= MAX_TOP:
         raise UserError(f"--top: expected 1 to {MAX_TOP}, got {args.top}")
@@ -58,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
              "zero": args.zero, "mbs": args.mbs,
              "recompute": args.recompute, "sp": None if args.sp is None else args.sp == "on",
              "offload": args.offload, "pipeline_layers": parse_pipeline_layers(args.pipeline_layers)}
+    impl = ActivationImpl.named(args.impl, "cpu" if hw.measured else "cuda")
     result = plan(spec, args.gpus, hw, seq=args.seq, batch_tokens=args.global_batch_tokens,
-                  gpus_per_node=args.gpus_per_node, dtype=args.dtype, **fixed)
-    note = TRAINER_NOTE if (args.cp or 1) > 1 else None
+                  gpus_per_node=args.gpus_per_node, dtype=args.dtype, impl=impl,
+                  scatter_gather=args.impl == "megatron", interleave=args.interleave,
+                  pipeline_partition=args.pipeline_partition, **fixed)
+    notes = trainer_notes(result.best.layout, args.impl)
     if args.json:
-        print(json.dumps({**result.as_dict(top=args.top), **({"note": note} if note else {})}, indent=2))
+        print(json.dumps({**result.as_dict(top=args.top), "impl": args.impl, "notes": notes}, indent=2))
         return 0
-    if note:
+    for note in notes:
         print(f"note: {note}")
     best = result.best
     fit = sum(c.fits for c in result.candidates)
@@ -84,4 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if best.layout.pp > 1:
         print(f"best pipeline: {best.layout.pp} stages of {describe_split(best.stage_layers)} layers; most memory "
               f"on stage {best.memory.stage}, slowest stage {best.slowest_stage}")
+    if best.tokens_per_step != result.batch_tokens:
+        b = best.layout
+        print(f"best runs {b.grad_accum} micro-batches x mbs {b.mbs} x dp {b.dp} x seq {result.seq} = "
+              f"{best.tokens_per_step:,.0f} tokens per step ({best.tokens_per_step / result.batch_tokens - 1:+.1%} "
+              f"of the {result.batch_tokens:,} asked)")
     return 0

@@ -1,13 +1,17 @@
 """How many transformer blocks each pipeline stage holds: the one rule training, checkpoints,
 ``describe``, ``estimate`` and ``plan`` read.
 
-Blocks are contiguous and every stage holds at least one. Three methods:
+Blocks are contiguous and every stage holds at least one. Four methods:
 
 - ``parameters``: balance parameter counts with the embedding counted on the first stage and the
   head on the last, minimising the heaviest stage (so a large vocabulary costs the end stages a
   block: Llama 3 405B's 126 layers on 16 stages come out 7/8/.../8/7, as Meta ran them);
 - ``uniform``: equal block counts; a remainder goes to the stages nearest the middle, since the
   end stages also carry the embedding and the head;
+- ``embeddings``: the embedding and the head each counted as one block, block counts balanced
+  (Megatron-DeepSpeed's ``--pp-partition-method 'type:transformer|embedding'``, which BLOOM-176B
+  ran: 70 blocks on 12 stages as [embed | 5], 6 x 10, [5 | embed] -- bigscience-workshop/bigscience,
+  train/tr11-176B-ml/README.md, "Architecture");
 - an explicit list (``parallel.pipeline_layers``), taken as given once it adds up.
 """
 from __future__ import annotations
@@ -23,6 +27,10 @@ class StageWeights:
     block: float
     first: float = 0.0  # what the first stage holds besides blocks (the embedding)
     last: float = 0.0   # what the last stage holds besides blocks (final norm, head)
+
+
+PARTITIONS = ("parameters", "uniform", "embeddings")
+EMBEDDINGS_AS_LAYERS = StageWeights(block=1.0, first=1.0, last=1.0)
 
 
 def explicit_problem(counts: Sequence[int], n_layers: int, pp: int,
@@ -96,6 +104,8 @@ def stage_layers(n_layers: int, pp: int, method: str = "parameters", explicit: O
         return list(explicit)
     if not 1 <= pp <= n_layers:
         raise ValueError(f"{n_layers} layers cannot fill {pp} pipeline stages")
+    if method == "embeddings":
+        return balanced_split(n_layers, pp, EMBEDDINGS_AS_LAYERS)
     if method == "uniform" or weights is None:
         return uniform_split(n_layers, pp)
     if method != "parameters":

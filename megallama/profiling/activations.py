@@ -55,6 +55,14 @@ through its three views; the fused QKV output is no longer kept by a V view. SDP
 logsumexp hold ``a_t/u`` heads of the whole sequence, and the second all-to-all makes Wo's input
 a separate ``N h / (t u)`` copy. Context parallelism (ring attention, cost model only) is the
 plain list at ``N/cp`` tokens per rank: Q, K, V, the output and logsumexp of this rank's chunks.
+
+Op-level selective recomputation (``op``, torchtitan's ``selective_ac_option: op``, costed only)
+checkpoints each block and keeps what its policy saves (torchtitan,
+``torchtitan/distributed/activation_checkpoint.py``): the outputs of ``aten.mm`` except every
+second one per block (:func:`megallama.profiling.flops.op_sac_recomputed`: wk, wo, w3 of
+torchtitan's unfused Llama block; wk, wo, fc2 for GPT), SDPA's outputs (output and logsumexp)
+and ``reduce_scatter_tensor``'s (the two SP reduce-scatters); the block input stays as the
+checkpoint's. A row-parallel matmul's output is the rank's whole-width partial sum.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ from dataclasses import dataclass
 from typing import List, Literal
 
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
+from megallama.profiling.flops import block_matmuls, op_sac_recomputed
 
 STAT_BYTES = 4    # norm statistics and logsumexp are fp32
 MASK_BYTES = 1    # bool dropout masks
@@ -78,6 +87,14 @@ class ActivationImpl:
     softmax_fp32: bool = False                       # eager: Meta upcasts scores before softmax
     fused_qkv_views: bool = True                     # V is a view of the fused QKV output
     partition_activations: bool = False              # DeepSpeed splits checkpointed inputs over TP
+
+    @classmethod
+    def named(cls, name: str, device: str = "cuda") -> "ActivationImpl":
+        """``--impl``: ``megallama`` (ours on ``device``) or ``megatron`` (Megatron-LM as Narayanan et
+        al. 2021 ran it: eager attention, SP inputs re-gathered in backward)."""
+        if name == "megatron":
+            return cls(attention="eager", sp_saves_gathered_input=False)
+        return cls.for_device(device)
 
     @classmethod
     def for_device(cls, device: str) -> "ActivationImpl":
@@ -183,6 +200,20 @@ def _ulysses_attention(spec: ArchSpec, n: float, seq: int, t: int, r: int, u: in
     return out
 
 
+def _op_sac_block(spec: ArchSpec, n: float, t: int, r: int, sp: bool, p: int) -> List[SavedTensor]:
+    """What torchtitan's op-level policy keeps of one block (module docstring); ``spec``: the TP view."""
+    out = [SavedTensor("block.input (checkpoint)", n * spec.dim / r, p)]
+    redone = op_sac_recomputed(spec)
+    for mm in block_matmuls(spec):
+        if mm not in redone:
+            out.append(SavedTensor(f"{mm.name}.output", n * mm.n / (1 if mm.row_parallel else t), p))
+    out += [SavedTensor("sdpa.output", n * spec.n_heads * spec.head_dim / t, p),
+            SavedTensor("sdpa.logsumexp", n * spec.n_heads / t, STAT_BYTES)]
+    if sp and t > 1:
+        out.append(SavedTensor("reduce_scatter.outputs (attention, MLP)", 2 * n * spec.dim / t, p))
+    return out
+
+
 def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl) -> List[SavedTensor]:
     h, f = spec.dim, spec.ffn_hidden
     out = _norm(spec, "mlp_norm", n, r, p, impl) + [SavedTensor("mlp.input", lin_in, p)]
@@ -213,6 +244,10 @@ def layer_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bo
     if recompute == "full":
         split = tp if (sp or impl.partition_activations) else 1
         return [SavedTensor("block.input (checkpoint)", n * spec.dim / split, p)]
+    if recompute == "op":
+        if ulysses > 1 or kind != "decoder":
+            raise ValueError("op-level recomputation is costed for decoder-only blocks without Ulysses")
+        return _op_sac_block(spec, n, t, r, sp, p)
     lin_in = n * spec.dim / (t if sp and not impl.sp_saves_gathered_input else 1)
     if ulysses > 1:
         out = _ulysses_attention(spec, n, seq, t, r, ulysses, lin_in, p, impl, recompute)
@@ -234,6 +269,20 @@ def activation_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1,
                                                     ulysses, cp))
 
 
+def recomputed_bytes_per_layer(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
+                               recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
+                               kind: str = "decoder", ulysses: int = 1, cp: int = 1) -> float:
+    """Bytes of saved tensors one block re-creates in backward: all of them under ``full``, what the
+    mode does not keep under ``selective`` and ``op``."""
+    if recompute == "none":
+        return 0.0
+    full = activation_bytes_per_layer(model, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind, ulysses, cp)
+    if recompute == "full":
+        return full
+    kept = activation_bytes_per_layer(model, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind, ulysses, cp)
+    return max(0.0, full - kept)
+
+
 def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp: bool = False,
                             recompute: str = "none", dtype_bytes: int = 2, impl: ActivationImpl = ActivationImpl(),
                             kind: str = "decoder", ulysses: int = 1, cp: int = 1) -> float:
@@ -251,6 +300,8 @@ def recompute_working_bytes(model: SpecLike, seq: int, mbs: int, tp: int = 1, sp
     spec = as_spec(model)
     n, t, p = seq * mbs / (ulysses * cp), tp, dtype_bytes
     full = activation_bytes_per_layer(spec, seq, mbs, tp, sp, "none", dtype_bytes, impl, kind, ulysses, cp)
+    if recompute == "op":   # the block's forward re-run whole: all it would save, less what is kept
+        return recomputed_bytes_per_layer(spec, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind, ulysses, cp)
     if recompute == "selective":
         kept = activation_bytes_per_layer(spec, seq, mbs, tp, sp, recompute, dtype_bytes, impl, kind, ulysses, cp)
         # under Ulysses the output is no longer Wo's input: full - kept already holds its copy

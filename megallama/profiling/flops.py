@@ -11,7 +11,9 @@ Conventions (see DESIGN.md, "Counting FLOPs the way published runs do"):
 * ``model`` = forward + backward: the MFU numerator. ``hardware`` adds what recomputation redoes:
   ``full`` re-runs every block's forward (not the LM head: it is never checkpointed), giving
   Megatron's ``96 B s l h^2 (1 + s/6h + V/16lh)`` for GPT blocks; ``selective`` re-runs the
-  attention core only (``QK^T`` and ``PV``), as Korthikanti et al. 2022 do. HFU uses ``hardware``.
+  attention core only (``QK^T`` and ``PV``), as Korthikanti et al. 2022 do; ``op`` (torchtitan's
+  op-level selective checkpointing, costed only) re-runs every second matmul of each block
+  (:func:`block_matmuls`). HFU uses ``hardware``.
 * GQA: K and V projections are ``d x (kv_heads*head_dim)``; the score/value matmuls still run
   over all query heads. SwiGLU: three ``d x ffn`` matmuls.
 * Encoder-decoder: counted per *target* (decoder) token, with a source of the same length; the
@@ -21,13 +23,14 @@ Conventions (see DESIGN.md, "Counting FLOPs the way published runs do"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Literal
+from typing import Any, Dict, List, Literal, NamedTuple
 
 from megallama.config.pipeline_split import StageWeights
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
 
-Recompute = Literal["none", "full", "selective"]
-RECOMPUTE_MODES = ("none", "selective", "full")
+Recompute = Literal["none", "full", "selective", "op"]
+RECOMPUTE_MODES = ("none", "selective", "full")     # what the trainer runs, and the planner searches
+COSTED_RECOMPUTE_MODES = RECOMPUTE_MODES + ("op",)  # + torchtitan's op-level SAC, costed when pinned
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -135,18 +138,56 @@ def forward_terms(model: SpecLike, seq_len: int) -> Dict[str, float]:
     return terms
 
 
+class Matmul(NamedTuple):
+    name: str
+    k: int               # input width (the contracted dimension)
+    n: int               # output width
+    row_parallel: bool   # TP splits k: each rank's output is a whole-width partial sum
+
+
+def block_matmuls(spec: ArchSpec) -> List[Matmul]:
+    """A decoder block's weight matmuls in the order torchtitan's Llama calls them (``wq, wk, wv,
+    wo``, then ``w1, w3, w2``; GPT ``fc1, fc2``): the order its op-level SAC counts them in."""
+    d, q, kv, f = spec.dim, spec.n_heads * spec.head_dim, spec.kv_dim, spec.ffn_hidden
+    mlp = ([Matmul("w1", d, f, False), Matmul("w3", d, f, False), Matmul("w2", f, d, True)] if spec.glu
+           else [Matmul("fc1", d, f, False), Matmul("fc2", f, d, True)])
+    return [Matmul("wq", d, q, False), Matmul("wk", d, kv, False), Matmul("wv", d, kv, False),
+            Matmul("wo", q, d, True)] + mlp
+
+
+def op_sac_recomputed(spec: ArchSpec) -> List[Matmul]:
+    """torchtitan's op SAC saves every matmul output except every second one per block (counting
+    from one: the 2nd, 4th, ...), SDPA's outputs and reduce-scatters; these are redone in backward."""
+    return block_matmuls(spec)[1::2]
+
+
 def flops_per_token(model: SpecLike, seq_len: int, recompute: str = "none") -> FlopCount:
     """FLOPs per token for training at ``seq_len`` with the given recomputation mode."""
-    if recompute not in RECOMPUTE_MODES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-    terms = forward_terms(model, seq_len)
+    if recompute not in COSTED_RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {COSTED_RECOMPUTE_MODES}, got {recompute!r}")
+    spec = as_spec(model)
+    if recompute == "op" and spec.arch != "decoder":
+        raise ValueError("op-level recomputation is costed for decoder-only blocks")
+    terms = forward_terms(spec, seq_len)
     forward = sum(terms.values())
     model_flops = 3.0 * forward
     blocks = forward - terms["lm_head"]
     extra = {"none": 0.0, "full": blocks,
-             "selective": terms["attn_core"] + terms["cross_core"] + terms["encoder_core"]}[recompute]
+             "selective": terms["attn_core"] + terms["cross_core"] + terms["encoder_core"],
+             "op": spec.n_layers * sum(2.0 * mm.k * mm.n for mm in op_sac_recomputed(spec))}[recompute]
     return FlopCount(forward=forward, model=model_flops, hardware=model_flops + extra, recompute=recompute,
                      terms=terms)
+
+
+def gemm_peak(hw: Any, dtype: str, fc: FlopCount) -> float:
+    """FLOP/s the step's matmuls run at. Under FP8 (costed only) the linear layers run at the FP8
+    peak and the attention core at BF16 (Transformer Engine's DotProductAttention computes in
+    BF16 unless FP8 attention is asked for): the two blended by their share of the FLOPs."""
+    if dtype != "fp8":
+        return hw.peak(dtype)
+    core = fc.terms["attn_core"] + fc.terms["cross_core"] + fc.terms["encoder_core"]
+    core *= 4.0 if fc.recompute in ("full", "selective") else 3.0
+    return fc.hardware / ((fc.hardware - core) / hw.peak("fp8") + core / hw.peak("bf16"))
 
 
 def megatron_formula_flops_per_token(model: SpecLike, seq_len: int) -> float:

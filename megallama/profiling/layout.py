@@ -5,7 +5,9 @@ Which layouts are valid is :mod:`megallama.config.layout_rules`'s to say, and ra
 ``tp <= gpus_per_node``, then the Ulysses group, and a DP group spans nodes once
 ``tp*ulysses*dp > gpus_per_node``. Context (ring) parallelism, ``cp``, is costed only (the
 trainer does not run it): its ranks take the Ulysses axis' place in the grid, as Megatron puts
-CP next to TP, and the two are not combined.
+CP next to TP, and the two are not combined. Interleaved 1F1B (``interleave``), FP8 (``dtype``)
+and torchtitan's op-level recomputation (``recompute="op"``) are likewise costed only when
+pinned, never proposed (:func:`trainer_notes` words what the trainer does instead).
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from megallama.config import layout_rules as rules
-from megallama.config.pipeline_split import explicit_problem, stage_layers
+from megallama.config.pipeline_split import PARTITIONS, explicit_problem, stage_layers
 from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 from megallama.profiling.arch import ArchSpec
-from megallama.profiling.flops import RECOMPUTE_MODES, stage_weights
+from megallama.profiling.flops import COSTED_RECOMPUTE_MODES, RECOMPUTE_MODES, stage_weights
 from megallama.train.ds_settings import EngineTraits
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# fp8 (costed only): Transformer Engine keeps bf16 weights, grads and activations and casts GEMM
+# operands to fp8, so everything but the GEMMs' speed is bf16's
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}
+FP8_WEIGHT_COPY_BYTES = 2   # per GEMM weight: TE's cached fp8 copy and its transpose (Hopper GEMMs are TN)
 # sane ranges for what-if arithmetic: beyond these the figures are nonsense, not estimates
 MAX_GPUS = 2 ** 20          # a million GPUs, any one degree or the whole world
 MAX_SEQ = 2 ** 24           # 16M tokens, past the longest context any LLaMA-family model runs
@@ -73,6 +78,11 @@ class Layout:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def state_dtype(self) -> str:
+        """The precision of weights, grads and optimizer: fp8 runs are bf16 mixed precision."""
+        return "bf16" if self.dtype == "fp8" else self.dtype
+
+    @property
     def mixed(self) -> bool:
         return self.dtype != "fp32"
 
@@ -84,7 +94,7 @@ class Layout:
     @property
     def traits(self) -> EngineTraits:
         """The engine ``build_engine`` makes of this layout: DeepSpeed's optimizer, megallama's patches."""
-        return EngineTraits.predict(self.zero, self.dtype, self.zero_dp, self.pp)
+        return EngineTraits.predict(self.zero, self.state_dtype, self.zero_dp, self.pp)
 
     @property
     def effective_zero(self) -> int:
@@ -92,9 +102,16 @@ class Layout:
         which shards like ZeRO-1 (``EngineTraits.effective_zero``)."""
         return self.traits.effective_zero
 
-    def in_flight(self, stage: int) -> int:
-        """Micro-batches whose activations stage ``stage`` holds at once under 1F1B."""
-        return min(self.pp - stage, self.grad_accum)
+    def in_flight(self, stage: int) -> float:
+        """Micro-batches whose activations stage ``stage`` holds at once under 1F1B. Interleaved
+        (``v`` chunks of ``1/v`` of the stage's blocks), Megatron's schedule runs
+        ``2 (pp - stage - 1) + (v - 1) pp`` warm-up chunk forwards and one more before the first
+        backward, so stage 0 holds ``pp + (pp - 1)/v`` micro-batches' worth (Narayanan et al. 2021,
+        sec. 2.2.2; Korthikanti et al. 2022, sec. 4.2.3: ``pp (1 + (pp - 1)/(pp v))``)."""
+        v = self.interleave
+        if v == 1:
+            return min(self.pp - stage, self.grad_accum)
+        return min(2 * (self.pp - stage - 1) + (v - 1) * self.pp + 1, self.grad_accum * v) / v
 
     def stage_layers(self, spec: ArchSpec) -> List[int]:
         """Blocks on each pipeline stage, by the rule training uses (:func:`split`)."""
@@ -120,7 +137,8 @@ class Layout:
         sp = "+sp" if self.sp else ""
         off = "+offload" if self.offload else ""
         seq = (f" u{self.ulysses}" if self.ulysses > 1 else "") + (f" cp{self.cp}" if self.cp > 1 else "")
-        return (f"tp{self.tp}{sp}{seq} pp{self.pp} dp{self.dp} zero{self.zero}{off} mbs{self.mbs} "
+        v = f"v{self.interleave}" if self.interleave > 1 else ""
+        return (f"tp{self.tp}{sp}{seq} pp{self.pp}{v} dp{self.dp} zero{self.zero}{off} mbs{self.mbs} "
                 f"x{self.grad_accum} rc={self.recompute} {self.dtype}")
 
     def as_dict(self) -> Dict[str, Any]:
@@ -146,8 +164,15 @@ class Layout:
                             f"{MAX_MICRO_TOKENS:,} tokens")
         if self.zero not in (0, 1, 2, 3):
             raise UserError(f"--zero: expected 0, 1, 2 or 3, got {self.zero}")
-        if self.recompute not in RECOMPUTE_MODES:
-            raise UserError(f"--recompute: expected one of {', '.join(RECOMPUTE_MODES)}, got '{self.recompute}'")
+        if self.recompute not in COSTED_RECOMPUTE_MODES:
+            raise UserError(f"--recompute: expected one of {', '.join(COSTED_RECOMPUTE_MODES)}, "
+                            f"got '{self.recompute}'")
+        _refuse(op_recompute_problem(spec, self.recompute, self.ulysses))
+        if self.pipeline_partition not in PARTITIONS:
+            raise UserError(f"--pipeline-partition: expected one of {', '.join(PARTITIONS)}, "
+                            f"got '{self.pipeline_partition}'")
+        if self.interleave > 1 and self.pp == 1:
+            raise UserError(f"--interleave {self.interleave}: interleaves pipeline stages; expected --pp > 1")
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"--dtype: expected one of {', '.join(DTYPE_BYTES)}, got '{self.dtype}'")
         _refuse(rules.layout_problem(spec.shape, self.tp, self.pp, self.sp, seq, self.zero, self.offload,
@@ -155,6 +180,45 @@ class Layout:
                 or cp_problem(spec, self.tp, self.sp, seq, self.cp, self.ulysses)
                 or (rules.positions_problem(seq, spec.max_seq_len, rules.FLAGS) if spec.learned_positions else None))
         _refuse(pipeline_layers_problem(self.pipeline_layers, spec.n_layers, self.pp, self.interleave))
+
+
+def trainer_notes(layout: Layout, impl: str = "megallama") -> List[str]:
+    """One line for each pinned choice the trainer does not run: the figures are costed, not
+    promised (``impl``: whose implementation the activations and exchanges are counted for)."""
+    from megallama.profiling.sequence_comm import TRAINER_NOTE
+
+    notes = [TRAINER_NOTE] if layout.cp > 1 else []
+    if layout.interleave > 1:
+        notes.append(f"interleaved 1F1B (--interleave {layout.interleave}) is costed only: the trainer runs "
+                     "DeepSpeed's plain 1F1B")
+    if layout.dtype == "fp8":
+        notes.append("FP8 (--dtype fp8) is costed only: the trainer runs bf16/fp16/fp32; linear GEMMs at the "
+                     "profile's FP8 peak (attention at BF16), weights, grads and optimizer as bf16 mixed precision "
+                     "plus fp8 weight copies; MFU against the FP8 peak")
+    if layout.recompute == "op":
+        notes.append("op-level recomputation (--recompute op, torchtitan's policy) is costed only: the trainer "
+                     f"recomputes {', '.join(RECOMPUTE_MODES)}")
+    if layout.pipeline_partition == "embeddings" and layout.pipeline_layers is None and layout.pp > 1:
+        notes.append("--pipeline-partition embeddings is costed only: to train this split, give it as "
+                     "parallel.pipeline_layers")
+    if impl == "megatron":
+        notes.append("--impl megatron costs Megatron-LM's implementation (eager attention, SP inputs re-gathered "
+                     "in backward, scatter-gather pipeline exchange), not megallama's")
+    return notes
+
+
+def op_recompute_problem(spec: ArchSpec, recompute: str, ulysses: int) -> Optional[str]:
+    """torchtitan's op-level policy is written for its decoder block; Ulysses' all-to-alls are not in it."""
+    if recompute == "op" and (spec.arch != "decoder" or ulysses > 1):
+        return "--recompute op: torchtitan's op-level policy is costed for decoder-only blocks without --ulysses"
+    return None
+
+
+def dtype_problem(dtype: str, peaks: Dict[str, float], gpu: str) -> Optional[str]:
+    """FP8 is costed only on a profile with an FP8 peak (Hopper and later; not A100)."""
+    if dtype in peaks:
+        return None
+    return f"--dtype {dtype}: GPU profile '{gpu}' has no {dtype} peak (expected a profile with '{dtype}' in peak_flops)"
 
 
 def cp_problem(spec: ArchSpec, tp: int, sp: bool, seq: int, cp: int, ulysses: int = 1) -> Optional[str]:

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 from megallama.profiling import activations as act
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
 from megallama.profiling.flops import layer_params
-from megallama.profiling.layout import DTYPE_BYTES, Layout, split as pipeline_split
+from megallama.profiling.layout import DTYPE_BYTES, FP8_WEIGHT_COPY_BYTES, Layout, split as pipeline_split
 from megallama.train.ds_settings import Buckets, EngineTraits
 
 ALLREDUCE_BUCKET = int(5e8)   # DeepSpeed's MEMORY_OPT_ALLREDUCE_SIZE (ZeRO-0, BF16_Optimizer)
@@ -223,8 +223,11 @@ def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[
     if stage is None:
         per_stage = [memory_breakdown(spec, layout, seq, s, impl, buckets) for s in layout.stage_groups(spec)]
         return max(per_stage, key=lambda m: m.total)
-    states = model_state_bytes(spec, layout.tp, layout.pp, layout.zero_dp, layout.zero, layout.dtype, layout.offload,
-                               stage, buckets, layout.grad_accum, layout.stage_layers(spec))
+    states = model_state_bytes(spec, layout.tp, layout.pp, layout.zero_dp, layout.zero, layout.state_dtype,
+                               layout.offload, stage, buckets, layout.grad_accum, layout.stage_layers(spec))
+    if layout.dtype == "fp8":   # costed only: the blocks' GEMM weights cached in fp8 beside the bf16 ones
+        states["fp8_weight_copies"] = (FP8_WEIGHT_COPY_BYTES * layout.stage_layers(spec)[stage]
+                                       * layer_params_per_rank(spec, layout.tp, "decoder"))
     acts = stage_activation_bytes(spec, layout, seq, stage, impl)
     host = states.pop("host")
     comps = {**states, **{f"activations.{k}": v for k, v in acts.items()}}

@@ -3,14 +3,15 @@ those the memory model says fit, predict each one's step time, rank by tokens/s.
 
 Ulysses is searched like any degree, so at long sequences, where TP alone leaves too many
 activations per rank or pays more in its all-gathers than Ulysses in its all-to-alls, the
-plan proposes it. Context parallelism (``cp``) is evaluated only when pinned: the trainer does
-not run it.
+plan proposes it. Context parallelism (``cp``), interleaved 1F1B (``interleave``), FP8 and
+op-level recomputation are evaluated only when pinned: the trainer does not run them.
 
 Any layout field can be pinned (``fixed``); pinning all of them evaluates that one layout,
 fitting or not. ``pp`` need not divide the layers: stages split by the rule training uses
 (:mod:`megallama.config.pipeline_split`), or by a pinned ``pipeline_layers`` list. The global
-batch is given in tokens (LLaMA: 4M); a layout runs ``m = round(batch / (dp * mbs))``
-micro-batches and is kept only if that lands within 10% of it.
+batch is given in tokens (LLaMA: 4M); a layout runs ``m = round(batch / (dp * mbs * seq))``
+micro-batches and is kept only if that lands within 10% of it. A fully pinned layout that cannot
+(say one micro-batch per replica already overshoots) is refused, not costed at another batch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec
 from megallama.profiling.flops import RECOMPUTE_MODES, parameter_count
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import MAX_GPUS, Layout, cp_problem, divisors, pipeline_layers_problem
+from megallama.profiling.layout import (MAX_GPUS, Layout, cp_problem, divisors, dtype_problem,
+                                        op_recompute_problem, pipeline_layers_problem)
 from megallama.profiling.memory import memory_breakdown
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
@@ -59,10 +61,12 @@ class Plan:
                 "candidates": [c.as_dict() for c in self.candidates[:top]]}
 
 
-def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any],
+             interleave: int = 1) -> Iterator[Dict[str, Any]]:
     shape = spec.shape
     tps = [t for t in divisors(gpn) if gpus % t == 0 and rules.tp_problem(shape, t) is None]
-    pps = [p for p in divisors(gpus) if rules.pp_problem(shape, p) is None]   # uneven stages too
+    pps = [p for p in divisors(gpus) if rules.pp_problem(shape, p, interleave) is None   # uneven stages too
+           and (interleave == 1 or p > 1)]
     space = {"tp": tps, "ulysses": [u for u in divisors(gpus) if u <= spec.n_heads], "cp": [1], "pp": pps,
              "zero": [0, 1, 2, 3], "mbs": list(MBS_CHOICES), "recompute": list(RECOMPUTE_MODES),
              "sp": [False, True], "offload": [False]}
@@ -76,14 +80,16 @@ def _options(spec: ArchSpec, gpus: int, seq: int, gpn: int, fixed: Dict[str, Any
         dp = gpus // (tp * u * cp * pp)
         if fixed.get("dp") is not None and dp != fixed["dp"]:
             continue
-        if rules.layout_problem(shape, tp, pp, sp, seq, zero, off, ulysses=u) or cp_problem(spec, tp, sp, seq, cp, u):
+        if (rules.layout_problem(shape, tp, pp, sp, seq, zero, off, interleave, ulysses=u)
+                or cp_problem(spec, tp, sp, seq, cp, u) or op_recompute_problem(spec, rc, u)):
             continue
         if dp * u * cp == 1 and zero > 0 and fixed.get("zero") is None:
             continue                       # nothing to shard over
         yield dict(tp=tp, ulysses=u, cp=cp, pp=pp, dp=dp, zero=zero, mbs=mbs, recompute=rc, sp=sp, offload=off)
 
 
-def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) -> None:
+def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any], hw: Optional[HardwareProfile] = None,
+                  interleave: int = 1, pipeline_partition: str = "parameters") -> None:
     """One-line errors for arguments no layout can satisfy."""
     if not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus: expected 1 to {MAX_GPUS:,}, got {gpus}")
@@ -94,25 +100,47 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any]) ->
     if layers is not None:
         problems.append(pipeline_layers_problem(layers, spec.n_layers, degrees.get("pp", len(layers))))
     problem = next((p for p in problems if p), None) or rules.world_problem(gpus, degrees, rules.FLAGS)
+    if problem is None and hw is not None:
+        problem = dtype_problem(fixed.get("dtype") or "bf16", hw.peak_flops, hw.name)
+    if problem is None and interleave > 1 and layers is not None:
+        problem = pipeline_layers_problem(layers, spec.n_layers, len(layers), interleave)
     if problem:
         raise UserError(problem)
     zero = fixed.get("zero")
-    Layout(tp=degrees.get("tp", 1), pp=degrees.get("pp", 1), dp=1, ulysses=degrees.get("ulysses", 1),
-           cp=degrees.get("cp", 1), zero=1 if zero is None else zero,
+    pp = degrees.get("pp", 2 if interleave > 1 else 1)   # a free pp is searched among those > 1
+    Layout(tp=degrees.get("tp", 1), pp=pp, dp=1, ulysses=degrees.get("ulysses", 1),
+           cp=degrees.get("cp", 1), zero=1 if zero is None else zero, interleave=interleave,
+           pipeline_partition=pipeline_partition,
            mbs=given.get("mbs", 1), recompute=fixed.get("recompute") or "none", sp=bool(fixed.get("sp")),
            offload=bool(fixed.get("offload")), dtype=fixed.get("dtype") or "bf16").check(spec, seq)
 
 
+def batch_problem(layout: Layout, seq: int, batch_tokens: int, given: bool) -> Optional[str]:
+    """A pinned layout costed at another batch than asked would mislead: name the nearest it runs."""
+    step = layout.dp * layout.mbs * seq
+    m = max(1, round(batch_tokens / step))
+    if abs(m * step - batch_tokens) <= BATCH_TOLERANCE * batch_tokens:
+        return None
+    flag = f"--global-batch-tokens {batch_tokens:,}" + ("" if given else " (the default)")
+    return (f"{flag}: the pinned layout runs dp {layout.dp} x mbs {layout.mbs} x seq {seq} = {step:,} tokens per "
+            f"micro-batch step, no whole number of which is within {BATCH_TOLERANCE:.0%} of it; expected a multiple "
+            f"of {step:,} (e.g. {m * step:,}) or a smaller --dp/--mbs")
+
+
 def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = None,
          batch_tokens: Optional[int] = None, gpus_per_node: Optional[int] = None, dtype: str = "bf16",
-         eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, **fixed: Any) -> Plan:
+         eff: Efficiency = Efficiency(), impl: Optional[ActivationImpl] = None, scatter_gather: Any = False,
+         interleave: int = 1, pipeline_partition: str = "parameters", **fixed: Any) -> Plan:
     """Rank every layout of ``gpus`` GPUs that fits; ``fixed`` pins any of tp, ulysses, cp, pp, dp,
     zero, mbs, recompute, sp, offload, pipeline_layers (blocks per stage; pins pp to its length). ``impl``:
-    which implementation's activations to count (default: ours on the profile's device). Raises
-    ``UserError`` when nothing fits."""
+    which implementation's activations to count (default: ours on the profile's device), and
+    ``scatter_gather`` how its stages exchange activations (:func:`megallama.profiling.comm.pipe_exchange`);
+    ``interleave``: virtual pipeline chunks (costed only, never searched). Raises ``UserError``
+    when nothing fits."""
     impl = impl or ActivationImpl.for_device("cpu" if hw.measured else "cuda")
     seq = spec.max_seq_len if seq is None else seq
     gpn = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    batch_given = batch_tokens is not None
     batch_tokens = DEFAULT_BATCH_TOKENS if batch_tokens is None else batch_tokens
     for flag, value, top in (("--gpus-per-node", gpn, MAX_GPUS),
                              ("--global-batch-tokens", batch_tokens, MAX_BATCH_TOKENS)):
@@ -124,33 +152,36 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     if layers is not None:
         layers = tuple(layers)
         fixed["pp"] = len(layers) if fixed.get("pp") is None else fixed["pp"]
-    check_request(spec, gpus, seq, {**fixed, "dtype": dtype, "pipeline_layers": layers})
-    batch = max(1, round(batch_tokens / seq))
+    check_request(spec, gpus, seq, {**fixed, "dtype": dtype, "pipeline_layers": layers}, hw, interleave,
+                  pipeline_partition)
     result = Plan(spec=spec, gpus=gpus, hardware=hw, seq=seq, batch_tokens=batch_tokens)
     single = all(fixed.get(k) is not None for k in ("tp", "pp", "zero", "mbs", "recompute"))
     if single:   # a fully given layout: SP and offload are off unless asked for
         fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload")),
                  "ulysses": fixed.get("ulysses") or 1, "cp": fixed.get("cp") or 1}
     cap = hw.memory_bytes * eff.usable_memory
-    for opt in _options(spec, gpus, seq, gpn, fixed):
-        m = round(batch / (opt["dp"] * opt["mbs"]))
-        if m < 1 or abs(m * opt["dp"] * opt["mbs"] - batch) > BATCH_TOLERANCE * batch:
-            if not single:
-                continue
-            m = max(1, m)
-        layout = Layout(**opt, grad_accum=m, dtype=dtype, gpus_per_node=gpn, pipeline_layers=layers)
+    for opt in _options(spec, gpus, seq, gpn, fixed, interleave):
+        step = opt["dp"] * opt["mbs"] * seq
+        m = round(batch_tokens / step)
+        layout = Layout(**opt, grad_accum=max(1, m), dtype=dtype, gpus_per_node=gpn, pipeline_layers=layers,
+                        interleave=interleave, pipeline_partition=pipeline_partition)
+        problem = batch_problem(layout, seq, batch_tokens, batch_given)
+        if problem:
+            if single:
+                raise UserError(problem)
+            continue
         mem = memory_breakdown(spec, layout, seq, impl=impl)
         result.evaluated += 1
         if mem.total > cap and not single:
             if result.smallest is None or mem.total < result.smallest.memory.total:
-                result.smallest = predict(spec, layout, seq, hw, eff, impl, memory=mem)
+                result.smallest = predict(spec, layout, seq, hw, eff, impl, scatter_gather, memory=mem)
             continue
-        result.candidates.append(predict(spec, layout, seq, hw, eff, impl, memory=mem))
+        result.candidates.append(predict(spec, layout, seq, hw, eff, impl, scatter_gather, memory=mem))
     result.candidates.sort(key=lambda p: (not p.fits, -p.tokens_per_s_per_gpu, p.memory.total))
     if not result.candidates:
         if result.smallest is None:
             raise UserError(f"no layout of {gpus} GPUs matches the given options and a global batch of "
-                            f"{batch} sequences of {seq} tokens (try --global-batch-tokens)")
+                            f"{batch_tokens:,} tokens in sequences of {seq} (try --global-batch-tokens)")
         s = result.smallest
         raise UserError(f"no layout of {gpus} x {hw.name} fits {spec.name}: the smallest needs "
                         f"{s.memory.total / 2 ** 30:.1f} GiB per GPU ({s.layout.describe()}) of "

@@ -27,7 +27,7 @@ from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.comm import comm_time_by_phase
-from megallama.profiling.flops import FlopCount, flops_per_token
+from megallama.profiling.flops import FlopCount, flops_per_token, gemm_peak
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
@@ -95,15 +95,13 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
     t, sp, w, u, cp = layout.tp, layout.sp, layout.dtype_bytes, layout.ulysses, layout.cp
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind, u, cp)
-    redo = {"none": 0.0, "full": saved,
-            "selective": saved - act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "selective", w,
-                                                                impl, kind, u, cp)}[layout.recompute]
+    redo = act.recomputed_bytes_per_layer(spec, seq, layout.mbs, t, sp, layout.recompute, w, impl, kind, u, cp)
     layers = count + (spec.n_encoder_layers if stage == 0 else 0)
     traffic = layers * (3 * saved + redo)
     if stage == layout.pp - 1:
         traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
                                                                           t, sp, w, impl))
-    return flops / (hw.peak(layout.dtype) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
+    return flops / (gemm_peak(hw, layout.dtype, fc) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
 
 
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
