@@ -223,3 +223,20 @@ def fragmentation_interval(cases: Optional[List[MemoryCase]] = None) -> Tuple[fl
         else:
             low = max(low, min(bounds))
     return (low, high) if low <= high else (float("nan"), float("nan"))
+
+
+def report() -> List[str]:
+    """One line per case: what ran, our verdict with its margin (``python -m`` this module)."""
+    lines = []
+    for c in all_cases():
+        v = check(c)
+        mark = "agrees" if v.fits == c.ran else "MISSES"
+        lines.append(f"{mark}  {c.name:44s} {'ran' if c.ran else 'OOM':3s}  {v.describe()}  [{c.source}]"
+                     + (f"  -- {c.known_miss}" if c.known_miss else ""))
+    low, high = fragmentation_interval()
+    lines.append(f"allocator fractions that keep every verdict: {low:.3f} to {high:.3f}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(report()))
