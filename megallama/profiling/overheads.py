@@ -44,8 +44,10 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # (4096 KiB x 2 + 16 KiB x 8) by default, 32 MiB (4096 KiB x 8) on Hopper and Blackwell.
 CUBLAS_WORKSPACE_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8
 CUBLAS_WORKSPACE_HOPPER_BYTES = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_MI300_BYTES = 1024 * 128 * 1024   # same file, ROCm: 128 MiB on gfx94x/gfx95x
 CUBLAS_HANDLES = 2               # forward thread + autograd's backward thread
 HOPPER_AND_LATER = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
+MI300 = ("mi300", "mi325", "mi350", "mi355")
 # NVIDIA/nccl#964 (4 x A100 with NVLink, PyTorch, one 4 MB all-reduce per process group):
 # "for group with only 2 devices, it requires 544 MB. And for group with more than 2 devices,
 # it requires 688 MB" per GPU, per communicator.
@@ -75,8 +77,10 @@ def usable_bytes(hw: HardwareProfile) -> float:
 def cublas_workspace_bytes(hw: HardwareProfile) -> float:
     if hw.measured:
         return 0.0
-    hopper = any(hw.name.lower().startswith(p) for p in HOPPER_AND_LATER)
-    return float(CUBLAS_HANDLES * (CUBLAS_WORKSPACE_HOPPER_BYTES if hopper else CUBLAS_WORKSPACE_BYTES))
+    name = hw.name.lower()
+    per_handle = (CUBLAS_WORKSPACE_MI300_BYTES if name.startswith(MI300) else
+                  CUBLAS_WORKSPACE_HOPPER_BYTES if name.startswith(HOPPER_AND_LATER) else CUBLAS_WORKSPACE_BYTES)
+    return float(CUBLAS_HANDLES * per_handle)
 
 
 def communicators(layout: Layout, stage: int, tied: bool) -> List[Tuple[str, int, str]]:
