@@ -29,7 +29,7 @@ from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
 from megallama.profiling.overheads import MemoryVerdict, verdict
-from megallama.profiling.published import MEGATRON_IMPL, MEGATRON_TABLE1, MegatronRow
+from megallama.profiling.published import MEGATRON_IMPL, MEGATRON_TABLE1
 
 FLASH = ActivationImpl(attention="flash")
 MEGATRON_FLASH = ActivationImpl(attention="flash", sp_saves_gathered_input=False)
