@@ -1,10 +1,14 @@
 """Model-state bytes (ZeRO 0-3, offload, precision) and pipeline in-flight activations, by hand."""
 import pytest
 
-from megallama.profiling.activations import activation_bytes_per_layer
+from megallama.profiling.activations import ActivationImpl, activation_bytes_per_layer
+from megallama.profiling.hardware import cpu_profile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import (memory_breakdown, model_state_bytes, params_per_rank,
                                         stage_activation_bytes)
+from megallama.profiling.overheads import verdict
+from megallama.profiling.published_memory import korthikanti_cases
+from megallama.profiling.steptime import predict
 
 PSI_7B = 6_738_415_616
 GiB = 2 ** 30
@@ -80,3 +84,22 @@ def test_breakdown_peak_takes_the_larger_of_activations_and_step_buffers():
     states = c["params"] + c["grads"] + c["optimizer"] + c["buffers"]
     assert m.total == pytest.approx(states + max(m.activations, c["step_buffers"]))
     assert 20 * GiB < m.total < 40 * GiB
+
+
+def test_megatron_cases_count_18_bytes_per_parameter():
+    """Megatron-LM: 16-bit params, fp32 main grads, fp32 master + Adam (2 + 4 + 12), no buckets."""
+    case = next(c for c in korthikanti_cases() if c.name == "korthikanti-175b rc=full")
+    mem = case.stage_memory(0)
+    p = params_per_rank(case.spec, 8, 8, 0)
+    c = mem.components
+    assert (c["params"], c["grads"], c["optimizer"], c["buffers"], c["step_buffers"]) == (2 * p, 4 * p, 12 * p, 0, 0)
+
+
+def test_cpu_profile_pays_no_gpu_overheads():
+    hw = cpu_profile()
+    layout = Layout(tp=2, dp=2, zero=1, mbs=2, grad_accum=2)
+    mem = memory_breakdown("tiny", layout, 64, impl=ActivationImpl.for_device("cpu"))
+    v = verdict("tiny", layout, 64, hw, mem, ActivationImpl(attention="eager"))
+    assert v.overheads == {} and v.needed_bytes == mem.total and v.usable_bytes == hw.memory_bytes
+    p = predict("tiny", layout, 64, hw, memory=mem)
+    assert p.memory_capacity_bytes == hw.memory_bytes and p.fits

@@ -7,8 +7,8 @@ from megallama.errors import UserError
 from megallama.profiling.arch import as_spec
 from megallama.profiling.hardware import load_hardware
 from megallama.profiling.memory import memory_breakdown
+from megallama.profiling.overheads import usable_bytes
 from megallama.profiling.planner import plan
-from megallama.profiling.steptime import Efficiency
 
 
 @pytest.mark.parametrize("model, gpus, gpu", [
@@ -19,11 +19,11 @@ def test_never_proposes_a_layout_that_does_not_fit(model, gpus, gpu):
     hw = load_hardware(gpu)
     spec = as_spec(model)
     result = plan(spec, gpus, hw, seq=min(2048, spec.max_seq_len))
-    cap = hw.memory_bytes * Efficiency().usable_memory
     assert result.candidates
     for c in result.candidates:
         assert c.fits and c.layout.world == gpus
-        assert memory_breakdown(spec, c.layout, c.seq).total <= cap          # re-derived independently
+        need = memory_breakdown(spec, c.layout, c.seq).total + sum(c.memory_verdict.overheads.values())
+        assert need <= usable_bytes(hw) < hw.memory_bytes                     # re-derived independently
     tps = [c.tokens_per_s_per_gpu for c in result.candidates]
     assert tps == sorted(tps, reverse=True)
     best = result.best

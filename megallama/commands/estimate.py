@@ -154,8 +154,9 @@ def _print_text(out, layout) -> None:
         print(f"      {g:10s} {row['calls']:8.0f} calls  {row['payload_bytes'] / GiB:10.3f} GiB")
     if "prediction" in out:
         p = out["prediction"]
-        fit = "fits" if p["fits"] else "DOES NOT FIT"
         print(f"  on {layout.world} GPUs: step {p['step_time_s']:.3f} s, {p['tokens_per_s_per_gpu']:.0f} tokens/s/GPU, "
-              f"{p['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {p['mfu']:.1%}, {fit} "
-              f"({p['memory_per_gpu_bytes'] / GiB:.1f} of {p['memory_capacity_bytes'] / GiB:.1f} GiB)"
+              f"{p['tflops_per_gpu']:.1f} TFLOP/s/GPU, MFU {p['mfu']:.1%}"
               + (f"; slowest stage {p['pipeline_slowest_stage']}" if layout.pp > 1 else ""))
+        over = ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in p["memory_overhead_bytes"].items() if v)
+        print(f"  memory per GPU: {p['memory_verdict']} (counted {p['memory_per_gpu_bytes'] / GiB:.1f} GiB"
+              + (f" + {over} GiB" if over else "") + ")")

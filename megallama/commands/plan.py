@@ -84,17 +84,20 @@ def run(args: argparse.Namespace) -> int:
     fit = sum(c.fits for c in result.candidates)
     print(f"{spec.name} on {args.gpus} x {hw.name}, seq {result.seq}, {result.batch_tokens:,} tokens per step: "
           f"{fit} of {result.evaluated} layouts fit")
-    print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'step s':>7}"
-          f"  layers per stage")
+    print(f"{'#':>3} {'layout':58s} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6} {'GiB/GPU':>7} {'margin':>7} "
+          f"{'step s':>7}  layers per stage")
     for i, c in enumerate(result.candidates[:args.top], 1):
-        flag = "" if c.fits else "  (does not fit)"
+        flag = "" if c.fits else f"  (does not fit: {-c.memory_verdict.margin_bytes / GiB:.1f} GiB over)"
         print(f"{i:>3} {c.layout.describe():58s} {c.tokens_per_s_per_gpu:9.0f} {c.tflops_per_gpu:7.1f} "
-              f"{c.mfu:6.1%} {c.memory.total / GiB:7.1f} {c.step_time_s:7.2f}  "
+              f"{c.mfu:6.1%} {c.memory_verdict.needed_bytes / GiB:7.1f} "
+              f"{c.memory_verdict.margin_bytes / GiB:+7.1f} {c.step_time_s:7.2f}  "
               f"{describe_split(c.stage_layers)}{flag}")
     t = best.time
     print(f"best: compute {t['compute']:.2f} s, TP/PP comm {t['tp_and_pp_comm']:.2f} s, bubble "
           f"{t['pipeline_bubble']:.2f} s, DP comm {t['dp_comm_exposed']:.2f} s, optimizer {t['optimizer']:.3f} s; "
           f"HFU {best.hfu:.1%}")
+    print(f"best memory per GPU: {best.memory_verdict.describe()} (needed: tensors + workspaces, NCCL buffers, "
+          f"fragmentation)")
     if best.layout.pp > 1:
         print(f"best pipeline: {best.layout.pp} stages of {describe_split(best.stage_layers)} layers; most memory "
               f"on stage {best.memory.stage}, slowest stage {best.slowest_stage}")

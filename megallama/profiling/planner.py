@@ -28,6 +28,7 @@ from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import (MAX_GPUS, Layout, cp_problem, divisors, dtype_problem,
                                         op_recompute_problem, pipeline_layers_problem)
 from megallama.profiling.memory import memory_breakdown
+from megallama.profiling.overheads import verdict
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 DEFAULT_BATCH_TOKENS = 4 * 2 ** 20      # LLaMA's 4M-token batches
@@ -159,7 +160,6 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     if single:   # a fully given layout: SP and offload are off unless asked for
         fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload")),
                  "ulysses": fixed.get("ulysses") or 1, "cp": fixed.get("cp") or 1}
-    cap = hw.memory_bytes * eff.usable_memory
     for opt in _options(spec, gpus, seq, gpn, fixed, interleave):
         step = opt["dp"] * opt["mbs"] * seq
         m = round(batch_tokens / step)
@@ -172,7 +172,7 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
             continue
         mem = memory_breakdown(spec, layout, seq, impl=impl)
         result.evaluated += 1
-        if mem.total > cap and not single:
+        if not verdict(spec, layout, seq, hw, mem, impl).fits and not single:
             if result.smallest is None or mem.total < result.smallest.memory.total:
                 result.smallest = predict(spec, layout, seq, hw, eff, impl, scatter_gather, memory=mem)
             continue
@@ -183,8 +183,9 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
             raise UserError(f"no layout of {gpus} GPUs matches the given options and a global batch of "
                             f"{batch_tokens:,} tokens in sequences of {seq} (try --global-batch-tokens)")
         s = result.smallest
+        v = s.memory_verdict
         raise UserError(f"no layout of {gpus} x {hw.name} fits {spec.name}: the smallest needs "
-                        f"{s.memory.total / 2 ** 30:.1f} GiB per GPU ({s.layout.describe()}) of "
-                        f"{cap / 2 ** 30:.1f} GiB usable"
+                        f"{v.needed_bytes / 2 ** 30:.1f} GiB per GPU ({s.layout.describe()}) of "
+                        f"{v.usable_bytes / 2 ** 30:.1f} GiB usable"
                         + ("; try --offload" if not fixed.get("offload") else ""))
     return result

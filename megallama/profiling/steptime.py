@@ -31,6 +31,7 @@ from megallama.profiling.flops import FlopCount, flops_per_token, gemm_peak
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
+from megallama.profiling.overheads import MemoryVerdict, verdict
 from megallama.profiling.sequence_comm import attention_core_seconds, ring_exposed
 
 
@@ -45,7 +46,6 @@ class Efficiency:
     overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
-    usable_memory: float = 0.92             # of device memory; the rest: CUDA context, fragmentation
 
 
 @dataclass
@@ -60,11 +60,18 @@ class StepPrediction:
     mfu: float
     hfu: float
     memory: MemoryBreakdown
-    fits: bool
-    memory_capacity_bytes: float
+    memory_verdict: MemoryVerdict    # the counted tensors + device overheads against the usable bytes
     time: Dict[str, float] = field(default_factory=dict)
     stage_layers: List[int] = field(default_factory=list)   # blocks per pipeline stage
     slowest_stage: int = 0
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_verdict.fits
+
+    @property
+    def memory_capacity_bytes(self) -> float:
+        return self.memory_verdict.usable_bytes
 
     @property
     def tokens_per_s(self) -> float:
@@ -77,6 +84,10 @@ class StepPrediction:
                 "tflops_per_gpu": self.tflops_per_gpu, "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
                 "mfu": self.mfu, "hfu": self.hfu, "memory_per_gpu_bytes": self.memory.total,
                 "memory_capacity_bytes": self.memory_capacity_bytes, "fits": self.fits,
+                "memory_needed_bytes": self.memory_verdict.needed_bytes,
+                "memory_margin_bytes": self.memory_verdict.margin_bytes,
+                "memory_overhead_bytes": dict(self.memory_verdict.overheads),
+                "memory_verdict": self.memory_verdict.describe(),
                 "memory_breakdown_bytes": dict(self.memory.components), "host_memory_bytes": self.memory.host_bytes,
                 "pipeline_stage_of_peak_memory": self.memory.stage, "time_breakdown_s": dict(self.time),
                 "pipeline_stage_layers": list(self.stage_layers),
@@ -137,13 +148,12 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     tokens = float(layout.global_batch * seq)
     tps_gpu = tokens / step / layout.world
     mem = memory if memory is not None else memory_breakdown(spec, layout, seq, impl=impl)
-    cap = hw.memory_bytes * eff.usable_memory
     peak = hw.peak(layout.dtype)
     return StepPrediction(
         layout=layout, seq=seq, step_time_s=step, tokens_per_step=tokens, tokens_per_s_per_gpu=tps_gpu,
         tflops_per_gpu=tps_gpu * fc.model / 1e12, hardware_tflops_per_gpu=tps_gpu * fc.hardware / 1e12,
-        mfu=tps_gpu * fc.model / peak, hfu=tps_gpu * fc.hardware / peak, memory=mem, fits=mem.total <= cap,
-        memory_capacity_bytes=cap,
+        mfu=tps_gpu * fc.model / peak, hfu=tps_gpu * fc.hardware / peak, memory=mem,
+        memory_verdict=verdict(spec, layout, seq, hw, mem, impl),
         time={"compute": compute_part, "tp_and_pp_comm": comm_part, "pipeline_bubble": pipeline - compute_part - comm_part,
               "dp_comm_exposed": dp_exposed, "optimizer": optimizer},
         stage_layers=layout.stage_layers(spec), slowest_stage=slowest)
