@@ -2,7 +2,7 @@
 
 Per micro-batch, a pipeline stage takes
 
-    matmul FLOPs (incl. recompute) / (peak * gemm)
+    matmuls (incl. recompute), each at the rate its shapes allow     (:mod:`.efficiency`)
   + elementwise HBM traffic / memory bandwidth        (norms, softmax, SwiGLU, dropout, loss)
   + its TP collectives + its pipeline sends            (synchronous: on the critical path)
   + its Ulysses all-to-alls; ring attention's sends beyond the attention core they overlap
@@ -15,16 +15,18 @@ back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved ch
 and the slowest sets the steady state. Then the data-parallel traffic after the last backward
 (all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched
 gathers hide behind ``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU
-Adam + PCIe when offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
-(:mod:`megallama.profiling.published`); the rest are physical constants of the profile.
+Adam + PCIe when offloaded). The fitted constants (:class:`Efficiency`) are calibrated against
+published runs (:mod:`megallama.profiling.published_runs`); the rest are physical constants of
+the profile.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
+from megallama.profiling import efficiency as eff_mod
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.comm import comm_time_by_phase
 from megallama.profiling.flops import FlopCount, flops_per_token
@@ -36,16 +38,20 @@ from megallama.profiling.sequence_comm import attention_core_seconds, ring_expos
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fractions of the hardware's peaks. ``gemm`` and ``traffic`` were fitted on three
-    rows of Narayanan et al. 2021 (see benchmarks/README_planner.md)."""
+    """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused`` and
+    ``attention`` (the flash kernels' fraction of peak, by GPU generation) are what
+    :func:`megallama.profiling.published_runs.calibrate` finds on its fit rows (Megatron Table 1
+    and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
-    gemm: float = 0.66                      # matmul FLOP/s / dense peak
-    traffic: float = 2.0                    # elementwise HBM bytes per saved-activation byte, per pass
+    gemm: float = 0.75                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
+    traffic: float = 3.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
+    traffic_fused: float = 1.75             # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
     overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
     usable_memory: float = 0.92             # of device memory; the rest: CUDA context, fragmentation
+    attention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.ATTENTION_KERNEL.items())   # flash, by generation
 
 
 @dataclass
@@ -86,12 +92,22 @@ class StepPrediction:
 def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
                    stage: int, impl: act.ActivationImpl) -> float:
     """Seconds of compute for one micro-batch on one rank of ``stage``; ``fc``: the FLOPs the TP
-    ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`)."""
+    ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`). Each kind of
+    FLOP runs at its own rate (:func:`megallama.profiling.efficiency.seconds_per_flop`)."""
     tokens = seq * layout.mbs / layout.seq_shards   # attention per token is the whole sequence's
-    head = 3.0 * fc.terms["lm_head"]
-    blocks = fc.hardware - head
+    tr = fc.terms
+    core = tr["attn_core"] + tr["cross_core"] + tr["encoder_core"]
+    rest = fc.forward - tr["lm_head"] - core
+    redo_core = 1.0 if layout.recompute in ("full", "selective") else 0.0
+    redo_rest = 1.0 if layout.recompute == "full" else 0.0
     count = layout.stage_layers(spec)[stage]
-    flops = tokens * (blocks * count / spec.n_layers + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
+    share = count / spec.n_layers * tokens / layout.tp
+    proj_rate, core_rate, head_rate = eff_mod.seconds_per_flop(
+        spec, tokens, seq, layout.tp, hw, layout.dtype, layout.dtype_bytes, eff.gemm, impl.attention,
+        eff_mod.attention_kernel_fraction(hw, dict(eff.attention)))
+    matmul = share * ((3 + redo_rest) * rest * proj_rate + (3 + redo_core) * core * core_rate)
+    if stage == layout.pp - 1:
+        matmul += tokens / layout.tp * 3 * tr["lm_head"] * head_rate
     t, sp, w, u, cp = layout.tp, layout.sp, layout.dtype_bytes, layout.ulysses, layout.cp
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind, u, cp)
@@ -103,7 +119,8 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
     if stage == layout.pp - 1:
         traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
                                                                           t, sp, w, impl))
-    return flops / (hw.peak(layout.dtype) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
+    per_byte = eff.traffic if impl.sp_saves_gathered_input else eff.traffic_fused   # False: Megatron's own
+    return matmul + per_byte * traffic / hw.memory_bandwidth
 
 
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
