@@ -90,13 +90,13 @@ def seconds_per_flop(spec, tokens: float, seq: int, tp: int, hw, dtype: str, dty
     peak on the GEMMs it runs: ceiling 1 there, and attention runs as GEMMs.
     """
     peak, bw = hw.peak(dtype), hw.memory_bandwidth
-    if getattr(hw, "measured", False):
+    if hw.measured:
         ceiling = 1.0
     gemms = block_gemms(spec, tokens, tp)
     proj = sum(gemm_seconds(g, peak, bw, dtype_bytes, ceiling) for g in gemms) / sum(g.flops for g in gemms)
     head = head_gemm(spec, tokens, tp)
     head_rate = gemm_seconds(head, peak, bw, dtype_bytes, ceiling) / head.flops
-    if attention == "flash" and not getattr(hw, "measured", False):
+    if attention == "flash" and not hw.measured:
         core = 1.0 / (peak * flash_fraction)
     else:   # QK^T and PV per head, over the whole square
         pair = [Gemm("scores", seq, seq, spec.head_dim), Gemm("pv", seq, spec.head_dim, seq)]

@@ -134,10 +134,12 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     m = layout.grad_accum
     groups = layout.stage_groups(spec)   # stage -> how many stages it stands for
     per_stage, step_comm = {}, {}
+    flash = impl.attention == "flash" and not hw.measured   # the core's fraction of peak, as _stage_compute's
+    core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else eff.gemm
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
-        ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, eff.gemm, s))
+        ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, core_rate, s))
         per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv", "ulysses")) / m
                         + ring)
         hidden = eff.overlap * m * compute
