@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from megallama.profiling.activations import ActivationImpl
-from megallama.profiling.efficiency import achievable_bandwidth
+from megallama.profiling.efficiency import achievable_bandwidth, message_half
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
@@ -288,7 +288,8 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
     else:
         ring = (n - 1) * (2 if c.op == "all_reduce" else 1)
         steps = min(ring, 2 * math.ceil(math.log2(n))) if c.op == "all_reduce" else ring  # NCCL: tree AR only
-    return c.calls * (alpha * steps + wire_bytes(c, n) / achievable_bandwidth(bw, c.payload_bytes, bus_efficiency))
+    return c.calls * (alpha * steps + wire_bytes(c, n) / achievable_bandwidth(bw, c.payload_bytes, bus_efficiency,
+                                                                               message_half(hw)))
 
 
 def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,

@@ -86,12 +86,10 @@ def seconds_per_flop(spec, tokens: float, seq: int, tp: int, hw, dtype: str, dty
     """Seconds per counted FLOP of (projections + MLP, attention core, LM head) on one rank.
 
     Counted FLOPs are :mod:`megallama.profiling.flops`'s (the full ``s x s`` square); a flash
-    kernel runs them at ``flash_fraction`` of peak (:func:`attention_kernel_fraction`). A measured profile (``cpu``) measured its
-    peak on the GEMMs it runs: ceiling 1 there, and attention runs as GEMMs.
+    kernel runs them at ``flash_fraction`` of peak (:func:`attention_kernel_fraction`); on a
+    measured profile (``cpu``: no flash kernel) attention runs as the eager GEMMs.
     """
     peak, bw = hw.peak(dtype), hw.memory_bandwidth
-    if hw.measured:
-        ceiling = 1.0
     gemms = block_gemms(spec, tokens, tp)
     proj = sum(gemm_seconds(g, peak, bw, dtype_bytes, ceiling) for g in gemms) / sum(g.flops for g in gemms)
     head = head_gemm(spec, tokens, tp)
@@ -108,3 +106,8 @@ def achievable_bandwidth(link: float, bytes_per_call: float, bus: float, half: f
     """NCCL bus bandwidth for calls of ``bytes_per_call``: ``bus`` of the link for large messages,
     half of that at ``half`` bytes (latency and protocol overheads dominate small calls)."""
     return link * bus * bytes_per_call / (bytes_per_call + half)
+
+
+def message_half(hw) -> float:
+    """:data:`MESSAGE_HALF` is NCCL's; a measured profile's gloo has its costs in its latency."""
+    return 0.0 if hw.measured else MESSAGE_HALF
