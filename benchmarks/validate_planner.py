@@ -104,8 +104,9 @@ def runs_markdown(table, megatron, eff: Efficiency) -> str:
     for (src, gpu), errs in sorted(groups.items()):
         lines.append(f"| {src} | {gpu} | {len(errs)} | {statistics.median(abs(e) for e in errs):.1%} | "
                      f"{statistics.median(errs):+.1%} | {max(abs(e) for e in errs):.1%} |")
-    worst = sorted(table, key=lambda t: -abs(t[1].error))[:8]
-    lines += ["", "Largest held-out errors:", "", "| run | published tokens/s/GPU | predicted | error |", "|---|---|---|---|"]
+    worst = sorted((t for t in table if not t[1].calibration), key=lambda t: -abs(t[1].error))[:8]
+    lines += ["", "Largest held-out errors:", "", "| run | published tokens/s/GPU | predicted | error |",
+              "|---|---|---|---|"]
     lines += [f"| {r.run.name} | {d['published_tokens_per_s_per_gpu']:g} | {d['predicted_tokens_per_s_per_gpu']:.0f} "
               f"| {r.error:+.1%} |" for d, r in worst]
     att = ", ".join(f"{k}: {v}" for k, v in eff.attention)

@@ -36,9 +36,10 @@ stage's own blocks, ``Layout.stage_layers``):
 
 DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
 gathers ``stage3_prefetch_bucket_size`` 5e7 at a time, at least one call per block), which sets
-how many latency terms a step pays. Times: ring ``alpha * steps + wire / (bandwidth *
-achievable)``, the achievable bus bandwidth falling for small calls
-(:func:`megallama.profiling.efficiency.achievable_bandwidth`); all-reduce may take a tree's ``2 log2 n`` latency steps when fewer (NCCL
+how many latency terms a step pays. Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
+achievable bus bandwidth, ``bus_efficiency`` of the link for large calls and less for small ones
+(:func:`megallama.profiling.efficiency.achievable_bandwidth`); all-reduce may take a tree's
+``2 log2 n`` latency steps when fewer (NCCL
 all-gather and reduce-scatter are ring-only). A group inside one node runs at NVLink speed; one that spans nodes at
 ``min(NVLink, members_per_node * NIC)`` (each GPU has its own NIC; a ring's traffic out of a
 node spreads over the NICs of its members there).

@@ -14,7 +14,8 @@ Three kinds of work, each against the profile's physical fields:
   (:data:`ATTENTION_KERNEL`): the exponentials and the softmax bookkeeping, not the matmuls, bound
   it, and they did not get faster in step with H100's tensor cores.
 * Memory-bound kernels (norms, activations, softmax, casts, the optimizer) at HBM bandwidth:
-  :mod:`megallama.profiling.steptime` charges them by bytes.
+  :mod:`megallama.profiling.steptime` charges them by bytes; the loss by its bytes per logit
+  (:data:`LOSS_BYTES_PER_LOGIT`).
 
 Communication runs at an achievable bus bandwidth that falls for small messages:
 ``bus * link * S / (S + message_half)`` for ``S`` bytes per call (:func:`achievable_bandwidth`).
@@ -32,6 +33,11 @@ from typing import Dict, List, Tuple
 # the H100's (FA2-class kernels on a part whose tensor cores outrun its exponential units).
 ATTENTION_KERNEL: Dict[str, float] = {"a100": 0.68, "h100": 0.33}
 ATTENTION_KERNEL_DEFAULT = "h100"
+# HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits
+# (2), write and re-read their fp32 softmax (4 + 4, the max and the sum folded into those passes),
+# read it again in backward (4) and write the bf16 gradient (2), plus the fp32 upcast's round trip
+# (4 + 4): 24. Counted, not fitted.
+LOSS_BYTES_PER_LOGIT = 24.0
 MESSAGE_HALF = 4.0 * 2 ** 20      # bytes per call at which NCCL reaches half its bus bandwidth (assumed)
 
 

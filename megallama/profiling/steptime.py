@@ -44,7 +44,7 @@ class Efficiency:
     and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
     gemm: float = 0.75                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
-    traffic: float = 3.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
+    traffic: float = 4.0                    # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
     traffic_fused: float = 1.75             # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
     overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
@@ -116,11 +116,13 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
                                                                 impl, kind, u, cp)}[layout.recompute]
     layers = count + (spec.n_encoder_layers if stage == 0 else 0)
     traffic = layers * (3 * saved + redo)
-    if stage == layout.pp - 1:
-        traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
-                                                                          t, sp, w, impl))
+    loss = 0.0
+    if stage == layout.pp - 1:   # the loss at its kernels' bytes per logit; the final norm as the blocks
+        last = act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs, t, sp, w, impl)
+        traffic += 3 * sum(x.bytes for x in last if not x.name.startswith("loss."))
+        loss = tokens * spec.tp_view(t).vocab_size / t * eff_mod.LOSS_BYTES_PER_LOGIT
     per_byte = eff.traffic if impl.sp_saves_gathered_input else eff.traffic_fused   # False: Megatron's own
-    return matmul + per_byte * traffic / hw.memory_bandwidth
+    return matmul + (per_byte * traffic + loss) / hw.memory_bandwidth
 
 
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
