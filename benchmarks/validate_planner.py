@@ -8,7 +8,7 @@ scatter plot ``planner_vs_published.png``, and the tables in ``benchmarks/README
 
     .venv/bin/python benchmarks/validate_planner.py [--recalibrate]
 
-``--recalibrate`` re-runs the fit (:func:`published_runs.calibrate`) and reports with what it
+``--recalibrate`` re-runs the fit (:func:`megallama.profiling.calibration.calibrate`) and reports with what it
 finds (the shipped defaults are what this fit found).
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megallama.profiling.published import CALIBRATION_ROWS, summary, validate  # noqa: E402
-from megallama.profiling.published_runs import by_generation, calibrate, validate_runs  # noqa: E402
+from megallama.profiling.calibration import calibrate  # noqa: E402
+from megallama.profiling.published_runs import by_generation, validate_runs  # noqa: E402
 from megallama.profiling.steptime import Efficiency  # noqa: E402
 
 CSV = ROOT / "benchmarks" / "results" / "planner_vs_megatron.csv"

@@ -40,7 +40,7 @@ from megallama.profiling.sequence_comm import attention_core_seconds, ring_expos
 class Efficiency:
     """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused`` and
     ``attention`` (the flash kernels' fraction of peak, by GPU generation) are what
-    :func:`megallama.profiling.published_runs.calibrate` finds on its fit rows (Megatron Table 1
+    :func:`megallama.profiling.calibration.calibrate` finds on its fit rows (Megatron Table 1
     and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
     gemm: float = 0.75                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
