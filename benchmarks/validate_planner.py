@@ -111,8 +111,10 @@ def runs_markdown(table, megatron, eff: Efficiency) -> str:
     lines += [f"| {r.run.name} | {d['published_tokens_per_s_per_gpu']:g} | {d['predicted_tokens_per_s_per_gpu']:.0f} "
               f"| {r.error:+.1%} |" for d, r in worst]
     att = ", ".join(f"{k}: {v}" for k, v in eff.attention)
-    lines += ["", f"Constants: `gemm={eff.gemm}` (large-GEMM ceiling), `traffic={eff.traffic}` (eager PyTorch), "
-              f"`traffic_fused={eff.traffic_fused}` (Megatron), flash attention fraction of peak {{{att}}}."]
+    clock = ", ".join(f"{k}: {v}" for k, v in eff.clock)
+    lines += ["", f"Constants: `gemm={eff.gemm}` (large-GEMM ceiling), sustained clock {{{clock}}}, "
+              f"`traffic={eff.traffic}` (eager PyTorch), `traffic_fused={eff.traffic_fused}` (Megatron), "
+              f"flash attention fraction of peak {{{att}}}."]
     return "\n".join(lines)
 
 

@@ -50,9 +50,16 @@ def test_small_messages_get_a_fraction_of_the_bus_bandwidth():
     assert achievable_bandwidth(link, 2 ** 16, bus) < 0.02 * bus * link
 
 
-def test_flash_attention_runs_at_its_generations_fraction():
+def test_per_generation_figures_and_their_defaults():
+    """Flash attention's rate and the sustained clock are the only per-generation constants: an
+    H200 takes its H100's, a generation without a fit the stated defaults, a measured CPU none."""
     assert eff_mod.attention_kernel_fraction(A100) > eff_mod.attention_kernel_fraction(H100)
-    assert eff_mod.attention_kernel_fraction(load_hardware("h200")) == eff_mod.ATTENTION_KERNEL["h100"]
+    h200, cpu = load_hardware("h200"), dataclasses.replace(A100, name="cpu", measured=True)
+    assert eff_mod.attention_kernel_fraction(h200) == eff_mod.ATTENTION_KERNEL["h100"]
+    assert eff_mod.sustained_clock(h200) == eff_mod.SUSTAINED_CLOCK["h100"] < eff_mod.sustained_clock(A100) == 1.0
+    other = dataclasses.replace(H100, name="b200")
+    assert eff_mod.attention_kernel_fraction(other) == eff_mod.ATTENTION_KERNEL[eff_mod.ATTENTION_KERNEL_DEFAULT]
+    assert eff_mod.sustained_clock(other) == 1.0 and eff_mod.sustained_clock(cpu) == 1.0
 
 
 def _tp_compute_cost(hw) -> float:

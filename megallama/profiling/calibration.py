@@ -1,7 +1,8 @@
 """The fit of :class:`~megallama.profiling.steptime.Efficiency`'s constants on published runs.
 
 One fit for all generations: the large-GEMM ceiling, the elementwise traffic (eager PyTorch and
-Megatron's fused kernels) and the flash kernels' fraction of peak per GPU generation, on a stated
+Megatron's fused kernels), and by GPU generation the flash kernels' fraction of peak and the
+H100's sustained clock (of the A100's), on a stated
 subset (Megatron Table 1's calibration rows, :data:`published_runs.CALIBRATION`'s MPT rows);
 everything else is held out (benchmarks/README_planner.md). The shipped defaults are what
 :func:`calibrate` finds (tests/test_profiling_validation.py).
@@ -19,24 +20,32 @@ from megallama.profiling.published_runs import IMPL, PUBLISHED_RUNS, hardware, i
 from megallama.profiling.steptime import Efficiency, predict
 
 SCALARS = ("gemm", "traffic", "traffic_fused")
-NEUTRAL = Efficiency(gemm=0.66, traffic=2.0, traffic_fused=2.0, attention=(("a100", 0.5), ("h100", 0.3)))  # fit's start
+NEUTRAL = Efficiency(gemm=0.66, traffic=2.0, traffic_fused=2.0, attention=(("a100", 0.5), ("h100", 0.3)),
+                     clock=(("a100", 1.0), ("h100", 1.0)))   # where the fit starts
 GRIDS = {"gemm": [x / 100 for x in range(60, 100)], "traffic": [x / 4 for x in range(0, 25)],
-         "traffic_fused": [x / 4 for x in range(0, 25)],
-         "a100": [x / 100 for x in range(20, 91)], "h100": [x / 100 for x in range(10, 71)]}
+         "traffic_fused": [x / 4 for x in range(0, 25)], "clock.h100": [x / 100 for x in range(60, 101)],
+         "attention.a100": [x / 100 for x in range(20, 91)], "attention.h100": [x / 100 for x in range(10, 71)]}
+
+
+def _get(eff: Efficiency, name: str) -> float:
+    if name in SCALARS:
+        return getattr(eff, name)
+    table, gen = name.split(".")
+    return dict(getattr(eff, table))[gen]
 
 
 def _with(eff: Efficiency, name: str, value: float) -> Efficiency:
     if name in SCALARS:
         return dataclasses.replace(eff, **{name: value})
-    table = dict(eff.attention)
-    table[name] = value
-    return dataclasses.replace(eff, attention=tuple(sorted(table.items())))
+    field, gen = name.split(".")
+    table = dict(getattr(eff, field))
+    table[gen] = value
+    return dataclasses.replace(eff, **{field: tuple(sorted(table.items()))})
 
 
 
 def calibrate(start: Efficiency = NEUTRAL) -> Efficiency:
-    """Coordinate descent on :data:`GRIDS` (the large-GEMM ceiling, the elementwise traffic and
-    the flash kernels' fraction of peak per generation), each step to the neighbouring grid value
+    """Coordinate descent on :data:`GRIDS`, each step to the neighbouring grid value
     that lowers the squared log error on the fit rows: Megatron Table 1's calibration rows (best
     micro-batch, as :func:`~megallama.profiling.published.predict_row`) and :data:`CALIBRATION`'s."""
     a100 = load_hardware("a100-80gb")
@@ -66,7 +75,7 @@ def calibrate(start: Efficiency = NEUTRAL) -> Efficiency:
     while moved:
         moved = False
         for name, grid in GRIDS.items():
-            now = getattr(point, name) if name in SCALARS else dict(point.attention)[name]
+            now = _get(point, name)
             i = min(range(len(grid)), key=lambda j: abs(grid[j] - now))
             for step in (1, -1):
                 while 0 <= i + step < len(grid):

@@ -6,8 +6,8 @@ Three kinds of work, each against the profile's physical fields:
   with both limits paid, ``2MNK / (peak * ceiling) + w (MK + KN + MN) / HBM bandwidth``. The
   second term is what makes small per-rank GEMMs (deep TP, small ``h``) run below the ceiling,
   and more so where the machine balance ``peak / bandwidth`` is higher (H100: ~295 FLOP/byte,
-  A100-80GB: ~153). ``ceiling`` is one fitted constant: the fraction of the datasheet peak a
-  large GEMM sustains at the clocks a training job holds.
+  A100-80GB: ~153). ``ceiling`` is the fitted fraction of the datasheet peak a large GEMM
+  sustains on an A100, times the generation's sustained clock (:data:`SUSTAINED_CLOCK`).
 * The attention core: with eager attention (Megatron) two batched GEMMs per head, ``s x s x d``
   and ``s x d x s``, on the same roofline (they are near the balance point: ``d`` = 128); with a
   flash kernel its counted FLOPs at the fraction of peak that kernel reaches on that generation
@@ -31,8 +31,14 @@ from typing import Dict, List, Tuple
 # scale, FlashAttention-2 reaches 50-73% of peak on A100 (Dao 2023, abstract) and ~35% on H100
 # (Shah et al. 2024, "FlashAttention-3", abstract). Kernels and generations without a fit take
 # the H100's (FA2-class kernels on a part whose tensor cores outrun its exponential units).
-ATTENTION_KERNEL: Dict[str, float] = {"a100": 0.68, "h100": 0.33}
+ATTENTION_KERNEL: Dict[str, float] = {"a100": 0.63, "h100": 0.36}
 ATTENTION_KERNEL_DEFAULT = "h100"
+# The tensor-core clock a training job sustains, relative to the A100's, by generation: the
+# datasheet peaks assume boost clocks, and an H100 SXM at its 700 W cap does not hold them under
+# dense GEMMs the way an A100 at 400 W does. Fitted (H100; the A100 is the reference, 1);
+# generations without a fit take 1 (no evidence either way).
+SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.77}
+SAME_SILICON = {"h200": "h100"}   # GH100 at the same 700 W: its H100's fitted figures
 # HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits
 # (2), write and re-read their fp32 softmax (4 + 4, the max and the sum folded into those passes),
 # read it again in backward (4) and write the bf16 gradient (2), plus the fp32 upcast's round trip
@@ -83,8 +89,18 @@ def head_gemm(spec, tokens: float, tp: int) -> Gemm:
     return Gemm("lm_head", tokens, spec.vocab_size / tp, spec.dim)
 
 
+def generation(hw) -> str:
+    """``a100-80gb`` -> ``a100``; an H200 counts as the H100 it shares its silicon with."""
+    gen = hw.name.split("-")[0]
+    return SAME_SILICON.get(gen, gen)
+
+
 def attention_kernel_fraction(hw, table: Dict[str, float] = ATTENTION_KERNEL) -> float:
-    return table.get(hw.name.split("-")[0], table[ATTENTION_KERNEL_DEFAULT])
+    return table.get(generation(hw), table[ATTENTION_KERNEL_DEFAULT])
+
+
+def sustained_clock(hw, table: Dict[str, float] = SUSTAINED_CLOCK) -> float:
+    return 1.0 if hw.measured else table.get(generation(hw), 1.0)
 
 
 def seconds_per_flop(spec, tokens: float, seq: int, tp: int, hw, dtype: str, dtype_bytes: int, ceiling: float,

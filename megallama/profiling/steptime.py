@@ -38,20 +38,22 @@ from megallama.profiling.sequence_comm import attention_core_seconds, ring_expos
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused`` and
-    ``attention`` (the flash kernels' fraction of peak, by GPU generation) are what
+    """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused``,
+    ``attention`` (the flash kernels' fraction of peak) and ``clock`` (the sustained tensor-core
+    clock, of the A100's), the last two by GPU generation, are what
     :func:`megallama.profiling.calibration.calibrate` finds on its fit rows (Megatron Table 1
     and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
-    gemm: float = 0.75                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
-    traffic: float = 4.0                    # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
-    traffic_fused: float = 1.75             # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
+    gemm: float = 0.77                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
+    traffic: float = 2.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
+    traffic_fused: float = 2.0              # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
     overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
     usable_memory: float = 0.92             # of device memory; the rest: CUDA context, fragmentation
     attention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.ATTENTION_KERNEL.items())   # flash, by generation
+    clock: Tuple[Tuple[str, float], ...] = tuple(eff_mod.SUSTAINED_CLOCK.items())   # of the A100's, by generation
 
 
 @dataclass
@@ -89,6 +91,11 @@ class StepPrediction:
                 "pipeline_split": describe_split(self.stage_layers), "pipeline_slowest_stage": self.slowest_stage}
 
 
+def gemm_ceiling(hw: HardwareProfile, eff: Efficiency) -> float:
+    """The fraction of ``hw``'s peak a large GEMM sustains: ``gemm`` at the generation's clock."""
+    return eff.gemm * eff_mod.sustained_clock(hw, dict(eff.clock))
+
+
 def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
                    stage: int, impl: act.ActivationImpl) -> float:
     """Seconds of compute for one micro-batch on one rank of ``stage``; ``fc``: the FLOPs the TP
@@ -103,7 +110,7 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
     count = layout.stage_layers(spec)[stage]
     share = count / spec.n_layers * tokens / layout.tp
     proj_rate, core_rate, head_rate = eff_mod.seconds_per_flop(
-        spec, tokens, seq, layout.tp, hw, layout.dtype, layout.dtype_bytes, eff.gemm, impl.attention,
+        spec, tokens, seq, layout.tp, hw, layout.dtype, layout.dtype_bytes, gemm_ceiling(hw, eff), impl.attention,
         eff_mod.attention_kernel_fraction(hw, dict(eff.attention)))
     matmul = share * ((3 + redo_rest) * rest * proj_rate + (3 + redo_core) * core * core_rate)
     if stage == layout.pp - 1:
@@ -137,7 +144,7 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     groups = layout.stage_groups(spec)   # stage -> how many stages it stands for
     per_stage, step_comm = {}, {}
     flash = impl.attention == "flash" and not hw.measured   # the core's fraction of peak, as _stage_compute's
-    core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else eff.gemm
+    core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else gemm_ceiling(hw, eff)
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
