@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Planner predictions against Table 1 of Narayanan et al. 2021 (Megatron-LM on Selene).
+"""Planner predictions against published runs: Table 1 of Narayanan et al. 2021 (Megatron-LM on
+Selene) and the MPT / torchtitan FSDP runs of :mod:`megallama.profiling.published_runs`.
 
-Writes ``benchmarks/results/planner_vs_megatron.csv`` and the table in
-``benchmarks/README_planner.md`` (between its ``<!-- table -->`` markers).
+Writes ``benchmarks/results/planner_vs_megatron.csv``, ``planner_vs_published.csv`` and its
+scatter plot ``planner_vs_published.png``, and the tables in ``benchmarks/README_planner.md``
+(between its ``<!-- table -->`` and ``<!-- runs -->`` markers).
 
     .venv/bin/python benchmarks/validate_planner.py [--recalibrate]
 
-``--recalibrate`` re-fits ``Efficiency.gemm``/``.traffic`` on the calibration rows first and
-reports with the fitted values (the shipped defaults are what this fit found).
+``--recalibrate`` re-runs the fit (:func:`megallama.profiling.calibration.calibrate`) and reports with what it
+finds (the shipped defaults are what this fit found).
 """
 from __future__ import annotations
 
@@ -19,12 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megallama.profiling.published import CALIBRATION_ROWS, calibrate, summary, validate  # noqa: E402
+from megallama.profiling.published import CALIBRATION_ROWS, summary, validate  # noqa: E402
+from megallama.profiling.calibration import calibrate  # noqa: E402
+from megallama.profiling.published_runs import by_generation, validate_runs  # noqa: E402
 from megallama.profiling.steptime import Efficiency  # noqa: E402
 
 CSV = ROOT / "benchmarks" / "results" / "planner_vs_megatron.csv"
+RUNS_CSV = ROOT / "benchmarks" / "results" / "planner_vs_published.csv"
+PNG = ROOT / "benchmarks" / "results" / "planner_vs_published.png"
 README = ROOT / "benchmarks" / "README_planner.md"
 BEGIN, END = "<!-- table -->", "<!-- /table -->"
+RUNS_BEGIN, RUNS_END = "<!-- runs -->", "<!-- /runs -->"
 
 
 def rows(eff: Efficiency):
@@ -48,8 +55,8 @@ def markdown(table, eff: Efficiency) -> str:
         lines.append(f"| {d['params_b']} | {d['heads']} | {d['hidden']} | {d['layers']} | {d['tp']} | {d['pp']} | "
                      f"{d['dp']} | {d['gpus']} | {d['batch']} | {d['mbs']} | {d['published_tflops']:g} | "
                      f"{d['predicted_tflops']} | {d['error']:+.1%} | {d['role']} |")
-    lines += ["", f"Constants: `Efficiency(gemm={eff.gemm}, traffic={eff.traffic})`, fitted on the "
-              f"{', '.join(f'{b:g}B' for b in CALIBRATION_ROWS)} rows.",
+    lines += ["", f"Constants: `Efficiency(gemm={eff.gemm}, traffic_fused={eff.traffic_fused})` (the ones "
+              f"these rows use), fitted with the {', '.join(f'{b:g}B' for b in CALIBRATION_ROWS)} rows in the fit set.",
               f"All rows: median |error| {s['median_abs_error']:.1%}, max {s['max_abs_error']:.1%}. "
               f"Held-out rows only: median {s['median_abs_error_held_out']:.1%}, "
               f"max {s['max_abs_error_held_out']:.1%}."]
@@ -70,24 +77,115 @@ def llama_65b_check() -> str:
             f"MFU {best.mfu:.1%}.")
 
 
+def run_rows(eff: Efficiency):
+    for r in validate_runs(eff):
+        p, run = r.prediction, r.run
+        yield {"source": run.source, "gpu": run.gpu, "generation": run.generation, "model": run.model,
+               "seq": run.seq, "gpus": run.gpus, "tp": run.tp, "zero": run.zero, "mbs": run.mbs, "accum": run.accum,
+               "recompute": run.recompute, "published_tokens_per_s_per_gpu": run.tokens_per_s_per_gpu,
+               "predicted_tokens_per_s_per_gpu": round(p.tokens_per_s_per_gpu, 1), "error": round(r.error, 4),
+               "predicted_mfu": round(p.mfu, 4), "predicted_memory_gib": round(p.memory.total / 2 ** 30, 1),
+               "role": "calibration" if r.calibration else "held-out"}, r
+
+
+def runs_markdown(table, megatron, eff: Efficiency) -> str:
+    gens = by_generation([r for _, r in table], megatron)
+    lines = ["| generation | fit rows | fit median abs error | fit max | held-out rows | held-out median abs error "
+             "| held-out max |", "|" + "---|" * 7]
+    for g, v in gens.items():
+        lines.append(f"| {g.upper()} | {v['fit_rows']} | {v['fit_median']:.1%} | {v['fit_max']:.1%} | "
+                     f"{v['held_out_rows']} | {v['held_out_median']:.1%} | {v['held_out_max']:.1%} |")
+    lines += ["", "By source and GPU (held-out rows only):", "",
+              "| source | GPU | rows | median abs error | median error (signed) | max abs error |", "|" + "---|" * 6]
+    import statistics
+    groups = {}
+    for d, r in table:
+        if not r.calibration:
+            groups.setdefault((d["source"], d["gpu"]), []).append(r.error)
+    for (src, gpu), errs in sorted(groups.items()):
+        lines.append(f"| {src} | {gpu} | {len(errs)} | {statistics.median(abs(e) for e in errs):.1%} | "
+                     f"{statistics.median(errs):+.1%} | {max(abs(e) for e in errs):.1%} |")
+    worst = sorted((t for t in table if not t[1].calibration), key=lambda t: -abs(t[1].error))[:8]
+    lines += ["", "Largest held-out errors:", "", "| run | published tokens/s/GPU | predicted | error |",
+              "|---|---|---|---|"]
+    lines += [f"| {r.run.name} | {d['published_tokens_per_s_per_gpu']:g} | {d['predicted_tokens_per_s_per_gpu']:.0f} "
+              f"| {r.error:+.1%} |" for d, r in worst]
+    att = ", ".join(f"{k}: {v}" for k, v in eff.attention)
+    clock = ", ".join(f"{k}: {v}" for k, v in eff.clock)
+    lines += ["", f"Constants: `gemm={eff.gemm}` (large-GEMM ceiling), sustained clock {{{clock}}}, "
+              f"`traffic={eff.traffic}` (eager PyTorch), `traffic_fused={eff.traffic_fused}` (Megatron), "
+              f"flash attention fraction of peak {{{att}}}."]
+    return "\n".join(lines)
+
+
+def scatter(table, megatron) -> None:
+    """Predicted against published, per GPU generation, on log axes (Megatron on TFLOP/s)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, gen in zip(axes, ("a100", "h100")):
+        pts = [(r.run.tokens_per_s_per_gpu, r.prediction.tokens_per_s_per_gpu, r.calibration, r.run.source)
+               for _, r in table if r.generation == gen]
+        for src, marker in (("mpt", "o"), ("torchtitan", "s")):
+            for fit, colour in ((False, "tab:blue"), (True, "tab:red")):
+                xs = [p for p, _, c, s_ in pts if c == fit and s_ == src]
+                ys = [q for _, q, c, s_ in pts if c == fit and s_ == src]
+                if xs:
+                    ax.scatter(xs, ys, s=14, marker=marker, c=colour,
+                               label=f"{src} {'fit' if fit else 'held out'}")
+        lo = min(min(p, q) for p, q, _, _ in pts) / 1.5
+        hi = max(max(p, q) for p, q, _, _ in pts) * 1.5
+        for k, style in ((1.0, "k-"), (1.1, "k:"), (1 / 1.1, "k:"), (1.25, "k--"), (1 / 1.25, "k--")):
+            ax.plot([lo, hi], [lo * k, hi * k], style, lw=0.7)
+        ax.set(xscale="log", yscale="log", xlabel="published tokens/s/GPU", ylabel="predicted tokens/s/GPU",
+               title=f"{gen.upper()}: dotted +-10%, dashed +-25%")
+        ax.legend(fontsize=7)
+    if megatron:
+        ins = axes[0].inset_axes([0.62, 0.08, 0.35, 0.3])
+        ins.scatter([m.row.tflops_per_gpu for m in megatron], [m.predicted for m in megatron], s=8, c="tab:green")
+        ins.plot([120, 180], [120, 180], "k-", lw=0.5)
+        ins.set_title("Megatron TFLOP/s", fontsize=7)
+        ins.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=110)
+    plt.close(fig)
+
+
+def write_csv(path: Path, table) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0][0]))
+        w.writeheader()
+        w.writerows(d for d, _ in table)
+
+
+def replace_block(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    before, rest = text.split(begin, 1)
+    return f"{before}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recalibrate", action="store_true")
     args = ap.parse_args()
     eff = calibrate() if args.recalibrate else Efficiency()
     table = list(rows(eff))
+    runs = list(run_rows(eff))
     CSV.parent.mkdir(parents=True, exist_ok=True)
-    with CSV.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0][0]))
-        w.writeheader()
-        w.writerows(d for d, _ in table)
+    write_csv(CSV, table)
+    write_csv(RUNS_CSV, runs)
+    scatter(runs, [r for _, r in table])
     md = markdown(table, eff) + "\n\n" + llama_65b_check()
-    text = README.read_text() if README.exists() else f"{BEGIN}\n{END}\n"
-    before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1]
-    README.write_text(f"{before}{BEGIN}\n{md}\n{END}{after}")
-    print(md)
-    print(f"\nwrote {CSV.relative_to(ROOT)} and {README.relative_to(ROOT)}")
+    runs_md = runs_markdown(runs, [r for _, r in table], eff)
+    text = README.read_text() if README.exists() else ""
+    text = replace_block(replace_block(text, BEGIN, END, md), RUNS_BEGIN, RUNS_END, runs_md)
+    README.write_text(text)
+    print(md + "\n\n" + runs_md)
+    print(f"\nwrote {CSV.relative_to(ROOT)}, {RUNS_CSV.relative_to(ROOT)}, {PNG.relative_to(ROOT)} and "
+          f"{README.relative_to(ROOT)}")
     return 0
 
 

@@ -9,8 +9,10 @@ measurement in :mod:`hardware`):
 * :mod:`memory` -- ``model_state_bytes`` (ZeRO 0-3, offload), ``memory_breakdown`` per stage.
 * :mod:`comm` -- ``collectives``, ``collective_bytes_per_step``, ring/tree times over NVLink/IB.
 * :mod:`hardware` -- ``load_hardware``, ``measure_cpu_gemm_peak``.
+* :mod:`efficiency` -- GEMM, attention and collective rates from shapes and the hardware.
 * :mod:`steptime` -- ``predict`` one layout; :mod:`planner` -- ``plan`` (enumerate, fit, rank).
-* :mod:`published` -- Narayanan et al. 2021 Table 1 and the validation against it.
+* :mod:`published` -- Narayanan et al. 2021 Table 1 and the validation against it;
+  :mod:`published_runs` -- MPT and torchtitan runs (A100, H100); :mod:`calibration` -- the fit.
 
 Measured runs (import torch and DeepSpeed; not imported here): :mod:`measure` (saved
 activations), :mod:`measure_states` (model states a DeepSpeed engine holds), :mod:`measure_comm`

@@ -36,8 +36,10 @@ stage's own blocks, ``Layout.stage_layers``):
 
 DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
 gathers ``stage3_prefetch_bucket_size`` 5e7 at a time, at least one call per block), which sets
-how many latency terms a step pays. Times: ring ``alpha * steps + wire / (bandwidth *
-bus_efficiency)``; all-reduce may take a tree's ``2 log2 n`` latency steps when fewer (NCCL
+how many latency terms a step pays. Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
+achievable bus bandwidth, ``bus_efficiency`` of the link for large calls and less for small ones
+(:func:`megallama.profiling.efficiency.achievable_bandwidth`); all-reduce may take a tree's
+``2 log2 n`` latency steps when fewer (NCCL
 all-gather and reduce-scatter are ring-only). A group inside one node runs at NVLink speed; one that spans nodes at
 ``min(NVLink, members_per_node * NIC)`` (each GPU has its own NIC; a ring's traffic out of a
 node spreads over the NICs of its members there).
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from megallama.profiling.activations import ActivationImpl
+from megallama.profiling.efficiency import achievable_bandwidth, message_half
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
@@ -286,7 +289,8 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
     else:
         ring = (n - 1) * (2 if c.op == "all_reduce" else 1)
         steps = min(ring, 2 * math.ceil(math.log2(n))) if c.op == "all_reduce" else ring  # NCCL: tree AR only
-    return c.calls * (alpha * steps + wire_bytes(c, n) / (bw * bus_efficiency))
+    return c.calls * (alpha * steps + wire_bytes(c, n) / achievable_bandwidth(bw, c.payload_bytes, bus_efficiency,
+                                                                               message_half(hw)))
 
 
 def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,

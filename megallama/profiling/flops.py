@@ -23,7 +23,7 @@ Conventions (see DESIGN.md, "Counting FLOPs the way published runs do"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, NamedTuple
+from typing import Dict, List, Literal, NamedTuple
 
 from megallama.config.pipeline_split import StageWeights
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
@@ -177,17 +177,6 @@ def flops_per_token(model: SpecLike, seq_len: int, recompute: str = "none") -> F
              "op": spec.n_layers * sum(2.0 * mm.k * mm.n for mm in op_sac_recomputed(spec))}[recompute]
     return FlopCount(forward=forward, model=model_flops, hardware=model_flops + extra, recompute=recompute,
                      terms=terms)
-
-
-def gemm_peak(hw: Any, dtype: str, fc: FlopCount) -> float:
-    """FLOP/s the step's matmuls run at. Under FP8 (costed only) the linear layers run at the FP8
-    peak and the attention core at BF16 (Transformer Engine's DotProductAttention computes in
-    BF16 unless FP8 attention is asked for): the two blended by their share of the FLOPs."""
-    if dtype != "fp8":
-        return hw.peak(dtype)
-    core = fc.terms["attn_core"] + fc.terms["cross_core"] + fc.terms["encoder_core"]
-    core *= 4.0 if fc.recompute in ("full", "selective") else 3.0
-    return fc.hardware / ((fc.hardware - core) / hw.peak("fp8") + core / hw.peak("bf16"))
 
 
 def megatron_formula_flops_per_token(model: SpecLike, seq_len: int) -> float:

@@ -63,7 +63,7 @@ MEGATRON_TABLE1: List[MegatronRow] = [
     MegatronRow(529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
     MegatronRow(1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
 ]
-CALIBRATION_ROWS = (1.7, 18.4, 310.1)   # fit Efficiency.gemm / .traffic on these; report the rest
+CALIBRATION_ROWS = (1.7, 18.4, 310.1)   # in the fit (calibration.calibrate); the rest held out
 MEGATRON_IMPL = ActivationImpl(attention="eager", sp_saves_gathered_input=False)
 SEQ = 2048
 
@@ -111,19 +111,6 @@ def summary(results: Sequence[RowResult]) -> Dict[str, float]:
     return {"median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
             "median_abs_error_held_out": statistics.median(held), "max_abs_error_held_out": max(held)}
 
-
-def calibrate(gemm_grid: Sequence[float] = tuple(x / 100 for x in range(50, 91, 2)),
-              traffic_grid: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)) -> Efficiency:
-    """Grid-search ``gemm`` and ``traffic`` for the least squared log error on the calibration rows."""
-    rows = [r for r in MEGATRON_TABLE1 if r.params_b in CALIBRATION_ROWS]
-    best, best_loss = Efficiency(), float("inf")
-    for g in gemm_grid:
-        for tr in traffic_grid:
-            eff = Efficiency(gemm=g, traffic=tr)
-            loss = sum((predict_row(r, eff).hardware_tflops_per_gpu / r.tflops_per_gpu - 1) ** 2 for r in rows)
-            if loss < best_loss:
-                best, best_loss = eff, loss
-    return best
 
 
 # ---------------------------------------------------------------------- long sequences

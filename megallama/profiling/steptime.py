@@ -2,7 +2,7 @@
 
 Per micro-batch, a pipeline stage takes
 
-    matmul FLOPs (incl. recompute) / (peak * gemm)
+    matmuls (incl. recompute), each at the rate its shapes allow     (:mod:`.efficiency`)
   + elementwise HBM traffic / memory bandwidth        (norms, softmax, SwiGLU, dropout, loss)
   + its TP collectives + its pipeline sends            (synchronous: on the critical path)
   + its Ulysses all-to-alls; ring attention's sends beyond the attention core they overlap
@@ -15,19 +15,21 @@ back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved ch
 and the slowest sets the steady state. Then the data-parallel traffic after the last backward
 (all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched
 gathers hide behind ``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU
-Adam + PCIe when offloaded). ``gemm`` and ``traffic`` are calibrated against published runs
-(:mod:`megallama.profiling.published`); the rest are physical constants of the profile.
+Adam + PCIe when offloaded). The fitted constants (:class:`Efficiency`) are calibrated against
+published runs (:mod:`megallama.profiling.published_runs`); the rest are physical constants of
+the profile.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
+from megallama.profiling import efficiency as eff_mod
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.comm import comm_time_by_phase
-from megallama.profiling.flops import FlopCount, flops_per_token, gemm_peak
+from megallama.profiling.flops import FlopCount, flops_per_token
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
@@ -37,15 +39,21 @@ from megallama.profiling.sequence_comm import attention_core_seconds, ring_expos
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Achieved fractions of the hardware's peaks. ``gemm`` and ``traffic`` were fitted on three
-    rows of Narayanan et al. 2021 (see benchmarks/README_planner.md)."""
+    """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused``,
+    ``attention`` (the flash kernels' fraction of peak) and ``clock`` (the sustained tensor-core
+    clock, of the A100's), the last two by GPU generation, are what
+    :func:`megallama.profiling.calibration.calibrate` finds on its fit rows (Megatron Table 1
+    and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
-    gemm: float = 0.66                      # matmul FLOP/s / dense peak
-    traffic: float = 2.0                    # elementwise HBM bytes per saved-activation byte, per pass
+    gemm: float = 0.77                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
+    traffic: float = 2.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
+    traffic_fused: float = 2.0              # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
     overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
+    attention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.ATTENTION_KERNEL.items())   # flash, by generation
+    clock: Tuple[Tuple[str, float], ...] = tuple(eff_mod.SUSTAINED_CLOCK.items())   # of the A100's, by generation
 
 
 @dataclass
@@ -94,25 +102,43 @@ class StepPrediction:
                 "pipeline_split": describe_split(self.stage_layers), "pipeline_slowest_stage": self.slowest_stage}
 
 
+def gemm_ceiling(hw: HardwareProfile, eff: Efficiency) -> float:
+    """The fraction of ``hw``'s peak a large GEMM sustains: ``gemm`` at the generation's clock."""
+    return eff.gemm * eff_mod.sustained_clock(hw, dict(eff.clock))
+
+
 def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency, fc: FlopCount,
                    stage: int, impl: act.ActivationImpl) -> float:
     """Seconds of compute for one micro-batch on one rank of ``stage``; ``fc``: the FLOPs the TP
-    ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`)."""
+    ranks run together (replicated KV heads included, :meth:`ArchSpec.tp_view`). Each kind of
+    FLOP runs at its own rate (:func:`megallama.profiling.efficiency.seconds_per_flop`)."""
     tokens = seq * layout.mbs / layout.seq_shards   # attention per token is the whole sequence's
-    head = 3.0 * fc.terms["lm_head"]
-    blocks = fc.hardware - head
+    tr = fc.terms
+    core = tr["attn_core"] + tr["cross_core"] + tr["encoder_core"]
+    rest = fc.forward - tr["lm_head"] - core
+    redo_core = core if layout.recompute in ("full", "selective") else 0.0
+    redo_rest = fc.recomputed - redo_core   # full: the whole block; op: every second matmul
     count = layout.stage_layers(spec)[stage]
-    flops = tokens * (blocks * count / spec.n_layers + (head if stage == layout.pp - 1 else 0.0)) / layout.tp
+    share = count / spec.n_layers * tokens / layout.tp
+    proj_rate, core_rate, head_rate = eff_mod.seconds_per_flop(
+        spec, tokens, seq, layout.tp, hw, layout.dtype, layout.dtype_bytes, gemm_ceiling(hw, eff), impl.attention,
+        eff_mod.attention_kernel_fraction(hw, dict(eff.attention)))
+    matmul = share * ((3 * rest + redo_rest) * proj_rate + (3 * core + redo_core) * core_rate)
+    if stage == layout.pp - 1:
+        matmul += tokens / layout.tp * 3 * tr["lm_head"] * head_rate
     t, sp, w, u, cp = layout.tp, layout.sp, layout.dtype_bytes, layout.ulysses, layout.cp
     kind = "cross" if spec.arch == "encoder_decoder" else "decoder"
     saved = act.activation_bytes_per_layer(spec, seq, layout.mbs, t, sp, "none", w, impl, kind, u, cp)
     redo = act.recomputed_bytes_per_layer(spec, seq, layout.mbs, t, sp, layout.recompute, w, impl, kind, u, cp)
     layers = count + (spec.n_encoder_layers if stage == 0 else 0)
     traffic = layers * (3 * saved + redo)
-    if stage == layout.pp - 1:
-        traffic += 3 * sum(x.bytes for x in act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs,
-                                                                          t, sp, w, impl))
-    return flops / (gemm_peak(hw, layout.dtype, fc) * eff.gemm) + eff.traffic * traffic / hw.memory_bandwidth
+    loss = 0.0
+    if stage == layout.pp - 1:   # the loss at its kernels' bytes per logit; the final norm as the blocks
+        last = act.last_stage_saved_tensors(spec, seq // layout.seq_shards, layout.mbs, t, sp, w, impl)
+        traffic += 3 * sum(x.bytes for x in last if not x.name.startswith("loss."))
+        loss = tokens * spec.tp_view(t).vocab_size / t * eff_mod.LOSS_BYTES_PER_LOGIT
+    per_byte = eff.traffic if impl.sp_saves_gathered_input else eff.traffic_fused   # False: Megatron's own
+    return matmul + (per_byte * traffic + loss) / hw.memory_bandwidth
 
 
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
@@ -126,10 +152,12 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     m = layout.grad_accum
     groups = layout.stage_groups(spec)   # stage -> how many stages it stands for
     per_stage, step_comm = {}, {}
+    flash = impl.attention == "flash" and not hw.measured   # the core's fraction of peak, as _stage_compute's
+    core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else gemm_ceiling(hw, eff)
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
-        ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, eff.gemm, s))
+        ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, core_rate, s))
         per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv", "ulysses")) / m
                         + ring)
         hidden = eff.overlap * m * compute
