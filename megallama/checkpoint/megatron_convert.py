@@ -4,7 +4,8 @@ From Megatron (legacy per-rank files or megatron-core's ``torch_dist`` directory
 training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
 resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
 loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
-converted. A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
+converted (``--distributed-optimizer``: in the distributed optimizer's ``distrib_optim.pt`` files).
+A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def _refuse_flags(args) -> None:
                         "reshard the consolidated result")
     if args.to_format == "megatron" and args.tokenizer:
         raise UserError("--tokenizer: a Megatron checkpoint carries no tokenizer file")
+    if args.distributed_optimizer and args.megatron_format == "torch_dist":
+        raise UserError("--distributed-optimizer: only for a legacy --to megatron output (a torch_dist one holds "
+                        "Adam state per parameter, which either optimizer loads)")
 
 
 def _read(args, inp: Path):
@@ -37,9 +41,9 @@ def _read(args, inp: Path):
         if isinstance(ck, TorchDistCheckpoint):
             if ck.not_read:
                 print(ck.not_read, file=sys.stderr)
-        elif vars(ck.args).get("use_distributed_optimizer"):
-            print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
-                  "not read; converting the weights only", file=sys.stderr)
+        elif ck.distributed and not ck.has_optimizer:
+            print(f"{ck.dir}: args.use_distributed_optimizer is set but not every rank directory holds "
+                  "distrib_optim.pt; converting the weights only", file=sys.stderr)
         return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed
     from megallama.checkpoint.consolidated import is_consolidated, open_consolidated
 
@@ -78,10 +82,14 @@ def run(args, inp: Path, out: Path) -> int:
         else:
             from megallama.checkpoint.megatron_write import save_megatron
 
+            if args.distributed_optimizer and optimizer is None:
+                raise UserError("--distributed-optimizer: the input holds no Adam state to write (a training "
+                                "checkpoint or a Megatron one with its optimizer does)")
             save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype,
-                          optimizer=optimizer)
+                          optimizer=optimizer, distributed=args.distributed_optimizer)
         what = (f"Megatron {args.megatron_format or 'legacy'} checkpoint at tp={tp} pp={pp}, iteration {step}"
-                + (" with Adam state" if optimizer else ""))
+                + (" with Adam state" if optimizer else "")
+                + (" (distributed optimizer: distrib_optim.pt)" if args.distributed_optimizer else ""))
     elif optimizer is not None:
         if dtype is not None:
             raise UserError("--dtype: a checkpoint with Adam state becomes a training checkpoint, which keeps fp32 "

@@ -7,7 +7,8 @@ Anything else is refused in one line naming the file and the global. Files are m
 each tensor read on demand, so a conversion holds row blocks, not the model. Adam state is
 that of Megatron's non-distributed optimizers (torch Adam's ``state`` indexed over parameter
 groups built in model order, 2-D weights first, then norms; fp32 masters in
-``fp32_from_fp16_params`` under bf16/fp16).
+``fp32_from_fp16_params`` under bf16/fp16) or, under ``args.use_distributed_optimizer``, the flat
+buffers of ``distrib_optim.pt`` (:mod:`~megallama.checkpoint.megatron_dopt`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from megallama.checkpoint.streaming import CHUNK_BYTES, Lazy, nbytes
 from megallama.config import ModelConfig
 from megallama.errors import UserError
 
-TRACKER, FILE = "latest_checkpointed_iteration.txt", "model_optim_rng.pt"
+TRACKER, FILE, DOPT_FILE = "latest_checkpointed_iteration.txt", "model_optim_rng.pt", "distrib_optim.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -173,6 +174,7 @@ class MegatronCheckpoint:
         self.padded = a["padded_vocab_size"]
         self.names: Dict[Tuple[int, int], Dict[str, Tuple[str, ...]]] = {}
         self.meta: Dict[Tuple[int, int, str], Tuple[Tuple[int, ...], torch.dtype]] = {}
+        self.distributed = bool(a.get("use_distributed_optimizer"))  # Adam state in distrib_optim.pt
         self.has_optimizer = True
         for (s, t), f in sorted(grid.items()):
             data = first if (s, t) == (0, 0) else load_file(f)
@@ -181,7 +183,8 @@ class MegatronCheckpoint:
             for name, keys in flat.items():
                 tensor = _at(data, keys)
                 self.meta[(s, t, name)] = (tuple(tensor.shape), tensor.dtype)
-            self.has_optimizer &= bool(data.get("optimizer")) and not a.get("use_distributed_optimizer")
+            held = (f.parent / DOPT_FILE).is_file() if self.distributed else bool(data.get("optimizer"))
+            self.has_optimizer &= held
         self.layer_counts = [self._count_layers(s) for s in range(self.pp)]
         if sum(self.layer_counts) != self.cfg.n_layers:
             raise UserError(f"{self.dir}: its stages hold {sum(self.layer_counts)} layers, args.num_layers is "
@@ -214,11 +217,18 @@ class MegatronCheckpoint:
         """``(fp32 masters, {moment: state})`` in megallama's names, or None when not held here."""
         if not self.has_optimizer:
             return None
+        from megallama.checkpoint.megatron_dopt import read_rank
+
         shards: Dict[Tuple[int, int, str], Dict[str, torch.Tensor]] = {}
         for (s, t), path in self.files.items():
-            data = load_file(path)
-            for name, state in _adam_state(data, self.names[(s, t)], path).items():
-                shards[(s, t, name)] = state
+            if self.distributed:
+                names = list(self.names[(s, t)])
+                state = read_rank(path.parent / DOPT_FILE, names, {n: self.meta[(s, t, n)][0] for n in names},
+                                  self.args, self.cfg.tie_embeddings, s, self.pp)
+            else:
+                state = _adam_state(load_file(path), self.names[(s, t)], path)
+            for name, moments in state.items():
+                shards[(s, t, name)] = moments
         parts = {key: mg.to_megallama(lambda s, t, n, key=key: shards[(s, t, n)][key], self.cfg, self.tp,
                                       self.layer_counts) for key in ("master",) + MOMENTS}
         return parts["master"], {k: parts[k] for k in MOMENTS}

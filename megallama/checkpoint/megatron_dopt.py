@@ -1,0 +1,142 @@
+"""Megatron's distributed optimizer (``--use-distributed-optimizer``) state in the legacy form:
+``distrib_optim.pt`` beside each rank's ``model_optim_rng.pt``, whose ``optimizer`` entry then
+holds only the param groups.
+
+The file is what DP rank 0 gathers (megatron-core ``DistributedOptimizer.get_parameter_state_dp_zero``):
+``{"buckets_coalesced": True, 0: {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq":
+flat fp32, "numel_unpadded": n}}}``, one flat buffer per grad buffer (one for a LLaMA: every
+weight has one dtype). A buffer holds the rank's parameters in *reverse* model order (backprop
+order), each starting at a multiple of 64 elements within its bucket; a bucket closes once it
+holds ``bucket_size`` elements, and a shared (tied, pipelined) embedding gets a bucket of its own;
+the gathered buffer drops each bucket's end padding (to a multiple of lcm(DP, 128)), so it does not
+depend on the DP size (megatron-core ``distributed/param_and_grad_buffer.py``). ``param`` is the
+fp32 master. Parameters are taken in the order the rank file's ``model`` entry lists them (the
+module's registration order, as megatron-core builds the buffer from ``named_parameters``).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megallama.checkpoint import megatron as mg
+from megallama.checkpoint.streaming import Lazy, materialize
+from megallama.errors import UserError
+
+KEYS = (("param", "master"), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"))  # Megatron's -> ours
+ALIGN = 64  # param_and_grad_buffer.py _pad_start_of_param_if_needed: 128-byte aligned 16-bit values
+
+
+def flat_layout(numels: Sequence[int], own_bucket: Sequence[bool],
+                bucket_size: Optional[int]) -> Tuple[List[int], int]:
+    """Each parameter's offset in the gathered buffer (parameters given in model order) and the
+    buffer's length, as megatron-core's ``_ParamAndGradBuffer`` places them."""
+    offsets = [0] * len(numels)
+    done, local, held = 0, 0, 0  # elements of closed buckets; position in, and params of, the open one
+    for i in reversed(range(len(numels))):
+        local = math.ceil(local / ALIGN) * ALIGN
+        if own_bucket[i] and held:  # the previous bucket closes at this parameter's aligned start
+            done, local, held = done + local, 0, 0
+        offsets[i] = done + local
+        local, held = local + numels[i], held + 1
+        if own_bucket[i] or (bucket_size is not None and local >= bucket_size):
+            done, local, held = done + local, 0, 0
+    return offsets, done + local
+
+
+def bucket_size(args, stage: int, n_params: int) -> Optional[int]:
+    """megatron's DDP bucket size: none without ``overlap_grad_reduce`` or past the first stage."""
+    a = vars(args)
+    if not a.get("overlap_grad_reduce") or stage > 0:
+        return None
+    if a.get("ddp_num_buckets"):
+        return n_params // a["ddp_num_buckets"]
+    dp = (a.get("data_parallel_size") or 1) * (a.get("context_parallel_size") or 1)
+    return a.get("ddp_bucket_size") or max(40_000_000, 1_000_000 * dp)
+
+
+def own_buckets(names: Sequence[str], tied: bool, stage: int, pp: int) -> List[bool]:
+    """A tied embedding's copies on the first and last of several stages each get their own bucket."""
+    shared = set()
+    if tied and pp > 1:
+        shared = {mg.EMB} if stage == 0 else {mg.OUT} if stage == pp - 1 else set()
+    return [n in shared for n in names]
+
+
+def layout(names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied: bool, stage: int,
+           pp: int) -> Tuple[List[int], int]:
+    numels = [math.prod(shapes[n]) for n in names]
+    return flat_layout(numels, own_buckets(names, tied, stage, pp), bucket_size(args, stage, sum(numels)))
+
+
+# ----------------------------------------------------------------------------- reading
+def read_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied: bool, stage: int,
+              pp: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per canonical name: ``master``, ``exp_avg``, ``exp_avg_sq`` (views of the mapped file)."""
+    from megallama.checkpoint.megatron_files import load_file
+
+    data = load_file(path) if path.is_file() else None
+    if data is None:
+        raise UserError(f"{path}: not found (args.use_distributed_optimizer is set, so Megatron saved the Adam "
+                        "state there)")
+    if not data.get("buckets_coalesced"):
+        raise UserError(f"{path}: not the coalesced-bucket form megatron-core has written since Feb 2024 (re-save it "
+                        "with Megatron's --ckpt-convert-update-legacy-dist-opt-format)")
+    buffers = [k for k in data if k != "buckets_coalesced"]
+    per_dtype = data.get(0)
+    if buffers != [0] or not isinstance(per_dtype, dict) or len(per_dtype) != 1:
+        raise UserError(f"{path}: expected one grad buffer of one dtype (a LLaMA's weights share a dtype), got "
+                        f"buffers {buffers!r:.60}")
+    flat = next(iter(per_dtype.values()))
+    offsets, total = layout(names, shapes, args, tied, stage, pp)
+    if not isinstance(flat, dict) or flat.get("numel_unpadded") != total:
+        got = flat.get("numel_unpadded") if isinstance(flat, dict) else None
+        raise UserError(f"{path}: its buffer holds {got!r:.40} elements; Megatron's layout of this rank's "
+                        f"{len(names)} parameters gives {total}")
+    for key, _ in KEYS:
+        t = flat.get(key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (total,) or not t.dtype.is_floating_point:
+            raise UserError(f"{path}: '{key}' is not a flat float tensor of {total} elements")
+    return {n: {ours: flat[key][off:off + math.prod(shapes[n])].view(shapes[n]) for key, ours in KEYS}
+            for n, off in zip(names, offsets)}
+
+
+# ----------------------------------------------------------------------------- writing
+def rank_entry(names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], makers: Dict[str, Dict[str, Callable]],
+               param_dtype: torch.dtype, args, tied: bool, stage: int, pp: int, placeholder) -> Tuple[Dict, Dict]:
+    """``distrib_optim.pt``'s entry (placeholders) and the fills of its flat buffers, each a lazy
+    buffer read a block at a time. ``makers``: ours key (master, exp_avg...) -> name -> shard maker."""
+    offsets, total = layout(names, shapes, args, tied, stage, pp)
+    dtypes = (param_dtype, torch.float32 if vars(args).get("accumulate_allreduce_grads_in_fp32") else param_dtype)
+    flat: Dict = {key: placeholder((total,), torch.float32) for key, _ in KEYS}
+    flat["numel_unpadded"] = total
+    fills = {(0, dtypes, key): (lambda m=makers[ours]: _flat(m, names, shapes, offsets, total)) for key, ours in KEYS}
+    return {"buckets_coalesced": True, 0: {dtypes: flat}}, fills
+
+
+def _flat(makers: Dict[str, Callable], names, shapes, offsets, total) -> Lazy:
+    """The gathered buffer as a lazy 1-D tensor: a block reads the rows of the parameters it covers
+    (one dense parameter kept between blocks; padding reads as zeros)."""
+    last: list = [None, None]
+
+    def value(name):
+        if last[0] != name:
+            last[:] = [None, None]
+            last[:] = [name, makers[name]()]
+        return last[1]
+
+    def read(a: int, b: int) -> torch.Tensor:
+        out = torch.zeros(b - a, dtype=torch.float32)
+        for name, off in zip(names, offsets):
+            numel = math.prod(shapes[name])
+            lo, hi = max(a, off) - off, min(b, off + numel) - off
+            if lo >= hi:
+                continue
+            row = numel // shapes[name][0]
+            r0, r1 = lo // row, -(-hi // row)
+            rows = materialize(mg._rows(value(name), r0, r1)).reshape(-1)
+            out[off + lo - a:off + hi - a] = rows[lo - r0 * row:hi - r0 * row].float()
+        return out
+    return Lazy((total,), torch.float32, read)
