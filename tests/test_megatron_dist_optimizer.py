@@ -74,10 +74,11 @@ def test_tp2_pp2_distributed_optimizer_files_read_back_the_same(made, tmp_path):
 
 def test_a_wrong_bucket_order_or_split_fails(made, tmp_path, monkeypatch, capsys):
     """Parameters placed in model order instead of Megatron's reverse: written so, the buffers are as
-    long and read back into the wrong parameters (the logits show it); read so from megatron-core's
-    bucketed file, or with its buckets ignored, the lengths disagree and the conversion is refused."""
+    long, and their masters differ from the weights, which refuses them (without that check they would
+    land on the wrong parameters: the logits show it); read so from megatron-core's bucketed file, or
+    with its buckets ignored, the lengths disagree and the conversion is refused."""
     tmp, ref, _ = made
-    real = megatron_dopt.flat_layout
+    real, real_check = megatron_dopt.flat_layout, megatron_dopt.check_masters
 
     def model_order(numels, own, size):
         offsets, total = real(numels[::-1], own[::-1], size)
@@ -86,7 +87,14 @@ def test_a_wrong_bucket_order_or_split_fails(made, tmp_path, monkeypatch, capsys
     assert cli("convert", "--to", "megatron", "--distributed-optimizer", "--input", tmp / "ours", "--output",
                tmp_path / "wrong") == 0
     monkeypatch.setattr(megatron_dopt, "flat_layout", real)
+    capsys.readouterr()
+    assert main(["convert", "--from", "megatron", "--input", str(tmp_path / "wrong"), "--output",
+                 str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "master of 'embedding.word_embeddings.weight' is not its weight" in err
+    monkeypatch.setattr(megatron_dopt, "check_masters", lambda rows, where: None)
     assert cli("convert", "--from", "megatron", "--input", tmp_path / "wrong", "--output", tmp_path / "back") == 0
+    monkeypatch.setattr(megatron_dopt, "check_masters", real_check)
     cfg, state = consolidate_training_checkpoint(tmp_path / "back")
     assert (megallama_logits(state, cfg, TOKENS) - ref).abs().max().item() > 10 * TOL
     for name, layout in (("forward", model_order), ("one_bucket", lambda n, own, size: real(n, own, None))):

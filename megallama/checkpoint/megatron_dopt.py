@@ -71,6 +71,49 @@ def layout(names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied:
     return flat_layout(numels, own_buckets(names, tied, stage, pp), bucket_size(args, stage, sum(numels)))
 
 
+def in_buckets(numels: Sequence[int], lengths: Sequence[int], where) -> List[int]:
+    """Offsets as :func:`flat_layout` places them, the buckets given by their saved lengths (torch_dist's
+    ``dp_reshardable`` form keeps one tensor per bucket): a bucket ends where a parameter (or an
+    aligned start) reaches its length."""
+    offsets, done, local, b = [0] * len(numels), 0, 0, 0
+    for i in reversed(range(len(numels))):
+        local = math.ceil(local / ALIGN) * ALIGN
+        if b < len(lengths) and local and local == lengths[b]:  # closed before a bucket of its own
+            done, local, b = done + local, 0, b + 1
+        offsets[i] = done + local
+        local += numels[i]
+        if b >= len(lengths) or local > lengths[b]:
+            break
+        if local == lengths[b]:
+            done, local, b = done + local, 0, b + 1
+    if b != len(lengths) or local:
+        raise UserError(f"{where}: its buckets hold {list(lengths)} elements; Megatron's layout of the rank's "
+                        f"{len(numels)} parameters does not fill them")
+    return offsets
+
+
+def te_order(names: Sequence[str]) -> List[str]:
+    """Transformer Engine's registration order: each norm inside the linear layer after it, after the
+    attention's output projection (megatron-core builds ``linear_proj`` before ``linear_qkv``)."""
+    out: List[str] = []
+    for name in names:
+        if out and out[-1].endswith("input_layernorm.weight") and name.endswith("linear_proj.weight"):
+            out.insert(len(out) - 1, name)
+        else:
+            out.append(name)
+    return out
+
+
+def check_masters(first_rows, where) -> None:
+    """Megatron copies the fp32 masters into the weights after every step, so each weight's first
+    row is its master's, cast: a parameter order or bucket split other than the one assumed shows."""
+    for name, master, weight in first_rows:
+        if not torch.equal(master.to(weight.dtype), weight):
+            raise UserError(f"{where}: the distributed optimizer's fp32 master of '{name}' is not its weight (its "
+                            "flat buffers do not hold the parameters in the order Megatron's local or Transformer "
+                            "Engine layers register them)")
+
+
 # ----------------------------------------------------------------------------- reading
 def read_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied: bool, stage: int,
               pp: int) -> Dict[str, Dict[str, torch.Tensor]]:

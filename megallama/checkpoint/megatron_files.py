@@ -217,7 +217,7 @@ class MegatronCheckpoint:
         """``(fp32 masters, {moment: state})`` in megallama's names, or None when not held here."""
         if not self.has_optimizer:
             return None
-        from megallama.checkpoint.megatron_dopt import read_rank
+        from megallama.checkpoint.megatron_dopt import check_masters, read_rank
 
         shards: Dict[Tuple[int, int, str], Dict[str, torch.Tensor]] = {}
         for (s, t), path in self.files.items():
@@ -225,6 +225,8 @@ class MegatronCheckpoint:
                 names = list(self.names[(s, t)])
                 state = read_rank(path.parent / DOPT_FILE, names, {n: self.meta[(s, t, n)][0] for n in names},
                                   self.args, self.cfg.tie_embeddings, s, self.pp)
+                check_masters(((n, state[n]["master"][:1], self.get(s, t, n).rows(0, 1).load()) for n in names),
+                              path.parent / DOPT_FILE)
             else:
                 state = _adam_state(load_file(path), self.names[(s, t)], path)
             for name, moments in state.items():
