@@ -29,7 +29,8 @@ def made(tmp_path_factory):
     convert = [["convert", "--from", "megatron", "--input", src, "--output", ours],
                ["convert", "--to", "megatron", "--distributed-optimizer", "--input", ours, "--output", back]]
     made, loaded = reference([
-        dict(mode="make", model=MODEL, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist(), dopt={"bucket": BUCKET}),
+        dict(mode="make", model=MODEL, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist(),
+             dopt={"bucket": BUCKET, "torch_dist": str(tmp / "mcore_dist")}),
         dict(mode="load", model=MODEL, seed=1, dir=back, iteration=7, tokens=TOKENS.tolist(), dopt={"bucket": None},
              convert=convert)])
     return tmp, torch.tensor(made["logits"]), loaded
@@ -58,6 +59,23 @@ def test_megatron_core_distributed_optimizer_checkpoint_round_trips(made):
     assert loaded["keys"] == loaded["reference_keys"]
     assert loaded["moment_error"] == 0.0
     assert (torch.tensor(loaded["logits"]) - ref).abs().max().item() <= TOL
+
+
+def test_torch_dist_dp_reshardable_buckets_read_the_same(made, tmp_path):
+    """megatron-core's torch_dist save of the same run, its optimizer in Megatron-LM's default
+    ``dp_reshardable`` form (a tensor per grad bucket), converts to the same weights and Adam state."""
+    from megallama.checkpoint.dcp_safe import SafeDcpReader
+
+    tmp, _, _ = made
+    stored = SafeDcpReader(tmp / "mcore_dist" / "iter_0000007").tensors
+    assert "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.float32, torch.float32).bucket_idx_9." \
+        "exp_avg" in stored and not any(k.startswith("optimizer.state.") for k in stored)
+    assert cli("convert", "--from", "megatron", "--input", tmp / "mcore_dist" / "iter_0000007", "--output",
+               tmp_path / "td") == 0
+    a, b = (UniversalReader(resolve_checkpoint(p) / "universal") for p in (tmp / "ours", tmp_path / "td"))
+    for name in a.names():
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.full(name, key), b.full(name, key)), (name, key)
 
 
 def test_tp2_pp2_distributed_optimizer_files_read_back_the_same(made, tmp_path):

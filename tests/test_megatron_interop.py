@@ -123,6 +123,15 @@ for job in jobs:
                     "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": 7}}, path)
         with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
             fh.write(str(job["iteration"]))
+        if dopt and dopt.get("torch_dist"):  # and in torch_dist form, the optimizer as Megatron-LM's default shards it
+            from megatron.core import dist_checkpointing
+            torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
+            sharded = model.sharded_state_dict()
+            it = os.path.join(dopt["torch_dist"], "iter_%07d" % job["iteration"])
+            os.makedirs(it)
+            dist_checkpointing.save({**sharded, "optimizer": opt.sharded_state_dict(sharded, metadata={
+                "distrib_optim_sharding_type": "dp_reshardable"}), "args": args, "iteration": job["iteration"],
+                "checkpoint_version": 3.0}, it)
     else:
         with torch.serialization.safe_globals([Namespace]):
             sd = torch.load(path, weights_only=True)

@@ -16,6 +16,7 @@ module's registration order, as megatron-core builds the buffer from ``named_par
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -183,3 +184,65 @@ def _flat(makers: Dict[str, Callable], names, shapes, offsets, total) -> Lazy:
             out[off + lo - a:off + hi - a] = rows[lo - r0 * row:hi - r0 * row].float()
         return out
     return Lazy((total,), torch.float32, read)
+
+
+# ----------------------------------------------------------------------------- torch_dist, dp_reshardable
+_BUCKET = re.compile(r"^optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_(.+)\.bucket_idx_(\d+)\."
+                     r"(param|exp_avg|exp_avg_sq)$")
+
+
+def find_buckets(tensors: Dict[str, Tuple[Tuple[int, ...], torch.dtype]], where) -> Dict[int, Dict[str, List[str]]]:
+    """megatron-core's ``dp_reshardable`` keys (Megatron-LM's default for the distributed optimizer
+    in torch_dist): model-parallel rank -> Megatron key -> that rank's bucket tensors in order."""
+    found: Dict[int, Dict[str, Dict[int, str]]] = {}
+    kinds = set()
+    for fqn in tensors:
+        m = _BUCKET.match(fqn)
+        if m:
+            kinds.add((m.group(2), m.group(3)))
+            found.setdefault(int(m.group(1)), {}).setdefault(m.group(5), {})[int(m.group(4))] = fqn
+    if len(kinds) > 1:
+        raise UserError(f"{where}: distributed-optimizer buckets of several grad buffers or dtypes ({sorted(kinds)}"
+                        f"); a LLaMA's weights share one")
+    out = {}
+    for mp, keys in found.items():
+        ordered = {k: [keys.get(k, {}).get(b) for b in range(len(keys.get("param", {})))] for k, _ in KEYS}
+        lengths = {k: [tensors[f][0] if f else None for f in v] for k, v in ordered.items()}
+        if len({str(v) for v in lengths.values()}) != 1 or None in lengths["param"] or not lengths["param"]:
+            raise UserError(f"{where}: distributed-optimizer buckets of model-parallel rank {mp} are incomplete "
+                            "(param, exp_avg and exp_avg_sq of every bucket, each 1-D)")
+        out[mp] = ordered
+    return out
+
+
+def bucket_state(reader, buckets, cfg, args, padded: int, where):
+    """``get(stage, tp rank, name, ours key)`` over the buckets (lazy boxes): model-parallel rank
+    ``stage * tp + tp rank`` as megatron-core numbers them (TP fastest)."""
+    a = vars(args)
+    tp, pp = a.get("tensor_model_parallel_size") or 1, a.get("pipeline_model_parallel_size") or 1
+    if sorted(buckets) != list(range(tp * pp)) or cfg.n_layers % pp or a.get("decoder_first_pipeline_num_layers") \
+            or a.get("decoder_last_pipeline_num_layers"):
+        raise UserError(f"{where}: distributed-optimizer buckets for model-parallel ranks {sorted(buckets)}, expected "
+                        f"0..{tp * pp - 1} (tp={tp} x pp={pp}, layers split evenly)")
+    counts = [cfg.n_layers // pp] * pp
+    from megallama.checkpoint.consolidated import expected_shapes
+
+    meta = {k: torch.empty(v, device="meta") for k, v in expected_shapes(cfg, str(where)).items()}
+    located: Dict[Tuple[int, int, str], Tuple[int, int, Tuple[int, ...]]] = {}
+    for mp, keys in buckets.items():
+        s, t = divmod(mp, tp)
+        shapes = {k: tuple(v.shape) for k, v in mg.from_megallama(meta, cfg, tp, counts, s, t, padded=padded).items()}
+        names = list(shapes) if a.get("transformer_impl") == "local" else te_order(list(shapes))
+        lengths = [reader.tensors[f][0][0] for f in keys["param"]]
+        starts = [sum(lengths[:b]) for b in range(len(lengths))]
+        for name, off in zip(names, in_buckets([math.prod(shapes[n]) for n in names], lengths, f"{where} (rank {mp})")):
+            b = max(i for i, st in enumerate(starts) if st <= off)
+            located[(s, t, name)] = (mp, b, off - starts[b], shapes[name])
+
+    def get(s: int, t: int, name: str, key: str) -> Lazy:
+        mp, b, off, shape = located[(s, t, name)]
+        fqn = buckets[mp][key][b]
+        row = math.prod(shape[1:])
+        return Lazy(shape, torch.float32, lambda r0, r1: reader.load_box(fqn, (off + r0 * row,), ((r1 - r0) * row,))
+                    .view((r1 - r0,) + tuple(shape[1:])))
+    return get, tp, counts
