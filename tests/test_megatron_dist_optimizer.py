@@ -1,8 +1,10 @@
 """Megatron's distributed optimizer (legacy ``distrib_optim.pt``): a checkpoint written by
 megatron-core's own DistributedOptimizer (on CPU, gloo, DP=1, several grad buckets, parameters whose
 sizes leave alignment padding) converts to megallama with its logits (fp32, <= 1e-4) and Adam
-moments; megallama's ``--distributed-optimizer`` export loads back into megatron-core's
-DistributedOptimizer with the same logits and moments; a wrong bucket order or bucket split fails."""
+moments, from its legacy ``distrib_optim.pt`` and torch_dist's ``dp_reshardable`` buckets;
+megallama's ``--distributed-optimizer`` exports (legacy, and torch_dist's ``fully_reshardable``)
+load back into megatron-core's DistributedOptimizer with the same logits and moments; a wrong
+bucket order or bucket split fails."""
 import json
 
 import pytest
@@ -25,15 +27,19 @@ def made(tmp_path_factory):
     """megatron-core's checkpoint (after an Adam step, moments 3w and w**2 of each weight w), converted
     to megallama and back with --distributed-optimizer, then loaded by megatron-core (one process)."""
     tmp = tmp_path_factory.mktemp("dopt")
-    src, ours, back = (str(tmp / n) for n in ("mcore", "ours", "back"))
+    src, ours, back, back_td = (str(tmp / n) for n in ("mcore", "ours", "back", "back_td"))
     convert = [["convert", "--from", "megatron", "--input", src, "--output", ours],
-               ["convert", "--to", "megatron", "--distributed-optimizer", "--input", ours, "--output", back]]
-    made, loaded = reference([
+               ["convert", "--to", "megatron", "--distributed-optimizer", "--input", ours, "--output", back],
+               ["convert", "--to", "megatron", "--format", "torch_dist", "--distributed-optimizer", "--input", ours,
+                "--output", back_td]]
+    made, loaded, loaded_td = reference([
         dict(mode="make", model=MODEL, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist(),
              dopt={"bucket": BUCKET, "torch_dist": str(tmp / "mcore_dist")}),
         dict(mode="load", model=MODEL, seed=1, dir=back, iteration=7, tokens=TOKENS.tolist(), dopt={"bucket": None},
-             convert=convert)])
-    return tmp, torch.tensor(made["logits"]), loaded
+             convert_first=convert),
+        dict(mode="load", model=MODEL, seed=2, dir=back_td, iteration=7, tokens=TOKENS.tolist(),
+             dopt={"bucket": BUCKET, "torch_dist": True})])
+    return tmp, torch.tensor(made["logits"]), (loaded, loaded_td)
 
 
 def _moments_follow_masters(path):
@@ -54,11 +60,15 @@ def test_megatron_core_distributed_optimizer_checkpoint_round_trips(made):
     meta = json.loads((resolve_checkpoint(tmp / "ours") / "meta.json").read_text())
     assert (meta["step"], meta["consumed_samples"]) == (7, 448)
     _moments_follow_masters(tmp / "ours")
-    # megallama's export, loaded by megatron-core's DistributedOptimizer (param groups, then
-    # load_parameter_state): its masters, moments and logits are the original checkpoint's
-    assert loaded["keys"] == loaded["reference_keys"]
-    assert loaded["moment_error"] == 0.0
-    assert (torch.tensor(loaded["logits"]) - ref).abs().max().item() <= TOL
+    # megallama's exports, loaded by megatron-core's DistributedOptimizer (legacy: param groups, then
+    # load_parameter_state; torch_dist: dist_checkpointing.load of its fully_reshardable sharded state
+    # dict, into buckets of another size): its masters, moments and logits are the original checkpoint's
+    legacy, td = loaded
+    assert legacy["keys"] == legacy["reference_keys"]
+    assert {k for k in td["reference_keys"] if not k.endswith("_extra_state")} <= set(td["keys"])
+    for got in (legacy, td):
+        assert got["moment_error"] == 0.0
+        assert (torch.tensor(got["logits"]) - ref).abs().max().item() <= TOL
 
 
 def test_torch_dist_dp_reshardable_buckets_read_the_same(made, tmp_path):

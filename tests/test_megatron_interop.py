@@ -59,7 +59,7 @@ class OnCpu(torch.overrides.TorchFunctionMode):  # DDP and the distributed optim
         return func(*args, **kwargs)
 results = []
 for job in jobs:
-    for argv in job.get("convert", ()):  # megallama's conversions, in this process (megatron's import is slow)
+    for argv in job.get("convert_first", ()):  # megallama's conversions, in this process (megatron's import is slow)
         from megallama.cli import main as megallama
         assert megallama(argv) == 0, argv
     m = job["model"]
@@ -133,18 +133,29 @@ for job in jobs:
                 "distrib_optim_sharding_type": "dp_reshardable"}), "args": args, "iteration": job["iteration"],
                 "checkpoint_version": 3.0}, it)
     else:
-        with torch.serialization.safe_globals([Namespace]):
-            sd = torch.load(path, weights_only=True)
+        if dopt and dopt.get("torch_dist"):  # its fully_reshardable form, as Megatron-LM's loader asks for it
+            from megatron.core import dist_checkpointing
+            shards._init_optimizer_states_with_dummy_values()  # as Megatron-LM does before a dist load
+            sharded = model.sharded_state_dict()
+            osd = opt.sharded_state_dict(sharded, is_loading=True,
+                                         metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            with torch.serialization.safe_globals([Namespace]):
+                sd = dist_checkpointing.load({**sharded, "optimizer": osd}, os.path.dirname(os.path.dirname(path)))
+            sd = {"optimizer": sd.pop("optimizer"), "model": {k: v for k, v in sd.items() if k in sharded}}
+        else:
+            with torch.serialization.safe_globals([Namespace]):
+                sd = torch.load(path, weights_only=True)
         out["keys"], out["reference_keys"] = list(sd["model"]), list(model.state_dict())
         model.load_state_dict(sd["model"], strict=True)
         if dopt:  # as Megatron's loader does: param groups, then the gathered state scattered from DP rank 0
-            opt.load_state_dict(sd["optimizer"])
             # torch Adam's per-parameter 'step' (GPU runs' FusedAdam keeps none) is in no gathered file, its
             # own included, yet megatron-core's loader copies every state key: keep the step load_state_dict set
             set_states = type(shards)._set_main_param_and_optimizer_states
             shards._set_main_param_and_optimizer_states = lambda p, t: set_states(shards, p, {**state_of(p), **t})
             with torch.no_grad():  # fp32 masters are views of the weights here (a bf16 run's are copies)
-                opt.load_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+                opt.load_state_dict(sd["optimizer"])  # torch_dist: its per-parameter state too
+                if not dopt.get("torch_dist"):
+                    opt.load_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
             out["moment_error"] = max(max((state_of(p)["exp_avg"] - 3 * p.detach().view(-1)).abs().max().item(),
                                           (state_of(p)["exp_avg_sq"] - p.detach().view(-1) ** 2).abs().max().item(),
                                           (state_of(p)["param"] - p.detach().view(-1)).abs().max().item())

@@ -4,7 +4,8 @@ From Megatron (legacy per-rank files or megatron-core's ``torch_dist`` directory
 training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
 resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
 loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
-converted (``--distributed-optimizer``: in the distributed optimizer's ``distrib_optim.pt`` files).
+converted (``--distributed-optimizer``: as the distributed optimizer saves it, ``distrib_optim.pt``
+files, or torch_dist's ``fully_reshardable`` form).
 A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
 """
 from __future__ import annotations
@@ -25,9 +26,6 @@ def _refuse_flags(args) -> None:
                         "reshard the consolidated result")
     if args.to_format == "megatron" and args.tokenizer:
         raise UserError("--tokenizer: a Megatron checkpoint carries no tokenizer file")
-    if args.distributed_optimizer and args.megatron_format == "torch_dist":
-        raise UserError("--distributed-optimizer: only for a legacy --to megatron output (a torch_dist one holds "
-                        "Adam state per parameter, which either optimizer loads)")
 
 
 def _read(args, inp: Path):
@@ -72,19 +70,20 @@ def run(args, inp: Path, out: Path) -> int:
     cfg, state, optimizer, step, consumed = _read(args, inp)
     if args.to_format == "megatron":
         tp, pp = args.tp or 1, args.pp or 1
+        if args.distributed_optimizer and optimizer is None:
+            raise UserError("--distributed-optimizer: the input holds no Adam state to write (a training "
+                            "checkpoint or a Megatron one with its optimizer does)")
         if args.megatron_format == "torch_dist":
             from megallama.checkpoint.megatron_dist_write import save_torch_dist
 
             if args.pp is not None:
                 raise UserError("--pp: a torch_dist checkpoint holds global tensors; megatron-core loads it at any "
                                 "pipeline split (--tp sets its vocabulary padding)")
-            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
+            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer,
+                            distributed=args.distributed_optimizer)
         else:
             from megallama.checkpoint.megatron_write import save_megatron
 
-            if args.distributed_optimizer and optimizer is None:
-                raise UserError("--distributed-optimizer: the input holds no Adam state to write (a training "
-                                "checkpoint or a Megatron one with its optimizer does)")
             save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype,
                           optimizer=optimizer, distributed=args.distributed_optimizer)
         what = (f"Megatron {args.megatron_format or 'legacy'} checkpoint at tp={tp} pp={pp}, iteration {step}"

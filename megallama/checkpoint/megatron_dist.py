@@ -84,8 +84,8 @@ class TorchDistCheckpoint:
         self.has_optimizer |= bool(self.buckets)
         self.not_read = None
         if not self.has_optimizer and any(f.startswith("optimizer.") for f in self.reader.tensors):
-            self.not_read = (f"{self.dir}: its Adam state is neither in model space (optimizer.state.exp_avg.<key>) nor "
-                             "in the distributed optimizer's dp_reshardable buckets; converting the weights only")
+            self.not_read = (f"{self.dir}: its Adam state is neither in model space (optimizer.state.exp_avg.<key>) "
+                             "nor in the distributed optimizer's dp_reshardable buckets; converting the weights only")
 
     def _backend(self):
         f = self.dir / "metadata.json"

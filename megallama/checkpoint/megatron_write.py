@@ -133,8 +133,8 @@ def _param_groups(shapes, step, hyper) -> list:
     DistributedOptimizer's state dict keeps it (torch Adam keeps it per parameter instead)."""
     groups = param_order(list(shapes), lambda n: shapes[n])
     out = [{"lr": 0.0, "betas": tuple(hyper["betas"]), "eps": hyper["eps"],
-            "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False, "wd_mult": float(gi == 0), "lr_mult": 1.0, "is_expert_parallel": False,
-            "is_decoupled_lr": False} for gi in range(len(groups))]
+            "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False, "wd_mult": float(gi == 0),
+            "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False} for gi in range(len(groups))]
     for g in out if step is not None else ():
         g["step"] = float(step)
     return out

@@ -43,8 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", dest="megatron_format", default=None, choices=["legacy", "torch_dist"],
                    help="form of a --to megatron output: legacy per-rank files (default) or megatron-core's "
                    "torch_dist directory")
-    p.add_argument("--distributed-optimizer", action="store_true", help="a legacy --to megatron output keeps Adam "
-                   "state as Megatron's --use-distributed-optimizer does (distrib_optim.pt per rank)")
+    p.add_argument("--distributed-optimizer", action="store_true", help="a --to megatron output keeps Adam state as "
+                   "Megatron's --use-distributed-optimizer saves it (legacy: distrib_optim.pt per rank; torch_dist: "
+                   "its fully_reshardable form)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
