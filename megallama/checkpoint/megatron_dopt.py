@@ -116,9 +116,10 @@ def check_masters(first_rows, where) -> None:
 
 
 # ----------------------------------------------------------------------------- reading
-def read_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied: bool, stage: int,
-              pp: int) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Per canonical name: ``master``, ``exp_avg``, ``exp_avg_sq`` (views of the mapped file)."""
+def locate_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...]], args, tied: bool,
+                stage: int, pp: int) -> Tuple[Tuple, Dict[str, int]]:
+    """The key path of the buffers in ``path`` (``(0, dtypes)``, then a Megatron key) and each
+    parameter's offset in them, the file checked first."""
     from megallama.checkpoint.megatron_files import load_file
 
     data = load_file(path) if path.is_file() else None
@@ -133,7 +134,7 @@ def read_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...
     if buffers != [0] or not isinstance(per_dtype, dict) or len(per_dtype) != 1:
         raise UserError(f"{path}: expected one grad buffer of one dtype (a LLaMA's weights share a dtype), got "
                         f"buffers {buffers!r:.60}")
-    flat = next(iter(per_dtype.values()))
+    dtypes, flat = next(iter(per_dtype.items()))
     offsets, total = layout(names, shapes, args, tied, stage, pp)
     if not isinstance(flat, dict) or flat.get("numel_unpadded") != total:
         got = flat.get("numel_unpadded") if isinstance(flat, dict) else None
@@ -143,8 +144,7 @@ def read_rank(path: Path, names: Sequence[str], shapes: Dict[str, Tuple[int, ...
         t = flat.get(key)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (total,) or not t.dtype.is_floating_point:
             raise UserError(f"{path}: '{key}' is not a flat float tensor of {total} elements")
-    return {n: {ours: flat[key][off:off + math.prod(shapes[n])].view(shapes[n]) for key, ours in KEYS}
-            for n, off in zip(names, offsets)}
+    return (0, dtypes), dict(zip(names, offsets))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -173,7 +173,7 @@ def _flat(makers: Dict[str, Callable], names, shapes, offsets, total) -> Lazy:
 
     def read(a: int, b: int) -> torch.Tensor:
         out = torch.zeros(b - a, dtype=torch.float32)
-        for name, off in zip(names, offsets):
+        for off, name in sorted(zip(offsets, names)):  # buffer order: a parameter a block shares is the one kept
             numel = math.prod(shapes[name])
             lo, hi = max(a, off) - off, min(b, off + numel) - off
             if lo >= hi:

@@ -12,6 +12,7 @@ buffers of ``distrib_optim.pt`` (:mod:`~megallama.checkpoint.megatron_dopt`).
 """
 from __future__ import annotations
 
+import math
 import re
 from argparse import Namespace
 from pathlib import Path
@@ -217,16 +218,10 @@ class MegatronCheckpoint:
         """``(fp32 masters, {moment: state})`` in megallama's names, or None when not held here."""
         if not self.has_optimizer:
             return None
-        from megallama.checkpoint.megatron_dopt import check_masters, read_rank
-
         shards: Dict[Tuple[int, int, str], Dict[str, torch.Tensor]] = {}
         for (s, t), path in self.files.items():
             if self.distributed:
-                names = list(self.names[(s, t)])
-                state = read_rank(path.parent / DOPT_FILE, names, {n: self.meta[(s, t, n)][0] for n in names},
-                                  self.args, self.cfg.tie_embeddings, s, self.pp)
-                check_masters(((n, state[n]["master"][:1], self.get(s, t, n).rows(0, 1).load()) for n in names),
-                              path.parent / DOPT_FILE)
+                state = self._distributed_state(s, t, path.parent / DOPT_FILE)
             else:
                 state = _adam_state(load_file(path), self.names[(s, t)], path)
             for name, moments in state.items():
@@ -234,6 +229,29 @@ class MegatronCheckpoint:
         parts = {key: mg.to_megallama(lambda s, t, n, key=key: shards[(s, t, n)][key], self.cfg, self.tp,
                                       self.layer_counts) for key in ("master",) + MOMENTS}
         return parts["master"], {k: parts[k] for k in MOMENTS}
+
+    def _distributed_state(self, s: int, t: int, path: Path) -> Dict[str, Dict[str, Lazy]]:
+        """A rank's ``distrib_optim.pt`` as lazy tensors, read through the remapped file like the weights."""
+        from megallama.checkpoint.megatron_dopt import KEYS, check_masters, locate_rank
+
+        names = list(self.names[(s, t)])
+        shapes = {n: self.meta[(s, t, n)][0] for n in names}
+        prefix, offsets = locate_rank(path, names, shapes, self.args, self.cfg.tie_embeddings, s, self.pp)
+
+        def lazy(name: str, key: str) -> Lazy:
+            shape, off = shapes[name], offsets[name]
+            row = math.prod(shape[1:])
+
+            def read(a: int, b: int) -> torch.Tensor:
+                flat = self._mapped.tensor(path, prefix + (key,))
+                rows = flat[off + a * row:off + b * row].view((b - a,) + tuple(shape[1:])).clone()
+                self._mapped.read_bytes += nbytes(rows)
+                return rows
+            return Lazy(shape, torch.float32, read)
+        state = {n: {ours: lazy(n, key) for key, ours in KEYS} for n in names}
+        check_masters(((n, state[n]["master"].rows(0, 1).load(), self.get(s, t, n).rows(0, 1).load()) for n in names),
+                      path)
+        return state
 
 
 class _Mapped:
