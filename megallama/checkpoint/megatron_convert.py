@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from megallama.errors import UserError
 
 
@@ -54,10 +56,28 @@ def _read(args, inp: Path):
 
     tag = resolve_checkpoint(inp)
     reader = UniversalReader(tag / "universal")
-    masters = {n: reader.full(n) for n in reader.names()}
-    moments = {k: {n: reader.full(n, k) for n in reader.names()} for k in MOMENTS}
+    masters, moments = _lazy(reader, None), {k: _lazy(reader, k) for k in MOMENTS}
     meta = ckpt.read_meta(tag)
     return reader.cfg, masters, (masters, moments), int(meta["step"]), int(meta.get("consumed_samples", 0))
+
+
+def _lazy(reader, key):
+    """A training checkpoint's tensors (or one moment) read when written: the last one read is kept,
+    so a writer taking a tensor block by block reads it once and holds one tensor, not the state."""
+    from megallama.checkpoint.consolidated import expected_shapes
+    from megallama.checkpoint.streaming import Lazy
+
+    last: list = [None, None]
+
+    def reader_of(name):
+        def read(a: int, b: int):
+            if last[0] != name:
+                last[:] = [None, None]
+                last[:] = [name, reader.full(name, key)]
+            return last[1][a:b]
+        return read
+    shapes = expected_shapes(reader.cfg, str(reader.src))
+    return {n: Lazy(shapes[n], torch.float32, reader_of(n)) for n in reader.names()}
 
 
 def run(args, inp: Path, out: Path) -> int:
