@@ -158,3 +158,23 @@ def test_a_bad_distrib_optim_file_is_one_line(made, tmp_path, capsys, damage, ex
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "distrib_optim.pt" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_flag_needs_a_megatron_output_and_adam_state(made, tmp_path, capsys):
+    from megallama import ModelConfig
+    from megallama.checkpoint import save_consolidated
+    from megallama.model import build_model
+    from megallama.parallel import ParallelState
+
+    tmp, _, _ = made
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=96, multiple_of=16, max_seq_len=64)
+    save_consolidated(build_model(cfg, ParallelState(), seed=0).state_dict(), cfg, tmp_path / "weights")
+    for argv, expected in ((["--to", "hf", "--input", tmp / "ours"], "--distributed-optimizer: only for a --to "
+                            "megatron output"),
+                           (["--to", "megatron", "--input", tmp_path / "weights"], "holds no Adam state")):
+        capsys.readouterr()
+        assert main(["convert", "--distributed-optimizer", "--output", str(tmp_path / "out")]
+                    + [str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not (tmp_path / "out").exists()
