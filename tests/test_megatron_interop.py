@@ -47,8 +47,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 torch.cuda.current_device = lambda: "cpu"
 fs.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 mr.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+class OnCpu(torch.overrides.TorchFunctionMode):  # DDP and the distributed optimizer: CUDA tensors made on CPU
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # its dtype check names CUDA types
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
 results = []
 for job in jobs:
+    for argv in job.get("convert_first", ()):  # megallama's conversions, in this process (megatron's import is slow)
+        from megallama.cli import main as megallama
+        assert megallama(argv) == 0, argv
     m = job["model"]
     torch.manual_seed(job["seed"])
     tc = TransformerConfig(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
@@ -61,6 +74,18 @@ for job in jobs:
                      share_embeddings_and_output_weights=m["tie"], rotary_base=m["theta"])
     groups = _get_param_groups([model], OptimizerConfig(lr=1e-3, weight_decay=0.1), None)
     opt = torch.optim.Adam(groups, lr=1e-3)
+    dopt = job.get("dopt")  # megatron-core's DistributedOptimizer (DP=1) with grad buckets of that many elements
+    if dopt:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+        on_cpu = OnCpu()
+        on_cpu.__enter__()
+        ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=dopt["bucket"]), model)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1,
+                                                     use_distributed_optimizer=True), [ddp])
+        shards = opt.chained_optimizers[0]
+        state_of = lambda p: shards._get_main_param_and_optimizer_states(p)
     tokens = torch.tensor(job["tokens"])
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     path = os.path.join(job["dir"], "iter_%07d" % job["iteration"], "mp_rank_00", "model_optim_rng.pt")
@@ -71,9 +96,11 @@ for job in jobs:
                 if name.endswith("layernorm.weight"):
                     p.copy_(1.0 + 0.2 * torch.randn_like(p))
         model(tokens, pos, None).square().mean().backward()
+        if dopt:
+            ddp.finish_grad_sync()
         opt.step()
-        for p, st in opt.state.items():  # moments tied to their own parameter: a misplaced one shows
-            st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2
+        for p, st in (shards.optimizer if dopt else opt).state.items():  # moments tied to their own parameter:
+            st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2  # a misplaced one shows
         args = Namespace(num_layers=m["layers"], hidden_size=m["hidden"], ffn_hidden_size=m["ffn"],
                          num_attention_heads=m["heads"], group_query_attention=m["groups"] != m["heads"],
                          num_query_groups=m["groups"], kv_channels=m["hidden"] // m["heads"],
@@ -86,6 +113,9 @@ for job in jobs:
                          attention_backend=AttnBackend.auto, consumed_train_samples=448,
                          use_distributed_optimizer=False, transformer_impl="local")
         os.makedirs(os.path.dirname(path))
+        if dopt:  # the optimizer entry keeps param groups only; the state goes to distrib_optim.pt
+            args.use_distributed_optimizer, args.overlap_grad_reduce, args.ddp_bucket_size = True, True, dopt["bucket"]
+            opt.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
         torch.save({"args": args, "checkpoint_version": 3.0, "iteration": job["iteration"],
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
@@ -93,12 +123,44 @@ for job in jobs:
                     "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": 7}}, path)
         with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
             fh.write(str(job["iteration"]))
+        if dopt and dopt.get("torch_dist"):  # and in torch_dist form, the optimizer as Megatron-LM's default shards it
+            from megatron.core import dist_checkpointing
+            torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
+            sharded = model.sharded_state_dict()
+            it = os.path.join(dopt["torch_dist"], "iter_%07d" % job["iteration"])
+            os.makedirs(it)
+            dist_checkpointing.save({**sharded, "optimizer": opt.sharded_state_dict(sharded, metadata={
+                "distrib_optim_sharding_type": "dp_reshardable"}), "args": args, "iteration": job["iteration"],
+                "checkpoint_version": 3.0}, it)
     else:
-        with torch.serialization.safe_globals([Namespace]):
-            sd = torch.load(path, weights_only=True)
+        if dopt and dopt.get("torch_dist"):  # its fully_reshardable form, as Megatron-LM's loader asks for it
+            from megatron.core import dist_checkpointing
+            shards._init_optimizer_states_with_dummy_values()  # as Megatron-LM does before a dist load
+            sharded = model.sharded_state_dict()
+            osd = opt.sharded_state_dict(sharded, is_loading=True,
+                                         metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            with torch.serialization.safe_globals([Namespace]):
+                sd = dist_checkpointing.load({**sharded, "optimizer": osd}, os.path.dirname(os.path.dirname(path)))
+            sd = {"optimizer": sd.pop("optimizer"), "model": {k: v for k, v in sd.items() if k in sharded}}
+        else:
+            with torch.serialization.safe_globals([Namespace]):
+                sd = torch.load(path, weights_only=True)
         out["keys"], out["reference_keys"] = list(sd["model"]), list(model.state_dict())
         model.load_state_dict(sd["model"], strict=True)
-        if "optimizer" in sd:
+        if dopt:  # as Megatron's loader does: param groups, then the gathered state scattered from DP rank 0
+            # torch Adam's per-parameter 'step' (GPU runs' FusedAdam keeps none) is in no gathered file, its
+            # own included, yet megatron-core's loader copies every state key: keep the step load_state_dict set
+            set_states = type(shards)._set_main_param_and_optimizer_states
+            shards._set_main_param_and_optimizer_states = lambda p, t: set_states(shards, p, {**state_of(p), **t})
+            with torch.no_grad():  # fp32 masters are views of the weights here (a bf16 run's are copies)
+                opt.load_state_dict(sd["optimizer"])  # torch_dist: its per-parameter state too
+                if not dopt.get("torch_dist"):
+                    opt.load_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+            out["moment_error"] = max(max((state_of(p)["exp_avg"] - 3 * p.detach().view(-1)).abs().max().item(),
+                                          (state_of(p)["exp_avg_sq"] - p.detach().view(-1) ** 2).abs().max().item(),
+                                          (state_of(p)["param"] - p.detach().view(-1)).abs().max().item())
+                                      for p in model.parameters())
+        elif "optimizer" in sd:
             opt.load_state_dict(sd["optimizer"])
             out["moment_error"] = max(max((opt.state[p]["exp_avg"] - 3 * p.detach()).abs().max().item(),
                                           (opt.state[p]["exp_avg_sq"] - p.detach() ** 2).abs().max().item())
@@ -106,6 +168,8 @@ for job in jobs:
     model.eval()
     with torch.no_grad():
         out["logits"] = model(tokens, pos, None)[..., : m["vocab"]].tolist()
+    if dopt:
+        on_cpu.__exit__(None, None, None)
     results.append(out)
 print("RESULT" + json.dumps(results))
 '''
@@ -235,11 +299,15 @@ def test_megallama_weights_round_trip_at_tp2_pp2(tmp_path):
 
 
 def test_resume_after_a_trip_through_megatron_continues_the_loss(tmp_path, data_cache):
+    """Through the distributed optimizer's flat buffers (the plain optimizer's state is shown equal
+    after the same trip above)."""
     cfg = tiny_run_config(tmp_path, data_cache)
     base = ["train.steps=4", "checkpoint.every=2"]
     ref = run_train(cfg, base + [f"run_dir={tmp_path / 'ref'}"])["losses"]
     src = tmp_path / "ref" / "checkpoints" / "step00000002"
-    assert cli("convert", "--to", "megatron", "--tp", "2", "--input", src, "--output", tmp_path / "meg") == 0
+    assert cli("convert", "--to", "megatron", "--tp", "2", "--distributed-optimizer", "--input", src,
+               "--output", tmp_path / "meg") == 0
+    assert (tmp_path / "meg" / "iter_0000002" / "mp_rank_01" / "distrib_optim.pt").is_file()
     assert cli("convert", "--from", "megatron", "--input", tmp_path / "meg", "--output", tmp_path / "back") == 0
     got = run_train(cfg, base + [f"checkpoint.load={tmp_path / 'back'}", f"run_dir={tmp_path / 'resumed'}"])
     assert got["start_step"] == 2

@@ -4,11 +4,15 @@ From Megatron (legacy per-rank files or megatron-core's ``torch_dist`` directory
 training checkpoint at the Megatron iteration (fp32 masters and moments) that ``checkpoint.load``
 resumes. To Megatron: the legacy per-rank form at ``--tp``/``--pp`` (default 1/1) that Megatron's
 loader reads (megatron-core local-spec names), with the optimizer when a training checkpoint is
-converted. A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
+converted (``--distributed-optimizer``: as the distributed optimizer saves it, ``distrib_optim.pt``
+files, or torch_dist's ``fully_reshardable`` form).
+A Megatron checkpoint can also be re-laid out (``--from megatron --to megatron``).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from megallama.errors import UserError
 
@@ -37,9 +41,9 @@ def _read(args, inp: Path):
         if isinstance(ck, TorchDistCheckpoint):
             if ck.not_read:
                 print(ck.not_read, file=sys.stderr)
-        elif vars(ck.args).get("use_distributed_optimizer"):
-            print(f"{ck.dir}: its Adam state is in the distributed optimizer's distrib_optim.pt files, which are "
-                  "not read; converting the weights only", file=sys.stderr)
+        elif ck.distributed and not ck.has_optimizer:
+            print(f"{ck.dir}: args.use_distributed_optimizer is set but not every rank directory holds "
+                  "distrib_optim.pt; converting the weights only", file=sys.stderr)
         return ck.cfg, ck.weights(), ck.optimizer(), ck.iteration, ck.consumed
     from megallama.checkpoint.consolidated import is_consolidated, open_consolidated
 
@@ -52,10 +56,28 @@ def _read(args, inp: Path):
 
     tag = resolve_checkpoint(inp)
     reader = UniversalReader(tag / "universal")
-    masters = {n: reader.full(n) for n in reader.names()}
-    moments = {k: {n: reader.full(n, k) for n in reader.names()} for k in MOMENTS}
+    masters, moments = _lazy(reader, None), {k: _lazy(reader, k) for k in MOMENTS}
     meta = ckpt.read_meta(tag)
     return reader.cfg, masters, (masters, moments), int(meta["step"]), int(meta.get("consumed_samples", 0))
+
+
+def _lazy(reader, key):
+    """A training checkpoint's tensors (or one moment) read when written: the last one read is kept,
+    so a writer taking a tensor block by block reads it once and holds one tensor, not the state."""
+    from megallama.checkpoint.consolidated import expected_shapes
+    from megallama.checkpoint.streaming import Lazy
+
+    last: list = [None, None]
+
+    def reader_of(name):
+        def read(a: int, b: int):
+            if last[0] != name:
+                last[:] = [None, None]
+                last[:] = [name, reader.full(name, key)]
+            return last[1][a:b]
+        return read
+    shapes = expected_shapes(reader.cfg, str(reader.src))
+    return {n: Lazy(shapes[n], torch.float32, reader_of(n)) for n in reader.names()}
 
 
 def run(args, inp: Path, out: Path) -> int:
@@ -68,20 +90,25 @@ def run(args, inp: Path, out: Path) -> int:
     cfg, state, optimizer, step, consumed = _read(args, inp)
     if args.to_format == "megatron":
         tp, pp = args.tp or 1, args.pp or 1
+        if args.distributed_optimizer and optimizer is None:
+            raise UserError("--distributed-optimizer: the input holds no Adam state to write (a training "
+                            "checkpoint or a Megatron one with its optimizer does)")
         if args.megatron_format == "torch_dist":
             from megallama.checkpoint.megatron_dist_write import save_torch_dist
 
             if args.pp is not None:
                 raise UserError("--pp: a torch_dist checkpoint holds global tensors; megatron-core loads it at any "
                                 "pipeline split (--tp sets its vocabulary padding)")
-            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer)
+            save_torch_dist(state, cfg, out, tp, iteration=step, consumed=consumed, dtype=dtype, optimizer=optimizer,
+                            distributed=args.distributed_optimizer)
         else:
             from megallama.checkpoint.megatron_write import save_megatron
 
             save_megatron(state, cfg, out, tp, pp, iteration=step, consumed=consumed, dtype=dtype,
-                          optimizer=optimizer)
+                          optimizer=optimizer, distributed=args.distributed_optimizer)
         what = (f"Megatron {args.megatron_format or 'legacy'} checkpoint at tp={tp} pp={pp}, iteration {step}"
-                + (" with Adam state" if optimizer else ""))
+                + (" with Adam state" if optimizer else "")
+                + (" (distributed optimizer: distrib_optim.pt)" if args.distributed_optimizer else ""))
     elif optimizer is not None:
         if dtype is not None:
             raise UserError("--dtype: a checkpoint with Adam state becomes a training checkpoint, which keeps fp32 "

@@ -12,7 +12,9 @@ TP=1, PP=1, so :mod:`~megallama.checkpoint.megatron`'s mapping applies with one 
 Adam state saved in model space (the non-distributed optimizers; the distributed optimizer's
 ``fully_sharded_model_space`` and ``fully_reshardable`` forms) is
 ``optimizer.state.{exp_avg,exp_avg_sq}.<key>``, with fp32 masters in
-``optimizer.state.fp32_param.<key>`` (``param.`` in the reshardable form) under mixed precision.
+``optimizer.state.fp32_param.<key>`` (``param.`` in the reshardable form) under mixed precision;
+the distributed optimizer's ``dp_reshardable`` form (Megatron-LM's default) keeps each
+model-parallel rank's flat grad buckets instead (:mod:`~megallama.checkpoint.megatron_dopt`).
 
 Nothing read runs code: ``.metadata`` through :mod:`~megallama.checkpoint.dcp_safe`'s allow-list,
 ``common.pt`` weights-only with the legacy reader's allow-list (Megatron's ``args`` Namespace).
@@ -28,6 +30,7 @@ import torch
 
 from megallama.checkpoint import megatron as mg
 from megallama.checkpoint.dcp_safe import SafeDcpReader
+from megallama.checkpoint.megatron_dopt import KEYS, bucket_state, check_masters, find_buckets
 from megallama.checkpoint.megatron_files import MOMENTS, check_shapes, iteration_dir, is_torch_dist, load_file
 from megallama.checkpoint.streaming import Lazy
 from megallama.errors import UserError
@@ -77,11 +80,12 @@ class TorchDistCheckpoint:
                 if got is not None and (got[0] != self.reader.tensors[f][0] or not got[1].is_floating_point):
                     raise UserError(f"{self.dir}: '{OPT}{k}.{f}' is {got[1]} {got[0]}, expected a float tensor of "
                                     f"its parameter's shape {self.reader.tensors[f][0]}")
+        self.buckets = {} if self.has_optimizer else find_buckets(self.reader.tensors, self.dir)
+        self.has_optimizer |= bool(self.buckets)
         self.not_read = None
         if not self.has_optimizer and any(f.startswith("optimizer.") for f in self.reader.tensors):
-            self.not_read = (f"{self.dir}: its Adam state is not in model space (optimizer.state.exp_avg.<key>), e.g. "
-                             "the distributed optimizer's dp_reshardable buckets, which are not read; converting the "
-                             "weights only")
+            self.not_read = (f"{self.dir}: its Adam state is neither in model space (optimizer.state.exp_avg.<key>) "
+                             "nor in the distributed optimizer's dp_reshardable buckets; converting the weights only")
 
     def _backend(self):
         f = self.dir / "metadata.json"
@@ -121,11 +125,22 @@ class TorchDistCheckpoint:
         """``(fp32 masters, {moment: state})`` in megallama's names (lazy), or None when not held here."""
         if not self.has_optimizer:
             return None
+        if self.buckets:
+            return self._bucket_optimizer()
         stored = {f for f, _ in self.keys.values()}
         master = next((f"{OPT}{m}." for m in MASTERS if all(f"{OPT}{m}.{f}" in self.reader.tensors for f in stored)),
                       "")  # fp32 training keeps no separate masters: the weights are
         convert = lambda prefix: mg.to_megallama(self._getter(prefix), self.cfg, 1, [self.cfg.n_layers])  # noqa: E731
         return convert(master), {k: convert(f"{OPT}{k}.") for k in MOMENTS}
+
+    def _bucket_optimizer(self):
+        get, tp, counts = bucket_state(self.reader, self.buckets, self.cfg, self.args, self.padded, self.dir)
+        state = {ours: mg.to_megallama(lambda s, t, n, key=key: get(s, t, n, key), self.cfg, tp, counts)
+                 for key, ours in KEYS}
+        weights = self.weights()
+        check_masters(((n, state["master"][n].rows(0, 1).load(), w.rows(0, 1).load()) for n, w in weights.items()),
+                      self.dir)
+        return state["master"], {k: state[k] for k in MOMENTS}
 
 
 def open_megatron(path: Path):

@@ -4,7 +4,8 @@ The layout is the one :mod:`~megallama.checkpoint.megatron_dist` reads: global t
 megatron-core's local-spec keys, layers stacked on a leading axis (each layer its own chunks, as
 megatron-core's per-layer ShardedTensors write them), the linear layers' ``_extra_state``
 objects, model-space Adam state (``optimizer.state.exp_avg.<key>``; fp32 masters in
-``fp32_param`` when the weights are not fp32), ``common.pt`` (args, iteration, param groups) and
+``fp32_param`` when the weights are not fp32, or, for the distributed optimizer's
+``fully_reshardable`` form, in ``param`` always), ``common.pt`` (args, iteration, param groups) and
 ``metadata.json``. Chunks are row blocks of at most ``CHUNK_BYTES`` (DCP reassembles any chunking on
 load), each produced only when DCP writes it, so peak memory is about one layer's tensor and a
 block. Written beside the output and renamed into place.
@@ -100,7 +101,7 @@ def _planner(chunks: Chunks):
 
 
 def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: int = 0, consumed: int = 0,
-                    dtype: Optional[torch.dtype] = None, optimizer=None) -> Path:
+                    dtype: Optional[torch.dtype] = None, optimizer=None, distributed: bool = False) -> Path:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
@@ -112,11 +113,11 @@ def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: 
     want = {k: tuple(v.shape) for k, v in mg.from_megallama(meta, cfg, 1, [n], 0, 0, padded=padded).items()}
     chunks = _chunks(mg.shard_makers(state, cfg, 1, [n], 0, 0, padded=padded), want, n, dtype)
     args = mg.args_for(cfg, tp, 1, iteration, consumed, dtype)
-    args.ckpt_format = "torch_dist"
+    args.ckpt_format, args.use_distributed_optimizer = "torch_dist", distributed
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
     if optimizer is not None:
         masters, moments = optimizer
-        for key, src in (("fp32_param", masters), *moments.items()):
+        for key, src in (("param" if distributed else "fp32_param", masters), *moments.items()):
             if key != "fp32_param" or dtype != torch.float32:  # fp32 weights are their own masters
                 makers = mg.shard_makers(src, cfg, 1, [n], 0, 0, padded=padded)
                 chunks.update(_chunks(makers, want, n, torch.float32, f"{OPT}{key}."))
@@ -125,6 +126,8 @@ def save_torch_dist(state, cfg: ModelConfig, out: Path, tp: int = 1, iteration: 
             {"lr": 0.0, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1 * (gi == 0), "wd_mult": float(gi == 0),
              "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False, "amsgrad": False,
              "step": iteration} for gi in range(len(groups))]}
+        if distributed:  # its fully_reshardable form: the masters of every weight, fp32 or not, as 'param'
+            common["optimizer"] = {"optimizer": common["optimizer"], "param_state_sharding_type": "fully_reshardable"}
     state_dict = {fqn: torch.empty(shape, dtype=d, device="meta") for fqn, (shape, d, _) in chunks.items()}
     for linear in _LINEARS:
         for i in range(n):

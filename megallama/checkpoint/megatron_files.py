@@ -7,10 +7,12 @@ Anything else is refused in one line naming the file and the global. Files are m
 each tensor read on demand, so a conversion holds row blocks, not the model. Adam state is
 that of Megatron's non-distributed optimizers (torch Adam's ``state`` indexed over parameter
 groups built in model order, 2-D weights first, then norms; fp32 masters in
-``fp32_from_fp16_params`` under bf16/fp16).
+``fp32_from_fp16_params`` under bf16/fp16) or, under ``args.use_distributed_optimizer``, the flat
+buffers of ``distrib_optim.pt`` (:mod:`~megallama.checkpoint.megatron_dopt`).
 """
 from __future__ import annotations
 
+import math
 import re
 from argparse import Namespace
 from pathlib import Path
@@ -23,7 +25,7 @@ from megallama.checkpoint.streaming import CHUNK_BYTES, Lazy, nbytes
 from megallama.config import ModelConfig
 from megallama.errors import UserError
 
-TRACKER, FILE = "latest_checkpointed_iteration.txt", "model_optim_rng.pt"
+TRACKER, FILE, DOPT_FILE = "latest_checkpointed_iteration.txt", "model_optim_rng.pt", "distrib_optim.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -173,6 +175,7 @@ class MegatronCheckpoint:
         self.padded = a["padded_vocab_size"]
         self.names: Dict[Tuple[int, int], Dict[str, Tuple[str, ...]]] = {}
         self.meta: Dict[Tuple[int, int, str], Tuple[Tuple[int, ...], torch.dtype]] = {}
+        self.distributed = bool(a.get("use_distributed_optimizer"))  # Adam state in distrib_optim.pt
         self.has_optimizer = True
         for (s, t), f in sorted(grid.items()):
             data = first if (s, t) == (0, 0) else load_file(f)
@@ -181,7 +184,8 @@ class MegatronCheckpoint:
             for name, keys in flat.items():
                 tensor = _at(data, keys)
                 self.meta[(s, t, name)] = (tuple(tensor.shape), tensor.dtype)
-            self.has_optimizer &= bool(data.get("optimizer")) and not a.get("use_distributed_optimizer")
+            held = (f.parent / DOPT_FILE).is_file() if self.distributed else bool(data.get("optimizer"))
+            self.has_optimizer &= held
         self.layer_counts = [self._count_layers(s) for s in range(self.pp)]
         if sum(self.layer_counts) != self.cfg.n_layers:
             raise UserError(f"{self.dir}: its stages hold {sum(self.layer_counts)} layers, args.num_layers is "
@@ -216,12 +220,38 @@ class MegatronCheckpoint:
             return None
         shards: Dict[Tuple[int, int, str], Dict[str, torch.Tensor]] = {}
         for (s, t), path in self.files.items():
-            data = load_file(path)
-            for name, state in _adam_state(data, self.names[(s, t)], path).items():
-                shards[(s, t, name)] = state
+            if self.distributed:
+                state = self._distributed_state(s, t, path.parent / DOPT_FILE)
+            else:
+                state = _adam_state(load_file(path), self.names[(s, t)], path)
+            for name, moments in state.items():
+                shards[(s, t, name)] = moments
         parts = {key: mg.to_megallama(lambda s, t, n, key=key: shards[(s, t, n)][key], self.cfg, self.tp,
                                       self.layer_counts) for key in ("master",) + MOMENTS}
         return parts["master"], {k: parts[k] for k in MOMENTS}
+
+    def _distributed_state(self, s: int, t: int, path: Path) -> Dict[str, Dict[str, Lazy]]:
+        """A rank's ``distrib_optim.pt`` as lazy tensors, read through the remapped file like the weights."""
+        from megallama.checkpoint.megatron_dopt import KEYS, check_masters, locate_rank
+
+        names = list(self.names[(s, t)])
+        shapes = {n: self.meta[(s, t, n)][0] for n in names}
+        prefix, offsets = locate_rank(path, names, shapes, self.args, self.cfg.tie_embeddings, s, self.pp)
+
+        def lazy(name: str, key: str) -> Lazy:
+            shape, off = shapes[name], offsets[name]
+            row = math.prod(shape[1:])
+
+            def read(a: int, b: int) -> torch.Tensor:
+                flat = self._mapped.tensor(path, prefix + (key,))
+                rows = flat[off + a * row:off + b * row].view((b - a,) + tuple(shape[1:])).clone()
+                self._mapped.read_bytes += nbytes(rows)
+                return rows
+            return Lazy(shape, torch.float32, read)
+        state = {n: {ours: lazy(n, key) for key, ours in KEYS} for n in names}
+        check_masters(((n, state[n]["master"].rows(0, 1).load(), self.get(s, t, n).rows(0, 1).load()) for n in names),
+                      path)
+        return state
 
 
 class _Mapped:

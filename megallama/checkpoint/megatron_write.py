@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from megallama.checkpoint import megatron as mg
-from megallama.checkpoint.megatron_files import FILE, MOMENTS, TRACKER, _at, allowed_globals, param_order
+from megallama.checkpoint.megatron_dopt import rank_entry
+from megallama.checkpoint.megatron_files import DOPT_FILE, FILE, MOMENTS, TRACKER, _at, allowed_globals, param_order
 from megallama.checkpoint.streaming import CHUNK_BYTES, materialize, nbytes
 from megallama.config import ModelConfig
 from megallama.checkpoint.staging import staged_dir
@@ -25,10 +26,11 @@ from megallama.checkpoint.staging import staged_dir
 
 def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteration: int = 0, consumed: int = 0,
                   dtype: Optional[torch.dtype] = None, optimizer=None, betas=(0.9, 0.95), eps: float = 1e-8,
-                  weight_decay: float = 0.1) -> Path:
+                  weight_decay: float = 0.1, distributed: bool = False) -> Path:
     """Write a legacy Megatron checkpoint directory atomically, tensor by tensor (:func:`save_streamed`).
     ``optimizer``: ``(masters, {moment: state})`` in megallama's names, in the form of Megatron's
-    FP32Optimizer for fp32 weights, of its Float16Optimizer (with fp32 masters) otherwise."""
+    FP32Optimizer for fp32 weights, of its Float16Optimizer (with fp32 masters) otherwise, or with
+    ``distributed`` of its DistributedOptimizer (``distrib_optim.pt``, :mod:`~megallama.checkpoint.megatron_dopt`)."""
     mg.check_layout(cfg, tp)
     counts = mg.even_layers(cfg, pp)
     dtype = dtype or next(iter(state.values())).dtype
@@ -36,6 +38,8 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
     with staged_dir(out) as tmp:
         it_dir = tmp / f"iter_{iteration:07d}"
         args = mg.args_for(cfg, tp, pp, iteration, consumed, dtype)
+        args.use_distributed_optimizer = distributed
+        args.accumulate_allreduce_grads_in_fp32 = dtype == torch.bfloat16  # as Megatron sets it under --bf16
         for s in range(pp):
             for t in range(tp):
                 makers = mg.shard_makers(state, cfg, tp, counts, s, t)
@@ -44,14 +48,24 @@ def save_megatron(state, cfg: ModelConfig, out: Path, tp: int, pp: int, iteratio
                 model = {n: _placeholder(shapes[n], dtype) for n in makers}
                 entry = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
                          "model": _with_extra_state(model, cfg.tie_embeddings and s == pp - 1)}
-                if optimizer is not None:
+                hyper = dict(betas=betas, eps=eps, weight_decay=weight_decay)
+                dopt = None
+                if optimizer is not None and distributed:
+                    entry["optimizer"] = {"optimizer": {"param_groups": _param_groups(shapes, iteration, hyper)}}
+                    masters, moments = optimizer
+                    makers = {k: mg.shard_makers(v, cfg, tp, counts, s, t) for k, v in (("master", masters),
+                                                                                         *moments.items())}
+                    dopt = rank_entry(list(shapes), shapes, makers, dtype, args, cfg.tie_embeddings, s, pp,
+                                      _placeholder)
+                elif optimizer is not None:
                     entry["optimizer"], more = _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype,
-                                                                iteration, dict(betas=betas, eps=eps,
-                                                                                weight_decay=weight_decay))
+                                                                iteration, hyper)
                     fills.update(more)
                 rank_dir = it_dir / (f"mp_rank_{t:02d}" + (f"_{s:03d}" if pp > 1 else ""))
                 rank_dir.mkdir(parents=True)
                 save_streamed(rank_dir / FILE, entry, fills)
+                if dopt is not None:
+                    save_streamed(rank_dir / DOPT_FILE, *dopt)
         (tmp / TRACKER).write_text(str(iteration))
     return out
 
@@ -114,6 +128,18 @@ def _with_extra_state(model: Dict[str, torch.Tensor], tied_last: bool) -> Dict[s
     return out
 
 
+def _param_groups(shapes, step, hyper) -> list:
+    """Megatron's two Adam groups (decayed weights, then norms); ``step`` kept in each group as the
+    DistributedOptimizer's state dict keeps it (torch Adam keeps it per parameter instead)."""
+    groups = param_order(list(shapes), lambda n: shapes[n])
+    out = [{"lr": 0.0, "betas": tuple(hyper["betas"]), "eps": hyper["eps"],
+            "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False, "wd_mult": float(gi == 0),
+            "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False} for gi in range(len(groups))]
+    for g in out if step is not None else ():
+        g["step"] = float(step)
+    return out
+
+
 def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hyper) -> Tuple[Dict, Dict]:
     """Megatron's optimizer entry for one rank (placeholders) and the fills of its tensors."""
     masters, moments = optimizer
@@ -121,19 +147,16 @@ def _optimizer_entry(optimizer, cfg, tp, counts, s, t, shapes, dtype, step, hype
     groups = param_order(list(shapes), lambda n: shapes[n])
     fp32 = dtype == torch.float32  # FP32Optimizer: the weights are the masters
     base = ("optimizer",) if fp32 else ("optimizer", "optimizer")
-    state, param_groups, fills, idx = {}, [], {}, 0
-    for gi, group in enumerate(groups):
+    state, param_groups, fills, idx = {}, _param_groups(shapes, None, hyper), {}, 0
+    for group, param_group in zip(groups, param_groups):
         ids = list(range(idx, idx + len(group)))
         idx += len(group)
+        param_group["params"] = ids
         for i, name in zip(ids, group):
             state[i] = {"step": torch.tensor(float(step))}
             for k in MOMENTS:
                 state[i][k] = _placeholder(shapes[name], torch.float32)
                 fills[base + ("state", i, k)] = lambda f=makers[k][name]: f().to(torch.float32)
-        param_groups.append({"params": ids, "lr": 0.0, "betas": tuple(hyper["betas"]), "eps": hyper["eps"],
-                             "weight_decay": hyper["weight_decay"] * (gi == 0), "amsgrad": False,
-                             "wd_mult": float(gi == 0), "lr_mult": 1.0, "is_expert_parallel": False,
-                             "is_decoupled_lr": False})
     adam = {"state": state, "param_groups": param_groups}
     if fp32:
         return adam, fills

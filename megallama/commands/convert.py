@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--format", dest="megatron_format", default=None, choices=["legacy", "torch_dist"],
                    help="form of a --to megatron output: legacy per-rank files (default) or megatron-core's "
                    "torch_dist directory")
+    p.add_argument("--distributed-optimizer", action="store_true", help="a --to megatron output keeps Adam state as "
+                   "Megatron's --use-distributed-optimizer saves it (legacy: distrib_optim.pt per rank; torch_dist: "
+                   "its fully_reshardable form)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
@@ -85,8 +88,9 @@ def run(args) -> int:
             raise UserError(f"--{name}: expected a positive integer, got {value}")
     if out.resolve() == inp.resolve() or out.resolve() in inp.resolve().parents:
         raise UserError(f"{out}: --output must differ from --input and not hold it (it would be replaced)")
-    if args.megatron_format and args.to_format != "megatron":
-        raise UserError("--format: only for a --to megatron output")
+    if (args.megatron_format or args.distributed_optimizer) and args.to_format != "megatron":
+        raise UserError(f"--{'format' if args.megatron_format else 'distributed-optimizer'}: only for a --to "
+                        "megatron output")
     formats = {args.from_format, args.to_format}
     if {"dcp", "megatron"} <= formats or (args.to_format == "megatron"
                                            and args.from_format not in ("megallama", "megatron")):
