@@ -31,7 +31,7 @@ class ParallelConfig(_Strict):
     sequence_parallel: bool = False
     # blocks per stage (megallama/config/pipeline_split.py): balanced by parameters with the embedding
     # and head counted, or uniform; an explicit list (one count per stage) overrides both
-    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    pipeline_partition: Literal["parameters", "uniform", "embeddings"] = "parameters"  # pipeline_split.PARTITIONS
     pipeline_layers: Optional[List[Int]] = None
     # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block, swapped to heads around
     # attention by all-to-alls (megallama/parallel/ulysses.py); 1 = off

@@ -198,9 +198,6 @@ def trainer_notes(layout: Layout, impl: str = "megallama") -> List[str]:
     if layout.recompute == "op":
         notes.append("op-level recomputation (--recompute op, torchtitan's policy) is costed only: the trainer "
                      f"recomputes {', '.join(RECOMPUTE_MODES)}")
-    if layout.pipeline_partition == "embeddings" and layout.pipeline_layers is None and layout.pp > 1:
-        notes.append("--pipeline-partition embeddings is costed only: to train this split, give it as "
-                     "parallel.pipeline_layers")
     if impl == "megatron":
         notes.append("--impl megatron costs Megatron-LM's implementation (eager attention, SP inputs re-gathered "
                      "in backward, scatter-gather pipeline exchange), not megallama's")

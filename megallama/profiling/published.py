@@ -64,7 +64,7 @@ MEGATRON_TABLE1: List[MegatronRow] = [
     MegatronRow(1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
 ]
 CALIBRATION_ROWS = (1.7, 18.4, 310.1)   # in the fit (calibration.calibrate); the rest held out
-MEGATRON_IMPL = ActivationImpl(attention="eager", sp_saves_gathered_input=False)
+MEGATRON_IMPL = ActivationImpl.named("megatron")
 SEQ = 2048
 
 
