@@ -23,16 +23,15 @@ def _hardware(world: int, rates: Optional[Dict[str, float]]):
     measured profile with the rates measured on this run (``harness._cpu_rates``)."""
     import torch
 
+    from megallama.profiling.detect import detect
     from megallama.profiling.hardware import cpu_profile, load_hardware
     from megallama.profiling.steptime import Efficiency
-    from megallama.train.metrics import device_peak_flops
 
     if torch.cuda.is_available():
-        _, key = device_peak_flops("bf16")
-        try:
-            return load_hardware(key), key, []
-        except Exception:   # an unknown GPU: MFU is reported against no peak
-            return None, key, []
+        found = detect()
+        if found is None or found.profile is None:   # an unknown GPU: MFU is reported against no peak
+            return None, found.reason if found else "no device", []
+        return load_hardware(found.profile), found.profile, []
     hw, notes = cpu_profile(), []
     if rates:   # measured on every rank at once, under the run's own sharing of the cores
         hw = replace(hw, peak_flops={k: rates["gemm_flops"] for k in hw.peak_flops},
