@@ -40,6 +40,15 @@ def _zeros(shape: Tuple[int, ...]):
     return lambda start, stop: torch.zeros((stop - start,) + shape[1:])
 
 
+def _stored(t: Tensorish, info: Dict) -> Tensorish:
+    """A padded vocabulary as a TP=1 run stores it: with its zero rows (dim 0, the only one padded)."""
+    from megallama.checkpoint.streaming import cat
+    from megallama.config.layout_rules import padded_vocab
+
+    extra = padded_vocab(t.shape[0], 1, info.get("pad_multiple")) - t.shape[0]
+    return cat([t, Lazy((extra,) + tuple(t.shape[1:]), t.dtype, _zeros(tuple(t.shape)))]) if extra else t
+
+
 def write_training_checkpoint(out, cfg, tensors: Mapping[str, Tensorish], *, step: int, consumed_samples: int,
                               record: Optional[Dict] = None, source: Optional[Tuple[str, object]] = None,
                               tp: int = 1, pp: int = 1) -> Path:
@@ -69,8 +78,10 @@ def _write(root: Path, cfg, tensors, step: int, consumed: int, record: Optional[
 
     tag = root / ckpt.tag_for(step)
     (tag / "universal").mkdir(parents=True)
-    write_safetensors(tag / "universal" / f"{STEM}.safetensors", tensors)
-    (tag / "universal" / f"{STEM}.index.json").write_text(json.dumps(_expected(cfg)[1]))
+    index = _expected(cfg)[1]
+    write_safetensors(tag / "universal" / f"{STEM}.safetensors",
+                      {name: _stored(t, index.get(name.partition("::")[0], {})) for name, t in tensors.items()})
+    (tag / "universal" / f"{STEM}.index.json").write_text(json.dumps(index))
     layout = {"model": cfg.model_dump(), **(record or {}), "tp": 1, "pp": 1, "dp": None, "zero": None,
               "stage_layers": stage_layers(cfg.n_layers, 1)}
     if source is not None:
