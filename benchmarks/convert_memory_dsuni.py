@@ -15,48 +15,22 @@ Writes benchmarks/results/convert_memory_dsuni.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from _convert_memory_common import arguments, ROOT, child, env, run_cases, size_of, workdir, write_result
 
-CHILD = """
-import json, sys, time
-import torch, safetensors, megallama.cli, megallama.checkpoint.ds_universal, deepspeed.checkpoint
-t0 = time.perf_counter()
-if sys.argv[1] == "--ds-to-universal":
-    from argparse import Namespace
-    from deepspeed.checkpoint.ds_to_universal import main
-    main(Namespace(input_folder=sys.argv[2], output_folder=sys.argv[3], num_extract_workers=1, num_merge_workers=1,
-                   keep_temp_folder=False, strict=True, inject_missing_state=False))
-elif sys.argv[1] != "--baseline":
-    assert megallama.cli.main(sys.argv[1:]) == 0
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024, "seconds": time.perf_counter() - t0}))
-"""
-
-
-def env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-
-
-def measure(*argv) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, argv)], env=env(), capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{argv}: failed\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+CHILD = child("import torch, safetensors, megallama.cli, megallama.checkpoint.ds_universal, deepspeed.checkpoint",
+              {"--ds-to-universal": """
+from argparse import Namespace
+from deepspeed.checkpoint.ds_to_universal import main
+main(Namespace(input_folder=sys.argv[2], output_folder=sys.argv[3], num_extract_workers=1, num_merge_workers=1,
+               keep_temp_folder=False, strict=True, inject_missing_state=False))"""})
 
 
 def train_and_save(work: Path, layers: int, vocab: int) -> Path:
@@ -76,51 +50,31 @@ def train_and_save(work: Path, layers: int, vocab: int) -> Path:
     return work / "run" / "checkpoints" / "step00000001"
 
 
-def size_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--vocab", type=int, default=16000)
-    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="convert_memory_dsuni.", dir=args.workdir))
-    try:
+    args = arguments(__doc__, layers=12, vocab=16000)
+    with workdir("convert_memory_dsuni.", args.workdir) as work:
         t0 = time.perf_counter()
         saved = train_and_save(work, args.layers, args.vocab)
-        runs = {"baseline (imports only)": measure("--baseline"),
-                "train 1 step + save (setup)": {"seconds": time.perf_counter() - t0}}
-        cases = [
-            ("DeepSpeed ds_to_universal (1 extract, 1 merge worker)",
-             ["--ds-to-universal", saved, work / "uni" / "step1"]),
+        runs = run_cases(CHILD, [])  # the baseline
+        runs["train 1 step + save (setup)"] = {"seconds": time.perf_counter() - t0}
+        uni = work / "uni" / "step1"
+        run_cases(CHILD, [
+            ("DeepSpeed ds_to_universal (1 extract, 1 merge worker)", ["--ds-to-universal", saved, uni]),
             ("ds-universal -> megallama training checkpoint (streamed)",
-             ["convert", "--from", "ds-universal", "--input", work / "uni" / "step1", "--output", work / "ours"]),
+             ["convert", "--from", "ds-universal", "--input", uni, "--output", work / "ours"]),
             ("ds-universal -> hf (streamed)",
-             ["convert", "--from", "ds-universal", "--to", "hf", "--input", work / "uni" / "step1", "--output",
-              work / "hf"]),
-        ]
-        for what, argv in cases:
-            runs[what] = measure(*argv)
-            print(f"{what}: peak RSS {runs[what]['peak_rss_mb']:,.0f} MB in {runs[what]['seconds']:.1f} s", flush=True)
+             ["convert", "--from", "ds-universal", "--to", "hf", "--input", uni, "--output", work / "hf"]),
+        ], runs)
         from megallama.checkpoint.ds_universal import DsUniversalReader
 
-        reader = DsUniversalReader(work / "uni" / "step1")
+        reader = DsUniversalReader(uni)
         largest = max(reader.shapes.values(), key=math.prod)
         model = {"preset": "small", "n_layers": args.layers, "vocab_size": args.vocab,
                  "parameters": sum(math.prod(s) for s in reader.shapes.values()),
-                 "ds_universal_bytes": size_of(work / "uni" / "step1"), "output_bytes": size_of(work / "ours"),
+                 "ds_universal_bytes": size_of(uni), "output_bytes": size_of(work / "ours"),
                  "largest_tensor": list(largest)}
-        result = {"model": model, "runs": runs, "host": socket.gethostname(), "cpus": os.cpu_count(),
-                  "load_average": os.getloadavg(), "python": platform.python_version()}
-        out = ROOT / "benchmarks" / "results" / "convert_memory_dsuni.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        write_result("convert_memory_dsuni", {"model": model, "runs": runs})
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

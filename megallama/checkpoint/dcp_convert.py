@@ -8,18 +8,14 @@ there with ``checkpoint.exclude_from_loading = ["dataloader"]``). Both direction
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from megallama.checkpoint.dcp import _LAST, MOMENTS, OPT, Lazy, TitanCheckpoint, _whole, save_titan, to_titan
-from megallama.checkpoint.streaming import Tensorish
 from megallama.errors import UserError
 
 CONSUMED = "train_state.consumed_samples"  # our data position; torchtitan loads only the keys it asks for
@@ -174,45 +170,17 @@ def _write_weights(ck: TitanCheckpoint, out: Path, args, to_hf: bool) -> None:
 
 
 def write_training(ck: TitanCheckpoint, out: Path, tp: int, pp: int) -> None:
-    """The layout-free training checkpoint (``megallama.train.universal``) at TP=1 x PP=1, streamed
-    tensor by tensor with the DCP's moments (zeros without them) and step; resharded if asked."""
-    from megallama.checkpoint.reshard import _split_index, reshard
-    from megallama.checkpoint.streaming import write_safetensors
-    from megallama.train import checkpoint as tc
+    """A training checkpoint at ``tp`` x ``pp`` holding the DCP's weights, its Adam moments (zeros
+    without them), step and data position, streamed tensor by tensor."""
+    from megallama.checkpoint.universal_write import with_moments, write_training_checkpoint
 
-    cfg, step = ck.cfg, ck.step()
+    step = ck.step()
     consumed = ck.reader.load_value(CONSUMED) or 0
     if isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0:
         raise UserError(f"{ck.path}: {CONSUMED} must be a non-negative integer, got {consumed!r:.40}")
     moments = {m: ck.moments(m) for m in MOMENTS} if ck.has_optimizer else None
-    tensors: Dict[str, Tensorish] = {}
-    for name, w in ck.weights().items():
-        tensors[name] = w.to(torch.float32)
-        for m in MOMENTS:
-            tensors[f"{name}::{m}"] = moments[m][name].to(torch.float32) if moments else \
-                Lazy(w.shape, torch.float32, lambda a, b, s=tuple(w.shape): torch.zeros((b - a,) + s[1:]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tag = tmp / tc.tag_for(step)
-        (tag / "universal").mkdir(parents=True)
-        write_safetensors(tag / "universal" / "pp00-tp00.safetensors", tensors)
-        (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(_split_index(cfg)))
-        layout = {"model": cfg.model_dump(), "tp": 1, "pp": 1, "dp": None, "zero": None}
-        (tag / "universal" / "layout.json").write_text(json.dumps(layout))
-        meta = {**layout, "step": step, "consumed_samples": consumed,
-                "converted_from": {"format": "dcp", "path": str(ck.path)}}
-        (tag / "meta.json").write_text(json.dumps(meta, indent=1))
-        tc.write_manifest(tag)
-        (tmp / tc.LATEST).write_text(tag.name)
-        if (tp, pp) != (1, 1):
-            reshard(tmp, out, tp, pp, overwrite=True)
-        else:
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_training_checkpoint(out, ck.cfg, with_moments(ck.weights(), moments), step=step, consumed_samples=consumed,
+                              source=("dcp", ck.path), tp=tp, pp=pp)
 
 
 def convert(args, load) -> int:

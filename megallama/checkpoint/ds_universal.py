@@ -13,7 +13,6 @@ from it, tensor by tensor (a block of rows resident at a time, files memory-mapp
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Dict, Iterator, Optional
 import torch
 
 from megallama.errors import UserError
-from megallama.checkpoint.staging import staged_dir
 
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, 3
 FILES = {None: "fp32", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
@@ -158,30 +156,19 @@ def _lazy(reader: DsUniversalReader, name: str, key: Optional[str]):
 
 
 def convert(src, out, overwrite: bool = False) -> Path:
-    """A megallama training checkpoint (``latest`` + one tag, layout-free, TP=1) holding the
-    weights, Adam moments, step and data position of a DeepSpeed universal directory; written
-    to a temporary directory renamed into place, so a failure leaves nothing behind."""
-    from megallama.checkpoint.streaming import write_safetensors
-    from megallama.config.pipeline_split import stage_layers
-    from megallama.train import checkpoint as ckpt
+    """A megallama training checkpoint (layout-free, TP=1) holding the weights, Adam moments, step
+    and data position of a DeepSpeed universal directory, streamed; a failure leaves nothing behind."""
+    from megallama.checkpoint.universal_write import with_moments, write_training_checkpoint
 
     reader = DsUniversalReader(find_ds_universal(src) or src)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it")
-    with staged_dir(out) as tmp:
-        tag = tmp / ckpt.tag_for(reader.meta["step"])
-        (tag / "universal").mkdir(parents=True)
-        tensors = {(n if k is None else f"{n}::{k}"): _lazy(reader, n, k) for n in reader.names() for k in FILES}
-        write_safetensors(tag / "universal" / "pp00-tp00.safetensors", tensors)
-        (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(reader.index))
-        split = stage_layers(reader.cfg.n_layers, 1)
-        layout = {**reader.layout, "dp": None, "zero": None, "stage_layers": split,
-                  "converted_from": {"format": "ds-universal", "path": str(src)}}
-        (tag / "universal" / "layout.json").write_text(json.dumps(layout))
-        (tag / "meta.json").write_text(json.dumps({**reader.meta, **layout}, indent=1))
-        ckpt.write_manifest(tag)
-        (tmp / ckpt.LATEST).write_text(tag.name)
+    names = list(reader.names())
+    moments = {k: {n: _lazy(reader, n, k) for n in names} for k in FILES if k is not None}
+    write_training_checkpoint(out, reader.cfg, with_moments({n: _lazy(reader, n, None) for n in names}, moments),
+                              step=reader.meta["step"], consumed_samples=reader.meta["consumed_samples"],
+                              record=reader.layout, source=("ds-universal", src))
     n = sum(math.prod(s) for s in reader.shapes.values())
     print(f"{out}: megallama training checkpoint at step {reader.meta['step']}, {n:,} parameters with Adam moments, "
           f"from ds-universal {src}; train from it with --set checkpoint.load={out}")

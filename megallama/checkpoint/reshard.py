@@ -10,8 +10,6 @@ the new layout (set ``checkpoint.load`` to it), optimizer state and data positio
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -81,14 +79,9 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     tag = resolve_checkpoint(src)
     reader = UniversalReader(tag / "universal")
     cfg = ModelConfig.model_validate(reader.layout["model"])
-    problem = (layout_rules.positive_problem("tp", tp) or layout_rules.positive_problem("pp", pp)
-               or layout_rules.layout_problem(cfg.shape, tp, pp))
-    if problem:
-        raise UserError(f"--tp/--pp: {problem}")
-    split = stage_layers(cfg.n_layers, pp, "parameters", None, cfg.pipeline_weights())
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")
+    _check_target(cfg, out, tp, pp, overwrite)
+    split = stage_layers(cfg.n_layers, pp, "parameters", None, cfg.pipeline_weights())
     with staged_dir(out) as tmp:
         dst = tmp / tag.name / "universal"
         dst.mkdir(parents=True)
@@ -127,15 +120,13 @@ def reshard(src, out, tp: int, pp: int, overwrite: bool = False) -> Path:
     return out
 
 
-def _split_index(cfg: ModelConfig) -> Dict[str, Dict]:
-    """How each parameter splits across TP ranks, read off a meta-device build."""
-    from megallama.model import build_model
-    from megallama.parallel import ParallelState
-    from megallama.train.universal import _split_info
-
-    with torch.device("meta"):
-        model = build_model(cfg, ParallelState(), seed=None)
-    return {name: _split_info(p) for name, p in model.named_parameters()}
+def _check_target(cfg: ModelConfig, out: Path, tp: int, pp: int, overwrite: bool) -> None:
+    problem = (layout_rules.positive_problem("tp", tp) or layout_rules.positive_problem("pp", pp)
+               or layout_rules.layout_problem(cfg.shape, tp, pp))
+    if problem:
+        raise UserError(f"--tp/--pp: {problem}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out}: already exists (refusing to overwrite; pass --overwrite)")
 
 
 def convert_training_checkpoint(src, out, tp: int, pp: int, overwrite: bool = False) -> int:
@@ -163,29 +154,9 @@ def from_state(cfg: ModelConfig, state, out, tp: int, pp: int, overwrite: bool =
                step: int = 0, consumed_samples: int = 0) -> Path:
     """A training checkpoint at ``step`` from full weights and (else zero) Adam ``moments``
     (``{"exp_avg": state, "exp_avg_sq": state}``), e.g. another harness's run to continue."""
-    from safetensors.torch import save_file
+    from megallama.checkpoint.universal_write import with_moments, write_training_checkpoint
 
-    from megallama.checkpoint.streaming import materialize
-    from megallama.train import checkpoint as ckpt
-    from megallama.train.universal import MOMENTS
-
-    tmp = Path(tempfile.mkdtemp(prefix=".consolidated-as-training-"))
-    try:
-        tag = tmp / ckpt.tag_for(step)
-        (tag / "universal").mkdir(parents=True)
-        tensors = {}
-        for name, value in state.items():
-            tensors[name] = materialize(value).float()
-            for key in MOMENTS:
-                tensors[f"{name}::{key}"] = (materialize(moments[key][name]).float() if moments
-                                             else torch.zeros(tuple(value.shape), dtype=torch.float32))
-        save_file(tensors, str(tag / "universal" / "pp00-tp00.safetensors"))
-        (tag / "universal" / "pp00-tp00.index.json").write_text(json.dumps(_split_index(cfg)))
-        layout = {"model": cfg.model_dump(), "tp": 1, "pp": 1, "dp": None, "zero": None}
-        (tag / "universal" / "layout.json").write_text(json.dumps(layout))
-        (tag / "meta.json").write_text(json.dumps({**layout, "step": step, "consumed_samples": consumed_samples}))
-        ckpt.write_manifest(tag)
-        (tmp / ckpt.LATEST).write_text(tag.name)
-        return reshard(tmp, out, tp, pp, overwrite=overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(out)
+    _check_target(cfg, out, tp, pp, overwrite)
+    return write_training_checkpoint(out, cfg, with_moments(state, moments), step=step,
+                                     consumed_samples=consumed_samples, tp=tp, pp=pp)
