@@ -6,11 +6,11 @@ fit check refuses with its memory figure -- one question ("what will this config
 device?") asked four ways, so it is answered once. The layout is :func:`profiling.compare.layout_of`
 (what ``megallama profile`` compares against), never a second mapping.
 
-On CPU the GPU step-time model leaves out what dominates a tiny model: Python and DeepSpeed's
-per-step bookkeeping and per-operator dispatch, each microseconds-to-milliseconds that a GPU's
-asynchronous launches hide. :data:`CPU_OVERHEAD` adds those, measured on this repository's
-tiny runs (benchmarks/README_planner.md, "Predicted vs measured in every run"); the GPU path
-never sees them.
+On CPU the device is measured as the run's ranks share it, at start (:func:`measure_cpu_rates`):
+a single-process GEMM peak, or the profile's assumed link, is nothing like two ranks on busy
+cores talking over gloo. With those rates the step-time model needs no CPU-only term: the tiny
+runs' errors fall on both sides of zero (benchmarks/README_planner.md, "Predicted vs measured in
+every run").
 """
 from __future__ import annotations
 
@@ -26,27 +26,6 @@ from megallama.profiling.memory import MemoryBreakdown
 from megallama.profiling.steptime import StepPrediction
 
 
-@dataclass(frozen=True)
-class CpuOverhead:
-    """Seconds the CPU path spends outside the FLOP and byte terms (fitted on the tiny runs)."""
-
-    per_step: float = 0.0           # optimizer step bookkeeping, the engine's own collectives
-    per_block_pass: float = 0.0     # one transformer block's forward or backward: op dispatch
-    per_microbatch: float = 0.0     # loss, data, the pipeline's per-instruction work
-
-
-CPU_OVERHEAD = CpuOverhead()
-
-
-def cpu_overhead(spec: Any, layout: Layout, terms: CpuOverhead = CPU_OVERHEAD) -> float:
-    """Seconds per step :data:`CPU_OVERHEAD` adds on the slowest stage's critical path: every
-    micro-batch passes its blocks forward, backward and (recomputing) forward again."""
-    blocks = max(layout.stage_layers(spec)) + spec.n_encoder_layers
-    passes = 3 if layout.recompute == "full" else 2
-    per_micro = terms.per_microbatch + terms.per_block_pass * passes * blocks
-    return terms.per_step + (layout.grad_accum + layout.pp - 1) * per_micro
-
-
 @dataclass
 class RunPrediction:
     """What the run is predicted to take on ``hardware`` (per rank: the worst pipeline stage)."""
@@ -59,11 +38,10 @@ class RunPrediction:
     memory_bytes: float              # the peak per rank the fit check holds against the capacity
     capacity_bytes: float
     capacity_source: str
-    overhead_s: float = 0.0          # the CPU-only term, included in step_time_s
 
     @property
     def step_time_s(self) -> float:
-        return self.step.step_time_s + self.overhead_s
+        return self.step.step_time_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,7 +63,7 @@ class RunPrediction:
         return {"hardware": self.hardware, "hardware_source": self.hardware_source, "describe": self.layout.describe(),
                 "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                 "memory_bytes": self.memory_bytes, "capacity_bytes": self.capacity_bytes, "fits": self.fits,
-                "cpu_overhead_s": self.overhead_s, "time_breakdown_s": dict(self.step.time),
+                "time_breakdown_s": dict(self.step.time),
                 "memory_breakdown_bytes": dict(self.memory.components)}
 
 
@@ -203,8 +181,7 @@ def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProf
         cap, where = capacity(world_size)
     else:
         cap, where = step.memory_capacity_bytes, f"usable of {hw.name}'s {fmt_bytes(hw.memory_bytes)}"
-    overhead = cpu_overhead(spec, layout) if device_type == "cpu" else 0.0
-    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where, overhead)
+    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where)
 
 
 def auto_capacity(world_size: int, hardware: Optional[HardwareProfile] = None) -> Tuple[float, str]:
