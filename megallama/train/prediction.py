@@ -8,9 +8,11 @@ device?") asked four ways, so it is answered once. The layout is :func:`profilin
 
 On CPU the device is measured as the run's ranks share it, at start (:func:`measure_cpu_rates`):
 a single-process GEMM peak, or the profile's assumed link, is nothing like two ranks on busy
-cores talking over gloo. With those rates the step-time model needs no CPU-only term: the tiny
-runs' errors fall on both sides of zero (benchmarks/README_planner.md, "Predicted vs measured in
-every run").
+cores talking over gloo. A tiny model's step also holds work the FLOP and byte terms do not see
+(Python and DeepSpeed's per-step bookkeeping, the loss all-reduce, the record written), which a
+GPU's asynchronous launches hide: :data:`CPU_STEP_WORK` adds it on CPU only, as the GEMM FLOPs it
+takes as long as, so it slows with the measured rate as the cores get busier
+(benchmarks/README_planner.md, "Predicted vs measured in every run").
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ from megallama.profiling.memory import MemoryBreakdown
 from megallama.profiling.steptime import StepPrediction
 
 
+# per-step CPU work outside the cost model, in GEMM-FLOP equivalents: the median over 14 tiny runs
+# (7 layouts, twice) of (measured - predicted step) x the GEMM rate measured at their start
+CPU_STEP_WORK = 1.7e9
+
+
 @dataclass
 class RunPrediction:
     """What the run is predicted to take on ``hardware`` (per rank: the worst pipeline stage)."""
@@ -38,10 +45,11 @@ class RunPrediction:
     memory_bytes: float              # the peak per rank the fit check holds against the capacity
     capacity_bytes: float
     capacity_source: str
+    cpu_step_work_s: float = 0.0     # :data:`CPU_STEP_WORK` at this CPU's measured rate (0 on a GPU)
 
     @property
     def step_time_s(self) -> float:
-        return self.step.step_time_s
+        return self.step.step_time_s + self.cpu_step_work_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -63,7 +71,7 @@ class RunPrediction:
         return {"hardware": self.hardware, "hardware_source": self.hardware_source, "describe": self.layout.describe(),
                 "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                 "memory_bytes": self.memory_bytes, "capacity_bytes": self.capacity_bytes, "fits": self.fits,
-                "time_breakdown_s": dict(self.step.time),
+                "time_breakdown_s": {**self.step.time, "cpu_step_work": self.cpu_step_work_s},
                 "memory_breakdown_bytes": dict(self.memory.components)}
 
 
@@ -181,7 +189,8 @@ def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProf
         cap, where = capacity(world_size)
     else:
         cap, where = step.memory_capacity_bytes, f"usable of {hw.name}'s {fmt_bytes(hw.memory_bytes)}"
-    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where)
+    work = CPU_STEP_WORK / hw.peak(layout.dtype) if device_type == "cpu" else 0.0
+    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where, work)
 
 
 def auto_capacity(world_size: int, hardware: Optional[HardwareProfile] = None) -> Tuple[float, str]:
