@@ -4,8 +4,8 @@
 The bound (:data:`CPU_STEP_RATIO`) was chosen from the tiny runs recorded in
 benchmarks/README_planner.md ("Predicted vs measured in every run"): on a 2-core machine shared
 with other jobs (load average 7-11) the measured step moves by 2x from one minute to the next, so
-the prediction is held to within a factor, not a percentage; the held-out runs fell within
-0.35x-1.82x. The trainer's earlier predictions fall outside it: with the cached single-process
+the prediction is held to within a factor, not a percentage; 13 of 14 held-out runs fell within
+0.35x-1.82x (the 14th ran through another job's burst). The trainer's earlier predictions fall outside it: with the cached single-process
 GEMM peak and the profile's assumed link, TP runs came out 5-7x too fast; with a copy bandwidth
 timed on its page-faulting first copy, DP runs 3.9-4.3x too slow.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -37,19 +38,23 @@ LAYOUTS = {
 }
 
 
+def _train(name, tmp, data_cache):
+    cfg = tiny_run_config(tmp, data_cache, steps=6)
+    return run_train(cfg, [f"run_dir={tmp / 'run'}"] + LAYOUTS[name], world=2)
+
+
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def run(request, tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp(request.param)
-    cfg = tiny_run_config(tmp, data_cache, steps=6)
-    report = run_train(cfg, [f"run_dir={tmp / 'run'}"] + LAYOUTS[request.param], world=2)
-    return request.param, tmp / "run", report
+    return request.param, tmp / "run", _train(request.param, tmp, data_cache)
 
 
 def test_start_line_states_the_prediction_and_the_end_line_the_check(run):
     name, _, report = run
     log = report["stderr"]
     assert "predicted on cpu for " in log and " tokens/s, step " in log and " per rank of " in log, log[-2000:]
-    assert "CPU measured at start on all 2 ranks at once" in json.dumps(report["predicted"])
+    assert "CPU measured at start on all 2 ranks at once" in report["predicted"]["hardware_source"]
+    assert report["predicted"]["time_breakdown_s"]["cpu_step_work"] > 0
     assert "predicted vs measured: step " in log
     if name.endswith("auto"):   # global 8 over dp 2: 4 per replica, and the tiny model fits all 4
         assert "train.micro_batch_size: auto chose 4 (x 1 accumulation x 2 data-parallel = global batch 8)" in log
@@ -72,12 +77,21 @@ def test_every_record_carries_prediction_and_error(run):
     assert report["step_time_error"] == pytest.approx((pred - measured) / measured)
 
 
-def test_cpu_prediction_within_the_recorded_bound(run):
+def test_cpu_prediction_within_the_recorded_bound(run, tmp_path, data_cache):
+    """A load spike from another job can outlast a 6-step run (one recorded run's step went 10x
+    slower than its start measured): outside the bound, the run is repeated once, predicting
+    afresh; a wrong model misses twice."""
     name, _, report = run
-    ratio = report["step_time_predicted_s"] / report["step_time_s"]
-    assert 1 / CPU_STEP_RATIO <= ratio <= CPU_STEP_RATIO, (
-        f"{name}: predicted {report['step_time_predicted_s']:.4f} s vs measured {report['step_time_s']:.4f} s "
-        f"(x{ratio:.2f}); breakdown {report['predicted']['time_breakdown_s']}")
+    ratios = []
+    for attempt in range(2):
+        ratios.append(report["step_time_predicted_s"] / report["step_time_s"])
+        if 1 / CPU_STEP_RATIO <= ratios[-1] <= CPU_STEP_RATIO:
+            break
+        if attempt == 0:
+            report = _train(name, tmp_path, data_cache)
+    assert 1 / CPU_STEP_RATIO <= ratios[-1] <= CPU_STEP_RATIO, (
+        f"{name}: predicted / measured step x{ratios}; load average {os.getloadavg()}; last prediction "
+        f"{report['predicted']['time_breakdown_s']} from {report['predicted']['hardware_source']}")
     assert math.isfinite(report["predicted"]["tokens_per_s"])
 
 
