@@ -62,6 +62,8 @@ def _check_on_gpu(cfg, world: int, hw, quiet: bool) -> None:
     from megallama.train.fits import fmt_bytes
     from megallama.train.prediction import predict_run, stage_breakdowns
 
+    from megallama.train.prediction import run_layout
+
     p = predict_run(cfg, world, hardware=(hw, f"--gpu {hw.name}"))
     if p.fits:
         if not quiet:
@@ -69,7 +71,7 @@ def _check_on_gpu(cfg, world: int, hw, quiet: bool) -> None:
         return
     print(f"predicted peak memory per rank on {hw.name}, by pipeline stage (capacity {fmt_bytes(p.capacity_bytes)}, "
           f"{p.capacity_source}):")
-    for mem in stage_breakdowns(cfg, p.layout, "cuda"):
+    for mem in stage_breakdowns(cfg, p.layout, run_layout(cfg, world)[1], "cuda"):
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.components.items() if v)
         print(f"  stage {mem.stage}: {fmt_bytes(mem.total)} = {parts}")
     raise UserError(f"layout {p.layout.describe()} at world={world} is predicted not to fit "

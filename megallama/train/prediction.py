@@ -75,13 +75,11 @@ class RunPrediction:
                 "memory_breakdown_bytes": dict(self.memory.components)}
 
 
-def run_layout(cfg: Any, world_size: int, micro_batch_size: Optional[int] = None) -> Tuple[Layout, Dict[str, Any]]:
+def run_layout(cfg: Any, world_size: int) -> Tuple[Layout, Dict[str, Any]]:
     """The layout ``cfg`` runs as on ``world_size`` ranks, and the DeepSpeed dict it hands the engine."""
     from megallama.profiling.compare import layout_of
     from megallama.train.ds_config import build_ds_config
 
-    if micro_batch_size is not None:
-        cfg = with_micro_batch(cfg, micro_batch_size)
     p = cfg.parallel
     ds = build_ds_config(cfg, world_size)
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // p.model_ranks, sequence_parallel=p.sequence_parallel,
@@ -94,9 +92,10 @@ def with_micro_batch(cfg: Any, mbs: int) -> Any:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mbs})})
 
 
-def run_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> Tuple[MemoryBreakdown, float]:
-    """(the worst stage's breakdown, bytes the fit check counts per rank). On CPU a bucket holds at
-    most this rank's gradients (untouched pages cost no RAM) and host memory is the same RAM."""
+def stage_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str,
+                 stage: Optional[int] = None) -> MemoryBreakdown:
+    """One pipeline stage's peak breakdown (None: the worst stage's) with this DeepSpeed config's
+    buckets; on CPU a bucket holds at most this rank's gradients (untouched pages cost no RAM)."""
     from megallama.profiling.arch import ArchSpec
     from megallama.profiling.compare import impl_of
     from megallama.profiling.memory import memory_breakdown, params_per_rank
@@ -107,19 +106,22 @@ def run_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -
     if device_type == "cpu":
         shard = math.ceil(params_per_rank(spec, layout.tp, layout.pp))
         buckets = dataclasses.replace(buckets, reduce=min(buckets.reduce, shard))
-    mem = memory_breakdown(spec, layout, cfg.train.seq_len, impl=impl_of(cfg, device_type), buckets=buckets)
+    return memory_breakdown(spec, layout, cfg.train.seq_len, stage, impl_of(cfg, device_type), buckets)
+
+
+def run_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> Tuple[MemoryBreakdown, float]:
+    """(the worst stage's breakdown, bytes the fit check counts per rank: on CPU host memory is the
+    same RAM)."""
+    mem = stage_memory(cfg, layout, ds, device_type)
     return mem, mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
 
 
-def stage_breakdowns(cfg: Any, layout: Layout, device_type: str) -> List[MemoryBreakdown]:
+def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> List[MemoryBreakdown]:
     """Every distinct pipeline stage's peak breakdown (first, middle, last), for a refusal to show."""
     from megallama.profiling.arch import ArchSpec
-    from megallama.profiling.compare import impl_of
-    from megallama.profiling.memory import memory_breakdown
 
-    spec = ArchSpec.from_model_config(cfg.model)
-    return [memory_breakdown(spec, layout, cfg.train.seq_len, s, impl_of(cfg, device_type))
-            for s in layout.stage_groups(spec)]
+    return [stage_memory(cfg, layout, ds, device_type, s)
+            for s in layout.stage_groups(ArchSpec.from_model_config(cfg.model))]
 
 
 def measure_cpu_rates(rt: Any, budget_s: float = 0.2) -> Optional[Dict[str, float]]:
@@ -163,8 +165,7 @@ def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> 
 
 
 def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProfile, str]] = None,
-                device_type: Optional[str] = None, micro_batch_size: Optional[int] = None,
-                rates: Optional[Dict[str, float]] = None) -> RunPrediction:
+                device_type: Optional[str] = None, rates: Optional[Dict[str, float]] = None) -> RunPrediction:
     """``cfg`` on ``world_size`` ranks of ``hardware`` (default: this process's device, its
     capacity what the fit check holds against; a named GPU's is the planner's usable share)."""
     import torch
@@ -175,8 +176,6 @@ def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProf
     from megallama.train.ds_config import precision
     from megallama.train.fits import capacity, fmt_bytes
 
-    if micro_batch_size is not None:
-        cfg = with_micro_batch(cfg, micro_batch_size)
     layout, ds = run_layout(cfg, world_size)
     local = hardware is None
     device_type = device_type or ("cuda" if torch.cuda.is_available() or not local else "cpu")
