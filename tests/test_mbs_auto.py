@@ -96,3 +96,14 @@ def test_bad_values_name_auto(value):
 
     with pytest.raises(Exception, match="expected an integer up to .* or 'auto'"):
         TrainConfig(micro_batch_size=value)
+
+
+def test_plan_and_estimate_of_an_auto_config_leave_the_micro_batch_to_themselves(tmp_path, capsys):
+    from megallama.cli import main
+
+    text = (ROOT / "examples" / "tiny.yaml").read_text().replace("micro_batch_size: 8", "micro_batch_size: auto")
+    path = tmp_path / "auto.yaml"
+    path.write_text(text.replace("../ds_configs", str(ROOT / "ds_configs")))
+    assert main(["estimate", "--config", str(path)]) == 0
+    assert main(["plan", "--config", str(path), "--gpus", "8", "--gpu", "h100-sxm"]) == 0
+    assert "best:" in capsys.readouterr().out
