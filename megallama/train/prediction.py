@@ -124,7 +124,7 @@ def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: 
             for s in layout.stage_groups(ArchSpec.from_model_config(cfg.model))]
 
 
-def measure_cpu_rates(rt: Any, budget_s: float = 0.2) -> Optional[Dict[str, float]]:
+def measure_cpu_rates(rt: Any, budget_s: float = 0.1) -> Optional[Dict[str, float]]:
     """On CPU, this machine as the run's ranks share it, measured on every rank at once (every
     rank must call; ``megallama profile``'s measurement, shorter): the cached single-process GEMM
     peak says nothing of ranks sharing busy cores, nor the profile's assumed link of gloo. None
