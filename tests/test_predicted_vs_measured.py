@@ -3,9 +3,9 @@
 
 The bound (:data:`CPU_STEP_RATIO`) was chosen from the tiny runs recorded in
 benchmarks/README_planner.md ("Predicted vs measured in every run"): on a 2-core machine shared
-with other jobs (load average 7-11) the measured step moves by 2x from one minute to the next, so
-the prediction is held to within a factor, not a percentage; 13 of 14 held-out runs fell within
-0.35x-1.82x (the 14th ran through another job's burst). The trainer's earlier predictions fall
+with other jobs (load average 6-12) the measured step moves by 2x from one minute to the next, so
+the prediction is held to within a factor, not a percentage; 20 of 21 held-out runs fell within
+0.35x-2.12x (the 21st ran through another job's burst). The trainer's earlier predictions fall
 outside it: with the cached single-process GEMM peak and the profile's assumed link, TP runs came
 out 5-7x too fast; with a copy bandwidth timed on its page-faulting first copy, DP runs 3.9-4.3x
 too slow.
