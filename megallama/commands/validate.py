@@ -28,8 +28,8 @@ def run(args) -> int:
     from megallama.train.prediction import choose_micro_batch
 
     cfg = load_run_config(args.config, args.overrides)
+    cfg.check_layout(args.world_size)   # a bad --world-size (0 included) is refused here, by name
     world = args.world_size or cfg.parallel.model_ranks
-    cfg.check_layout(world)
     hw = None
     if args.gpu is not None:
         from megallama.profiling.hardware import load_hardware
