@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, field_validator, model_validator
 
@@ -75,7 +75,9 @@ class TrainConfig(_Strict):
     tokens: Optional[Int] = _int(None, le=2**62)
     seed: Int = _int(1234, ge=0, le=MAX_SEED)
     seq_len: Int = _int(256)
-    micro_batch_size: Int = _int(4, ge=-MAX_SIZE)  # below 1: batch_layout says so by name
+    # below 1: batch_layout says so by name; "auto": the largest dividing global_batch_size / dp that the
+    # memory model fits on the device, chosen at start-up (megallama/train/prediction.py)
+    micro_batch_size: Union[int, Literal["auto"]] = 4
     global_batch_size: Optional[Int] = _int(None)
     grad_accum_steps: Optional[Int] = _int(None)
     lr: Float = _num(3.0e-4, ge=0)
@@ -111,6 +113,13 @@ class TrainConfig(_Strict):
     allow_schedule_change: bool = False
     trackers: List[Literal[TRACKERS]] = ["jsonl", "csv", "tensorboard"]  # where each step's record goes
     wandb: WandbConfig = WandbConfig()
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SIZE:
+            return value
+        raise ValueError(f"expected an integer up to {MAX_SIZE} or 'auto'")
 
     @property
     def ramp(self) -> Optional[BatchRamp]:
@@ -167,6 +176,9 @@ class TrainConfig(_Strict):
     def batch_layout(self, dp: int) -> "BatchLayout":
         """Resolve global = micro x accumulation x dp from whichever two are given."""
         mbs, gbs, acc = self.micro_batch_size, self.global_batch_size, self.grad_accum_steps
+        if mbs == "auto":
+            raise ConfigError("train.micro_batch_size: auto is chosen for a world size and a device; "
+                              "train and validate --world-size choose it, other commands need a number")
         if mbs <= 0:
             raise ConfigError(f"train.micro_batch_size: expected a positive integer, got {mbs}")
         if dp <= 0:
@@ -310,7 +322,7 @@ class RunConfig(_Strict):
             problem = explicit_problem(p.pipeline_layers, m.n_layers, p.pp)
         if problem:
             raise ConfigError(problem)
-        if world_size is not None:
+        if world_size is not None and t.micro_batch_size != "auto":   # auto: chosen once the layout is known good
             t.batch_layout(world_size // p.model_ranks)
 
     def stage_layers(self) -> List[int]:

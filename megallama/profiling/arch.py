@@ -214,7 +214,9 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     ds = DeepSpeedSettings.of(run.deepspeed)
     defaults = dict(tp=run.parallel.tp, pp=run.parallel.pp, sp=run.parallel.sequence_parallel,
                     ulysses=run.parallel.ulysses,
-                    seq=run.train.seq_len, mbs=run.train.micro_batch_size,
+                    seq=run.train.seq_len,
+                    # auto: chosen by train for its device; here the command's own choice stands
+                    **({} if run.train.micro_batch_size == "auto" else {"mbs": run.train.micro_batch_size}),
                     recompute=run.train.activation_checkpointing.mode, zero=ds.zero_stage,
                     dtype=ds.precision, offload=ds.offload_optimizer is not None,
                     pipeline_partition=run.parallel.pipeline_partition,

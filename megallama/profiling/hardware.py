@@ -242,6 +242,7 @@ def measure_cpu_memory_bandwidth(budget_s: float = 0.2) -> float:
 
     src = torch.empty(32 * 2 ** 20, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
+    dst.copy_(src)                                  # untimed: the first copy faults every page of dst in
     best, spent = float("inf"), 0.0
     while spent < budget_s:
         start = time.perf_counter()
@@ -253,15 +254,19 @@ def measure_cpu_memory_bandwidth(budget_s: float = 0.2) -> float:
 
 @lru_cache(maxsize=None)
 def cpu_profile() -> HardwareProfile:
-    """This machine as one node of ``cpu_count`` 'GPUs'. Peaks are measured GEMMs (fp16 is taken
-    as the bf16 figure); collectives run over gloo in shared memory, taken as half the measured
-    copy bandwidth; 'inter-node' is an assumed 10 Gb/s Ethernet."""
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    bw = measure_cpu_memory_bandwidth()
+    """This machine, its GEMM peaks and copy bandwidth measured now (fp16 is taken as the bf16 figure)."""
     peaks = {"fp32": measure_cpu_gemm_peak("fp32"), "bf16": measure_cpu_gemm_peak("bf16")}
-    peaks["fp16"] = peaks["bf16"]
+    return cpu_profile_of({**peaks, "fp16": peaks["bf16"]}, measure_cpu_memory_bandwidth())
+
+
+def cpu_profile_of(peaks: Dict[str, float], bandwidth: float) -> HardwareProfile:
+    """This machine as one node of ``cpu_count`` 'GPUs' with the given GEMM peaks and copy bandwidth
+    (the trainer passes its cached peak: measuring every dtype afresh costs each start seconds);
+    collectives run over gloo in shared memory, taken as half the copy bandwidth; 'inter-node' is
+    an assumed 10 Gb/s Ethernet."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return HardwareProfile(name="cpu", description=f"this CPU ({os.cpu_count()} cores, measured)",
-                           peak_flops=peaks, memory_bytes=float(mem), memory_bandwidth=bw,
-                           intra_node_bandwidth=bw / 2, inter_node_bandwidth=1.25e9, host_bandwidth=bw,
+                           peak_flops=dict(peaks), memory_bytes=float(mem), memory_bandwidth=bandwidth,
+                           intra_node_bandwidth=bandwidth / 2, inter_node_bandwidth=1.25e9, host_bandwidth=bandwidth,
                            intra_node_latency_s=20e-6, inter_node_latency_s=50e-6,
                            gpus_per_node=os.cpu_count() or 1, measured=True, nics_per_node=1, nic_bandwidth=1.25e9)

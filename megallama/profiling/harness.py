@@ -150,16 +150,17 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux reports KiB
 
 
-def _cpu_rates(s: Runtime) -> Dict[str, float]:
+def _cpu_rates(s: Runtime, budget_s: float = 1.0) -> Dict[str, float]:
     """This CPU as the run sees it, measured on every rank at once (so ranks sharing cores, or
     other jobs, show): GEMM FLOP/s and copy bandwidth per rank (medians over ranks), and the
-    collective link over the world group."""
+    collective link over the world group; ``budget_s``: the GEMM's seconds (``train`` takes less)."""
     from megallama.profiling.hardware import measure_cpu_gemm_peak, measure_cpu_memory_bandwidth
     from megallama.profiling.measure_comm import measure_link
     from megallama.train.ds_config import precision
 
     dist.barrier()
-    mine = [measure_cpu_gemm_peak.__wrapped__(precision(s.ds), 1.0), measure_cpu_memory_bandwidth.__wrapped__(0.3)]
+    mine = [measure_cpu_gemm_peak.__wrapped__(precision(s.ds), budget_s),
+            measure_cpu_memory_bandwidth.__wrapped__(0.3 * budget_s)]
     every = [None] * s.info.world_size
     dist.all_gather_object(every, mine)
     out = {"gemm_flops": statistics.median(x[0] for x in every),
@@ -183,6 +184,7 @@ def profile(cfg, steps: int, warmup: int = 2, with_census: bool = True, comm_tim
     from megallama.profiling.report import build_report
 
     s = setup(cfg, batches, fits=True)
+    cfg = s.cfg   # as started: train.micro_batch_size: auto chosen
     for _ in range(warmup):
         run_step(s)
     rates = _cpu_rates(s) if s.device.type == "cpu" else None

@@ -9,14 +9,11 @@ exact, so a near miss is left to run (and to the allocator).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from typing import Any, Optional, Tuple
 
 import torch
 
-from megallama.config.topology import ParallelDims
 from megallama.errors import UserError
 
 LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
@@ -73,16 +70,11 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float
     buffers) against this rank's share of the device; returns that prediction (bytes per rank),
     which the run's records set beside the measured peak."""
     from megallama.profiling.arch import ArchSpec
-    from megallama.profiling.compare import impl_of, layout_of
-    from megallama.profiling.memory import memory_breakdown, params_per_rank
-    from megallama.train.ds_config import build_ds_config
-    from megallama.train.ds_settings import DeepSpeedSettings
+    from megallama.profiling.memory import params_per_rank
+    from megallama.train.prediction import run_layout, run_memory
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    ds = build_ds_config(cfg, world_size)
-    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // p.model_ranks, sequence_parallel=p.sequence_parallel,
-                        ulysses=p.ulysses)
-    layout = layout_of(cfg, dims, ds)
+    layout, ds = run_layout(cfg, world_size)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     spec = ArchSpec.from_model_config(m)
     cap, where = capacity(world_size, local_rank)
@@ -90,11 +82,7 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
-    buckets = DeepSpeedSettings.of(ds).buckets
-    if device_type == "cpu":  # a bucket is filled with at most this rank's gradients; pages never touched cost no RAM
-        buckets = dataclasses.replace(buckets, reduce=min(buckets.reduce, math.ceil(params_per_rank(spec, p.tp, p.pp))))
-    mem = memory_breakdown(spec, layout, t.seq_len, impl=impl_of(cfg, device_type), buckets=buckets)
-    need = mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
+    mem, need = run_memory(cfg, layout, ds, device_type)
     if need <= cap:
         return need
     acts = mem.activations

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from megallama.config import RunConfig
 from megallama.config.pipeline_split import describe_split
@@ -49,7 +50,21 @@ def _evaluate(rt: Runtime, dataset, iters: int) -> Dict[str, Any]:
                       loss_fn=rt.loss_fn)
 
 
-def _metrics(rt: Runtime, start_step: int) -> MetricsLogger:
+def _predict(rt: Runtime, rates: Optional[Dict[str, float]]) -> Optional[Dict[str, Any]]:
+    """The run's prediction on this device (rank 0; its start line printed), or None with the reason
+    logged when there is no profile to cost this device on."""
+    from megallama.train.prediction import predict_run
+
+    try:
+        p = predict_run(rt.cfg, rt.info.world_size, rates=rates)
+    except UserError as exc:
+        log.warning("no prediction for this run: %s", exc)
+        return None
+    log.info("%s", p.line())
+    return p.as_dict()
+
+
+def _metrics(rt: Runtime, start_step: int, predicted: Optional[Dict[str, Any]]) -> MetricsLogger:
     from megallama.profiling.flops import flops_per_token
 
     t = rt.cfg.train
@@ -59,7 +74,8 @@ def _metrics(rt: Runtime, start_step: int) -> MetricsLogger:
     if rt.rank0:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
     return MetricsLogger(rt.cfg, rt.rank0, rt.info.world_size, flops.model, flops.hardware, peak,
-                         start_step=start_step, mem_predicted=rt.mem_predicted)
+                         start_step=start_step, mem_predicted=rt.mem_predicted,
+                         step_time_predicted=predicted["step_time_s"] if predicted else None)
 
 
 def _train(rt: Runtime) -> Dict[str, Any]:
@@ -72,6 +88,12 @@ def _train(rt: Runtime) -> Dict[str, Any]:
                  batch.global_, batch.micro, batch.accum, state.dp)
         if state.pp > 1:
             log.info("pipeline stages hold %s of %d layers", describe_split(cfg.stage_layers()), cfg.model.n_layers)
+        if rt.micro_batch_choice:
+            log.info("%s", rt.micro_batch_choice)
+    from megallama.train.prediction import measure_cpu_rates
+
+    rates = measure_cpu_rates(rt)
+    predicted = on_rank0_then_share(lambda: _predict(rt, rates))
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
     check_trackers(t.trackers)
@@ -96,7 +118,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
             set_schedule_position(rt.engine.lr_scheduler, resume.step, base_lr=t.lr)
 
     start_step, last_step = resume.step, min(t.steps, t.exit_at_step or t.steps)
-    metrics = _metrics(rt, start_step)
+    metrics = _metrics(rt, start_step, predicted)
     progress = Progress(metrics, start_step, last_step, t.max_bad_steps, t.log_every, t.eval_every)
     hooks = HookList(installed() + [progress])
     batches = on_device(it, rt.device)
@@ -124,7 +146,24 @@ def _train(rt: Runtime) -> Dict[str, Any]:
             if stopped:
                 break
     extra = _preempted(rt, stopped, ckpt_dir) if stopped else {}
-    return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step, extra)
+    return _report(rt, progress, metrics, time.perf_counter() - run_start, last_step, {**extra,
+                                                                                        **_checked(metrics, predicted)})
+
+
+def _checked(metrics: MetricsLogger, predicted: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The report's predicted-vs-measured: the median logged step time past the run's first record
+    (its window holds start-up: first-touch allocation, kernel selection) against the prediction."""
+    from megallama.train.metrics import relative_error
+
+    times = metrics.step_times[1:] or metrics.step_times
+    measured = statistics.median(times) if times else None
+    pred = predicted["step_time_s"] if predicted else None
+    if metrics.enabled and measured and pred:
+        log.info("predicted vs measured: step %.4g s vs %.4g s (%+.1f%%), %s tokens/s vs %s", pred, measured,
+                 100 * relative_error(measured, pred), f"{predicted['tokens_per_s']:,.0f}",
+                 f"{predicted['tokens_per_s'] * pred / measured:,.0f}")
+    return {"predicted": predicted, "step_time_s": measured, "step_time_predicted_s": pred,
+            "step_time_error": relative_error(measured, pred)}
 
 
 def _rank_hosts() -> list:

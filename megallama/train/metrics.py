@@ -109,6 +109,13 @@ def cpu_peak_flops(precision: str) -> tuple:
     return flops, f"CPU {precision} GEMM peak measured now, {date}, cached in {path} [{key}]"
 
 
+def relative_error(measured: Optional[float], predicted: Optional[float]) -> Optional[float]:
+    """``megallama profile``'s (predicted - measured) / measured; None without both figures."""
+    from megallama.profiling.compare import rel_error
+
+    return rel_error(measured, predicted) if measured and predicted is not None else None
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -122,17 +129,20 @@ class MetricsLogger:
 
     def __init__(self, cfg, enabled: bool, world_size: int, flops_model_per_token: float,
                  flops_hw_per_token: float, peak_flops: float, start_step: int = 0,
-                 mem_predicted: Optional[float] = None):
+                 mem_predicted: Optional[float] = None, step_time_predicted: Optional[float] = None):
         """``start_step``: where this run starts; earlier runs' records past it are replaced in every
-        file sink, so a resume never doubles a step. ``mem_predicted``: the fit check's peak memory
-        per rank, recorded beside the measured one."""
+        file sink, so a resume never doubles a step. ``mem_predicted``, ``step_time_predicted``: the
+        run's prediction (:mod:`megallama.train.prediction`), recorded beside what was measured with
+        the error; memory's only where the measurement is the allocator's peak (on CPU the RSS also
+        holds the interpreter and its libraries, which the model does not count)."""
         from megallama.train.trackers import open_sinks
 
         self.enabled = enabled
         self.total_steps = cfg.train.steps
         self.world = world_size
         self.fm, self.fh, self.peak = flops_model_per_token, flops_hw_per_token, peak_flops
-        self.mem_predicted = mem_predicted
+        self.mem_predicted, self.step_time_predicted = mem_predicted, step_time_predicted
+        self.step_times: list = []    # measured per logged window, for the final report
         self.path = Path(cfg.run_dir) / "metrics.jsonl"
         self.sinks = open_sinks(cfg, start_step) if enabled else []
         self.pending: Optional[Dict[str, Any]] = None
@@ -143,11 +153,18 @@ class MetricsLogger:
             tokens_per_s: float, steps_done_this_run: int, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         tps = tokens_per_s
         tflops = tps * self.fm / self.world / 1e12
+        mem = peak_memory_bytes()
+        pred = self.step_time_predicted
+        self.step_times.append(step_time)
         values = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": step_time,
             "tokens_per_s": tps, "tflops_per_rank": tflops, "mfu": tps * self.fm / self.world / self.peak,
-            "hfu": tps * self.fh / self.world / self.peak, "mem_bytes": peak_memory_bytes(),
-            "mem_predicted_bytes": self.mem_predicted, "rss_bytes": current_rss_bytes(), "open_fds": open_fds(),
+            "hfu": tps * self.fh / self.world / self.peak, "mem_bytes": mem,
+            "mem_predicted_bytes": self.mem_predicted, "step_time_predicted_s": pred,
+            "step_time_error": relative_error(step_time, pred),
+            "tokens_per_s_predicted": tps * step_time / pred if pred else None,
+            "mem_error": relative_error(mem, self.mem_predicted) if torch.cuda.is_available() else None,
+            "rss_bytes": current_rss_bytes(), "open_fds": open_fds(),
             "time": time.time(), **(extra or {}),
         }
         from megallama.train.trackers import FIELDS

@@ -41,6 +41,7 @@ class Runtime:
     consumed_samples: int = 0  # samples of the steps taken, every rank alike (the loop advances it)
     global_now: Optional[int] = None  # this step's global batch while train.rampup_batch_size ramps it
     mem_predicted: Optional[float] = None  # the fit check's peak bytes per rank (train and profile)
+    micro_batch_choice: Optional[str] = None  # train.micro_batch_size: auto -- what it chose and why
 
     @property
     def rank0(self) -> bool:
@@ -121,6 +122,9 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
     this machine cannot hold, before anything is allocated."""
     info = info or detect_launcher()
     cfg.check_layout(info.world_size)  # every layout error surfaces before any process group exists
+    from megallama.train.prediction import choose_micro_batch
+
+    cfg, choice = choose_micro_batch(cfg, info.world_size)   # train.micro_batch_size: auto
     ds, mem_predicted = None, None
     if training:
         from megallama.train.ds_config import build_ds_config, check_device_supports
@@ -140,7 +144,8 @@ def start(cfg: RunConfig, info: Optional[LaunchInfo] = None, training: bool = Tr
     state = initialize(p.tp, p.pp, p.sequence_parallel, ulysses=p.ulysses)
     loss_fn = (make_loss_fn(cfg.model.arch, cfg.train.seq_len, cfg.data.document_mask, cfg.data.reset_position_ids)
                if training else None)
-    return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn, mem_predicted=mem_predicted)
+    return Runtime(cfg, info, state, device_for(info.local_rank), ds, loss_fn, mem_predicted=mem_predicted,
+                   micro_batch_choice=choice)
 
 
 def inference_config(model: ModelConfig, tp: int, dist_timeout_s: Optional[int] = None) -> RunConfig:

@@ -20,8 +20,9 @@ from megallama.errors import UserError
 log = logging.getLogger(__name__)
 
 FIELDS = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "global_batch_size", "tokens",
-          "step_time_s", "tokens_per_s", "tflops_per_rank", "mfu", "hfu", "mem_bytes", "mem_predicted_bytes",
-          "rss_bytes", "open_fds", "eval_loss", "eval_ppl", "eval_tokens", "time")
+          "step_time_s", "step_time_predicted_s", "step_time_error", "tokens_per_s", "tokens_per_s_predicted",
+          "tflops_per_rank", "mfu", "hfu", "mem_bytes", "mem_predicted_bytes", "mem_error", "rss_bytes", "open_fds",
+          "eval_loss", "eval_ppl", "eval_tokens", "time")
 TB_SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "loss_scale": "train/loss_scale",
               "global_batch_size": "train/global_batch_size", "tokens_per_s": "train/tokens_per_s",
               "tflops_per_rank": "train/tflops_per_rank", "mfu": "train/mfu", "mem_bytes": "train/mem_bytes",

@@ -1,0 +1,268 @@
+"""A run's own prediction: its config as the cost models' layout, costed on the hardware it runs on.
+
+Why here and not in the trainer's metrics: ``train`` prints it at start and checks it every step,
+``validate --gpu`` refuses a layout with it, ``micro_batch_size: auto`` searches with it and the
+fit check refuses with its memory figure -- one question ("what will this config cost on this
+device?") asked four ways, so it is answered once. The layout is :func:`profiling.compare.layout_of`
+(what ``megallama profile`` compares against), never a second mapping.
+
+On CPU the device is measured as the run's ranks share it, at start (:func:`measure_cpu_rates`):
+a single-process GEMM peak, or the profile's assumed link, is nothing like two ranks on busy
+cores talking over gloo. A tiny model's step also holds work the FLOP and byte terms do not see
+(Python and DeepSpeed's per-step bookkeeping, the loss all-reduce, the record written), which a
+GPU's asynchronous launches hide: :data:`CPU_STEP_WORK` adds it on CPU only, as the GEMM FLOPs it
+takes as long as, so it slows with the measured rate as the cores get busier
+(benchmarks/README_planner.md, "Predicted vs measured in every run").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from megallama.config.topology import ParallelDims
+from megallama.profiling.hardware import HardwareProfile
+from megallama.profiling.layout import Layout
+from megallama.profiling.memory import MemoryBreakdown
+from megallama.profiling.steptime import StepPrediction
+
+
+# per-step CPU work outside the cost model, in GEMM-FLOP equivalents: the median over 14 tiny runs
+# (7 layouts, twice) of (measured - predicted step) x the GEMM rate measured at their start
+CPU_STEP_WORK = 1.7e9
+
+
+@dataclass
+class RunPrediction:
+    """What the run is predicted to take on ``hardware`` (per rank: the worst pipeline stage)."""
+
+    hardware: str
+    hardware_source: str
+    layout: Layout
+    step: StepPrediction
+    memory: MemoryBreakdown
+    memory_bytes: float              # the peak per rank the fit check holds against the capacity
+    capacity_bytes: float
+    capacity_source: str
+    cpu_step_work_s: float = 0.0     # :data:`CPU_STEP_WORK` at this CPU's measured rate (0 on a GPU)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.step.step_time_s + self.cpu_step_work_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.step.tokens_per_step / self.step_time_s
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes <= self.capacity_bytes
+
+    def line(self) -> str:
+        """The start line: what to expect, on which hardware."""
+        from megallama.train.fits import fmt_bytes
+
+        return (f"predicted on {self.hardware} for {self.layout.describe()}: {self.tokens_per_s:,.0f} tokens/s, "
+                f"step {self.step_time_s:.4g} s, peak memory {fmt_bytes(self.memory_bytes)} per rank "
+                f"of {fmt_bytes(self.capacity_bytes)} ({self.capacity_source})")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"hardware": self.hardware, "hardware_source": self.hardware_source, "describe": self.layout.describe(),
+                "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+                "memory_bytes": self.memory_bytes, "capacity_bytes": self.capacity_bytes, "fits": self.fits,
+                "time_breakdown_s": {**self.step.time, "cpu_step_work": self.cpu_step_work_s},
+                "memory_breakdown_bytes": dict(self.memory.components)}
+
+
+def run_layout(cfg: Any, world_size: int) -> Tuple[Layout, Dict[str, Any]]:
+    """The layout ``cfg`` runs as on ``world_size`` ranks, and the DeepSpeed dict it hands the engine."""
+    from megallama.profiling.compare import layout_of
+    from megallama.train.ds_config import build_ds_config
+
+    p = cfg.parallel
+    ds = build_ds_config(cfg, world_size)
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=world_size // p.model_ranks, sequence_parallel=p.sequence_parallel,
+                        ulysses=p.ulysses)
+    return layout_of(cfg, dims, ds), ds
+
+
+def with_micro_batch(cfg: Any, mbs: int) -> Any:
+    """``cfg`` with ``train.micro_batch_size`` set (the config itself is left alone)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": mbs})})
+
+
+def stage_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str,
+                 stage: Optional[int] = None) -> MemoryBreakdown:
+    """One pipeline stage's peak breakdown (None: the worst stage's) with this DeepSpeed config's
+    buckets; on CPU a bucket holds at most this rank's gradients (untouched pages cost no RAM)."""
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.compare import impl_of
+    from megallama.profiling.memory import memory_breakdown, params_per_rank
+    from megallama.train.ds_settings import DeepSpeedSettings
+
+    spec = ArchSpec.from_model_config(cfg.model)
+    buckets = DeepSpeedSettings.of(ds).buckets
+    if device_type == "cpu":
+        shard = math.ceil(params_per_rank(spec, layout.tp, layout.pp))
+        buckets = dataclasses.replace(buckets, reduce=min(buckets.reduce, shard))
+    return memory_breakdown(spec, layout, cfg.train.seq_len, stage, impl_of(cfg, device_type), buckets)
+
+
+def run_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> Tuple[MemoryBreakdown, float]:
+    """(the worst stage's breakdown, bytes the fit check counts per rank: on CPU host memory is the
+    same RAM)."""
+    mem = stage_memory(cfg, layout, ds, device_type)
+    return mem, mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
+
+
+def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> List[MemoryBreakdown]:
+    """Every distinct pipeline stage's peak breakdown (first, middle, last), for a refusal to show."""
+    from megallama.profiling.arch import ArchSpec
+
+    return [stage_memory(cfg, layout, ds, device_type, s)
+            for s in layout.stage_groups(ArchSpec.from_model_config(cfg.model))]
+
+
+def measure_cpu_rates(rt: Any, budget_s: float = 0.1) -> Optional[Dict[str, float]]:
+    """On CPU, this machine as the run's ranks share it, measured on every rank at once (every
+    rank must call; ``megallama profile``'s measurement, shorter): the cached single-process GEMM
+    peak says nothing of ranks sharing busy cores, nor the profile's assumed link of gloo. None
+    on a GPU."""
+    if rt.device.type != "cpu":
+        return None
+    from megallama.profiling.harness import _cpu_rates
+
+    return _cpu_rates(rt, budget_s)
+
+
+def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> Tuple[HardwareProfile, str]:
+    """(profile, where it came from) of the device this process runs on: on a GPU its profile by
+    name; on CPU the measured profile -- ``rates`` (:func:`measure_cpu_rates`) where given, as
+    ``megallama profile`` takes them (profiling/report.py), else the cached GEMM peak MFU divides by."""
+    import torch
+
+    from megallama.profiling import hardware
+    from megallama.profiling.steptime import Efficiency
+    from megallama.train.metrics import cpu_peak_flops, device_peak_flops
+
+    if torch.cuda.is_available():
+        _, key = device_peak_flops(precision)
+        return hardware.load_hardware(key), f"{torch.cuda.get_device_name()} as profile '{key}'"
+    if not rates:
+        peak, source = cpu_peak_flops(precision)
+        return hardware.cpu_profile_of({k: peak for k in ("fp32", "bf16", "fp16")},
+                                       hardware.measure_cpu_memory_bandwidth()), source
+    hw = hardware.cpu_profile_of({k: rates["gemm_flops"] for k in ("fp32", "bf16", "fp16")},
+                                 rates["memory_bandwidth"])
+    source = (f"CPU measured at start on all {rates['ranks']} ranks at once: GEMM {rates['gemm_flops'] / 1e9:.1f} "
+              f"GFLOP/s, copy {rates['memory_bandwidth'] / 1e9:.1f} GB/s per rank")
+    if "bus_bandwidth" in rates:
+        hw = dataclasses.replace(hw, intra_node_bandwidth=rates["bus_bandwidth"] / Efficiency().bus,
+                                 intra_node_latency_s=rates["latency_s"])
+        source += f", gloo {rates['latency_s'] * 1e6:.0f} us per ring step"
+    return hw, source
+
+
+def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProfile, str]] = None,
+                device_type: Optional[str] = None, rates: Optional[Dict[str, float]] = None) -> RunPrediction:
+    """``cfg`` on ``world_size`` ranks of ``hardware`` (default: this process's device, its
+    capacity what the fit check holds against; a named GPU's is the planner's usable share)."""
+    import torch
+
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.compare import impl_of
+    from megallama.profiling.steptime import predict
+    from megallama.train.ds_config import precision
+    from megallama.train.fits import capacity, fmt_bytes
+
+    layout, ds = run_layout(cfg, world_size)
+    local = hardware is None
+    device_type = device_type or ("cuda" if torch.cuda.is_available() or not local else "cpu")
+    hw, source = local_hardware(precision(ds), rates) if local else hardware
+    spec = ArchSpec.from_model_config(cfg.model)
+    mem, need = run_memory(cfg, layout, ds, device_type)
+    step = predict(spec, layout, cfg.train.seq_len, hw, impl=impl_of(cfg, device_type), scatter_gather="deepspeed",
+                   memory=mem)
+    if local:
+        cap, where = capacity(world_size)
+    else:
+        cap, where = step.memory_capacity_bytes, f"usable of {hw.name}'s {fmt_bytes(hw.memory_bytes)}"
+    work = CPU_STEP_WORK / hw.peak(layout.dtype) if device_type == "cpu" else 0.0
+    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where, work)
+
+
+def auto_capacity(world_size: int, hardware: Optional[HardwareProfile] = None) -> Tuple[float, str]:
+    """Bytes per rank ``micro_batch_size: auto`` fills: the planner's usable share of the device
+    (``hardware``'s, else this process's), the same on every rank so every rank chooses alike (on
+    CPU physical RAM over this node's ranks, not the RAM free now, which moves)."""
+    import os
+
+    import torch
+
+    from megallama.profiling.steptime import Efficiency
+    from megallama.train.fits import fmt_bytes, ranks_on_this_node
+
+    usable = Efficiency().usable_memory
+    if hardware is not None:
+        total, where = hardware.memory_bytes, hardware.name
+    elif torch.cuda.is_available():
+        total, where = float(torch.cuda.get_device_properties(0).total_memory), torch.cuda.get_device_name()
+    else:
+        ranks = ranks_on_this_node(world_size)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
+        where = "this machine's RAM" + (f" over {ranks} ranks" if ranks > 1 else "")
+    return total * usable, f"{usable:.0%} of {fmt_bytes(total)} ({where})"
+
+
+def choose_micro_batch(cfg: Any, world_size: int, hardware: Optional[HardwareProfile] = None,
+                       device_type: Optional[str] = None) -> Tuple[Any, Optional[str]]:
+    """``train.micro_batch_size: auto``: the largest micro-batch dividing the global batch's share
+    of one replica (with ``grad_accum_steps`` given, the one it leaves; under a ramp, one dividing
+    its start and increment too) whose predicted peak fits :func:`auto_capacity`. Returns the
+    config with it set and the sentence the start line states; a number is left as it is."""
+    import torch
+
+    from megallama.config.fields import ConfigError
+    from megallama.errors import UserError
+    from megallama.train.fits import fmt_bytes
+
+    t = cfg.train
+    if t.micro_batch_size != "auto":
+        return cfg, None
+    if t.global_batch_size is None:
+        raise ConfigError("train.micro_batch_size: auto needs train.global_batch_size (the micro-batch is chosen "
+                          "among its divisors; without it the largest that fits would set the global batch)")
+    dp = world_size // cfg.parallel.model_ranks
+    if t.global_batch_size % dp:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by the data-parallel "
+                          f"size {dp}")
+    per_replica = t.global_batch_size // dp
+    if t.grad_accum_steps is not None:
+        candidates = [per_replica // t.grad_accum_steps] if per_replica % t.grad_accum_steps == 0 else []
+    else:
+        candidates = [m for m in range(per_replica, 0, -1) if per_replica % m == 0]
+    if t.rampup_batch_size is not None:
+        candidates = [m for m in candidates if all(x % (m * dp) == 0 for x in t.rampup_batch_size[:2])]
+    if not candidates:
+        raise ConfigError(f"train.micro_batch_size: auto: no micro-batch makes train.global_batch_size "
+                          f"{t.global_batch_size} = micro x accumulation x data-parallel {dp}"
+                          + (f" with train.grad_accum_steps {t.grad_accum_steps}" if t.grad_accum_steps else "")
+                          + (" and divides train.rampup_batch_size's start and increment" if t.rampup_batch_size
+                             else ""))
+    device_type = device_type or ("cuda" if torch.cuda.is_available() or hardware is not None else "cpu")
+    cap, where = auto_capacity(world_size, hardware)
+    need = 0.0
+    for mbs in candidates:
+        chosen = with_micro_batch(cfg, mbs)
+        layout, ds = run_layout(chosen, world_size)
+        need = run_memory(chosen, layout, ds, device_type)[1]
+        if need <= cap:
+            accum = per_replica // mbs
+            return chosen, (f"train.micro_batch_size: auto chose {mbs} (x {accum} accumulation x {dp} data-parallel "
+                            f"= global batch {t.global_batch_size}): predicted peak {fmt_bytes(need)} per rank of "
+                            f"{where}" + (f"; {candidates[candidates.index(mbs) - 1]} would not fit"
+                                          if mbs != candidates[0] else ""))
+    raise UserError(f"train.micro_batch_size: auto: even {candidates[-1]} sequence(s) of {t.seq_len} tokens need about "
+                    f"{fmt_bytes(need)} per rank, above {where}; lower train.seq_len, set "
+                    f"train.activation_checkpointing.mode, or shard the model (parallel.tp, parallel.pp, ZeRO)")
