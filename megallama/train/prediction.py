@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from megallama.config.topology import ParallelDims
+from megallama.errors import UserError
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown
@@ -144,11 +145,14 @@ def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> 
 
     from megallama.profiling import hardware
     from megallama.profiling.steptime import Efficiency
-    from megallama.train.metrics import cpu_peak_flops, device_peak_flops
+    from megallama.profiling.detect import detect
+    from megallama.train.metrics import cpu_peak_flops
 
-    if torch.cuda.is_available():
-        _, key = device_peak_flops(precision)
-        return hardware.load_hardware(key), f"{torch.cuda.get_device_name()} as profile '{key}'"
+    if torch.cuda.is_available():   # by the device's exact name: an H100 PCIe is not costed as an SXM
+        found = detect()
+        if found is None or found.profile is None:
+            raise UserError(found.reason if found else "no device found to cost the run on")
+        return hardware.load_hardware(found.profile), found.reason
     if not rates:
         peak, source = cpu_peak_flops(precision)
         return hardware.cpu_profile_of({k: peak for k in ("fp32", "bf16", "fp16")},
