@@ -23,6 +23,7 @@ from megallama.cli import main
 from megallama.model import build_model
 from megallama.parallel import ParallelState
 from megallama.train.universal import UniversalReader
+from tests.dist_utils import free_port
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
 
 TOL = 1e-4
@@ -263,10 +264,11 @@ def test_training_checkpoint_through_dcp_is_unchanged_and_resumes(trained):
 _SAVE_SHARDED = r"""
 import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import distribute_tensor, Shard, init_device_mesh
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[3]), world_size=2)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=int(sys.argv[3]), world_size=2)
 mesh = init_device_mesh("cpu", (2,))
 full = torch.arange(96 * 64, dtype=torch.float32).reshape(96, 64)
 dcp.save({"w": distribute_tensor(full, mesh, [Shard(0)])}, checkpoint_id=sys.argv[1])
+dist.barrier()   # neither rank tears the group down while the other still uses it (gloo aborts)
 dist.destroy_process_group()
 """
 
@@ -277,8 +279,8 @@ def test_fsdp_sharded_save_reshards_on_load(tmp_path):
 
     script = tmp_path / "save.py"
     script.write_text(_SAVE_SHARDED)
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), str(tmp_path / "rendezvous"),
-                               str(rank)], stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT) for rank in (0, 1)]
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck"), port, str(rank)], stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT) for rank in (0, 1)]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     reader = SafeDcpReader(tmp_path / "ck")
