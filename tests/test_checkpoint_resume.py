@@ -2,6 +2,7 @@
 kill in the middle of a save never leaves `latest` on an incomplete checkpoint."""
 import os
 import signal
+import shutil
 import subprocess
 import time
 
@@ -24,21 +25,33 @@ def _first_half(cfg, run_dir, world=1, extra=()):
     return run_train(cfg, BASE + ["train.exit_at_step=3", f"run_dir={run_dir}", *extra], world=world)
 
 
-def test_resume_same_layout_is_exact(uninterrupted, tmp_path):
-    cfg, ref = uninterrupted
+@pytest.fixture(scope="module")
+def first_half(uninterrupted, tmp_path_factory):
+    """One run stopped at step 3, copied for each resume (a resume writes into its run dir)."""
+    cfg, _ = uninterrupted
+    run_dir = tmp_path_factory.mktemp("first_half") / "run"
+    return run_dir, _first_half(cfg, run_dir)["losses"]
+
+
+def _copy_of(first_half, tmp_path):
     run_dir = tmp_path / "run"
-    first = _first_half(cfg, run_dir)
+    shutil.copytree(first_half[0], run_dir)
+    return run_dir
+
+
+def test_resume_same_layout_is_exact(uninterrupted, first_half, tmp_path):
+    cfg, ref = uninterrupted
+    run_dir = _copy_of(first_half, tmp_path)
     second = run_train(cfg, BASE + [f"run_dir={run_dir}"])
     assert second["start_step"] == 3
-    assert first["losses"] + second["losses"] == ref  # bit-exact in fp32 on CPU
+    assert first_half[1] + second["losses"] == ref  # bit-exact in fp32 on CPU
 
 
 @pytest.mark.parametrize("world,layout", [(2, ["deepspeed.zero_optimization.stage=2"]), (2, ["parallel.tp=2"]),
                                           (2, ["parallel.pp=2"])])
-def test_resume_at_another_layout_continues(uninterrupted, tmp_path, world, layout):
+def test_resume_at_another_layout_continues(uninterrupted, first_half, tmp_path, world, layout):
     cfg, ref = uninterrupted
-    run_dir = tmp_path / "run"
-    _first_half(cfg, run_dir)
+    run_dir = _copy_of(first_half, tmp_path)
     second = run_train(cfg, BASE + [f"run_dir={run_dir}"] + layout, world=world)
     assert second["start_step"] == 3
     for a, b in zip(second["losses"], ref[3:]):

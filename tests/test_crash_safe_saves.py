@@ -45,14 +45,14 @@ def _saver(out: str, ready) -> None:
                   {"model": cfg.model.model_dump(), "tp": 1, "pp": 1, "dp": 1})
 
 
-def test_twenty_kills_mid_save_never_break_latest(tmp_path):
+def test_ten_kills_mid_save_never_break_latest(tmp_path):
     # a fork server imports torch and DeepSpeed once; each saver forks from it in about a second
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "deepspeed", "megallama.train.engine", "megallama.train.checkpoint"])
     out = tmp_path / "ckpts"
     rng = random.Random(1234)
     seen_tags = set()
-    for kill in range(20):
+    for kill in range(10):
         ready = ctx.Event()
         proc = ctx.Process(target=_saver, args=(str(out), ready))
         proc.start()
@@ -64,7 +64,7 @@ def test_twenty_kills_mid_save_never_break_latest(tmp_path):
             tag = out / (out / LATEST).read_text().strip()
             assert verify(tag) is None, f"kill {kill}: latest -> {tag}: {verify(tag)}"
             seen_tags.add(tag.name)
-    assert len(seen_tags) >= 5  # saves did complete between kills: the kills landed at varied moments
+    assert len(seen_tags) >= 3  # saves did complete between kills: the kills landed at varied moments
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,10 @@ from megallama.profiling.steptime import StepPrediction
 # per-step CPU work outside the cost model, in GEMM-FLOP equivalents: the median over 14 tiny runs
 # (7 layouts, twice) of (measured - predicted step) x the GEMM rate measured at their start
 CPU_STEP_WORK = 1.7e9
+# of the device (of RAM per rank on CPU) ``micro_batch_size: auto`` fills with the counted tensors:
+# the rest is left to what they do not count (CUDA context, workspaces, communicator buffers,
+# fragmentation; on CPU the interpreter and its libraries)
+AUTO_SHARE = 0.92
 
 
 @dataclass
@@ -204,10 +208,9 @@ def auto_capacity(world_size: int, hardware: Optional[HardwareProfile] = None) -
 
     import torch
 
-    from megallama.profiling.steptime import Efficiency
     from megallama.train.fits import fmt_bytes, ranks_on_this_node
 
-    usable = Efficiency().usable_memory
+    usable = AUTO_SHARE
     if hardware is not None:
         total, where = hardware.memory_bytes, hardware.name
     elif torch.cuda.is_available():
