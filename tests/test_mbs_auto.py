@@ -94,7 +94,7 @@ def test_other_commands_need_a_number():
 def test_bad_values_name_auto(value):
     from megallama.config.schema import TrainConfig
 
-    with pytest.raises(Exception, match="expected an integer up to .* or 'auto'"):
+    with pytest.raises(Exception, match="valid integer up to .* or 'auto'"):
         TrainConfig(micro_batch_size=value)
 
 

@@ -56,7 +56,8 @@ def build_section(cls, data: Any, prefix: str):
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in (prefix,) + tuple(err["loc"]) if x != "")
-        raise ConfigError(f"{loc}: {err['msg'].lower()} (got {short_repr(err.get('input'))})") from None
+        msg = err["msg"].lower().removeprefix("value error, ")   # our validators' ValueErrors read as theirs
+        raise ConfigError(f"{loc}: {msg} (got {short_repr(err.get('input'))})") from None
     if isinstance(obj, ModelConfig):
         obj.check()
     return obj

@@ -119,7 +119,7 @@ class TrainConfig(_Strict):
     def _micro_batch(cls, value: Any) -> Any:
         if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SIZE:
             return value
-        raise ValueError(f"expected an integer up to {MAX_SIZE} or 'auto'")
+        raise ValueError(f"input should be a valid integer up to {MAX_SIZE} or 'auto'")
 
     @property
     def ramp(self) -> Optional[BatchRamp]:
