@@ -317,13 +317,13 @@ class RunResult:
         return self.prediction.tokens_per_s_per_gpu / self.run.tokens_per_s_per_gpu - 1.0
 
 
-def predict_run(run: PublishedRun, eff: Efficiency = Efficiency()) -> StepPrediction:
+def predict_published(run: PublishedRun, eff: Efficiency = Efficiency()) -> StepPrediction:
     hw = hardware(run)
     return predict(run.spec(), run.layout(hw), run.seq, hw, eff, IMPL)
 
 
 def validate_runs(eff: Efficiency = Efficiency(), runs: Sequence[PublishedRun] = PUBLISHED_RUNS) -> List[RunResult]:
-    return [RunResult(r, predict_run(r, eff), is_calibration(r)) for r in runs]
+    return [RunResult(r, predict_published(r, eff), is_calibration(r)) for r in runs]
 
 
 def errors_by_generation(errors: Sequence[tuple]) -> Dict[str, Dict[str, float]]:
