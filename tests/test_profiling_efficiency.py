@@ -9,7 +9,7 @@ from megallama.profiling import efficiency as eff_mod
 from megallama.profiling.efficiency import Gemm, achievable_bandwidth, gemm_seconds, intensity
 from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
-from megallama.profiling.steptime import Efficiency, predict
+from megallama.profiling.steptime import Efficiency, predict, zero3_exposed
 
 A100, H100 = load_hardware("a100-80gb"), load_hardware("h100-sxm")
 
@@ -51,8 +51,9 @@ def test_small_messages_get_a_fraction_of_the_bus_bandwidth():
 
 
 def test_per_generation_figures_and_their_defaults():
-    """Flash attention's rate and the sustained clock are the only per-generation constants: an
-    H200 takes its H100's, a generation without a fit the stated defaults, a measured CPU none."""
+    """Flash attention's rate, the sustained clock and ZeRO-3's share of the cross-node bandwidth
+    are the only per-generation constants: an H200 takes its H100's, a generation without a fit
+    the stated defaults, a measured CPU none."""
     assert eff_mod.attention_kernel_fraction(A100) > eff_mod.attention_kernel_fraction(H100)
     h200, cpu = load_hardware("h200"), dataclasses.replace(A100, name="cpu", measured=True)
     assert eff_mod.attention_kernel_fraction(h200) == eff_mod.ATTENTION_KERNEL["h100"]
@@ -60,6 +61,8 @@ def test_per_generation_figures_and_their_defaults():
     other = dataclasses.replace(H100, name="b200")
     assert eff_mod.attention_kernel_fraction(other) == eff_mod.ATTENTION_KERNEL[eff_mod.ATTENTION_KERNEL_DEFAULT]
     assert eff_mod.sustained_clock(other) == 1.0 and eff_mod.sustained_clock(cpu) == 1.0
+    assert eff_mod.cross_node_fraction(h200) == eff_mod.cross_node_fraction(other) == eff_mod.CROSS_NODE["h100"]
+    assert eff_mod.cross_node_fraction(cpu) == 1.0 and 0 < eff_mod.cross_node_fraction(A100) < 1
 
 
 def _tp_compute_cost(hw) -> float:
@@ -80,3 +83,25 @@ def test_deep_tp_on_a_small_model_costs_compute_efficiency(monkeypatch):
         flat = {hw.name: _tp_compute_cost(hw) for hw in (A100, H100)}
     extra = {k: shaped[k] - flat[k] for k in shaped}
     assert extra["a100-80gb"] > 0.03 and extra["h100-sxm"] > extra["a100-80gb"], (shaped, flat)
+
+
+def test_zero3_exchange_hides_behind_each_block_only_up_to_that_blocks_compute():
+    """ZeRO-3 prefetches one block ahead: each block takes the longer of its compute and its
+    exchange, and the first gather and the last reduce-scatter show. 10 blocks, 1 s of compute
+    per micro-batch, a quarter of it forward (full recompute)."""
+    def z(gather, back):   # seconds per step (one micro-batch) of each kind
+        return {"gather": gather, "regather": back / 2, "reduce_scatter": back / 2}
+    short = zero3_exposed(z(0.2, 0.4), 1.0, 1, 10, 0.25)   # 0.02 s per block vs 0.025 forward
+    assert short == pytest.approx(0.02 + 0.02)             # only the ends
+    long = zero3_exposed(z(0.5, 1.0), 1.0, 1, 10, 0.25)    # forward gathers 0.05 > 0.025 per block
+    assert long == pytest.approx(10 * (0.05 - 0.025) + 10 * (0.1 - 0.075) + 0.05 + 0.05)
+    # the same exchange per step over 4 micro-batches: a quarter per block, hidden; the ends show
+    assert zero3_exposed(z(0.5, 1.0), 1.0, 4, 10, 0.25) == pytest.approx(0.0125 + 0.0125)
+    assert zero3_exposed({"gather": 0.0, "regather": 0.0, "reduce_scatter": 0.0}, 1.0, 1, 10, 0.25) == 0.0
+
+
+def test_zero3_exposed_where_each_forward_block_outruns_its_gather_less_than_the_step():
+    """The case a share-of-the-step rule misses: the whole exchange (0.6 s) is well under 0.8 of
+    the compute (1 s), yet each forward block (0.025 s) is shorter than its gather (0.03 s)."""
+    exposed = zero3_exposed({"gather": 0.3, "regather": 0.15, "reduce_scatter": 0.15}, 1.0, 1, 10, 0.25)
+    assert exposed == pytest.approx(10 * 0.005 + 0.03 + 0.015) and exposed > 0.09

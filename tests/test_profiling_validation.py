@@ -2,8 +2,8 @@
 of per-GPU TFLOP/s <= 15%, no row off by more than 30%. MPT and torchtitan (FSDP, A100 and H100,
 :mod:`megallama.profiling.published_runs`): per GPU generation, on the rows the fit did not see,
 the median |error| of tokens/s/GPU within the issue's 10% target; the worst within 25% on H100
-and, on A100, within the bound reached today (benchmarks/README_planner.md: three rows that ran
-slower than their neighbours for no reason the model sees)."""
+and, on A100, within the bound reached today (benchmarks/README_planner.md: MPT 30B at 8,192
+tokens on 8 GPUs ran slower than its neighbours for no reason the model sees)."""
 import pytest
 
 from megallama.profiling.flops import flops_per_token, megatron_formula_flops_per_token, parameter_count
@@ -13,7 +13,7 @@ from megallama.profiling.published_runs import PUBLISHED_RUNS, by_generation, is
 from megallama.profiling.steptime import Efficiency
 
 HELD_OUT_MEDIAN = 0.10                     # issue 17's target, every generation
-HELD_OUT_MAX = {"a100": 0.45, "h100": 0.25}  # H100: the issue's target; A100: 3 anomalous rows (README_planner.md)
+HELD_OUT_MAX = {"a100": 0.32, "h100": 0.22}  # H100 within the issue's 25%; A100: one row over it (README_planner.md)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,22 @@ def test_held_out_error_per_generation(runs, megatron):
 
 def test_fit_set_is_small_and_stated():
     fit = [r for r in PUBLISHED_RUNS if is_calibration(r)]
-    assert len(fit) == 6 and {r.gpu for r in fit} == {"a100-40gb", "a100-80gb", "h100-sxm"}
+    assert len(fit) == 8 and {r.gpu for r in fit} == {"a100-40gb", "a100-80gb", "h100-sxm"}
+    assert sorted((r.gpu, r.gpus) for r in fit if r.gpus > 8) == [("a100-80gb", 32), ("h100-sxm", 32)]
+
+
+def test_zero3_exposure_follows_the_work_per_block(runs):
+    """MPT 70B on A100-40GB: at 64 GPUs and 2 sequences each, a block's gather across nodes
+    outlasts its forward and the run is 27% slower per GPU than at 128 GPUs and 4 sequences,
+    where the exchange hides. The per-block model puts most of that gap in exposed ZeRO-3
+    traffic; a flat share of the step hid all of it (predicted gap 2%)."""
+    by = {(r.run.gpu, r.run.model, r.run.gpus): r for r in runs}
+    small, big = by["a100-40gb", "70b", 64], by["a100-40gb", "70b", 128]
+    published = small.run.tokens_per_s_per_gpu / big.run.tokens_per_s_per_gpu
+    predicted = small.prediction.tokens_per_s_per_gpu / big.prediction.tokens_per_s_per_gpu
+    assert published < 0.75 and predicted < 0.9, (published, predicted)
+    exposed = [r.prediction.time["dp_comm_exposed"] / r.prediction.step_time_s for r in (small, big)]
+    assert exposed[0] > 0.1 and exposed[1] < 0.05, exposed
 
 
 def test_shipped_constants_are_what_calibration_finds():

@@ -46,6 +46,7 @@ node spreads over the NICs of its members there).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List
@@ -220,6 +221,25 @@ def _dp_collectives(spec, layout: Layout, stage: int,
                              "params, again in backward", min_calls=max(1, round(blocks * again / n_params))))
     out.append(_bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap",
                          "grads, every micro-batch"))
+    return out
+
+
+ZERO3_KINDS = {"params, forward": "gather", "params, again in backward": "regather",
+               "grads, every micro-batch": "reduce_scatter"}
+
+
+def zero3_exchange(model: SpecLike, layout: Layout, hw: HardwareProfile, stage: int = 0,
+                   bus_efficiency: float = 0.8, cross_node: float = 1.0) -> Dict[str, float]:
+    """Seconds per step of ZeRO-3's prefetched traffic on one rank of ``stage``, by kind: the
+    forward ``gather``, the backward ``regather`` and the ``reduce_scatter`` (zeros if none), for
+    :mod:`megallama.profiling.steptime` to set against the compute of each block. A ring that
+    spans nodes runs at ``cross_node`` of its nominal bandwidth
+    (:data:`megallama.profiling.efficiency.CROSS_NODE`)."""
+    hw = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
+    out = dict.fromkeys(ZERO3_KINDS.values(), 0.0)
+    for c in _dp_collectives(as_spec(model), layout, stage):
+        if c.phase == "overlap":
+            out[ZERO3_KINDS[c.what]] += collective_time(c, layout, hw, bus_efficiency)
     return out
 
 

@@ -38,6 +38,11 @@ ATTENTION_KERNEL_DEFAULT = "h100"
 # dense GEMMs the way an A100 at 400 W does. Fitted (H100; the A100 is the reference, 1);
 # generations without a fit take 1 (no evidence either way).
 SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.77}
+# The fraction of a node-spanning ring's nominal bus bandwidth (the NICs', ``bus`` of them) that
+# ZeRO-3's prefetched gathers and reduce-scatters reach while the blocks compute beside them, by
+# generation. Fitted on the published runs whose per-block exchange is close to their per-block
+# compute (benchmarks/README_planner.md); generations without a fit take the H100's.
+CROSS_NODE: Dict[str, float] = {"a100": 0.28, "h100": 0.41}
 SAME_SILICON = {"h200": "h100"}   # GH100 at the same 700 W: its H100's fitted figures
 # HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits
 # (2), write and re-read their fp32 softmax (4 + 4, the max and the sum folded into those passes),
@@ -97,6 +102,10 @@ def generation(hw) -> str:
 
 def attention_kernel_fraction(hw, table: Dict[str, float] = ATTENTION_KERNEL) -> float:
     return table.get(generation(hw), table[ATTENTION_KERNEL_DEFAULT])
+
+
+def cross_node_fraction(hw, table: Dict[str, float] = CROSS_NODE) -> float:
+    return 1.0 if hw.measured else table.get(generation(hw), table[ATTENTION_KERNEL_DEFAULT])
 
 
 def sustained_clock(hw, table: Dict[str, float] = SUSTAINED_CLOCK) -> float:

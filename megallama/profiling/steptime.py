@@ -13,8 +13,9 @@ back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved ch
 ``m * t_max + (sum_s t_s - t_max) / v`` -- for equal stages ``(m + (pp-1)/v) t``, a bubble of
 ``(pp-1)/(v m)``; stages of unequal size (``Layout.stage_layers``) each take their own ``t_s``,
 and the slowest sets the steady state. Then the data-parallel traffic after the last backward
-(all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3's prefetched
-gathers hide behind ``overlap`` of the compute), and the optimizer step (HBM-bound Adam, or CPU
+(all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3 prefetches one
+block ahead, so each block takes the longer of its compute and its exchange,
+:func:`zero3_exposed`), and the optimizer step (HBM-bound Adam, or CPU
 Adam + PCIe when offloaded). The fitted constants (:class:`Efficiency`) are calibrated against
 published runs (:mod:`megallama.profiling.published_runs`); the rest are physical constants of
 the profile.
@@ -28,7 +29,7 @@ from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
 from megallama.profiling import efficiency as eff_mod
 from megallama.profiling.arch import SpecLike, as_spec
-from megallama.profiling.comm import comm_time_by_phase
+from megallama.profiling.comm import comm_time_by_phase, zero3_exchange
 from megallama.profiling.flops import FlopCount, flops_per_token
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
@@ -49,11 +50,11 @@ class Efficiency:
     traffic: float = 2.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
     traffic_fused: float = 2.0              # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
-    overlap: float = 0.8                    # share of compute that ZeRO-3 collectives can hide behind
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
     attention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.ATTENTION_KERNEL.items())   # flash, by generation
     clock: Tuple[Tuple[str, float], ...] = tuple(eff_mod.SUSTAINED_CLOCK.items())   # of the A100's, by generation
+    cross_node: Tuple[Tuple[str, float], ...] = tuple(eff_mod.CROSS_NODE.items())   # ZeRO-3's share of the NICs
 
 
 @dataclass
@@ -141,6 +142,26 @@ def _stage_compute(spec, layout: Layout, seq: int, hw: HardwareProfile, eff: Eff
     return matmul + (per_byte * traffic + loss) / hw.memory_bandwidth
 
 
+def forward_share(fc: FlopCount) -> float:
+    """The forward's share of a micro-batch's FLOPs (the recomputed forward runs in backward)."""
+    return fc.forward / (3 * fc.forward + fc.recomputed)
+
+
+def zero3_exposed(z: Dict[str, float], compute: float, m: int, blocks: int, fwd: float) -> float:
+    """Seconds per micro-batch ZeRO-3's traffic adds to ``compute``: it prefetches one block
+    ahead, so each block takes the longer of its compute and its exchange (forward: its gather;
+    backward: the next block's gather and its own reduce-scatter, one link), and the first gather
+    and last reduce-scatter have nothing to hide behind. ``z``: :func:`zero3_exchange`'s seconds
+    per step."""
+    if not any(z.values()):
+        return 0.0
+    n = max(blocks, 1)
+    gather, back = z["gather"] / (m * n), (z["regather"] + z["reduce_scatter"]) / (m * n)
+    rs = z["reduce_scatter"] / (m * n)
+    per_block = max(fwd * compute / n, gather) + max((1 - fwd) * compute / n, back)
+    return n * per_block + gather + rs - compute
+
+
 def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff: Efficiency = Efficiency(),
             impl: act.ActivationImpl = act.ActivationImpl(), scatter_gather=False,
             memory: Optional[MemoryBreakdown] = None) -> StepPrediction:
@@ -154,15 +175,16 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     per_stage, step_comm = {}, {}
     flash = impl.attention == "flash" and not hw.measured   # the core's fraction of peak, as _stage_compute's
     core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else gemm_ceiling(hw, eff)
+    cross = eff_mod.cross_node_fraction(hw, dict(eff.cross_node))
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
         ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, core_rate, s))
         per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv", "ulysses")) / m
                         + ring)
-        hidden = eff.overlap * m * compute
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
-                        + max(0.0, comm.get("dp.overlap", 0.0) - hidden))
+                        + m * zero3_exposed(zero3_exchange(spec, layout, hw, s, eff.bus, cross), compute, m,
+                                            layout.stage_layers(spec)[s], forward_share(fc)))
     totals = {s: sum(per_stage[s]) for s in groups}
     t_max = max(totals.values())
     t_sum = sum(totals[s] * n for s, n in groups.items())
