@@ -105,3 +105,14 @@ def test_zero3_exposed_where_each_forward_block_outruns_its_gather_less_than_the
     the compute (1 s), yet each forward block (0.025 s) is shorter than its gather (0.03 s)."""
     exposed = zero3_exposed({"gather": 0.3, "regather": 0.15, "reduce_scatter": 0.15}, 1.0, 1, 10, 0.25)
     assert exposed == pytest.approx(10 * 0.005 + 0.03 + 0.015) and exposed > 0.09
+
+
+def test_cross_node_share_slows_only_rings_that_leave_the_node():
+    """``cross_node`` scales the NICs, not NVLink: ZeRO-3 over one node is unchanged by it, over
+    8 nodes it takes longer, by less than the inverse (the rings' latency does not scale)."""
+    from megallama.profiling.comm import zero3_exchange
+    def total(gpus: int, share: float) -> float:
+        lay = Layout(dp=gpus, zero=3, mbs=2, grad_accum=1, recompute="full", gpus_per_node=8)
+        return sum(zero3_exchange("llama2-70b", lay, A100, 0, 0.8, share).values())
+    assert total(8, 0.25) == total(8, 1.0)
+    assert 2.0 < total(64, 0.25) / total(64, 1.0) < 4.0
