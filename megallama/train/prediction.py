@@ -8,7 +8,7 @@ device?") asked four ways, so it is answered once. The layout is :func:`profilin
 :func:`run_verdict`, the verdict ``plan`` and ``estimate`` give (profiling/overheads.py), never a
 second rule.
 
-On CPU the device is measured as the run's ranks share it, at start (:func:`measure_cpu_rates`):
+On CPU the device is measured as the run's ranks share it, at start (:func:`measure_at_start`):
 a single-process GEMM peak, or the profile's assumed link, is nothing like two ranks on busy
 cores talking over gloo. A tiny model's step also holds work the FLOP and byte terms do not see
 (Python and DeepSpeed's per-step bookkeeping, the loss all-reduce, the record written), which a
@@ -150,21 +150,32 @@ def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: 
             for s in layout.stage_groups(ArchSpec.from_model_config(cfg.model))]
 
 
-def measure_cpu_rates(rt: Any, budget_s: float = 0.1) -> Optional[Dict[str, float]]:
-    """On CPU, this machine as the run's ranks share it, measured on every rank at once (every
-    rank must call; ``megallama profile``'s measurement, shorter): the cached single-process GEMM
-    peak says nothing of ranks sharing busy cores, nor the profile's assumed link of gloo. None
-    on a GPU."""
-    if rt.device.type != "cpu":
-        return None
+def measure_at_start(rt: Any) -> Tuple[Optional[Dict[str, float]], Tuple[float, str]]:
+    """``train``'s start, on every rank (each must call): (on CPU this machine as the run's ranks
+    share it, None on a GPU; MFU's peak per rank and where it comes from). The CPU's GEMM is timed
+    once, on every rank at once (``megallama profile``'s measurement, shorter): the prediction costs
+    with that rate, and it is the peak MFU divides by unless an earlier run's is cached for this CPU,
+    dtype, threads and ranks per node (a cached peak keeps runs' MFU comparable; without one the
+    GEMM is timed longer, to cache a steadier figure). Rank 0 reads and writes the cache alone: a
+    file, whatever the model or world size."""
     from megallama.profiling.harness import _cpu_rates
+    from megallama.train import metrics
+    from megallama.train.distributed import on_rank0_then_share
+    from megallama.train.ds_config import precision
+    from megallama.train.fits import ranks_on_this_node
 
-    return _cpu_rates(rt, budget_s)
+    dtype = precision(rt.ds)
+    if rt.device.type != "cpu":
+        return None, on_rank0_then_share(lambda: metrics.device_peak_flops(dtype))
+    ranks = ranks_on_this_node(rt.info.world_size)
+    cached = on_rank0_then_share(lambda: metrics.cached_cpu_peak(dtype, ranks))
+    rates = _cpu_rates(rt, 0.1 if cached else 0.5)
+    return rates, cached or on_rank0_then_share(lambda: metrics.cpu_peak_flops(dtype, ranks, rates["gemm_flops"]))
 
 
 def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> Tuple[HardwareProfile, str]:
     """(profile, where it came from) of the device this process runs on: on a GPU its profile by
-    name; on CPU the measured profile -- ``rates`` (:func:`measure_cpu_rates`) where given, as
+    name; on CPU the measured profile -- ``rates`` (:func:`measure_at_start`) where given, as
     ``megallama profile`` takes them (profiling/report.py), else the cached GEMM peak MFU divides by."""
     import torch
 
