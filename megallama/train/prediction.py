@@ -245,7 +245,8 @@ def auto_capacity(world_size: int) -> Tuple[float, str]:
     return total * AUTO_SHARE, f"{AUTO_SHARE:.0%} of {fmt_bytes(total)} ({where})"
 
 
-def choose_micro_batch(cfg: Any, world_size: int, hardware: Optional[HardwareProfile] = None) -> Tuple[Any, Optional[str]]:
+def choose_micro_batch(cfg: Any, world_size: int,
+                       hardware: Optional[HardwareProfile] = None) -> Tuple[Any, Optional[str]]:
     """``train.micro_batch_size: auto``: the largest micro-batch dividing the global batch's share
     of one replica (with ``grad_accum_steps`` given, the one it leaves; under a ramp, one dividing
     its start and increment too) that fits: on a GPU (``hardware``, else this process's first) by
