@@ -14,7 +14,8 @@ from megallama.checkpoint import megatron_dopt
 from megallama.checkpoint.reshard import consolidate_training_checkpoint, resolve_checkpoint
 from megallama.cli import main
 from megallama.train.universal import UniversalReader
-from tests.test_megatron_interop import GQA, TOKENS, TOL, cli, megallama_logits, reference
+from tests.megatron_reference import reference
+from tests.test_megatron_interop import GQA, TOKENS, TOL, cli, megallama_logits
 
 # 48-element norms start 64-aligned, so the buffer holds padding; buckets of 2330 elements close
 # after a norm at an unaligned offset, so a layout that ignored the buckets would be 32 elements long

@@ -5,8 +5,6 @@ shard layout; training resumes from a megallama -> Megatron -> megallama checkpo
 trajectory; a file asking to unpickle anything else is refused without running it."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,166 +18,10 @@ from megallama.cli import main
 from megallama.model import build_model
 from megallama.parallel import ParallelState
 from megallama.train.universal import UniversalReader
-from tests.dist_utils import free_port
-from tests.train_utils import ROOT, env, run_train, tiny_run_config
+from tests.megatron_reference import reference
+from tests.train_utils import run_train, tiny_run_config
 
 TOL = 1e-4
-# megatron-core's GPTModel on CPU. Three CUDA-only calls in its forward get CPU stand-ins (the
-# device its RoPE table moves to, the default causal mask, the dropout RNG tracker's fork; dropout
-# is 0); the model, its state dict, parameter grouping and the files are megatron-core's own.
-REFERENCE = r'''
-import contextlib, json, os, random, sys, warnings
-from argparse import Namespace
-warnings.filterwarnings("ignore")
-import numpy as np, torch, torch.nn.functional as F, torch.distributed as dist
-jobs = json.loads(sys.argv[1])
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-dist.init_process_group("gloo", rank=0, world_size=1)
-from megatron.core import parallel_state as ps
-ps.initialize_model_parallel(1, 1)
-import megatron.core.fusions.fused_softmax as fs
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.optimizer import OptimizerConfig, _get_param_groups
-from megatron.core.tensor_parallel import random as mr
-from megatron.core.transformer.enums import AttnBackend
-from megatron.core.transformer.transformer_config import TransformerConfig
-torch.cuda.current_device = lambda: "cpu"
-fs.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
-mr.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-class OnCpu(torch.overrides.TorchFunctionMode):  # DDP and the distributed optimizer: CUDA tensors made on CPU
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # its dtype check names CUDA types
-            return func(*args).replace("torch.", "torch.cuda.", 1)
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
-results = []
-for job in jobs:
-    for argv in job.get("convert_first", ()):  # megallama's conversions, in this process (megatron's import is slow)
-        from megallama.cli import main as megallama
-        assert megallama(argv) == 0, argv
-    m = job["model"]
-    torch.manual_seed(job["seed"])
-    tc = TransformerConfig(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
-                           num_query_groups=m["groups"], ffn_hidden_size=m["ffn"], normalization="RMSNorm",
-                           gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-                           layernorm_epsilon=m["eps"], use_cpu_initialization=True, bias_dropout_fusion=False,
-                           apply_rope_fusion=False, hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(tc, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=m["padded"],
-                     max_sequence_length=m["seq"], position_embedding_type="rope",
-                     share_embeddings_and_output_weights=m["tie"], rotary_base=m["theta"])
-    groups = _get_param_groups([model], OptimizerConfig(lr=1e-3, weight_decay=0.1), None)
-    opt = torch.optim.Adam(groups, lr=1e-3)
-    dopt = job.get("dopt")  # megatron-core's DistributedOptimizer (DP=1) with grad buckets of that many elements
-    if dopt:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import get_megatron_optimizer
-        on_cpu = OnCpu()
-        on_cpu.__enter__()
-        ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
-            use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=dopt["bucket"]), model)
-        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1,
-                                                     use_distributed_optimizer=True), [ddp])
-        shards = opt.chained_optimizers[0]
-        state_of = lambda p: shards._get_main_param_and_optimizer_states(p)
-    tokens = torch.tensor(job["tokens"])
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-    path = os.path.join(job["dir"], "iter_%07d" % job["iteration"], "mp_rank_00", "model_optim_rng.pt")
-    out = {}
-    if job["mode"] == "make":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("layernorm.weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-        model(tokens, pos, None).square().mean().backward()
-        if dopt:
-            ddp.finish_grad_sync()
-        opt.step()
-        for p, st in (shards.optimizer if dopt else opt).state.items():  # moments tied to their own parameter:
-            st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2  # a misplaced one shows
-        args = Namespace(num_layers=m["layers"], hidden_size=m["hidden"], ffn_hidden_size=m["ffn"],
-                         num_attention_heads=m["heads"], group_query_attention=m["groups"] != m["heads"],
-                         num_query_groups=m["groups"], kv_channels=m["hidden"] // m["heads"],
-                         max_position_embeddings=m["seq"], seq_length=m["seq"], vocab_size=m["vocab"],
-                         padded_vocab_size=m["padded"], make_vocab_size_divisible_by=128, swiglu=True,
-                         normalization="RMSNorm", norm_epsilon=m["eps"], position_embedding_type="rope",
-                         rotary_base=m["theta"], rotary_percent=1.0, add_bias_linear=False,
-                         untie_embeddings_and_output_weights=not m["tie"], tensor_model_parallel_size=1,
-                         pipeline_model_parallel_size=1, params_dtype=torch.float32, bf16=False,
-                         attention_backend=AttnBackend.auto, consumed_train_samples=448,
-                         use_distributed_optimizer=False, transformer_impl="local")
-        os.makedirs(os.path.dirname(path))
-        if dopt:  # the optimizer entry keeps param groups only; the state goes to distrib_optim.pt
-            args.use_distributed_optimizer, args.overlap_grad_reduce, args.ddp_bucket_size = True, True, dopt["bucket"]
-            opt.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": job["iteration"],
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
-                                   "torch_rng_state": torch.get_rng_state()}],
-                    "opt_param_scheduler": {"max_lr": 1e-3, "num_steps": 7}}, path)
-        with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
-            fh.write(str(job["iteration"]))
-        if dopt and dopt.get("torch_dist"):  # and in torch_dist form, the optimizer as Megatron-LM's default shards it
-            from megatron.core import dist_checkpointing
-            torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
-            sharded = model.sharded_state_dict()
-            it = os.path.join(dopt["torch_dist"], "iter_%07d" % job["iteration"])
-            os.makedirs(it)
-            dist_checkpointing.save({**sharded, "optimizer": opt.sharded_state_dict(sharded, metadata={
-                "distrib_optim_sharding_type": "dp_reshardable"}), "args": args, "iteration": job["iteration"],
-                "checkpoint_version": 3.0}, it)
-    else:
-        if dopt and dopt.get("torch_dist"):  # its fully_reshardable form, as Megatron-LM's loader asks for it
-            from megatron.core import dist_checkpointing
-            shards._init_optimizer_states_with_dummy_values()  # as Megatron-LM does before a dist load
-            sharded = model.sharded_state_dict()
-            osd = opt.sharded_state_dict(sharded, is_loading=True,
-                                         metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-            with torch.serialization.safe_globals([Namespace]):
-                sd = dist_checkpointing.load({**sharded, "optimizer": osd}, os.path.dirname(os.path.dirname(path)))
-            sd = {"optimizer": sd.pop("optimizer"), "model": {k: v for k, v in sd.items() if k in sharded}}
-        else:
-            with torch.serialization.safe_globals([Namespace]):
-                sd = torch.load(path, weights_only=True)
-        out["keys"], out["reference_keys"] = list(sd["model"]), list(model.state_dict())
-        model.load_state_dict(sd["model"], strict=True)
-        if dopt:  # as Megatron's loader does: param groups, then the gathered state scattered from DP rank 0
-            # torch Adam's per-parameter 'step' (GPU runs' FusedAdam keeps none) is in no gathered file, its
-            # own included, yet megatron-core's loader copies every state key: keep the step load_state_dict set
-            set_states = type(shards)._set_main_param_and_optimizer_states
-            shards._set_main_param_and_optimizer_states = lambda p, t: set_states(shards, p, {**state_of(p), **t})
-            with torch.no_grad():  # fp32 masters are views of the weights here (a bf16 run's are copies)
-                opt.load_state_dict(sd["optimizer"])  # torch_dist: its per-parameter state too
-                if not dopt.get("torch_dist"):
-                    opt.load_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
-            out["moment_error"] = max(max((state_of(p)["exp_avg"] - 3 * p.detach().view(-1)).abs().max().item(),
-                                          (state_of(p)["exp_avg_sq"] - p.detach().view(-1) ** 2).abs().max().item(),
-                                          (state_of(p)["param"] - p.detach().view(-1)).abs().max().item())
-                                      for p in model.parameters())
-        elif "optimizer" in sd:
-            opt.load_state_dict(sd["optimizer"])
-            out["moment_error"] = max(max((opt.state[p]["exp_avg"] - 3 * p.detach()).abs().max().item(),
-                                          (opt.state[p]["exp_avg_sq"] - p.detach() ** 2).abs().max().item())
-                                      for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        out["logits"] = model(tokens, pos, None)[..., : m["vocab"]].tolist()
-    if dopt:
-        on_cpu.__exit__(None, None, None)
-    results.append(out)
-print("RESULT" + json.dumps(results))
-'''
-
-
-def reference(jobs):
-    r = subprocess.run([sys.executable, "-c", REFERENCE, json.dumps(jobs), str(free_port())], capture_output=True,
-                       text=True, env=env(), cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.split("RESULT", 1)[1])
 
 
 def megallama_logits(state, cfg, tokens):

@@ -6,9 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,57 +14,8 @@ from megallama.checkpoint.dcp_safe import SafeDcpReader
 from megallama.checkpoint.reshard import consolidate_training_checkpoint, resolve_checkpoint
 from megallama.cli import main
 from megallama.train.universal import UniversalReader
-from tests.dist_utils import free_port
-from tests.test_megatron_interop import GQA, REFERENCE, TOKENS, TOL, _Runs, cli, megallama_logits
-from tests.train_utils import ROOT, env
-
-# The legacy test's megatron-core model (with its CPU stand-ins) and args, saved in torch_dist form
-# ("make") or loaded from a torch_dist directory megallama wrote ("load", after running "convert").
-_HEAD = REFERENCE[:REFERENCE.index("    path = os.path.join(")]
-_ARGS = REFERENCE[REFERENCE.index("        args = Namespace("):REFERENCE.index("        os.makedirs(")]
-TORCH_DIST = _HEAD + textwrap.indent(textwrap.dedent(r"""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
-    torch.cuda.synchronize = lambda *a, **k: None  # its async file writer's only CUDA call
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model(tokens, pos, None).square().mean().backward()
-    opt.step()
-    for p, st in opt.state.items():  # moments tied to their own parameter: a misplaced one shows
-        st["exp_avg"], st["exp_avg_sq"] = 3 * p.detach(), p.detach() ** 2
-    sharded = model.sharded_state_dict()
-    osd = opt.state_dict()  # as megatron-core's FP32Optimizer.sharded_state_dict builds it
-    params = [p for g in opt.param_groups for p in g["params"]]
-    optim_state_to_sharding_state(osd, get_param_id_to_sharded_param_map(sharded, params), exclude_keys="step")
-    it = os.path.join(job["dir"], "iter_%07d" % job["iteration"])
-    out = {}
-""") + textwrap.dedent(_ARGS) + textwrap.dedent(r"""
-    if job["mode"] == "make":
-        os.makedirs(it)
-        dist_checkpointing.save({**sharded, "optimizer": osd, "args": args, "iteration": job["iteration"],
-                                 "checkpoint_version": 3.0}, it)
-        with open(os.path.join(job["dir"], "latest_checkpointed_iteration.txt"), "w") as fh:
-            fh.write(str(job["iteration"]))
-    else:
-        from megallama.cli import main
-        for argv in job["convert"]:
-            assert main(argv) == 0, argv
-        with torch.serialization.safe_globals([Namespace]):  # as Megatron's training loader allows it
-            loaded = dist_checkpointing.load({**sharded, "optimizer": osd}, it)
-        opt_state = loaded.pop("optimizer")["state"]
-        out["common"] = [loaded.pop(k) is not None for k in ("args", "iteration", "checkpoint_version")]
-        model.load_state_dict(loaded, strict=True)
-        out["moment_error"] = max(max((opt_state[i]["exp_avg"] - 3 * p.detach()).abs().max().item(),
-                                      (opt_state[i]["exp_avg_sq"] - p.detach() ** 2).abs().max().item())
-                                  for i, p in enumerate(params))
-    model.eval()
-    with torch.no_grad():
-        out["logits"] = model(tokens, pos, None)[..., : m["vocab"]].tolist()
-    results.append(out)
-"""), "    ") + 'print("RESULT" + json.dumps(results))\n'
+from tests.megatron_reference import reference
+from tests.test_megatron_interop import GQA, TOKENS, TOL, _Runs, cli, megallama_logits
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +27,10 @@ def made(tmp_path_factory):
     src, ours, back = (str(tmp / n) for n in ("mcore", "ours", "back"))
     convert = [["convert", "--from", "megatron", "--input", src, "--output", ours],
                ["convert", "--to", "megatron", "--format", "torch_dist", "--input", ours, "--output", back]]
-    jobs = [dict(mode="make", model=GQA, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist()),
-            dict(mode="load", model=GQA, seed=1, dir=back, iteration=7, tokens=TOKENS.tolist(), convert=convert)]
-    r = subprocess.run([sys.executable, "-c", TORCH_DIST, json.dumps(jobs), str(free_port())], capture_output=True,
-                       text=True, env=env(), cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    made, loaded = json.loads(r.stdout.split("RESULT", 1)[1])
+    made, loaded = reference([
+        dict(kind="torch_dist", mode="make", model=GQA, seed=0, dir=src, iteration=7, tokens=TOKENS.tolist()),
+        dict(kind="torch_dist", mode="load", model=GQA, seed=1, dir=back, iteration=7, tokens=TOKENS.tolist(),
+             convert=convert)])
     return tmp, torch.tensor(made["logits"]), loaded
 
 

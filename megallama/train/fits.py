@@ -5,10 +5,13 @@ traceback, and ``model.dim: 1048576`` dies inside the allocator. The prediction 
 memory model of :mod:`megallama.profiling.memory` (checked storage by storage against DeepSpeed);
 the capacity is the accelerator's memory, or on CPU the RAM available now, which this node's
 ranks share. Only a prediction above the capacity is refused: the model is close but not
-exact, so a near miss is left to run (and to the allocator).
+exact, so a near miss is left to run (and to the allocator). On a GPU the training check is the
+verdict ``plan`` and ``estimate`` give (:func:`megallama.train.prediction.run_verdict`): a layout
+they call "does not fit" is not started.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional, Tuple
 
@@ -60,6 +63,39 @@ def capacity(world_size: int, local_rank: int = 0) -> Tuple[float, str]:
         f" for {ranks} ranks" if ranks > 1 else "")
 
 
+def local_gpu(index: int):
+    """GPU ``index`` as the memory verdict costs it: its shipped profile where one lists the exact
+    device name (the cuBLAS workspace follows the generation), with the memory the device reports;
+    a device no profile lists by its own name (taken as pre-Hopper) and memory, since only the
+    name and the memory enter the verdict."""
+    from megallama.profiling.detect import detect
+    from megallama.profiling.hardware import HardwareProfile, load_hardware
+
+    total = float(torch.cuda.get_device_properties(index).total_memory)
+    found = detect(index)
+    if found is not None and found.profile is not None:
+        return dataclasses.replace(load_hardware(found.profile), memory_bytes=total)
+    name = found.device.name if found is not None else torch.cuda.get_device_name(index)
+    return HardwareProfile(name=name, description="no profile: its memory only, for the fit verdict",
+                           peak_flops={}, memory_bytes=total, memory_bandwidth=0.0, intra_node_bandwidth=0.0,
+                           inter_node_bandwidth=0.0, host_bandwidth=0.0)
+
+
+def device_capacity(world_size: int, local_rank: int = 0, hardware: Any = None) -> Tuple[Any, float, str]:
+    """(the GPU profile a verdict costs or None on CPU, bytes one rank may use, where they come from):
+    ``hardware``, else this rank's GPU, its memory less the CUDA context; on CPU the RAM available
+    now over this node's ranks (:func:`capacity`)."""
+    from megallama.profiling.overheads import cuda_context_bytes, usable_bytes
+
+    if hardware is None and torch.cuda.is_available():
+        hardware = local_gpu(local_rank % torch.cuda.device_count())
+    if hardware is None:
+        return (None, *capacity(world_size, local_rank))
+    usable = usable_bytes(hardware)
+    less = f" ({fmt_bytes(hardware.memory_bytes)} less the CUDA context)" if cuda_context_bytes(hardware) else ""
+    return hardware, usable, f"{hardware.name} has {fmt_bytes(usable)} usable{less}"
+
+
 def _refuse(blame: str, what: str, need: float, parts: str, where: str, advice: str) -> None:
     raise UserError(f"{blame}: {what} would need about {fmt_bytes(need)} per rank ({need:,.0f} bytes predicted: "
                     f"{parts}) but {where}; {advice}")
@@ -67,27 +103,29 @@ def _refuse(blame: str, what: str, need: float, parts: str, where: str, advice: 
 
 def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float:
     """``train``/``profile`` start-up: the worst pipeline stage's peak (model states, activations,
-    buffers) against this rank's share of the device; returns that prediction (bytes per rank),
-    which the run's records set beside the measured peak."""
+    buffers; on a GPU with its overheads) against this rank's share of the device; returns the
+    counted tensors' peak (bytes per rank), which the run's records set beside the measured peak."""
     from megallama.profiling.arch import ArchSpec
     from megallama.profiling.memory import params_per_rank
-    from megallama.train.prediction import run_layout, run_memory
+    from megallama.train.prediction import run_layout, run_verdict
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     layout, ds = run_layout(cfg, world_size)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu, cap, where = device_capacity(world_size, local_rank)
     spec = ArchSpec.from_model_config(m)
-    cap, where = capacity(world_size, local_rank)
     floor = params_per_rank(spec, p.tp, p.pp) * layout.dtype_bytes / layout.zero_dp   # weights, fully sharded
     if floor > cap:   # refused before the per-layer walk of ZeRO-3's model (a million layers is slow)
         _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", floor,
                 "the weights alone", where, "use a smaller model or shard it (parallel.tp, parallel.pp, more ranks)")
-    mem, need = run_memory(cfg, layout, ds, device_type)
-    if need <= cap:
-        return need
-    acts = mem.activations
-    parts = f"activations {fmt_bytes(acts)}, model states and buffers {fmt_bytes(need - acts)}"
-    if acts > need - acts:
+    mem, fit = run_verdict(cfg, layout, ds, gpu, cap)
+    over = sum(fit.overheads.values())
+    need = fit.needed_bytes
+    if fit.fits:
+        return need - over
+    acts, states = mem.activations, need - mem.activations - over
+    parts = (f"activations {fmt_bytes(acts)}, model states and buffers {fmt_bytes(states)}"
+             + (f", device overheads {fmt_bytes(over)}" if over else ""))
+    if acts > states:   # the larger of the two the config sets decides the advice
         _refuse("train.micro_batch_size", f"{t.micro_batch_size} sequences of {t.seq_len} tokens", need, parts, where,
                 "lower train.micro_batch_size or train.seq_len, or set train.activation_checkpointing.mode")
     _refuse("model", f"dim={m.dim}, n_layers={m.n_layers}, vocab_size={m.vocab_size}", need, parts, where,

@@ -17,7 +17,7 @@ from megallama.train.distributed import on_rank0_then_share
 from megallama.train.ds_config import precision, zero_stage
 from megallama.train.engine import set_schedule_position
 from megallama.train.hooks import HookList, installed
-from megallama.train.metrics import MetricsLogger, device_peak_flops
+from megallama.train.metrics import MetricsLogger
 from megallama.train.preemption import Preemption
 from megallama.train.progress import Progress, skipped_steps
 from megallama.train.resume import SCHEDULE, plan_resume
@@ -51,26 +51,27 @@ def _evaluate(rt: Runtime, dataset, iters: int) -> Dict[str, Any]:
 
 
 def _predict(rt: Runtime, rates: Optional[Dict[str, float]]) -> Optional[Dict[str, Any]]:
-    """The run's prediction on this device (rank 0; its start line printed), or None with the reason
-    logged when there is no profile to cost this device on."""
+    """The run's prediction on this device (every rank its own, none waiting on another; rank 0
+    prints the start line), or None with the reason logged when there is no profile to cost it on."""
     from megallama.train.prediction import predict_run
 
     try:
         p = predict_run(rt.cfg, rt.info.world_size, rates=rates)
     except UserError as exc:
-        log.warning("no prediction for this run: %s", exc)
+        if rt.rank0:
+            log.warning("no prediction for this run: %s", exc)
         return None
-    log.info("%s", p.line())
+    if rt.rank0:
+        log.info("%s", p.line())
     return p.as_dict()
 
 
-def _metrics(rt: Runtime, start_step: int, predicted: Optional[Dict[str, Any]]) -> MetricsLogger:
+def _metrics(rt: Runtime, start_step: int, predicted: Optional[Dict[str, Any]], peak: tuple) -> MetricsLogger:
     from megallama.profiling.flops import flops_per_token
 
     t = rt.cfg.train
     flops = flops_per_token(rt.cfg.model, t.seq_len, t.activation_checkpointing.mode)
-    # measured once on rank 0 (the other ranks would disturb it)
-    peak, peak_source = on_rank0_then_share(lambda: device_peak_flops(precision(rt.ds)))
+    peak, peak_source = peak   # prediction.measure_at_start's
     if rt.rank0:
         log.info("peak %.2f TFLOP/s per rank (%s); %.3g model FLOPs per token", peak / 1e12, peak_source, flops.model)
     return MetricsLogger(rt.cfg, rt.rank0, rt.info.world_size, flops.model, flops.hardware, peak,
@@ -90,10 +91,10 @@ def _train(rt: Runtime) -> Dict[str, Any]:
             log.info("pipeline stages hold %s of %d layers", describe_split(cfg.stage_layers()), cfg.model.n_layers)
         if rt.micro_batch_choice:
             log.info("%s", rt.micro_batch_choice)
-    from megallama.train.prediction import measure_cpu_rates
+    from megallama.train.prediction import measure_at_start
 
-    rates = measure_cpu_rates(rt)
-    predicted = on_rank0_then_share(lambda: _predict(rt, rates))
+    rates, peak = measure_at_start(rt)
+    predicted = _predict(rt, rates)
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
     check_trackers(t.trackers)
@@ -118,7 +119,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
             set_schedule_position(rt.engine.lr_scheduler, resume.step, base_lr=t.lr)
 
     start_step, last_step = resume.step, min(t.steps, t.exit_at_step or t.steps)
-    metrics = _metrics(rt, start_step, predicted)
+    metrics = _metrics(rt, start_step, predicted, peak)
     progress = Progress(metrics, start_step, last_step, t.max_bad_steps, t.log_every, t.eval_every)
     hooks = HookList(installed() + [progress])
     batches = on_device(it, rt.device)

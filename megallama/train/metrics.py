@@ -45,14 +45,15 @@ def open_fds() -> int:
         return -1
 
 
-def device_peak_flops(precision: str) -> tuple:
+def device_peak_flops(precision: str, ranks: int = 1, measured: Optional[float] = None) -> tuple:
     """Dense peak FLOP/s of one rank's device and the hardware profile it came from (detected by
-    the device's exact name, ``profiling/detect.py``); on a device no profile lists, NaN and why."""
+    the device's exact name, ``profiling/detect.py``); on a device no profile lists, NaN and why;
+    on CPU :func:`cpu_peak_flops` (``ranks``, ``measured``: its arguments)."""
     from megallama.profiling import detect, hardware
 
     found = detect.detect()
     if found is None:
-        return cpu_peak_flops(precision)
+        return cpu_peak_flops(precision, ranks, measured)
     if found.profile is None:
         log.warning("%s", found.reason)
         return float("nan"), found.reason
@@ -79,25 +80,43 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def cpu_peak_flops(precision: str) -> tuple:
-    """This machine's GEMM peak, measured once and cached per CPU model, dtype and thread count:
-    measured afresh each run it moved with the load of the moment, so two runs' MFU could not be
-    compared. Delete the cache file to measure again."""
+def _peak_key(precision: str, ranks: int) -> str:
+    return f"{_cpu_model()} | {precision} | {torch.get_num_threads()} threads | {ranks} ranks"
+
+
+def cached_cpu_peak(precision: str, ranks: int = 1) -> Optional[tuple]:
+    """(FLOP/s, where from) cached for this CPU, dtype, thread count and ranks per node, or None."""
+    path, key = peak_cache_path(), _peak_key(precision, ranks)
+    try:
+        entry = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
+            and math.isfinite(entry["flops"]) and isinstance(entry.get("date"), str):
+        return float(entry["flops"]), f"CPU {precision} GEMM peak measured {entry['date']}, cached in {path} [{key}]"
+    return None
+
+
+def cpu_peak_flops(precision: str, ranks: int = 1, measured: Optional[float] = None) -> tuple:
+    """This machine's GEMM peak per rank with ``ranks`` ranks per node at work, measured once and
+    cached per CPU model, dtype, thread count and ranks: measured afresh each run it moved with the
+    load of the moment, so two runs' MFU could not be compared. ``measured``: the rate every rank
+    measured at once at this run's start (the one its prediction costs with), cached as it is;
+    without it the GEMM is timed here. Delete the cache file to measure again."""
     from megallama.profiling import hardware
 
-    key = f"{_cpu_model()} | {precision} | {torch.get_num_threads()} threads"
-    path = peak_cache_path()
+    hit = cached_cpu_peak(precision, ranks)
+    if hit is not None:
+        return hit
+    path, key = peak_cache_path(), _peak_key(precision, ranks)
+    flops = measured if measured else hardware.measure_cpu_gemm_peak(precision, 2.0)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    how = f"CPU {precision} GEMM peak measured now" + (f" on {ranks} ranks at once" if measured else "") + f", {date}"
     try:
         table = json.loads(path.read_text())
         table = table if isinstance(table, dict) else {}
     except (OSError, ValueError):
         table = {}
-    entry = table.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
-            and math.isfinite(entry["flops"]) and isinstance(entry.get("date"), str):
-        return float(entry["flops"]), f"CPU {precision} GEMM peak measured {entry['date']}, cached in {path} [{key}]"
-    flops = hardware.measure_cpu_gemm_peak(precision, 2.0)
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     table[key] = {"flops": flops, "date": date}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +124,8 @@ def cpu_peak_flops(precision: str) -> tuple:
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, path)
     except OSError as exc:
-        return flops, f"CPU {precision} GEMM peak measured now, {date} (not cached: {path}: {exc.strerror or exc})"
-    return flops, f"CPU {precision} GEMM peak measured now, {date}, cached in {path} [{key}]"
+        return flops, f"{how} (not cached: {path}: {exc.strerror or exc})"
+    return flops, f"{how}, cached in {path} [{key}]"
 
 
 def relative_error(measured: Optional[float], predicted: Optional[float]) -> Optional[float]:

@@ -4,9 +4,11 @@ Why here and not in the trainer's metrics: ``train`` prints it at start and chec
 ``validate --gpu`` refuses a layout with it, ``micro_batch_size: auto`` searches with it and the
 fit check refuses with its memory figure -- one question ("what will this config cost on this
 device?") asked four ways, so it is answered once. The layout is :func:`profiling.compare.layout_of`
-(what ``megallama profile`` compares against), never a second mapping.
+(what ``megallama profile`` compares against), never a second mapping; whether it fits a GPU is
+:func:`run_verdict`, the verdict ``plan`` and ``estimate`` give (profiling/overheads.py), never a
+second rule.
 
-On CPU the device is measured as the run's ranks share it, at start (:func:`measure_cpu_rates`):
+On CPU the device is measured as the run's ranks share it, at start (:func:`measure_at_start`):
 a single-process GEMM peak, or the profile's assumed link, is nothing like two ranks on busy
 cores talking over gloo. A tiny model's step also holds work the FLOP and byte terms do not see
 (Python and DeepSpeed's per-step bookkeeping, the loss all-reduce, the record written), which a
@@ -26,15 +28,15 @@ from megallama.errors import UserError
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown
+from megallama.profiling.overheads import MemoryVerdict
 from megallama.profiling.steptime import StepPrediction
 
 
 # per-step CPU work outside the cost model, in GEMM-FLOP equivalents: the median over 14 tiny runs
 # (7 layouts, twice) of (measured - predicted step) x the GEMM rate measured at their start
 CPU_STEP_WORK = 1.7e9
-# of the device (of RAM per rank on CPU) ``micro_batch_size: auto`` fills with the counted tensors:
-# the rest is left to what they do not count (CUDA context, workspaces, communicator buffers,
-# fragmentation; on CPU the interpreter and its libraries)
+# of RAM per rank ``micro_batch_size: auto`` fills on CPU with the counted tensors: the rest is left
+# to the interpreter and its libraries, which no model counts (a GPU's overheads are the verdict's)
 AUTO_SHARE = 0.92
 
 
@@ -47,10 +49,17 @@ class RunPrediction:
     layout: Layout
     step: StepPrediction
     memory: MemoryBreakdown
-    memory_bytes: float              # the peak per rank the fit check holds against the capacity
-    capacity_bytes: float
+    verdict: MemoryVerdict           # the fit: bytes per rank (on a GPU with its overheads) against the usable
     capacity_source: str
     cpu_step_work_s: float = 0.0     # :data:`CPU_STEP_WORK` at this CPU's measured rate (0 on a GPU)
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.verdict.needed_bytes
+
+    @property
+    def capacity_bytes(self) -> float:
+        return self.verdict.usable_bytes
 
     @property
     def step_time_s(self) -> float:
@@ -62,7 +71,7 @@ class RunPrediction:
 
     @property
     def fits(self) -> bool:
-        return self.memory_bytes <= self.capacity_bytes
+        return self.verdict.fits
 
     def line(self) -> str:
         """The start line: what to expect, on which hardware."""
@@ -76,6 +85,7 @@ class RunPrediction:
         return {"hardware": self.hardware, "hardware_source": self.hardware_source, "describe": self.layout.describe(),
                 "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
                 "memory_bytes": self.memory_bytes, "capacity_bytes": self.capacity_bytes, "fits": self.fits,
+                "memory_overhead_bytes": dict(self.verdict.overheads),
                 "time_breakdown_s": {**self.step.time, "cpu_step_work": self.cpu_step_work_s},
                 "memory_breakdown_bytes": dict(self.memory.components)}
 
@@ -114,11 +124,22 @@ def stage_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str,
     return memory_breakdown(spec, layout, cfg.train.seq_len, stage, impl_of(cfg, device_type), buckets)
 
 
-def run_memory(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> Tuple[MemoryBreakdown, float]:
-    """(the worst stage's breakdown, bytes the fit check counts per rank: on CPU host memory is the
-    same RAM)."""
+def run_verdict(cfg: Any, layout: Layout, ds: Dict[str, Any], hw: Optional[HardwareProfile],
+                capacity: float = 0.0) -> Tuple[MemoryBreakdown, MemoryVerdict]:
+    """(the worst stage's breakdown, whether one rank fits). On a GPU profile ``hw`` the verdict
+    ``plan`` and ``estimate`` give: the counted tensors plus the device's overheads (CUDA context,
+    cuBLAS workspaces, NCCL buffers, fragmentation) against its usable bytes. On CPU (``hw`` None)
+    the tensors and their host copies (the same RAM) against ``capacity``: no overheads counted."""
+    from megallama.profiling.arch import ArchSpec
+    from megallama.profiling.compare import impl_of
+    from megallama.profiling.overheads import verdict
+
+    device_type = "cpu" if hw is None else "cuda"
     mem = stage_memory(cfg, layout, ds, device_type)
-    return mem, mem.total + (mem.host_bytes if device_type == "cpu" else 0.0)
+    if hw is None:
+        return mem, MemoryVerdict(needed_bytes=mem.total + mem.host_bytes, usable_bytes=capacity)
+    return mem, verdict(ArchSpec.from_model_config(cfg.model), layout, cfg.train.seq_len, hw, mem,
+                        impl_of(cfg, device_type))
 
 
 def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: str) -> List[MemoryBreakdown]:
@@ -129,21 +150,32 @@ def stage_breakdowns(cfg: Any, layout: Layout, ds: Dict[str, Any], device_type: 
             for s in layout.stage_groups(ArchSpec.from_model_config(cfg.model))]
 
 
-def measure_cpu_rates(rt: Any, budget_s: float = 0.1) -> Optional[Dict[str, float]]:
-    """On CPU, this machine as the run's ranks share it, measured on every rank at once (every
-    rank must call; ``megallama profile``'s measurement, shorter): the cached single-process GEMM
-    peak says nothing of ranks sharing busy cores, nor the profile's assumed link of gloo. None
-    on a GPU."""
-    if rt.device.type != "cpu":
-        return None
+def measure_at_start(rt: Any) -> Tuple[Optional[Dict[str, float]], Tuple[float, str]]:
+    """``train``'s start, on every rank (each must call): (on CPU this machine as the run's ranks
+    share it, None on a GPU; MFU's peak per rank and where it comes from). The CPU's GEMM is timed
+    once, on every rank at once (``megallama profile``'s measurement, shorter): the prediction costs
+    with that rate, and it is the peak MFU divides by unless an earlier run's is cached for this CPU,
+    dtype, threads and ranks per node (a cached peak keeps runs' MFU comparable; without one the
+    GEMM is timed longer, to cache a steadier figure). Rank 0 reads and writes the cache alone: a
+    file, whatever the model or world size."""
     from megallama.profiling.harness import _cpu_rates
+    from megallama.train import metrics
+    from megallama.train.distributed import on_rank0_then_share
+    from megallama.train.ds_config import precision
+    from megallama.train.fits import ranks_on_this_node
 
-    return _cpu_rates(rt, budget_s)
+    dtype = precision(rt.ds)
+    if rt.device.type != "cpu":
+        return None, on_rank0_then_share(lambda: metrics.device_peak_flops(dtype))
+    ranks = ranks_on_this_node(rt.info.world_size)
+    cached = on_rank0_then_share(lambda: metrics.cached_cpu_peak(dtype, ranks))
+    rates = _cpu_rates(rt, 0.1 if cached else 0.5)
+    return rates, cached or on_rank0_then_share(lambda: metrics.cpu_peak_flops(dtype, ranks, rates["gemm_flops"]))
 
 
 def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> Tuple[HardwareProfile, str]:
     """(profile, where it came from) of the device this process runs on: on a GPU its profile by
-    name; on CPU the measured profile -- ``rates`` (:func:`measure_cpu_rates`) where given, as
+    name; on CPU the measured profile -- ``rates`` (:func:`measure_at_start`) where given, as
     ``megallama profile`` takes them (profiling/report.py), else the cached GEMM peak MFU divides by."""
     import torch
 
@@ -173,66 +205,58 @@ def local_hardware(precision: str, rates: Optional[Dict[str, float]] = None) -> 
 
 
 def predict_run(cfg: Any, world_size: int, hardware: Optional[Tuple[HardwareProfile, str]] = None,
-                device_type: Optional[str] = None, rates: Optional[Dict[str, float]] = None) -> RunPrediction:
-    """``cfg`` on ``world_size`` ranks of ``hardware`` (default: this process's device, its
-    capacity what the fit check holds against; a named GPU's is the planner's usable share)."""
+                rates: Optional[Dict[str, float]] = None) -> RunPrediction:
+    """``cfg`` on ``world_size`` ranks of ``hardware`` (default: this process's device, and the fit
+    the start-up check makes on it; a named GPU's fit is the planner's verdict)."""
     import torch
 
     from megallama.profiling.arch import ArchSpec
     from megallama.profiling.compare import impl_of
     from megallama.profiling.steptime import predict
     from megallama.train.ds_config import precision
-    from megallama.train.fits import capacity, fmt_bytes
+    from megallama.train.fits import device_capacity
 
     layout, ds = run_layout(cfg, world_size)
-    local = hardware is None
-    device_type = device_type or ("cuda" if torch.cuda.is_available() or not local else "cpu")
-    hw, source = local_hardware(precision(ds), rates) if local else hardware
-    spec = ArchSpec.from_model_config(cfg.model)
-    mem, need = run_memory(cfg, layout, ds, device_type)
-    step = predict(spec, layout, cfg.train.seq_len, hw, impl=impl_of(cfg, device_type), scatter_gather="deepspeed",
-                   memory=mem)
-    if local:
-        cap, where = capacity(world_size)
+    if hardware is None:
+        hw, source = local_hardware(precision(ds), rates)
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        gpu, cap, where = device_capacity(world_size, index)
     else:
-        cap, where = step.memory_capacity_bytes, f"usable of {hw.name}'s {fmt_bytes(hw.memory_bytes)}"
+        (hw, source), cap = hardware, 0.0
+        gpu, _, where = device_capacity(world_size, hardware=hw)
+    device_type = "cpu" if gpu is None else "cuda"
+    mem, fit = run_verdict(cfg, layout, ds, gpu, cap)
+    step = predict(ArchSpec.from_model_config(cfg.model), layout, cfg.train.seq_len, hw,
+                   impl=impl_of(cfg, device_type), scatter_gather="deepspeed", memory=mem)
     work = CPU_STEP_WORK / hw.peak(layout.dtype) if device_type == "cpu" else 0.0
-    return RunPrediction(hw.name, source, layout, step, mem, need, cap, where, work)
+    return RunPrediction(hw.name, source, layout, step, mem, fit, where, work)
 
 
-def auto_capacity(world_size: int, hardware: Optional[HardwareProfile] = None) -> Tuple[float, str]:
-    """Bytes per rank ``micro_batch_size: auto`` fills: the planner's usable share of the device
-    (``hardware``'s, else this process's), the same on every rank so every rank chooses alike (on
-    CPU physical RAM over this node's ranks, not the RAM free now, which moves)."""
+def auto_capacity(world_size: int) -> Tuple[float, str]:
+    """Bytes per rank ``micro_batch_size: auto`` fills on CPU: :data:`AUTO_SHARE` of physical RAM
+    over this node's ranks (not the RAM free now, which moves: every rank must choose alike)."""
     import os
-
-    import torch
 
     from megallama.train.fits import fmt_bytes, ranks_on_this_node
 
-    usable = AUTO_SHARE
-    if hardware is not None:
-        total, where = hardware.memory_bytes, hardware.name
-    elif torch.cuda.is_available():
-        total, where = float(torch.cuda.get_device_properties(0).total_memory), torch.cuda.get_device_name()
-    else:
-        ranks = ranks_on_this_node(world_size)
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
-        where = "this machine's RAM" + (f" over {ranks} ranks" if ranks > 1 else "")
-    return total * usable, f"{usable:.0%} of {fmt_bytes(total)} ({where})"
+    ranks = ranks_on_this_node(world_size)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks
+    where = "this machine's RAM" + (f" over {ranks} ranks" if ranks > 1 else "")
+    return total * AUTO_SHARE, f"{AUTO_SHARE:.0%} of {fmt_bytes(total)} ({where})"
 
 
-def choose_micro_batch(cfg: Any, world_size: int, hardware: Optional[HardwareProfile] = None,
-                       device_type: Optional[str] = None) -> Tuple[Any, Optional[str]]:
+def choose_micro_batch(cfg: Any, world_size: int,
+                       hardware: Optional[HardwareProfile] = None) -> Tuple[Any, Optional[str]]:
     """``train.micro_batch_size: auto``: the largest micro-batch dividing the global batch's share
     of one replica (with ``grad_accum_steps`` given, the one it leaves; under a ramp, one dividing
-    its start and increment too) whose predicted peak fits :func:`auto_capacity`. Returns the
-    config with it set and the sentence the start line states; a number is left as it is."""
+    its start and increment too) that fits: on a GPU (``hardware``, else this process's first) by
+    :func:`run_verdict`, on CPU within :func:`auto_capacity`. Returns the config with it set and the
+    sentence the start line states; a number is left as it is."""
     import torch
 
     from megallama.config.fields import ConfigError
     from megallama.errors import UserError
-    from megallama.train.fits import fmt_bytes
+    from megallama.train.fits import device_capacity, fmt_bytes
 
     t = cfg.train
     if t.micro_batch_size != "auto":
@@ -257,19 +281,25 @@ def choose_micro_batch(cfg: Any, world_size: int, hardware: Optional[HardwarePro
                           + (f" with train.grad_accum_steps {t.grad_accum_steps}" if t.grad_accum_steps else "")
                           + (" and divides train.rampup_batch_size's start and increment" if t.rampup_batch_size
                              else ""))
-    device_type = device_type or ("cuda" if torch.cuda.is_available() or hardware is not None else "cpu")
-    cap, where = auto_capacity(world_size, hardware)
+    if hardware is not None or torch.cuda.is_available():   # device 0's, so every rank chooses alike
+        gpu, cap, where = device_capacity(world_size, 0, hardware)
+    else:
+        (cap, where), gpu = auto_capacity(world_size), None
     need = 0.0
     for mbs in candidates:
         chosen = with_micro_batch(cfg, mbs)
         layout, ds = run_layout(chosen, world_size)
-        need = run_memory(chosen, layout, ds, device_type)[1]
-        if need <= cap:
+        fit = run_verdict(chosen, layout, ds, gpu, cap)[1]
+        need = fit.needed_bytes
+        if fit.fits:
             accum = per_replica // mbs
             return chosen, (f"train.micro_batch_size: auto chose {mbs} (x {accum} accumulation x {dp} data-parallel "
-                            f"= global batch {t.global_batch_size}): predicted peak {fmt_bytes(need)} per rank of "
-                            f"{where}" + (f"; {candidates[candidates.index(mbs) - 1]} would not fit"
-                                          if mbs != candidates[0] else ""))
+                            f"= global batch {t.global_batch_size}): predicted peak {fmt_bytes(need)} per rank"
+                            + (f" with the device's overheads; {where}" if gpu is not None else f" of {where}")
+                            + (f"; {candidates[candidates.index(mbs) - 1]} would not fit"
+                               if mbs != candidates[0] else ""))
     raise UserError(f"train.micro_batch_size: auto: even {candidates[-1]} sequence(s) of {t.seq_len} tokens need about "
-                    f"{fmt_bytes(need)} per rank, above {where}; lower train.seq_len, set "
-                    f"train.activation_checkpointing.mode, or shard the model (parallel.tp, parallel.pp, ZeRO)")
+                    f"{fmt_bytes(need)} per rank" + (f" with the device's overheads but {where}" if gpu is not None
+                                                     else f", above {where}")
+                    + "; lower train.seq_len, set train.activation_checkpointing.mode, or shard the model "
+                      "(parallel.tp, parallel.pp, ZeRO)")
