@@ -58,8 +58,10 @@ def test_validate_gpu_refuses_what_estimate_calls_does_not_fit(refused, capsys):
     assert not est["fits"] and est["memory_verdict"].startswith("does not fit")
     rc = main(["validate", str(LLAMA7B), "--world-size", "8", "--gpu", "h100-sxm",
                *[a for s in _sets(refused) for a in ("--set", s)]])
-    err = capsys.readouterr().err
+    cap = capsys.readouterr()
+    err = cap.err
     assert rc == 2 and err.count("\n") == 1 and "is predicted not to fit h100-sxm" in err, err
+    assert "plus the device's overheads: " in cap.out and "nccl_buffers" in cap.out, cap.out   # they add up
     assert _estimate(capsys, refused - 1)["fits"]   # one fewer fits by both
     assert main(["validate", str(LLAMA7B), "--world-size", "8", "--gpu", "h100-sxm",
                  *[a for s in _sets(refused - 1) for a in ("--set", s)]]) == 0

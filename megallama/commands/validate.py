@@ -74,6 +74,9 @@ def _check_on_gpu(cfg, world: int, hw, quiet: bool) -> None:
     for mem in stage_breakdowns(cfg, p.layout, run_layout(cfg, world)[1], "cuda"):
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.components.items() if v)
         print(f"  stage {mem.stage}: {fmt_bytes(mem.total)} = {parts}")
+    overheads = {k: v for k, v in p.verdict.overheads.items() if v}
+    if overheads:   # what the verdict adds to the counted tensors above (the total below includes it)
+        print("  plus the device's overheads: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in overheads.items()))
     raise UserError(f"layout {p.layout.describe()} at world={world} is predicted not to fit "
                     f"{hw.name}: about {fmt_bytes(p.memory_bytes)} per rank (stage {p.memory.stage}) against "
                     f"{fmt_bytes(p.capacity_bytes)} usable; shard further (parallel.tp, parallel.pp, ZeRO stage), "
