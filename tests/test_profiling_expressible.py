@@ -40,13 +40,49 @@ def test_interleaving_divides_the_bubble_and_the_first_stage_holds_more_in_fligh
     plain = Layout(tp=2, pp=4, dp=1, grad_accum=16, pipeline_partition="uniform")
     inter = plain.with_(interleave=2)
     p1, p2 = predict(spec, plain, 2048, H100), predict(spec, inter, 2048, H100)
-    assert p2.time["pipeline_bubble"] == pytest.approx(p1.time["pipeline_bubble"] / 2, rel=1e-9)
+    # the bubble halves, but of a stage time that now carries v times the pipeline sends
+    assert p2.time["pipeline_bubble"] == pytest.approx(p1.time["pipeline_bubble"] / 2, rel=0.01)
+    assert p2.time["tp_and_pp_comm"] > p1.time["tp_and_pp_comm"]
     # Korthikanti et al. 2022, sec. 4.2.3: stage 0 holds pp (1 + (pp - 1)/(pp v)) micro-batches' worth
     assert inter.in_flight(0) == pytest.approx(4 * (1 + 3 / (4 * 2))) and plain.in_flight(0) == 4
     assert [inter.in_flight(s) for s in range(4)] == [5.5, 4.5, 3.5, 2.5]
     a1, a2 = (stage_activation_bytes(spec, lay, 2048, 0)["blocks"] for lay in (plain, inter))
     assert a2 == pytest.approx(a1 * 5.5 / 4)
     assert Layout(pp=4, grad_accum=2, interleave=2).in_flight(0) == 2   # all m x v chunk forwards first
+
+
+def test_interleaving_multiplies_the_pipeline_messages_by_v():
+    """Narayanan et al. 2021, sec. 2.2.2: v chunks per rank send v times as many messages of the
+    same size; only the first rank's first chunk and the last rank's last chunk have no neighbour,
+    so the first and last ranks also exchange with each other (one more communicator pair)."""
+    from megallama.profiling.comm import collectives
+    from megallama.profiling.overheads import communicators
+    spec, m = as_spec("llama-7b"), 8
+    plain = Layout(tp=2, pp=4, dp=1, grad_accum=m, sp=True, pipeline_partition="uniform")
+
+    def sends(lay, stage):
+        out = {}
+        for c in collectives(spec, lay, 2048, stage, scatter_gather=True):
+            if c.group == "pp" and c.op in ("send", "recv"):
+                out[(c.op, c.what)] = (c.calls, c.payload_bytes)
+        return out
+
+    for v in (2, 4):
+        inter = plain.with_(interleave=v)
+        middle, first, last = sends(inter, 1), sends(inter, 0), sends(inter, 3)
+        for key, (calls, size) in sends(plain, 1).items():
+            assert middle[key] == (v * calls, size)
+        assert first[("send", "activation to next stage")][0] == v * m
+        assert first[("send", "gradient to previous stage")][0] == (v - 1) * m
+        assert last[("send", "activation to next stage")][0] == (v - 1) * m
+        assert last[("recv", "activation from previous stage")][0] == v * m
+        assert sum(1 for g in communicators(inter, 0, False) if g[0] == "pp") == 2
+    assert sum(1 for g in communicators(plain, 0, False) if g[0] == "pp") == 1
+    # Megatron's scatter/gather without SP: the receiver all-gathers every message it gets, v times as many
+    nosp = plain.with_(sp=False)
+    gathers = [sum(c.calls for c in collectives(spec, lay, 2048, 1, scatter_gather=True)
+                   if c.what == "partitioned pipeline exchange") for lay in (nosp, nosp.with_(interleave=2))]
+    assert gathers[1] == 2 * gathers[0] > 0
 
 
 def test_interleaving_is_costed_when_pinned_never_proposed(capsys):
