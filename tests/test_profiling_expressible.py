@@ -224,3 +224,38 @@ def test_estimate_states_its_default_gradient_accumulation(capsys):
     rc, out, _ = _cli(capsys, "estimate", "--model", "tiny", "--pp", "2", "--grad-accum", "6", "--json")
     got = json.loads(out)
     assert got["grad_accum"] == 6 and got["grad_accum_source"] == "--grad-accum"
+
+
+def test_interleaving_takes_a_per_stage_list_whose_stages_split_into_equal_chunks():
+    """Llama 3 405B (Llama Team 2024, sec. 3.3.2): 126 blocks as 7/8.../8/7 on 16 ranks, 8 chunks each,
+    the first chunk only the embedding and the last only the head; a stage that splits into unequal
+    chunks is refused in one line naming it."""
+    from megallama.profiling.layout import pipeline_layers_problem
+    llama3 = (7,) + (8,) * 14 + (7,)
+    for v in (1, 2, 4, 8):
+        assert pipeline_layers_problem(llama3, 126, 16, v) is None
+    assert pipeline_layers_problem((8, 8, 8, 8), 32, 4, 2) is None
+    problem = pipeline_layers_problem((7, 9, 8, 8), 32, 4, 2)
+    assert problem == ("--pipeline-layers: stage 1's 9 layers do not split into --interleave 2 equal chunks "
+                       "(the first and last stage may count the embedding / the head as one layer)")
+    assert pipeline_layers_problem((6,) + (8,) * 14 + (8,), 126, 16, 8).startswith("--pipeline-layers: stage 0's 6")
+    lay = Layout(tp=8, pp=16, dp=128, zero=1, grad_accum=16, sp=True, interleave=8, pipeline_layers=llama3)
+    lay.check(as_spec("llama3-405b"), 8192)
+    assert lay.stage_layers(as_spec("llama3-405b")) == list(llama3)
+    pred = predict(as_spec("llama3-405b"), lay, 8192, H100, impl=act.ActivationImpl.named("megatron"),
+                   scatter_gather=True)
+    plain = predict(as_spec("llama3-405b"), lay.with_(interleave=1), 8192, H100,
+                    impl=act.ActivationImpl.named("megatron"), scatter_gather=True)
+    assert pred.time["pipeline_bubble"] < plain.time["pipeline_bubble"] / 4
+
+
+def test_plan_costs_llama3_interleaved_on_its_uneven_split(capsys):
+    rc, out, err = _cli(capsys, "plan", "--model", "llama3-405b", "--gpus", "16384", "--gpu", "h100-sxm",
+                        "--seq", "8192", "--global-batch-tokens", str(16 * 2 ** 20), "--tp", "8", "--pp", "16",
+                        "--sp", "on", "--zero", "1", "--mbs", "1", "--recompute", "none", "--interleave", "8",
+                        "--pipeline-layers", ",".join(["7"] + ["8"] * 14 + ["7"]), "--impl", "megatron", "--top", "1")
+    assert rc == 0 and not err and "note: interleaved 1F1B (--interleave 8) is costed only" in out
+    rc, _, err = _cli(capsys, "plan", "--model", "llama3-405b", "--gpus", "16384", "--gpu", "h100-sxm",
+                      "--tp", "8", "--pp", "16", "--interleave", "8",
+                      "--pipeline-layers", ",".join(["6"] + ["8"] * 14 + ["8"]))
+    assert rc == 2 and len(err) == 1 and "stage 0's 6 layers do not split into --interleave 8" in err[0]
