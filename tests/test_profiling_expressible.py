@@ -259,3 +259,20 @@ def test_plan_costs_llama3_interleaved_on_its_uneven_split(capsys):
                       "--tp", "8", "--pp", "16", "--interleave", "8",
                       "--pipeline-layers", ",".join(["6"] + ["8"] * 14 + ["8"]))
     assert rc == 2 and len(err) == 1 and "stage 0's 6 layers do not split into --interleave 8" in err[0]
+
+
+def test_llama3_table4_rows_are_expressible_and_costed():
+    """Llama Team 2024, Table 4's 8K rows: the pinned layout passes the checks, runs the published 16M
+    tokens per step, and is predicted within the held-out bound (25%); without interleaving the
+    bubble alone would put it far off."""
+    from dataclasses import replace
+    from megallama.profiling.published_runs import hardware, llama3_table4_runs, predict_published
+    runs = llama3_table4_runs()
+    assert [r.gpus for r in runs] == [8192, 16384]
+    for run in runs:
+        lay = run.layout(hardware(run))
+        lay.check(run.spec(), run.seq)
+        assert lay.global_batch * run.seq == 16 * 2 ** 20 and lay.dp == run.gpus // 128
+        error = predict_published(run).tokens_per_s_per_gpu / run.tokens_per_s_per_gpu - 1
+        plain = predict_published(replace(run, interleave=1)).tokens_per_s_per_gpu / run.tokens_per_s_per_gpu - 1
+        assert abs(error) < 0.25 and plain < error - 0.15, (run.name, error, plain)
