@@ -107,3 +107,43 @@ def test_plan_and_estimate_print_the_margin(capsys):
     code, text = _cli(capsys, "estimate", "--model", "llama-7b", "--tp", "2", "--dp", "4", "--zero", "1",
                       "--gpu", "a100-80gb")
     assert code == 0 and "memory per GPU: fits:" in text and "margin" in text
+
+
+# ------------------------------------------------------------------- Llama 3 405B (the miss)
+def test_megatron_fused_swiglu_saves_only_its_input():
+    """Megatron-LM's SwiGLUFunction saves its input (gate|up) and redoes SiLU in backward; fc2 saves
+    its own input: 3 f-wide tensors per block where megallama's keeps 4. GPT blocks are untouched."""
+    from megallama.profiling.activations import layer_saved_tensors
+    from megallama.profiling.arch import as_spec
+    spec, n, t = as_spec("llama3-405b"), 8192, 8
+    def saved(impl):
+        return sum(x.bytes for x in layer_saved_tensors(spec, n, 1, t, True, "none", 2, impl))
+
+    ours, megatron = ActivationImpl(attention="eager", sp_saves_gathered_input=False), ActivationImpl.named("megatron")
+    assert megatron.fused_swiglu and not ours.fused_swiglu
+    assert saved(ours) - saved(megatron) == n * spec.ffn_hidden / t * 2   # the SiLU output, one f-wide bf16
+    gpt = korthikanti_cases()[0].spec
+    assert (sum(x.bytes for x in layer_saved_tensors(gpt, 2048, 1, 8, True, "none", 2, ours))
+            == sum(x.bytes for x in layer_saved_tensors(gpt, 2048, 1, 8, True, "none", 2, megatron)))
+
+
+def test_llama3_fits_on_what_meta_and_megatron_publish_and_on_nothing_less():
+    """FSDP that shards gradients and optimizer states (sec. 3.3.2), interleaved on the 7/8.../8/7
+    split with V = 8, all 16 micro-batches in flight, Megatron-core's block under Transformer
+    Engine: fits, thinly (benchmarks/README_memory.md). Each published fact is needed: megallama's
+    own SwiGLU, the fused QKV output kept by a V view, or Megatron's unsharded fp32 grad buffer
+    each put it over."""
+    from megallama.profiling.memory import layer_params_per_rank
+    from megallama.profiling.published_memory import llama3_cases
+    case = llama3_cases()[0]
+    case.layout.check(case.spec, case.seq)           # expressible as pinned, interleave and split included
+    mem = case.stage_memory(1)
+    block = layer_params_per_rank(case.spec, 8, "decoder")
+    assert mem.components["grads"] == pytest.approx(4 * 8 * block / 128)
+    assert mem.components["buffers"] == pytest.approx(4 * block)   # one block's unsharded fp32 gradient
+    assert case.layout.in_flight(1) == 16
+    v = check(case)
+    assert v.fits and v.margin_bytes < 2 * GiB, v.describe()
+    for other in (replace(case, impl=replace(case.impl, fused_swiglu=False)),
+                  replace(case, impl=replace(case.impl, fused_qkv_views=True)), replace(case, framework="megatron")):
+        assert not check(other).fits, other

@@ -24,7 +24,8 @@ width, ``p`` bytes of the compute dtype (2 in the paper). ``r = t`` with sequenc
 | MLP norm input + statistics           | 2sbh                               | N h / r + N / r (x4)               |
 | MLP input (W1/W3, or fc1)             | 2sbh                               | N h (*)                            |
 | GeLU input / fused W1|W3 output       | 8sbh                               | 2 N f / t (gate and up are views)  |
-| SiLU output (operand of the product)  | -                                  | N f / t                            |
+| SiLU output (operand of the product)  | -                                  | N f / t (Megatron's fused SwiGLU:  |
+|                                       |                                    | none, redone in backward)          |
 | W2 input                              | 8sbh                               | N f / t                            |
 | MLP residual dropout mask             | sbh                                | dropout > 0 only: N h / r (bool)   |
 | total                                 | sbh (34 + 5as/h)                   | see :func:`layer_saved_tensors`    |
@@ -87,13 +88,14 @@ class ActivationImpl:
     softmax_fp32: bool = False                       # eager: Meta upcasts scores before softmax
     fused_qkv_views: bool = True                     # V is a view of the fused QKV output
     partition_activations: bool = False              # DeepSpeed splits checkpointed inputs over TP
+    fused_swiglu: bool = False                       # Megatron's SwiGLU saves only gate|up (see _mlp)
 
     @classmethod
     def named(cls, name: str, device: str = "cuda") -> "ActivationImpl":
         """``--impl``: ``megallama`` (ours on ``device``) or ``megatron`` (Megatron-LM as Narayanan et
-        al. 2021 ran it: eager attention, SP inputs re-gathered in backward)."""
+        al. 2021 ran it: eager attention, SP inputs re-gathered in backward, fused SwiGLU)."""
         if name == "megatron":
-            return cls(attention="eager", sp_saves_gathered_input=False)
+            return cls(attention="eager", sp_saves_gathered_input=False, fused_swiglu=True)
         return cls.for_device(device)
 
     @classmethod
@@ -217,7 +219,13 @@ def _op_sac_block(spec: ArchSpec, n: float, t: int, r: int, sp: bool, p: int) ->
 def _mlp(spec: ArchSpec, n: int, t: int, r: int, lin_in: float, p: int, impl: ActivationImpl) -> List[SavedTensor]:
     h, f = spec.dim, spec.ffn_hidden
     out = _norm(spec, "mlp_norm", n, r, p, impl) + [SavedTensor("mlp.input", lin_in, p)]
-    if spec.glu:
+    if spec.glu and impl.fused_swiglu:
+        # Megatron-LM megatron/core/fusions/fused_bias_swiglu.py, SwiGLUFunction.forward: saves its
+        # input alone and redoes SiLU in backward; fc2 (tensor_parallel/layers.py,
+        # LinearWithGradAccumulationAndAsyncCommunication.forward) saves its own input
+        out += [SavedTensor("mlp.fc1.output = swiglu.input", 2 * n * f / t, p),
+                SavedTensor("mlp.fc2.input", n * f / t, p)]
+    elif spec.glu:
         out += [SavedTensor("mlp.w1|w3.output (gate, up)", 2 * n * f / t, p),
                 SavedTensor("mlp.silu.output", n * f / t, p), SavedTensor("mlp.w2.input", n * f / t, p)]
     else:

@@ -19,8 +19,12 @@ stage's own blocks, ``Layout.stage_layers``):
   RMSNorm routes the gain through copy-to-TP). Checked call for call against a gloo TP=2 run.
 * pp: the boundary activation forward and its gradient backward, ``N h w`` (``/t`` with SP or
   Megatron's scatter/gather; DeepSpeed's pipeline engine also sends ``1/t`` under TP and adds
-  TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. A tied embedding (GPT,
-  Llama 3.2) adds one all-reduce of its gradient between the first and last stage per step.
+  TP all-gathers, :func:`pipe_exchange`), per micro-batch per neighbour. Interleaved 1F1B
+  (``v`` chunks per rank) sends ``v`` times as many messages of the same size (Narayanan et al.
+  2021, sec. 2.2.2): every chunk's boundary crosses ranks, the first rank's first chunk and the
+  last rank's last chunk excepted, so the first and last ranks also exchange with each other.
+  A tied embedding (GPT, Llama 3.2) adds one all-reduce of its gradient between the first and
+  last stage per step.
 * kv: with fewer KV heads than TP ranks, per block and micro-batch the owner of each replicated
   head broadcasts it to the ``tp / kv`` ranks holding it (forward, again in a full recompute)
   and their gradients are reduced onto it (backward), as ``parallel.mappings.from_first_rank`` does.
@@ -142,8 +146,17 @@ def _pipe_tp_gathers(spec, layout: Layout, seq: int, stage: int, scatter_gather)
         return []
     m = layout.grad_accum
     boundary = seq * layout.mbs * spec.dim * layout.dtype_bytes / (layout.tp if layout.sp else 1) / layout.seq_shards
-    per_mb = (1 if stage > 0 else 0) + (1 if stage < layout.pp - 1 else 0) * (2 if mode == "deepspeed" else 1)
+    behind, ahead = _chunk_neighbours(layout, stage)
+    per_mb = behind + ahead * (2 if mode == "deepspeed" else 1)
     return [Collective("tp", "all_gather", boundary, m * per_mb, "microbatch", "partitioned pipeline exchange")]
+
+
+def _chunk_neighbours(layout: Layout, stage: int):
+    """(messages each way with the previous rank, with the next) per micro-batch: one per chunk
+    boundary that crosses ranks; the first rank's first chunk and the last rank's last chunk have
+    none (under interleaving the first and last ranks are each other's neighbours)."""
+    v = layout.interleave
+    return (v if stage > 0 else v - 1), (v if stage < layout.pp - 1 else v - 1)
 
 
 def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) -> List[Collective]:
@@ -155,12 +168,13 @@ def _pp_collectives(spec, layout: Layout, seq: int, stage: int, scatter_gather) 
     if mode == "deepspeed" or (mode == "megatron" and not layout.sp):
         act /= layout.tp
     out: List[Collective] = []
-    if stage < layout.pp - 1:
-        out += [Collective("pp", "send", act, m, "microbatch", "activation to next stage"),
-                Collective("pp", "recv", act, m, "microbatch", "gradient from next stage")]
-    if stage > 0:
-        out += [Collective("pp", "recv", act, m, "microbatch", "activation from previous stage"),
-                Collective("pp", "send", act, m, "microbatch", "gradient to previous stage")]
+    behind, ahead = (m * k for k in _chunk_neighbours(layout, stage))
+    if ahead:
+        out += [Collective("pp", "send", act, ahead, "microbatch", "activation to next stage"),
+                Collective("pp", "recv", act, ahead, "microbatch", "gradient from next stage")]
+    if behind:
+        out += [Collective("pp", "recv", act, behind, "microbatch", "activation from previous stage"),
+                Collective("pp", "send", act, behind, "microbatch", "gradient to previous stage")]
     if spec.tied_embeddings and stage in (0, layout.pp - 1):
         emb = spec.vocab_size * spec.dim / layout.tp * layout.dtype_bytes
         out.append(Collective("embedding", "all_reduce", emb, 1, "step", "tied embedding grad"))

@@ -175,8 +175,9 @@ class Layout:
             raise UserError(f"--interleave {self.interleave}: interleaves pipeline stages; expected --pp > 1")
         if self.dtype not in DTYPE_BYTES:
             raise UserError(f"--dtype: expected one of {', '.join(DTYPE_BYTES)}, got '{self.dtype}'")
+        chunked = self.interleave if self.pipeline_layers is None else 1   # a list: its own chunk rule
         _refuse(rules.layout_problem(spec.shape, self.tp, self.pp, self.sp, seq, self.zero, self.offload,
-                                     self.interleave, rules.FLAGS, ulysses=self.ulysses)
+                                     chunked, rules.FLAGS, ulysses=self.ulysses)
                 or cp_problem(spec, self.tp, self.sp, seq, self.cp, self.ulysses)
                 or (rules.positions_problem(seq, spec.max_seq_len, rules.FLAGS) if spec.learned_positions else None))
         _refuse(pipeline_layers_problem(self.pipeline_layers, spec.n_layers, self.pp, self.interleave))
@@ -238,7 +239,7 @@ def split(spec: ArchSpec, pp: int, partition: str = "parameters", explicit: Opti
           interleave: int = 1) -> List[int]:
     """Blocks per stage: :func:`megallama.config.pipeline_split.stage_layers` with this model's
     parameter counts (:func:`megallama.profiling.flops.stage_weights`); interleaved chunks are
-    equal (the layout rules require it)."""
+    equal (the layout rules require it; a given list by :func:`pipeline_layers_problem`'s rule)."""
     if pp == 1 and explicit is None:   # nothing to balance (what-if models may have 10**9 layers)
         return [spec.n_layers]
     return list(_split(spec, pp, "uniform" if interleave > 1 else partition,
@@ -252,12 +253,23 @@ def _split(spec: ArchSpec, pp: int, method: str, explicit: Optional[Tuple[int, .
 
 def pipeline_layers_problem(counts: Optional[Sequence[int]], n_layers: int, pp: int, interleave: int = 1,
                             field: str = "--pipeline-layers") -> Optional[str]:
-    """A given per-stage list must fit the model and ``--pp`` (and plain 1F1B: one chunk per stage)."""
+    """A given per-stage list must fit the model and ``--pp``. Interleaved, each stage's blocks split
+    into ``interleave`` equal chunks, where the first stage may count the embedding and the last the
+    head as one more layer (Megatron-LM's ``account_for_embedding_in_pipeline_split`` and
+    ``..._loss_...``, megatron/core/transformer/transformer_config.py; Llama Team 2024, sec. 3.3.2:
+    "the first model chunk on the first stage has only the embedding, and the last model chunk
+    on the last stage has only output projection and loss calculation")."""
     if counts is None:
         return None
-    if interleave > 1:
-        return f"{field}: a per-stage list needs one chunk per stage, got --interleave {interleave}"
-    return explicit_problem(list(counts), n_layers, pp, field)
+    problem = explicit_problem(list(counts), n_layers, pp, field)
+    if problem or interleave == 1:
+        return problem
+    for stage, count in enumerate(counts):
+        edge = (stage == 0) + (stage == pp - 1)   # the embedding, the head
+        if count % interleave and (count + edge) % interleave:
+            return (f"{field}: stage {stage}'s {count} layers do not split into --interleave {interleave} equal "
+                    f"chunks (the first and last stage may count the embedding / the head as one layer)")
+    return None
 
 
 def parse_pipeline_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:

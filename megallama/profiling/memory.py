@@ -31,7 +31,9 @@ storage against DeepSpeed engines (tests/test_profiling_measured.py).
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
 Each pipeline stage holds its own blocks (``Layout.stage_layers``: unequal when ``pp`` does not
 divide the layers) and, under 1F1B, ``min(pp - stage, m)`` micro-batches in flight; a run needs
-the peak over its stages. What a GPU needs beyond these tensors (CUDA context, workspaces, NCCL
+the peak over its stages. A stage's output, once sent, is not counted: nothing saves it for
+backward, and Megatron-LM frees the schedule's reference too (``deallocate_output_tensor`` in
+megatron/core/pipeline_parallel/schedules.py, on from megatron/training/argument_utils.py). What a GPU needs beyond these tensors (CUDA context, workspaces, NCCL
 buffers, fragmentation) and the fit verdict are :mod:`megallama.profiling.overheads`'.
 """
 from __future__ import annotations

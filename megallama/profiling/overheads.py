@@ -16,7 +16,7 @@ compared byte for byte with real runs, and RAM has no CUDA context):
   this rank is in: the world group, the model-parallel group (TP x PP, for the gradient norm),
   TP, DP (x the sequence shards), the Ulysses all-to-all, the embedding group of a tied model
   split over a pipeline, and one two-rank communicator per pipeline or ring neighbour (PyTorch
-  opens one per pair for send/recv).
+  opens one per pair for send/recv; interleaved 1F1B makes the first and last stage neighbours).
 * ``attention_workspace``: eager attention materialises the pre-softmax scores in forward
   and their gradient in backward beside the saved probabilities (two score matrices of this
   rank's heads); flash attention's workspace is O(s) and its log-sum-exp is already counted.
@@ -97,7 +97,8 @@ def communicators(layout: Layout, stage: int, tied: bool) -> List[Tuple[str, int
     if layout.ulysses > 1:
         out.append(("ulysses", layout.ulysses, "all_to_all"))
     if layout.pp > 1:
-        out += [("pp", 2, "pair")] * ((stage > 0) + (stage < layout.pp - 1))
+        ring = layout.interleave > 1 and layout.pp > 2   # interleaved: the last rank feeds the first
+        out += [("pp", 2, "pair")] * (2 if ring else (stage > 0) + (stage < layout.pp - 1))
         if tied and stage in (0, layout.pp - 1):
             out.append(("embedding", 2, "collective"))
     if layout.cp > 1:

@@ -111,7 +111,7 @@ def check_request(spec: ArchSpec, gpus: int, seq: int, fixed: Dict[str, Any], hw
     pp = degrees.get("pp", 2 if interleave > 1 else 1)   # a free pp is searched among those > 1
     Layout(tp=degrees.get("tp", 1), pp=pp, dp=1, ulysses=degrees.get("ulysses", 1),
            cp=degrees.get("cp", 1), zero=1 if zero is None else zero, interleave=interleave,
-           pipeline_partition=pipeline_partition,
+           pipeline_partition=pipeline_partition, pipeline_layers=layers if len(layers or ()) == pp else None,
            mbs=given.get("mbs", 1), recompute=fixed.get("recompute") or "none", sp=bool(fixed.get("sp")),
            offload=bool(fixed.get("offload")), dtype=fixed.get("dtype") or "bf16").check(spec, seq)
 
@@ -160,7 +160,7 @@ def plan(spec: ArchSpec, gpus: int, hw: HardwareProfile, seq: Optional[int] = No
     if single:   # a fully given layout: SP and offload are off unless asked for
         fixed = {**fixed, "sp": bool(fixed.get("sp")), "offload": bool(fixed.get("offload")),
                  "ulysses": fixed.get("ulysses") or 1, "cp": fixed.get("cp") or 1}
-    for opt in _options(spec, gpus, seq, gpn, fixed, interleave):
+    for opt in _options(spec, gpus, seq, gpn, fixed, 1 if layers is not None else interleave):
         step = opt["dp"] * opt["mbs"] * seq
         m = round(batch_tokens / step)
         layout = Layout(**opt, grad_accum=max(1, m), dtype=dtype, gpus_per_node=gpn, pipeline_layers=layers,

@@ -11,7 +11,10 @@ place and an fp32 master with Adam's moments (18 bytes per parameter; the last 1
 its distributed optimizer), where DeepSpeed's ZeRO-0 keeps 16-bit gradients, flat reduction
 buckets and a transient fp32 copy at the step. ``megatron`` cases count Megatron's states.
 FSDP (MPT, torchtitan) keeps fp32 sharded parameters and gradients (16 bytes per parameter over
-the shards), as ZeRO-3 does; it is counted as ZeRO-3.
+the shards), as ZeRO-3 does; it is counted as ZeRO-3. ``fsdp-grad-op`` is FSDP that does not
+reshard the parameters after forward (ZeRO-2): 16-bit parameters whole, fp32 gradients, master
+and moments sharded (16 bytes per parameter over the shards), plus one block's unsharded fp32
+gradient on its way to the reduce-scatter.
 
 Left out because the source does not pin them or our recompute modes cannot express them:
 torchtitan's op-level and every-other-layer selective checkpointing (Llama 2 70B at local
@@ -27,12 +30,17 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec, as_spec
 from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
-from megallama.profiling.memory import MemoryBreakdown, memory_breakdown, params_per_rank
+from megallama.profiling.memory import MemoryBreakdown, layer_params_per_rank, memory_breakdown, params_per_rank
 from megallama.profiling.overheads import MemoryVerdict, verdict
 from megallama.profiling.published import MEGATRON_IMPL, MEGATRON_TABLE1
 
 FLASH = ActivationImpl(attention="flash")
-MEGATRON_FLASH = ActivationImpl(attention="flash", sp_saves_gathered_input=False)
+# Megatron-core with Transformer Engine's attention: TE's get_qkv_layout
+# (NVIDIA/TransformerEngine transformer_engine/pytorch/attention/dot_product_attention/utils.py)
+# finds no supported layout for the RoPE'd q, k and the V view of the fused QKV output and makes
+# all three contiguous, so the kernel saves a copy of V and the fused output is freed.
+MEGATRON_FLASH = ActivationImpl(attention="flash", sp_saves_gathered_input=False, fused_swiglu=True,
+                                fused_qkv_views=False)
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class MemoryCase:
     gpu: str
     ran: bool                      # True: trained (fits); False: out of memory
     impl: ActivationImpl = FLASH
-    framework: str = "deepspeed"   # megatron | deepspeed | fsdp
+    framework: str = "deepspeed"   # megatron | deepspeed | fsdp | fsdp-grad-op
     known_miss: str = ""           # why our verdict disagrees, when it does (reported, not hidden)
 
     def stage_memory(self, stage: int) -> MemoryBreakdown:
@@ -57,6 +65,12 @@ class MemoryCase:
             shards = lay.zero_dp if lay.zero >= 1 else 1
             mem.components.update(params=lay.dtype_bytes * p, grads=4.0 * p, optimizer=12.0 * p / shards,
                                   buffers=0.0, step_buffers=0.0)
+        elif self.framework == "fsdp-grad-op":
+            lay = self.layout
+            p = params_per_rank(self.spec, lay.tp, lay.pp, stage, lay.stage_layers(self.spec))
+            block = layer_params_per_rank(self.spec, lay.tp, "decoder")
+            mem.components.update(params=lay.dtype_bytes * p, grads=4.0 * p / lay.zero_dp,
+                                  optimizer=12.0 * p / lay.zero_dp, buffers=4.0 * block, step_buffers=0.0)
         return mem
 
 
@@ -119,24 +133,32 @@ def megatron_table1_cases() -> List[MemoryCase]:
 
 # ------------------------------------------------------------------------ Llama 3 405B
 # Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4: 16,384 H100 80GB,
-# TP 8, CP 1, PP 16, DP 128, sequence 8192, 16M tokens per batch (16 sequences per DP rank);
-# sec. 3.3.2: 126 layers with one fewer on the first and last stage, and "we could pre-train
-# Llama 3 on sequences of 8K tokens without activation checkpointing"; gradients and optimizer
-# states sharded over DP (counted as ZeRO-1), BF16, sequence parallelism as Megatron does it.
-# Not matched: stage 1 holds 15 micro-batches of 8 blocks, and megallama's SwiGLU keeps its
-# gate|up output, SiLU output and W2 input (416 of the 646 MiB a block saves per micro-batch);
-# Meta's block is not published. One that keeps only gate|up and recomputes the SiLU, as
-# Megatron's fused SwiGLU does, saves 208 MiB less per block: about 24 GiB less here.
-LLAMA3_MISS = ("Meta's saved tensors are not published; megallama's SwiGLU keeps 2 more f-wide tensors "
-               "per block than a fused one (x 8 blocks x 15 micro-batches in flight on stage 1)")
+# TP 8, CP 1, PP 16, DP 128, sequence 8192, 16M tokens per batch (16 sequences per DP rank).
+# Sec. 3.3.2: 126 layers, one fewer on the first and last stage, "the first model chunk on the
+# first stage has only the embedding, and the last model chunk on the last stage has only output
+# projection and loss calculation", an interleaved schedule with V chunks per rank (V is not
+# published: 16 stages x V chunks with one block each, less the two, is 126 blocks only for V = 8,
+# and only one-block chunks leave the first chunk the embedding alone); "we could pre-train
+# Llama 3 on sequences of 8K tokens without activation checkpointing"; "Our use of FSDP for
+# Llama 3 shards optimizer states and gradients, but for model shards we do not reshard after
+# forward computation" and FP32 gradient accumulation and reduce-scatter (``fsdp-grad-op``).
+# BF16, sequence parallelism and Megatron-LM's block as a stand-in for Meta's unpublished one:
+# Transformer Engine's flash attention, SP inputs re-gathered in backward, the fused SwiGLU that
+# saves only its input (``MEGATRON_FLASH``). Sec. 3.3.2 also "proactively deallocate[s] ... the
+# input and output tensors of each pipeline stage": Megatron frees each stage's sent output
+# (megatron/core/pipeline_parallel/schedules.py, deallocate_output_tensor, on by default from
+# megatron/training/argument_utils.py), which is why no stage output is counted; a stage's input
+# is the first norm's saved input and stays. With 16 micro-batches on 16 ranks every chunk
+# forward runs before the first backward (schedules.py: num_warmup_microbatches >=
+# total_num_microbatches), so stage 1 holds 16 micro-batches of its 8 blocks. The margin is
+# thin (benchmarks/README_memory.md gives what it rests on).
 
 
 def llama3_cases() -> List[MemoryCase]:
-    layout = Layout(tp=8, pp=16, dp=128, zero=1, mbs=1, grad_accum=16, recompute="none", sp=True,
+    layout = Layout(tp=8, pp=16, dp=128, zero=1, mbs=1, grad_accum=16, recompute="none", sp=True, interleave=8,
                     pipeline_layers=(7,) + (8,) * 14 + (7,))
     return [MemoryCase("llama3-405b 8k pretraining", "Llama Team 2024, Table 4 and sec. 3.3.2",
-                       as_spec("llama3-405b"), layout, 8192, "h100-sxm", True, MEGATRON_FLASH, "megatron",
-                       known_miss=LLAMA3_MISS)]
+                       as_spec("llama3-405b"), layout, 8192, "h100-sxm", True, MEGATRON_FLASH, "fsdp-grad-op")]
 
 
 # ------------------------------------------------------------------------------ BLOOM

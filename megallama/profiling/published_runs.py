@@ -350,3 +350,44 @@ def by_generation(results: Sequence[RunResult], megatron: Optional[Sequence] = N
     triples = [(r.generation, r.calibration, r.error) for r in results]
     triples += [("a100", m.calibration, m.error) for m in (megatron or [])]
     return errors_by_generation(triples)
+
+
+# ------------------------------------------------------------------ Llama 3 405B (Table 4)
+@dataclass(frozen=True)
+class PipelinedRun(PublishedRun):
+    """A published run with a pipeline: stages, interleaved chunks and blocks per stage as run."""
+
+    pp: int = 1
+    interleave: int = 1
+    pipeline_layers: Optional[tuple] = None
+
+    @property
+    def name(self) -> str:
+        return (f"{self.source} {self.model} s{self.seq} {self.gpus}x{self.gpu} tp{self.tp} pp{self.pp}"
+                f"v{self.interleave} mbs{self.mbs}x{self.accum} rc={self.recompute}")
+
+    def layout(self, hw: HardwareProfile) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
+                      grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
+                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave,
+                      pipeline_layers=self.pipeline_layers)
+
+
+# Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4, the 8K rows (GPUs,
+# DP, sequences per DP rank, TFLOP/s per GPU; BF16 MFU 43% and 41%): H100 80GB, TP 8, CP 1, PP 16,
+# 16M tokens per batch. Sec. 3.3.2: 126 blocks, one fewer on the first and last stage, interleaved
+# (V assumed 8: the only chunk count that leaves the first chunk the embedding alone, see
+# published_memory.py), no activation checkpointing, FSDP over DP (gradients and optimizer
+# states sharded: ZeRO-1 is the closest engine pipelines run). Micro-batch 1 sequence (assumed:
+# not published; 16 or 32 micro-batches of one sequence per DP rank). TFLOP/s become tokens/s
+# through our model FLOPs per token (the same conversion the prediction's TFLOP/s uses).
+LLAMA3_TABLE4 = ((8192, 64, 32, 430.0), (16384, 128, 16, 400.0))
+LLAMA3_SPLIT = (7,) + (8,) * 14 + (7,)
+
+
+def llama3_table4_runs() -> List[PipelinedRun]:
+    from megallama.profiling.flops import flops_per_token
+    per_token = flops_per_token(as_spec("llama3-405b"), 8192, "none").model
+    return [PipelinedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
+                         tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=8, pipeline_layers=LLAMA3_SPLIT)
+            for gpus, _dp, per_dp, tflops in LLAMA3_TABLE4]
