@@ -81,7 +81,8 @@ def run_rows(eff: Efficiency):
     for r in validate_runs(eff):
         p, run = r.prediction, r.run
         yield {"source": run.source, "gpu": run.gpu, "generation": run.generation, "model": run.model,
-               "seq": run.seq, "gpus": run.gpus, "tp": run.tp, "zero": run.zero, "mbs": run.mbs, "accum": run.accum,
+               "seq": run.seq, "gpus": run.gpus, "tp": run.tp, "pp": run.pp, "interleave": run.interleave,
+               "zero": run.zero, "mbs": run.mbs, "accum": run.accum,
                "recompute": run.recompute, "published_tokens_per_s_per_gpu": run.tokens_per_s_per_gpu,
                "predicted_tokens_per_s_per_gpu": round(p.tokens_per_s_per_gpu, 1), "error": round(r.error, 4),
                "predicted_mfu": round(p.mfu, 4), "predicted_memory_gib": round(p.memory.total / 2 ** 30, 1),

@@ -25,17 +25,17 @@ def test_every_published_verdict_agrees(case):
     assert v.fits == case.ran, f"{case.source}: {v.describe()}"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.known_miss], ids=lambda c: c.name)
-def test_known_misses_are_reported_and_still_missed(case):
+def test_known_misses_are_reported_and_still_missed():
     """A miss carries its reason; once the model matches it, the mark must come off."""
-    assert len(case.known_miss) > 40 and check(case).fits != case.ran
+    for case in (c for c in CASES if c.known_miss):
+        assert len(case.known_miss) > 40 and check(case).fits != case.ran, case.name
 
 
 def test_the_cases_cover_the_sources_and_both_outcomes():
     sources = " ".join(c.source for c in CASES)
     for name in ("Korthikanti", "Narayanan", "Llama Team", "BigScience", "llm-foundry", "torchtitan"):
         assert name in sources
-    assert sum(not c.ran for c in CASES) == 4 and sum(c.ran for c in CASES) > 25
+    assert sum(not c.ran for c in CASES) == 5 and sum(c.ran for c in CASES) > 25
 
 
 def test_korthikanti_baselines_do_not_fit_and_the_1t_run_does():

@@ -16,7 +16,7 @@ from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import memory_breakdown
 from megallama.profiling.published import CALIBRATION_ROWS, MEGATRON_IMPL, MEGATRON_TABLE1, SEQ
-from megallama.profiling.published_runs import IMPL, PUBLISHED_RUNS, hardware, is_calibration
+from megallama.profiling.published_runs import PUBLISHED_RUNS, hardware, is_calibration
 from megallama.profiling.steptime import Efficiency, predict
 
 SCALARS = ("gemm", "traffic", "traffic_fused")
@@ -62,7 +62,7 @@ def calibrate(start: Efficiency = NEUTRAL) -> Efficiency:
                       False))
     for r in (r for r in PUBLISHED_RUNS if is_calibration(r)):
         hw = hardware(r)
-        cases.append((r.spec(), r.seq, [r.layout(hw)], hw, IMPL, False, r.tokens_per_s_per_gpu, "tokens_per_s_per_gpu",
+        cases.append((r.spec(), r.seq, [r.layout(hw)], hw, r.impl, False, r.tokens_per_s_per_gpu, "tokens_per_s_per_gpu",
                       r.gpus > hw.gpus_per_node))
     mem = {(i, j): memory_breakdown(c[0], lay, c[1], impl=c[4]) for i, c in enumerate(cases)
            for j, lay in enumerate(c[2])}   # memory does not depend on the constants

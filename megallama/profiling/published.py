@@ -65,6 +65,12 @@ MEGATRON_TABLE1: List[MegatronRow] = [
 ]
 CALIBRATION_ROWS = (1.7, 18.4, 310.1)   # in the fit (calibration.calibrate); the rest held out
 MEGATRON_IMPL = ActivationImpl.named("megatron")
+# Megatron-core with Transformer Engine's attention: TE's get_qkv_layout
+# (NVIDIA/TransformerEngine transformer_engine/pytorch/attention/dot_product_attention/utils.py)
+# finds no supported layout for the RoPE'd q, k and the V view of the fused QKV output and makes
+# all three contiguous, so the kernel saves a copy of V and the fused output is freed.
+MEGATRON_FLASH = ActivationImpl(attention="flash", sp_saves_gathered_input=False, fused_swiglu=True,
+                                fused_qkv_views=False)
 SEQ = 2048
 
 

@@ -28,9 +28,12 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec, as_spec
 from megallama.profiling.hardware import HardwareProfile, load_hardware
 from megallama.profiling.layout import Layout
+from megallama.profiling.published import MEGATRON_FLASH
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 # d_model, n_heads, n_layers (llm-foundry scripts/train/yamls/pretrain/mpt-<size>.yaml)
+IMPL = ActivationImpl(attention="flash")   # FSDP runs: eager PyTorch around a flash kernel
+
 MPT_SHAPES = {"125m": (768, 12, 12), "350m": (1024, 16, 24), "760m": (1536, 12, 24), "1b": (2048, 16, 24),
               "3b": (2560, 20, 32), "7b": (4096, 32, 32), "13b": (5120, 40, 40), "30b": (7168, 56, 48),
               "70b": (8192, 64, 80)}
@@ -38,7 +41,7 @@ MPT_SHAPES = {"125m": (768, 12, 12), "350m": (1024, 16, 24), "760m": (1536, 12, 
 
 @dataclass(frozen=True)
 class PublishedRun:
-    source: str                  # "mpt" | "torchtitan"
+    source: str                  # "mpt" | "torchtitan" | "llama3"
     gpu: str                     # hardware profile (torchtitan's H100s: see :func:`hardware`)
     model: str                   # MPT size or one of our presets
     seq: int
@@ -49,6 +52,10 @@ class PublishedRun:
     tokens_per_s_per_gpu: float
     zero: int = 3
     tp: int = 1
+    pp: int = 1
+    interleave: int = 1                         # interleaved 1F1B chunks per stage
+    pipeline_layers: Optional[tuple] = None     # blocks per stage as run (None: the planner's split)
+    impl: ActivationImpl = IMPL                 # what the run's kernels save and fuse
 
     @property
     def generation(self) -> str:
@@ -57,6 +64,7 @@ class PublishedRun:
     @property
     def name(self) -> str:
         lay = f"tp{self.tp} " if self.tp > 1 else ""
+        lay += f"pp{self.pp}v{self.interleave} " if self.pp > 1 else ""
         return (f"{self.source} {self.model} s{self.seq} {self.gpus}x{self.gpu} {lay}zero{self.zero} "
                 f"mbs{self.mbs}x{self.accum} rc={self.recompute}")
 
@@ -69,8 +77,9 @@ class PublishedRun:
                         max_seq_len=self.seq, bias=True, tied_embeddings=True)
 
     def layout(self, hw: HardwareProfile) -> Layout:
-        return Layout(tp=self.tp, dp=self.gpus // self.tp, zero=self.zero, mbs=self.mbs, grad_accum=self.accum,
-                      recompute=self.recompute, sp=self.tp > 1, dtype="bf16", gpus_per_node=hw.gpus_per_node)
+        return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
+                      grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
+                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers)
 
 
 def _mpt(gpu: str, rows: str, zero: int = 3) -> List[PublishedRun]:
@@ -265,18 +274,20 @@ MPT_A100_40 = _mpt("a100-40gb", """
 
 TORCHTITAN = [
     # docs/performance.md @3faaa1a0d, "Llama 3 performance numbers": 64 A100-80GB, FSDP2, local batch 1
-    PublishedRun("torchtitan", "a100-80gb", "llama3-8b", 8192, 64, 1, 1, "selective", 2973),
+    PublishedRun("torchtitan", "a100-80gb", "llama3-8b", 8192, 64, 1, 1, "op", 2973),
     PublishedRun("torchtitan", "a100-80gb", "llama3-70b", 8192, 64, 1, 1, "full", 331),
     # same page, "Llama 2 performance numbers": sequence 4,096, local batch 2 (70B: 1 with selective op)
     PublishedRun("torchtitan", "a100-80gb", "llama2-13b", 4096, 64, 2, 1, "none", 2162),
-    PublishedRun("torchtitan", "a100-80gb", "llama2-13b", 4096, 64, 2, 1, "selective", 1904),
-    PublishedRun("torchtitan", "a100-80gb", "llama2-70b", 4096, 64, 1, 1, "selective", 355),
+    PublishedRun("torchtitan", "a100-80gb", "llama2-13b", 4096, 64, 2, 1, "op", 1904),
+    PublishedRun("torchtitan", "a100-80gb", "llama2-70b", 4096, 64, 1, 1, "op", 355),
     PublishedRun("torchtitan", "a100-80gb", "llama2-70b", 4096, 64, 2, 1, "full", 353),
     # same page, "Llama 3.1 performance numbers": 128 H100 (HBM2e), FSDP 16 x TP 8, local batch 2, no Float8
     PublishedRun("torchtitan", "h100-sxm", "llama3-405b", 8192, 128, 2, 1, "full", 109, tp=8),
-    # benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3, "FSDP" (no compile, no Float8)
-    PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 8, 2, 1, "selective", 5762),
-    PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 128, 2, 1, "selective", 5605),
+    # benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3, "FSDP" (no compile, no Float8),
+    # "selective activation checkpointing": train_configs/llama3_8b.toml of the time sets
+    # selective_ac_option = 'op' (torchtitan's op-level policy, our "op"; the A100 page names it)
+    PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 8, 2, 1, "op", 5762),
+    PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 128, 2, 1, "op", 5605),
 ]
 
 PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_40 + TORCHTITAN
@@ -288,8 +299,6 @@ PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_40 + TORC
 CALIBRATION = {("a100-80gb", "7b", 2048, 8), ("a100-80gb", "7b", 32768, 8), ("a100-40gb", "7b", 2048, 8),
                ("a100-40gb", "7b", 16384, 8), ("h100-sxm", "7b", 2048, 8), ("h100-sxm", "7b", 32768, 8),
                ("a100-80gb", "70b", 2048, 32), ("h100-sxm", "70b", 2048, 32)}
-IMPL = ActivationImpl(attention="flash")
-
 
 def is_calibration(run: PublishedRun) -> bool:
     return run.source == "mpt" and (run.gpu, run.model, run.seq, run.gpus) in CALIBRATION
@@ -323,10 +332,12 @@ class RunResult:
 
 def predict_published(run: PublishedRun, eff: Efficiency = Efficiency()) -> StepPrediction:
     hw = hardware(run)
-    return predict(run.spec(), run.layout(hw), run.seq, hw, eff, IMPL)
+    return predict(run.spec(), run.layout(hw), run.seq, hw, eff, run.impl)
 
 
-def validate_runs(eff: Efficiency = Efficiency(), runs: Sequence[PublishedRun] = PUBLISHED_RUNS) -> List[RunResult]:
+def validate_runs(eff: Efficiency = Efficiency(), runs: Optional[Sequence[PublishedRun]] = None) -> List[RunResult]:
+    """Every audited run (the FSDP tables and Llama 3's pipelined rows) unless ``runs`` names some."""
+    runs = PUBLISHED_RUNS + llama3_table4_runs() if runs is None else runs
     return [RunResult(r, predict_published(r, eff), is_calibration(r)) for r in runs]
 
 
@@ -353,26 +364,6 @@ def by_generation(results: Sequence[RunResult], megatron: Optional[Sequence] = N
 
 
 # ------------------------------------------------------------------ Llama 3 405B (Table 4)
-@dataclass(frozen=True)
-class PipelinedRun(PublishedRun):
-    """A published run with a pipeline: stages, interleaved chunks and blocks per stage as run."""
-
-    pp: int = 1
-    interleave: int = 1
-    pipeline_layers: Optional[tuple] = None
-
-    @property
-    def name(self) -> str:
-        return (f"{self.source} {self.model} s{self.seq} {self.gpus}x{self.gpu} tp{self.tp} pp{self.pp}"
-                f"v{self.interleave} mbs{self.mbs}x{self.accum} rc={self.recompute}")
-
-    def layout(self, hw: HardwareProfile) -> Layout:
-        return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
-                      grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
-                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave,
-                      pipeline_layers=self.pipeline_layers)
-
-
 # Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4, the 8K rows (GPUs,
 # DP, sequences per DP rank, TFLOP/s per GPU; BF16 MFU 43% and 41%): H100 80GB, TP 8, CP 1, PP 16,
 # 16M tokens per batch. Sec. 3.3.2: 126 blocks, one fewer on the first and last stage, interleaved
@@ -385,9 +376,10 @@ LLAMA3_TABLE4 = ((8192, 64, 32, 430.0), (16384, 128, 16, 400.0))
 LLAMA3_SPLIT = (7,) + (8,) * 14 + (7,)
 
 
-def llama3_table4_runs() -> List[PipelinedRun]:
+def llama3_table4_runs() -> List[PublishedRun]:
     from megallama.profiling.flops import flops_per_token
     per_token = flops_per_token(as_spec("llama3-405b"), 8192, "none").model
-    return [PipelinedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
-                         tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=8, pipeline_layers=LLAMA3_SPLIT)
+    return [PublishedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
+                         tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=8, pipeline_layers=LLAMA3_SPLIT,
+                         impl=MEGATRON_FLASH)
             for gpus, _dp, per_dp, tflops in LLAMA3_TABLE4]
