@@ -198,7 +198,9 @@ LLAMA3_405B_STAGES = (7,) + (8,) * 14 + (7,)
 
 
 def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
-    """The fastest fitting recompute mode for the published layout (SP on, ZeRO-1, mbs 1)."""
+    """The fastest fitting recompute mode for the published layout (SP on, ZeRO-1, mbs 1), with
+    the interleaving and the Megatron-core block assumed for Table 4's 8K rows
+    (:func:`megallama.profiling.published_runs.llama3_table4_runs`)."""
     from megallama.profiling.arch import as_spec
 
     r = LLAMA3_CP_ROW
@@ -206,7 +208,8 @@ def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
     accum = r["batch_tokens"] // r["seq"] // r["dp"]
     preds = [predict(spec, Layout(tp=r["tp"], cp=r["cp"], pp=r["pp"], dp=r["dp"], zero=1, mbs=1, grad_accum=accum,
                                   recompute=rc, sp=True, gpus_per_node=hw.gpus_per_node,
-                                  pipeline_layers=LLAMA3_405B_STAGES), r["seq"], hw, eff)
+                                  pipeline_layers=LLAMA3_405B_STAGES, interleave=8), r["seq"], hw, eff,
+                     MEGATRON_FLASH)
              for rc in ("none", "selective", "full")]
     fitting = [p for p in preds if p.fits]
     return max(fitting or preds, key=lambda p: (p.fits, p.tflops_per_gpu))
