@@ -122,3 +122,30 @@ def reference_runs(runs: Sequence[tuple], timeout: int = 300) -> List[dict]:
     if todo:
         _REFERENCES.update(zip(todo, train_together(list(todo.values()), timeout)))
     return [dict(_REFERENCES[k]) for k in keys]
+
+
+def cli_in_process(argv: Sequence, monkeypatch, capsys, launcher_env: Optional[dict] = None) -> tuple:
+    """``megallama ARGV`` in this process: (exit code, stdout, stderr). For refusals, which come
+    before anything starts, a subprocess would spend seconds importing torch to print one line;
+    a few end-to-end subprocess checks of the same contract (exit 2, one line, no traceback) stay.
+    An exception that escapes ``main`` fails the test as a traceback would. ``launcher_env``: the
+    variables a launcher would set (RANK, WORLD_SIZE, ...), on top of a shell without any."""
+    import torch.distributed as dist
+
+    from megallama.cli import main
+
+    for key in LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (launcher_env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: a bad flag or value
+        rc = exc.code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    out = capsys.readouterr()
+    return rc, out.out, out.err
