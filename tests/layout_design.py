@@ -219,6 +219,17 @@ def run_case(base: Path, extra: List[str], world: int, run_dir: Path, timeout: i
     return {"losses": report["losses"], "grad_norms": norms}
 
 
+def run_references(base: Path, runs: List[Tuple[List[str], Path]]) -> List[Dict[str, list]]:
+    """Single-process runs of ``base`` (``[(extra overrides, run_dir), ...]``), trained together in
+    one process (tests/train_utils.py ``reference_runs``, which also shares them across files)."""
+    from tests.train_utils import reference_runs
+
+    reports = reference_runs([(base, extra + [f"run_dir={run_dir}"]) for extra, run_dir in runs])
+    for report in reports:
+        assert len(report["losses"]) == len(report["grad_norms"]) == STEPS, (report["losses"], report["grad_norms"])
+    return [{"losses": r["losses"], "grad_norms": r["grad_norms"]} for r in reports]
+
+
 def rel_diff(got: List[float], ref: List[float]) -> float:
     """Largest relative difference per step (infinite where a value is missing)."""
     if len(got) != len(ref) or None in got:

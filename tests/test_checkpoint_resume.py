@@ -9,28 +9,32 @@ import time
 import pytest
 
 from megallama.train.checkpoint import verify
-from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
+from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config, train_together
 
 BASE = ["deepspeed.zero_optimization.stage=1", "train.steps=6", "checkpoint.every=3"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_cache):
+def two_runs(tmp_path_factory, data_cache):
+    """The uninterrupted run and one stopped at step 3 (copied for each resume: a resume writes
+    into its run dir), trained one after the other in one process."""
     tmp = tmp_path_factory.mktemp("ckpt")
     cfg = tiny_run_config(tmp, data_cache)
-    return cfg, run_train(cfg, BASE + [f"run_dir={tmp / 'ref'}"])["losses"]
-
-
-def _first_half(cfg, run_dir, world=1, extra=()):
-    return run_train(cfg, BASE + ["train.exit_at_step=3", f"run_dir={run_dir}", *extra], world=world)
+    ref, half = train_together([(cfg, BASE + [f"run_dir={tmp / 'ref'}"]),
+                                (cfg, BASE + ["train.exit_at_step=3", f"run_dir={tmp / 'first_half'}"])])
+    return cfg, ref, half
 
 
 @pytest.fixture(scope="module")
-def first_half(uninterrupted, tmp_path_factory):
-    """One run stopped at step 3, copied for each resume (a resume writes into its run dir)."""
-    cfg, _ = uninterrupted
-    run_dir = tmp_path_factory.mktemp("first_half") / "run"
-    return run_dir, _first_half(cfg, run_dir)["losses"]
+def uninterrupted(two_runs):
+    cfg, ref, _ = two_runs
+    return cfg, ref["losses"]
+
+
+@pytest.fixture(scope="module")
+def first_half(two_runs):
+    _, _, half = two_runs
+    return half["run_dir"], half["losses"]
 
 
 def _copy_of(first_half, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from tests.cluster import VirtualCluster
 from tests.cluster.fixtures import skip_unless_cluster, warm_comm_op
 from tests.layout_design import TOLERANCE, rel_diff
-from tests.train_utils import BIN, ROOT, env, run_train, tiny_run_config
+from tests.train_utils import BIN, ROOT, env, reference_runs, tiny_run_config
 
 NODES, PER_NODE = 2, 2
 COMMON = ["train.steps=3", "train.seq_len=32", "train.global_batch_size=8"]
@@ -39,7 +39,8 @@ def cfg(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="module")
 def reference(cfg, tmp_path_factory):
-    return run_train(cfg, REFERENCE + [f"run_dir={tmp_path_factory.mktemp('ref') / 'run'}"])["losses"]
+    """Shared with other files' like runs (tests/train_utils.py reference_runs)."""
+    return reference_runs([(cfg, REFERENCE + [f"run_dir={tmp_path_factory.mktemp('ref') / 'run'}"])])[0]["losses"]
 
 
 def _train_args(cfg: Path, run_dir: Path) -> list:

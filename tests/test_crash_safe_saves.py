@@ -1,6 +1,5 @@
 """20 SIGKILLs at random moments of checkpoint saves never leave `latest` on an incomplete
 checkpoint; a flipped byte or a missing shard is refused on load with a line naming the file."""
-import multiprocessing
 import os
 import random
 import shutil
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from megallama.train.checkpoint import LATEST, verify
+from tests.dist_utils import forkserver_context
 from tests.train_utils import ROOT, env, run_train, tiny_run_config
 
 def _saver(out: str, ready) -> None:
@@ -47,8 +47,7 @@ def _saver(out: str, ready) -> None:
 
 def test_ten_kills_mid_save_never_break_latest(tmp_path):
     # a fork server imports torch and DeepSpeed once; each saver forks from it in about a second
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "deepspeed", "megallama.train.engine", "megallama.train.checkpoint"])
+    ctx = forkserver_context()
     out = tmp_path / "ckpts"
     rng = random.Random(1234)
     seen_tags = set()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.train_utils import ROOT, env, launch_cmd, run_train, tiny_run_config
+from tests.train_utils import ROOT, cli_in_process, env, launch_cmd, run_train, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,10 @@ def _finetune(cfg, tmp, tokenizer, world=1, *extra):
                           text=True, env=env(), cwd=ROOT, timeout=600)
 
 
-def _saved_model_predicts(report, tmp):
+def _saved_model_predicts(report, tmp, cli=None):
     """The run's saved checkpoint is the fine-tuned classifier: loaded on its own, it labels the
-    task as well as the report says; eval and generate refuse it in one line."""
+    task as well as the report says; eval and generate refuse it in one line. ``cli(argv)``:
+    ``(exit code, stderr)`` of the refusals in this process; a process each where not given."""
     from megallama import from_pretrained
     from megallama.data import Tokenizer
     from megallama.model import LlamaForSequenceClassification
@@ -52,8 +53,12 @@ def _saved_model_predicts(report, tmp):
     assert sum(report["labels"][k] == y for k, y in zip(pred, labels)) / len(labels) >= 0.85
     for argv in (["eval", "--checkpoint", ckpt, "--data", "x"], ["generate", "--checkpoint", ckpt, "--prompt", "x"],
                  ["convert", "--input", ckpt, "--output", str(tmp / "as_hf"), "--to", "hf"]):
-        r = subprocess.run(launch_cmd("none", 1) + argv, capture_output=True, text=True, env=env(), cwd=ROOT)
-        assert r.returncode == 2 and "fine-tuned classifier" in r.stderr and len(r.stderr.splitlines()) == 1
+        if cli is None:
+            r = subprocess.run(launch_cmd("none", 1) + argv, capture_output=True, text=True, env=env(), cwd=ROOT)
+            rc, err = r.returncode, r.stderr
+        else:
+            rc, err = cli(argv)
+        assert rc == 2 and "fine-tuned classifier" in err and len(err.splitlines()) == 1, err
 
 
 def test_finetune_beats_chance(trunk):
@@ -66,12 +71,13 @@ def test_finetune_beats_chance(trunk):
     _saved_model_predicts(report, trunk[1])
 
 
-def test_finetune_tp2_runs_and_learns(trunk):
+def test_finetune_tp2_runs_and_learns(trunk, monkeypatch, capsys):
     r = _finetune(*trunk, 2, "--set", "parallel.tp=2", "--set", "train.global_batch_size=8")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["accuracy"] >= 0.85
-    _saved_model_predicts(report, trunk[1])  # whole tensors, gathered over the TP pair
+    # whole tensors, gathered over the TP pair; the refusals (in a process each above) here in-process
+    _saved_model_predicts(report, trunk[1], lambda argv: cli_in_process(argv, monkeypatch, capsys)[::2])
 
 
 def test_finetune_bad_jsonl_names_the_line(trunk, tmp_path):

@@ -51,8 +51,13 @@ def test_pairwise_generator_is_a_cover_on_a_toy_space():
 def matrix_base(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("matrix")
     base = design.base_config(tmp, data_cache)
-    refs = {name: design.run_case(base, extra, 1, tmp / f"ref_{name}")
-            for name, extra in sorted(dict(design.reference(c) for c in design.ci_design()).items())}
+    single = dict(design.reference(c) for c in design.ci_design())  # every single-process run here, together
+    single["fp32-seed8"] = design.reference(design.FP32_DECODER)[1] + ["train.seed=8"]
+    for name, stage in LLAMA3_REFERENCES.items():
+        single[name] = LLAMA3_FEATURES + [f"deepspeed.zero_optimization.stage={stage}",
+                                          f"train.micro_batch_size={design.GLOBAL_BATCH}"]
+    names = sorted(single)
+    refs = dict(zip(names, design.run_references(base, [(single[n], tmp / f"ref_{n}") for n in names])))
     assert refs["fp32"]["losses"][-1] < refs["fp32"]["losses"][0]
     return base, refs
 
@@ -68,10 +73,11 @@ def test_layout_matches_single_process(case, matrix_base, tmp_path):
                                        f"grad norms {got['grad_norms']} vs {ref['grad_norms']}")
 
 
-def test_parity_check_can_fail(matrix_base, tmp_path):
-    """A different seed must be caught by the fp32 tolerance on both quantities (it has teeth)."""
+def test_parity_check_can_fail(matrix_base):
+    """A different seed must be caught by the fp32 tolerance on both quantities (it has teeth; run
+    with the references, it also shows they are not one run's results repeated)."""
     base, refs = matrix_base
-    got = design.run_case(base, design.reference(design.FP32_DECODER)[1] + ["train.seed=8"], 1, tmp_path / "run")
+    got = refs["fp32-seed8"]
     assert design.rel_diff(got["losses"], refs["fp32"]["losses"]) > design.TOLERANCE["fp32"]
     assert design.rel_diff(got["grad_norms"], refs["fp32"]["grad_norms"]) > design.TOLERANCE["fp32"]
 
@@ -152,15 +158,17 @@ LLAMA3_FEATURES = ["model.preset=tiny-gqa", "model.n_kv_heads=1", "model.tie_emb
                    "data.reset_position_ids=true"]
 
 
+LLAMA3_REFERENCES = {"llama3-zero1": 1, "llama3-zero3": 3}  # trained with matrix_base's references
+
+
 @pytest.mark.parametrize("zero,layout,world", [
     (1, ["parallel.tp=2", "parallel.pp=2", "parallel.pipeline_layers=[3,1]", "parallel.sequence_parallel=true"], 4),
     (3, ["parallel.tp=2"], 4),
 ], ids=["tp2-pp2uneven-sp-z1", "tp2-dp2-z3"])
 def test_llama3_features_together_match_single_process(zero, layout, world, matrix_base, tmp_path):
-    base, _ = matrix_base
+    base, refs = matrix_base
     stage = [f"deepspeed.zero_optimization.stage={zero}"]
-    ref = design.run_case(base, LLAMA3_FEATURES + stage + [f"train.micro_batch_size={design.GLOBAL_BATCH}"], 1,
-                          tmp_path / "ref")
+    ref = refs[f"llama3-zero{zero}"]
     dp = world // 4 if "parallel.pp=2" in layout else world // 2
     got = design.run_case(base, LLAMA3_FEATURES + stage + layout
                           + [f"train.micro_batch_size={design.GLOBAL_BATCH // dp}"], world, tmp_path / "run")

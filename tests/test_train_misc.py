@@ -7,7 +7,7 @@ import pytest
 
 from megallama.config import TrainConfig
 from megallama.train.optim import lr_lambda
-from tests.train_utils import ROOT, env, run_train, tiny_run_config
+from tests.train_utils import ROOT, cli_in_process, env, run_train, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +90,20 @@ def test_llama_schedule_warmup_then_cosine_to_ten_percent():
     pytest.param([f"deepspeed={ROOT}/ds_configs/fp16_zero1.json"], 1, "deepspeed.fp16: not supported",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check")),
 ])
-def test_bad_train_input_is_one_line_and_starts_nothing(cfg, tmp_path, overrides, world, needle):
+def test_bad_train_input_is_one_line_and_starts_nothing(cfg, tmp_path, overrides, world, needle, monkeypatch,
+                                                        capsys):
+    """In this process (tests/train_utils.py cli_in_process); two cases again as a process."""
     run_dir = tmp_path / "run"
     args = ["train", str(cfg)] + [x for o in overrides + [f"run_dir={run_dir}"] for x in ("--set", o)]
-    e = env()
-    e.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    proc = subprocess.run([sys.executable, "-m", "megallama"] + args, capture_output=True, text=True, env=e,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if "megallama train: error" in ln]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    launcher = dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    if overrides in (["parallel.tp=2"], ["deepspeed.zero_optimisation.stage=2"]):
+        proc = subprocess.run([sys.executable, "-m", "megallama"] + args, capture_output=True, text=True,
+                              env={**env(), **launcher}, cwd=ROOT, timeout=120)
+        rc, err = proc.returncode, proc.stderr
+    else:
+        rc, _, err = cli_in_process(args, monkeypatch, capsys, launcher)
+    assert rc == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "megallama train: error" in ln]
+    assert len(lines) == 1 and needle in lines[0], err[-2000:]
+    assert "Traceback" not in err
     assert not run_dir.exists()

@@ -23,7 +23,7 @@ import pytest
 
 from megallama.train.checkpoint import tag_for
 from tests.layout_design import TOLERANCE, rel_diff
-from tests.train_utils import ROOT, env, run_train, tiny_run_config
+from tests.train_utils import ROOT, env, reference_runs, run_train, tiny_run_config
 
 STEPS, SAVE_AT = 3, 1
 GQA_DOCUMENTS = ["model.preset=tiny-gqa", "model.n_kv_heads=1", "data.document_mask=true",
@@ -52,7 +52,9 @@ def _run(cfg, extra, world, run_dir):
 def runs(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("ulysses")
     cfg = tiny_run_config(tmp, data_cache, steps=STEPS, seq_len=32, global_batch_size=8)
-    out = {"ref": _run(cfg, [], 1, tmp / "ref"), "ref-gqa": _run(cfg, GQA_DOCUMENTS, 1, tmp / "ref-gqa")}
+    refs = {"ref": [], "ref-gqa": GQA_DOCUMENTS}  # trained together (shared with other files' like runs)
+    out = dict(zip(refs, reference_runs([(cfg, ["train.micro_batch_size=8"] + extra + [f"run_dir={tmp / name}"])
+                                         for name, extra in refs.items()])))
     for name, (extra, world, _) in LAYOUTS.items():
         out[name] = _run(cfg, extra, world, tmp / name)
     saved = tmp / "u2-dp2-z3-full-gqa-docs" / "checkpoints" / tag_for(SAVE_AT)

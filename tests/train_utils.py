@@ -75,3 +75,77 @@ def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Opti
     report = json.loads((Path(run_dir) / "report.json").read_text())
     report["stdout"], report["stderr"] = proc.stdout, proc.stderr
     return report
+
+
+def _report(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    report["grad_norms"] = [r["grad_norm"] for r in records if "loss" in r]
+    report["run_dir"] = run_dir
+    return report
+
+
+def train_together(runs: Sequence[tuple], timeout: int = 300) -> List[dict]:
+    """Independent single-process runs ``[(config, overrides), ...]`` (each naming its ``run_dir=``)
+    one after another in one process (``tests.train_many``): start-up, most of a tiny run's cost,
+    is paid once. Each report carries its ``grad_norms`` and ``run_dir``; its time and memory
+    figures are not a fresh process's, and stdout/stderr are not kept apart."""
+    run_dirs = [Path(next(x.split("=", 1)[1] for x in o if x.startswith("run_dir="))) for _, o in runs]
+    listing = run_dirs[0].with_name(run_dirs[0].name + "-runs.json")
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text(json.dumps([(str(cfg), list(o)) for cfg, o in runs]))
+    proc = subprocess.run([sys.executable, "-m", "tests.train_many", str(listing)], capture_output=True, text=True,
+                          env=env(), timeout=timeout * len(runs), cwd=ROOT)
+    assert proc.returncode == 0, f"{runs} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [_report(run_dir) for run_dir in run_dirs]
+
+
+_REFERENCES: dict = {}  # the session's single-process references, by their effective config
+
+
+def _reference_key(config: Path, overrides: List[str]) -> str:
+    """The run as the trainer sees it, less where it writes: two files that configure the same run
+    differently (a --set here, a YAML key there) share one reference."""
+    from megallama.config import load_run_config
+
+    tree = load_run_config(config, overrides).model_dump(mode="json")
+    tree.pop("run_dir")
+    return json.dumps(tree, sort_keys=True)
+
+
+def reference_runs(runs: Sequence[tuple], timeout: int = 300) -> List[dict]:
+    """Single-process runs for parity tests to compare against, as :func:`train_together` (those
+    this session has not trained yet, together); one another file already trained is reused, so
+    a caller reads the results only and writes nothing into ``report["run_dir"]``."""
+    keys = [_reference_key(cfg, list(o)) for cfg, o in runs]
+    todo = {k: run for k, run in zip(keys, runs) if k not in _REFERENCES}
+    if todo:
+        _REFERENCES.update(zip(todo, train_together(list(todo.values()), timeout)))
+    return [dict(_REFERENCES[k]) for k in keys]
+
+
+def cli_in_process(argv: Sequence, monkeypatch, capsys, launcher_env: Optional[dict] = None) -> tuple:
+    """``megallama ARGV`` in this process: (exit code, stdout, stderr). For refusals, which come
+    before anything starts, a subprocess would spend seconds importing torch to print one line;
+    a few end-to-end subprocess checks of the same contract (exit 2, one line, no traceback) stay.
+    An exception that escapes ``main`` fails the test as a traceback would. ``launcher_env``: the
+    variables a launcher would set (RANK, WORLD_SIZE, ...), on top of a shell without any."""
+    import torch.distributed as dist
+
+    from megallama.cli import main
+
+    for key in LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in (launcher_env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse: a bad flag or value
+        rc = exc.code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    out = capsys.readouterr()
+    return rc, out.out, out.err
