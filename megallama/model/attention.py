@@ -22,6 +22,20 @@ from megallama.parallel import ulysses
 from megallama.parallel.random import checkpoint
 
 
+def kv_for_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                cuda: bool):
+    """K/V for ``scaled_dot_product_attention`` and its ``enable_gqa``. On CUDA only the flash and
+    math kernels take grouped K/V, and flash takes no mask, so grouped attention with a mask
+    (documents, padding) would fall to the math kernel and its fp32 ``s x s`` scores: there K/V
+    are expanded to the query heads (query head ``i`` reads KV head ``i // group``, as
+    ``enable_gqa`` maps them) and the memory-efficient kernel takes the mask. CPU's flash kernel
+    takes both, so nothing is copied there."""
+    group = q.size(1) // k.size(1)
+    if group > 1 and mask is not None and cuda:
+        return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
+    return k, v, group > 1
+
+
 def build_mask(q_len: int, k_len: int, causal: bool, key_padding: Optional[torch.Tensor],
                device, self_attention: bool = True,
                document_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -77,12 +91,13 @@ class Attention(nn.Module):
 
     def _core(self, q, k, v, mask):
         drop = self.dropout if self.training else 0.0
+        k, v, gqa = kv_for_sdpa(q, k, v, mask, q.is_cuda)
         # attention heads are TP-sharded, so their dropout draws from the per-rank stream
         ctx = self.parallel_state.rng.fork() if drop > 0 else contextlib.nullcontext()
         with ctx:
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=drop, is_causal=self.causal and mask is None and not self.cross,
-                enable_gqa=q.size(1) != k.size(1))
+                enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor, rope, mask: Optional[torch.Tensor] = None,
                 memory: Optional[torch.Tensor] = None, start_pos: int = 0, kv_cache=None) -> torch.Tensor:
