@@ -43,6 +43,7 @@ SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.77}
 # generation. Fitted on the published runs whose per-block exchange is close to their per-block
 # compute (benchmarks/README_planner.md); generations without a fit take the H100's.
 CROSS_NODE: Dict[str, float] = {"a100": 0.28, "h100": 0.41}
+CROSS_NODE_DEFAULT = "h100"
 SAME_SILICON = {"h200": "h100"}   # GH100 at the same 700 W: its H100's fitted figures
 # HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits
 # (2), write and re-read their fp32 softmax (4 + 4, the max and the sum folded into those passes),
@@ -105,7 +106,7 @@ def attention_kernel_fraction(hw, table: Dict[str, float] = ATTENTION_KERNEL) ->
 
 
 def cross_node_fraction(hw, table: Dict[str, float] = CROSS_NODE) -> float:
-    return 1.0 if hw.measured else table.get(generation(hw), table[ATTENTION_KERNEL_DEFAULT])
+    return 1.0 if hw.measured else table.get(generation(hw), table[CROSS_NODE_DEFAULT])
 
 
 def sustained_clock(hw, table: Dict[str, float] = SUSTAINED_CLOCK) -> float:
