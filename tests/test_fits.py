@@ -154,6 +154,27 @@ def test_inference_builds_are_checked(monkeypatch):
         fits.check_inference_fits(ModelConfig.preset("tiny", dim=2 ** 20), 1, 1, 8, None, 1)
 
 
+def test_inference_on_a_gpu_counts_the_verdicts_overheads(monkeypatch):
+    """eval/generate on a GPU judge by the training verdict's rule: CUDA context off the capacity,
+    cuBLAS and NCCL buffers and fragmentation on top (h100-sxm as data; no GPU needed)."""
+    import dataclasses
+
+    from megallama.config import ModelConfig
+    from megallama.profiling.hardware import load_hardware
+    from megallama.profiling.overheads import usable_bytes
+
+    cfg = ModelConfig.preset("tiny")
+    h100 = load_hardware("h100-sxm")
+    need = fits.check_inference_fits(cfg, 2, 4, 64, None, 2, hardware=h100)
+    monkeypatch.setattr(fits.torch.cuda, "is_available", lambda: False)
+    bare = fits.check_inference_fits(cfg, 2, 4, 64, None, 2)   # CPU: the tensors alone
+    assert need - bare > 0.5 * 2 ** 30   # two NCCL communicators (world, TP) and cuBLAS's workspace
+    # a device with room for the tensors and less than the overheads refuses, naming them
+    small = dataclasses.replace(h100, memory_bytes=h100.memory_bytes - usable_bytes(h100) + (need + bare) / 2)
+    with pytest.raises(UserError, match=r"^--micro-batch-size: .*nccl buffers"):
+        fits.check_inference_fits(cfg, 2, 4, 64, None, 2, hardware=small)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     import shutil

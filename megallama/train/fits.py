@@ -134,28 +134,37 @@ def check_training_fits(cfg: Any, world_size: int, local_rank: int = 0) -> float
 
 def check_inference_fits(cfg: Any, tp: int, batch: int, seq: int, dtype: Optional[torch.dtype],
                          world_size: int, local_rank: int = 0, kv_cache: bool = False,
-                         batch_flag: str = "--micro-batch-size") -> None:
+                         batch_flag: str = "--micro-batch-size", hardware: Any = None) -> None:
     """``eval``/``generate`` before building the model: this rank's weights in ``dtype``, one
     forward of ``batch`` x ``seq`` tokens (a block's tensors and fp32 logits, no autograd),
-    and with ``kv_cache`` the preallocated keys and values."""
+    and with ``kv_cache`` the preallocated keys and values. On a GPU (``hardware``, else this
+    rank's) the device's overheads are added and its CUDA context taken off, as the training
+    verdict does (:func:`megallama.profiling.overheads.verdict`)."""
     from megallama.profiling import activations as act
     from megallama.profiling.arch import ArchSpec
-    from megallama.profiling.memory import params_per_rank
+    from megallama.profiling.layout import Layout
+    from megallama.profiling.memory import MemoryBreakdown, params_per_rank
+    from megallama.profiling.overheads import overhead_bytes
 
     spec = ArchSpec.from_model_config(cfg)
     seq = max(1, min(seq, cfg.max_seq_len))
     w = torch.empty((), dtype=dtype or torch.float32).element_size()
     weights = params_per_rank(spec, tp, 1) * w
-    impl = act.ActivationImpl.for_device("cuda" if torch.cuda.is_available() else "cpu")
+    impl = act.ActivationImpl.for_device("cuda" if hardware is not None or torch.cuda.is_available() else "cpu")
     block = act.activation_bytes_per_layer(spec, seq, batch, tp, False, "none", w, impl)
     logits = 2 * batch * seq * cfg.vocab_size / tp * 4   # the logits and their fp32 log-softmax
     cache = 2 * cfg.n_layers * batch * seq * spec.kv_dim / tp * w if kv_cache else 0.0
     need = weights + block + logits + cache
-    cap, where = capacity(world_size, local_rank)
+    gpu, cap, where = device_capacity(world_size, local_rank, hardware)
+    over = {} if gpu is None else overhead_bytes(
+        spec, Layout(tp=tp, dp=1, mbs=batch, grad_accum=1), seq, gpu,
+        MemoryBreakdown(stage=0, components={"activations.forward": block + logits}), impl)
+    need += sum(over.values())
     if need <= cap:
         return need
     parts = (f"weights {fmt_bytes(weights)}, forward {fmt_bytes(block + logits)}"
-             + (f", KV cache {fmt_bytes(cache)}" if kv_cache else ""))
+             + (f", KV cache {fmt_bytes(cache)}" if kv_cache else "")
+             + "".join(f", {k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in over.items() if v))
     if weights >= need / 2:
         _refuse("model", f"dim={cfg.dim}, n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}", need, parts, where,
                 "use more tensor-parallel ranks or a smaller dtype")
