@@ -195,6 +195,9 @@ def predict_long_row(row: LongSeqRow, eff: Efficiency = Efficiency()) -> Optiona
 LLAMA3_CP_ROW = dict(gpus=16384, tp=8, cp=16, pp=16, dp=8, seq=131072, batch_tokens=16 * 2 ** 20,
                      tflops_per_gpu=380.0, mfu=0.38)
 LLAMA3_405B_STAGES = (7,) + (8,) * 14 + (7,)
+# Interleaved chunks per stage, assumed (the paper gives none): 16 stages x 8 one-block chunks, less
+# the embedding-only first and head-only last chunk (sec. 3.3.2), hold the 126 blocks.
+LLAMA3_INTERLEAVE = 8
 
 
 def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
@@ -208,7 +211,7 @@ def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
     accum = r["batch_tokens"] // r["seq"] // r["dp"]
     preds = [predict(spec, Layout(tp=r["tp"], cp=r["cp"], pp=r["pp"], dp=r["dp"], zero=1, mbs=1, grad_accum=accum,
                                   recompute=rc, sp=True, gpus_per_node=hw.gpus_per_node,
-                                  pipeline_layers=LLAMA3_405B_STAGES, interleave=8), r["seq"], hw, eff,
+                                  pipeline_layers=LLAMA3_405B_STAGES, interleave=LLAMA3_INTERLEAVE), r["seq"], hw, eff,
                      MEGATRON_FLASH)
              for rc in ("none", "selective", "full")]
     fitting = [p for p in preds if p.fits]

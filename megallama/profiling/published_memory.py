@@ -17,9 +17,9 @@ and moments sharded (16 bytes per parameter over the shards), plus one block's u
 gradient on its way to the reduce-scatter.
 
 Left out because the source does not pin them or our recompute modes cannot express them:
-torchtitan's op-level and every-other-layer selective checkpointing (Llama 2 70B at local
-batch 2 with op-level selective checkpointing ran out of memory: docs/performance.md, note 1),
-and Llama 3 405B's long-context stage, whose recomputation is not published.
+torchtitan's every-other-layer selective checkpointing (its op-level policy is ``op``, and its
+runs and OOM with it are cases here), and Llama 3 405B's long-context stage, whose
+recomputation is not published.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from megallama.profiling.hardware import load_hardware
 from megallama.profiling.layout import Layout
 from megallama.profiling.memory import MemoryBreakdown, layer_params_per_rank, memory_breakdown, params_per_rank
 from megallama.profiling.overheads import MemoryVerdict, verdict
-from megallama.profiling.published import MEGATRON_FLASH, MEGATRON_IMPL, MEGATRON_TABLE1
+from megallama.profiling.published import (LLAMA3_405B_STAGES, LLAMA3_INTERLEAVE, MEGATRON_FLASH, MEGATRON_IMPL,
+                                           MEGATRON_TABLE1)
 
 FLASH = ActivationImpl(attention="flash")
 
@@ -162,7 +163,7 @@ def llama3_cases() -> List[MemoryCase]:
     out = []
     for gpus, dp, per_dp, miss in ((16384, 128, 16, ""), (8192, 64, 32, LLAMA3_8K_MISS)):
         layout = Layout(tp=8, pp=16, dp=dp, zero=1, mbs=1, grad_accum=per_dp, recompute="none", sp=True,
-                        interleave=8, pipeline_layers=(7,) + (8,) * 14 + (7,))
+                        interleave=LLAMA3_INTERLEAVE, pipeline_layers=LLAMA3_405B_STAGES)
         out.append(MemoryCase(f"llama3-405b 8k pretraining on {gpus}", "Llama Team 2024, Table 4 and sec. 3.3.2",
                               as_spec("llama3-405b"), layout, 8192, "h100-sxm", True, MEGATRON_FLASH, "fsdp-grad-op",
                               known_miss=miss))
