@@ -56,11 +56,12 @@ def _latest(ckpt_dir: Path) -> Path:
     raise UserError(f"{problem}: the latest checkpoint is incomplete{hint}")
 
 
-def consolidate_training_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """``(model config, full fp32 state dict)`` of a training checkpoint at any layout."""
+def consolidate_training_checkpoint(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """``(model config, full fp32 state dict)`` of a training checkpoint at any layout; ``resolved``:
+    ``path`` is the tag directory :func:`resolve_checkpoint` returned (not hashed a second time)."""
     from megallama.train.universal import UniversalReader
 
-    tag = resolve_checkpoint(path)
+    tag = Path(path) if resolved else resolve_checkpoint(path)
     reader = UniversalReader(tag / "universal")
     cfg = ModelConfig.model_validate(reader.layout["model"])
     return cfg, {name: reader.full(name) for name in reader.names()}

@@ -12,7 +12,8 @@ Every flag either takes effect or is refused in one line: a training-checkpoint 
 master weights and Adam moments (no --dtype), a Hugging Face or consolidated output is
 unsharded (no --tp/--pp), and only a Hugging Face output is split into files (--shard-size).
 Hugging Face and consolidated inputs stream tensor by tensor (megallama.checkpoint.streaming):
-peak memory stays near the largest tensor, not the model.
+peak memory stays near the largest tensor, not the model. A training checkpoint exported without
+--tokenizer takes its run's data.tokenizer (recorded in meta.json), refused in one line if gone.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
                    help="cast the weights of a Hugging Face or consolidated output (default: keep the input's)")
     p.add_argument("--tokenizer", help="tokenizer file written with the output (default: --input's tokenizer.model "
-                   "or tokenizer.json, if any); with --to hf also tokenizer_config.json, special_tokens_map.json "
-                   "and generation_config.json")
+                   "or tokenizer.json, else a training checkpoint's recorded data.tokenizer, if any); with --to hf "
+                   "also tokenizer_config.json, special_tokens_map.json and generation_config.json")
     p.add_argument("--shard-size", default=None, help="largest safetensors file of a Hugging Face output, e.g. 5GB, "
                    "500MB, 2GiB (default 5GB, the Hub's Llama shards); a larger single tensor gets its own file")
     p.add_argument("--params", help="model args of a --from dcp input as JSON (torchtitan's: dim, n_layers, n_heads, "
@@ -130,8 +131,13 @@ def run(args) -> int:
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
     from megallama.data.tokenizer import find_tokenizer
 
-    tokenizer = args.tokenizer or find_tokenizer(inp)
-    cfg, state = _load(args.from_format, inp, training_input)
+    source = inp
+    if training_input and args.from_format == "megallama":
+        from megallama.checkpoint.reshard import resolve_checkpoint
+
+        source = resolve_checkpoint(inp)  # verified once: the weights and the recorded tokenizer are this step's
+    tokenizer = args.tokenizer or find_tokenizer(inp) or (run_tokenizer(source) if source is not inp else None)
+    cfg, state = _load(args.from_format, source, training_input)
     if tokenizer is not None:  # read and checked before anything is written
         from megallama.checkpoint.hf_tokenizer import load_for_export
 
@@ -158,8 +164,33 @@ def run(args) -> int:
     n = sum(t.numel() for t in state.values())
     dtype = next(iter(state.values())).dtype
     print(f"{out}: {args.to_format} checkpoint, {n:,} parameters ({str(dtype).replace('torch.', '')}), "
-          f"from {args.from_format} {inp}")
+          f"from {args.from_format} {inp}" + (f"; tokenizer {tokenizer.path}" if tokenizer is not None else ""))
     return 0
+
+
+def run_tokenizer(tag):
+    """The tokenizer file the run of a training checkpoint (``tag``: a verified step directory) named
+    in ``data.tokenizer``, which the trainer records absolute in each ``meta.json``; None for the
+    embedded corpus or an older checkpoint. A recorded file that is gone is refused: an export
+    without it would look complete."""
+    from pathlib import Path
+
+    from megallama.errors import UserError
+    from megallama.train.checkpoint import read_meta
+
+    where = tag / "meta.json"
+    data = read_meta(tag).get("data") or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: 'data' must be an object, got {data!r}"[:300])
+    recorded = data.get("tokenizer")
+    if recorded is None:
+        return None
+    if not isinstance(recorded, str) or not recorded:
+        raise UserError(f"{where}: data.tokenizer must be a file path, got {recorded!r}"[:300])
+    if not Path(recorded).is_file():
+        raise UserError(f"{where}: data.tokenizer {recorded} not found (the run's tokenizer was moved or "
+                        "deleted); pass --tokenizer FILE")
+    return Path(recorded)
 
 
 def _is_classifier(path) -> bool:
@@ -171,7 +202,8 @@ def _is_classifier(path) -> bool:
 
 
 def _load(fmt: str, path, training: bool):
-    """``(config, state)``; lazy (read while writing) for Hugging Face and consolidated inputs."""
+    """``(config, state)``; lazy (read while writing) for Hugging Face and consolidated inputs
+    (``training``: ``path`` is a step directory ``resolve_checkpoint`` verified)."""
     if fmt == "hf":
         from megallama.checkpoint.hf import open_hf
 
@@ -187,7 +219,7 @@ def _load(fmt: str, path, training: bool):
     if training:
         from megallama.checkpoint.reshard import consolidate_training_checkpoint
 
-        return consolidate_training_checkpoint(path)
+        return consolidate_training_checkpoint(path, resolved=True)
     from megallama.checkpoint.consolidated import open_consolidated
 
     return open_consolidated(path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import statistics
 import time
@@ -107,7 +108,9 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               # files of an older pipeline run do not load as they are: resume those layout-free)
               "stage_names": "canonical",
               "stage_layers": cfg.stage_layers(),  # DeepSpeed's per-stage optimizer files fit this split only
-              "schedule": {k: getattr(t, k) for k in SCHEDULE}}
+              "schedule": {k: getattr(t, k) for k in SCHEDULE},
+              # what `convert` writes beside exported weights when not given --tokenizer
+              "data": {"tokenizer": os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer else None}}
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)
     rt.build(universal=resume.universal, step=resume.step, weights_only=resume.weights_only)
