@@ -2,15 +2,20 @@
 import json
 import subprocess
 
+import pytest
+
+from megallama.commands.profile import _print_text
+from megallama.config import load_run_config
 from tests.train_utils import ROOT, env, launch_cmd, tiny_run_config
 
 KEYS = ("tokens_per_s", "tflops_per_gpu", "mfu", "hfu", "peak_memory_bytes", "comm_share", "pipeline_bubble")
 
 
-def test_profile_pipeline_run_reports_measured_beside_predicted(tmp_path, data_cache):
+def test_profile_pipeline_run_reports_measured_beside_predicted(tmp_path, data_cache, capsys):
     cfg = tiny_run_config(tmp_path, data_cache)
     args = ["profile", str(cfg), "--steps", "2", "--warmup", "1", "--json",
-            "--set", "parallel.pp=2", "--set", "train.global_batch_size=16", "--set", f"run_dir={tmp_path / 'run'}"]
+            "--set", "parallel.pp=2", "--set", "train.global_batch_size=16", "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", "train.rampup_batch_size=[8,8,1000]"]   # applied, it would hold every step at 8
     proc = subprocess.run(launch_cmd("torchrun", 2) + args, capture_output=True, text=True, env=env(), cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -31,6 +36,14 @@ def test_profile_pipeline_run_reports_measured_beside_predicted(tmp_path, data_c
     assert m["collectives_per_step"]["pp"]["payload_bytes"] > 0
     worst = report["model_check_worst_error"]
     assert worst and all(err is not None and abs(err) <= 0.05 for err in worst.values()), worst
+    # the ramp is said to be left out, and was: each timed step sent four micro-batches' activations
+    # (4 x 64 x dim fp32) forward and their gradients back over the stage boundary, not the ramp's two
+    assert report["batch_ramp"]["applied"] is False and report["batch_ramp"]["global_batch"] == 16
+    dim = load_run_config(cfg).model.dim
+    assert m["collectives_per_step"]["pp"]["payload_bytes"] == pytest.approx(2 * 4 * 4 * 64 * dim * 4, rel=1e-3)
+    _print_text(report)
+    assert "measured at the full global batch 16 every step; train.rampup_batch_size [8, 8, 1000] is not applied" \
+        in capsys.readouterr().out
 
 
 def test_profile_bad_steps_is_one_line(tmp_path, data_cache, capsys):

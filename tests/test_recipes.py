@@ -100,6 +100,31 @@ def test_pipeline_engine_follows_the_ramp(runs):
     assert r["losses"] == pytest.approx(runs["a"]["losses"][:4], rel=1e-5)
 
 
+def test_finetune_follows_the_ramp_as_train(runs, data_cache, tmp_path):
+    """finetune steps through the same ramp (train's code path): its logged global batches and
+    consumed samples are those train logged for the same train.* settings (run A)."""
+    import random
+    import subprocess
+
+    from tests.train_utils import ROOT, env, launch_cmd
+
+    rng, words = random.Random(0), (["def", "return", "class"], ["while", "for", "yield"])
+    with open(tmp_path / "task.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(words[i % 2]) for _ in range(4)), "label": i % 2}) + "\n")
+    args = ["finetune", str(runs["cfg"]), "--pretrained", str(runs["tmp"] / "b" / "checkpoints"),
+            "--data", str(tmp_path / "task.jsonl"), "--tokenizer", str(next(data_cache.rglob("tokenizer.model")))]
+    args += [x for o in RAMP + ["train.seq_len=16", f"run_dir={tmp_path / 'ft'}"] for x in ("--set", o)]
+    r = subprocess.run(launch_cmd("none", 1) + args, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("finetune step")]
+    logged = [(int(s[3].split()[-1]), int(s[4].split()[-1])) for s in steps]
+    trained = _jsonl(runs["tmp"] / "a")
+    assert [b for b, _ in logged] == [x["global_batch_size"] for x in trained] == SIZES
+    assert [n * 64 for _, n in logged] == [x["tokens"] for x in trained]  # train's 64-token rows, counted alike
+    assert json.loads(r.stdout.strip().splitlines()[-1])["consumed_samples"] == sum(SIZES)
+
+
 def _universal(run_dir: Path, step: int):
     return load_file(str(run_dir / "checkpoints" / tag_for(step) / "universal" / "pp00-tp00.safetensors"))
 

@@ -1,5 +1,6 @@
 """``megallama profile CONFIG --steps N``: a real measured run under any launcher, reported as
-JSON beside the planner's prediction for the same layout."""
+JSON beside the planner's prediction for the same layout. Steps run at the full global batch: a
+``train.rampup_batch_size`` is reported as not applied (:func:`ramp_statement`)."""
 from __future__ import annotations
 
 import json
@@ -42,6 +43,8 @@ def run(args) -> int:
     if report is not None:
         report["command"] = "megallama profile " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["profile"] else
                                                             [args.config])
+        if cfg.train.rampup_batch_size is not None:
+            report["batch_ramp"] = ramp_statement(cfg.train)
         out = Path(cfg.run_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.json").write_text(json.dumps(report, indent=2, default=str))
@@ -55,6 +58,16 @@ def run(args) -> int:
     return 0
 
 
+def ramp_statement(t) -> dict:
+    """What profile does with ``train.rampup_batch_size``, said outright: every step, warm-up and
+    timed, runs at the full global batch (the engine's as built; nothing here moves it), because
+    the figures are the steady state the planner predicts, and a ramp lasts only its first samples."""
+    return {"rampup_batch_size": list(t.rampup_batch_size), "applied": False, "global_batch": t.global_batch_size,
+            "note": f"measured at the full global batch {t.global_batch_size} every step; train.rampup_batch_size "
+                    f"{list(t.rampup_batch_size)} is not applied (profile measures the steady state, which train "
+                    f"reaches after the ramp's {t.rampup_batch_size[2]} samples)"}
+
+
 def _fmt(v, scale=1.0, spec="{:.3g}") -> str:
     return "n/a" if v is None else spec.format(v * scale)
 
@@ -63,6 +76,8 @@ def _print_text(r) -> None:
     m, p = r["measured"], r["predicted"]
     print(f"{r['model']} on {r['world_size']} x {r['device']} ({r['launcher']}): {r['describe']}, seq {r['seq']}, "
           f"{r['steps']} timed steps after {r['warmup_steps']} warm-up")
+    if r.get("batch_ramp"):
+        print(f"  {r['batch_ramp']['note']}")
     print(f"  {'':26s} {'measured':>12s} {'predicted':>12s}")
     rows = [("tokens/s", "tokens_per_s", 1, "{:,.0f}"), ("TFLOP/s per GPU (model)", "tflops_per_gpu", 1, "{:.4f}"),
             ("MFU", "mfu", 100, "{:.2f}%"), ("HFU", "hfu", 100, "{:.2f}%"),

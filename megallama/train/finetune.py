@@ -140,7 +140,6 @@ def _examples(rt, train: List[int], ids, labels, mask) -> Iterator[Tuple[torch.T
 def _train_classifier(rt, state_dict, encoded, labels, names, pretrained: str, tok_file: str,
                       holdout: float) -> Dict[str, Any]:
     from megallama.model import LlamaForSequenceClassification
-    from megallama.train.step import train_step
 
     cfg, t, model_cfg = rt.cfg, rt.cfg.train, rt.cfg.model
     ids, mask = encoded
@@ -156,18 +155,19 @@ def _train_classifier(rt, state_dict, encoded, labels, names, pretrained: str, t
     rt.build(module=model)
     rt.loss_fn = _classifier_loss
     batches, losses = _examples(rt, train, ids, labels, mask), []
-    for step in range(1, t.steps + 1):
-        losses.append(float(train_step(rt, batches)))
+    for step in range(1, t.steps + 1):  # under train.rampup_batch_size, at train's batch sizes
+        losses.append(float(rt.scheduled_step(batches)))
         if rt.rank0 and (step % t.log_every == 0 or step == t.steps):
-            print(f"finetune step {step:>5}/{t.steps} | loss {losses[-1]:.4f} | lr {rt.engine.get_lr()[0]:.2e}",
-                  flush=True)
+            print(f"finetune step {step:>5}/{t.steps} | loss {losses[-1]:.4f} | lr {rt.engine.get_lr()[0]:.2e} | "
+                  f"global batch {rt.global_batch} | samples {rt.consumed_samples}", flush=True)
     hold_t, dev, module = torch.tensor(hold), rt.device, rt.engine.module
     acc, counted = accuracy(module, ids[hold_t].to(dev), mask[hold_t].to(dev), labels[hold_t].to(dev),
                             rt.batch.micro, rt.state)
     majority = max((labels[hold_t] == k).float().mean().item() for k in range(len(names)))
     out = Path(cfg.run_dir) / "finetuned"
     report = {"accuracy": acc, "held_out": counted, "majority_baseline": majority, "labels": names,
-              "first_loss": losses[0], "final_loss": losses[-1], "steps": t.steps, "checkpoint": str(out)}
+              "first_loss": losses[0], "final_loss": losses[-1], "steps": t.steps,
+              "consumed_samples": rt.consumed_samples, "checkpoint": str(out)}
     save_classifier(module, model_cfg, out, names, pretrained, tok_file, rt.info.rank)
     if rt.rank0:
         (Path(cfg.run_dir) / "finetune_report.json").write_text(json.dumps(report, indent=2))

@@ -23,7 +23,6 @@ from megallama.train.preemption import Preemption
 from megallama.train.progress import Progress, skipped_steps
 from megallama.train.resume import SCHEDULE, plan_resume
 from megallama.train.runtime import Runtime, guard, on_device, open_datasets, start
-from megallama.train.step import train_step
 from megallama.train.storage import resolve as resolve_storage
 from megallama.train.trackers import check_trackers
 
@@ -131,9 +130,7 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     with preempt:  # from here a SIGTERM/SIGINT stops every rank at a step boundary, with a checkpoint
         for step in range(start_step + 1, last_step + 1):
             began = time.perf_counter()
-            rt.ramp_batch(it)
-            train_step(rt, batches, hooks)
-            rt.consumed_samples += rt.global_batch
+            rt.scheduled_step(batches, hooks, it)
             if t.eval_every > 0 and (step % t.eval_every == 0 or step == last_step):
                 metrics.log_eval(step, _evaluate(rt, valid_ds, t.eval_iters))
                 progress.restart_window(step)

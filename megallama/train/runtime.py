@@ -19,7 +19,8 @@ from megallama.config import ModelConfig, RunConfig
 from megallama.errors import UserError
 from megallama.parallel import ParallelState, initialize
 from megallama.train.distributed import LaunchInfo, detect_launcher, device_for, init_distributed, on_rank0_then_share
-from megallama.train.step import LossFn, make_loss_fn
+from megallama.train.hooks import NO_HOOKS, Hooks
+from megallama.train.step import LossFn, make_loss_fn, train_step
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,15 @@ class Runtime:
             if sampler is not None:
                 sampler.accum = self.accum
         return size
+
+    def scheduled_step(self, batches: Iterator, hooks: Hooks = NO_HOOKS, sampler=None) -> torch.Tensor:
+        """One step of a command that trains through its schedule (``train``, ``finetune``): at the
+        ramp's global batch for the samples consumed so far (:meth:`ramp_batch`), then counted in
+        ``consumed_samples``. The profiler calls ``train_step`` bare: it measures the full batch."""
+        self.ramp_batch(sampler)
+        loss = train_step(self, batches, hooks)
+        self.consumed_samples += self.global_batch
+        return loss
 
     @property
     def tokens_per_step(self) -> int:
