@@ -90,20 +90,16 @@ def overrides(case: Case) -> List[str]:
 
 
 def reference(case: Case) -> Tuple[str, List[str]]:
-    """Name and overrides of the single-process run ``case`` is held to: same arch, precision and
-    ZeRO optimizer, micro batch = global batch. The optimizer matters for the grad norm alone:
-    DeepSpeed's ZeRO 1-3 optimizers sum squares over flat fp32 buffers, ours per tensor, and on the
-    encoder-decoder the two differ by ~2e-5 at step 3 even at world size 1 (losses bit-identical),
-    so a layout is held to its own optimizer's single-process run. bf16 takes ZeRO-1 (the shipped
-    ds_configs/bf16_zero1.json) for every stage: at ZeRO-0, DeepSpeed wraps bf16 in a different
-    optimizer, whose start-up step once put it off every other path (PINNED)."""
+    """Name and overrides of the single-process run ``case`` is held to: same arch and precision,
+    micro batch = global batch, one for every ZeRO stage (fp32: ZeRO-0's norm is summed in fp64 as
+    DeepSpeed's ZeRO 1-3 norms are; its fp32 sum once put it 2e-5 off them on the encoder-decoder,
+    megallama/train/grad_norm.py). bf16 takes ZeRO-1 (the shipped ds_configs/bf16_zero1.json) for
+    every stage: at ZeRO-0, DeepSpeed wraps bf16 in a different optimizer, whose start-up step once
+    put it off every other path (PINNED)."""
     out = [f"train.micro_batch_size={GLOBAL_BATCH}"]
     name = case.precision
     if case.precision == "bf16":
         out += ["deepspeed.bf16.enabled=true", "deepspeed.zero_optimization.stage=1"]
-    elif case.zero:
-        out.append(f"deepspeed.zero_optimization.stage={case.zero}")
-        name += f"-zero{case.zero}"
     if case.arch != "decoder":
         out.append(f"model.arch={case.arch}")
     return ("" if case.arch == "decoder" else case.arch + "-") + name, out

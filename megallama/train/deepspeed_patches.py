@@ -134,28 +134,23 @@ def record_fp32_grad_norm(engine) -> None:
     to keep the norm in ``_global_grad_norm`` (what ``get_global_grad_norm`` returns) and mark a
     non-finite one as an overflow; guard the optimizer's ``step`` on it: the engine then skips the
     update and the LR step and counts it in ``skipped_steps``, as for its own optimizers."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from megallama.train.grad_norm import clip_, global_norm
 
     opt = engine.optimizer
     mpu = _PipelineNormGroups(engine.mpu) if hasattr(engine.mpu, "get_slice_parallel_rank") else engine.mpu
     alone = not dist.is_initialized() or dist.get_world_size() == 1
 
     def clip_and_record():
-        # a later pipeline stage's copy of a tied weight (``ds_pipe_replicated``) holds the same
-        # all-reduced gradient as the first stage's: counted once (DeepSpeed's clip_grad_norm_
-        # counts it again), clipped alike
+        # the norm in fp64 (megallama/train/grad_norm.py: torch's and DeepSpeed's clip_grad_norm_
+        # sum fp32 squares, 2e-5 off on the tiny encoder-decoder); a later pipeline stage's copy of
+        # a tied weight (``ds_pipe_replicated``) holds the same all-reduced gradient as the first
+        # stage's: counted once, clipped alike
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        copies = [p for p in params if getattr(p, "ds_pipe_replicated", False)]
         own = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-        if alone:  # the same norm and clip; DeepSpeed's takes one norm per parameter and two 1-rank all-reduces
-            norm = torch.nn.utils.clip_grad_norm_(own, engine.gradient_clipping(), foreach=True)
-        else:
-            norm = clip_grad_norm_(parameters=own, max_norm=engine.gradient_clipping(), mpu=mpu)
+        norm = global_norm(own, engine.device, None if alone else mpu)
+        clip_([p.grad for p in params], engine.gradient_clipping(), norm)
         engine._global_grad_norm = norm
         opt.overflow = not math.isfinite(float(norm))
-        coef = min(1.0, engine.gradient_clipping() / (float(norm) + 1e-6))
-        for p in copies:
-            p.grad.data.mul_(coef)
 
     real_step = opt.step  # the LR scheduler's call-counting wrapper of AdamW.step: kept inside ours
 
@@ -171,8 +166,8 @@ def record_fp32_grad_norm(engine) -> None:
 
 
 class _PipelineNormGroups:
-    """DeepSpeed's ``clip_grad_norm_`` counts a parameter that TP replicates (the RMSNorm weights)
-    only where ``get_model_parallel_rank() == 0``; the pipeline grid's model-parallel rank spans
+    """The norm counts a parameter that TP replicates (the RMSNorm weights) only where
+    ``get_model_parallel_rank() == 0`` (DeepSpeed's rule); the pipeline grid's model-parallel rank spans
     stages, so every stage but the first left its norm weights out of the norm (and the clip)."""
 
     def __init__(self, grid):
