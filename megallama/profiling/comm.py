@@ -249,12 +249,30 @@ def zero3_exchange(model: SpecLike, layout: Layout, hw: HardwareProfile, stage: 
     :mod:`megallama.profiling.steptime` to set against the compute of each block. A ring that
     spans nodes runs at ``cross_node`` of its nominal bandwidth
     (:data:`megallama.profiling.efficiency.CROSS_NODE`)."""
-    hw = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
-    out = dict.fromkeys(ZERO3_KINDS.values(), 0.0)
-    for c in _dp_collectives(as_spec(model), layout, stage):
+    times: Dict[str, float] = {}
+    _add_times(times, _dp_collectives(as_spec(model), layout, stage), layout, hw, bus_efficiency, cross_node)
+    return zero3_part(times)
+
+
+def zero3_part(times: Dict[str, float]) -> Dict[str, float]:
+    """ZeRO-3's exchange by kind out of :func:`comm_time_by_phase`'s keys (``zero3.gather``, ...)."""
+    return {k: times.get(f"zero3.{k}", 0.0) for k in ZERO3_KINDS.values()}
+
+
+def _add_times(out: Dict[str, float], calls: List[Collective], layout: Layout, hw: HardwareProfile,
+               bus_efficiency: float, cross_node: float) -> None:
+    """Adds each call's seconds to ``out`` under ``group.phase``; ZeRO-3's prefetched calls go
+    under ``zero3.<kind>`` (:data:`ZERO3_KINDS`), at ``cross_node`` of the nominal bandwidth
+    between nodes. A send and the matching receive overlap on a full-duplex link: only sends count."""
+    shared = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
+    for c in calls:
+        if c.op == "recv":
+            continue
         if c.phase == "overlap":
-            out[ZERO3_KINDS[c.what]] += collective_time(c, layout, hw, bus_efficiency)
-    return out
+            key, on = f"zero3.{ZERO3_KINDS[c.what]}", shared
+        else:
+            key, on = f"{c.group}.{c.phase}", hw
+        out[key] = out.get(key, 0.0) + collective_time(c, layout, on, bus_efficiency)
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
@@ -329,13 +347,11 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
 
 def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,
                        bus_efficiency: float = 0.8, impl: ActivationImpl = ActivationImpl(),
-                       scatter_gather=False) -> Dict[str, float]:
-    """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``.
-    A send and the matching receive overlap on a full-duplex link, so only sends count."""
+                       scatter_gather=False, cross_node: float = 1.0) -> Dict[str, float]:
+    """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``, and
+    ZeRO-3's prefetched exchange by kind (``zero3.gather``, ``zero3.regather``,
+    ``zero3.reduce_scatter``: :func:`zero3_exchange`'s, at ``cross_node``), in one pass."""
     out: Dict[str, float] = {}
-    for c in collectives(model, layout, seq, stage, impl, scatter_gather):
-        if c.op == "recv":
-            continue
-        key = f"{c.group}.{c.phase}"
-        out[key] = out.get(key, 0.0) + collective_time(c, layout, hw, bus_efficiency)
+    _add_times(out, collectives(model, layout, seq, stage, impl, scatter_gather), layout, hw, bus_efficiency,
+               cross_node)
     return out
