@@ -301,16 +301,21 @@ def group_ranks(layout: Layout, kind: str) -> List[int]:
 
 def members_per_node(layout: Layout, kind: str) -> int:
     """How many members of one group share a node (== group size when it fits in one node)."""
-    ranks = group_ranks(layout, kind)
-    nodes: Dict[int, int] = {}
-    for r in ranks:
-        nodes[r // layout.gpus_per_node] = nodes.get(r // layout.gpus_per_node, 0) + 1
-    return max(nodes.values())
+    return max(_per_node(layout.tp, layout.pp, layout.dp, layout.seq_shards, layout.gpus_per_node, kind))
 
 
 def spans_nodes(layout: Layout, kind: str) -> bool:
-    ranks = group_ranks(layout, kind)
-    return len({r // layout.gpus_per_node for r in ranks}) > 1
+    return len(_per_node(layout.tp, layout.pp, layout.dp, layout.seq_shards, layout.gpus_per_node, kind)) > 1
+
+
+@lru_cache(maxsize=4096)
+def _per_node(tp: int, pp: int, dp: int, shards: int, gpus_per_node: int, kind: str) -> Tuple[int, ...]:
+    """Members of rank 0's ``kind`` group on each node it touches; cached: the planner's inner
+    loop asks it for every collective of every candidate layout."""
+    nodes: Dict[int, int] = {}
+    for r in ParallelDims(tp=tp, pp=pp, dp=dp, ulysses=shards).group(0, *GROUP_AXES[kind]):
+        nodes[r // gpus_per_node] = nodes.get(r // gpus_per_node, 0) + 1
+    return tuple(nodes.values())
 
 
 def divisors(n: int) -> List[int]:
