@@ -60,7 +60,7 @@ from megallama.profiling.efficiency import achievable_bandwidth, message_half
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout, members_per_node, spans_nodes
-from megallama.profiling.memory import params_per_rank, zero3_backward_gather
+from megallama.profiling.memory import layer_params_per_rank, params_per_rank, zero3_backward_gather
 from megallama.profiling.sequence_comm import all_to_all_time, ring_collectives, ulysses_collectives
 from megallama.train.ds_settings import Buckets
 
@@ -227,6 +227,8 @@ def _dp_collectives(spec, layout: Layout, stage: int,
     if z == 2:
         return [reduce("all_reduce", m, "grads, every micro-batch"), gather_params]
     blocks = split[stage]
+    if layout.framework != "deepspeed":
+        return fsdp_collectives(spec, layout, n_params, blocks)
     out = [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, m, "overlap", "params, forward",
                      min_calls=blocks)]
     again = zero3_backward_gather(spec, layout.tp, layout.pp, stage, reuse_distance, split)
@@ -235,6 +237,25 @@ def _dp_collectives(spec, layout: Layout, stage: int,
                              "params, again in backward", min_calls=max(1, round(blocks * again / n_params))))
     out.append(_bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap",
                          "grads, every micro-batch"))
+    return out
+
+
+def fsdp_collectives(spec, layout: Layout, n_params: float, blocks: int) -> List[Collective]:
+    """PyTorch FSDP ``FULL_SHARD`` with each block wrapped (MPT's Composer, torchtitan) issues one
+    all-gather and one reduce-scatter per block and micro-batch, whatever its size, plus the
+    root's (embedding, final norm, head): not DeepSpeed's buckets. Backward gathers each block
+    again, since it was freed after forward; ``fsdp`` (FSDP1, Composer) keeps the root gathered
+    through backward, ``fsdp2`` (torchtitan, ``parallelize_llama.apply_fsdp``) keeps the last
+    block and frees the root."""
+    m, w = layout.grad_accum, layout.dtype_bytes
+    block = layer_params_per_rank(spec, layout.tp, "cross" if spec.arch == "encoder_decoder" else "decoder")
+    root = n_params - blocks * block
+    again = [(block, blocks)] if layout.framework == "fsdp" else [(block, blocks - 1), (root, 1)]
+    out = []
+    for kind, op, size, parts in (("params, forward", "all_gather", w, [(block, blocks), (root, 1)]),
+                                  ("params, again in backward", "all_gather", w, again),
+                                  ("grads, every micro-batch", "reduce_scatter", w, [(block, blocks), (root, 1)])):
+        out += [Collective("dp", op, n * size, m * calls, "overlap", kind) for n, calls in parts if n > 0 and calls > 0]
     return out
 
 

@@ -39,7 +39,9 @@ class Layout:
     """One way to run a step. ``grad_accum`` is the number of micro-batches per replica per step
     (``m``); ``interleave`` the virtual pipeline chunks per rank (Megatron's interleaved 1F1B;
     DeepSpeed's pipeline engine runs plain 1F1B, i.e. 1). ``pipeline_layers`` gives the blocks of
-    each stage; without it ``pipeline_partition`` splits them (:func:`split`)."""
+    each stage; without it ``pipeline_partition`` splits them (:func:`split`). ``framework`` is
+    whose sharded data parallelism issues ZeRO-3's collectives (:func:`megallama.profiling.comm.
+    fsdp_collectives`): the trainer's DeepSpeed, or a published run's PyTorch FSDP."""
 
     tp: int = 1
     pp: int = 1
@@ -57,6 +59,7 @@ class Layout:
     pipeline_partition: str = "parameters"
     ulysses: int = 1   # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block
     cp: int = 1        # context (ring-attention) parallelism, cost model only
+    framework: str = "deepspeed"   # who issues ZeRO-3's calls: deepspeed (buckets) | fsdp | fsdp2 (per block)
 
     @property
     def world(self) -> int:

@@ -56,6 +56,7 @@ class PublishedRun:
     interleave: int = 1                         # interleaved 1F1B chunks per stage
     pipeline_layers: Optional[tuple] = None     # blocks per stage as run (None: the planner's split)
     impl: ActivationImpl = IMPL                 # what the run's kernels save and fuse
+    framework: str = "fsdp"                     # who issues ZeRO-3's calls (Layout.framework): MPT's FSDP1
 
     @property
     def generation(self) -> str:
@@ -79,7 +80,8 @@ class PublishedRun:
     def layout(self, hw: HardwareProfile) -> Layout:
         return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
                       grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
-                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers)
+                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers,
+                      framework=self.framework)
 
 
 def _mpt(gpu: str, rows: str, zero: int = 3) -> List[PublishedRun]:
@@ -272,7 +274,7 @@ MPT_A100_40 = _mpt("a100-40gb", """
 125m 2048 8 26 3 F 136334
 """)
 
-TORCHTITAN = [
+TORCHTITAN = [dataclasses.replace(r, framework="fsdp2") for r in [   # FSDP2, each block wrapped
     # docs/performance.md @3faaa1a0d, "Llama 3 performance numbers": 64 A100-80GB, FSDP2, local batch 1
     PublishedRun("torchtitan", "a100-80gb", "llama3-8b", 8192, 64, 1, 1, "op", 2973),
     PublishedRun("torchtitan", "a100-80gb", "llama3-70b", 8192, 64, 1, 1, "full", 331),
@@ -288,7 +290,7 @@ TORCHTITAN = [
     # selective_ac_option = 'op' (torchtitan's op-level policy, our "op"; the A100 page names it)
     PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 8, 2, 1, "op", 5762),
     PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 128, 2, 1, "op", 5605),
-]
+]]
 
 PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_40 + TORCHTITAN
 # The fit set (with Megatron Table 1's three calibration rows): MPT 7B on 8 GPUs at 2,048 and
@@ -380,5 +382,5 @@ def llama3_table4_runs() -> List[PublishedRun]:
     per_token = flops_per_token(as_spec("llama3-405b"), 8192, "none").model
     return [PublishedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
                          tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=LLAMA3_INTERLEAVE,
-                         pipeline_layers=LLAMA3_405B_STAGES, impl=MEGATRON_FLASH)
+                         pipeline_layers=LLAMA3_405B_STAGES, impl=MEGATRON_FLASH, framework="deepspeed")
             for gpus, _dp, per_dp, tflops in LLAMA3_TABLE4]
