@@ -63,3 +63,25 @@ def test_per_block_calls_bring_the_512_gpu_rows_back():
         ds = dataclasses.replace(run, framework="deepspeed")
         err_ds = predict_published(ds).tokens_per_s_per_gpu / run.tokens_per_s_per_gpu - 1
         assert abs(err) < 0.06 and err_ds < -0.1, (model, err, err_ds)
+
+
+@pytest.mark.parametrize("gpu, model, seq, ratio", [
+    ("a100-80gb", "70b", 2048, 1),    # "bf16 PURE": reduce-scatter in bf16, as the gathers
+    ("a100-80gb", "30b", 2048, 2),    # "amp_bf16 DEFAULT": reduce-scatter in fp32
+    ("a100-40gb", "7b", 2048, 1),
+    ("h100-sxm", "70b", 2048, 2),
+])
+def test_the_reduce_scatter_is_costed_in_the_mixed_precision_the_table_gives(gpu, model, seq, ratio):
+    run = next(r for r in PUBLISHED_RUNS if (r.source, r.gpu, r.model, r.seq) == ("mpt", gpu, model, seq))
+    spec, lay = run.spec(), run.layout(load_hardware(gpu))
+    dp = _dp(lay, spec)
+    sent = {what: sum(c.calls * c.payload_bytes for c in dp if c.what == what)
+            for what in ("params, forward", "grads, every micro-batch")}
+    assert sent["grads, every micro-batch"] == pytest.approx(ratio * sent["params, forward"])
+
+
+def test_torchtitan_reduces_in_fp32_and_the_trainers_layout_in_its_dtype():
+    assert all(r.reduce_dtype == "fp32" for r in PUBLISHED_RUNS if r.source == "torchtitan")
+    spec = PUBLISHED_RUNS[0].spec()
+    ds = [c for c in _dp(Layout(dp=16, zero=3, reduce_dtype="fp32"), spec) if c.op == "reduce_scatter"]
+    assert sum(c.calls * c.payload_bytes for c in ds) == pytest.approx(2 * params_per_rank(spec))   # bf16: unread

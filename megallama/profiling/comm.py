@@ -59,7 +59,7 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.efficiency import achievable_bandwidth, message_half
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import Layout, members_per_node, spans_nodes
+from megallama.profiling.layout import DTYPE_BYTES, Layout, members_per_node, spans_nodes
 from megallama.profiling.memory import layer_params_per_rank, params_per_rank, zero3_backward_gather
 from megallama.profiling.sequence_comm import all_to_all_time, ring_collectives, ulysses_collectives
 from megallama.train.ds_settings import Buckets
@@ -246,15 +246,16 @@ def fsdp_collectives(spec, layout: Layout, n_params: float, blocks: int) -> List
     root's (embedding, final norm, head): not DeepSpeed's buckets. Backward gathers each block
     again, since it was freed after forward; ``fsdp`` (FSDP1, Composer) keeps the root gathered
     through backward, ``fsdp2`` (torchtitan, ``parallelize_llama.apply_fsdp``) keeps the last
-    block and frees the root."""
+    block and frees the root. Gradients are reduce-scattered in ``layout.reduce_dtype``."""
     m, w = layout.grad_accum, layout.dtype_bytes
+    g = DTYPE_BYTES[layout.reduce_dtype] if layout.reduce_dtype else w   # FSDP MixedPrecision(reduce_dtype)
     block = layer_params_per_rank(spec, layout.tp, "cross" if spec.arch == "encoder_decoder" else "decoder")
     root = n_params - blocks * block
     again = [(block, blocks)] if layout.framework == "fsdp" else [(block, blocks - 1), (root, 1)]
     out = []
     for kind, op, size, parts in (("params, forward", "all_gather", w, [(block, blocks), (root, 1)]),
                                   ("params, again in backward", "all_gather", w, again),
-                                  ("grads, every micro-batch", "reduce_scatter", w, [(block, blocks), (root, 1)])):
+                                  ("grads, every micro-batch", "reduce_scatter", g, [(block, blocks), (root, 1)])):
         out += [Collective("dp", op, n * size, m * calls, "overlap", kind) for n, calls in parts if n > 0 and calls > 0]
     return out
 

@@ -41,7 +41,9 @@ class Layout:
     DeepSpeed's pipeline engine runs plain 1F1B, i.e. 1). ``pipeline_layers`` gives the blocks of
     each stage; without it ``pipeline_partition`` splits them (:func:`split`). ``framework`` is
     whose sharded data parallelism issues ZeRO-3's collectives (:func:`megallama.profiling.comm.
-    fsdp_collectives`): the trainer's DeepSpeed, or a published run's PyTorch FSDP."""
+    fsdp_collectives`): the trainer's DeepSpeed, or a published run's PyTorch FSDP, whose mixed
+    precision may reduce-scatter gradients in ``reduce_dtype`` (fp32 under Composer's ``DEFAULT``
+    and torchtitan's default, the model's dtype under ``PURE``)."""
 
     tp: int = 1
     pp: int = 1
@@ -60,6 +62,7 @@ class Layout:
     ulysses: int = 1   # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block
     cp: int = 1        # context (ring-attention) parallelism, cost model only
     framework: str = "deepspeed"   # who issues ZeRO-3's calls: deepspeed (buckets) | fsdp | fsdp2 (per block)
+    reduce_dtype: Optional[str] = None   # FSDP's gradient reduce-scatter dtype (None: ``dtype``)
 
     @property
     def world(self) -> int:

@@ -57,6 +57,7 @@ class PublishedRun:
     pipeline_layers: Optional[tuple] = None     # blocks per stage as run (None: the planner's split)
     impl: ActivationImpl = IMPL                 # what the run's kernels save and fuse
     framework: str = "fsdp"                     # who issues ZeRO-3's calls (Layout.framework): MPT's FSDP1
+    reduce_dtype: str = "fp32"                  # FSDP's gradient reduce-scatter (Layout.reduce_dtype)
 
     @property
     def generation(self) -> str:
@@ -81,20 +82,22 @@ class PublishedRun:
         return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
                       grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
                       gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers,
-                      framework=self.framework)
+                      framework=self.framework, reduce_dtype=self.reduce_dtype)
 
 
-def _mpt(gpu: str, rows: str, zero: int = 3) -> List[PublishedRun]:
-    """``size seq gpus mbs accum ckpt tokens/s/GPU`` per line, as the README's columns give them."""
+def _mpt(gpu: str, rows: str, zero: int = 3, reduce: str = "fp32") -> List[PublishedRun]:
+    """``size seq gpus mbs accum ckpt tokens/s/GPU`` per line, as the README's columns give them;
+    ``reduce``: the gradient reduce-scatter's dtype by the table's "MP Mode" (Composer FSDP mixed
+    precision: ``DEFAULT`` reduces in fp32, ``PURE`` in the model's bf16)."""
     out = []
     for line in rows.strip().splitlines():
         size, seq, gpus, mbs, accum, ckpt, tps = line.split()
         out.append(PublishedRun("mpt", gpu, size, int(seq), int(gpus), int(mbs), int(accum),
-                                "full" if ckpt == "T" else "none", float(tps), zero))
+                                "full" if ckpt == "T" else "none", float(tps), zero, reduce_dtype=reduce))
     return out
 
 
-# llm-foundry scripts/train/benchmarking/README.md, "H100 80GB BF16" (amp_bf16, FULL_SHARD)
+# llm-foundry scripts/train/benchmarking/README.md, "H100 80GB BF16" (amp_bf16, DEFAULT, FULL_SHARD)
 MPT_H100 = _mpt("h100-sxm", """
 70b 2048 64 8 4 T 1039
 70b 2048 32 2 16 T 882
@@ -164,10 +167,11 @@ MPT_H100 = _mpt("h100-sxm", """
 1b 2048 128 12 1 F 44123
 """, zero=2)   # "H100 80GB BF16 (Large Scale, >= 128 GPUs)": 512 and 128 GPUs (256 left out); SHARD_GRAD_OP
 
-# "A100 80GB with 1600 Gbps node-node interconnect (RoCE)"
+# "A100 80GB with 1600 Gbps node-node interconnect (RoCE)": the 70B rows bf16 PURE, the rest amp_bf16 DEFAULT
 MPT_A100_80 = _mpt("a100-80gb", """
 70b 2048 64 8 4 T 410
 70b 2048 32 2 16 T 373
+""", reduce="bf16") + _mpt("a100-80gb", """
 30b 8192 8 1 21 T 574
 30b 4096 8 1 21 T 814
 30b 2048 8 3 21 T 916
@@ -272,9 +276,11 @@ MPT_A100_40 = _mpt("a100-40gb", """
 125m 32768 8 1 4 F 32651
 125m 2048 128 26 1 F 123936
 125m 2048 8 26 3 F 136334
-""")
+""", reduce="bf16")
 
-TORCHTITAN = [dataclasses.replace(r, framework="fsdp2") for r in [   # FSDP2, each block wrapped
+# FSDP2, each block wrapped, reducing in fp32 (config_manager.py @3faaa1a0d: mixed_precision_reduce
+# "float32", its only choice)
+TORCHTITAN = [dataclasses.replace(r, framework="fsdp2") for r in [
     # docs/performance.md @3faaa1a0d, "Llama 3 performance numbers": 64 A100-80GB, FSDP2, local batch 1
     PublishedRun("torchtitan", "a100-80gb", "llama3-8b", 8192, 64, 1, 1, "op", 2973),
     PublishedRun("torchtitan", "a100-80gb", "llama3-70b", 8192, 64, 1, 1, "full", 331),
