@@ -40,7 +40,8 @@ stage's own blocks, ``Layout.stage_layers``):
 
 DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
 gathers ``stage3_prefetch_bucket_size`` 5e7 at a time, at least one call per block), which sets
-how many latency terms a step pays. Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
+how many latency terms a step pays; PyTorch FSDP (``Layout.framework``, published runs) issues
+one call per wrapped block instead (:func:`fsdp_collectives`). Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
 achievable bus bandwidth, ``bus_efficiency`` of the link for large calls and less for small ones
 (:func:`megallama.profiling.efficiency.achievable_bandwidth`); all-reduce may take a tree's
 ``2 log2 n`` latency steps when fewer (NCCL

@@ -12,7 +12,10 @@
   on 64 A100-80GB, FSDP2, sequence 4,096 / 8,192; Llama 3.1 405B on 128 H100 with FSDP 16 x TP
   8) and ``benchmarks/llama3_h100_202412_torchtitan.md`` (Llama 3.1 8B, FSDP, no compile, no
   Float8). Its H100s are 96 GB HBM2e at 2.4 TB/s and a 500 W cap (:func:`hardware`).
-  "Selective op" checkpointing is costed as ``recompute="selective"``.
+  "Selective op" checkpointing is costed as ``recompute="op"``.
+
+FSDP's traffic is costed as FSDP issues it (``framework``: per wrapped block, not in DeepSpeed's
+buckets) and its gradient reduce-scatter in the run's mixed precision (``reduce_dtype``).
 
 Compared on tokens/s per GPU (the figure all three tables publish). The fit of the step-time
 constants on a stated subset of these rows is :mod:`megallama.profiling.calibration`'s.
@@ -28,7 +31,6 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec, as_spec
 from megallama.profiling.hardware import HardwareProfile, load_hardware
 from megallama.profiling.layout import Layout
-from megallama.profiling.published import LLAMA3_405B_STAGES, LLAMA3_INTERLEAVE, MEGATRON_FLASH
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 IMPL = ActivationImpl(attention="flash")   # FSDP runs: eager PyTorch around a flash kernel
@@ -345,6 +347,7 @@ def predict_published(run: PublishedRun, eff: Efficiency = Efficiency()) -> Step
 
 def validate_runs(eff: Efficiency = Efficiency(), runs: Optional[Sequence[PublishedRun]] = None) -> List[RunResult]:
     """Every audited run (the FSDP tables and Llama 3's pipelined rows) unless ``runs`` names some."""
+    from megallama.profiling.published_llama3 import llama3_table4_runs
     runs = PUBLISHED_RUNS + llama3_table4_runs() if runs is None else runs
     return [RunResult(r, predict_published(r, eff), is_calibration(r)) for r in runs]
 
@@ -370,23 +373,3 @@ def by_generation(results: Sequence[RunResult], megatron: Optional[Sequence] = N
     triples += [("a100", m.calibration, m.error) for m in (megatron or [])]
     return errors_by_generation(triples)
 
-
-# ------------------------------------------------------------------ Llama 3 405B (Table 4)
-# Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4, the 8K rows (GPUs,
-# DP, sequences per DP rank, TFLOP/s per GPU; BF16 MFU 43% and 41%): H100 80GB, TP 8, CP 1, PP 16,
-# 16M tokens per batch. Sec. 3.3.2: 126 blocks, one fewer on the first and last stage, interleaved
-# (V assumed 8: the only chunk count that leaves the first chunk the embedding alone,
-# published.LLAMA3_INTERLEAVE), no activation checkpointing, FSDP over DP (gradients and optimizer
-# states sharded: ZeRO-1 is the closest engine pipelines run). Micro-batch 1 sequence (assumed:
-# not published; 16 or 32 micro-batches of one sequence per DP rank). TFLOP/s become tokens/s
-# through our model FLOPs per token (the same conversion the prediction's TFLOP/s uses).
-LLAMA3_TABLE4 = ((8192, 64, 32, 430.0), (16384, 128, 16, 400.0))
-
-
-def llama3_table4_runs() -> List[PublishedRun]:
-    from megallama.profiling.flops import flops_per_token
-    per_token = flops_per_token(as_spec("llama3-405b"), 8192, "none").model
-    return [PublishedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
-                         tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=LLAMA3_INTERLEAVE,
-                         pipeline_layers=LLAMA3_405B_STAGES, impl=MEGATRON_FLASH, framework="deepspeed")
-            for gpus, _dp, per_dp, tflops in LLAMA3_TABLE4]
