@@ -81,3 +81,18 @@ def test_ring_time():
     busbw = hw.intra_node_bandwidth * 0.8 * c.payload_bytes / (c.payload_bytes + MESSAGE_HALF)   # small calls: slower
     one = c.payload_bytes * 2 * 7 / 8 / busbw + 6 * hw.intra_node_latency_s
     assert collective_time(c, layout, hw, 0.8) == pytest.approx(c.calls * one)
+
+
+def test_one_costing_pass_gives_zero3s_exchange_at_the_cross_node_share_and_the_rest_at_nominal():
+    """``comm_time_by_phase`` costs each collective once: ZeRO-3's prefetched calls under
+    ``zero3.*`` at ``cross_node`` of the NICs (what :func:`zero3_exchange` gives), everything else
+    (here TP's) at the nominal links, whatever ``cross_node`` is."""
+    from megallama.profiling.comm import comm_time_by_phase, zero3_exchange, zero3_part
+    hw = load_hardware("a100-80gb")
+    lay = Layout(tp=2, dp=32, zero=3, mbs=1, grad_accum=2, recompute="full", gpus_per_node=8)
+    full, shared = (comm_time_by_phase("llama2-70b", lay, 4096, hw, 0, 0.8, cross_node=x) for x in (1.0, 0.3))
+    assert zero3_part(shared) == zero3_exchange("llama2-70b", lay, hw, 0, 0.8, 0.3)
+    assert zero3_part(shared)["gather"] > 2 * zero3_part(full)["gather"] > 0
+    assert {k: v for k, v in shared.items() if not k.startswith("zero3.")} == \
+        {k: v for k, v in full.items() if not k.startswith("zero3.")} and shared["tp.microbatch"] > 0
+    assert not any(k.endswith(".overlap") for k in shared)   # nothing costed twice

@@ -266,7 +266,8 @@ def test_llama3_table4_rows_are_expressible_and_costed():
     tokens per step, and is predicted within the held-out bound (25%); without interleaving the
     bubble alone would put it far off."""
     from dataclasses import replace
-    from megallama.profiling.published_runs import hardware, llama3_table4_runs, predict_published
+    from megallama.profiling.published_llama3 import llama3_table4_runs
+    from megallama.profiling.published_runs import hardware, predict_published
     runs = llama3_table4_runs()
     assert [r.gpus for r in runs] == [8192, 16384]
     for run in runs:

@@ -48,6 +48,10 @@ base's size. This list matches, byte for byte, the storages ``saved_tensors_hook
 ``megallama.model`` on CPU (fp32/bf16, TP 1-2, SP, selective and full recompute; see
 tests/test_profiling_activations.py).
 
+With a mask (``data.document_mask``) SDPA saves each block's mask as an additive bias in the
+compute dtype (``b s^2``), and on CUDA grouped attention runs on K/V expanded to the query heads
+(``2 N h / t``, replacing the fused QKV output V's view kept): :meth:`ActivationImpl.expands_kv`.
+
 Ulysses (degree ``u``, :mod:`megallama.parallel.ulysses`): every tensor above holds ``N/u``
 tokens except around the core. RoPE runs at explicit shard positions, so each layer saves the
 gathered ``cos, sin`` rows (``N hd / u``). The rotated Q, K and V go through one all-to-all
@@ -89,6 +93,8 @@ class ActivationImpl:
     fused_qkv_views: bool = True                     # V is a view of the fused QKV output
     partition_activations: bool = False              # DeepSpeed splits checkpointed inputs over TP
     fused_swiglu: bool = False                       # Megatron's SwiGLU saves only gate|up (see _mlp)
+    masked: bool = False                             # self-attention takes a mask (packed documents)
+    cuda: bool = True                                # SDPA on CUDA (False: on CPU), for expands_kv
 
     @classmethod
     def named(cls, name: str, device: str = "cuda") -> "ActivationImpl":
@@ -99,11 +105,19 @@ class ActivationImpl:
         return cls.for_device(device)
 
     @classmethod
-    def for_device(cls, device: str) -> "ActivationImpl":
+    def for_device(cls, device: str, masked: bool = False) -> "ActivationImpl":
         """``megallama.model`` as it runs: on CUDA a fused RMSNorm (apex, or torch's fused
         kernel) saves its input and fp32 rstd; on CPU ``F.rms_norm`` runs composite ops that
-        save the input upcast to fp32, the fp32 normalised input and rstd."""
-        return cls(norm="composite" if device == "cpu" else "fused")
+        save the input upcast to fp32, the fp32 normalised input and rstd. ``masked``: the
+        self-attention takes a mask (``data.document_mask``)."""
+        cpu = device == "cpu"
+        return cls(norm="composite" if cpu else "fused", masked=masked, cuda=not cpu)
+
+    def expands_kv(self, group: float) -> bool:
+        """Whether SDPA gets K/V expanded to the query heads (``group`` of them per KV head), as
+        ``megallama.model.attention.kv_for_sdpa`` decides: grouped attention with a mask on CUDA,
+        where ``enable_gqa`` would take SDPA's math kernel (tests/test_profiling_masked.py)."""
+        return self.attention == "flash" and self.masked and self.cuda and group > 1
 
 
 @dataclass(frozen=True)
@@ -137,11 +151,13 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
     gqa = spec.kv_heads != spec.n_heads
     eager_core = impl.attention == "eager" and recompute != "selective"
     repeat_kv = eager_core and gqa                                # repeated K/V copies replace views
+    # selective: the core's checkpoint saves q, k, v as they come, and expands them only inside
+    expand = not cross and recompute != "selective" and impl.expands_kv(spec.n_heads / spec.kv_heads)
     if cross:  # q from the decoder; fused K|V from the encoder output (no RoPE in cross-attention)
         out += [SavedTensor(f"{prefix}.q", n * h / t, p), SavedTensor(f"{prefix}.kv (fused)", n * 2 * kd / t, p)]  # source len = seq
     else:
-        if repeat_kv or not impl.fused_qkv_views:
-            fused = 0.0 if repeat_kv else n * kd / t                # only V if unfused; none if repeated
+        if repeat_kv or expand or not impl.fused_qkv_views:
+            fused = 0.0 if repeat_kv or expand else n * kd / t      # only V if unfused; none if repeated
         else:
             fused = n * (h + 2 * kd) / t                            # V view keeps the whole buffer
         if fused:
@@ -155,6 +171,9 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
             out.append(SavedTensor(f"{prefix}.q,k", n * (h + kd) / t, p))
         if repeat_kv:
             out.append(SavedTensor(f"{prefix}.k,v repeated to all heads", 2 * n * h / t, p))
+        if expand:   # q's view keeps RoPE's q|k output; the fused QKV output is no longer a view's base
+            out.append(SavedTensor(f"{prefix}.k,v expanded to the query heads (CUDA, mask)", 2 * n * h / t, p))
+    out += _mask_bias(impl, n * s_kv, p, recompute, prefix, cross)
     if impl.attention == "flash":
         # SDPA returns [b, heads, s, d] strided as [b, s, heads, d]: Wo's input is a view of it
         out.append(SavedTensor(f"{prefix}.sdpa.output = o.input", n * h / t, p))
@@ -175,6 +194,16 @@ def _attention(spec: ArchSpec, n: int, s_kv: int, t: int, r: int, lin_in: float,
     return out
 
 
+def _mask_bias(impl: ActivationImpl, elements: float, p: int, recompute: str, prefix: str,
+               cross: bool = False) -> List[SavedTensor]:
+    """SDPA turns a boolean mask into a new additive bias ``[b, 1, s_q, s_kv]`` in the compute dtype
+    in every block and saves it (measured on CPU; CUDA's memory-efficient kernel saves its bias
+    too). Selective recomputation's checkpoint saves the one boolean mask instead: not counted."""
+    if not impl.masked or cross or impl.attention != "flash" or recompute == "selective":
+        return []
+    return [SavedTensor(f"{prefix}.sdpa.mask (additive bias)", elements, p)]
+
+
 def _ulysses_attention(spec: ArchSpec, n: float, seq: int, t: int, r: int, u: int, lin_in: float, p: int,
                        impl: ActivationImpl, recompute: str) -> List[SavedTensor]:
     """Self-attention of one rank of a Ulysses group (module docstring); ``n``: the shard's tokens."""
@@ -185,6 +214,9 @@ def _ulysses_attention(spec: ArchSpec, n: float, seq: int, t: int, r: int, u: in
         SavedTensor("attn.qkv.input", lin_in, p),
         SavedTensor("attn.rope.cos,sin (at the shard's positions)", n * hd, p),
         SavedTensor("attn.q,k,v (all-to-all output, whole sequence)", whole * (h / t + 2 * kv_t) / u, p)]
+    if recompute != "selective" and impl.expands_kv(h / t / kv_t):
+        out.append(SavedTensor("attn.k,v expanded to the query heads (CUDA, mask)", 2 * whole * h / (t * u), p))
+    out += _mask_bias(impl, whole * seq, p, recompute, "attn")
     if recompute != "selective":
         if impl.attention == "flash":
             out += [SavedTensor("attn.sdpa.output", whole * h / (t * u), p),
@@ -362,13 +394,3 @@ def last_stage_saved_tensors(model: SpecLike, seq: int, mbs: int, tp: int = 1, s
         SavedTensor("loss.targets + masks", n, INDEX_BYTES + 2 * MASK_BYTES),
         SavedTensor("loss.logits (transient)", n * local_v, dtype_bytes, saved=False)]
 
-
-def korthikanti_bytes_per_layer(seq: int, mbs: int, hidden: int, heads: int, tp: int = 1, sp: bool = False,
-                                recompute: str = "none") -> float:
-    """The paper's closed forms (GPT, fp16, dropout on), for comparison: sbh(10 + 24/t + 5as/ht),
-    sbh(34/t + 5as/ht) with SP, 34sbh/t selective+SP, 2sbh full."""
-    s, b, h, a, t = seq, mbs, hidden, heads, tp
-    if recompute == "full":
-        return 2.0 * s * b * h / (t if sp else 1)
-    core = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
-    return s * b * h * ((34.0 / t if sp else 10 + 24.0 / t) + core)

@@ -40,7 +40,8 @@ stage's own blocks, ``Layout.stage_layers``):
 
 DP collectives are split into DeepSpeed's buckets (``reduce_bucket_size`` 5e8 elements; ZeRO-3
 gathers ``stage3_prefetch_bucket_size`` 5e7 at a time, at least one call per block), which sets
-how many latency terms a step pays. Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
+how many latency terms a step pays; PyTorch FSDP (``Layout.framework``, published runs) issues
+one call per wrapped block instead (:func:`fsdp_collectives`). Times: ring ``alpha * steps + wire / busbw``, ``busbw`` the
 achievable bus bandwidth, ``bus_efficiency`` of the link for large calls and less for small ones
 (:func:`megallama.profiling.efficiency.achievable_bandwidth`); all-reduce may take a tree's
 ``2 log2 n`` latency steps when fewer (NCCL
@@ -59,8 +60,8 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.efficiency import achievable_bandwidth, message_half
 from megallama.profiling.arch import SpecLike, as_spec
 from megallama.profiling.hardware import HardwareProfile
-from megallama.profiling.layout import Layout, members_per_node, spans_nodes
-from megallama.profiling.memory import params_per_rank, zero3_backward_gather
+from megallama.profiling.layout import DTYPE_BYTES, Layout, members_per_node, spans_nodes
+from megallama.profiling.memory import layer_params_per_rank, params_per_rank, zero3_backward_gather
 from megallama.profiling.sequence_comm import all_to_all_time, ring_collectives, ulysses_collectives
 from megallama.train.ds_settings import Buckets
 
@@ -227,6 +228,8 @@ def _dp_collectives(spec, layout: Layout, stage: int,
     if z == 2:
         return [reduce("all_reduce", m, "grads, every micro-batch"), gather_params]
     blocks = split[stage]
+    if layout.framework != "deepspeed":
+        return fsdp_collectives(spec, layout, n_params, blocks)
     out = [_bucketed("dp", "all_gather", size, n_params, PREFETCH_BUCKET, m, "overlap", "params, forward",
                      min_calls=blocks)]
     again = zero3_backward_gather(spec, layout.tp, layout.pp, stage, reuse_distance, split)
@@ -235,6 +238,26 @@ def _dp_collectives(spec, layout: Layout, stage: int,
                              "params, again in backward", min_calls=max(1, round(blocks * again / n_params))))
     out.append(_bucketed("dp", "reduce_scatter", size, n_params, REDUCE_BUCKET, m, "overlap",
                          "grads, every micro-batch"))
+    return out
+
+
+def fsdp_collectives(spec, layout: Layout, n_params: float, blocks: int) -> List[Collective]:
+    """PyTorch FSDP ``FULL_SHARD`` with each block wrapped (MPT's Composer, torchtitan) issues one
+    all-gather and one reduce-scatter per block and micro-batch, whatever its size, plus the
+    root's (embedding, final norm, head): not DeepSpeed's buckets. Backward gathers each block
+    again, since it was freed after forward; ``fsdp`` (FSDP1, Composer) keeps the root gathered
+    through backward, ``fsdp2`` (torchtitan, ``parallelize_llama.apply_fsdp``) keeps the last
+    block and frees the root. Gradients are reduce-scattered in ``layout.reduce_dtype``."""
+    m, w = layout.grad_accum, layout.dtype_bytes
+    g = DTYPE_BYTES[layout.reduce_dtype] if layout.reduce_dtype else w   # FSDP MixedPrecision(reduce_dtype)
+    block = layer_params_per_rank(spec, layout.tp, "cross" if spec.arch == "encoder_decoder" else "decoder")
+    root = n_params - blocks * block
+    again = [(block, blocks)] if layout.framework == "fsdp" else [(block, blocks - 1), (root, 1)]
+    out = []
+    for kind, op, size, parts in (("params, forward", "all_gather", w, [(block, blocks), (root, 1)]),
+                                  ("params, again in backward", "all_gather", w, again),
+                                  ("grads, every micro-batch", "reduce_scatter", g, [(block, blocks), (root, 1)])):
+        out += [Collective("dp", op, n * size, m * calls, "overlap", kind) for n, calls in parts if n > 0 and calls > 0]
     return out
 
 
@@ -249,12 +272,30 @@ def zero3_exchange(model: SpecLike, layout: Layout, hw: HardwareProfile, stage: 
     :mod:`megallama.profiling.steptime` to set against the compute of each block. A ring that
     spans nodes runs at ``cross_node`` of its nominal bandwidth
     (:data:`megallama.profiling.efficiency.CROSS_NODE`)."""
-    hw = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
-    out = dict.fromkeys(ZERO3_KINDS.values(), 0.0)
-    for c in _dp_collectives(as_spec(model), layout, stage):
+    times: Dict[str, float] = {}
+    _add_times(times, _dp_collectives(as_spec(model), layout, stage), layout, hw, bus_efficiency, cross_node)
+    return zero3_part(times)
+
+
+def zero3_part(times: Dict[str, float]) -> Dict[str, float]:
+    """ZeRO-3's exchange by kind out of :func:`comm_time_by_phase`'s keys (``zero3.gather``, ...)."""
+    return {k: times.get(f"zero3.{k}", 0.0) for k in ZERO3_KINDS.values()}
+
+
+def _add_times(out: Dict[str, float], calls: List[Collective], layout: Layout, hw: HardwareProfile,
+               bus_efficiency: float, cross_node: float) -> None:
+    """Adds each call's seconds to ``out`` under ``group.phase``; ZeRO-3's prefetched calls go
+    under ``zero3.<kind>`` (:data:`ZERO3_KINDS`), at ``cross_node`` of the nominal bandwidth
+    between nodes. A send and the matching receive overlap on a full-duplex link: only sends count."""
+    shared = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
+    for c in calls:
+        if c.op == "recv":
+            continue
         if c.phase == "overlap":
-            out[ZERO3_KINDS[c.what]] += collective_time(c, layout, hw, bus_efficiency)
-    return out
+            key, on = f"zero3.{ZERO3_KINDS[c.what]}", shared
+        else:
+            key, on = f"{c.group}.{c.phase}", hw
+        out[key] = out.get(key, 0.0) + collective_time(c, layout, on, bus_efficiency)
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
@@ -329,13 +370,11 @@ def collective_time(c: Collective, layout: Layout, hw: HardwareProfile, bus_effi
 
 def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, stage: int = 0,
                        bus_efficiency: float = 0.8, impl: ActivationImpl = ActivationImpl(),
-                       scatter_gather=False) -> Dict[str, float]:
-    """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``.
-    A send and the matching receive overlap on a full-duplex link, so only sends count."""
+                       scatter_gather=False, cross_node: float = 1.0) -> Dict[str, float]:
+    """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``, and
+    ZeRO-3's prefetched exchange by kind (``zero3.gather``, ``zero3.regather``,
+    ``zero3.reduce_scatter``: :func:`zero3_exchange`'s, at ``cross_node``), in one pass."""
     out: Dict[str, float] = {}
-    for c in collectives(model, layout, seq, stage, impl, scatter_gather):
-        if c.op == "recv":
-            continue
-        key = f"{c.group}.{c.phase}"
-        out[key] = out.get(key, 0.0) + collective_time(c, layout, hw, bus_efficiency)
+    _add_times(out, collectives(model, layout, seq, stage, impl, scatter_gather), layout, hw, bus_efficiency,
+               cross_node)
     return out

@@ -32,9 +32,10 @@ def layout_of(cfg: Any, state: Any, ds: Dict[str, Any], gpus_per_node: Optional[
 
 
 def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
-    """Which implementation's saved tensors to count: this device's norm kernel, and DeepSpeed's
+    """Which implementation's saved tensors to count: this device's norm kernel and attention
+    (with ``data.document_mask`` every block's self-attention takes a mask), and DeepSpeed's
     ``partition_activations`` when the run sets it."""
-    impl = act.ActivationImpl.for_device(device_type)
+    impl = act.ActivationImpl.for_device(device_type, masked=bool(cfg.data.document_mask))
     return replace(impl, partition_activations=cfg.train.activation_checkpointing.partition_activations)
 
 

@@ -42,7 +42,7 @@ SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.77}
 # ZeRO-3's prefetched gathers and reduce-scatters reach while the blocks compute beside them, by
 # generation. Fitted on the published runs whose per-block exchange is close to their per-block
 # compute (benchmarks/README_planner.md); generations without a fit take the H100's.
-CROSS_NODE: Dict[str, float] = {"a100": 0.28, "h100": 0.41}
+CROSS_NODE: Dict[str, float] = {"a100": 0.24, "h100": 0.35}
 CROSS_NODE_DEFAULT = "h100"
 SAME_SILICON = {"h200": "h100"}   # GH100 at the same 700 W: its H100's fitted figures
 # HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits

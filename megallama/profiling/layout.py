@@ -39,7 +39,11 @@ class Layout:
     """One way to run a step. ``grad_accum`` is the number of micro-batches per replica per step
     (``m``); ``interleave`` the virtual pipeline chunks per rank (Megatron's interleaved 1F1B;
     DeepSpeed's pipeline engine runs plain 1F1B, i.e. 1). ``pipeline_layers`` gives the blocks of
-    each stage; without it ``pipeline_partition`` splits them (:func:`split`)."""
+    each stage; without it ``pipeline_partition`` splits them (:func:`split`). ``framework`` is
+    whose sharded data parallelism issues ZeRO-3's collectives (:func:`megallama.profiling.comm.
+    fsdp_collectives`): the trainer's DeepSpeed, or a published run's PyTorch FSDP, whose mixed
+    precision may reduce-scatter gradients in ``reduce_dtype`` (fp32 under Composer's ``DEFAULT``
+    and torchtitan's default, the model's dtype under ``PURE``)."""
 
     tp: int = 1
     pp: int = 1
@@ -57,6 +61,8 @@ class Layout:
     pipeline_partition: str = "parameters"
     ulysses: int = 1   # DeepSpeed-Ulysses: ranks each sequence is split over for the whole block
     cp: int = 1        # context (ring-attention) parallelism, cost model only
+    framework: str = "deepspeed"   # who issues ZeRO-3's calls: deepspeed (buckets) | fsdp | fsdp2 (per block)
+    reduce_dtype: Optional[str] = None   # FSDP's gradient reduce-scatter dtype (None: ``dtype``)
 
     @property
     def world(self) -> int:
@@ -301,16 +307,21 @@ def group_ranks(layout: Layout, kind: str) -> List[int]:
 
 def members_per_node(layout: Layout, kind: str) -> int:
     """How many members of one group share a node (== group size when it fits in one node)."""
-    ranks = group_ranks(layout, kind)
-    nodes: Dict[int, int] = {}
-    for r in ranks:
-        nodes[r // layout.gpus_per_node] = nodes.get(r // layout.gpus_per_node, 0) + 1
-    return max(nodes.values())
+    return max(_per_node(layout.tp, layout.pp, layout.dp, layout.seq_shards, layout.gpus_per_node, kind))
 
 
 def spans_nodes(layout: Layout, kind: str) -> bool:
-    ranks = group_ranks(layout, kind)
-    return len({r // layout.gpus_per_node for r in ranks}) > 1
+    return len(_per_node(layout.tp, layout.pp, layout.dp, layout.seq_shards, layout.gpus_per_node, kind)) > 1
+
+
+@lru_cache(maxsize=4096)
+def _per_node(tp: int, pp: int, dp: int, shards: int, gpus_per_node: int, kind: str) -> Tuple[int, ...]:
+    """Members of rank 0's ``kind`` group on each node it touches; cached: the planner's inner
+    loop asks it for every collective of every candidate layout."""
+    nodes: Dict[int, int] = {}
+    for r in ParallelDims(tp=tp, pp=pp, dp=dp, ulysses=shards).group(0, *GROUP_AXES[kind]):
+        nodes[r // gpus_per_node] = nodes.get(r // gpus_per_node, 0) + 1
+    return tuple(nodes.values())
 
 
 def divisors(n: int) -> List[int]:

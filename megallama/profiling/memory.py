@@ -184,6 +184,8 @@ def stage_activation_bytes(model: SpecLike, layout: Layout, seq: int, stage: int
     layers = layout.stage_layers(spec)[stage] * per_layer
     if spec.arch == "encoder_decoder":
         layers += spec.n_encoder_layers * act.activation_bytes_per_layer(spec, seq, mbs, t, sp, rc, w, impl, "encoder")
+    if impl.masked and rc in ("selective", "full"):   # the checkpoints hold the one boolean [b, 1, s, s] mask
+        layers += mbs * seq * seq * act.MASK_BYTES
     shard = seq // layout.seq_shards   # the embedding and the loss see this rank's tokens only
     first = (sum(x.bytes for x in act.first_stage_saved_tensors(spec, seq // cp, mbs, t, sp, w, impl, u))
              if stage == 0 else 0.0)

@@ -203,7 +203,7 @@ LLAMA3_INTERLEAVE = 8
 def predict_llama3_cp(eff: Efficiency = Efficiency()) -> StepPrediction:
     """The fastest fitting recompute mode for the published layout (SP on, ZeRO-1, mbs 1), with
     the interleaving and the Megatron-core block assumed for Table 4's 8K rows
-    (:func:`megallama.profiling.published_runs.llama3_table4_runs`)."""
+    (:func:`megallama.profiling.published_llama3.llama3_table4_runs`)."""
     from megallama.profiling.arch import as_spec
 
     r = LLAMA3_CP_ROW

@@ -12,7 +12,10 @@
   on 64 A100-80GB, FSDP2, sequence 4,096 / 8,192; Llama 3.1 405B on 128 H100 with FSDP 16 x TP
   8) and ``benchmarks/llama3_h100_202412_torchtitan.md`` (Llama 3.1 8B, FSDP, no compile, no
   Float8). Its H100s are 96 GB HBM2e at 2.4 TB/s and a 500 W cap (:func:`hardware`).
-  "Selective op" checkpointing is costed as ``recompute="selective"``.
+  "Selective op" checkpointing is costed as ``recompute="op"``.
+
+FSDP's traffic is costed as FSDP issues it (``framework``: per wrapped block, not in DeepSpeed's
+buckets) and its gradient reduce-scatter in the run's mixed precision (``reduce_dtype``).
 
 Compared on tokens/s per GPU (the figure all three tables publish). The fit of the step-time
 constants on a stated subset of these rows is :mod:`megallama.profiling.calibration`'s.
@@ -28,7 +31,6 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec, as_spec
 from megallama.profiling.hardware import HardwareProfile, load_hardware
 from megallama.profiling.layout import Layout
-from megallama.profiling.published import LLAMA3_405B_STAGES, LLAMA3_INTERLEAVE, MEGATRON_FLASH
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 IMPL = ActivationImpl(attention="flash")   # FSDP runs: eager PyTorch around a flash kernel
@@ -56,6 +58,8 @@ class PublishedRun:
     interleave: int = 1                         # interleaved 1F1B chunks per stage
     pipeline_layers: Optional[tuple] = None     # blocks per stage as run (None: the planner's split)
     impl: ActivationImpl = IMPL                 # what the run's kernels save and fuse
+    framework: str = "fsdp"                     # who issues ZeRO-3's calls (Layout.framework): MPT's FSDP1
+    reduce_dtype: str = "fp32"                  # FSDP's gradient reduce-scatter (Layout.reduce_dtype)
 
     @property
     def generation(self) -> str:
@@ -79,20 +83,23 @@ class PublishedRun:
     def layout(self, hw: HardwareProfile) -> Layout:
         return Layout(tp=self.tp, pp=self.pp, dp=self.gpus // (self.tp * self.pp), zero=self.zero, mbs=self.mbs,
                       grad_accum=self.accum, recompute=self.recompute, sp=self.tp > 1, dtype="bf16",
-                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers)
+                      gpus_per_node=hw.gpus_per_node, interleave=self.interleave, pipeline_layers=self.pipeline_layers,
+                      framework=self.framework, reduce_dtype=self.reduce_dtype)
 
 
-def _mpt(gpu: str, rows: str, zero: int = 3) -> List[PublishedRun]:
-    """``size seq gpus mbs accum ckpt tokens/s/GPU`` per line, as the README's columns give them."""
+def _mpt(gpu: str, rows: str, zero: int = 3, reduce: str = "fp32") -> List[PublishedRun]:
+    """``size seq gpus mbs accum ckpt tokens/s/GPU`` per line, as the README's columns give them;
+    ``reduce``: the gradient reduce-scatter's dtype by the table's "MP Mode" (Composer FSDP mixed
+    precision: ``DEFAULT`` reduces in fp32, ``PURE`` in the model's bf16)."""
     out = []
     for line in rows.strip().splitlines():
         size, seq, gpus, mbs, accum, ckpt, tps = line.split()
         out.append(PublishedRun("mpt", gpu, size, int(seq), int(gpus), int(mbs), int(accum),
-                                "full" if ckpt == "T" else "none", float(tps), zero))
+                                "full" if ckpt == "T" else "none", float(tps), zero, reduce_dtype=reduce))
     return out
 
 
-# llm-foundry scripts/train/benchmarking/README.md, "H100 80GB BF16" (amp_bf16, FULL_SHARD)
+# llm-foundry scripts/train/benchmarking/README.md, "H100 80GB BF16" (amp_bf16, DEFAULT, FULL_SHARD)
 MPT_H100 = _mpt("h100-sxm", """
 70b 2048 64 8 4 T 1039
 70b 2048 32 2 16 T 882
@@ -162,10 +169,11 @@ MPT_H100 = _mpt("h100-sxm", """
 1b 2048 128 12 1 F 44123
 """, zero=2)   # "H100 80GB BF16 (Large Scale, >= 128 GPUs)": 512 and 128 GPUs (256 left out); SHARD_GRAD_OP
 
-# "A100 80GB with 1600 Gbps node-node interconnect (RoCE)"
+# "A100 80GB with 1600 Gbps node-node interconnect (RoCE)": the 70B rows bf16 PURE, the rest amp_bf16 DEFAULT
 MPT_A100_80 = _mpt("a100-80gb", """
 70b 2048 64 8 4 T 410
 70b 2048 32 2 16 T 373
+""", reduce="bf16") + _mpt("a100-80gb", """
 30b 8192 8 1 21 T 574
 30b 4096 8 1 21 T 814
 30b 2048 8 3 21 T 916
@@ -270,9 +278,11 @@ MPT_A100_40 = _mpt("a100-40gb", """
 125m 32768 8 1 4 F 32651
 125m 2048 128 26 1 F 123936
 125m 2048 8 26 3 F 136334
-""")
+""", reduce="bf16")
 
-TORCHTITAN = [
+# FSDP2, each block wrapped, reducing in fp32 (config_manager.py @3faaa1a0d: mixed_precision_reduce
+# "float32", its only choice)
+TORCHTITAN = [dataclasses.replace(r, framework="fsdp2") for r in [
     # docs/performance.md @3faaa1a0d, "Llama 3 performance numbers": 64 A100-80GB, FSDP2, local batch 1
     PublishedRun("torchtitan", "a100-80gb", "llama3-8b", 8192, 64, 1, 1, "op", 2973),
     PublishedRun("torchtitan", "a100-80gb", "llama3-70b", 8192, 64, 1, 1, "full", 331),
@@ -288,7 +298,7 @@ TORCHTITAN = [
     # selective_ac_option = 'op' (torchtitan's op-level policy, our "op"; the A100 page names it)
     PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 8, 2, 1, "op", 5762),
     PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 128, 2, 1, "op", 5605),
-]
+]]
 
 PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_40 + TORCHTITAN
 # The fit set (with Megatron Table 1's three calibration rows): MPT 7B on 8 GPUs at 2,048 and
@@ -337,6 +347,7 @@ def predict_published(run: PublishedRun, eff: Efficiency = Efficiency()) -> Step
 
 def validate_runs(eff: Efficiency = Efficiency(), runs: Optional[Sequence[PublishedRun]] = None) -> List[RunResult]:
     """Every audited run (the FSDP tables and Llama 3's pipelined rows) unless ``runs`` names some."""
+    from megallama.profiling.published_llama3 import llama3_table4_runs
     runs = PUBLISHED_RUNS + llama3_table4_runs() if runs is None else runs
     return [RunResult(r, predict_published(r, eff), is_calibration(r)) for r in runs]
 
@@ -362,23 +373,3 @@ def by_generation(results: Sequence[RunResult], megatron: Optional[Sequence] = N
     triples += [("a100", m.calibration, m.error) for m in (megatron or [])]
     return errors_by_generation(triples)
 
-
-# ------------------------------------------------------------------ Llama 3 405B (Table 4)
-# Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4, the 8K rows (GPUs,
-# DP, sequences per DP rank, TFLOP/s per GPU; BF16 MFU 43% and 41%): H100 80GB, TP 8, CP 1, PP 16,
-# 16M tokens per batch. Sec. 3.3.2: 126 blocks, one fewer on the first and last stage, interleaved
-# (V assumed 8: the only chunk count that leaves the first chunk the embedding alone,
-# published.LLAMA3_INTERLEAVE), no activation checkpointing, FSDP over DP (gradients and optimizer
-# states sharded: ZeRO-1 is the closest engine pipelines run). Micro-batch 1 sequence (assumed:
-# not published; 16 or 32 micro-batches of one sequence per DP rank). TFLOP/s become tokens/s
-# through our model FLOPs per token (the same conversion the prediction's TFLOP/s uses).
-LLAMA3_TABLE4 = ((8192, 64, 32, 430.0), (16384, 128, 16, 400.0))
-
-
-def llama3_table4_runs() -> List[PublishedRun]:
-    from megallama.profiling.flops import flops_per_token
-    per_token = flops_per_token(as_spec("llama3-405b"), 8192, "none").model
-    return [PublishedRun("llama3", "h100-sxm", "llama3-405b", 8192, gpus, 1, per_dp, "none",
-                         tflops * 1e12 / per_token, zero=1, tp=8, pp=16, interleave=LLAMA3_INTERLEAVE,
-                         pipeline_layers=LLAMA3_405B_STAGES, impl=MEGATRON_FLASH)
-            for gpus, _dp, per_dp, tflops in LLAMA3_TABLE4]

@@ -29,7 +29,7 @@ from megallama.config.pipeline_split import describe_split
 from megallama.profiling import activations as act
 from megallama.profiling import efficiency as eff_mod
 from megallama.profiling.arch import SpecLike, as_spec
-from megallama.profiling.comm import comm_time_by_phase, zero3_exchange
+from megallama.profiling.comm import comm_time_by_phase, zero3_part
 from megallama.profiling.flops import FlopCount, flops_per_token
 from megallama.profiling.hardware import HardwareProfile
 from megallama.profiling.layout import Layout
@@ -152,7 +152,7 @@ def zero3_exposed(z: Dict[str, float], compute: float, m: int, blocks: int, fwd:
     ahead, so each block takes the longer of its compute and its exchange (forward: its gather;
     backward: the next block's gather and its own reduce-scatter, one link), and the first gather
     and last reduce-scatter have nothing to hide behind. ``z``: :func:`zero3_exchange`'s seconds
-    per step."""
+    per step (:func:`~megallama.profiling.comm.zero3_part` of the stage's one costing pass)."""
     if not any(z.values()):
         return 0.0
     n = max(blocks, 1)
@@ -177,13 +177,13 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else gemm_ceiling(hw, eff)
     cross = eff_mod.cross_node_fraction(hw, dict(eff.cross_node))
     for s in groups:
-        comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather)
+        comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather, cross)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
         ring = ring_exposed(comm.get("cp.ring", 0.0) / m, attention_core_seconds(spec, layout, seq, hw, core_rate, s))
         per_stage[s] = (compute, sum(comm.get(f"{g}.microbatch", 0.0) for g in ("tp", "pp", "kv", "ulysses")) / m
                         + ring)
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
-                        + m * zero3_exposed(zero3_exchange(spec, layout, hw, s, eff.bus, cross), compute, m,
+                        + m * zero3_exposed(zero3_part(comm), compute, m,
                                             layout.stage_layers(spec)[s], forward_share(fc)))
     totals = {s: sum(per_stage[s]) for s in groups}
     t_max = max(totals.values())
