@@ -2,6 +2,7 @@
 expanded to the query heads (``model.attention.kv_for_sdpa``), counted as autograd saves them."""
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,30 @@ def test_the_rule_is_the_models(cuda, masked, group):
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool) if masked else None
     k, _, _ = attention_mod.kv_for_sdpa(q, kv, kv, mask, cuda)
     assert (k.size(1) > kv.size(1)) == act.ActivationImpl(masked=masked, cuda=cuda).expands_kv(group)
+
+
+def test_estimate_and_plan_count_the_runs_document_mask(tmp_path, capsys):
+    """``estimate --config`` and ``plan --config`` cost a run that sets ``data.document_mask`` with
+    its mask (the trainer's rule, ``compare.impl_of``), not as an unmasked run."""
+    import json
+
+    import yaml
+
+    from megallama.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    base = yaml.safe_load((root / "examples" / "llama-7b.yaml").read_text())
+    peaks = {}
+    for mask in (False, True):
+        cfg = dict(base, data={**base["data"], "document_mask": mask},
+                   deepspeed=str((root / "examples" / base["deepspeed"]).resolve()))
+        path = tmp_path / f"mask_{mask}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["estimate", "--config", str(path), "--gpu", "h100-sxm", "--tp", "1", "--pp", "1", "--dp", "8",
+                     "--zero", "3", "--mbs", "1", "--recompute", "none", "--json"]) == 0
+        est = json.loads(capsys.readouterr().out)
+        assert main(["plan", "--config", str(path), "--gpus", "8", "--gpu", "h100-sxm", "--tp", "1", "--pp", "1",
+                     "--zero", "3", "--mbs", "1", "--recompute", "none", "--json"]) == 0
+        best = json.loads(capsys.readouterr().out)["best"]
+        peaks[mask] = (est["stages"]["0"]["activations.blocks"], best["memory_breakdown_bytes"]["activations.blocks"])
+    assert all(m > u for m, u in zip(peaks[True], peaks[False])), peaks

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     layout.check(spec, seq)
     if hw is not None and dtype_problem(layout.dtype, hw.peak_flops, hw.name):
         raise UserError(dtype_problem(layout.dtype, hw.peak_flops, hw.name))
-    impl = act.ActivationImpl.named(args.impl, "cpu" if hw is not None and hw.measured else "cuda")
+    impl = act.ActivationImpl.named(args.impl, "cpu" if hw is not None and hw.measured else "cuda",
+                                    d.get("masked", False), d.get("partition_activations", False))
     if args.attention is not None:
         impl = replace(impl, attention=args.attention)
     scatter_gather = args.impl == "megatron"

@@ -63,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.top <= MAX_TOP:
         raise UserError(f"--top: expected 1 to {MAX_TOP}, got {args.top}")
-    spec, _ = resolve_model(args.model, args.config)
+    spec, run = resolve_model(args.model, args.config)   # a run config: its mask and partitioning
     hw = load_hardware(args.gpu)
     fixed = {"tp": args.tp, "ulysses": args.ulysses, "cp": args.cp, "pp": args.pp, "dp": args.dp,
              "zero": args.zero, "mbs": args.mbs,
              "recompute": args.recompute, "sp": None if args.sp is None else args.sp == "on",
              "offload": args.offload, "pipeline_layers": parse_pipeline_layers(args.pipeline_layers)}
-    impl = ActivationImpl.named(args.impl, "cpu" if hw.measured else "cuda")
+    impl = ActivationImpl.named(args.impl, "cpu" if hw.measured else "cuda", run.get("masked", False),
+                                run.get("partition_activations", False))
     result = plan(spec, args.gpus, hw, seq=args.seq, batch_tokens=args.global_batch_tokens,
                   gpus_per_node=args.gpus_per_node, dtype=args.dtype, impl=impl,
                   scatter_gather=args.impl == "megatron", interleave=args.interleave,

@@ -71,7 +71,7 @@ checkpoint's. A row-parallel matmul's output is the rank's whole-width partial s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Literal
 
 from megallama.profiling.arch import ArchSpec, SpecLike, as_spec
@@ -97,12 +97,14 @@ class ActivationImpl:
     cuda: bool = True                                # SDPA on CUDA (False: on CPU), for expands_kv
 
     @classmethod
-    def named(cls, name: str, device: str = "cuda") -> "ActivationImpl":
-        """``--impl``: ``megallama`` (ours on ``device``) or ``megatron`` (Megatron-LM as Narayanan et
-        al. 2021 ran it: eager attention, SP inputs re-gathered in backward, fused SwiGLU)."""
+    def named(cls, name: str, device: str = "cuda", masked: bool = False,
+              partition_activations: bool = False) -> "ActivationImpl":
+        """``--impl``: ``megallama`` (ours on ``device``, with a run's document mask and partitioned
+        checkpoints when it sets them) or ``megatron`` (Megatron-LM as Narayanan et al. 2021 ran it:
+        eager attention, SP inputs re-gathered in backward, fused SwiGLU)."""
         if name == "megatron":
             return cls(attention="eager", sp_saves_gathered_input=False, fused_swiglu=True)
-        return cls.for_device(device)
+        return replace(cls.for_device(device, masked), partition_activations=partition_activations)
 
     @classmethod
     def for_device(cls, device: str, masked: bool = False) -> "ActivationImpl":

@@ -196,7 +196,8 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
     """``--model NAME`` or ``--config FILE`` -> (spec, layout defaults read from a run config).
 
     A run config (``model: {preset: ...}``, ``parallel:``, ``train:``, ``deepspeed:``) also supplies
-    tp/pp/sequence_parallel/ulysses/seq/mbs/recompute/zero/dtype and pipeline-split defaults, so
+    tp/pp/sequence_parallel/ulysses/seq/mbs/recompute/zero/dtype and pipeline-split defaults, and
+    whether its attention takes a document mask (``masked``) and its checkpoints are partitioned, so
     ``estimate --config run.yaml`` costs the run as configured; command-line flags override them.
     """
     if (model is None) == (config is None):
@@ -220,5 +221,8 @@ def resolve_model(model: Optional[str], config: Optional[str]) -> Tuple[ArchSpec
                     recompute=run.train.activation_checkpointing.mode, zero=ds.zero_stage,
                     dtype=ds.precision, offload=ds.offload_optimizer is not None,
                     pipeline_partition=run.parallel.pipeline_partition,
-                    pipeline_layers=run.parallel.pipeline_layers)
+                    pipeline_layers=run.parallel.pipeline_layers,
+                    # what the run's blocks save beyond the layout (compare.impl_of's rule)
+                    masked=bool(run.data.document_mask),
+                    partition_activations=run.train.activation_checkpointing.partition_activations)
     return ArchSpec.from_model_config(run.model, name=Path(config).stem), defaults

@@ -6,7 +6,6 @@ the activation implementation of this device), or a disagreement says nothing ab
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Dict, Optional
 
 from megallama.profiling import activations as act
@@ -35,8 +34,8 @@ def impl_of(cfg: Any, device_type: str) -> act.ActivationImpl:
     """Which implementation's saved tensors to count: this device's norm kernel and attention
     (with ``data.document_mask`` every block's self-attention takes a mask), and DeepSpeed's
     ``partition_activations`` when the run sets it."""
-    impl = act.ActivationImpl.for_device(device_type, masked=bool(cfg.data.document_mask))
-    return replace(impl, partition_activations=cfg.train.activation_checkpointing.partition_activations)
+    return act.ActivationImpl.named("megallama", device_type, bool(cfg.data.document_mask),
+                                    cfg.train.activation_checkpointing.partition_activations)
 
 
 def predicted_census(cfg: Any, layout: Layout, stage: int, ds: Dict[str, Any], device_type: str = "cpu"
