@@ -77,3 +77,17 @@ def test_recorded_tokenizer_gone_is_one_line_and_writes_nothing(trained, tmp_pat
         assert rc == 0, err  # the flag is the way out
     finally:
         moved.rename(tmp / "tok")
+
+
+def test_embedded_corpus_run_exports_its_own_tokenizer(tmp_path, data_cache, capsys):
+    """A run on the embedded corpus names no data.tokenizer; the checkpoint records the tokenizer
+    its tokens were made with (the corpus's, in the data cache), and the export carries it."""
+    cfg = tiny_run_config(tmp_path, data_cache, steps=1, seq_len=32)
+    run_train(cfg, ["checkpoint.every=1", f"run_dir={tmp_path / 'run'}"])
+    tok = next(data_cache.glob("embedded-*/tokenizer.model")).resolve()
+    meta = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/meta.json")).read_text())
+    assert meta["data"] == {"tokenizer": str(tok)}
+    rc, out, err = cli(capsys, "convert", "--to", "hf", "--input", tmp_path / "run" / "checkpoints",
+                       "--output", tmp_path / "hf")
+    assert rc == 0 and f"tokenizer {tok}" in out, err
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tok.read_bytes()

@@ -169,10 +169,10 @@ def run(args) -> int:
 
 
 def run_tokenizer(tag):
-    """The tokenizer file the run of a training checkpoint (``tag``: a verified step directory) named
-    in ``data.tokenizer``, which the trainer records absolute in each ``meta.json``; None for the
-    embedded corpus or an older checkpoint. A recorded file that is gone is refused: an export
-    without it would look complete."""
+    """The tokenizer file the run of a training checkpoint (``tag``: a verified step directory) made
+    its tokens with (``data.tokenizer``, or the embedded corpus's own in its cache), which the
+    trainer records absolute in each ``meta.json``; None for an older checkpoint. A recorded file
+    that is gone is refused: an export without it would look complete."""
     from pathlib import Path
 
     from megallama.errors import UserError

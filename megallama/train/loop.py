@@ -22,7 +22,7 @@ from megallama.train.metrics import MetricsLogger
 from megallama.train.preemption import Preemption
 from megallama.train.progress import Progress, skipped_steps
 from megallama.train.resume import SCHEDULE, plan_resume
-from megallama.train.runtime import Runtime, guard, on_device, open_datasets, start
+from megallama.train.runtime import Runtime, guard, on_device, open_datasets, prepared_data, start
 from megallama.train.storage import resolve as resolve_storage
 from megallama.train.trackers import check_trackers
 
@@ -98,7 +98,8 @@ def _train(rt: Runtime) -> Dict[str, Any]:
     ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     storage = resolve_storage(cfg.checkpoint.storage, ckpt_dir, cfg.checkpoint.every > 0 or cfg.checkpoint.resume)
     check_trackers(t.trackers)
-    train_ds, valid_ds, _ = open_datasets(cfg)
+    data = prepared_data(cfg)
+    train_ds, valid_ds, _ = open_datasets(cfg, data)
     if rt.rank0:  # only once the data is known good: a failed start leaves no config behind
         (Path(cfg.run_dir) / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     layout = {"model": cfg.model.model_dump(), "tp": state.tp, "pp": state.pp, "dp": state.dp, "ulysses": state.ulysses,
@@ -108,8 +109,9 @@ def _train(rt: Runtime) -> Dict[str, Any]:
               "stage_names": "canonical",
               "stage_layers": cfg.stage_layers(),  # DeepSpeed's per-stage optimizer files fit this split only
               "schedule": {k: getattr(t, k) for k in SCHEDULE},
-              # what `convert` writes beside exported weights when not given --tokenizer
-              "data": {"tokenizer": os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer else None}}
+              # what `convert` writes beside exported weights when not given --tokenizer: the file
+              # the run's tokens were made with (data.tokenizer, or the embedded corpus's own)
+              "data": {"tokenizer": os.path.abspath(data.tokenizer)}}
     resume = plan_resume(cfg, ckpt_dir, layout, rt.rank0, storage)
     it = rt.sampler(train_ds, resume.consumed_samples)
     rt.build(universal=resume.universal, step=resume.step, weights_only=resume.weights_only)

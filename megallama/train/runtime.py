@@ -166,11 +166,19 @@ def inference_config(model: ModelConfig, tp: int, dist_timeout_s: Optional[int] 
     return RunConfig(model=model, parallel={"tp": tp}, train=train)
 
 
-def open_datasets(cfg: RunConfig):
-    """``(train, valid, test)``: rank 0 builds (or finds) the token files, every rank opens them."""
-    from megallama.data import build_datasets, prepare_data
+def prepared_data(cfg: RunConfig):
+    """The run's :class:`~megallama.data.prepare.DataArtifacts` (token files, weights, the tokenizer
+    they were made with): rank 0 builds or finds them, every rank gets the answer."""
+    from megallama.data import prepare_data
 
-    return build_datasets(cfg, on_rank0_then_share(lambda: prepare_data(cfg)))
+    return on_rank0_then_share(lambda: prepare_data(cfg))
+
+
+def open_datasets(cfg: RunConfig, data=None):
+    """``(train, valid, test)`` over ``data`` (default: :func:`prepared_data`)."""
+    from megallama.data import build_datasets
+
+    return build_datasets(cfg, data if data is not None else prepared_data(cfg))
 
 
 def on_device(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
