@@ -91,3 +91,20 @@ def test_embedded_corpus_run_exports_its_own_tokenizer(tmp_path, data_cache, cap
                        "--output", tmp_path / "hf")
     assert rc == 0 and f"tokenizer {tok}" in out, err
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tok.read_bytes()
+
+
+def test_generate_takes_the_runs_tokenizer(trained):
+    """``generate --checkpoint`` on a training checkpoint without ``--tokenizer`` uses the one its
+    run recorded (before: 'tokenizer.model not found')."""
+    import subprocess
+    import sys
+
+    from tests.train_utils import ROOT, env
+
+    tmp, _ = trained
+    proc = subprocess.run([sys.executable, "-m", "megallama", "generate", "--checkpoint", str(tmp / "run" / "checkpoints"),
+                           "--prompt", "import os", "--max-new-tokens", "3", "--json"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
+    assert len(got["results"]) == 1

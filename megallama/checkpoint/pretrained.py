@@ -39,16 +39,18 @@ def checkpoint_kind(path) -> str:
     return "training"
 
 
-def consolidate_training(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """A training checkpoint as ``(config, full state)``, via the resharding tools."""
+def consolidate_training(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """A training checkpoint as ``(config, full state)``, via the resharding tools (``resolved``:
+    ``path`` is the verified tag directory, not verified again)."""
     from megallama.checkpoint.reshard import consolidate_training_checkpoint
 
-    return consolidate_training_checkpoint(path)
+    return consolidate_training_checkpoint(path, resolved)
 
 
-def load_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], str]:
-    """``(config, full TP=1 state dict, kind)`` of any supported checkpoint directory."""
-    kind = checkpoint_kind(path)
+def load_checkpoint(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor], str]:
+    """``(config, full TP=1 state dict, kind)`` of any supported checkpoint directory (``resolved``:
+    a training checkpoint's tag directory, already verified)."""
+    kind = "training" if resolved else checkpoint_kind(path)
     if kind == "consolidated":
         from megallama.checkpoint.consolidated import load_consolidated
 
@@ -62,7 +64,7 @@ def load_checkpoint(path) -> Tuple[ModelConfig, Dict[str, torch.Tensor], str]:
 
         cfg, state = load_meta(path)
     else:
-        cfg, state = consolidate_training(path)
+        cfg, state = consolidate_training(path, resolved)
     return cfg, state, kind
 
 

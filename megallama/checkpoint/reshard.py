@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,28 @@ def _latest(ckpt_dir: Path) -> Path:
     older = [t for t in ckpt.list_tags(ckpt_dir) if t.name < named.name and ckpt.verify(t, checksums=False) is None]
     hint = f"; to use the previous checkpoint instead, pass {older[0]}" if older else ""
     raise UserError(f"{problem}: the latest checkpoint is incomplete{hint}")
+
+
+def recorded_tokenizer(tag) -> Optional[Path]:
+    """The tokenizer file the run of a training checkpoint (``tag``: a verified step directory) made
+    its tokens with (``data.tokenizer``, or the embedded corpus's own in its cache), which the
+    trainer records absolute in each ``meta.json``; None for an older checkpoint. A recorded file
+    that is gone is refused: an export without it would look complete."""
+    from megallama.train.checkpoint import read_meta
+
+    where = Path(tag) / "meta.json"
+    data = read_meta(Path(tag)).get("data") or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: 'data' must be an object, got {data!r}"[:300])
+    recorded = data.get("tokenizer")
+    if recorded is None:
+        return None
+    if not isinstance(recorded, str) or not recorded:
+        raise UserError(f"{where}: data.tokenizer must be a file path, got {recorded!r}"[:300])
+    if not Path(recorded).is_file():
+        raise UserError(f"{where}: data.tokenizer {recorded} not found (the run's tokenizer was moved or "
+                        "deleted); pass --tokenizer FILE")
+    return Path(recorded)
 
 
 def consolidate_training_checkpoint(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:

@@ -129,6 +129,7 @@ def run(args) -> int:
         from megallama.checkpoint.reshard import convert_training_checkpoint
 
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
+    from megallama.checkpoint.reshard import recorded_tokenizer
     from megallama.data.tokenizer import find_tokenizer
 
     source = inp
@@ -136,7 +137,7 @@ def run(args) -> int:
         from megallama.checkpoint.reshard import resolve_checkpoint
 
         source = resolve_checkpoint(inp)  # verified once: the weights and the recorded tokenizer are this step's
-    tokenizer = args.tokenizer or find_tokenizer(inp) or (run_tokenizer(source) if source is not inp else None)
+    tokenizer = args.tokenizer or find_tokenizer(inp) or (recorded_tokenizer(source) if source is not inp else None)
     cfg, state = _load(args.from_format, source, training_input)
     if tokenizer is not None:  # read and checked before anything is written
         from megallama.checkpoint.hf_tokenizer import load_for_export
@@ -166,31 +167,6 @@ def run(args) -> int:
     print(f"{out}: {args.to_format} checkpoint, {n:,} parameters ({str(dtype).replace('torch.', '')}), "
           f"from {args.from_format} {inp}" + (f"; tokenizer {tokenizer.path}" if tokenizer is not None else ""))
     return 0
-
-
-def run_tokenizer(tag):
-    """The tokenizer file the run of a training checkpoint (``tag``: a verified step directory) made
-    its tokens with (``data.tokenizer``, or the embedded corpus's own in its cache), which the
-    trainer records absolute in each ``meta.json``; None for an older checkpoint. A recorded file
-    that is gone is refused: an export without it would look complete."""
-    from pathlib import Path
-
-    from megallama.errors import UserError
-    from megallama.train.checkpoint import read_meta
-
-    where = tag / "meta.json"
-    data = read_meta(tag).get("data") or {}
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: 'data' must be an object, got {data!r}"[:300])
-    recorded = data.get("tokenizer")
-    if recorded is None:
-        return None
-    if not isinstance(recorded, str) or not recorded:
-        raise UserError(f"{where}: data.tokenizer must be a file path, got {recorded!r}"[:300])
-    if not Path(recorded).is_file():
-        raise UserError(f"{where}: data.tokenizer {recorded} not found (the run's tokenizer was moved or "
-                        "deleted); pass --tokenizer FILE")
-    return Path(recorded)
 
 
 def _is_classifier(path) -> bool:

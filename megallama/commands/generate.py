@@ -15,7 +15,7 @@ HELP = "generate text from a checkpoint (greedy or seeded temperature/top-p samp
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True, help="consolidated, Hugging Face, Meta or training checkpoint dir")
     p.add_argument("--tokenizer", help="tokenizer file: SentencePiece or tiktoken tokenizer.model, or tokenizer.json "
-                   "(default: the one in CHECKPOINT)")
+                   "(default: the one in CHECKPOINT; for a training checkpoint, the one its run recorded)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -40,14 +40,15 @@ def _check_args(args) -> None:
         raise UserError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
 
 
-def _load(args, world_size: int):
-    """The checkpoint's model and weights, refused before any process group starts if they cannot
-    generate over ``world_size`` tensor-parallel ranks."""
+def _load(args, world_size: int, tag=None):
+    """The checkpoint's model and weights (``tag``: a training checkpoint's verified step
+    directory), refused before any process group starts if they cannot generate over
+    ``world_size`` tensor-parallel ranks."""
     from megallama.checkpoint.pretrained import load_checkpoint
     from megallama.config.layout_rules import tp_problem
     from megallama.errors import UserError
 
-    cfg, weights, _ = load_checkpoint(args.checkpoint)
+    cfg, weights, _ = load_checkpoint(tag or args.checkpoint, resolved=tag is not None)
     if "score.weight" in weights:
         raise UserError(f"{args.checkpoint}: a fine-tuned classifier (no language-model head) cannot generate text")
     problem = tp_problem(cfg.shape, world_size)
@@ -63,6 +64,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, resolve_dtype
+    from megallama.checkpoint.reshard import recorded_tokenizer, resolve_checkpoint
     from megallama.commands._stdout import logs_to_stderr
     from megallama.data.tokenizer import Tokenizer, find_tokenizer
     from megallama.errors import UserError
@@ -72,15 +74,18 @@ def run(args) -> int:
     from megallama.train.runtime import inference_config, start
 
     _check_args(args)
-    checkpoint_kind(args.checkpoint)  # a missing directory fails before any process group starts
-    tok_path = args.tokenizer or find_tokenizer(args.checkpoint) or Path(args.checkpoint) / "tokenizer.model"
+    # a missing directory fails before any process group starts; a training checkpoint is verified
+    # once, and its run's tokenizer (recorded in meta.json) is the default
+    tag = resolve_checkpoint(args.checkpoint) if checkpoint_kind(args.checkpoint) == "training" else None
+    tok_path = (args.tokenizer or find_tokenizer(args.checkpoint) or (tag and recorded_tokenizer(tag))
+                or Path(args.checkpoint) / "tokenizer.model")
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))
     with logs_to_stderr():  # stdout carries the text (or --json) alone
         tokenizer = Tokenizer(tok_path)
         info = detect_launcher()
-        cfg, weights = _load(args, info.world_size)
+        cfg, weights = _load(args, info.world_size, tag)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise UserError(f"{tok_path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size "
                             f"is {cfg.vocab_size}")
