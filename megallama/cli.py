@@ -42,18 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _group_started() -> bool:
-    dist = sys.modules.get("torch.distributed")
-    return dist is not None and dist.is_available() and dist.is_initialized()
-
-
 def _release_process_group() -> None:
-    """A command tears the process group it started down here, whether it succeeded or failed,
-    not at interpreter exit, where destroying gloo's threads in arbitrary order can abort the
-    process ("terminate called without an active exception": a finished run exiting -6, a failed
-    one not exiting with 2)."""
-    if _group_started():
-        dist = sys.modules["torch.distributed"]
+    """A command that fails after start-up tears its process group down here, not at interpreter
+    exit, where destroying gloo's threads in arbitrary order can abort the process
+    ("terminate called without an active exception") instead of exiting with 2."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # already broken (a peer died): exiting is all that is left
@@ -84,24 +78,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    owns_group = not _group_started()   # an in-process caller's own group is left to it
     try:
-        rc = int(args._run(args) or 0)
+        return int(args._run(args) or 0)
     except UserError as exc:
         if _prints_error(exc):
             sys.stderr.write(f"megallama {args.command}: error: {exc}\n")
         else:  # a launcher kills the siblings of the first rank to exit: let the one that says it go first
             time.sleep(1.0)
-        rc = 2
+        _release_process_group()
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"megallama {args.command}: interrupted\n")
-        rc = 130
+        _release_process_group()
+        return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    if owns_group:
-        _release_process_group()
-    return rc
 
 
 if __name__ == "__main__":
