@@ -106,7 +106,13 @@ def attention_kernel_fraction(hw, table: Dict[str, float] = ATTENTION_KERNEL) ->
 
 
 def cross_node_fraction(hw, table: Dict[str, float] = CROSS_NODE) -> float:
-    return 1.0 if hw.measured else table.get(generation(hw), table[CROSS_NODE_DEFAULT])
+    """The profile's own ``cross_node_share`` (a cluster's measurement) where it states one: the
+    fitted values describe the clusters of the runs they were fitted on (MPT's)."""
+    if hw.measured:
+        return 1.0
+    if hw.cross_node_share is not None:
+        return hw.cross_node_share
+    return table.get(generation(hw), table[CROSS_NODE_DEFAULT])
 
 
 def sustained_clock(hw, table: Dict[str, float] = SUSTAINED_CLOCK) -> float:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -45,6 +45,9 @@ class HardwareProfile:
     nics_per_node: int = 0
     nic_bandwidth: float = 0.0
     device_names: Tuple[str, ...] = field(default_factory=tuple)
+    # the share of inter_node_bandwidth a node-spanning ZeRO-3/FSDP ring reaches on this cluster;
+    # None: the generation's value fitted on published runs (efficiency.CROSS_NODE)
+    cross_node_share: Optional[float] = None
 
     def peak(self, dtype: str = "bf16") -> float:
         """Dense peak for a compute dtype (fp32 training on GPUs runs on TF32 tensor cores only
@@ -72,6 +75,8 @@ SCHEMA: Dict[str, Tuple[str, bool, str]] = {
     "intra_node_latency_s": ("number", False, "a positive number (seconds per hop inside a node)"),
     "inter_node_latency_s": ("number", False, "a positive number (seconds per hop between nodes)"),
     "gpus_per_node": ("count", True, "a positive integer"),
+    "cross_node_share": ("share", False, "a number above 0 and at most 1 (the share of the inter-node bandwidth "
+                                         "a ZeRO-3/FSDP ring across nodes reaches on this cluster, as measured)"),
 }
 
 
@@ -103,9 +108,9 @@ def _value(origin: str, key: str, kind: str, what: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad()
         return value
-    if kind == "number":
+    if kind in ("number", "share"):
         out = _number(value)
-        if math.isnan(out):
+        if math.isnan(out) or (kind == "share" and out > 1):
             raise bad()
         return out
     if not isinstance(value, dict):   # peaks
