@@ -78,6 +78,15 @@ def recorded_tokenizer(tag) -> Optional[Path]:
     return Path(recorded)
 
 
+def checkpoint_tokenizer(directory, tag=None) -> Optional[Path]:
+    """The tokenizer a checkpoint brings when none is named: a ``tokenizer.model``/``.json`` in
+    ``directory``, else, for a training checkpoint (``tag``: its verified step), the run's
+    recorded one (:func:`recorded_tokenizer`). ``convert`` and ``generate`` both go by it."""
+    from megallama.data.tokenizer import find_tokenizer
+
+    return find_tokenizer(directory) or (recorded_tokenizer(tag) if tag is not None else None)
+
+
 def consolidate_training_checkpoint(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """``(model config, full fp32 state dict)`` of a training checkpoint at any layout; ``resolved``:
     ``path`` is the tag directory :func:`resolve_checkpoint` returned (not hashed a second time)."""

@@ -129,16 +129,12 @@ def run(args) -> int:
         from megallama.checkpoint.reshard import convert_training_checkpoint
 
         return convert_training_checkpoint(inp, out, args.tp or 1, args.pp or 1, args.overwrite)
-    from megallama.checkpoint.reshard import recorded_tokenizer
-    from megallama.data.tokenizer import find_tokenizer
+    from megallama.checkpoint.reshard import checkpoint_tokenizer, resolve_checkpoint
 
-    source = inp
-    if training_input and args.from_format == "megallama":
-        from megallama.checkpoint.reshard import resolve_checkpoint
-
-        source = resolve_checkpoint(inp)  # verified once: the weights and the recorded tokenizer are this step's
-    tokenizer = args.tokenizer or find_tokenizer(inp) or (recorded_tokenizer(source) if source is not inp else None)
-    cfg, state = _load(args.from_format, source, training_input)
+    # verified once: the weights and the recorded tokenizer are this step's
+    tag = resolve_checkpoint(inp) if training_input and args.from_format == "megallama" else None
+    tokenizer = args.tokenizer or checkpoint_tokenizer(inp, tag)
+    cfg, state = _load(args.from_format, tag or inp, training_input)
     if tokenizer is not None:  # read and checked before anything is written
         from megallama.checkpoint.hf_tokenizer import load_for_export
 

@@ -64,9 +64,9 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, resolve_dtype
-    from megallama.checkpoint.reshard import recorded_tokenizer, resolve_checkpoint
+    from megallama.checkpoint.reshard import checkpoint_tokenizer, resolve_checkpoint
     from megallama.commands._stdout import logs_to_stderr
-    from megallama.data.tokenizer import Tokenizer, find_tokenizer
+    from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
     from megallama.inference import generate, generate_seq2seq
     from megallama.train.distributed import detect_launcher
@@ -77,8 +77,7 @@ def run(args) -> int:
     # a missing directory fails before any process group starts; a training checkpoint is verified
     # once, and its run's tokenizer (recorded in meta.json) is the default
     tag = resolve_checkpoint(args.checkpoint) if checkpoint_kind(args.checkpoint) == "training" else None
-    tok_path = (args.tokenizer or find_tokenizer(args.checkpoint) or (tag and recorded_tokenizer(tag))
-                or Path(args.checkpoint) / "tokenizer.model")
+    tok_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint, tag) or Path(args.checkpoint) / "tokenizer.model"
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))
