@@ -113,10 +113,11 @@ def runs_markdown(table, megatron, eff: Efficiency) -> str:
               f"| {r.error:+.1%} |" for d, r in worst]
     att = ", ".join(f"{k}: {v}" for k, v in eff.attention)
     clock = ", ".join(f"{k}: {v}" for k, v in eff.clock)
-    cross = ", ".join(f"{k}: {v}" for k, v in eff.cross_node)
+    contention = ", ".join(f"{k}: {v}" for k, v in eff.contention)
     lines += ["", f"Constants: `gemm={eff.gemm}` (large-GEMM ceiling), sustained clock {{{clock}}}, "
               f"`traffic={eff.traffic}` (eager PyTorch), `traffic_fused={eff.traffic_fused}` (Megatron), "
-              f"flash attention fraction of peak {{{att}}}, ZeRO-3's share of the cross-node bandwidth {{{cross}}}."]
+              f"flash attention fraction of peak {{{att}}}, compute lost per second of hidden ZeRO-3 exchange "
+              f"{{{contention}}}; the NICs at their nominal bus bandwidth."]
     return "\n".join(lines)
 
 

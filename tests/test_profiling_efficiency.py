@@ -51,7 +51,7 @@ def test_small_messages_get_a_fraction_of_the_bus_bandwidth():
 
 
 def test_per_generation_figures_and_their_defaults():
-    """Flash attention's rate, the sustained clock and ZeRO-3's share of the cross-node bandwidth
+    """Flash attention's rate, the sustained clock and ZeRO-3.s contention
     are the only per-generation constants: an H200 takes its H100's, a generation without a fit
     the stated defaults, a measured CPU none."""
     assert eff_mod.attention_kernel_fraction(A100) > eff_mod.attention_kernel_fraction(H100)
@@ -61,8 +61,9 @@ def test_per_generation_figures_and_their_defaults():
     other = dataclasses.replace(H100, name="b200")
     assert eff_mod.attention_kernel_fraction(other) == eff_mod.ATTENTION_KERNEL[eff_mod.ATTENTION_KERNEL_DEFAULT]
     assert eff_mod.sustained_clock(other) == 1.0 and eff_mod.sustained_clock(cpu) == 1.0
-    assert eff_mod.cross_node_fraction(h200) == eff_mod.cross_node_fraction(other) == eff_mod.CROSS_NODE["h100"]
-    assert eff_mod.cross_node_fraction(cpu) == 1.0 and 0 < eff_mod.cross_node_fraction(A100) < 1
+    assert eff_mod.contention(h200) == eff_mod.contention(other) == eff_mod.CONTENTION["h100"]
+    assert eff_mod.contention(cpu) == 0.0 and 0 < eff_mod.contention(A100) < 1
+    assert eff_mod.cross_node_fraction(A100) == eff_mod.cross_node_fraction(cpu) == 1.0
 
 
 def _tp_compute_cost(hw) -> float:
@@ -98,6 +99,18 @@ def test_zero3_exchange_hides_behind_each_block_only_up_to_that_blocks_compute()
     # the same exchange per step over 4 micro-batches: a quarter per block, hidden; the ends show
     assert zero3_exposed(z(0.5, 1.0), 1.0, 4, 10, 0.25) == pytest.approx(0.0125 + 0.0125)
     assert zero3_exposed({"gather": 0.0, "regather": 0.0, "reduce_scatter": 0.0}, 1.0, 1, 10, 0.25) == 0.0
+
+
+def test_hidden_exchange_costs_its_contention_share_of_the_time_it_hides_behind():
+    """NCCL's kernels share the SMs: each block adds ``contention`` x the shorter of its compute
+    and its exchange, so a fully hidden exchange is no longer free, and an exposed one costs
+    the compute it overlapped as well. Same 10 blocks as above."""
+    z = {"gather": 0.2, "regather": 0.2, "reduce_scatter": 0.2}   # hidden: 0.02 < 0.025, 0.04 < 0.075
+    free = zero3_exposed(z, 1.0, 1, 10, 0.25)
+    assert zero3_exposed(z, 1.0, 1, 10, 0.25, contention=0.5) == pytest.approx(free + 0.5 * (0.2 + 0.4))
+    long = {"gather": 0.5, "regather": 0.5, "reduce_scatter": 0.5}   # forward exposed, backward not
+    assert (zero3_exposed(long, 1.0, 1, 10, 0.25, contention=0.5) - zero3_exposed(long, 1.0, 1, 10, 0.25)
+            == pytest.approx(0.5 * (0.25 + 0.75)))
 
 
 def test_zero3_exposed_where_each_forward_block_outruns_its_gather_less_than_the_step():

@@ -169,8 +169,9 @@ def test_cpu_gemm_peak_is_measured_once():
 
 
 def test_a_measured_cross_node_share_is_the_clusters_own(tmp_path):
-    """``cross_node_share`` in a profile replaces the generation's fitted share for ZeRO-3 across
-    nodes (what a cluster measured of itself); out of (0, 1] it is one line naming the field."""
+    """``cross_node_share`` in a profile scales the NICs for ZeRO-3 across nodes (what a cluster
+    measured of itself; without it, their nominal bandwidth); out of (0, 1] it is one line naming
+    the field."""
     from megallama.profiling.arch import as_spec
     from megallama.profiling.layout import Layout
     from megallama.profiling.steptime import predict
@@ -178,14 +179,14 @@ def test_a_measured_cross_node_share_is_the_clusters_own(tmp_path):
     data = yaml.safe_load(EXAMPLE.read_text())
     layout = Layout(dp=16, zero=3, mbs=1, grad_accum=1, recompute="full", gpus_per_node=4)   # 4 nodes
     step = {}
-    for share in (None, 1.0):
+    for share in (None, 1.0, 0.3):
         if share is not None:
             data["cross_node_share"] = share
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
         hw = load_hardware(str(tmp_path / "c.yaml"))
         assert hw.cross_node_share == share
         step[share] = predict(as_spec("llama-13b"), layout, 2048, hw).time["dp_comm_exposed"]
-    assert step[1.0] < step[None]
+    assert step[1.0] == step[None] < step[0.3]
     for bad in (0, 1.5, "fast"):
         with pytest.raises(UserError, match=r"'cross_node_share': expected a number above 0 and at most 1"):
             load_hardware(_bad(tmp_path, cross_node_share=bad))

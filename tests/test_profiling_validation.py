@@ -2,23 +2,28 @@
 of per-GPU TFLOP/s <= 15%, no row off by more than 30%. MPT and torchtitan (FSDP, A100 and H100,
 :mod:`megallama.profiling.published_runs`): per GPU generation, on the rows the fit did not see,
 the median |error| of tokens/s/GPU within the issue's 10% target; the worst within the bounds
-reached today (:data:`HELD_OUT_MAX`, benchmarks/README_planner.md: MPT 30B at 8,192 tokens on 8
-A100s ran slower than its neighbours for no reason the model sees; torchtitan's 405B on H100)."""
+reached today (:data:`HELD_OUT_MAX`, benchmarks/README_planner.md: on A100, MPT 30B at 8,192
+tokens on 8 GPUs ran slower than its neighbours for no reason the model sees, and MPT 70B on 64
+A100-40GB ran on a cluster whose NICs reached less than the others')."""
+import dataclasses
+
+
 import pytest
 
 from megallama.profiling.flops import flops_per_token, megatron_formula_flops_per_token, parameter_count
 from megallama.profiling.published import CALIBRATION_ROWS, MEGATRON_TABLE1, summary, validate
 from megallama.profiling.calibration import calibrate
-from megallama.profiling.published_runs import PUBLISHED_RUNS, by_generation, is_calibration, validate_runs
-from megallama.profiling.steptime import Efficiency
+from megallama.profiling import efficiency as eff_mod
+from megallama.profiling.comm import comm_time_by_phase, zero3_part
+from megallama.profiling.published_runs import PUBLISHED_RUNS, by_generation, hardware, is_calibration, validate_runs
+from megallama.profiling.steptime import Efficiency, predict
 
 HELD_OUT_MEDIAN = 0.10                     # issue 17's target, every generation
-# A100: MPT 30B at 8K over the issue's 25% (README_planner.md). H100: loosened from 0.22 when the
-# FSDP rows' ZeRO-3 traffic came to be costed as FSDP issues it (per block; the reduce-scatter in
-# fp32 where the run's mixed precision says so): the cross-node share refit on MPT's 32-GPU rows
-# leaves torchtitan's 405B (one GPU per node on each FSDP ring, fp32 reduce-scatter) 36% slow; it
-# was 7% slow only because DeepSpeed's buckets in bf16 had been costed for every run.
-HELD_OUT_MAX = {"a100": 0.32, "h100": 0.37}
+# A100: over the issue's 25% on MPT 30B at 8K and MPT 70B on 64 A100-40GB (README_planner.md).
+# H100: within it since the NICs run at their nominal bus bandwidth and hidden exchange costs
+# compute (``Efficiency.contention``) in place of a share of the NICs fitted on MPT's 32-GPU rows
+# (0.35), under which torchtitan's 405B was 36% slow.
+HELD_OUT_MAX = {"a100": 0.32, "h100": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +84,34 @@ def test_fit_set_is_small_and_stated():
 def test_zero3_exposure_follows_the_work_per_block(runs):
     """MPT 70B on A100-40GB: at 64 GPUs and 2 sequences each, a block's gather across nodes
     outlasts its forward and the run is 27% slower per GPU than at 128 GPUs and 4 sequences,
-    where the exchange hides. The per-block model puts most of that gap in exposed ZeRO-3
-    traffic; a flat share of the step hid all of it (predicted gap 2%). (Bounds loosened from
-    0.9 and 0.1 when FSDP's traffic came to be costed per block, as FSDP issues it, not in
-    DeepSpeed's buckets: fewer latency terms, so less of it shows: 0.91 and 0.075.)"""
+    where the exchange hides. The per-block model exposes more of it at 64 GPUs at any share of
+    the NICs; at a quarter of them (what this pair implies for that cluster, a ``cross_node_share``
+    a measurement there would state) both rows come within 12%. At the nominal bandwidth the 64-GPU
+    row is its table's worst (README_planner.md)."""
     by = {(r.run.gpu, r.run.model, r.run.gpus): r for r in runs}
     small, big = by["a100-40gb", "70b", 64], by["a100-40gb", "70b", 128]
-    published = small.run.tokens_per_s_per_gpu / big.run.tokens_per_s_per_gpu
-    predicted = small.prediction.tokens_per_s_per_gpu / big.prediction.tokens_per_s_per_gpu
-    assert published < 0.75 and predicted < 0.92, (published, predicted)
+    assert small.run.tokens_per_s_per_gpu / big.run.tokens_per_s_per_gpu < 0.75
     exposed = [r.prediction.time["dp_comm_exposed"] / r.prediction.step_time_s for r in (small, big)]
-    assert exposed[0] > 0.07 and exposed[1] < 0.01, exposed
+    assert exposed[0] > 1.5 * exposed[1], exposed
+    for r in (small.run, big.run):
+        hw = dataclasses.replace(hardware(r), cross_node_share=0.25)
+        p = predict(r.spec(), r.layout(hw), r.seq, hw, impl=r.impl)
+        assert abs(p.tokens_per_s_per_gpu / r.tokens_per_s_per_gpu - 1) < 0.12, (r.name, p.tokens_per_s_per_gpu)
+
+
+def test_no_published_run_needs_more_exchange_than_its_whole_step():
+    """A run cannot finish a step sooner than its ZeRO-3/FSDP traffic takes. At the NICs' share the
+    planner uses, every published run's exchange fits in its measured step with room to spare;
+    the share fitted on MPT's 32-GPU rows before (0.24 A100, 0.35 H100) would have had torchtitan's
+    405B, its Llama 2 70B and MPT's own 13B on 32 and 64 H100 exchange longer than they ran."""
+    eff = Efficiency()
+    for r in PUBLISHED_RUNS:
+        hw = hardware(r)
+        lay = r.layout(hw)
+        share = eff_mod.cross_node_fraction(hw)
+        z = zero3_part(comm_time_by_phase(r.spec(), lay, r.seq, hw, 0, eff.bus, r.impl, False, share))
+        measured_step = lay.global_batch * r.seq / (r.tokens_per_s_per_gpu * lay.world)
+        assert sum(z.values()) < 0.75 * measured_step, (r.name, sum(z.values()), measured_step)
 
 
 def test_shipped_constants_are_what_calibration_finds():

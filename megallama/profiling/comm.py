@@ -271,7 +271,7 @@ def zero3_exchange(model: SpecLike, layout: Layout, hw: HardwareProfile, stage: 
     forward ``gather``, the backward ``regather`` and the ``reduce_scatter`` (zeros if none), for
     :mod:`megallama.profiling.steptime` to set against the compute of each block. A ring that
     spans nodes runs at ``cross_node`` of its nominal bandwidth
-    (:data:`megallama.profiling.efficiency.CROSS_NODE`)."""
+    (:func:`megallama.profiling.efficiency.cross_node_fraction`)."""
     times: Dict[str, float] = {}
     _add_times(times, _dp_collectives(as_spec(model), layout, stage), layout, hw, bus_efficiency, cross_node)
     return zero3_part(times)

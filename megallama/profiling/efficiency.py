@@ -31,19 +31,20 @@ from typing import Dict, List, Tuple
 # scale, FlashAttention-2 reaches 50-73% of peak on A100 (Dao 2023, abstract) and ~35% on H100
 # (Shah et al. 2024, "FlashAttention-3", abstract). Kernels and generations without a fit take
 # the H100's (FA2-class kernels on a part whose tensor cores outrun its exponential units).
-ATTENTION_KERNEL: Dict[str, float] = {"a100": 0.63, "h100": 0.36}
+ATTENTION_KERNEL: Dict[str, float] = {"a100": 0.62, "h100": 0.36}
 ATTENTION_KERNEL_DEFAULT = "h100"
 # The tensor-core clock a training job sustains, relative to the A100's, by generation: the
 # datasheet peaks assume boost clocks, and an H100 SXM at its 700 W cap does not hold them under
 # dense GEMMs the way an A100 at 400 W does. Fitted (H100; the A100 is the reference, 1);
 # generations without a fit take 1 (no evidence either way).
-SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.77}
-# The fraction of a node-spanning ring's nominal bus bandwidth (the NICs', ``bus`` of them) that
-# ZeRO-3's prefetched gathers and reduce-scatters reach while the blocks compute beside them, by
-# generation. Fitted on the published runs whose per-block exchange is close to their per-block
-# compute (benchmarks/README_planner.md); generations without a fit take the H100's.
-CROSS_NODE: Dict[str, float] = {"a100": 0.24, "h100": 0.35}
-CROSS_NODE_DEFAULT = "h100"
+SUSTAINED_CLOCK: Dict[str, float] = {"a100": 1.0, "h100": 0.75}
+# Compute seconds lost per second of ZeRO-3/FSDP exchange hidden behind it, by generation: NCCL's
+# kernels run on the same SMs and HBM as the GEMMs they overlap, so a hidden gather is not free.
+# Fitted on the published runs whose per-block exchange across nodes is close to their per-block
+# compute (benchmarks/README_planner.md), with the NICs at their nominal bus bandwidth;
+# generations without a fit take the H100's.
+CONTENTION: Dict[str, float] = {"a100": 0.4, "h100": 0.14}
+CONTENTION_DEFAULT = "h100"
 SAME_SILICON = {"h200": "h100"}   # GH100 at the same 700 W: its H100's fitted figures
 # HBM bytes per logit of a vocab-parallel cross-entropy, forward + backward: read the bf16 logits
 # (2), write and re-read their fp32 softmax (4 + 4, the max and the sum folded into those passes),
@@ -105,14 +106,17 @@ def attention_kernel_fraction(hw, table: Dict[str, float] = ATTENTION_KERNEL) ->
     return table.get(generation(hw), table[ATTENTION_KERNEL_DEFAULT])
 
 
-def cross_node_fraction(hw, table: Dict[str, float] = CROSS_NODE) -> float:
-    """The profile's own ``cross_node_share`` (a cluster's measurement) where it states one: the
-    fitted values describe the clusters of the runs they were fitted on (MPT's)."""
-    if hw.measured:
+def cross_node_fraction(hw) -> float:
+    """The profile's own ``cross_node_share`` (a cluster's measurement) where it states one, else
+    the NICs' nominal bandwidth: one cluster's share does not carry to another's."""
+    if hw.measured or hw.cross_node_share is None:
         return 1.0
-    if hw.cross_node_share is not None:
-        return hw.cross_node_share
-    return table.get(generation(hw), table[CROSS_NODE_DEFAULT])
+    return hw.cross_node_share
+
+
+def contention(hw, table: Dict[str, float] = CONTENTION) -> float:
+    """:data:`CONTENTION` for ``hw``; a measured profile's own run already paid it."""
+    return 0.0 if hw.measured else table.get(generation(hw), table[CONTENTION_DEFAULT])
 
 
 def sustained_clock(hw, table: Dict[str, float] = SUSTAINED_CLOCK) -> float:

@@ -45,8 +45,8 @@ class HardwareProfile:
     nics_per_node: int = 0
     nic_bandwidth: float = 0.0
     device_names: Tuple[str, ...] = field(default_factory=tuple)
-    # the share of inter_node_bandwidth a node-spanning ZeRO-3/FSDP ring reaches on this cluster;
-    # None: the generation's value fitted on published runs (efficiency.CROSS_NODE)
+    # the share of inter_node_bandwidth a node-spanning ZeRO-3/FSDP ring reaches on this cluster,
+    # as measured there; None: the nominal bandwidth (efficiency.cross_node_fraction)
     cross_node_share: Optional[float] = None
 
     def peak(self, dtype: str = "bf16") -> float:

@@ -14,8 +14,8 @@ back by the kernels around it. With ``m`` micro-batches and ``v`` interleaved ch
 ``(pp-1)/(v m)``; stages of unequal size (``Layout.stage_layers``) each take their own ``t_s``,
 and the slowest sets the steady state. Then the data-parallel traffic after the last backward
 (all of it for ZeRO 0-2, which DeepSpeed does not overlap by default; ZeRO-3 prefetches one
-block ahead, so each block takes the longer of its compute and its exchange,
-:func:`zero3_exposed`), and the optimizer step (HBM-bound Adam, or CPU
+block ahead, so each block takes the longer of its compute and its exchange, and the kernels
+contend, :func:`zero3_exposed`), and the optimizer step (HBM-bound Adam, or CPU
 Adam + PCIe when offloaded). The fitted constants (:class:`Efficiency`) are calibrated against
 published runs (:mod:`megallama.profiling.published_runs`); the rest are physical constants of
 the profile.
@@ -41,20 +41,21 @@ from megallama.profiling.sequence_comm import attention_core_seconds, ring_expos
 @dataclass(frozen=True)
 class Efficiency:
     """Achieved fractions of the hardware's peaks. ``gemm``, ``traffic``, ``traffic_fused``,
-    ``attention`` (the flash kernels' fraction of peak) and ``clock`` (the sustained tensor-core
-    clock, of the A100's), the last two by GPU generation, are what
+    ``attention`` (the flash kernels' fraction of peak), ``clock`` (the sustained tensor-core
+    clock, of the A100's) and ``contention`` (:data:`~megallama.profiling.efficiency.CONTENTION`),
+    the last three by GPU generation, are what
     :func:`megallama.profiling.calibration.calibrate` finds on its fit rows (Megatron Table 1
     and MPT, A100 and H100; benchmarks/README_planner.md); the rest are physical or DeepSpeed's."""
 
-    gemm: float = 0.77                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
-    traffic: float = 2.75                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
+    gemm: float = 0.78                      # large-GEMM FLOP/s / dense peak (efficiency.py's ceiling)
+    traffic: float = 2.25                   # elementwise HBM bytes per saved-activation byte, per pass (eager PyTorch)
     traffic_fused: float = 2.0              # the same under Megatron's fused kernels (bias-GeLU, softmax, norms)
     bus: float = 0.80                       # NCCL bus bandwidth / link bandwidth
     optimizer_bytes_per_param: float = 36.0  # Adam: read/write master, m, v; read grad; write params
     cpu_adam_params_per_s: float = 1.0e9    # DeepSpeedCPUAdam per GPU's share of host cores
     attention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.ATTENTION_KERNEL.items())   # flash, by generation
     clock: Tuple[Tuple[str, float], ...] = tuple(eff_mod.SUSTAINED_CLOCK.items())   # of the A100's, by generation
-    cross_node: Tuple[Tuple[str, float], ...] = tuple(eff_mod.CROSS_NODE.items())   # ZeRO-3's share of the NICs
+    contention: Tuple[Tuple[str, float], ...] = tuple(eff_mod.CONTENTION.items())   # compute lost per hidden comm s
 
 
 @dataclass
@@ -147,18 +148,21 @@ def forward_share(fc: FlopCount) -> float:
     return fc.forward / (3 * fc.forward + fc.recomputed)
 
 
-def zero3_exposed(z: Dict[str, float], compute: float, m: int, blocks: int, fwd: float) -> float:
+def zero3_exposed(z: Dict[str, float], compute: float, m: int, blocks: int, fwd: float,
+                  contention: float = 0.0) -> float:
     """Seconds per micro-batch ZeRO-3's traffic adds to ``compute``: it prefetches one block
     ahead, so each block takes the longer of its compute and its exchange (forward: its gather;
-    backward: the next block's gather and its own reduce-scatter, one link), and the first gather
-    and last reduce-scatter have nothing to hide behind. ``z``: :func:`zero3_exchange`'s seconds
-    per step (:func:`~megallama.profiling.comm.zero3_part` of the stage's one costing pass)."""
+    backward: the next block's gather and its own reduce-scatter, one link), plus ``contention``
+    of whichever it hides (NCCL's kernels share the SMs and HBM); the first gather and last
+    reduce-scatter have nothing to hide behind. ``z``: :func:`zero3_exchange`'s seconds per step
+    (:func:`~megallama.profiling.comm.zero3_part` of the stage's one costing pass)."""
     if not any(z.values()):
         return 0.0
     n = max(blocks, 1)
     gather, back = z["gather"] / (m * n), (z["regather"] + z["reduce_scatter"]) / (m * n)
     rs = z["reduce_scatter"] / (m * n)
-    per_block = max(fwd * compute / n, gather) + max((1 - fwd) * compute / n, back)
+    per_block = sum(max(c, x) + contention * min(c, x)
+                    for c, x in ((fwd * compute / n, gather), ((1 - fwd) * compute / n, back)))
     return n * per_block + gather + rs - compute
 
 
@@ -175,7 +179,8 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
     per_stage, step_comm = {}, {}
     flash = impl.attention == "flash" and not hw.measured   # the core's fraction of peak, as _stage_compute's
     core_rate = eff_mod.attention_kernel_fraction(hw, dict(eff.attention)) if flash else gemm_ceiling(hw, eff)
-    cross = eff_mod.cross_node_fraction(hw, dict(eff.cross_node))
+    cross = eff_mod.cross_node_fraction(hw)
+    contention = eff_mod.contention(hw, dict(eff.contention))
     for s in groups:
         comm = comm_time_by_phase(spec, layout, seq, hw, s, eff.bus, impl, scatter_gather, cross)
         compute = _stage_compute(spec, layout, seq, hw, eff, fc_ranks, s, impl)
@@ -184,7 +189,7 @@ def predict(model: SpecLike, layout: Layout, seq: int, hw: HardwareProfile, eff:
                         + ring)
         step_comm[s] = (comm.get("tp.step", 0.0) + comm.get("dp.step", 0.0) + comm.get("embedding.step", 0.0)
                         + m * zero3_exposed(zero3_part(comm), compute, m,
-                                            layout.stage_layers(spec)[s], forward_share(fc)))
+                                            layout.stage_layers(spec)[s], forward_share(fc), contention))
     totals = {s: sum(per_stage[s]) for s in groups}
     t_max = max(totals.values())
     t_sum = sum(totals[s] * n for s, n in groups.items())
