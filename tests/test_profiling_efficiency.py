@@ -51,7 +51,7 @@ def test_small_messages_get_a_fraction_of_the_bus_bandwidth():
 
 
 def test_per_generation_figures_and_their_defaults():
-    """Flash attention's rate, the sustained clock and ZeRO-3.s contention
+    """Flash attention's rate, the sustained clock and ZeRO-3's contention
     are the only per-generation constants: an H200 takes its H100's, a generation without a fit
     the stated defaults, a measured CPU none."""
     assert eff_mod.attention_kernel_fraction(A100) > eff_mod.attention_kernel_fraction(H100)
