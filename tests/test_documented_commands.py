@@ -116,6 +116,8 @@ RUNS: Dict[str, Run] = {
     "make demo": Run(emulate="make-demo", sets=TINY, why="the install step needs the network: `make -n demo` must "
                      "show it runs examples/demo.sh, which then runs here with the venv on PATH"),
     "script examples/demo.sh": Run(emulate="covered", why="run whole by `make demo` above"),
+    "megallama network --gpu h100-sxm --out cluster.yaml": Run(
+        emulate="covered", why="needs ranks on 2+ nodes: tests/test_network_share.py runs it on two emulated nodes"),
     "sbatch examples/slurm_llama7b.sbatch": Run(emulate="sbatch", sets=TINY + SEVEN_B, why=(
         "no SLURM here: the script runs under bash with the variables sbatch sets, and a stand-in `srun` "
         "starts one task with the variables srun sets (SLURM_PROCID, SLURM_LOCALID, ...)")),

@@ -214,6 +214,15 @@ def load_hardware(name: str) -> HardwareProfile:
     return replace(profiles[key], peak_flops=dict(profiles[key].peak_flops))   # the cached one stays as read
 
 
+def profile_source(name: str) -> Optional[Path]:
+    """The YAML file ``load_hardware(name)`` reads (None: ``cpu``, measured in-process)."""
+    if _is_file(name):
+        return Path(name)
+    if name.lower() == "cpu":
+        return None
+    return HARDWARE_DIR / f"{load_hardware(name).name}.yaml"
+
+
 # ------------------------------------------------------------------------------------- CPU
 @lru_cache(maxsize=None)
 def measure_cpu_gemm_peak(dtype: str = "fp32", budget_s: float = 0.5) -> float:
