@@ -85,3 +85,27 @@ def test_torchtitan_reduces_in_fp32_and_the_trainers_layout_in_its_dtype():
     spec = PUBLISHED_RUNS[0].spec()
     ds = [c for c in _dp(Layout(dp=16, zero=3, reduce_dtype="fp32"), spec) if c.op == "reduce_scatter"]
     assert sum(c.calls * c.payload_bytes for c in ds) == pytest.approx(2 * params_per_rank(spec))   # bf16: unread
+
+
+def test_fsdp_states_are_sixteen_bytes_a_parameter_and_the_activations_add_to_them():
+    """FSDP updates its fp32 shards in place: 4 + 4 + 8 bytes per parameter over the shards, no
+    step-time copy, so MPT 30B's activations at 8,192 tokens show over 4,096 (by ~4 GiB); counted
+    as DeepSpeed's ZeRO-3, the step's fp32 gradient copy hid them (under 0.2 GiB apart)."""
+    from megallama.profiling.memory import memory_breakdown, params_per_rank
+
+    runs = {r.seq: r for r in PUBLISHED_RUNS if (r.source, r.gpu, r.model, r.gpus) == ("mpt", "h100-sxm", "30b", 8)}
+    hw = load_hardware("h100-sxm")
+    total = {}
+    for framework in ("fsdp", "deepspeed"):
+        for seq in (4096, 8192):
+            r = runs[seq]
+            lay = dataclasses.replace(r.layout(hw), framework=framework)
+            mem = memory_breakdown(r.spec(), lay, seq, impl=r.impl)
+            total[framework, seq] = mem.total
+            if framework == "fsdp":
+                c, p = mem.components, params_per_rank(r.spec())
+                assert c["params"] + c["grads"] + c["optimizer"] == pytest.approx(16 * p / 8)
+                assert c["step_buffers"] == 0
+    gib = 2 ** 30
+    assert 3.5 * gib < total["fsdp", 8192] - total["fsdp", 4096] < 4.5 * gib
+    assert abs(total["deepspeed", 8192] - total["deepspeed", 4096]) < 0.2 * gib

@@ -26,7 +26,8 @@ at most the rank's parameters; none at DP=1); at stage 0 the flattened all-reduc
 DP=1 without a pipeline, where megallama skips DeepSpeed's all-reduce with itself); at
 stage 3 one bucket plus the parameters gathered at the end of forward: those kept for backward
 (:func:`zero3_backward_gather`) and the block in use. These figures were checked storage by
-storage against DeepSpeed engines (tests/test_profiling_measured.py).
+storage against DeepSpeed engines (tests/test_profiling_measured.py). A layout whose stage 3 is
+PyTorch FSDP's (``Layout.framework``) is counted as FSDP holds it (:func:`fsdp_state_bytes`).
 ``offload`` (ZeRO >= 1) moves the optimizer states and the fp32 gradient partition to host
 memory (``host``); the device keeps its low-precision parameters and, at stage 1, full grads.
 Each pipeline stage holds its own blocks (``Layout.stage_layers``: unequal when ``pp`` does not
@@ -127,18 +128,23 @@ def zero3_backward_gather(model: SpecLike, tp: int = 1, pp: int = 1, stage: int 
 # ---------------------------------------------------------------------------- model states
 def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, zero: int = 0, dtype: str = "bf16",
                       offload: bool = False, stage: Optional[int] = None, buckets: Buckets = Buckets(),
-                      grad_accum: int = 1, split: Optional[Sequence[int]] = None) -> Dict[str, float]:
+                      grad_accum: int = 1, split: Optional[Sequence[int]] = None, framework: str = "deepspeed",
+                      reduce_dtype: Optional[str] = None) -> Dict[str, float]:
     """Device bytes for params, grads, optimizer states (+ buffers, step_buffers, host); see the
     module docstring for the table. ``stage`` None: the stage holding the most parameters;
     ``buckets``: the run's ZeRO bucket settings (DeepSpeed's defaults when not given);
     ``grad_accum``: micro-batches per step (ZeRO-2 keeps the accumulated partition apart);
-    ``split``: blocks per stage (default: the rule training uses)."""
+    ``split``: blocks per stage (default: the rule training uses); ``framework``/``reduce_dtype``:
+    who shards at stage 3 (:func:`fsdp_state_bytes` for PyTorch FSDP) and its reduce dtype."""
     spec = as_spec(model)
     split = _blocks(spec, pp, split)
     traits = EngineTraits.predict(zero, dtype, dp, pp)
     z, w, mixed = traits.effective_zero, DTYPE_BYTES[dtype], dtype != "fp32"
     p = params_per_rank(spec, tp, pp, stage, split)
     n = float(dp)
+    if z == 3 and framework != "deepspeed" and not offload:
+        st = stage if stage is not None else max(range(pp), key=lambda s: stage_params(spec, tp, pp, s, split))
+        return fsdp_state_bytes(spec, tp, p, split[st], n, w, DTYPE_BYTES[reduce_dtype] if reduce_dtype else w)
     master = 4 if (mixed or z >= 1) else 0         # ZeRO 1-3 always clone an fp32 master partition
     params = w * p / (n if z == 3 else 1)
     grads = w * p / (n if z >= 2 else 1)
@@ -169,6 +175,19 @@ def model_state_bytes(model: SpecLike, tp: int = 1, pp: int = 1, dp: int = 1, ze
         buffers = (buckets.reduce + gathered) * w
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": float(buffers),
             "step_buffers": step, "host": host}
+
+
+def fsdp_state_bytes(spec: ArchSpec, tp: int, p: float, blocks: int, n: float, w: int, g: int) -> Dict[str, float]:
+    """PyTorch FSDP ``FULL_SHARD`` with each block wrapped (MPT's Composer, torchtitan): fp32 flat
+    parameter shards the optimizer updates in place (no separate master, no step-time copy), their
+    fp32 gradient shards and Adam's moments, 16 bytes per parameter over the shards; beside them,
+    one block in use and the next prefetched, gathered in the compute dtype ``w``, the root
+    (embedding, final norm, head) gathered around the loss, and one block's unsharded gradient in
+    the reduce dtype ``g`` on its way to the reduce-scatter."""
+    block = layer_params_per_rank(spec, tp, "cross" if spec.arch == "encoder_decoder" else "decoder")
+    root = max(0.0, p - blocks * block)
+    return {"params": 4 * p / n, "grads": 4 * p / n, "optimizer": 8 * p / n,
+            "buffers": (2 * block + root) * w + block * g, "step_buffers": 0.0, "host": 0.0}
 
 
 # ------------------------------------------------------------------------------ activations
@@ -229,7 +248,8 @@ def memory_breakdown(model: SpecLike, layout: Layout, seq: int, stage: Optional[
         per_stage = [memory_breakdown(spec, layout, seq, s, impl, buckets) for s in layout.stage_groups(spec)]
         return max(per_stage, key=lambda m: m.total)
     states = model_state_bytes(spec, layout.tp, layout.pp, layout.zero_dp, layout.zero, layout.state_dtype,
-                               layout.offload, stage, buckets, layout.grad_accum, layout.stage_layers(spec))
+                               layout.offload, stage, buckets, layout.grad_accum, layout.stage_layers(spec),
+                               layout.framework, layout.reduce_dtype)
     if layout.dtype == "fp8":   # costed only: the blocks' GEMM weights cached in fp8 beside the bf16 ones
         states["fp8_weight_copies"] = (FP8_WEIGHT_COPY_BYTES * layout.stage_layers(spec)[stage]
                                        * layer_params_per_rank(spec, layout.tp, "decoder"))

@@ -11,7 +11,8 @@ place and an fp32 master with Adam's moments (18 bytes per parameter; the last 1
 its distributed optimizer), where DeepSpeed's ZeRO-0 keeps 16-bit gradients, flat reduction
 buckets and a transient fp32 copy at the step. ``megatron`` cases count Megatron's states.
 FSDP (MPT, torchtitan) keeps fp32 sharded parameters and gradients (16 bytes per parameter over
-the shards), as ZeRO-3 does; it is counted as ZeRO-3. ``fsdp-grad-op`` is FSDP that does not
+the shards) and updates them in place; its layouts say so (``Layout.framework``), and
+:func:`megallama.profiling.memory.fsdp_state_bytes` counts them. ``fsdp-grad-op`` is FSDP that does not
 reshard the parameters after forward (ZeRO-2): 16-bit parameters whole, fp32 gradients, master
 and moments sharded (16 bytes per parameter over the shards), plus one block's unsharded fp32
 gradient on its way to the reduce-scatter.
@@ -212,7 +213,8 @@ def mpt_spec(model: str, seq: int) -> ArchSpec:
 def mpt_cases() -> List[MemoryCase]:
     out = []
     for model, seq, gpus, mbs, accum, ckpt, _ in MPT_H100_ROWS:
-        layout = Layout(dp=gpus, zero=3, mbs=mbs, grad_accum=accum, recompute="full" if ckpt else "none")
+        layout = Layout(dp=gpus, zero=3, mbs=mbs, grad_accum=accum, recompute="full" if ckpt else "none",
+                        framework="fsdp", reduce_dtype="fp32")   # the H100 table's "DEFAULT" rows
         out.append(MemoryCase(f"mpt-{model} seq {seq} mbs {mbs} on {gpus}", "llm-foundry benchmarking README, H100 BF16",
                               mpt_spec(model, seq), layout, seq, "h100-sxm", True, FLASH, "fsdp"))
     return out
@@ -231,7 +233,8 @@ TORCHTITAN_ROWS = (("llama3-70b", 8192, 1, "full", True), ("llama3-8b", 8192, 1,
 
 def torchtitan_cases() -> List[MemoryCase]:
     return [MemoryCase(f"torchtitan {m} local batch {b} rc={rc}", "torchtitan docs/performance.md", as_spec(m),
-                       Layout(dp=64, zero=3, mbs=b, grad_accum=1, recompute=rc), seq, "a100-80gb", ran, FLASH, "fsdp")
+                       Layout(dp=64, zero=3, mbs=b, grad_accum=1, recompute=rc, framework="fsdp2", reduce_dtype="fp32"),
+                       seq, "a100-80gb", ran, FLASH, "fsdp")
             for m, seq, b, rc, ran in TORCHTITAN_ROWS]
 
 
