@@ -87,11 +87,10 @@ def run(args) -> int:
 
 def _evaluate(args):
     import torch
-    import torch.distributed as dist
 
     from megallama.checkpoint.pretrained import build_for_inference, load_checkpoint
     from megallama.errors import UserError
-    from megallama.train.distributed import detect_launcher
+    from megallama.train.distributed import detect_launcher, finish_distributed
     from megallama.train.evaluate import perplexity
     from megallama.train.fits import check_inference_fits
     from megallama.train.runtime import inference_config, start
@@ -124,7 +123,5 @@ def _evaluate(args):
     result = perplexity(model, dataset, args.micro_batch_size, rt.device, rt.state, args.max_samples,
                         loss_fn=make_loss_fn(model_cfg.arch, seq_len))
     result.update(split=split, checkpoint=str(args.checkpoint), kind=kind, tp=rt.state.tp, dp=rt.state.dp)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed()
     return result, info.rank

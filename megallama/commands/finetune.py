@@ -23,6 +23,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.config import load_run_config
+    from megallama.train.distributed import finish_distributed
     from megallama.train.finetune import finetune
 
     cfg = load_run_config(args.config, args.overrides)
@@ -30,7 +31,5 @@ def run(args) -> int:
     if not dist.is_initialized() or dist.get_rank() == 0:
         sys.stdout.write(f"held-out accuracy {report['accuracy']:.3f} on {report['held_out']} examples "
                          f"(majority baseline {report['majority_baseline']:.3f})\n" + json.dumps(report) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed()
     return 0

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     from megallama.errors import UserError
     from megallama.profiling.hardware import load_hardware, profile_source
-    from megallama.train.distributed import device_for, init_distributed, on_rank0_then_share
+    from megallama.train.distributed import device_for, finish_distributed, init_distributed, on_rank0_then_share
 
     if args.mib < 1 or args.reps < 1:
         raise UserError("--mib and --reps must be >= 1")
@@ -53,8 +53,7 @@ def run(args) -> int:
                command)
         print(f"network: cross_node_share {share} (the slowest ring) written to {out}; cost this cluster with "
               f"--gpu {out}")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()
     return 0
 
 

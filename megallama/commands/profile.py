@@ -38,7 +38,7 @@ def run(args) -> int:
 
     report = profile(cfg, args.steps, args.warmup, with_census=not args.no_census,
                      comm_timing=not args.no_comm_timing)
-    import torch.distributed as dist
+    from megallama.train.distributed import finish_distributed
 
     if report is not None:
         report["command"] = "megallama profile " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["profile"] else
@@ -52,9 +52,7 @@ def run(args) -> int:
             print(json.dumps(report, indent=2, default=str))
         else:
             _print_text(report)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed()
     return 0
 
 

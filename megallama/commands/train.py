@@ -25,6 +25,7 @@ def run(args) -> int:
     report = train(cfg)
     import torch.distributed as dist
 
+    from megallama.train.distributed import finish_distributed
     if report and (not dist.is_initialized() or dist.get_rank() == 0):
         mem = (report["mem_bytes"] or 0) / 2**30
         end, steps = report["end_step"], report["steps"]
@@ -38,7 +39,5 @@ def run(args) -> int:
             f"{head}, loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}; "
             f"{report['tokens_per_s'] or 0:,.0f} tok/s, {report['tflops_per_rank'] or 0:.3f} TFLOP/s per rank, "
             f"MFU {100 * (report['mfu'] or 0):.1f}%, peak mem {mem:.2f} GiB per rank; metrics in {report['metrics']}\n")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish_distributed()
     return PREEMPTED_EXIT if report and report["preempted"] else 0

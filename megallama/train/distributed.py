@@ -16,7 +16,8 @@ import torch
 from megallama.errors import UserError
 from megallama.train.launchers import LaunchInfo, detect_launcher
 
-__all__ = ["LaunchInfo", "detect_launcher", "device_for", "init_distributed", "on_rank0_then_share"]
+__all__ = ["LaunchInfo", "detect_launcher", "device_for", "finish_distributed", "init_distributed",
+           "on_rank0_then_share"]
 
 T = TypeVar("T")
 
@@ -58,6 +59,15 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
     if info.launcher == "deepspeed":  # a stopping rank may save a checkpoint first (preemption.py)
         stop_with_launcher(grace_s=max(10.0, float(timeout_s)))
     return info
+
+
+def finish_distributed() -> None:
+    """The end of a command every rank ran: all ranks meet, then the group is torn down here
+    rather than at interpreter exit, where gloo's threads can be destroyed in an order that
+    aborts the process (``cli._release_process_group`` does the same for a failed command)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def on_rank0_then_share(fn: Callable[[], T]) -> T:
