@@ -4,6 +4,7 @@ run tokenized; an explicit ``--tokenizer`` still wins; a recorded file that is g
 exit 2, nothing written."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,24 @@ def test_generate_takes_the_runs_tokenizer(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))
     assert len(got["results"]) == 1
+
+
+def test_finetune_takes_the_runs_tokenizer(trained, tmp_path):
+    """``finetune --pretrained`` on a training checkpoint without ``--tokenizer`` tokenizes with the
+    one its run recorded (before: 'tokenizer.model not found'), and the classifier it saves
+    carries that file."""
+    import subprocess
+
+    from tests.train_utils import ROOT, env, launch_cmd
+
+    tmp, tok = trained
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n"
+                                                 for i, t in enumerate(sample_texts(40, seed=3))))
+    proc = subprocess.run(launch_cmd("none", 1) + [
+        "finetune", str(tmp / "run.yaml"), "--pretrained", str(tmp / "run" / "checkpoints"), "--data", str(tmp_path / "task.jsonl"),
+        "--set", "train.steps=2", "--set", "train.seq_len=16", "--set", "train.micro_batch_size=4",
+        "--set", "train.global_batch_size=4", "--set", f"run_dir={tmp_path / 'ft'}"],
+        capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (Path(report["checkpoint"]) / "tokenizer.model").read_bytes() == tok.read_bytes()

@@ -68,6 +68,18 @@ def load_checkpoint(path, resolved: bool = False) -> Tuple[ModelConfig, Dict[str
     return cfg, state, kind
 
 
+def verified_with_tokenizer(path, tokenizer=None) -> Tuple[Optional[Path], Optional[Path]]:
+    """A checkpoint opened for a run over it (``generate``, ``finetune``): a training checkpoint's
+    verified step directory (None for other kinds: pass it as ``load_checkpoint(tag,
+    resolved=True)``, so it is hashed once) and the tokenizer: ``tokenizer`` when named, else the
+    checkpoint's own (:func:`megallama.checkpoint.reshard.checkpoint_tokenizer`: a file in its
+    directory, else the training run's recorded one)."""
+    from megallama.checkpoint.reshard import checkpoint_tokenizer, resolve_checkpoint
+
+    tag = resolve_checkpoint(path) if checkpoint_kind(path) == "training" else None
+    return tag, (Path(tokenizer) if tokenizer else checkpoint_tokenizer(path, tag))
+
+
 def resolve_dtype(dtype) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype

@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
     p.add_argument("config", help="run config: train.*, parallel.tp, deepspeed (the model comes from --pretrained)")
     p.add_argument("--pretrained", required=True, help="checkpoint of the trunk (training, consolidated, HF)")
     p.add_argument("--data", required=True, help="JSONL file of {text, label} records")
-    p.add_argument("--tokenizer", help="tokenizer file (default: PRETRAINED's tokenizer.model or tokenizer.json)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: PRETRAINED's own, or the one its training run recorded)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction held out for accuracy")
     p.add_argument("--text-key", default="text")
     p.add_argument("--label-key", default="label")

@@ -63,8 +63,7 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from megallama.checkpoint.pretrained import build_for_inference, checkpoint_kind, resolve_dtype
-    from megallama.checkpoint.reshard import checkpoint_tokenizer, resolve_checkpoint
+    from megallama.checkpoint.pretrained import build_for_inference, resolve_dtype, verified_with_tokenizer
     from megallama.commands._stdout import logs_to_stderr
     from megallama.data.tokenizer import Tokenizer
     from megallama.errors import UserError
@@ -76,8 +75,8 @@ def run(args) -> int:
     _check_args(args)
     # a missing directory fails before any process group starts; a training checkpoint is verified
     # once, and its run's tokenizer (recorded in meta.json) is the default
-    tag = resolve_checkpoint(args.checkpoint) if checkpoint_kind(args.checkpoint) == "training" else None
-    tok_path = args.tokenizer or checkpoint_tokenizer(args.checkpoint, tag) or Path(args.checkpoint) / "tokenizer.model"
+    tag, tok_path = verified_with_tokenizer(args.checkpoint, args.tokenizer)
+    tok_path = tok_path or Path(args.checkpoint) / "tokenizer.model"
     if not Path(tok_path).is_file():
         raise UserError(f"{tok_path}: tokenizer model not found" +
                         ("" if args.tokenizer else " (pass --tokenizer)"))

@@ -90,8 +90,8 @@ def accuracy(model, ids, mask, labels, micro: int, state) -> Tuple[float, int]:
 
 def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optional[str], holdout: float,
              text_key: str = "text", label_key: str = "label") -> Dict[str, Any]:
-    from megallama.checkpoint.pretrained import load_checkpoint
-    from megallama.data.tokenizer import Tokenizer, find_tokenizer
+    from megallama.checkpoint.pretrained import load_checkpoint, verified_with_tokenizer
+    from megallama.data.tokenizer import Tokenizer
     from megallama.train.runtime import guard, start
 
     if cfg.parallel.pp != 1:
@@ -103,10 +103,11 @@ def finetune(cfg: RunConfig, pretrained: str, data: str, tokenizer_path: Optiona
     texts, raw_labels = read_examples(data, text_key, label_key)
     names = sorted(set(map(str, raw_labels)))
     labels = torch.tensor([names.index(str(x)) for x in raw_labels])
-    tok_file = str(tokenizer_path or find_tokenizer(pretrained) or Path(pretrained) / "tokenizer.model")
+    tag, tok = verified_with_tokenizer(pretrained, tokenizer_path)   # a training run's recorded one by default
+    tok_file = str(tok or Path(pretrained) / "tokenizer.model")
     if not Path(tok_file).is_file():
         raise UserError(f"--tokenizer: {tok_file} not found (pass the tokenizer file of the trunk)")
-    model_cfg, state_dict, _ = load_checkpoint(pretrained)
+    model_cfg, state_dict, _ = load_checkpoint(tag or pretrained, resolved=tag is not None)
     if "score.weight" in state_dict and _saved_labels(pretrained) != names:  # another task's head: start afresh
         state_dict = {k: v for k, v in state_dict.items() if k != "score.weight"}
     tokenizer = Tokenizer(tok_file)
