@@ -46,6 +46,7 @@ def test_traits_name_the_patches_of_each_layout():
     assert (pipe.optimizer, pipe.effective_zero, pipe.skips_dp_allreduce) == ("bf16", 1, False)
     zero = EngineTraits.predict(1, "bf16", dp=1, pp=1)
     assert (zero.optimizer, zero.clips_fp32, zero.skips_dp_allreduce) == ("zero", False, False)
+    assert unfused.norms_in_fp64 and pipe.norms_in_fp64 and not zero.norms_in_fp64 and not fp32.norms_in_fp64
 
 
 def test_wrapped_pipeline_instructions_replace_the_map_deepspeed_reads():

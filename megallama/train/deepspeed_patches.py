@@ -165,6 +165,55 @@ def record_fp32_grad_norm(engine) -> None:
     engine.clip_fp32_gradients = clip_and_record
 
 
+def fp64_cpu_norms() -> None:
+    """DeepSpeed's bf16 optimizer and its unfused fp16/bf16 wrapper take each gradient's (the
+    unfused one: the whole flattened group's) 2-norm in fp32, and on the CPU torch sums those
+    squares in running fp32 accumulators, so the norm drifts with the tensor's size
+    (megallama/train/grad_norm.py). Where the tensors are on the CPU, they are handed each tensor's
+    norm taken in fp64 instead, as a one-element tensor carrying the attributes their filters read
+    (pipeline-replicated, TP-sharded); their sums across tensors and ranks are unchanged. Module
+    attributes, looked up at each call: process-wide, once; GPU tensors pass through untouched."""
+    import deepspeed.runtime.bf16_optimizer as bf16
+    import deepspeed.runtime.fp16.unfused_optimizer as unfused
+
+    for module, name in ((bf16, "get_global_norm_of_tensors"), (unfused, "get_weight_norm")):
+        fn = getattr(module, name)
+        if not getattr(fn, "megallama_fp64", False):
+            setattr(module, name, _fp64_on_cpu(fn))
+
+
+NORM_ATTRS = ("ds_pipe_replicated", "tensor_model_parallel", "model_parallel")
+
+
+def _fp64_on_cpu(fn: Callable) -> Callable:
+    import inspect
+
+    from megallama.train.grad_norm import square_sum
+
+    signature = inspect.signature(fn)
+    first = next(iter(signature.parameters))   # input_tensors / parameters
+
+    def proxy(t: torch.Tensor) -> torch.Tensor:
+        norm = square_sum([t], t.device).sqrt().float().reshape(1)
+        for attr in NORM_ATTRS:
+            if hasattr(t, attr):
+                setattr(norm, attr, getattr(t, attr))
+        return norm
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        tensors = bound.arguments[first]
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        if float(bound.arguments["norm_type"]) == 2.0 and tensors and all(t.device.type == "cpu" for t in tensors):
+            bound.arguments[first] = [proxy(t) for t in tensors]
+        return fn(*bound.args, **bound.kwargs)
+
+    wrapped.megallama_fp64 = True
+    return wrapped
+
+
 class _PipelineNormGroups:
     """The norm counts a parameter that TP replicates (the RMSNorm weights) only where
     ``get_model_parallel_rank() == 0`` (DeepSpeed's rule); the pipeline grid's model-parallel rank spans

@@ -115,3 +115,8 @@ class EngineTraits:
     def resets_unfused_warmup(self) -> bool:
         """``FP16_UnfusedOptimizer``'s warm-up step on zero gradients is undone."""
         return self.optimizer == "unfused"
+
+    @property
+    def norms_in_fp64(self) -> bool:
+        """DeepSpeed's bf16 and unfused optimizers take fp32 norms, which drift on the CPU."""
+        return self.optimizer in ("bf16", "unfused")

@@ -118,6 +118,8 @@ def _apply_patches(engine, traits: EngineTraits) -> None:
 
     if traits.resets_unfused_warmup:
         patches.undo_unfused_warmup_step(engine)
+    if traits.norms_in_fp64:
+        patches.fp64_cpu_norms()
     if traits.clips_fp32:
         patches.record_fp32_grad_norm(engine)
     if traits.skips_dp_allreduce:
