@@ -71,7 +71,7 @@ def test_encoder_decoder_norm_is_every_gradients(stage):
 
 def test_bf16_zero0_norm_is_every_gradients():
     """bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer norms the whole flattened gradient group
-    in fp32, 1.5e-5 below its fp64 norm here (deepspeed_patches.fp64_cpu_norms)."""
+    in fp32, 1.5e-5 to 1.9e-5 below its fp64 norm here (deepspeed_patches.fp64_cpu_norms)."""
     for true, reported, clipped in run_distributed(_norms, 1, 0, "bf16"):
         assert reported == pytest.approx(true, rel=1e-6)
         assert clipped == pytest.approx(true * min(1.0, CLIP / (true + 1e-6)), rel=1e-6)
