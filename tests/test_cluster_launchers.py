@@ -134,3 +134,22 @@ def test_slurm_shaped_start_per_node(cluster, cfg, reference, tmp_path):
              for node in range(NODES) for local in range(PER_NODE)]
     _finish(procs, f"srun-shaped start on {cluster.slurm_nodelist}")
     _check(tmp_path / "run", reference, "slurm")
+
+
+def test_network_measures_between_the_two_nodes(cluster, tmp_path):
+    """``megallama network`` under torchrun on both nodes: ranks grouped by their real hostnames,
+    both rings timed over the veth link, the profile written on the first node."""
+    from megallama.profiling.hardware import load_profile_file
+    from tests.test_network_share import lab_profile
+
+    gpu, out = lab_profile(tmp_path), tmp_path / "cluster.yaml"
+    endpoint = f"{cluster.nodes[0].ip}:29401"
+    procs = [_start(cluster, tmp_path, i, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES),
+                                           "--nproc_per_node", str(PER_NODE), "--rdzv_backend", "c10d",
+                                           "--rdzv_endpoint", endpoint, "--rdzv_id", "vnetwork", "-m", "megallama",
+                                           "network", "--gpu", str(gpu), "--out", str(out), "--mib", "4",
+                                           "--reps", "3"], _rank_env()) for i in range(NODES)]
+    _finish(procs, "megallama network over torchrun --nnodes 2")
+    text = out.read_text()
+    assert "2 nodes" in text and "world (4, 2) all_gather" in text and "rail (2, 1) reduce_scatter" in text
+    assert 0 < load_profile_file(out).cross_node_share <= 1

@@ -40,7 +40,7 @@ def test_ranks_are_grouped_by_node_and_one_node_is_refused():
         node_groups(["a", "a", "b"])
 
 
-def _profile(tmp: Path) -> Path:
+def lab_profile(tmp: Path) -> Path:
     """A GPU profile whose NICs (10 GB/s) loopback gloo on a small machine falls well short of."""
     data = yaml.safe_load((ROOT / "examples" / "gpu-custom.yaml").read_text())
     data.update(name="h100-lab", nics_per_node=1, nic_bandwidth=1.0e10, intra_node_bandwidth=1.0e11)
@@ -57,7 +57,7 @@ def _network(rank, world, argv):
 
 
 def test_network_writes_a_profile_with_the_measured_share(tmp_path):
-    gpu, out = _profile(tmp_path), tmp_path / "cluster.yaml"
+    gpu, out = lab_profile(tmp_path), tmp_path / "cluster.yaml"
     rc = run_distributed(_network, 4, ["network", "--gpu", str(gpu), "--out", str(out), "--mib", "1", "--reps", "3"])
     assert rc == 0
     text = out.read_text()
@@ -71,7 +71,7 @@ def test_network_writes_a_profile_with_the_measured_share(tmp_path):
 
 
 def test_network_refuses_an_existing_out_and_one_node(tmp_path, monkeypatch, capsys):
-    gpu, out = _profile(tmp_path), tmp_path / "taken.yaml"
+    gpu, out = lab_profile(tmp_path), tmp_path / "taken.yaml"
     out.write_text("mine\n")
     rc, _, err = cli_in_process(["network", "--gpu", gpu, "--out", out], monkeypatch, capsys)
     assert rc == 2 and err.count("\n") == 1 and f"--out {out}: exists" in err
