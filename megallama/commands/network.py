@@ -46,11 +46,12 @@ def run(args) -> int:
     rank0 = dist.get_rank() == 0
     timings = measure(hw, hosts, args.mib << 20, args.reps, Efficiency().bus, device_for(info.local_rank),
                       log=print if rank0 else (lambda *_: None))
+    share = max(0.001, round(min(t.share for t in timings), 3))
+    command = f"megallama network --gpu {args.gpu} --out {out} --mib {args.mib} --reps {args.reps}"
+    # rank 0 writes; a failed write is every rank's error, so none waits on it
+    on_rank0_then_share(lambda: _write(out, profile_source(args.gpu), args.name or f"{hw.name}-cluster", share,
+                                       timings, len(set(hosts)), command))
     if rank0:
-        share = max(0.001, round(min(t.share for t in timings), 3))
-        command = f"megallama network --gpu {args.gpu} --out {out} --mib {args.mib} --reps {args.reps}"
-        _write(out, profile_source(args.gpu), args.name or f"{hw.name}-cluster", share, timings, len(set(hosts)),
-               command)
         print(f"network: cross_node_share {share} (the slowest ring) written to {out}; cost this cluster with "
               f"--gpu {out}")
     finish_distributed()
