@@ -1,13 +1,14 @@
-"""``megallama ARGV`` on N local ranks forked from the tests' fork server, for tests that need a
-multi-rank run but do not test a launcher.
+"""``megallama ARGV`` forked from the tests' fork server: one process, or N local ranks, for tests
+that need a run but do not test how it is launched.
 
-Why: under torchrun every rank is a fresh interpreter that imports torch, DeepSpeed and megallama
-(~3-5 s of CPU a rank, on top of torchrun's own agent): most of a tiny run's cost, paid 2-4 times
-per launch. Forked from ``dist_utils``' fork server, which imported them once, a rank starts in a
-fraction of a second. Each rank is still its own process running the CLI's ``main`` from the top,
-with the environment a launcher gives (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR/PORT: what the deepspeed launcher sets, so the run reports launcher "deepspeed").
-The launchers themselves (torchrun, deepspeed, mpiexec, srun, pdsh) are run as typed by
+Why: under torchrun, or as ``python -m megallama``, every process is a fresh interpreter that
+imports torch, DeepSpeed and megallama (~3-5 s of CPU each, on top of torchrun's own agent): most
+of a tiny run's cost, paid once per rank. Forked from ``dist_utils``' fork server, which imported
+them once, a process starts in a fraction of a second. Each is still its own process running the
+CLI's ``main`` from the top in the caller's environment and directory; ranks get the variables the
+deepspeed launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR/PORT; no
+TORCHELASTIC_*, so the run reports launcher "deepspeed"). The launchers themselves (torchrun,
+deepspeed, mpiexec, srun, pdsh) and the ``megallama`` script run as typed in
 tests/test_launchers.py, tests/test_cluster_launchers.py and tests/test_documented_commands.py.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _rank_main(rank: int, world: Optional[int], port: int, module: str, argv: Li
     os.environ.clear()
     os.environ.update(environ)
     if world is not None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.chdir(cwd)
     for fd, path in ((1, out_path), (2, err_path)):  # fd level: C code and loggers made at import write here too
