@@ -70,11 +70,10 @@ def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Opti
     from the tests' fork server (``tests.fork_launch``); a named launcher runs as typed."""
     args = list(faults) + ["train", str(config)] + [x for o in overrides for x in ("--set", o)]
     module = "tests.fault_injection" if faults else "megallama"
-    if launcher is None and not os.environ.get("TMP_TORCHRUN"):
+    if launcher is None:
         launcher = "forked"
         proc = run_forked(args, world if world > 1 else None, env(), ROOT, timeout, module)
     else:
-        launcher = launcher or ("none" if world == 1 else "torchrun")
         proc = subprocess.run(launch_cmd(launcher, world, module) + args, capture_output=True, text=True, env=env(),
                               timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{launcher} x{world} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
