@@ -10,6 +10,18 @@ deepspeed launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR/P
 TORCHELASTIC_*, so the run reports launcher "deepspeed"). The launchers themselves (torchrun,
 deepspeed, mpiexec, srun, pdsh) and the ``megallama`` script run as typed in
 tests/test_launchers.py, tests/test_cluster_launchers.py and tests/test_documented_commands.py.
+
+Why a rank's end is not left to the fork server alone: CPython's server
+(multiprocessing/forkserver.py) is the ranks' parent; it learns of an exit only through SIGCHLD (a
+wakeup fd in its select loop), reaps with waitpid(-1, WNOHANG) and writes the status down the
+caller's sentinel pipe, the caller's only word (``Process.exitcode`` stays None, ``join()`` waits
+on that pipe without a bound). That loop does not lose an exit by itself (coalesced SIGCHLDs are
+covered by the waitpid loop; our server has one thread and no signal blocked), so a report goes
+missing when the server is not running its loop (stopped, or blocked in a request) or the rank
+cannot be reaped yet (its exit held up, as by a core dump of an aborting rank): a CI run once
+waited forever on a 2-rank run whose ranks were no longer listed by ps. So each rank writes its own
+exit status, a rank the server says nothing of is read from that status or from its pid (/proc:
+gone, or a zombie's exit code), and no wait is unbounded.
 """
 from __future__ import annotations
 
@@ -32,7 +44,7 @@ GRACE_S = 10.0  # after the first rank fails, as a launcher waits before killing
 POLL_S = 0.5  # how often a rank's own status and its pid are looked at while the fork server says nothing
 UNREPORTED_S = 2.0  # a rank gone (or a zombie) this long with no word from the fork server: it is read ourselves
 EXIT_S = 5.0  # a rank that wrote its status (or was killed) and has not exited after this is given up on
-LOST_RC = 255  # a rank gone with neither its own status nor the fork server's (multiprocessing's code for a lost server)
+LOST_RC = 255  # a rank gone with neither its own status nor the server's (multiprocessing's code for a lost server)
 
 
 def _exit_code(code) -> int:
