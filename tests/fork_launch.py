@@ -26,6 +26,7 @@ gone, or a zombie's exit code), and no wait is unbounded.
 from __future__ import annotations
 
 import faulthandler
+import glob
 import importlib
 import multiprocessing.process
 import os
@@ -205,6 +206,16 @@ class _Rank:
         self.stopped_at = self.stopped_at or time.monotonic()
 
 
+def _remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce buffers of a run on ``port`` (/dev/shm, ~67 MB of RAM a rank),
+    which DeepSpeed never unlinks: named by the run's MASTER_ADDR and MASTER_PORT, ours alone."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def run_forked(argv: Sequence[str], world: Optional[int], environ: dict, cwd, timeout: float,
                module: str = "megallama") -> subprocess.CompletedProcess:
     """Like ``subprocess.run`` of a launcher with ``world`` local ranks (``None``: one process
@@ -247,6 +258,8 @@ def run_forked(argv: Sequence[str], world: Optional[int], environ: dict, cwd, ti
                 # exit handler join()s each without a bound: pytest would hang at exit instead.
                 if r.proc._popen is not None and r.proc.exitcode is None:
                     multiprocessing.process._children.discard(r.proc)
+            if world is not None:
+                _remove_shm_buffers(port)
         out = "".join(open(o).read() for o, _ in paths)
         err = "".join(open(e).read() for _, e in paths)
     err += "".join(f"tests.fork_launch: rank {i}: {r.note}\n" for i, r in enumerate(ranks) if r.note)

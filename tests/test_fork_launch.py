@@ -36,6 +36,12 @@ def main(argv) -> int:
         elif key == "abort":
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             os.abort()
+        elif key == "shm":  # as DeepSpeed's CPU all-reduce makes (and leaves) its buffer
+            env = os.environ
+            path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_"
+            with open(path + env["RANK"], "wb") as f:
+                f.write(b"x")
+            print(path + env["RANK"], flush=True)
         elif key == "exit-now":  # gone before the rank writes its own status
             os._exit(int(value))
     return 0
@@ -139,3 +145,11 @@ def test_a_rank_exit_code_and_exception_come_back():
     assert proc.returncode == 3
     proc, _ = bounded(["print=x", "sleep=nan-is-not-a-word"])  # a ValueError in main
     assert proc.returncode == 1 and "ValueError" in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_a_runs_shared_memory_buffers_are_removed():
+    proc, _ = bounded(["shm"], world=2)
+    made = proc.stdout.split()
+    assert proc.returncode == 0 and len(made) == 2, proc.stderr
+    assert not [p for p in made if os.path.exists(p)]
