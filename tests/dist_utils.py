@@ -18,8 +18,11 @@ def free_port() -> int:
 
 # What the fork server imports once per session (multiprocessing's forkserver: a fresh interpreter,
 # not a fork of pytest); each rank forks from it in a fraction of a second instead of importing
-# torch and DeepSpeed again as a spawned process does (~3 s of CPU a rank).
-PRELOAD = ["torch", "deepspeed", "megallama.train.engine", "megallama.train.checkpoint"]
+# torch and DeepSpeed again as a spawned process does (~3 s of CPU a rank). torch._dynamo (torch's
+# optimizers import it at the first step, ~1.2 s) and DeepSpeed's Muon module (its ZeRO and bf16
+# optimizers import it for a type check, ~1.1 s) start no thread or process on import.
+PRELOAD = ["torch", "deepspeed", "megallama.train.engine", "megallama.train.checkpoint",
+           "torch._dynamo", "deepspeed.runtime.zero.muon.muon_optimizer"]
 
 
 def forkserver_context():

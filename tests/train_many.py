@@ -13,18 +13,22 @@ from __future__ import annotations
 import json
 import sys
 
-from megallama.cli import main
+from megallama.cli import main as megallama_main
 
 
 def run_all(runs) -> int:
     for n, (config, overrides) in enumerate(runs):
-        rc = main(["train", config] + [x for o in overrides for x in ("--set", o)])
+        rc = megallama_main(["train", config] + [x for o in overrides for x in ("--set", o)])
         if rc != 0:
             sys.stderr.write(f"tests.train_many: run {n} ({config} {overrides}) exited {rc}\n")
             return rc
     return 0
 
 
+def main(argv) -> int:
+    with open(argv[0]) as f:
+        return run_all(json.load(f))
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        sys.exit(run_all(json.load(f)))
+    sys.exit(main(sys.argv[1:]))

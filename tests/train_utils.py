@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 import yaml
 
 from tests.dist_utils import free_port
+from tests.fork_launch import run_forked
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -64,12 +65,17 @@ def launch_cmd(launcher: str, world: int, module: str = "megallama") -> List[str
 
 def run_train(config: Path, overrides: List[str], world: int = 1, launcher: Optional[str] = None,
               timeout: int = 300, faults: Sequence[str] = ()) -> dict:
-    """``faults``: flags of ``tests.fault_injection`` (e.g. ``["--nonfinite-steps", "2"]``)."""
-    launcher = launcher or ("none" if world == 1 else "torchrun")
+    """``faults``: flags of ``tests.fault_injection`` (e.g. ``["--nonfinite-steps", "2"]``).
+    Without a ``launcher``, the run's process (or each rank, under a launcher's variables) forks
+    from the tests' fork server (``tests.fork_launch``); a named launcher runs as typed."""
     args = list(faults) + ["train", str(config)] + [x for o in overrides for x in ("--set", o)]
     module = "tests.fault_injection" if faults else "megallama"
-    proc = subprocess.run(launch_cmd(launcher, world, module) + args, capture_output=True, text=True, env=env(),
-                          timeout=timeout, cwd=ROOT)
+    if launcher is None:
+        launcher = "forked"
+        proc = run_forked(args, world if world > 1 else None, env(), ROOT, timeout, module)
+    else:
+        proc = subprocess.run(launch_cmd(launcher, world, module) + args, capture_output=True, text=True, env=env(),
+                              timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{launcher} x{world} {overrides} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
     report = json.loads((Path(run_dir) / "report.json").read_text())
@@ -87,15 +93,15 @@ def _report(run_dir: Path) -> dict:
 
 def train_together(runs: Sequence[tuple], timeout: int = 300) -> List[dict]:
     """Independent single-process runs ``[(config, overrides), ...]`` (each naming its ``run_dir=``)
-    one after another in one process (``tests.train_many``): start-up, most of a tiny run's cost,
-    is paid once. Each report carries its ``grad_norms`` and ``run_dir``; its time and memory
-    figures are not a fresh process's, and stdout/stderr are not kept apart."""
+    one after another in one process (``tests.train_many``, forked from the tests' fork server):
+    start-up, most of a tiny run's cost, is paid once. Each report carries its ``grad_norms`` and
+    ``run_dir``; its time and memory figures are not a fresh process's, and stdout/stderr are not
+    kept apart."""
     run_dirs = [Path(next(x.split("=", 1)[1] for x in o if x.startswith("run_dir="))) for _, o in runs]
     listing = run_dirs[0].with_name(run_dirs[0].name + "-runs.json")
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text(json.dumps([(str(cfg), list(o)) for cfg, o in runs]))
-    proc = subprocess.run([sys.executable, "-m", "tests.train_many", str(listing)], capture_output=True, text=True,
-                          env=env(), timeout=timeout * len(runs), cwd=ROOT)
+    proc = run_forked([str(listing)], None, env(), ROOT, timeout * len(runs), "tests.train_many")
     assert proc.returncode == 0, f"{runs} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [_report(run_dir) for run_dir in run_dirs]
 
