@@ -60,3 +60,28 @@ def test_estimate_json_breakdown(tmp_path):
     stage = out["stages"]["0"]
     assert {"params", "grads", "optimizer", "activations.blocks"} <= set(stage)
     assert out["prediction"]["fits"] and out["communication_per_step"]["dp"]["calls"] > 0
+
+
+def test_plan_states_what_it_assumed_of_the_links_between_nodes(tmp_path, capsys):
+    """A best layout across nodes says whether the NICs were costed at their nominal bandwidth or
+    at the profile's measured share (and the share changes the costing); inside one node, nothing."""
+    import yaml
+
+    from tests.conftest_data import cli
+
+    argv = ["plan", "--model", "llama-7b", "--gpus", "64", "--top", "1", "--zero", "3"]
+    rc, out, err = cli(capsys, *argv, "--gpu", "h100-sxm")
+    assert rc == 0, err
+    assert "best spans nodes: NICs costed at their nominal bandwidth" in out and "megallama network" in out
+    data = yaml.safe_load((ROOT / "megallama" / "configs" / "hardware" / "h100-sxm.yaml").read_text())
+    data.pop("aliases")
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump({**data, "name": "h100-slow", "cross_node_share": 0.2}))
+    rc, slow, err = cli(capsys, *argv, "--gpu", tmp_path / "slow.yaml")
+    assert rc == 0, err
+    assert "NICs costed at 0.2 of their nominal bandwidth (the profile's measured cross_node_share)" in slow
+
+    def dp_comm(text):
+        return float(text.split("DP comm ")[1].split(" s")[0])
+    assert dp_comm(slow) > dp_comm(out)
+    rc, out, err = cli(capsys, "plan", "--model", "llama-7b", "--gpus", "8", "--top", "1", "--gpu", "h100-sxm")
+    assert rc == 0 and "spans nodes" not in out, err

@@ -85,8 +85,8 @@ def test_ring_time():
 
 def test_one_costing_pass_gives_zero3s_exchange_at_the_cross_node_share_and_the_rest_at_nominal():
     """``comm_time_by_phase`` costs each collective once: ZeRO-3's prefetched calls under
-    ``zero3.*`` at ``cross_node`` of the NICs (what :func:`zero3_exchange` gives), everything else
-    (here TP's) at the nominal links, whatever ``cross_node`` is."""
+    ``zero3.*`` at ``cross_node`` of the NICs (what :func:`zero3_exchange` gives), and calls inside
+    one node (here TP's) at NVLink's, whatever ``cross_node`` is."""
     from megallama.profiling.comm import comm_time_by_phase, zero3_exchange, zero3_part
     hw = load_hardware("a100-80gb")
     lay = Layout(tp=2, dp=32, zero=3, mbs=1, grad_accum=2, recompute="full", gpus_per_node=8)
@@ -96,3 +96,15 @@ def test_one_costing_pass_gives_zero3s_exchange_at_the_cross_node_share_and_the_
     assert {k: v for k, v in shared.items() if not k.startswith("zero3.")} == \
         {k: v for k, v in full.items() if not k.startswith("zero3.")} and shared["tp.microbatch"] > 0
     assert not any(k.endswith(".overlap") for k in shared)   # nothing costed twice
+
+
+def test_a_clusters_share_slows_every_ring_between_nodes_and_none_inside():
+    """A measured ``cross_node_share`` is the cluster's links, not ZeRO-3's alone: ZeRO-1's
+    gradient all-reduce over 4 nodes slows with it; over one node it does not."""
+    from megallama.profiling.comm import comm_time_by_phase
+    hw = load_hardware("h100-sxm")
+    for gpus, slower in ((32, True), (8, False)):
+        lay = Layout(dp=gpus, zero=1, mbs=1, grad_accum=1, recompute="full", gpus_per_node=8)
+        full, shared = (comm_time_by_phase("llama2-7b", lay, 4096, hw, 0, 0.8, cross_node=x)["dp.step"]
+                        for x in (1.0, 0.3))
+        assert (shared > 2 * full) if slower else (shared == full), (gpus, full, shared)

@@ -284,18 +284,16 @@ def zero3_part(times: Dict[str, float]) -> Dict[str, float]:
 
 def _add_times(out: Dict[str, float], calls: List[Collective], layout: Layout, hw: HardwareProfile,
                bus_efficiency: float, cross_node: float) -> None:
-    """Adds each call's seconds to ``out`` under ``group.phase``; ZeRO-3's prefetched calls go
-    under ``zero3.<kind>`` (:data:`ZERO3_KINDS`), at ``cross_node`` of the nominal bandwidth
-    between nodes. A send and the matching receive overlap on a full-duplex link: only sends count."""
+    """Adds each call's seconds to ``out`` under ``group.phase``, ZeRO-3's prefetched calls under
+    ``zero3.<kind>`` (:data:`ZERO3_KINDS`); every link between nodes at ``cross_node`` of its
+    nominal bandwidth (a cluster's measured share). A send and the matching receive overlap on a
+    full-duplex link: only sends count."""
     shared = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth * cross_node)
     for c in calls:
         if c.op == "recv":
             continue
-        if c.phase == "overlap":
-            key, on = f"zero3.{ZERO3_KINDS[c.what]}", shared
-        else:
-            key, on = f"{c.group}.{c.phase}", hw
-        out[key] = out.get(key, 0.0) + collective_time(c, layout, on, bus_efficiency)
+        key = f"zero3.{ZERO3_KINDS[c.what]}" if c.phase == "overlap" else f"{c.group}.{c.phase}"
+        out[key] = out.get(key, 0.0) + collective_time(c, layout, shared, bus_efficiency)
 
 
 def collectives(model: SpecLike, layout: Layout, seq: int, stage: int = 0, impl: ActivationImpl = ActivationImpl(),
@@ -373,7 +371,8 @@ def comm_time_by_phase(model: SpecLike, layout: Layout, seq: int, hw: HardwarePr
                        scatter_gather=False, cross_node: float = 1.0) -> Dict[str, float]:
     """Seconds per step by (group, phase), e.g. ``{"tp.microbatch": ..., "dp.step": ...}``, and
     ZeRO-3's prefetched exchange by kind (``zero3.gather``, ``zero3.regather``,
-    ``zero3.reduce_scatter``: :func:`zero3_exchange`'s, at ``cross_node``), in one pass."""
+    ``zero3.reduce_scatter``: :func:`zero3_exchange`'s), in one pass, the links between nodes at
+    ``cross_node`` of their nominal bandwidth."""
     out: Dict[str, float] = {}
     _add_times(out, collectives(model, layout, seq, stage, impl, scatter_gather), layout, hw, bus_efficiency,
                cross_node)

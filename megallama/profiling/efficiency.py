@@ -114,6 +114,14 @@ def cross_node_fraction(hw) -> float:
     return hw.cross_node_share
 
 
+def cross_node_statement(hw) -> str:
+    """What a costing across nodes assumed of the links between nodes, and where that came from."""
+    if hw.cross_node_share is None:
+        return ("NICs costed at their nominal bandwidth (the profile states no measured cross_node_share; "
+                "`megallama network` measures a cluster's)")
+    return f"NICs costed at {hw.cross_node_share:g} of their nominal bandwidth (the profile's measured cross_node_share)"
+
+
 def contention(hw, table: Dict[str, float] = CONTENTION) -> float:
     """:data:`CONTENTION` for ``hw``; a measured profile's own run already paid it."""
     return 0.0 if hw.measured else table.get(generation(hw), table[CONTENTION_DEFAULT])

@@ -45,8 +45,8 @@ class HardwareProfile:
     nics_per_node: int = 0
     nic_bandwidth: float = 0.0
     device_names: Tuple[str, ...] = field(default_factory=tuple)
-    # the share of inter_node_bandwidth a node-spanning ZeRO-3/FSDP ring reaches on this cluster,
-    # as measured there; None: the nominal bandwidth (efficiency.cross_node_fraction)
+    # the share of inter_node_bandwidth this cluster's rings between nodes reach, as measured there
+    # (commands/network.py); None: the nominal bandwidth (efficiency.cross_node_fraction)
     cross_node_share: Optional[float] = None
 
     def peak(self, dtype: str = "bf16") -> float:
@@ -76,7 +76,7 @@ SCHEMA: Dict[str, Tuple[str, bool, str]] = {
     "inter_node_latency_s": ("number", False, "a positive number (seconds per hop between nodes)"),
     "gpus_per_node": ("count", True, "a positive integer"),
     "cross_node_share": ("share", False, "a number above 0 and at most 1 (the share of the inter-node bandwidth "
-                                         "a ZeRO-3/FSDP ring across nodes reaches on this cluster, as measured)"),
+                                         "this cluster's rings between nodes reach, as measured)"),
 }
 
 
