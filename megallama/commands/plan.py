@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from megallama.config.pipeline_split import describe_split
     from megallama.profiling.hardware import load_hardware
     from megallama.profiling.efficiency import cross_node_statement
-    from megallama.profiling.layout import parse_pipeline_layers, spans_nodes, trainer_notes
+    from megallama.profiling.layout import parse_pipeline_layers, trainer_notes
     from megallama.profiling.planner import plan
 
     if not 1 <= args.top <= MAX_TOP:
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
           f"HFU {best.hfu:.1%}")
     print(f"best memory per GPU: {best.memory_verdict.describe()} (needed: tensors + workspaces, NCCL buffers, "
           f"fragmentation)")
-    if not hw.measured and any(spans_nodes(best.layout, k) for k in ("tp", "pp", "dp", "ulysses")):
+    if not hw.measured and best.layout.world > best.layout.gpus_per_node:
         print(f"best spans nodes: {cross_node_statement(hw)}")
     if best.layout.pp > 1:
         print(f"best pipeline: {best.layout.pp} stages of {describe_split(best.stage_layers)} layers; most memory "

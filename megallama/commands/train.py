@@ -26,6 +26,7 @@ def run(args) -> int:
     import torch.distributed as dist
 
     from megallama.train.distributed import finish_distributed
+
     if report and (not dist.is_initialized() or dist.get_rank() == 0):
         mem = (report["mem_bytes"] or 0) / 2**30
         end, steps = report["end_step"], report["steps"]

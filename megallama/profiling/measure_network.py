@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 from megallama.errors import UserError
-from megallama.profiling.efficiency import achievable_bandwidth, message_half
+from megallama.profiling.comm import Collective, collective_time
 from megallama.profiling.hardware import HardwareProfile
+from megallama.profiling.layout import Layout
 
 OPS = ("all_gather", "reduce_scatter")
 
@@ -45,22 +46,18 @@ class RingTiming:
         return (self.members - 1) / self.members * self.payload_bytes / self.seconds
 
 
-def nominal_link(hw: HardwareProfile, per_node: int) -> float:
-    """The bandwidth the planner gives a node-spanning ring with ``per_node`` members per node."""
-    return min(hw.intra_node_bandwidth, per_node * hw.inter_node_bandwidth)
-
-
 def share_of(hw: HardwareProfile, members: int, per_node: int, payload: float, seconds: float,
              bus: float) -> float:
-    """The ``cross_node_share`` at which the planner's time for one call (a ring of ``members``,
-    :func:`megallama.profiling.comm.collective_time`'s latency and message-size terms) equals the
+    """The ``cross_node_share`` at which the planner's time for one call on a ring of ``members``,
+    ``per_node`` on each node (:func:`megallama.profiling.comm.collective_time`: a latency per
+    hop, which no share scales, and the bytes at the ring's achievable bandwidth), equals the
     measured ``seconds``; at most 1 (a faster ring is costed at the nominal)."""
+    ring = Layout(dp=members, zero=1, gpus_per_node=per_node)
+    nominal = collective_time(Collective("dp", "all_gather", payload, 1, "step", "measured"), ring, hw, bus)
     latency = hw.inter_node_latency_s * (members - 1)
-    wire = (members - 1) / members * payload
-    nominal = wire / achievable_bandwidth(nominal_link(hw, per_node), payload, bus, message_half(hw))
     if seconds <= latency:
         return 1.0
-    return min(1.0, nominal / (seconds - latency))
+    return min(1.0, (nominal - latency) / (seconds - latency))
 
 
 def node_groups(hosts: Sequence[str]) -> List[List[int]]:
