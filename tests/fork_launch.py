@@ -207,8 +207,9 @@ class _Rank:
 
 
 def _remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce buffers of a run on ``port`` (/dev/shm, ~67 MB of RAM a rank),
-    which DeepSpeed never unlinks: named by the run's MASTER_ADDR and MASTER_PORT, ours alone."""
+    """DeepSpeed's CPU all-reduce buffers of a run on ``port`` (/dev/shm, ~67 MB of RAM a rank)
+    that a rank killed during start-up, before ``comm_buffers.release_after_start``, left: named
+    by the run's MASTER_ADDR and MASTER_PORT, ours alone."""
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
         try:
             os.unlink(path)

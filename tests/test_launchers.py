@@ -1,10 +1,12 @@
 """The same short run under every launcher a cluster user reaches for."""
+import os
 import subprocess
 import sys
 
 import pytest
 
 from megallama.errors import UserError
+from megallama.train.comm_buffers import PREFIX, SHM_DIR
 from megallama.train import launchers
 from megallama.train.launchers import detect_launcher, first_slurm_host, master_addr_for, mpi_master_addr
 from tests.dist_utils import free_port
@@ -20,8 +22,11 @@ def cfg(tmp_path_factory, data_cache):
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
 def test_two_ranks_under_launcher(launcher, cfg, tmp_path):
+    workspaces = f"{PREFIX}_{os.getuid()}_*"
+    before = set(SHM_DIR.glob(workspaces))
     report = run_train(cfg, STEPS + [f"run_dir={tmp_path / 'run'}"], world=2, launcher=launcher)
     assert report["world_size"] == 2 and report["dp"] == 2
+    assert set(SHM_DIR.glob(workspaces)) <= before, "the run left DeepSpeed's all-reduce workspaces in /dev/shm"
     assert report["launcher"] == ("mpi" if launcher == "mpiexec" else "deepspeed")
 
 

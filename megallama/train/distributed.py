@@ -56,6 +56,10 @@ def init_distributed(timeout_s: int = 300, info: Optional[LaunchInfo] = None) ->
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=timeout_s), rank=info.rank,
                                world_size=info.world_size)
+    if backend == "gloo":  # the ranks have mapped DeepSpeed's shared-memory workspaces: unlink their names
+        from megallama.train.comm_buffers import release_after_start
+
+        release_after_start()
     if info.launcher == "deepspeed":  # a stopping rank may save a checkpoint first (preemption.py)
         stop_with_launcher(grace_s=max(10.0, float(timeout_s)))
     return info

@@ -72,6 +72,10 @@ def build_engine(cfg: RunConfig, state: ParallelState, ds: Dict[str, Any], devic
 
     if not ds_comm.is_initialized():  # one process starts on a plain torch group: DeepSpeed's layer joins it here
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        if device.type == "cpu":
+            from megallama.train.comm_buffers import release_after_start
+
+            release_after_start()
     ckpt_fn = checkpoint_function(cfg, state)
     model_parallel_seed(state, cfg.train.seed)
     if module is None:
