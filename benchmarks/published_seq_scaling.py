@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megallama.profiling.published_runs import PUBLISHED_RUNS, PublishedRun, predict_published  # noqa: E402
+from megallama.profiling.published_runs import PUBLISHED_RUNS, predict_published  # noqa: E402
 
 CSV = ROOT / "benchmarks" / "results" / "published_seq_scaling.csv"
 PNG = ROOT / "benchmarks" / "results" / "published_seq_scaling.png"
@@ -30,11 +30,10 @@ README = ROOT / "benchmarks" / "README_planner.md"
 BEGIN, END = "<!-- seq-scaling -->", "<!-- /seq-scaling -->"
 MODELS = ("7b", "13b", "30b")
 
-# The same 30B rows measured earlier (llm-foundry @c6cfb4284, scripts/train/benchmarking/README.md,
-# "A100 80GB": precision bf16, FSDP mixed precision PURE, micro-batch 1, 21 accumulation steps),
-# before the Oct-2023 table (amp_bf16, DEFAULT) replaced them: a second measurement of the outlier.
-EARLIER_30B_A100 = [PublishedRun("mpt", "a100-80gb", "30b", s, 8, 1, 21, "full", tps, reduce_dtype="bf16")
-                    for s, tps in ((4096, 778.0), (8192, 622.0))]
+# The same 30B rows measured earlier (the A100 80GB table's earlier version, source
+# "mpt-2023-07": bf16 PURE, micro-batch 1, 21 accumulation steps): a second measurement of the outlier.
+EARLIER_30B_A100 = sorted((r for r in PUBLISHED_RUNS if r.source == "mpt-2023-07" and r.model == "30b"
+                           and r.gpus == 8 and r.seq in (4096, 8192)), key=lambda r: r.seq)
 
 
 def series():

@@ -31,6 +31,7 @@ from megallama.profiling.activations import ActivationImpl
 from megallama.profiling.arch import ArchSpec, as_spec
 from megallama.profiling.hardware import HardwareProfile, load_hardware
 from megallama.profiling.layout import Layout
+from megallama.profiling.published_mpt_earlier import A100_80_ROWS_2023_07
 from megallama.profiling.steptime import Efficiency, StepPrediction, predict
 
 IMPL = ActivationImpl(attention="flash")   # FSDP runs: eager PyTorch around a flash kernel
@@ -43,7 +44,7 @@ MPT_SHAPES = {"125m": (768, 12, 12), "350m": (1024, 16, 24), "760m": (1536, 12, 
 
 @dataclass(frozen=True)
 class PublishedRun:
-    source: str                  # "mpt" | "torchtitan" | "llama3"
+    source: str                  # "mpt" | "mpt-2023-07" (the table's earlier measurements) | "torchtitan" | "llama3"
     gpu: str                     # hardware profile (torchtitan's H100s: see :func:`hardware`)
     model: str                   # MPT size or one of our presets
     seq: int
@@ -73,7 +74,7 @@ class PublishedRun:
                 f"mbs{self.mbs}x{self.accum} rc={self.recompute}")
 
     def spec(self) -> ArchSpec:
-        if self.source != "mpt":
+        if not self.source.startswith("mpt"):
             return as_spec(self.model)
         d, heads, layers = MPT_SHAPES[self.model]
         return ArchSpec(name=f"mpt-{self.model}", family="gpt", arch="decoder", dim=d, n_layers=layers,
@@ -87,14 +88,14 @@ class PublishedRun:
                       framework=self.framework, reduce_dtype=self.reduce_dtype)
 
 
-def _mpt(gpu: str, rows: str, zero: int = 3, reduce: str = "fp32") -> List[PublishedRun]:
+def _mpt(gpu: str, rows: str, zero: int = 3, reduce: str = "fp32", source: str = "mpt") -> List[PublishedRun]:
     """``size seq gpus mbs accum ckpt tokens/s/GPU`` per line, as the README's columns give them;
     ``reduce``: the gradient reduce-scatter's dtype by the table's "MP Mode" (Composer FSDP mixed
     precision: ``DEFAULT`` reduces in fp32, ``PURE`` in the model's bf16)."""
     out = []
     for line in rows.strip().splitlines():
         size, seq, gpus, mbs, accum, ckpt, tps = line.split()
-        out.append(PublishedRun("mpt", gpu, size, int(seq), int(gpus), int(mbs), int(accum),
+        out.append(PublishedRun(source, gpu, size, int(seq), int(gpus), int(mbs), int(accum),
                                 "full" if ckpt == "T" else "none", float(tps), zero, reduce_dtype=reduce))
     return out
 
@@ -234,6 +235,9 @@ MPT_A100_80 = _mpt("a100-80gb", """
 125m 512 8 128 2 F 165681
 """)
 
+# The A100 80GB table's earlier measurements (published_mpt_earlier.py): held out.
+MPT_A100_80_2023_07 = _mpt("a100-80gb", A100_80_ROWS_2023_07, reduce="bf16", source="mpt-2023-07")
+
 # "A100 40GB with 1600 Gbps node-node interconnect (RoCE)" (bf16 PURE, FULL_SHARD)
 MPT_A100_40 = _mpt("a100-40gb", """
 70b 2048 128 4 1 T 376
@@ -300,7 +304,7 @@ TORCHTITAN = [dataclasses.replace(r, framework="fsdp2") for r in [
     PublishedRun("torchtitan", "h100-sxm", "llama3-8b", 8192, 128, 2, 1, "op", 5605),
 ]]
 
-PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_40 + TORCHTITAN
+PUBLISHED_RUNS: List[PublishedRun] = MPT_H100 + MPT_A100_80 + MPT_A100_80_2023_07 + MPT_A100_40 + TORCHTITAN
 # The fit set (with Megatron Table 1's three calibration rows): MPT 7B on 8 GPUs at 2,048 and
 # 32,768 tokens on each GPU type (A100-40GB: 16,384, its longest 7B row), and MPT 70B on 32
 # A100-80GB and on 32 H100 at 2 sequences per GPU (the two tables' rows whose per-block ZeRO-3
@@ -373,3 +377,14 @@ def by_generation(results: Sequence[RunResult], megatron: Optional[Sequence] = N
     triples += [("a100", m.calibration, m.error) for m in (megatron or [])]
     return errors_by_generation(triples)
 
+
+
+def remeasured(results: Sequence[RunResult]) -> List[tuple]:
+    """``(later, earlier)`` results of the configurations (GPU, model, sequence, GPUs, micro-batch,
+    accumulation, recomputation) MPT's A100 80GB table measured in both its versions: the spread
+    between them is the source's own repeatability, the floor under any planner's error."""
+    def key(r: PublishedRun) -> tuple:
+        return r.gpu, r.model, r.seq, r.gpus, r.mbs, r.accum, r.recompute
+
+    earlier = {key(r.run): r for r in results if r.run.source == "mpt-2023-07"}
+    return [(r, earlier[key(r.run)]) for r in results if r.run.source == "mpt" and key(r.run) in earlier]

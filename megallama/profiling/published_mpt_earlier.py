@@ -1,0 +1,100 @@
+"""MPT's A100 80GB benchmark table as llm-foundry published it until October 2023.
+
+mosaicml/llm-foundry ``scripts/train/benchmarking/README.md`` at c6cfb4284 (July 2023), table "A100
+80GB with 1600 Gbps node-node interconnect (RoCE)": every row bf16, ``PURE`` mixed precision,
+``FULL_SHARD``, measured under the README's note "TODO: Update tables with torch 2.0 after next
+Composer release". The table that replaced it (b2a43a147, October 2023; what
+``published_runs.MPT_A100_80`` transcribes) re-measured 53 of these configurations in amp_bf16
+``DEFAULT`` and dropped the 16-64 GPU rows. Both are published measurements of the same hardware,
+so both are costed, each with its own mixed precision; the two 70B rows, the same figures in both
+tables, are listed once (in the later table).
+
+Columns as ``published_runs._mpt`` reads them: ``size seq gpus mbs accum ckpt tokens/s/GPU``.
+"""
+
+A100_80_ROWS_2023_07 = """
+30b 8192 8 1 21 T 622
+30b 4096 8 1 21 T 778
+30b 2048 64 16 3 T 876
+30b 2048 32 14 3 T 886
+30b 2048 16 10 3 T 884
+30b 2048 8 3 21 T 788
+30b 1024 8 6 21 T 876
+30b 512 8 12 21 T 844
+13b 32768 8 1 3 T 974
+13b 16384 8 3 3 T 1369
+13b 8192 8 5 3 T 1691
+13b 4096 8 10 3 T 1917
+13b 2048 64 32 1 T 1994
+13b 2048 32 32 1 T 2007
+13b 2048 16 24 1 T 2018
+13b 2048 8 20 3 T 2065
+13b 1024 8 40 3 T 2164
+13b 512 8 80 3 T 2190
+7b 65536 8 1 2 T 919
+7b 32768 8 2 2 T 1629
+7b 16384 8 4 2 T 2337
+7b 8192 8 8 2 T 2985
+7b 4096 8 16 2 T 3496
+7b 2048 64 32 1 T 3670
+7b 2048 32 32 1 T 3697
+7b 2048 16 32 1 T 3728
+7b 2048 8 32 2 T 3824
+7b 1024 8 64 2 T 4030
+7b 512 8 128 2 T 4099
+3b 65536 8 1 2 T 1771
+3b 32768 8 3 6 T 3000
+3b 16384 8 1 6 F 5544
+3b 8192 8 3 6 F 7610
+3b 4096 8 5 6 F 9298
+3b 2048 64 12 3 F 10158
+3b 2048 32 12 3 F 10308
+3b 2048 16 10 3 F 10283
+3b 2048 8 10 6 F 10403
+3b 1024 8 20 6 F 11363
+3b 512 8 40 6 F 11819
+1b 65536 8 1 2 T 2985
+1b 32768 8 1 4 F 6332
+1b 16384 8 2 4 F 9823
+1b 8192 8 3 4 F 13739
+1b 4096 8 7 4 F 17595
+1b 2048 64 20 1 F 19423
+1b 2048 32 20 1 F 19446
+1b 2048 16 20 1 F 19694
+1b 2048 8 14 4 F 20276
+1b 1024 8 18 4 F 21682
+1b 512 8 56 4 F 23033
+760m 65536 8 1 2 T 4156
+760m 32768 8 1 2 F 8788
+760m 16384 8 3 2 F 14422
+760m 8192 8 6 2 F 20866
+760m 4096 8 12 2 F 26937
+760m 2048 64 24 1 F 29565
+760m 2048 32 24 1 F 30390
+760m 2048 16 24 1 F 30554
+760m 2048 8 24 2 F 31763
+760m 1024 8 48 2 F 34888
+760m 512 8 96 2 F 36719
+350m 65536 8 1 2 F 7479
+350m 32768 8 2 2 F 12349
+350m 16384 8 4 2 F 23441
+350m 8192 8 8 2 F 36174
+350m 4096 8 16 2 F 48766
+350m 2048 64 32 1 F 54384
+350m 2048 32 32 1 F 55321
+350m 2048 16 32 1 F 57537
+350m 2048 8 32 2 F 58911
+350m 1024 8 64 2 F 65799
+350m 512 8 128 2 F 70107
+125m 65536 8 1 2 F 20434
+125m 32768 8 2 2 F 36710
+125m 16384 8 4 2 F 61197
+125m 8192 8 8 2 F 90998
+125m 4096 8 16 2 F 119792
+125m 2048 64 32 1 F 130026
+125m 2048 32 32 1 F 131438
+125m 2048 16 32 1 F 133689
+125m 2048 8 32 2 F 140438
+125m 1024 8 64 2 F 156820
+125m 512 8 128 2 F 165628
+"""
