@@ -135,3 +135,13 @@ def test_a_configuration_measured_twice_is_costed_twice_and_never_fitted(runs):
     small = next((a, b) for a, b in pairs if (a.run.model, a.run.seq) == ("760m", 512))
     assert small[0].run.tokens_per_s_per_gpu / small[1].run.tokens_per_s_per_gpu < 0.85
     assert abs(small[1].error) < 0.05 < small[0].error
+
+
+def test_held_out_node_spanning_zero3_rows_agree(runs):
+    """The A100 table's earlier nine rows whose ZeRO-3 spans 2-8 nodes with every block recomputed
+    (7B-30B, 10-32 sequences per GPU): compute-bound, their exchange hidden, as the model has it.
+    They do not pin the contention (without it they are within 2.4%) but do rule out a slower
+    fabric than nominal (the old fitted share, 0.24, put 30B on 16 GPUs 6% low)."""
+    spanning = [r for r in runs if r.run.source == "mpt-2023-07" and r.run.gpus > 8 and r.run.recompute == "full"]
+    assert len(spanning) == 9
+    assert max(abs(r.error) for r in spanning) < 0.03, [(r.run.name, round(r.error, 3)) for r in spanning]
