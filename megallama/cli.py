@@ -15,7 +15,12 @@ from megallama.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (no usage dump) and exits 2."""
+    """argparse that reports a bad argument as one line (no usage dump) and exits 2, and takes no
+    abbreviations: ``estimate --gpus 8`` is an error, not ``--gpus-per-node 8``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         sys.stderr.write(f"{self.prog}: error: {message}\n")

@@ -40,6 +40,8 @@ def _stderr_lines(proc):
     (["plan", "--model", "llama-7b", "--gpus", "64", "--gpu", "h100", "--tp", "1", "--pp", "1", "--zero", "1",
       "--mbs", "4", "--recompute", "full", "--global-batch-tokens", "8192"],
      "--global-batch-tokens 8,192: the pinned layout runs dp 64 x mbs 4 x seq 2048 = 524,288 tokens"),
+    # no abbreviations: argparse would have read this as --gpus-per-node 8 and costed one GPU
+    (["estimate", "--model", "llama-7b", "--gpus", "8", "--gpu", "h100"], "unrecognized arguments: --gpus 8"),
 ])
 def test_bad_arguments_are_one_clear_line(args, needle):
     proc = _run(*args)
