@@ -36,5 +36,5 @@ setup(
         ],
         "tools": ["matplotlib>=3.7", "tensorboard>=2.14"],
     },
-    entry_points={"console_scripts": ["megallama=megallama.cli:main"]},
+    entry_points={"console_scripts": ["megallama=megallama.cli:run"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -12,6 +13,8 @@ import time
 from typing import List, Optional
 
 from megallama.errors import UserError
+
+NATIVE_GRACE_S = 10.0  # for a watchdog store request still out at exit to come back
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,5 +104,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The process entry (``megallama``, ``python -m megallama``): ``main``, then an exit that no
+    thread left inside a native call can turn into an abort (``native_calls``): such calls get
+    ``NATIVE_GRACE_S`` to come back, and a process with one still out ends without finalizing."""
+    end_process(main())
+
+
+def end_process(code: int, grace_s: float = NATIVE_GRACE_S) -> None:
+    from megallama.native_calls import settled
+
+    if settled(grace_s):
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -38,6 +38,8 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from megallama.native_calls import native_call
+
 EXIT_CODE = 3
 _generation = itertools.count()  # one namespace per watchdog: ranks create theirs in the same order
 
@@ -133,9 +135,10 @@ class Watchdog:
 
         def request():
             try:
-                if self._store is None:
-                    self._store = self._connect()
-                box.append((True, getattr(self._store, name)(*args)))
+                with native_call():  # abandoned on a timeout: it may still be out when the process ends
+                    if self._store is None:
+                        self._store = self._connect()
+                    box.append((True, getattr(self._store, name)(*args)))
             except Exception as exc:
                 box.append((False, exc))
 
