@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megallama.profiling.published_runs import PUBLISHED_RUNS, predict_published  # noqa: E402
+from megallama.profiling.published_runs import EARLIER_A100_80, PUBLISHED_RUNS, predict_published  # noqa: E402
 
 CSV = ROOT / "benchmarks" / "results" / "published_seq_scaling.csv"
 PNG = ROOT / "benchmarks" / "results" / "published_seq_scaling.png"
@@ -32,7 +32,7 @@ MODELS = ("7b", "13b", "30b")
 
 # The same 30B rows measured earlier (the A100 80GB table's earlier version, source
 # "mpt-2023-07": bf16 PURE, micro-batch 1, 21 accumulation steps): a second measurement of the outlier.
-EARLIER_30B_A100 = sorted((r for r in PUBLISHED_RUNS if r.source == "mpt-2023-07" and r.model == "30b"
+EARLIER_30B_A100 = sorted((r for r in PUBLISHED_RUNS if r.source == EARLIER_A100_80 and r.model == "30b"
                            and r.gpus == 8 and r.seq in (4096, 8192)), key=lambda r: r.seq)
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from megallama.profiling.published import CALIBRATION_ROWS, summary, validate  # noqa: E402
 from megallama.profiling.calibration import calibrate  # noqa: E402
-from megallama.profiling.published_runs import by_generation, remeasured, validate_runs  # noqa: E402
+from megallama.profiling.published_runs import EARLIER_A100_80, by_generation, remeasured, validate_runs  # noqa: E402
 from megallama.profiling.steptime import Efficiency  # noqa: E402
 
 CSV = ROOT / "benchmarks" / "results" / "planner_vs_megatron.csv"
@@ -154,7 +154,7 @@ def scatter(table, megatron) -> None:
     for ax, gen in zip(axes, ("a100", "h100")):
         pts = [(r.run.tokens_per_s_per_gpu, r.prediction.tokens_per_s_per_gpu, r.calibration, r.run.source)
                for _, r in table if r.generation == gen]
-        for src, marker in (("mpt", "o"), ("mpt-2023-07", "^"), ("torchtitan", "s")):
+        for src, marker in (("mpt", "o"), (EARLIER_A100_80, "^"), ("torchtitan", "s")):
             for fit, colour in ((False, "tab:blue"), (True, "tab:red")):
                 xs = [p for p, _, c, s_ in pts if c == fit and s_ == src]
                 ys = [q for _, q, c, s_ in pts if c == fit and s_ == src]

@@ -10,6 +10,7 @@ import time
 import pytest
 from hypothesis import settings
 
+from megallama.train.comm_buffers import PREFIX, SHM_DIR
 from megallama.train.warmup_ops import use_this_interpreters_ninja
 
 # Every process the tests start (spawned ranks that call deepspeed.init_distributed directly, too)
@@ -47,7 +48,7 @@ def no_leaked_shared_memory():
     yield
     mapped = _mapped_files()
     settled = time.time() - SHM_SETTLE_S
-    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+    for path in glob.glob(str(SHM_DIR / f"{PREFIX}_*")):
         try:
             if _SESSION_START <= os.stat(path).st_mtime <= settled and path not in mapped:
                 os.unlink(path)

@@ -39,6 +39,7 @@ import traceback
 from multiprocessing.connection import wait
 from typing import List, Optional, Sequence, Tuple
 
+from megallama.train.comm_buffers import buffer_path
 from tests.dist_utils import forkserver_context, free_port
 
 GRACE_S = 10.0  # after the first rank fails, as a launcher waits before killing the rest
@@ -210,7 +211,7 @@ def _remove_shm_buffers(port: int) -> None:
     """DeepSpeed's CPU all-reduce buffers of a run on ``port`` (/dev/shm, ~67 MB of RAM a rank)
     that a rank killed during start-up, before ``comm_buffers.release_after_start``, left: named
     by the run's MASTER_ADDR and MASTER_PORT, ours alone."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
+    for path in glob.glob(str(buffer_path("*", {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))):
         try:
             os.unlink(path)
         except OSError:

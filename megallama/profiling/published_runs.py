@@ -236,7 +236,8 @@ MPT_A100_80 = _mpt("a100-80gb", """
 """)
 
 # The A100 80GB table's earlier measurements (published_mpt_earlier.py): held out.
-MPT_A100_80_2023_07 = _mpt("a100-80gb", A100_80_ROWS_2023_07, reduce="bf16", source="mpt-2023-07")
+EARLIER_A100_80 = "mpt-2023-07"   # its source name
+MPT_A100_80_2023_07 = _mpt("a100-80gb", A100_80_ROWS_2023_07, reduce="bf16", source=EARLIER_A100_80)
 
 # "A100 40GB with 1600 Gbps node-node interconnect (RoCE)" (bf16 PURE, FULL_SHARD)
 MPT_A100_40 = _mpt("a100-40gb", """
@@ -386,5 +387,5 @@ def remeasured(results: Sequence[RunResult]) -> List[tuple]:
     def key(r: PublishedRun) -> tuple:
         return r.gpu, r.model, r.seq, r.gpus, r.mbs, r.accum, r.recompute
 
-    earlier = {key(r.run): r for r in results if r.run.source == "mpt-2023-07"}
+    earlier = {key(r.run): r for r in results if r.run.source == EARLIER_A100_80}
     return [(r, earlier[key(r.run)]) for r in results if r.run.source == "mpt" and key(r.run) in earlier]

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's csrc/cpu/comm/shm.cpp, SHM_BUFFER_NAME
 
 
-def buffer_path(rank: int, environ: Mapping[str, str] = os.environ) -> Path:
+def buffer_path(rank: Union[int, str], environ: Mapping[str, str] = os.environ) -> Path:
     """Rank ``rank``'s segment, named as DeepSpeed names it: user id, then the master address and
-    port its start-up read (empty when unset), then the rank."""
+    port its start-up read (empty when unset), then the rank (``"*"``: a glob of every rank's)."""
     addr, port = environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "")
     return SHM_DIR / f"{PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
 
